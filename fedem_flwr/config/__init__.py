@@ -1,0 +1,26 @@
+"""The single source of truth: one composed, validated configuration."""
+
+from fedem_flwr.config.loader import (
+    config_to_dict,
+    config_to_json,
+    load_config,
+    load_run_config,
+    parse_overrides,
+)
+from fedem_flwr.config.schema import (
+    DataConfig,
+    FedemConfig,
+    GateConfig,
+    HubConfig,
+    LoraConfig,
+    ModelConfig,
+    RelayConfig,
+    TokenizerConfig,
+    TrainConfig,
+)
+
+__all__ = [
+    "DataConfig", "FedemConfig", "GateConfig", "HubConfig", "LoraConfig", "ModelConfig",
+    "RelayConfig", "TokenizerConfig", "TrainConfig", "config_to_dict", "config_to_json",
+    "load_config", "load_run_config", "parse_overrides",
+]

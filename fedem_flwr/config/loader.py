@@ -1,0 +1,91 @@
+"""One loader for apps, CLI, simulations and tests: compose ``conf/`` -> typed, validated dataclasses.
+
+Flower owns the entry point, so Hydra is used without ``@hydra.main``: ``initialize_config_module``
+plus ``compose``. Flower's run config only selects the config name and carries Hydra overrides.
+"""
+
+from __future__ import annotations
+
+import json
+import shlex
+import threading
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict
+from typing import Any, Union
+
+from hydra import compose, initialize_config_module
+from hydra.core.config_store import ConfigStore
+from hydra.errors import HydraException
+from omegaconf import OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from fedem_flwr.config.schema import FedemConfig
+from fedem_flwr.errors import ConfigError
+
+CONFIG_MODULE = "fedem_flwr.conf"
+SCHEMA_NAME = "fedem_schema"
+
+RunConfigValue = Union[bool, int, float, str]
+
+# Hydra's global state is process-wide; compose under a lock so threads never interleave.
+_compose_lock = threading.Lock()
+ConfigStore.instance().store(name=SCHEMA_NAME, node=FedemConfig)
+
+
+def load_config(overrides: Sequence[str] = (), config_name: str = "config") -> FedemConfig:
+    """Compose ``conf/<config_name>.yaml`` with Hydra ``overrides`` (e.g. ``["lora.r=16"]``)."""
+    try:
+        with _compose_lock, initialize_config_module(config_module=CONFIG_MODULE, version_base=None):
+            composed = compose(config_name=config_name, overrides=list(overrides))
+        config = OmegaConf.to_object(composed)
+    except (HydraException, OmegaConfBaseException) as err:
+        raise ConfigError(f"invalid configuration ({_describe(err)}); overrides: {list(overrides)}") from err
+    if not isinstance(config, FedemConfig):
+        raise ConfigError(f"config `{config_name}` does not extend `{SCHEMA_NAME}` in its defaults list.")
+    return config
+
+
+def load_run_config(run_config: Mapping[str, RunConfigValue]) -> FedemConfig:
+    """Build the config from a Flower run config: ``config-name`` and space-separated ``overrides``."""
+    known = {"config-name", "overrides", "hub"}
+    unknown = sorted(set(run_config) - known)
+    if unknown:
+        raise ConfigError(
+            f"unknown run-config key(s) {unknown}; allowed: {sorted(known)}. "
+            "Put model settings in `overrides`, e.g. --run-config \"overrides='lora.r=16'\"."
+        )
+    name = str(run_config.get("config-name", "config") or "config")
+    overrides = parse_overrides(str(run_config.get("overrides", "") or ""))
+    hub = str(run_config.get("hub", "") or "")
+    if hub:
+        overrides.append(f"hub.path={json.dumps(hub)}")
+    return load_config(overrides, config_name=name)
+
+
+def parse_overrides(text: str) -> list[str]:
+    """Split ``"lora.r=16 data.languages=[hi,te]"`` shell-style into Hydra overrides."""
+    try:
+        return shlex.split(text)
+    except ValueError as err:
+        raise ConfigError(f"`overrides` cannot be parsed ({err}): {text!r}") from err
+
+
+def config_to_dict(config: FedemConfig) -> dict[str, Any]:
+    """The resolved config as plain data, for saving beside every artifact."""
+    return asdict(config)
+
+
+def config_to_json(config: FedemConfig) -> str:
+    return json.dumps(config_to_dict(config), sort_keys=True, indent=2)
+
+
+def _describe(err: Exception) -> str:
+    # Hydra wraps the OmegaConf error that names the key and type; OmegaConf messages carry a
+    # multi-line "full_key/object_type" trailer. Keep every level, on one line.
+    parts = []
+    while err is not None:
+        text = " ".join(str(err).split())
+        if text and text not in parts:
+            parts.append(text)
+        err = err.__cause__
+    return ": ".join(parts)

@@ -1,0 +1,223 @@
+"""Typed schema of the composed configuration; every check lives in ``__post_init__``.
+
+Hydra 1.3 needs omegaconf < 2.4, which has no ``Literal`` fields: choices are ``str`` plus a check.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+from fedem_flwr.errors import ConfigError
+
+
+def _choice(section: str, key: str, value: Any, allowed: tuple[str, ...]) -> None:
+    if value not in allowed:
+        raise ConfigError(
+            f"`{section}.{key}` is {value!r}; allowed: {', '.join(repr(a) for a in allowed)}."
+        )
+
+
+def _positive(section: str, key: str, value: Optional[float], allow_zero: bool = False) -> None:
+    if value is None:
+        return
+    if value < 0 or (value == 0 and not allow_zero):
+        bound = ">= 0" if allow_zero else "> 0"
+        raise ConfigError(f"`{section}.{key}` is {value!r}; it must be {bound}.")
+
+
+def _fraction(section: str, key: str, value: float) -> None:
+    if not 0.0 <= value < 1.0:
+        raise ConfigError(f"`{section}.{key}` is {value!r}; it must be in [0, 1).")
+
+
+@dataclass
+class ModelConfig:
+    name: str = "seshu-tiny"
+    arch: str = field(default="mamba2", metadata={"help": "`mamba2` (default) or `mamba`."})
+    pretrained: Optional[str] = field(
+        default=None, metadata={"help": "Local folder or Hugging Face repo id to load instead of building."}
+    )
+    revision: Optional[str] = None
+    hidden_size: int = 64
+    num_hidden_layers: int = 2
+    state_size: int = 16
+    expand: int = 2
+    head_dim: int = 16
+    n_groups: int = 1
+    conv_kernel: int = 4
+    chunk_size: int = 64
+    dtype: str = "float32"
+    kernels: str = field(
+        default="auto", metadata={"help": "`auto` uses fused kernels when they import, `never`, `require`."}
+    )
+
+    def __post_init__(self) -> None:
+        _choice("model", "arch", self.arch, ("mamba2", "mamba"))
+        _choice("model", "dtype", self.dtype, ("float32", "bfloat16", "float16"))
+        _choice("model", "kernels", self.kernels, ("auto", "never", "require"))
+        for key in ("hidden_size", "num_hidden_layers", "state_size", "expand", "head_dim",
+                    "n_groups", "conv_kernel", "chunk_size"):
+            _positive("model", key, getattr(self, key))
+        if self.arch == "mamba2" and (self.hidden_size * self.expand) % self.head_dim:
+            raise ConfigError(
+                f"`model.head_dim` ({self.head_dim}) must divide hidden_size * expand "
+                f"({self.hidden_size * self.expand}) for Mamba-2."
+            )
+
+
+@dataclass
+class TokenizerConfig:
+    kind: str = field(default="bytes", metadata={"help": "`bytes` (built locally) or `pretrained`."})
+    path: Optional[str] = field(default=None, metadata={"help": "Folder or repo id when kind=pretrained."})
+    bpe_merges: int = field(default=0, metadata={"help": "BPE merges trained on the corpus over the bytes; 0 = none."})
+    model_max_length: int = 4096
+
+    def __post_init__(self) -> None:
+        _choice("tokenizer", "kind", self.kind, ("bytes", "pretrained"))
+        if self.kind == "pretrained" and not self.path:
+            raise ConfigError("`tokenizer.path` must be set when `tokenizer.kind` is 'pretrained'.")
+        _positive("tokenizer", "bpe_merges", self.bpe_merges, allow_zero=True)
+
+
+@dataclass
+class DataConfig:
+    source: str = field(default="chatterbot", metadata={"help": "`chatterbot`, `files` or `hub`."})
+    paths: list[str] = field(default_factory=list)
+    hub_id: Optional[str] = None
+    hub_split: str = "train"
+    languages: list[str] = field(default_factory=list, metadata={"help": "Keep only these; empty = all."})
+    text_column: str = "text"
+    language_column: str = "language"
+    partitioner: str = field(default="language", metadata={"help": "`language`, `iid` or `dirichlet`."})
+    dirichlet_alpha: float = 0.5
+    block_size: int = 128
+    heldout_fraction: float = 0.1
+    min_heldout_blocks: int = 2
+    min_language_bytes: int = field(
+        default=4096, metadata={"help": "Languages with less text get no adapter of their own."}
+    )
+
+    def __post_init__(self) -> None:
+        _choice("data", "source", self.source, ("chatterbot", "files", "hub"))
+        _choice("data", "partitioner", self.partitioner, ("language", "iid", "dirichlet"))
+        if self.source == "files" and not self.paths:
+            raise ConfigError("`data.paths` must list at least one file when `data.source` is 'files'.")
+        if self.source == "hub" and not self.hub_id:
+            raise ConfigError("`data.hub_id` must be set when `data.source` is 'hub'.")
+        _positive("data", "dirichlet_alpha", self.dirichlet_alpha)
+        _positive("data", "block_size", self.block_size)
+        _fraction("data", "heldout_fraction", self.heldout_fraction)
+        _positive("data", "min_heldout_blocks", self.min_heldout_blocks)
+        _positive("data", "min_language_bytes", self.min_language_bytes, allow_zero=True)
+
+
+@dataclass
+class LoraConfig:
+    r: int = 8
+    alpha: int = 16
+    dropout: float = 0.0
+    target_modules: list[str] = field(default_factory=lambda: ["in_proj"])
+
+    def __post_init__(self) -> None:
+        _positive("lora", "r", self.r)
+        _positive("lora", "alpha", self.alpha)
+        _fraction("lora", "dropout", self.dropout)
+        if not self.target_modules:
+            raise ConfigError("`lora.target_modules` is empty; name at least one of in_proj, embeddings, lm_head.")
+
+
+@dataclass
+class TrainConfig:
+    max_steps: int = 50
+    max_seconds: Optional[float] = None
+    batch_size: int = 8
+    grad_accum: int = 1
+    lr: float = 3e-3
+    min_lr_ratio: float = 0.1
+    warmup_steps: int = 5
+    weight_decay: float = 0.0
+    grad_clip: float = 1.0
+    precision: str = field(default="auto", metadata={"help": "`auto`, `fp32`, `bf16` or `fp16`."})
+    device: str = "auto"
+    gradient_checkpointing: bool = False
+    auto_batch_size: bool = False
+    eval_batch_size: int = 16
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        _choice("train", "precision", self.precision, ("auto", "fp32", "bf16", "fp16"))
+        for key in ("max_steps", "batch_size", "grad_accum", "lr", "eval_batch_size"):
+            _positive("train", key, getattr(self, key))
+        _positive("train", "max_seconds", self.max_seconds)
+        _positive("train", "warmup_steps", self.warmup_steps, allow_zero=True)
+        _positive("train", "weight_decay", self.weight_decay, allow_zero=True)
+        _positive("train", "grad_clip", self.grad_clip, allow_zero=True)
+        if not 0.0 <= self.min_lr_ratio <= 1.0:
+            raise ConfigError(f"`train.min_lr_ratio` is {self.min_lr_ratio!r}; it must be in [0, 1].")
+
+
+@dataclass
+class RelayConfig:
+    lease_ttl_s: float = 10800.0
+    sweep_interval_s: float = 300.0
+    policy: str = field(
+        default="least-recent", metadata={"help": "`random`, `round-robin`, `least-recent` or `language`."}
+    )
+    no_node_grace_s: float = 60.0
+    poll_interval_s: float = 1.0
+    max_accepted: Optional[int] = None
+    max_wall_s: Optional[float] = None
+    deadline_margin_s: float = field(
+        default=60.0, metadata={"help": "A client stops training this long before its lease deadline."}
+    )
+
+    def __post_init__(self) -> None:
+        _choice("relay", "policy", self.policy, ("random", "round-robin", "least-recent", "language"))
+        for key in ("lease_ttl_s", "sweep_interval_s", "poll_interval_s", "max_accepted", "max_wall_s"):
+            _positive("relay", key, getattr(self, key))
+        _positive("relay", "no_node_grace_s", self.no_node_grace_s, allow_zero=True)
+        _positive("relay", "deadline_margin_s", self.deadline_margin_s, allow_zero=True)
+        if self.deadline_margin_s >= self.lease_ttl_s:
+            raise ConfigError(
+                f"`relay.deadline_margin_s` ({self.deadline_margin_s}) must be below "
+                f"`relay.lease_ttl_s` ({self.lease_ttl_s})."
+            )
+
+
+@dataclass
+class GateConfig:
+    margin: float = field(default=0.0, metadata={"help": "Required held-out loss gain on own languages."})
+    tolerance: float = field(default=0.05, metadata={"help": "Allowed loss increase on other languages."})
+
+    def __post_init__(self) -> None:
+        _positive("gate", "margin", self.margin, allow_zero=True)
+        _positive("gate", "tolerance", self.tolerance, allow_zero=True)
+
+
+@dataclass
+class HubConfig:
+    path: Optional[str] = field(
+        default=None, metadata={"help": "Hub state folder; else $FEDEM_HUB, else the per-user default."}
+    )
+    store: str = field(default="local", metadata={"help": "`local` folder or `hf` (Hugging Face Hub)."})
+    repo_prefix: str = "fedem"
+    private: bool = False
+
+    def __post_init__(self) -> None:
+        _choice("hub", "store", self.store, ("local", "hf"))
+        if not self.repo_prefix:
+            raise ConfigError("`hub.repo_prefix` must not be empty.")
+
+
+@dataclass
+class FedemConfig:
+    seed: int = 0
+    model: ModelConfig = field(default_factory=ModelConfig)
+    tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    relay: RelayConfig = field(default_factory=RelayConfig)
+    gate: GateConfig = field(default_factory=GateConfig)
+    hub: HubConfig = field(default_factory=HubConfig)
