@@ -23,3 +23,23 @@ class InvalidAdapter(FedemError, ValueError):
 
 class DataError(FedemError):
     """A corpus or data file is missing, malformed or too small."""
+
+
+class HubError(FedemError):
+    """The hub's state folder or registry cannot be used as asked."""
+
+
+class HubNotFound(HubError):
+    """No hub state at the chosen folder (pass --hub DIR or set FEDEM_HUB)."""
+
+
+class HubLocked(HubError):
+    """Another process holds the hub's writer lock; the message names it."""
+
+
+class SchemaTooNew(HubError):
+    """The registry was written by a newer fedem-flwr than this one."""
+
+
+class RegistryConflict(HubError, ValueError):
+    """A registry write contradicts a recorded row (second active lease, version clash)."""
