@@ -1,11 +1,36 @@
-"""Leases: timed, fenced locks on adapters (pure logic; the clock is passed in as ``now``)."""
+"""Leases: timed, fenced locks on adapters (pure logic; the clock is passed in as ``now``).
+
+A lease hands one adapter to one node until a deadline. Invariants, always:
+
+- at most one active lease per adapter, and at most one per node (a SuperNode runs one message at a
+  time);
+- fencing tokens strictly increase and are never reused, also across restarts (the registry passes
+  its max token + 1 as ``next_token``);
+- a push is valid only with the current token of an active lease, from its holder, for the adapter
+  and base version leased. Anything else raises a ``PushRejected`` subclass whose ``reason`` is a
+  machine-readable code, recorded with the contribution.
+
+Expiry is exact: a lease is due when ``now >= deadline`` (a push arriving exactly at the deadline is
+late). Due leases expire at the periodic ``sweep`` and also on any access after the deadline
+(``check_push``, ``acquire``).
+
+Persistence: every operation returns the leases it created or changed, and the book also journals
+every change (including leases expired on the way by an access) until ``pop_changes()``; persist that
+list in one transaction after each step. ``LeaseBook(rows, next_token)`` rebuilds the book from the
+persisted rows.
+"""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Iterable
+from dataclasses import dataclass, replace
 from typing import Optional
 
+from fedem_flwr.errors import FedemError
+
 STATES = ("active", "released", "expired")
+EXPIRED = "expired"
+HUB_RESTART = "hub-restart"
 
 
 @dataclass(frozen=True)
@@ -28,9 +53,274 @@ class Lease:
         return self.state == "active"
 
     def remaining(self, now: float) -> float:
-        """Seconds left before the deadline (0 once due or ended)."""
+        """Seconds left before the deadline (0 once due or ended); a train message's ``ttl``."""
         return max(0.0, self.deadline - now) if self.active else 0.0
 
     def is_due(self, now: float) -> bool:
         """An active lease expires exactly at its deadline: ``now >= deadline``."""
         return self.active and now >= self.deadline
+
+
+class LeaseError(FedemError):
+    """A lease operation is not allowed in the current lease state."""
+
+
+class AdapterBusy(LeaseError):
+    """The adapter already has an active lease."""
+
+
+class NodeBusy(LeaseError):
+    """The node already holds an active lease."""
+
+
+class LeaseNotActive(LeaseError):
+    """The lease to release or expire is unknown or already ended."""
+
+
+class PushRejected(LeaseError):
+    """A pushed adapter fails the fencing checks; ``reason`` is a machine-readable code."""
+
+    reason = "rejected"
+
+    def __init__(self, message: str, lease: Optional[Lease] = None) -> None:
+        super().__init__(f"{self.reason}: {message}")
+        self.lease = lease
+
+
+class UnknownToken(PushRejected):
+    """The token was never issued (or not by this hub)."""
+
+    reason = "unknown-token"
+
+
+class LeaseExpired(PushRejected):
+    """The push arrived at or after the lease deadline."""
+
+    reason = "expired"
+
+
+class DuplicatePush(PushRejected):
+    """The lease was already released by an earlier push with the same token."""
+
+    reason = "duplicate"
+
+
+class Superseded(PushRejected):
+    """The token is stale: the adapter was leased again since."""
+
+    reason = "superseded"
+
+
+class WrongAdapter(PushRejected):
+    """The push names another adapter than the one leased."""
+
+    reason = "wrong-adapter"
+
+
+class WrongHolder(PushRejected):
+    """The push comes from another node than the lease holder."""
+
+    reason = "wrong-holder"
+
+
+class WrongBase(PushRejected):
+    """The push was trained on another base version than the one leased."""
+
+    reason = "wrong-base"
+
+
+REJECT_REASONS = tuple(
+    cls.reason
+    for cls in (UnknownToken, LeaseExpired, DuplicatePush, Superseded, WrongAdapter, WrongHolder, WrongBase)
+)
+
+
+class LeaseBook:
+    """The hub's leases in memory: a state machine whose every change the registry persists."""
+
+    def __init__(self, leases: Iterable[Lease] = (), next_token: int = 1) -> None:
+        self._by_token: dict[int, Lease] = {}
+        self._by_adapter: dict[str, Lease] = {}  # active leases only
+        self._by_holder: dict[str, Lease] = {}  # active leases only
+        self._latest: dict[str, int] = {}  # adapter -> newest token ever issued for it
+        self._changes: list[Lease] = []
+        top = 0
+        for lease in leases:
+            if lease.state not in STATES:
+                raise LeaseError(f"lease {lease.token} has unknown state {lease.state!r}; allowed: {STATES}")
+            if lease.token in self._by_token:
+                raise LeaseError(f"lease token {lease.token} appears twice")
+            if lease.active:
+                self._check_free(lease.adapter, lease.holder)
+                self._by_adapter[lease.adapter] = lease
+                self._by_holder[lease.holder] = lease
+            self._by_token[lease.token] = lease
+            self._latest[lease.adapter] = max(self._latest.get(lease.adapter, 0), lease.token)
+            top = max(top, lease.token)
+        self._next_token = max(int(next_token), top + 1)
+
+    # ----- queries
+    @property
+    def next_token(self) -> int:
+        return self._next_token
+
+    def get(self, token: int) -> Optional[Lease]:
+        return self._by_token.get(token)
+
+    def active(self) -> list[Lease]:
+        """Active leases, oldest token first."""
+        return sorted(self._by_adapter.values(), key=lambda lease: lease.token)
+
+    def holder_of(self, adapter: str) -> Optional[str]:
+        lease = self._by_adapter.get(adapter)
+        return lease.holder if lease else None
+
+    def lease_of(self, holder: str) -> Optional[Lease]:
+        return self._by_holder.get(holder)
+
+    def is_free(self, adapter: str, now: Optional[float] = None) -> bool:
+        """No active lease on ``adapter`` (with ``now``: a due lease counts as free, as ``acquire`` sees it)."""
+        lease = self._by_adapter.get(adapter)
+        return lease is None or (now is not None and lease.is_due(now))
+
+    def node_free(self, holder: str, now: Optional[float] = None) -> bool:
+        """``holder`` holds no active lease (with ``now``: a due lease counts as free)."""
+        lease = self._by_holder.get(holder)
+        return lease is None or (now is not None and lease.is_due(now))
+
+    def pop_changes(self) -> list[Lease]:
+        """Every lease created or changed since the last call, in order: persist them in one transaction."""
+        changes, self._changes = self._changes, []
+        return changes
+
+    # ----- operations
+    def acquire(
+        self, adapter: str, holder: str, base_version: int, adapter_version: int, now: float, ttl: float
+    ) -> Lease:
+        """Lease ``adapter`` to ``holder`` until ``now + ttl``; a due lease in the way expires first."""
+        if not ttl > 0:
+            raise LeaseError(f"lease `ttl` is {ttl!r}; it must be > 0 seconds.")
+        for blocking in (self._by_adapter.get(adapter), self._by_holder.get(holder)):
+            if blocking is not None and blocking.is_due(now):
+                self._end(blocking, "expired", now, EXPIRED)
+        self._check_free(adapter, holder)
+        lease = Lease(
+            token=self._next_token,
+            adapter=adapter,
+            holder=holder,
+            base_version=base_version,
+            adapter_version=adapter_version,
+            issued=now,
+            deadline=now + ttl,
+        )
+        self._next_token += 1
+        self._by_token[lease.token] = lease
+        self._by_adapter[adapter] = lease
+        self._by_holder[holder] = lease
+        self._latest[adapter] = lease.token
+        self._changes.append(lease)
+        return lease
+
+    def check_push(self, token: int, holder: str, adapter: str, base_version: int, now: float) -> Lease:
+        """Validate a push; return its active lease unchanged, or raise a ``PushRejected`` subclass.
+
+        Checks in order: token known; an overdue active lease expires here (``expired``); an ended
+        lease: ``duplicate`` if released, ``superseded`` if the adapter was leased again since, else
+        ``expired``; then ``wrong-holder``, ``wrong-adapter``, ``wrong-base`` against the lease.
+        """
+        lease = self._by_token.get(token)
+        if lease is None:
+            raise UnknownToken(f"token {token} from {holder!r} for adapter {adapter!r} was never issued")
+        if lease.is_due(now):
+            lease = self._end(lease, "expired", now, EXPIRED)
+            raise LeaseExpired(
+                f"token {token} pushed at {now:.3f}, {now - lease.deadline:.3f} s after its deadline", lease
+            )
+        if not lease.active:
+            if lease.state == "released":
+                raise DuplicatePush(f"token {token} was already pushed and released at {lease.ended}", lease)
+            newest = self._latest.get(lease.adapter, token)
+            if newest > token:
+                raise Superseded(f"token {token} of adapter {lease.adapter!r} was replaced by token {newest}", lease)
+            raise LeaseExpired(f"token {token} expired at {lease.ended} ({lease.outcome})", lease)
+        if holder != lease.holder:
+            raise WrongHolder(f"token {token} is held by {lease.holder!r}, pushed by {holder!r}", lease)
+        if adapter != lease.adapter:
+            raise WrongAdapter(f"token {token} leases adapter {lease.adapter!r}, push names {adapter!r}", lease)
+        if base_version != lease.base_version:
+            raise WrongBase(
+                f"token {token} leased on base version {lease.base_version}, push trained on {base_version}", lease
+            )
+        return lease
+
+    def release(self, token: int, now: float, outcome: str) -> Lease:
+        """End the lease after a valid push, whatever the gate decided (``outcome``: accepted/rejected).
+
+        Call it in the same step as ``check_push``: it does not re-check the deadline (the push was in
+        time), but a lease expired meanwhile (sweep, node gone) cannot be released.
+        """
+        lease = self._by_token.get(token)
+        if lease is None or not lease.active:
+            state = "unknown" if lease is None else lease.state
+            raise LeaseNotActive(f"cannot release lease {token}: it is {state}")
+        return self._end(lease, "released", now, outcome)
+
+    def sweep(self, now: float) -> list[Lease]:
+        """Expire every lease due at ``now`` (outcome ``expired``)."""
+        due = [lease for lease in self._by_adapter.values() if lease.is_due(now)]
+        return [self._end(lease, "expired", now, EXPIRED) for lease in sorted(due, key=lambda lease: lease.token)]
+
+    def expire(self, token: int, now: float, reason: str = EXPIRED) -> Lease:
+        """End one active lease early, e.g. its train message failed; ``reason`` is the outcome."""
+        lease = self._by_token.get(token)
+        if lease is None or not lease.active:
+            state = "unknown" if lease is None else lease.state
+            raise LeaseNotActive(f"cannot expire lease {token}: it is {state}")
+        return self._end(lease, "expired", now, reason)
+
+    def expire_holder(self, holder: str, now: float, reason: str) -> list[Lease]:
+        """Expire the lease of a node that is gone (error code 5) or failed; ``reason`` is the outcome."""
+        lease = self._by_holder.get(holder)
+        return [] if lease is None else [self._end(lease, "expired", now, reason)]
+
+    def expire_all(self, now: float, reason: str = HUB_RESTART) -> list[Lease]:
+        """Expire every active lease, e.g. those an earlier run left when the ServerApp starts."""
+        return [self._end(lease, "expired", now, reason) for lease in self.active()]
+
+    # ----- internals
+    def _check_free(self, adapter: str, holder: str) -> None:
+        taken = self._by_adapter.get(adapter)
+        if taken is not None:
+            raise AdapterBusy(f"adapter {adapter!r} is leased to {taken.holder!r} (token {taken.token})")
+        held = self._by_holder.get(holder)
+        if held is not None:
+            raise NodeBusy(f"node {holder!r} already holds adapter {held.adapter!r} (token {held.token})")
+
+    def _end(self, lease: Lease, state: str, now: float, outcome: str) -> Lease:
+        assert lease.active, f"lease {lease.token} ended twice"
+        ended = replace(lease, state=state, ended=now, outcome=outcome)
+        self._by_token[lease.token] = ended
+        del self._by_adapter[lease.adapter]
+        del self._by_holder[lease.holder]
+        self._changes.append(ended)
+        return ended
+
+
+class SweepSchedule:
+    """When the next periodic sweep is due: at once, then every ``interval_s`` after the last one."""
+
+    def __init__(self, interval_s: float) -> None:
+        if not interval_s > 0:
+            raise LeaseError(f"`relay.sweep_interval_s` is {interval_s!r}; it must be > 0.")
+        self.interval_s = float(interval_s)
+        self.last: Optional[float] = None
+
+    def due(self, now: float) -> bool:
+        return self.last is None or now >= self.last + self.interval_s
+
+    def mark(self, now: float) -> None:
+        self.last = now
+
+    def wait_s(self, now: float) -> float:
+        """Seconds until the next sweep is due (0 when due now)."""
+        return 0.0 if self.last is None else max(0.0, self.last + self.interval_s - now)

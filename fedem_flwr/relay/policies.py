@@ -1,0 +1,192 @@
+"""Node-selection policies: which free adapter a free node gets next (pure logic; RNG passed in).
+
+A policy sees snapshots (``NodeProfile``, ``AdapterInfo``), never the lease book: the relay Strategy
+lists the free nodes and free adapters, asks ``assign`` for pairs, and acquires a lease for each.
+``assign`` hands out each adapter at most once and gives each node at most one adapter.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Optional, Protocol, runtime_checkable
+
+from fedem_flwr.errors import ConfigError
+
+POLICY_NAMES = ("random", "round-robin", "least-recent", "language")
+FALLBACK_NAMES = POLICY_NAMES[:3]
+
+
+@dataclass(frozen=True)
+class NodeProfile:
+    """What a node declared in its ``query`` reply (cached by the Strategy)."""
+
+    node: str
+    languages: tuple[str, ...] = ()
+    device: str = "cpu"
+    data_size: int = 0
+
+
+@dataclass(frozen=True)
+class AdapterInfo:
+    """A free adapter as the policy sees it; ``last_served`` is when its last lease ended (None: never)."""
+
+    name: str
+    languages: tuple[str, ...]
+    version: int
+    last_served: Optional[float]
+
+
+@runtime_checkable
+class Policy(Protocol):
+    """Chooses adapters for nodes."""
+
+    def choose(self, node: NodeProfile, free_adapters: Sequence[AdapterInfo]) -> Optional[AdapterInfo]:
+        """The adapter ``node`` should train next, or None when none is free."""
+        ...
+
+    def assign(
+        self, free_nodes: Sequence[NodeProfile], free_adapters: Sequence[AdapterInfo]
+    ) -> list[tuple[NodeProfile, AdapterInfo]]:
+        """Pairs (node, adapter) for as many free nodes as possible, each adapter at most once."""
+        ...
+
+
+class BasePolicy:
+    """Greedy ``assign``: nodes in the given order each ``choose`` among the adapters still free."""
+
+    def choose(self, node: NodeProfile, free_adapters: Sequence[AdapterInfo]) -> Optional[AdapterInfo]:
+        raise NotImplementedError
+
+    def assign(
+        self, free_nodes: Sequence[NodeProfile], free_adapters: Sequence[AdapterInfo]
+    ) -> list[tuple[NodeProfile, AdapterInfo]]:
+        remaining = list(free_adapters)
+        pairs: list[tuple[NodeProfile, AdapterInfo]] = []
+        for node in free_nodes:
+            if not remaining:
+                break
+            chosen = self.choose(node, remaining)
+            if chosen is not None:
+                pairs.append((node, chosen))
+                remaining.remove(chosen)
+        return pairs
+
+
+class RandomPolicy(BasePolicy):
+    """Any free adapter, uniformly at random from the given RNG (seeded for reproducible runs)."""
+
+    def __init__(self, rng: random.Random) -> None:
+        self.rng = rng
+
+    def choose(self, node: NodeProfile, free_adapters: Sequence[AdapterInfo]) -> Optional[AdapterInfo]:
+        return self.rng.choice(free_adapters) if free_adapters else None
+
+    def assign(
+        self, free_nodes: Sequence[NodeProfile], free_adapters: Sequence[AdapterInfo]
+    ) -> list[tuple[NodeProfile, AdapterInfo]]:
+        k = min(len(free_nodes), len(free_adapters))
+        return list(zip(free_nodes[:k], self.rng.sample(list(free_adapters), k)))
+
+
+class RoundRobinPolicy(BasePolicy):
+    """Adapters in a fixed cycle by name: each choice takes the first free name after the last one given."""
+
+    def __init__(self) -> None:
+        self.last: Optional[str] = None
+
+    def choose(self, node: NodeProfile, free_adapters: Sequence[AdapterInfo]) -> Optional[AdapterInfo]:
+        if not free_adapters:
+            return None
+        after = None
+        if self.last is not None:
+            after = min((a for a in free_adapters if a.name > self.last), key=_name, default=None)
+        chosen = after if after is not None else min(free_adapters, key=_name)
+        self.last = chosen.name
+        return chosen
+
+
+class LeastRecentPolicy(BasePolicy):
+    """The adapter served longest ago; never-served adapters first; ties broken by name."""
+
+    def choose(self, node: NodeProfile, free_adapters: Sequence[AdapterInfo]) -> Optional[AdapterInfo]:
+        never = [a for a in free_adapters if a.last_served is None]
+        if never:
+            return min(never, key=_name)
+        return min(free_adapters, key=_recency, default=None)
+
+    def assign(
+        self, free_nodes: Sequence[NodeProfile], free_adapters: Sequence[AdapterInfo]
+    ) -> list[tuple[NodeProfile, AdapterInfo]]:
+        # Same pairs as the greedy loop, with one sort instead of one scan per node.
+        ranked = sorted(free_adapters, key=lambda a: (a.last_served is not None, a.last_served or 0.0, a.name))
+        return list(zip(free_nodes, ranked))
+
+
+class LanguageAffinityPolicy(BasePolicy):
+    """A node that declared languages gets an adapter sharing one of them first; else ``fallback``.
+
+    Among matching adapters (or all of them, when none matches or the node declared none) the
+    ``fallback`` policy chooses. ``assign`` serves nodes with a match before the others, so a node
+    without languages never takes the only adapter a language node could use.
+    """
+
+    def __init__(self, fallback: Policy) -> None:
+        self.fallback = fallback
+
+    def choose(self, node: NodeProfile, free_adapters: Sequence[AdapterInfo]) -> Optional[AdapterInfo]:
+        matching = _matching(node, free_adapters)
+        return self.fallback.choose(node, matching or free_adapters)
+
+    def assign(
+        self, free_nodes: Sequence[NodeProfile], free_adapters: Sequence[AdapterInfo]
+    ) -> list[tuple[NodeProfile, AdapterInfo]]:
+        remaining = list(free_adapters)
+        chosen: dict[int, AdapterInfo] = {}
+        for index, node in enumerate(free_nodes):  # pass 1: language matches only
+            matching = _matching(node, remaining)
+            pick = self.fallback.choose(node, matching) if matching else None
+            if pick is not None:
+                chosen[index] = pick
+                remaining.remove(pick)
+        for index, node in enumerate(free_nodes):  # pass 2: everyone left, from what is left
+            if index in chosen or not remaining:
+                continue
+            pick = self.fallback.choose(node, remaining)
+            if pick is not None:
+                chosen[index] = pick
+                remaining.remove(pick)
+        return [(free_nodes[index], chosen[index]) for index in sorted(chosen)]
+
+
+def make_policy(name: str, rng: random.Random, fallback: str = "least-recent") -> Policy:
+    """Build the policy named in ``relay.policy``; ``language`` falls back to ``relay.policy_fallback``."""
+    if name == "random":
+        return RandomPolicy(rng)
+    if name == "round-robin":
+        return RoundRobinPolicy()
+    if name == "least-recent":
+        return LeastRecentPolicy()
+    if name == "language":
+        if fallback not in FALLBACK_NAMES:
+            raise ConfigError(
+                f"`relay.policy_fallback` is {fallback!r}; allowed: {', '.join(repr(n) for n in FALLBACK_NAMES)}."
+            )
+        return LanguageAffinityPolicy(make_policy(fallback, rng))
+    raise ConfigError(f"`relay.policy` is {name!r}; allowed: {', '.join(repr(n) for n in POLICY_NAMES)}.")
+
+
+def _name(adapter: AdapterInfo) -> str:
+    return adapter.name
+
+
+def _recency(adapter: AdapterInfo) -> tuple[float, str]:
+    return (adapter.last_served if adapter.last_served is not None else float("-inf"), adapter.name)
+
+
+def _matching(node: NodeProfile, adapters: Sequence[AdapterInfo]) -> list[AdapterInfo]:
+    if not node.languages:
+        return []
+    wanted = set(node.languages)
+    return [a for a in adapters if not wanted.isdisjoint(a.languages)]
