@@ -43,3 +43,7 @@ class SchemaTooNew(HubError):
 
 class RegistryConflict(HubError, ValueError):
     """A registry write contradicts a recorded row (second active lease, version clash)."""
+
+
+class KernelsUnavailable(ConfigError):
+    """`model.kernels` is `require` but the fused mamba-ssm / causal-conv1d kernels cannot run here."""

@@ -48,6 +48,9 @@ class ModelConfig:
     conv_kernel: int = 4
     chunk_size: int = 64
     dtype: str = "float32"
+    tie_word_embeddings: bool = field(
+        default=False, metadata={"help": "Share embeddings and lm_head; off so LoRA can target each alone."}
+    )
     kernels: str = field(
         default="auto", metadata={"help": "`auto` uses fused kernels when they import, `never`, `require`."}
     )

@@ -1,0 +1,200 @@
+"""Base model factory: random-init Mamba / Mamba-2 from a config, or load a saved Hugging Face model.
+
+Checkpoints are plain transformers models (``AutoModelForCausalLM.from_pretrained`` loads them), each
+saved with its tokenizer and resolved config. Remote code never runs (``trust_remote_code=False``).
+
+Execution path: transformers resolves each Mamba op once, when its modeling module is imported: the
+mamba-ssm / causal-conv1d implementation when those packages import, else a PyTorch reference. For
+Mamba-2 the fused training op is mamba-ssm's Triton SSD kernel (with causal-conv1d's CUDA conv
+inside); it still needs ``import mamba_ssm`` (its compiled extension), so there is no separate
+Triton-only path. The kernels have no CPU code, so a model on the CPU is always on the PyTorch path.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import json
+import logging
+import os
+import re
+import sys
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Optional
+
+import torch
+
+from fedem_flwr.errors import ConfigError, KernelsUnavailable, ModelNotFound
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+    from fedem_flwr.config.schema import ModelConfig
+
+log = logging.getLogger(__name__)
+
+FEDEM_CONFIG_FILE = "fedem_config.json"
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+_REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
+
+# The transformers module of each architecture and the ops that make its fused training path.
+_KERNEL_OPS = {
+    "mamba2": ("transformers.models.mamba2.modeling_mamba2",
+               ("mamba2_split_conv1d_scan_combined", "causal_conv1d_fn")),
+    "mamba": ("transformers.models.mamba.modeling_mamba", ("mamba_inner_fn", "causal_conv1d_fn")),
+}
+_KERNEL_PACKAGES = ("mamba_ssm", "causal_conv1d")
+
+
+def _uses_kernel(op: Any) -> bool:
+    """Whether transformers resolved ``op`` to a package kernel rather than its PyTorch reference."""
+    code, closure = getattr(op, "__code__", None), getattr(op, "__closure__", None)
+    if code is not None and closure and "is_new_implementation" in code.co_freevars:
+        return bool(closure[code.co_freevars.index("is_new_implementation")].cell_contents)
+    # Unknown transformers layout: the kernel can only be in use if its package imported.
+    return all(name in sys.modules for name in _KERNEL_PACKAGES)
+
+
+def _ops_use_kernels(arch: str) -> bool:
+    module_name, ops = _KERNEL_OPS[arch]
+    module = importlib.import_module(module_name)  # imports the kernel packages if they are installed
+    return all(_uses_kernel(getattr(module, op, None)) for op in ops)
+
+
+def kernels_available(arch: str = "mamba2") -> bool:
+    """True when the fused kernels can run here: CUDA present and transformers resolved them.
+
+    Never imports mamba-ssm on a machine without CUDA (its import needs the compiled CUDA extension).
+    """
+    if arch not in _KERNEL_OPS:
+        raise ConfigError(f"`model.arch` is {arch!r}; allowed: {', '.join(map(repr, _KERNEL_OPS))}.")
+    if not torch.cuda.is_available():
+        return False
+    if any(importlib.util.find_spec(name) is None for name in _KERNEL_PACKAGES):
+        return False
+    return _ops_use_kernels(arch)
+
+
+def kernel_path(model: "PreTrainedModel") -> str:
+    """``"fused"`` when ``model``'s training forward runs the mamba-ssm kernels, else ``"pytorch"``."""
+    arch = getattr(model.config, "model_type", None)
+    param = next(iter(model.parameters()), None)
+    if arch not in _KERNEL_OPS or param is None or param.device.type != "cuda":
+        return "pytorch"
+    return "fused" if _ops_use_kernels(arch) else "pytorch"
+
+
+def _disable_kernels(arch: str) -> None:
+    """Point transformers' Mamba ops back at their PyTorch references, for the whole process."""
+    module_name, ops = _KERNEL_OPS[arch]
+    if module_name not in sys.modules or not any(p in sys.modules for p in _KERNEL_PACKAGES):
+        return  # nothing resolved to a kernel: already on the PyTorch path
+    module = sys.modules[module_name]
+    for name in (n for n in dir(module) if not n.startswith("_")):
+        op = getattr(module, name)
+        if callable(op) and hasattr(op, "__wrapped__") and _uses_kernel(op):
+            setattr(module, name, op.__wrapped__)
+    log.warning("model.kernels=never: %s ops use their PyTorch reference in this process", arch)
+
+
+def _apply_kernel_policy(cfg: "ModelConfig") -> None:
+    if cfg.kernels == "require" and not kernels_available(cfg.arch):
+        reason = "CUDA is not available" if not torch.cuda.is_available() else (
+            "mamba-ssm and causal-conv1d do not both import (install the `gpu` extra)")
+        raise KernelsUnavailable(f"`model.kernels` is 'require' but {reason}; set `model.kernels=auto`.")
+    if cfg.kernels == "never":
+        _disable_kernels(cfg.arch)
+
+
+def model_config(cfg: "ModelConfig", tokenizer: "PreTrainedTokenizerBase") -> Any:
+    """The transformers config for ``cfg``, with vocabulary and special ids from ``tokenizer``."""
+    from transformers import Mamba2Config, MambaConfig
+
+    eos = tokenizer.eos_token_id
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
+    common = dict(
+        vocab_size=len(tokenizer),
+        hidden_size=cfg.hidden_size,
+        num_hidden_layers=cfg.num_hidden_layers,
+        state_size=cfg.state_size,
+        expand=cfg.expand,
+        conv_kernel=cfg.conv_kernel,
+        pad_token_id=pad,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=eos,
+        tie_word_embeddings=cfg.tie_word_embeddings,
+    )
+    if cfg.arch == "mamba":
+        return MambaConfig(**common)
+    return Mamba2Config(
+        **common,
+        num_heads=cfg.hidden_size * cfg.expand // cfg.head_dim,
+        head_dim=cfg.head_dim,
+        n_groups=cfg.n_groups,
+        chunk_size=cfg.chunk_size,
+    )
+
+
+def build_model(cfg: "ModelConfig", tokenizer: "PreTrainedTokenizerBase", seed: int = 0) -> "PreTrainedModel":
+    """A random-init model of ``cfg`` (same seed, same weights), or ``cfg.pretrained`` loaded."""
+    _apply_kernel_policy(cfg)
+    if cfg.pretrained:
+        model, _ = load_base(cfg.pretrained, cfg.revision)
+        if len(tokenizer) > model.config.vocab_size:
+            raise ConfigError(
+                f"`model.pretrained` {cfg.pretrained!r} has {model.config.vocab_size} embeddings but the "
+                f"tokenizer has {len(tokenizer)} tokens; use the tokenizer saved with the model."
+            )
+        return model.to(_DTYPES[cfg.dtype])
+    from transformers import Mamba2ForCausalLM, MambaForCausalLM
+
+    model_cls = MambaForCausalLM if cfg.arch == "mamba" else Mamba2ForCausalLM
+    config = model_config(cfg, tokenizer)
+    with torch.random.fork_rng(devices=[]):  # reproducible without disturbing the caller's RNG
+        torch.manual_seed(seed)
+        model = model_cls(config)
+    return model.to(_DTYPES[cfg.dtype])
+
+
+def load_base(path_or_repo: str, revision: Optional[str] = None) -> tuple["PreTrainedModel", "PreTrainedTokenizerBase"]:
+    """A saved base model and its tokenizer, from a local folder or a Hugging Face repo id."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    local = Path(path_or_repo).expanduser()
+    if local.is_dir():
+        if not (local / "config.json").is_file():
+            raise ModelNotFound(f"base model folder {str(local)!r} has no config.json; it is not a saved model.")
+        source = str(local)
+    elif os.path.isabs(path_or_repo) or path_or_repo.startswith((".", "~")) or not _REPO_ID.match(path_or_repo):
+        raise ModelNotFound(f"base model folder {path_or_repo!r} does not exist (and is not a repo id).")
+    else:
+        source = path_or_repo
+    try:
+        model = AutoModelForCausalLM.from_pretrained(source, revision=revision, trust_remote_code=False)
+        tokenizer = AutoTokenizer.from_pretrained(source, revision=revision, trust_remote_code=False)
+    except (OSError, ValueError) as err:
+        where = f"{source!r}" + (f" at revision {revision!r}" if revision else "")
+        raise ModelNotFound(f"cannot load base model {where}: {err}") from err
+    return model, tokenizer
+
+
+def save_base(
+    model: "PreTrainedModel",
+    tokenizer: "PreTrainedTokenizerBase",
+    folder: Path,
+    resolved_config: Optional[dict[str, Any]] = None,
+) -> Path:
+    """Save a loadable checkpoint: safetensors weights, config, tokenizer and the resolved config."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(folder)  # transformers 5 writes safetensors only
+    tokenizer.save_pretrained(folder)
+    if resolved_config is not None:
+        text = json.dumps(resolved_config, sort_keys=True, indent=2, default=str)
+        (folder / FEDEM_CONFIG_FILE).write_text(text + "\n", encoding="utf-8")
+    return folder
+
+
+def count_parameters(model: torch.nn.Module, trainable_only: bool = False) -> int:
+    """Number of parameters (tied weights counted once)."""
+    return sum(p.numel() for p in model.parameters() if p.requires_grad or not trainable_only)
