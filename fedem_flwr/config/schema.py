@@ -5,6 +5,7 @@ Hydra 1.3 needs omegaconf < 2.4, which has no ``Literal`` fields: choices are ``
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
@@ -209,6 +210,11 @@ class HubConfig:
 
     def __post_init__(self) -> None:
         _choice("hub", "store", self.store, ("local", "hf"))
+        if self.path and not os.path.isabs(self.path):
+            raise ConfigError(
+                f"`hub.path` is {self.path!r}; it must be an absolute path: under `flwr run` the ServerApp "
+                "runs in the SuperLink's working directory and environment, not the caller's."
+            )
         if not self.repo_prefix:
             raise ConfigError("`hub.repo_prefix` must not be empty.")
 
