@@ -47,3 +47,11 @@ class RegistryConflict(HubError, ValueError):
 
 class KernelsUnavailable(ConfigError):
     """`model.kernels` is `require` but the fused mamba-ssm / causal-conv1d kernels cannot run here."""
+
+
+class FlowerProcessError(FedemError):
+    """A SuperLink, SuperNode or `flwr` command we started failed or did not get ready."""
+
+
+class RunFailed(FedemError):
+    """A Flower run ended in a status other than `finished:completed` (or timed out)."""
