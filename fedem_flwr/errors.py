@@ -55,3 +55,23 @@ class FlowerProcessError(FedemError):
 
 class RunFailed(FedemError):
     """A Flower run ended in a status other than `finished:completed` (or timed out)."""
+
+
+class StoreError(FedemError):
+    """An artifact store cannot read or write a revision as asked."""
+
+
+class DigestMismatch(StoreError):
+    """An artifact's bytes do not hash to its recorded digest; the message names the files."""
+
+
+class RevisionNotFound(StoreError):
+    """A repo or revision is not in the artifact store; the message names both."""
+
+
+class RevisionExists(StoreError):
+    """A revision is already stored with other content; revisions are never overwritten."""
+
+
+class HubUnreachable(StoreError):
+    """The Hugging Face Hub endpoint (named) did not answer after retries, or offline mode forbids it."""
