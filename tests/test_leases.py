@@ -277,3 +277,9 @@ def test_sweep_schedule():
     assert schedule.due(T0 + 300)
     with pytest.raises(LeaseError, match="`relay.sweep_interval_s` is 0"):
         SweepSchedule(0)
+
+
+def test_acquire_same_adapter_same_node_after_deadline(book):
+    old = take(book, "hi", "node:1")
+    new = take(book, "hi", "node:1", now=T0 + TTL)
+    assert book.get(old.token).state == "expired" and book.active() == [new]

@@ -201,7 +201,8 @@ class LeaseBook:
         if not ttl > 0:
             raise LeaseError(f"lease `ttl` is {ttl!r}; it must be > 0 seconds.")
         for blocking in (self._by_adapter.get(adapter), self._by_holder.get(holder)):
-            if blocking is not None and blocking.is_due(now):
+            # the same lease may block both ways: re-read it so it ends only once
+            if blocking is not None and self._by_token[blocking.token].is_due(now):
                 self._end(blocking, "expired", now, EXPIRED)
         self._check_free(adapter, holder)
         lease = Lease(

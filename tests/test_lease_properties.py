@@ -1,0 +1,187 @@
+"""Random interleavings of lease operations keep the relay's invariants (hypothesis, stateful).
+
+The machine drives a ``LeaseBook`` with a fake clock, persists every change into a dict standing in
+for the registry, restarts from those rows now and then, and checks after every step: at most one
+active lease per adapter and per node, tokens strictly increasing, the registry matching the book,
+and a ledger of accepted versions that never loses one (every accepted push was trained on the
+adapter's current version, and the registry holds exactly as many accepted leases as versions).
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+
+from hypothesis import HealthCheck, settings
+from hypothesis import strategies as st
+from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
+
+from fedem_flwr.relay.leases import (
+    REJECT_REASONS,
+    AdapterBusy,
+    Lease,
+    LeaseBook,
+    LeaseExpired,
+    NodeBusy,
+    PushRejected,
+)
+
+ADAPTERS = ("a", "b", "c")
+NODES = ("n1", "n2", "n3", "n4")
+TTL = 100.0
+T0 = 1_000.0
+
+
+class LeaseMachine(RuleBasedStateMachine):
+    def __init__(self) -> None:
+        super().__init__()
+        self.now = T0
+        self.book = LeaseBook()
+        self.rows: dict[int, Lease] = {}  # the registry's lease table
+        self.model: dict[int, tuple[str, str, float]] = {}  # expected active leases: adapter, holder, deadline
+        self.versions = Counter()  # adapter -> current version (the accepted ledger)
+        self.accepted = Counter()  # adapter -> accepted pushes
+        self.max_token = 0
+
+    # ----- helpers
+    def persist(self) -> None:
+        for lease in self.book.pop_changes():
+            self.rows[lease.token] = lease
+
+    def expire_due_in_model(self, *tokens: int) -> None:
+        for token in tokens:
+            if token in self.model and self.now >= self.model[token][2]:
+                del self.model[token]
+
+    # ----- rules
+    @rule(dt=st.sampled_from([0.0, 0.5, 30.0, 99.5, 100.0, 150.0]))
+    def advance(self, dt: float) -> None:
+        self.now += dt
+
+    @precondition(lambda self: self.model)
+    @rule(data=st.data())
+    def jump_to_a_deadline(self, data) -> None:
+        deadline = data.draw(st.sampled_from(sorted(d for _, _, d in self.model.values())))
+        self.now = max(self.now, deadline)
+
+    @rule(adapter=st.sampled_from(ADAPTERS), node=st.sampled_from(NODES))
+    def acquire(self, adapter: str, node: str) -> None:
+        blocking = [t for t, (a, h, _) in self.model.items() if a == adapter or h == node]
+        self.expire_due_in_model(*blocking)
+        free = not any(t in self.model for t in blocking)
+        try:
+            lease = self.book.acquire(adapter, node, 0, self.versions[adapter], self.now, TTL)
+        except (AdapterBusy, NodeBusy):
+            assert not free
+        else:
+            assert free
+            assert lease.token > self.max_token
+            self.max_token = lease.token
+            self.model[lease.token] = (adapter, node, lease.deadline)
+        self.persist()
+
+    @precondition(lambda self: self.model)
+    @rule(data=st.data(), accept=st.booleans())
+    def valid_push(self, data, accept: bool) -> None:
+        token = data.draw(st.sampled_from(sorted(self.model)))
+        adapter, holder, deadline = self.model[token]
+        try:
+            lease = self.book.check_push(token, holder, adapter, 0, self.now)
+        except LeaseExpired:
+            assert self.now >= deadline
+            del self.model[token]
+        else:
+            assert self.now < deadline
+            outcome = "accepted" if accept else "rejected"
+            self.book.release(token, self.now, outcome)
+            del self.model[token]
+            if accept:
+                # no lost update: the accepted push was trained on the adapter's current version
+                assert lease.adapter_version == self.versions[adapter]
+                self.versions[adapter] += 1
+                self.accepted[adapter] += 1
+        self.persist()
+
+    @rule(
+        data=st.data(),
+        fault=st.sampled_from(["unknown", "holder", "adapter", "base", "ended"]),
+    )
+    def invalid_push(self, data, fault: str) -> None:
+        issued = sorted(self.rows)
+        if fault == "unknown" or not issued:
+            token, adapter, holder = self.book.next_token + 5, "a", "n1"
+        else:
+            lease = self.rows[data.draw(st.sampled_from(issued))]
+            token, adapter, holder = lease.token, lease.adapter, lease.holder
+            if fault == "ended" and token in self.model:
+                return  # a valid push, not this rule's business
+        base = 0
+        if fault == "holder":
+            holder = data.draw(st.sampled_from([n for n in NODES if n != holder]))
+        elif fault == "adapter":
+            adapter = data.draw(st.sampled_from([a for a in ADAPTERS if a != adapter]))
+        elif fault == "base":
+            base = 1
+        before = set(self.model)
+        try:
+            self.book.check_push(token, holder, adapter, base, self.now)
+        except PushRejected as rejected:
+            assert rejected.reason in REJECT_REASONS
+        else:
+            raise AssertionError(f"{fault} push with token {token} was accepted")
+        # a bad push only ever expires an overdue lease, never ends a live one
+        self.expire_due_in_model(token)
+        assert set(self.model) <= before
+        self.persist()
+
+    @rule()
+    def sweep(self) -> None:
+        ended = self.book.sweep(self.now)
+        self.expire_due_in_model(*list(self.model))
+        assert all(lease.outcome == "expired" and lease.ended == self.now for lease in ended)
+        self.persist()
+
+    @rule(node=st.sampled_from(NODES))
+    def node_crash(self, node: str) -> None:
+        self.book.expire_holder(node, self.now, reason="node-gone")
+        for token in [t for t, (_, h, _) in self.model.items() if h == node]:
+            del self.model[token]
+        self.persist()
+
+    @rule(active_only=st.booleans())
+    def restart(self, active_only: bool) -> None:
+        """The hub stops and starts again: rebuild from the registry, expire what the last run left."""
+        rows = [lease for lease in self.rows.values() if lease.active or not active_only]
+        next_token = max(self.rows, default=0) + 1
+        self.book = LeaseBook(rows, next_token=next_token)
+        self.book.expire_all(self.now)
+        self.model.clear()
+        self.persist()
+
+    # ----- invariants
+    @invariant()
+    def one_active_lease_per_adapter_and_node(self) -> None:
+        active = self.book.active()
+        assert len({lease.adapter for lease in active}) == len(active)
+        assert len({lease.holder for lease in active}) == len(active)
+        stored = [lease for lease in self.rows.values() if lease.active]
+        assert len({lease.adapter for lease in stored}) == len(stored)
+        assert len({lease.holder for lease in stored}) == len(stored)
+
+    @invariant()
+    def book_matches_model_and_registry(self) -> None:
+        assert {lease.token for lease in self.book.active()} == set(self.model)
+        for lease in self.book.active():
+            assert self.rows[lease.token] == lease
+        assert self.book.next_token > max(self.rows, default=0)
+
+    @invariant()
+    def no_accepted_version_is_lost(self) -> None:
+        assert self.versions == self.accepted
+        stored = Counter(lease.adapter for lease in self.rows.values() if lease.outcome == "accepted")
+        assert stored == self.versions
+
+
+LeaseMachine.TestCase.settings = settings(
+    max_examples=100, stateful_step_count=50, deadline=None, suppress_health_check=[HealthCheck.too_slow]
+)
+TestLeaseMachine = LeaseMachine.TestCase
