@@ -75,3 +75,7 @@ class RevisionExists(StoreError):
 
 class HubUnreachable(StoreError):
     """The Hugging Face Hub endpoint (named) did not answer after retries, or offline mode forbids it."""
+
+
+class TrainingError(FedemError):
+    """Training cannot go on: no trainable parameters, a non-finite loss, or no memory at micro-batch 1."""
