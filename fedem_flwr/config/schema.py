@@ -168,6 +168,10 @@ class RelayConfig:
     policy: str = field(
         default="least-recent", metadata={"help": "`random`, `round-robin`, `least-recent` or `language`."}
     )
+    policy_fallback: str = field(
+        default="least-recent",
+        metadata={"help": "What `language` uses among matches: `random`, `round-robin` or `least-recent`."},
+    )
     no_node_grace_s: float = 60.0
     poll_interval_s: float = 1.0
     max_accepted: Optional[int] = None
@@ -178,6 +182,7 @@ class RelayConfig:
 
     def __post_init__(self) -> None:
         _choice("relay", "policy", self.policy, ("random", "round-robin", "least-recent", "language"))
+        _choice("relay", "policy_fallback", self.policy_fallback, ("random", "round-robin", "least-recent"))
         for key in ("lease_ttl_s", "sweep_interval_s", "poll_interval_s", "max_accepted", "max_wall_s"):
             _positive("relay", key, getattr(self, key))
         _positive("relay", "no_node_grace_s", self.no_node_grace_s, allow_zero=True)
@@ -193,10 +198,17 @@ class RelayConfig:
 class GateConfig:
     margin: float = field(default=0.0, metadata={"help": "Required held-out loss gain on own languages."})
     tolerance: float = field(default=0.05, metadata={"help": "Allowed loss increase on other languages."})
+    check_others: bool = field(
+        default=False, metadata={"help": "Also hold every other language within `tolerance` of the parent."}
+    )
+    weighting: str = field(
+        default="tokens", metadata={"help": "Own-language loss: `tokens` (held-out token weighted) or `mean`."}
+    )
 
     def __post_init__(self) -> None:
         _positive("gate", "margin", self.margin, allow_zero=True)
         _positive("gate", "tolerance", self.tolerance, allow_zero=True)
+        _choice("gate", "weighting", self.weighting, ("tokens", "mean"))
 
 
 @dataclass

@@ -1,0 +1,126 @@
+"""The acceptance rule: is a pushed adapter version at least as good as its parent? (pure logic)
+
+Inputs are the hub's held-out mean loss per language, for the candidate and for its parent version.
+A candidate is accepted when its loss on the adapter's own languages is lower than the parent's by at
+least ``margin`` (``candidate <= parent - margin``; with the default margin 0 an equal loss passes).
+The own-language loss is a plain mean over the languages, or a token-weighted mean when ``weights``
+(held-out tokens per language) is given, so a language with ten times the held-out text counts ten
+times as much.
+
+The full gate's second clause is ready but optional: with ``others``, each of those languages must
+also stay within ``tolerance`` of the parent (``candidate <= parent + tolerance``), one by one, so a
+gain on the adapter's languages cannot hide a regression elsewhere. Other languages without held-out
+data on both sides are skipped and named in the reason.
+
+Anything that cannot be compared (no languages, missing data, non-finite losses) is rejected with a
+reason, never raised: a rejection is recorded with the contribution.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Optional
+
+from fedem_flwr.errors import ConfigError
+
+
+@dataclass(frozen=True)
+class Decision:
+    """The gate's verdict; ``delta`` is candidate minus parent loss on own languages (NaN: not compared)."""
+
+    accepted: bool
+    reason: str
+    delta: float
+
+
+def decide(
+    candidate: Mapping[str, float],
+    parent: Mapping[str, float],
+    languages: Sequence[str],
+    margin: float = 0.0,
+    *,
+    weights: Optional[Mapping[str, float]] = None,
+    others: Optional[Sequence[str]] = None,
+    tolerance: float = 0.0,
+) -> Decision:
+    """Accept ``candidate`` when its own-language loss beats ``parent``'s by ``margin`` (see module doc)."""
+    if not (math.isfinite(margin) and margin >= 0):
+        raise ConfigError(f"`gate.margin` is {margin!r}; it must be a finite number >= 0.")
+    if not (math.isfinite(tolerance) and tolerance >= 0):
+        raise ConfigError(f"`gate.tolerance` is {tolerance!r}; it must be a finite number >= 0.")
+    own = list(dict.fromkeys(languages))
+    if not own:
+        return _reject("the adapter declares no languages")
+    missing = [lang for lang in own if lang not in candidate or lang not in parent]
+    if weights is not None:
+        missing += [lang for lang in own if lang not in missing and not weights.get(lang, 0) > 0]
+    if missing:
+        return _reject(f"no held-out data for languages {missing}")
+    bad = _non_finite(candidate, parent, own, weights)
+    if bad:
+        return _reject(bad)
+
+    before = _mean(parent, own, weights)
+    after = _mean(candidate, own, weights)
+    delta = after - before
+    summary = f"loss {before:.3f} -> {after:.3f} on {','.join(own)} ({delta:+.3f})"
+    if not after <= before - margin:
+        need = f"needs <= {-margin:+.3f} (margin {margin:.3f})" if margin else "needs no increase"
+        return Decision(False, f"{summary}; {need}", delta)
+    if others is None:
+        return Decision(True, summary, delta)
+
+    return _check_others(candidate, parent, [lang for lang in dict.fromkeys(others) if lang not in own],
+                         tolerance, summary, delta)
+
+
+def _check_others(
+    candidate: Mapping[str, float],
+    parent: Mapping[str, float],
+    others: list[str],
+    tolerance: float,
+    summary: str,
+    delta: float,
+) -> Decision:
+    checked = [lang for lang in others if lang in candidate and lang in parent]
+    skipped = [lang for lang in others if lang not in checked]
+    bad = _non_finite(candidate, parent, checked, None)
+    if bad:
+        return Decision(False, f"{summary}; {bad}", delta)
+    worse = [
+        f"{lang} {parent[lang]:.3f} -> {candidate[lang]:.3f} ({candidate[lang] - parent[lang]:+.3f})"
+        for lang in checked
+        if not candidate[lang] <= parent[lang] + tolerance
+    ]
+    if worse:
+        return Decision(False, f"{summary}; worse beyond tolerance {tolerance:.3f} on {', '.join(worse)}", delta)
+    note = f"; others within {tolerance:.3f} on {','.join(checked)}" if checked else ""
+    if skipped:
+        note += f"; no held-out data for others {skipped}, skipped"
+    return Decision(True, summary + note, delta)
+
+
+def _mean(losses: Mapping[str, float], languages: list[str], weights: Optional[Mapping[str, float]]) -> float:
+    if weights is None:
+        return math.fsum(losses[lang] for lang in languages) / len(languages)
+    total = math.fsum(weights[lang] for lang in languages)
+    return math.fsum(losses[lang] * weights[lang] for lang in languages) / total
+
+
+def _non_finite(
+    candidate: Mapping[str, float],
+    parent: Mapping[str, float],
+    languages: list[str],
+    weights: Optional[Mapping[str, float]],
+) -> str:
+    for side, losses in (("candidate", candidate), ("parent", parent), ("weight", weights or {})):
+        bad = {lang: losses[lang] for lang in languages if lang in losses and not math.isfinite(losses[lang])}
+        if bad:
+            return f"non-finite {side} loss on {bad}" if side != "weight" else f"non-finite weights {bad}"
+    return ""
+
+
+def _reject(reason: str) -> Decision:
+    return Decision(False, reason, math.nan)
