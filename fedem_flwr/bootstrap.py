@@ -1,0 +1,121 @@
+"""Open the hub for relaying: seed the base checkpoint and the adapter pool when empty, and build
+the coordinator with its blind-evaluation workbench. No Flower here: the ServerApp, simulations and
+tests all start the hub the same way.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from fedem_flwr.config import FedemConfig, config_to_dict
+from fedem_flwr.data.blocks import heldout_split
+from fedem_flwr.data.corpus import language_sizes, load_corpus
+from fedem_flwr.gate.evaluator import HubWorkbench
+from fedem_flwr.hub.paths import registry_path
+from fedem_flwr.hub.registry import Registry
+from fedem_flwr.hub.store import ArtifactRef, ArtifactStore, adapter_repo, base_repo, open_store
+from fedem_flwr.model.factory import build_model, load_base, save_base
+from fedem_flwr.model.tokenizer import load_tokenizer
+from fedem_flwr.relay.coordinator import RelayCoordinator
+from fedem_flwr.relay.policies import make_policy
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Hub:
+    """The hub's open state for one ServerApp run."""
+
+    path: Path
+    registry: Registry
+    store: ArtifactStore
+    workbench: HubWorkbench
+    coordinator: RelayCoordinator
+
+
+def open_hub(cfg: FedemConfig, hub_path: Path, clock: Callable[[], float] = time.time) -> Hub:
+    """Open registry and store, seed what is missing, and build the relay coordinator."""
+    torch.manual_seed(cfg.seed)
+    registry = Registry.open(registry_path(hub_path))
+    store = open_store(hub_path, cfg.hub.store, repo_prefix=cfg.hub.repo_prefix)
+    corpus = load_corpus(cfg.data)
+
+    base = registry.latest_checkpoint() or seed_base(cfg, registry, store, corpus, clock)
+    model, tokenizer = load_base(str(store.get(ArtifactRef(base.repo, base.revision, base.digest))))
+    _, heldout = heldout_split(
+        corpus, cfg.data.heldout_fraction, cfg.data.min_heldout_blocks, cfg.data.block_size, tokenizer, cfg.seed
+    )
+    workbench = HubWorkbench(
+        model, cfg.lora, heldout, pad_id=tokenizer.pad_token_id,
+        batch_size=cfg.train.eval_batch_size, resolved_config=config_to_dict(cfg),
+    )
+    seed_adapters(cfg, registry, store, workbench, language_sizes(corpus), base, clock)
+
+    rng = random.Random(cfg.seed)
+    coordinator = RelayCoordinator(
+        registry, store, make_policy(cfg.relay.policy, rng), workbench,
+        lease_ttl_s=cfg.relay.lease_ttl_s, sweep_interval_s=cfg.relay.sweep_interval_s,
+        margin=cfg.gate.margin, clock=clock,
+    )
+    return Hub(hub_path, registry, store, workbench, coordinator)
+
+
+def seed_base(cfg: FedemConfig, registry: Registry, store: ArtifactStore, corpus: Any, clock: Callable[[], float]):
+    """Base version 0: built from the model config (or loaded from ``model.pretrained``)."""
+    tokenizer = load_tokenizer(cfg.tokenizer, corpus["text"] if cfg.tokenizer.bpe_merges else None)
+    model = build_model(cfg.model, tokenizer, seed=cfg.seed)
+    repo = base_repo(cfg.hub.repo_prefix)
+    with tempfile.TemporaryDirectory(prefix="fedem-base-") as tmp:
+        save_base(model, tokenizer, Path(tmp), config_to_dict(cfg))
+        ref = store.put(repo, "v0", Path(tmp), message=f"{cfg.model.name}: initial base checkpoint")
+    row = registry.add_checkpoint(
+        parent=None, source="init", repo=ref.repo, revision=ref.revision, digest=ref.digest,
+        metrics={}, created=clock(),
+    )
+    log.info("Seeded base checkpoint v%d (%s) at %s@%s", row.version, cfg.model.name, ref.repo, ref.revision)
+    return row
+
+
+def seed_adapters(
+    cfg: FedemConfig,
+    registry: Registry,
+    store: ArtifactStore,
+    workbench: HubWorkbench,
+    sizes: dict[str, int],
+    base: Any,
+    clock: Callable[[], float],
+) -> list[str]:
+    """One adapter per language with enough text and held-out data; version 0 is a fresh LoRA."""
+    existing = {a.name for a in registry.adapters()}
+    languages = sorted(
+        lang for lang, size in sizes.items()
+        if size >= cfg.data.min_language_bytes and lang in workbench.heldout and lang not in existing
+    )
+    if not languages:
+        return []
+    losses = workbench.evaluate(workbench.initial_state)
+    base_ref = ArtifactRef(base.repo, base.revision, base.digest)
+    for language in languages:
+        repo = adapter_repo(cfg.hub.repo_prefix, language)
+        with tempfile.TemporaryDirectory(prefix="fedem-adapter-") as tmp:
+            workbench.save(workbench.initial_state, Path(tmp), base_ref)
+            ref = store.put(repo, "v0", Path(tmp), message=f"{language}: fresh LoRA")
+        with registry.atomic():
+            registry.add_adapter(
+                name=language, languages=[language], task="causal-lm", lora_spec=asdict(cfg.lora), created=clock()
+            )
+            registry.add_adapter_version(
+                adapter=language, base_version=base.version, parent_version=None, repo=ref.repo,
+                revision=ref.revision, digest=ref.digest, metrics={"heldout": losses}, created=clock(),
+            )
+    log.info("Seeded %d adapter(s): %s", len(languages), ", ".join(languages))
+    return languages

@@ -1,0 +1,39 @@
+"""The ClientApp: relay fine-tuning of a leased adapter (``train.relay``) and the node profile
+(``query.profile``). Wiring only: the work is in ``fedem_flwr.contributor``."""
+
+from __future__ import annotations
+
+from flwr.app import Context, Message
+from flwr.clientapp import ClientApp
+
+from fedem_flwr.config import load_run_config
+from fedem_flwr.contributor import BaseCache, node_data, profile, relay_train
+from fedem_flwr.relay import messages
+from fedem_flwr.wire import adapter_to_arrays
+
+app = ClientApp()
+
+
+@app.query("profile")
+def query_profile(message: Message, context: Context) -> Message:
+    cfg = load_run_config(context.run_config)
+    answer = profile(cfg, context.node_config, BaseCache.for_node(context.node_config))
+    return messages.profile_reply(message, answer)
+
+
+@app.train("relay")
+def train_relay(message: Message, context: Context) -> Message:
+    cfg = load_run_config(context.run_config)
+    instruction = messages.parse_train_instruction(message)
+    cache = BaseCache.for_node(context.node_config)
+    if messages.BASE_FILES in message.content:
+        record = message.content[messages.BASE_FILES]
+        cache.add(instruction.base.digest, lambda folder: messages.arrays_to_folder(record, folder))
+    if not cache.has(instruction.base.digest):
+        raise RuntimeError(f"base checkpoint {instruction.base} is not cached on this node and was not sent")
+    state = message.content["arrays"].to_torch_state_dict()
+    new_state, metrics = relay_train(
+        cfg, cache.path(instruction.base.digest), state, node_data(cfg, context.node_config),
+        instruction.languages, budget_s=instruction.budget_s, max_steps=instruction.max_steps,
+    )
+    return messages.train_reply(message, instruction, adapter_to_arrays(new_state), metrics)

@@ -1,0 +1,215 @@
+"""A contributor's side of the relay, without Flower: its data, its base-checkpoint cache, and one
+relay fine-tune. The ClientApp only reads messages and calls these.
+
+Node config keys (``flower-supernode --node-config``):
+
+``data-path``  a file or folder of the contributor's own data (schema in ``fedem_flwr.data.corpus``)
+``languages``  comma-separated language codes to train on, e.g. ``languages='hi,te'``
+``cache-dir``  where base checkpoints are cached by digest (default: ``$FEDEM_CACHE``, else
+               ``$XDG_CACHE_HOME/fedem``, else ``~/.cache/fedem``)
+
+In simulation Flower sets ``partition-id`` and ``num-partitions``: the node's data is then its
+partition of the configured corpus, without the hub's held-out rows.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import tempfile
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+from typing import Any, Optional, Union
+
+import datasets
+import torch
+
+from fedem_flwr.config import FedemConfig
+from fedem_flwr.data.blocks import heldout_split, tokenize_blocks
+from fedem_flwr.data.corpus import language_sizes, load_corpus, select_languages
+from fedem_flwr.data.partition import partition
+from fedem_flwr.errors import ConfigError, DataError
+from fedem_flwr.hub.manifest import DigestMismatch, digest
+from fedem_flwr.model.factory import load_base
+from fedem_flwr.model.adapter_spec import AdapterSpec, validate_adapter_state
+from fedem_flwr.model.lora import adapter_state, attach_lora, load_adapter_state
+from fedem_flwr.training.device import pick_device
+from fedem_flwr.training.finetune import train
+
+log = logging.getLogger(__name__)
+
+NodeConfig = Mapping[str, Union[bool, int, float, str]]
+
+
+@dataclass(frozen=True)
+class NodeData:
+    """The rows a node trains on, and what its profile reports about them."""
+
+    rows: datasets.Dataset
+    languages: tuple[str, ...]
+    partition_id: Optional[int] = None
+
+    @property
+    def data_bytes(self) -> int:
+        return sum(language_sizes(self.rows).values())
+
+
+def node_data(cfg: FedemConfig, node_config: NodeConfig) -> NodeData:
+    """The node's own files (``data-path``) or, in simulation, its partition of the corpus."""
+    wanted = _languages(node_config)
+    if "data-path" in node_config:
+        data_cfg = replace(cfg.data, source="files", paths=[str(node_config["data-path"])], languages=list(wanted))
+        rows = load_corpus(data_cfg)
+        pid = None
+    elif "partition-id" in node_config and "num-partitions" in node_config:
+        pid, num = int(node_config["partition-id"]), int(node_config["num-partitions"])
+        rows = _partition(cfg, pid, num)
+        if wanted:
+            rows = select_languages(rows, wanted)
+    else:
+        raise ConfigError("node config needs `data-path` (a contributor) or `partition-id`/`num-partitions` (simulation)")
+    if len(rows) == 0:
+        raise DataError(f"node has no rows to train on (node config {dict(node_config)})")
+    return NodeData(rows, tuple(sorted(set(rows["language"]))), pid)
+
+
+_partitions: dict[tuple[str, int, int], datasets.Dataset] = {}
+
+
+def _partition(cfg: FedemConfig, partition_id: int, num_partitions: int) -> datasets.Dataset:
+    """Cached per process: a simulation actor serves many messages for the same partitions."""
+    key = (json.dumps([asdict(cfg.data), asdict(cfg.tokenizer), cfg.seed], sort_keys=True), partition_id, num_partitions)
+    if key not in _partitions:
+        _partitions[key] = _split_partition(cfg, partition_id, num_partitions)
+    return _partitions[key]
+
+
+def _split_partition(cfg: FedemConfig, partition_id: int, num_partitions: int) -> datasets.Dataset:
+    corpus = load_corpus(cfg.data)
+    tokenizer = _byte_tokenizer(cfg)
+    train_rows, _ = heldout_split(
+        corpus, cfg.data.heldout_fraction, cfg.data.min_heldout_blocks, cfg.data.block_size, tokenizer, cfg.seed
+    )
+    return partition(train_rows, cfg.data.partitioner, num_partitions, partition_id, cfg.seed, cfg.data.dirichlet_alpha)
+
+
+def _byte_tokenizer(cfg: FedemConfig):
+    # The held-out split is decided on byte-level blocks, the same on the hub and on every node.
+    from fedem_flwr.model.tokenizer import load_tokenizer
+
+    return load_tokenizer(cfg.tokenizer)
+
+
+def _languages(node_config: NodeConfig) -> tuple[str, ...]:
+    raw = str(node_config.get("languages", "") or "")
+    return tuple(sorted({part.strip() for part in raw.split(",") if part.strip()}))
+
+
+# -- base checkpoints cached by digest ------------------------------------------------------------
+
+
+class BaseCache:
+    """Base checkpoints by manifest digest: a node fetches each base once."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+
+    @classmethod
+    def for_node(cls, node_config: NodeConfig, env: Mapping[str, str] = os.environ) -> "BaseCache":
+        if node_config.get("cache-dir"):
+            return cls(Path(str(node_config["cache-dir"])).expanduser())
+        if env.get("FEDEM_CACHE"):
+            return cls(Path(env["FEDEM_CACHE"]).expanduser())
+        xdg = env.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+        return cls(Path(xdg) / "fedem")
+
+    def path(self, base_digest: str) -> Path:
+        return self.root / "bases" / base_digest
+
+    def has(self, base_digest: str) -> bool:
+        return self.path(base_digest).is_dir()
+
+    def digests(self) -> list[str]:
+        folder = self.root / "bases"
+        return sorted(p.name for p in folder.iterdir() if p.is_dir()) if folder.is_dir() else []
+
+    def add(self, base_digest: str, write: Callable[[Path], None]) -> Path:
+        """Write into a temp folder, check the digest, then rename into place."""
+        target = self.path(base_digest)
+        if target.is_dir():
+            return target
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=".incoming-", dir=target.parent))
+        try:
+            write(tmp)
+            got = digest(tmp)
+            if got != base_digest:
+                raise DigestMismatch(f"base checkpoint received with digest {got}, expected {base_digest}")
+            os.replace(tmp, target)
+        except FileExistsError:
+            pass  # another process on this machine cached it first
+        except OSError:
+            if not target.is_dir():
+                raise
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+        return target
+
+
+# -- one relay fine-tune ---------------------------------------------------------------------------
+
+
+def relay_train(
+    cfg: FedemConfig,
+    base_folder: Path,
+    state: Mapping[str, torch.Tensor],
+    data: NodeData,
+    languages: tuple[str, ...],
+    *,
+    budget_s: float,
+    max_steps: int,
+    clock: Callable[[], float] = time.monotonic,
+) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
+    """Fine-tune the leased adapter on this node's rows of the adapter's languages (all rows if the
+    node has none of them) and stop before the lease deadline."""
+    started = clock()
+    model, tokenizer = load_base(str(base_folder))
+    device = pick_device(cfg.train.device)
+    model = attach_lora(model.to(device), cfg.lora)
+    load_adapter_state(model, validate_adapter_state(state, AdapterSpec.from_model(model)))
+    rows = data.rows
+    mine = [lang for lang in languages if lang in data.languages]
+    if mine:
+        rows = select_languages(rows, mine)
+    blocks = tokenize_blocks(rows["text"], tokenizer, cfg.data.block_size)
+    result = train(
+        model, blocks, replace(cfg.train, max_steps=max_steps), pad_id=tokenizer.pad_token_id,
+        seed=cfg.seed, deadline=started + budget_s, clock=clock,
+    )
+    metrics = {
+        "steps": result.steps,
+        "tokens": result.tokens,
+        "loss-first": result.loss_first,
+        "loss-last": result.loss_last,
+        "seconds": clock() - started,
+        "own-language-rows": float(len(rows)) if mine else 0.0,
+    }
+    return adapter_state(model), metrics
+
+
+def profile(cfg: FedemConfig, node_config: NodeConfig, cache: BaseCache) -> dict[str, Any]:
+    """What the hub asks once per node: languages, device, data size, cached bases."""
+    data = node_data(cfg, node_config)
+    answer: dict[str, Any] = {
+        "languages": list(data.languages),
+        "device": pick_device(cfg.train.device).type,
+        "data-bytes": data.data_bytes,
+        "base-digests": cache.digests(),
+    }
+    if data.partition_id is not None:
+        answer["partition-id"] = data.partition_id
+    return answer

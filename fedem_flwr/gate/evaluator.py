@@ -1,0 +1,49 @@
+"""Blind evaluation on the hub: held-out loss per language of the base with a pushed adapter.
+
+The workbench receives adapter weights and nothing else, so no evaluation can depend on who
+trained them; the registry maps contributions to pseudonyms elsewhere.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+
+from fedem_flwr.config import LoraConfig
+from fedem_flwr.model.adapter_spec import AdapterSpec
+from fedem_flwr.model.lora import adapter_state, attach_lora, load_adapter_state, save_adapter
+from fedem_flwr.training.evaluate import evaluate
+
+
+class HubWorkbench:
+    """One LoRA-wrapped copy of the base: load weights, measure held-out loss, save PEFT folders."""
+
+    def __init__(
+        self,
+        base_model: torch.nn.Module,
+        lora: LoraConfig,
+        heldout: Mapping[str, torch.Tensor],
+        *,
+        pad_id: int,
+        batch_size: int = 16,
+        resolved_config: Optional[dict[str, Any]] = None,
+    ) -> None:
+        self.model = attach_lora(base_model, lora)
+        self.heldout = dict(heldout)
+        self.pad_id = pad_id
+        self.batch_size = batch_size
+        self.resolved_config = resolved_config
+        self.initial_state = adapter_state(self.model)
+        self.spec = AdapterSpec.from_state(self.initial_state)
+
+    def evaluate(self, state: Mapping[str, torch.Tensor]) -> dict[str, float]:
+        load_adapter_state(self.model, state)
+        results = evaluate(self.model, self.heldout, pad_id=self.pad_id, batch_size=self.batch_size)
+        return {language: float(r["loss"]) for language, r in results.items()}
+
+    def save(self, state: Mapping[str, torch.Tensor], folder: Path, base: Any) -> None:
+        load_adapter_state(self.model, state)
+        save_adapter(self.model, folder, base.repo, base.revision, self.resolved_config)

@@ -1,0 +1,265 @@
+"""The hub side of the relay, without Flower: leases, policy, blind evaluation, registry and store.
+
+The relay Strategy translates Grid messages into calls on a ``RelayCoordinator``; everything that
+decides or persists lives here, so the whole relay can be driven by tests without a Flower runtime.
+Every state change is persisted in one registry transaction together with the lease it touches.
+"""
+
+from __future__ import annotations
+
+import logging
+import tempfile
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional, Protocol
+
+from fedem_flwr.gate.acceptance import Decision, decide
+from fedem_flwr.hub.store import ArtifactRef, ArtifactStore
+from fedem_flwr.relay.leases import Lease, LeaseBook, PushRejected, SweepSchedule
+from fedem_flwr.relay.policies import AdapterInfo, NodeProfile, Policy
+
+log = logging.getLogger(__name__)
+
+HeldoutLosses = dict[str, float]
+
+
+class AdapterWorkbench(Protocol):
+    """What the hub does with adapter weights; implemented with torch in ``gate.evaluator``.
+
+    It sees weights only, never who trained them: evaluation is blind by construction.
+    """
+
+    def evaluate(self, state: Mapping[str, Any]) -> HeldoutLosses:
+        """Held-out mean loss per language of the base with this adapter."""
+
+    def save(self, state: Mapping[str, Any], folder: Path, base: ArtifactRef) -> None:
+        """Write a standard PEFT adapter folder naming ``base`` as its base model."""
+
+
+@dataclass(frozen=True)
+class Assignment:
+    """A lease just issued, with everything the train message must carry."""
+
+    lease: Lease
+    adapter: AdapterInfo
+    adapter_ref: ArtifactRef
+    base_ref: ArtifactRef
+
+
+@dataclass(frozen=True)
+class PushOutcome:
+    """What became of a push: ``accepted`` ones produced ``version``."""
+
+    decision: str
+    reason: str
+    adapter: str
+    lease_token: int
+    version: Optional[int] = None
+    losses: HeldoutLosses = field(default_factory=dict)
+
+    @property
+    def accepted(self) -> bool:
+        return self.decision == "accepted"
+
+
+class RelayCoordinator:
+    """Leases adapters to free nodes and judges what comes back."""
+
+    def __init__(
+        self,
+        registry: Any,
+        store: ArtifactStore,
+        policy: Policy,
+        workbench: AdapterWorkbench,
+        *,
+        lease_ttl_s: float,
+        sweep_interval_s: float,
+        margin: float = 0.0,
+        clock: Callable[[], float],
+    ) -> None:
+        self.registry = registry
+        self.store = store
+        self.policy = policy
+        self.workbench = workbench
+        self.lease_ttl_s = lease_ttl_s
+        self.margin = margin
+        self.clock = clock
+        self.book = LeaseBook(registry.leases(active_only=True), next_token=registry.max_lease_token() + 1)
+        self.schedule = SweepSchedule(sweep_interval_s)
+        self.last_served: dict[str, float] = {}
+        for lease in registry.leases():
+            self.last_served[lease.adapter] = max(self.last_served.get(lease.adapter, 0.0), lease.issued)
+        self.accepted = 0
+        self.rejected = 0
+
+    # -- lifecycle -------------------------------------------------------------------------------
+
+    def recover(self) -> list[Lease]:
+        """Expire leases left active by an earlier run: their holders are gone with it."""
+        now = self.clock()
+        ended = self.book.expire_all(now, reason="hub-restart")
+        self._flush()
+        self.schedule.mark(now)
+        if ended:
+            log.info("Expired %d lease(s) left active by an earlier run", len(ended))
+        return ended
+
+    def tick(self) -> list[Lease]:
+        """Sweep due leases when the sweep interval has passed."""
+        now = self.clock()
+        if not self.schedule.due(now):
+            return []
+        self.schedule.mark(now)
+        return self.sweep(now)
+
+    def sweep(self, now: Optional[float] = None) -> list[Lease]:
+        now = self.clock() if now is None else now
+        expired = self.book.sweep(now)
+        self._flush()
+        for lease in expired:
+            log.info("Lease %d on %r expired (holder %s)", lease.token, lease.adapter, self._pseudonym(lease.holder))
+        return expired
+
+    # -- leasing ---------------------------------------------------------------------------------
+
+    def free_adapters(self) -> list[AdapterInfo]:
+        infos = []
+        for adapter in self.registry.adapters():
+            if not self.book.is_free(adapter.name):
+                continue
+            latest = self.registry.latest_adapter_version(adapter.name)
+            if latest is None:
+                continue
+            infos.append(
+                AdapterInfo(
+                    name=adapter.name,
+                    languages=tuple(adapter.languages),
+                    version=latest.version,
+                    last_served=self.last_served.get(adapter.name),
+                )
+            )
+        return infos
+
+    def assign(self, free_nodes: Sequence[NodeProfile]) -> list[Assignment]:
+        """Lease adapters to the free nodes the policy picks; nodes holding a lease are skipped."""
+        now = self.clock()
+        self.sweep(now)  # any access after a deadline expires the lease first
+        nodes = [n for n in free_nodes if self.book.node_free(n.node)]
+        if not nodes:
+            return []
+        base = self.registry.latest_checkpoint()
+        if base is None:
+            raise RuntimeError("the hub has no base checkpoint; seed it before relaying")
+        base_ref = ArtifactRef(base.repo, base.revision, base.digest)
+        assignments = []
+        for node, info in self.policy.assign(nodes, self.free_adapters()):
+            version = self.registry.latest_adapter_version(info.name)
+            lease = self.book.acquire(info.name, node.node, base.version, version.version, now, self.lease_ttl_s)
+            self._flush()
+            self.last_served[info.name] = now
+            ref = ArtifactRef(version.repo, version.revision, version.digest)
+            assignments.append(Assignment(lease, info, ref, base_ref))
+            log.info(
+                "Leased %r v%d to %s (token %d, %.0f s)",
+                info.name, version.version, self._pseudonym(node.node), lease.token, self.lease_ttl_s,
+            )
+        return assignments
+
+    # -- pushes ----------------------------------------------------------------------------------
+
+    def receive_push(
+        self,
+        *,
+        holder: str,
+        token: int,
+        adapter: str,
+        base_version: int,
+        state: Optional[Mapping[str, Any]],
+        invalid_reason: Optional[str] = None,
+        metrics: Optional[Mapping[str, float]] = None,
+    ) -> PushOutcome:
+        """Fence, validate, evaluate blind, decide, and persist the outcome of one push."""
+        now = self.clock()
+        pseudonym = self._pseudonym(holder)
+        try:
+            lease = self.book.check_push(token, holder, adapter, base_version, now)
+        except PushRejected as rejected:
+            self._flush()  # a late push expired its lease: persist that
+            return self._record(pseudonym, adapter, token, now, "rejected", rejected.reason, None, {}, metrics)
+
+        if state is None:
+            return self._conclude(lease, pseudonym, now, "rejected", f"invalid-adapter: {invalid_reason}", {}, metrics)
+
+        parent = self.registry.latest_adapter_version(adapter)
+        info = self.registry.adapter(adapter)
+        losses = self.workbench.evaluate(state)
+        decision: Decision = decide(losses, parent.metrics.get("heldout", {}), info.languages, margin=self.margin)
+        ref = self._write_artifact(state, parent, lease) if decision.accepted else None
+        return self._conclude(
+            lease, pseudonym, now, "accepted" if decision.accepted else "rejected",
+            decision.reason, losses, metrics, parent=parent, ref=ref,
+        )
+
+    def fail(self, token: int, reason: str) -> Optional[Lease]:
+        """End a lease whose train message failed (client error, expired message)."""
+        now = self.clock()
+        lease = self.book.get(token)
+        if lease is None or not lease.active:
+            return None
+        ended = self.book.expire(token, now, reason=reason)
+        self._flush()
+        log.info("Lease %d on %r ended: %s", token, lease.adapter, reason)
+        return ended
+
+    def node_gone(self, holder: str) -> list[Lease]:
+        ended = self.book.expire_holder(holder, self.clock(), reason="node-gone")
+        self._flush()
+        return ended
+
+    # -- internals -------------------------------------------------------------------------------
+
+    def _write_artifact(self, state, parent, lease: Lease) -> ArtifactRef:
+        """The artifact is renamed into place before its registry row commits: a crash between the
+        two leaves an orphan revision that ``fedem verify`` reports, never a row without files."""
+        base = self.registry.checkpoint(lease.base_version)
+        base_ref = ArtifactRef(base.repo, base.revision, base.digest)
+        version = parent.version + 1
+        with tempfile.TemporaryDirectory(prefix="fedem-adapter-") as tmp:
+            self.workbench.save(state, Path(tmp), base_ref)
+            return self.store.put(
+                parent.repo, f"v{version}", Path(tmp), message=f"{lease.adapter} v{version} (lease {lease.token})"
+            )
+
+    def _conclude(
+        self, lease: Lease, pseudonym: str, now: float, decision: str, reason: str,
+        losses: Mapping[str, float], metrics: Optional[Mapping[str, float]], *,
+        parent: Any = None, ref: Optional[ArtifactRef] = None,
+    ) -> PushOutcome:
+        """Release the lease, add the version (if any) and record the contribution in one transaction."""
+        version = None
+        evaluation = {"heldout": dict(losses), "train": dict(metrics or {})}
+        with self.registry.atomic():
+            if ref is not None:
+                row = self.registry.add_adapter_version(
+                    adapter=lease.adapter, base_version=lease.base_version, parent_version=parent.version,
+                    repo=ref.repo, revision=ref.revision, digest=ref.digest, metrics=evaluation, created=now,
+                )
+                version = row.version
+            self._record(pseudonym, lease.adapter, lease.token, now, decision, reason, version, losses, metrics,
+                         digest=ref.digest if ref else None)
+            self.book.release(lease.token, now, outcome=decision)
+            self._flush()
+        return PushOutcome(decision, reason, lease.adapter, lease.token, version, dict(losses))
+
+    def _flush(self) -> None:
+        """Persist every lease the book created or changed, in one transaction."""
+        changes = self.book.pop_changes()
+        if not changes:
+            return
+        with self.registry.atomic():
+            for lease in changes:
+                self.registry.save_lease(lease)
+
+    def _pseudonym(self, holder: str) -> str:
+        return self.registry.pseudonym(holder)

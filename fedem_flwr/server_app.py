@@ -1,0 +1,34 @@
+"""The ServerApp: compose the config, open the hub (exclusively), relay until a stop condition.
+
+Under ``flwr run`` this runs in the SuperLink's working directory and environment, not the
+caller's: the hub folder comes from the run config key ``hub`` (absolute) or the default.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from flwr.app import Context
+from flwr.serverapp import Grid, ServerApp
+
+from fedem_flwr.bootstrap import open_hub
+from fedem_flwr.config import load_run_config
+from fedem_flwr.hub.paths import HubWriterLock, resolve_hub_path
+from fedem_flwr.relay.strategy import RelayStrategy
+
+log = logging.getLogger(__name__)
+app = ServerApp()
+
+
+@app.main()
+def main(grid: Grid, context: Context) -> None:
+    cfg = load_run_config(context.run_config)
+    hub_path = resolve_hub_path(cfg.hub.path, require_absolute=True)
+    with HubWriterLock(hub_path):
+        hub = open_hub(cfg, hub_path)
+        strategy = RelayStrategy(hub.coordinator, cfg.relay, hub.workbench.spec, max_steps=cfg.train.max_steps)
+        result = strategy.start(grid)
+    print(
+        f"fedem relay finished ({result.stopped_by}): {result.accepted} accepted, {result.rejected} rejected, "
+        f"{result.leases} leases in {result.seconds:.0f} s. Inspect with: fedem --hub {hub_path} status"
+    )
