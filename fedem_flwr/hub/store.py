@@ -1,0 +1,311 @@
+"""The artifact store: one interface, a local folder backend here and the Hugging Face Hub in `hf_store`.
+
+Repos are named like Hugging Face repos (`base_repo`, `adapter_repo`): `{prefix}/base` holds the
+base checkpoints, `{prefix}/adapter-{name}` the versions of one adapter. A version's revision is
+`v{n}` and is never overwritten; `main` names the latest (design decision 12).
+
+`LocalStore(root)` lays them out as
+
+    <root>/<org>/<name>/<revision>/...   the artifact, exactly as saved (config.json, *.safetensors)
+    <root>/<org>/<name>/refs.json        {"main": rev, "revisions": {rev: {digest, manifest, ...}}}
+    <root>/.tmp/                         revisions being written; anything left here is a crash's debris
+
+so `transformers.AutoModelForCausalLM.from_pretrained(store.local_path(repo, "v3"))` and
+`peft.PeftModel.from_pretrained(base, store.local_path(repo, "v1"))` load a revision folder directly.
+`put` copies into `.tmp/`, fsyncs, hashes the copy, renames it into place (atomic on one file
+system), then records it in `refs.json` (written to a temporary file and renamed): a crash leaves a
+temporary folder, or a revision folder `refs.json` does not list, never half a revision. One writer
+at a time (the hub's writer lock); readers need no lock.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import time
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Optional, Protocol, runtime_checkable
+
+from fedem_flwr.errors import ConfigError, RevisionExists, RevisionNotFound
+from fedem_flwr.hub.manifest import Entry, diff, digest_of, manifest, verify_folder
+
+_PART = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+_VERSION = re.compile(r"^v(\d+)$")
+REFS_FILE = "refs.json"
+TMP_DIR = ".tmp"
+# Kinds of `Problem`: content vs. digest recorded at put time, recorded digest vs. the registry's,
+# stored but unknown to the registry, known to the registry but not stored, a revision folder that
+# refs.json does not list (a crash after the rename), a temporary folder left by a crash.
+PROBLEM_KINDS = ("mismatch", "registry-mismatch", "orphan", "missing", "unrecorded", "leftover")
+
+
+@dataclass(frozen=True)
+class ArtifactRef:
+    """Where an artifact lives and what it must hash to."""
+
+    repo: str
+    revision: str
+    digest: str
+
+
+@dataclass(frozen=True)
+class Problem:
+    """One finding of `verify_all`; `kind` is one of `PROBLEM_KINDS`."""
+
+    kind: str
+    repo: str
+    revision: str
+    detail: str
+
+
+def base_repo(prefix: str) -> str:
+    """The repo of the base checkpoints: `{prefix}/base`."""
+    return f"{prefix}/base"
+
+
+def adapter_repo(prefix: str, name: str) -> str:
+    """The repo of one adapter's versions: `{prefix}/adapter-{name}`."""
+    return f"{prefix}/adapter-{name}"
+
+
+def version_of(revision: str) -> Optional[int]:
+    """`v{n}` -> n; None for other revision names."""
+    m = _VERSION.match(revision)
+    return int(m.group(1)) if m else None
+
+
+def check_repo(repo: str) -> str:
+    """A repo id is `org/name`, each part letters, digits, `.`, `_`, `-`, not starting with `.`."""
+    parts = repo.split("/")
+    if len(parts) != 2 or not all(_PART.match(p) for p in parts):
+        raise ConfigError(f"repo {repo!r} must be `org/name` (letters, digits, `.`, `_`, `-`)")
+    return repo
+
+
+def check_revision(revision: str) -> str:
+    if revision == "main" or not _PART.match(revision):
+        raise ConfigError(f"revision {revision!r} must be a name like `v3` (not `main`, no `/`)")
+    return revision
+
+
+@runtime_checkable
+class ArtifactStore(Protocol):
+    """What the hub needs from a place that keeps artifact folders by repo and revision."""
+
+    def put(self, repo: str, revision: str, folder: Path, message: str) -> ArtifactRef: ...
+
+    def get(self, ref: ArtifactRef) -> Path: ...
+
+    def local_path(self, repo: str, revision: str) -> Path: ...
+
+    def revisions(self, repo: str) -> list[str]: ...
+
+    def repos(self) -> list[str]: ...
+
+    def verify_all(self, known: Optional[set[tuple[str, str, str]]] = None) -> list[Problem]: ...
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def copy_tree(src: Path, dst: Path) -> None:
+    """Copy the files under `src` (links followed) into the new folder `dst`, fsyncing each."""
+    dst.mkdir(parents=True)
+    for dirpath, _dirs, files in os.walk(src, followlinks=True):
+        out = dst / Path(dirpath).relative_to(src)
+        out.mkdir(exist_ok=True)
+        for name in files:
+            shutil.copyfile(Path(dirpath) / name, out / name)
+            _fsync(out / name)
+        _fsync(out)
+
+
+class LocalStore:
+    """Artifacts in a local folder laid out like Hugging Face repos (module docstring)."""
+
+    def __init__(self, root: Path):
+        self.root = Path(root)
+
+    # -- reading -------------------------------------------------------------------------------
+    def _refs(self, repo: str) -> dict[str, Any]:
+        path = self.root / check_repo(repo) / REFS_FILE
+        if not path.exists():
+            return {"main": None, "revisions": {}}
+        return json.loads(path.read_text(encoding="utf-8"))
+
+    def local_path(self, repo: str, revision: str) -> Path:
+        """The folder of a stored revision (`main`: the latest); `RevisionNotFound` if absent."""
+        refs = self._refs(repo)
+        name = refs["main"] if revision == "main" else revision
+        if name is None or name not in refs["revisions"]:
+            have = ", ".join(self.revisions(repo)) or "none"
+            raise RevisionNotFound(f"revision {revision!r} of repo {repo!r} is not in the store {self.root} "
+                                   f"(stored revisions: {have})")
+        return self.root / repo / name
+
+    def get(self, ref: ArtifactRef) -> Path:
+        """The verified folder of `ref`: `DigestMismatch` names the files that differ."""
+        path = self.local_path(ref.repo, ref.revision)
+        recorded = self._refs(ref.repo)["revisions"][path.name]
+        verify_folder(path, ref.digest, _entries(recorded))
+        return path
+
+    def revisions(self, repo: str) -> list[str]:
+        """Recorded revisions, `v{n}` in version order first."""
+        return sorted(self._refs(repo)["revisions"], key=_revision_key)
+
+    def repos(self) -> list[str]:
+        """Repos with at least one recorded revision."""
+        if not self.root.is_dir():
+            return []
+        return sorted(
+            f"{org.name}/{name.name}"
+            for org in self.root.iterdir()
+            if org.is_dir() and not org.name.startswith(".")
+            for name in org.iterdir()
+            if (name / REFS_FILE).is_file()
+        )
+
+    # -- writing -------------------------------------------------------------------------------
+    def put(self, repo: str, revision: str, folder: Path, message: str) -> ArtifactRef:
+        """Store `folder` as `revision` of `repo`; the same content again is a no-op."""
+        check_repo(repo)
+        check_revision(revision)
+        refs = self._refs(repo)
+        final = self.root / repo / revision
+        if revision in refs["revisions"] or final.exists():
+            return self._existing(repo, revision, folder, refs)
+        tmp = self.root / TMP_DIR / f"{repo.replace('/', '--')}--{revision}--{uuid.uuid4().hex[:8]}"
+        try:
+            copy_tree(Path(folder), tmp)
+            entries = manifest(tmp)
+            final.parent.mkdir(parents=True, exist_ok=True)
+            os.rename(tmp, final)  # atomic: the revision appears whole or not at all
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        _fsync(final.parent)
+        return self._record(repo, revision, entries, message, refs)
+
+    def _existing(self, repo: str, revision: str, folder: Path, refs: dict) -> ArtifactRef:
+        entries = manifest(Path(folder))
+        new = digest_of(entries)
+        recorded = refs["revisions"].get(revision)
+        if recorded is None:  # renamed into place, then a crash before refs.json: adopt if identical
+            stored = manifest(self.root / repo / revision)
+            if digest_of(stored) != new:
+                raise RevisionExists(f"{repo}@{revision} exists (unrecorded) with other content: "
+                                     + "; ".join(diff(stored, entries)))
+            return self._record(repo, revision, stored, message="recovered after an interrupted put", refs=refs)
+        if recorded["digest"] != new:
+            raise RevisionExists(
+                f"{repo}@{revision} is stored with digest {recorded['digest']}, not {new}; revisions are "
+                f"never overwritten (store the new content as the next version): "
+                + "; ".join(diff(_entries(recorded), entries))
+            )
+        return ArtifactRef(repo, revision, new)
+
+    def _record(self, repo: str, revision: str, entries: list[Entry], message: str, refs: dict) -> ArtifactRef:
+        digest = digest_of(entries)
+        refs["revisions"][revision] = {
+            "digest": digest,
+            "message": message,
+            "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            "manifest": [list(e) for e in entries],
+        }
+        refs["main"] = max(refs["revisions"], key=_revision_key)
+        path = self.root / repo / REFS_FILE
+        tmp = path.with_name(f".{REFS_FILE}.{uuid.uuid4().hex[:8]}")
+        with open(tmp, "w", encoding="utf-8") as f:
+            json.dump(refs, f, indent=1, sort_keys=True)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+        _fsync(path.parent)
+        return ArtifactRef(repo, revision, digest)
+
+    # -- checking ------------------------------------------------------------------------------
+    def verify_all(self, known: Optional[set[tuple[str, str, str]]] = None) -> list[Problem]:
+        """Re-hash every stored revision; compare with put-time digests and, if given, the registry's."""
+        problems: list[Problem] = []
+        stored: dict[tuple[str, str], str] = {}
+        for repo in self._repo_folders():
+            refs = self._refs(repo)
+            folders = sorted(p for p in (self.root / repo).iterdir() if p.is_dir() and not p.name.startswith("."))
+            for rev_dir in folders:
+                rev, recorded = rev_dir.name, refs["revisions"].get(rev_dir.name)
+                actual = manifest(rev_dir)
+                if recorded is None:
+                    detail = f"folder {rev_dir} is not in {REFS_FILE} (digest {digest_of(actual)})"
+                    problems.append(Problem("unrecorded", repo, rev, detail))
+                    continue
+                stored[(repo, rev)] = recorded["digest"]
+                if digest_of(actual) != recorded["digest"]:
+                    problems.append(Problem("mismatch", repo, rev, "; ".join(diff(_entries(recorded), actual))))
+            for rev in sorted(set(refs["revisions"]) - {p.name for p in folders}):
+                detail = f"listed in {REFS_FILE} but {self.root / repo / rev} does not exist"
+                problems.append(Problem("missing", repo, rev, detail))
+        if known is not None:
+            problems += against_registry(stored, known)
+        tmp = self.root / TMP_DIR
+        for leftover in sorted(tmp.iterdir()) if tmp.is_dir() else []:
+            problems.append(Problem("leftover", "", leftover.name, f"temporary folder {leftover} from an "
+                                                                   "interrupted put; safe to delete"))
+        return problems
+
+    def _repo_folders(self) -> list[str]:
+        if not self.root.is_dir():
+            return []
+        return sorted(
+            f"{org.name}/{name.name}"
+            for org in self.root.iterdir()
+            if org.is_dir() and not org.name.startswith(".")
+            for name in org.iterdir()
+            if name.is_dir()
+        )
+
+
+def against_registry(stored: dict[tuple[str, str], str], known: set[tuple[str, str, str]]) -> list[Problem]:
+    """Stored `(repo, revision) -> digest` vs. registry rows: disagreements, orphans, missing artifacts."""
+    problems = []
+    by_key = {(r, v): d for r, v, d in known}
+    for (repo, rev), digest in sorted(stored.items()):
+        if (repo, rev) not in by_key:
+            detail = "stored but not in the registry (a crash between the store and the registry commit?)"
+            problems.append(Problem("orphan", repo, rev, detail))
+        elif by_key[(repo, rev)] != digest:
+            detail = f"registry digest {by_key[(repo, rev)]}, stored digest {digest}"
+            problems.append(Problem("registry-mismatch", repo, rev, detail))
+    for repo, rev in sorted(by_key.keys() - stored.keys()):
+        problems.append(Problem("missing", repo, rev, "in the registry but not in the store"))
+    return problems
+
+
+def _entries(recorded: dict) -> list[Entry]:
+    return [(p, h, int(s)) for p, h, s in recorded["manifest"]]
+
+
+def _revision_key(revision: str) -> tuple[int, int, str]:
+    n = version_of(revision)
+    return (1, n, "") if n is not None else (0, 0, revision)
+
+
+def open_store(hub_path: Path, kind: str = "local", **kw: Any) -> ArtifactStore:
+    """The hub's store: `local` under `hub_path/store`, or `hf` (`HfStore(**kw)`: repo_prefix, endpoint, token)."""
+    if kind == "local":
+        return LocalStore(Path(hub_path) / "store")
+    if kind == "hf":
+        from fedem_flwr.hub.hf_store import HfStore  # huggingface_hub only when asked for
+
+        kw.setdefault("cache_dir", Path(hub_path) / "hf-cache")
+        return HfStore(**kw)
+    raise ConfigError(f"`hub.store` is {kind!r}; expected `local` or `hf`")
