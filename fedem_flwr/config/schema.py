@@ -127,8 +127,9 @@ class LoraConfig:
         _positive("lora", "r", self.r)
         _positive("lora", "alpha", self.alpha)
         _fraction("lora", "dropout", self.dropout)
-        if not self.target_modules:
-            raise ConfigError("`lora.target_modules` is empty; name at least one of in_proj, embeddings, lm_head.")
+        from fedem_flwr.model.lora import check_targets  # light import: no torch, no peft
+
+        check_targets(self.target_modules)
 
 
 @dataclass

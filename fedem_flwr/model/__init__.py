@@ -1,16 +1,27 @@
-"""Base model, byte tokenizer and LoRA adapters; no Flower imports here."""
+"""Base model, byte tokenizer and LoRA adapters; no Flower imports here.
 
-from fedem_flwr.model.factory import (
-    build_model,
-    count_parameters,
-    kernel_path,
-    kernels_available,
-    load_base,
-    save_base,
-)
-from fedem_flwr.model.tokenizer import build_byte_tokenizer, load_tokenizer
+Names resolve lazily (PEP 562) so that the config schema can use ``model.lora.check_targets``
+without importing torch or transformers.
+"""
 
-__all__ = [
-    "build_byte_tokenizer", "build_model", "count_parameters", "kernel_path", "kernels_available",
-    "load_base", "load_tokenizer", "save_base",
-]
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+_EXPORTS = {
+    "build_model": "factory", "count_parameters": "factory", "kernel_path": "factory",
+    "kernels_available": "factory", "load_base": "factory", "save_base": "factory",
+    "build_byte_tokenizer": "tokenizer", "load_tokenizer": "tokenizer",
+    "SAFE_TARGETS": "lora", "adapter_state": "lora", "attach_lora": "lora", "check_targets": "lora",
+    "load_adapter": "lora", "load_adapter_state": "lora", "peft_config": "lora", "save_adapter": "lora",
+    "AdapterSpec": "adapter_spec", "load_adapter_file": "adapter_spec", "validate_adapter_state": "adapter_spec",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _EXPORTS:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return getattr(importlib.import_module(f"{__name__}.{_EXPORTS[name]}"), name)
