@@ -1,0 +1,156 @@
+"""Registry schema as versioned migrations, recorded in a ``migrations`` table and ``user_version``.
+
+Times are epoch seconds (REAL, from the caller's clock); versions are integers; JSON columns are
+TEXT checked with ``json_valid``. Partial unique indexes make the database itself refuse a second
+active lease on one adapter, or on one node. Contributions carry only a pseudonym; identities stay
+in ``contributors``.
+
+A migration is appended, never edited: a registry records which ones it has applied, and a
+registry from a newer fedem-flwr is refused rather than guessed at.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+from typing import NamedTuple
+
+from fedem_flwr.errors import HubError, SchemaTooNew
+
+
+class Migration(NamedTuple):
+    version: int
+    name: str
+    sql: str
+
+
+MIGRATIONS: tuple[Migration, ...] = (
+    Migration(1, "initial", """
+CREATE TABLE checkpoints (
+    version   INTEGER PRIMARY KEY CHECK (version >= 0),
+    parent    INTEGER REFERENCES checkpoints(version),
+    created   REAL NOT NULL,
+    source    TEXT NOT NULL CHECK (source IN ('init', 'merge', 'cpt')),
+    repo      TEXT NOT NULL,
+    revision  TEXT NOT NULL,
+    digest    TEXT NOT NULL,
+    metrics   TEXT NOT NULL DEFAULT '{}' CHECK (json_valid(metrics))
+);
+CREATE TABLE adapters (
+    name       TEXT PRIMARY KEY CHECK (name <> ''),
+    languages  TEXT NOT NULL DEFAULT '[]' CHECK (json_valid(languages)),
+    task       TEXT NOT NULL DEFAULT '',
+    lora_spec  TEXT NOT NULL DEFAULT '{}' CHECK (json_valid(lora_spec)),
+    created    REAL NOT NULL
+);
+CREATE TABLE adapter_versions (
+    adapter         TEXT NOT NULL REFERENCES adapters(name),
+    version         INTEGER NOT NULL CHECK (version >= 0),
+    base_version    INTEGER NOT NULL REFERENCES checkpoints(version),
+    parent_version  INTEGER,
+    digest          TEXT NOT NULL,
+    repo            TEXT NOT NULL,
+    revision        TEXT NOT NULL,
+    metrics         TEXT NOT NULL DEFAULT '{}' CHECK (json_valid(metrics)),
+    created         REAL NOT NULL,
+    PRIMARY KEY (adapter, version),
+    CHECK (parent_version IS NULL OR parent_version < version)
+);
+CREATE TABLE leases (
+    token            INTEGER PRIMARY KEY CHECK (token >= 0),
+    adapter          TEXT NOT NULL REFERENCES adapters(name),
+    holder           TEXT NOT NULL CHECK (holder <> ''),
+    base_version     INTEGER NOT NULL,
+    adapter_version  INTEGER NOT NULL,
+    issued           REAL NOT NULL,
+    deadline         REAL NOT NULL,
+    state            TEXT NOT NULL CHECK (state IN ('active', 'released', 'expired')),
+    ended            REAL,
+    outcome          TEXT,
+    CHECK ((state = 'active') = (ended IS NULL))
+);
+CREATE UNIQUE INDEX leases_one_active_per_adapter ON leases(adapter) WHERE state = 'active';
+CREATE UNIQUE INDEX leases_one_active_per_holder ON leases(holder) WHERE state = 'active';
+CREATE TABLE contributors (
+    identity    TEXT PRIMARY KEY CHECK (identity <> ''),
+    pseudonym   TEXT NOT NULL UNIQUE,
+    first_seen  REAL NOT NULL
+);
+CREATE TABLE contributions (
+    id               INTEGER PRIMARY KEY,
+    pseudonym        TEXT NOT NULL REFERENCES contributors(pseudonym),
+    adapter          TEXT NOT NULL REFERENCES adapters(name),
+    lease_token      INTEGER REFERENCES leases(token),
+    received         REAL NOT NULL,
+    digest           TEXT NOT NULL,
+    validation       TEXT NOT NULL DEFAULT '{}' CHECK (json_valid(validation)),
+    evaluation       TEXT NOT NULL DEFAULT '{}' CHECK (json_valid(evaluation)),
+    decision         TEXT NOT NULL CHECK (decision IN ('accepted', 'rejected')),
+    reason           TEXT NOT NULL DEFAULT '',
+    adapter_version  INTEGER,
+    FOREIGN KEY (adapter, adapter_version) REFERENCES adapter_versions(adapter, version)
+);
+CREATE INDEX contributions_adapter ON contributions(adapter);
+CREATE INDEX contributions_pseudonym ON contributions(pseudonym);
+CREATE INDEX contributions_decision ON contributions(decision);
+CREATE INDEX leases_state ON leases(state);
+"""),
+)
+
+SCHEMA_VERSION = MIGRATIONS[-1].version
+
+
+def schema_version(conn: sqlite3.Connection) -> int:
+    return int(conn.execute("PRAGMA user_version").fetchone()[0])
+
+
+def check_version(conn: sqlite3.Connection, where: str, readonly: bool) -> int:
+    """Refuse a newer schema; a reader also refuses an older one (it cannot migrate)."""
+    found = schema_version(conn)
+    if found > SCHEMA_VERSION:
+        raise SchemaTooNew(
+            f"the registry {where} has schema version {found}, but this fedem-flwr knows versions up "
+            f"to {SCHEMA_VERSION}; upgrade fedem-flwr to open it."
+        )
+    if readonly and found < SCHEMA_VERSION:
+        raise HubError(
+            f"the registry {where} has schema version {found} and this fedem-flwr needs "
+            f"{SCHEMA_VERSION}; start the hub's writer once to migrate it, then read it."
+        )
+    return found
+
+
+def migrate(conn: sqlite3.Connection, where: str, now: float) -> list[int]:
+    """Apply the pending migrations, each in its own transaction; return the versions applied.
+
+    ``conn`` must be in autocommit mode (``isolation_level=None``). ``BEGIN IMMEDIATE`` takes the
+    write lock before the version is read again, so two processes cannot apply one migration twice.
+    """
+    applied = []
+    for migration in MIGRATIONS:
+        if migration.version <= check_version(conn, where, readonly=False):
+            continue
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            current = check_version(conn, where, readonly=False)
+            if migration.version > current:
+                if migration.version != current + 1:
+                    raise HubError(f"registry {where}: migration {migration.version} follows {current}.")
+                conn.execute(
+                    "CREATE TABLE IF NOT EXISTS migrations "
+                    "(version INTEGER PRIMARY KEY, name TEXT NOT NULL, applied REAL NOT NULL)"
+                )
+                for statement in _statements(migration.sql):
+                    conn.execute(statement)
+                conn.execute("INSERT INTO migrations VALUES (?, ?, ?)", (migration.version, migration.name, now))
+                conn.execute(f"PRAGMA user_version = {int(migration.version)}")
+                applied.append(migration.version)
+            conn.execute("COMMIT")
+        except BaseException:
+            conn.execute("ROLLBACK")
+            raise
+    return applied
+
+
+def _statements(sql: str) -> list[str]:
+    # executescript() would COMMIT first; run statement by statement inside our transaction.
+    return [s.strip() for s in sql.split(";") if s.strip()]
