@@ -8,7 +8,7 @@ a model. Files are read with safetensors only; nothing is ever unpickled.
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Optional
@@ -65,20 +65,26 @@ class AdapterSpec:
 
 
 def _names(keys: Any, limit: int = 5) -> str:
-    keys = sorted(keys)
+    keys = sorted(map(str, keys))
     more = f" and {len(keys) - limit} more" if len(keys) > limit else ""
     return ", ".join(repr(k) for k in keys[:limit]) + more
+
+
+def check_keys(keys: Iterable[str], spec: AdapterSpec) -> None:
+    """Raise ``InvalidAdapter`` naming every missing and unexpected key."""
+    keys = set(keys)
+    missing, extra = set(spec.shapes) - keys, keys - set(spec.shapes)
+    if missing or extra:
+        parts = ([f"missing key(s) {_names(missing)}"] if missing else []) + (
+            [f"unexpected key(s) {_names(extra)}"] if extra else [])
+        raise InvalidAdapter(f"adapter keys do not match the spec: {'; '.join(parts)}.")
 
 
 def validate_adapter_state(state: Mapping[str, torch.Tensor], spec: AdapterSpec) -> dict[str, torch.Tensor]:
     """Return ``state`` as CPU contiguous float32 tensors in spec order, or raise ``InvalidAdapter``."""
     if not isinstance(state, Mapping):
         raise InvalidAdapter(f"adapter state is a {type(state).__name__}, not a mapping of tensors.")
-    missing, extra = set(spec.shapes) - set(state), set(state) - set(spec.shapes)
-    if missing or extra:
-        parts = ([f"missing key(s) {_names(missing)}"] if missing else []) + (
-            [f"unexpected key(s) {_names(extra)}"] if extra else [])
-        raise InvalidAdapter(f"adapter keys do not match the spec: {'; '.join(parts)}.")
+    check_keys(state.keys(), spec)
     total = 0
     for key, shape in spec.shapes.items():
         value = state[key]
