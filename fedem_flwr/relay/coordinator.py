@@ -7,6 +7,7 @@ Every state change is persisted in one registry transaction together with the le
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import tempfile
 from collections.abc import Callable, Mapping, Sequence
@@ -118,7 +119,7 @@ class RelayCoordinator:
         expired = self.book.sweep(now)
         self._flush()
         for lease in expired:
-            log.info("Lease %d on %r expired (holder %s)", lease.token, lease.adapter, self._pseudonym(lease.holder))
+            log.info("Lease %d on %r expired (holder %s)", lease.token, lease.adapter, self.registry.pseudonym(lease.holder))
         return expired
 
     # -- leasing ---------------------------------------------------------------------------------
@@ -162,7 +163,7 @@ class RelayCoordinator:
             assignments.append(Assignment(lease, info, ref, base_ref))
             log.info(
                 "Leased %r v%d to %s (token %d, %.0f s)",
-                info.name, version.version, self._pseudonym(node.node), lease.token, self.lease_ttl_s,
+                info.name, version.version, self.registry.pseudonym(node.node), lease.token, self.lease_ttl_s,
             )
         return assignments
 
@@ -179,35 +180,39 @@ class RelayCoordinator:
         invalid_reason: Optional[str] = None,
         metrics: Optional[Mapping[str, float]] = None,
     ) -> PushOutcome:
-        """Fence, validate, evaluate blind, decide, and persist the outcome of one push."""
+        """Fence, validate, evaluate blind, decide, and persist the outcome of one push.
+
+        ``state`` is None when the wire checks failed (``invalid_reason`` says why): a valid lease
+        still ends, and the push is recorded as rejected.
+        """
         now = self.clock()
-        pseudonym = self._pseudonym(holder)
+        pseudonym = self.registry.pseudonym(holder)
+        content = state_digest(state) if state is not None else "-"
         try:
             lease = self.book.check_push(token, holder, adapter, base_version, now)
         except PushRejected as rejected:
-            self._flush()  # a late push expired its lease: persist that
-            return self._record(pseudonym, adapter, token, now, "rejected", rejected.reason, None, {}, metrics)
+            return self._reject_unfenced(rejected, pseudonym, adapter, token, now, metrics, content)
 
         if state is None:
-            return self._conclude(lease, pseudonym, now, "rejected", f"invalid-adapter: {invalid_reason}", {}, metrics)
+            reason = f"invalid-adapter: {invalid_reason}"
+            return self._conclude(lease, pseudonym, now, "rejected", reason, {}, metrics, content)
 
         parent = self.registry.latest_adapter_version(adapter)
-        info = self.registry.adapter(adapter)
+        languages = self.registry.adapter(adapter).languages
         losses = self.workbench.evaluate(state)
-        decision: Decision = decide(losses, parent.metrics.get("heldout", {}), info.languages, margin=self.margin)
+        decision: Decision = decide(losses, parent.metrics.get("heldout", {}), languages, margin=self.margin)
         ref = self._write_artifact(state, parent, lease) if decision.accepted else None
         return self._conclude(
             lease, pseudonym, now, "accepted" if decision.accepted else "rejected",
-            decision.reason, losses, metrics, parent=parent, ref=ref,
+            decision.reason, losses, metrics, content, parent=parent, ref=ref,
         )
 
     def fail(self, token: int, reason: str) -> Optional[Lease]:
         """End a lease whose train message failed (client error, expired message)."""
-        now = self.clock()
         lease = self.book.get(token)
         if lease is None or not lease.active:
             return None
-        ended = self.book.expire(token, now, reason=reason)
+        ended = self.book.expire(token, self.clock(), reason=reason)
         self._flush()
         log.info("Lease %d on %r ended: %s", token, lease.adapter, reason)
         return ended
@@ -218,6 +223,21 @@ class RelayCoordinator:
         return ended
 
     # -- internals -------------------------------------------------------------------------------
+
+    def _reject_unfenced(self, rejected: PushRejected, pseudonym, adapter, token, now, metrics, content) -> PushOutcome:
+        """A push that fails the fencing checks is recorded against the adapter it names (or the one
+        its token leased); nothing of it is evaluated or kept."""
+        self._flush()  # a late push expired its lease just now: persist that
+        known = rejected.lease
+        name = adapter if self.registry.adapter(adapter) is not None else (known.adapter if known else None)
+        reason = f"{rejected.reason}: {rejected}"
+        if name is None:
+            log.warning("Push naming unknown adapter %r dropped: %s", adapter, reason)
+        else:
+            with self.registry.atomic():
+                self._record(pseudonym, name, token if known else None, now, "rejected", reason, None, {},
+                             metrics, content)
+        return PushOutcome("rejected", reason, adapter, token)
 
     def _write_artifact(self, state, parent, lease: Lease) -> ArtifactRef:
         """The artifact is renamed into place before its registry row commits: a crash between the
@@ -233,24 +253,44 @@ class RelayCoordinator:
 
     def _conclude(
         self, lease: Lease, pseudonym: str, now: float, decision: str, reason: str,
-        losses: Mapping[str, float], metrics: Optional[Mapping[str, float]], *,
+        losses: Mapping[str, float], metrics: Optional[Mapping[str, float]], content: str, *,
         parent: Any = None, ref: Optional[ArtifactRef] = None,
     ) -> PushOutcome:
         """Release the lease, add the version (if any) and record the contribution in one transaction."""
         version = None
-        evaluation = {"heldout": dict(losses), "train": dict(metrics or {})}
         with self.registry.atomic():
             if ref is not None:
                 row = self.registry.add_adapter_version(
                     adapter=lease.adapter, base_version=lease.base_version, parent_version=parent.version,
-                    repo=ref.repo, revision=ref.revision, digest=ref.digest, metrics=evaluation, created=now,
+                    repo=ref.repo, revision=ref.revision, digest=ref.digest,
+                    metrics={"heldout": dict(losses), "train": dict(metrics or {})}, created=now,
                 )
                 version = row.version
-            self._record(pseudonym, lease.adapter, lease.token, now, decision, reason, version, losses, metrics,
-                         digest=ref.digest if ref else None)
+            self._record(pseudonym, lease.adapter, lease.token, now, decision, reason, version, losses,
+                         metrics, content)
             self.book.release(lease.token, now, outcome=decision)
             self._flush()
         return PushOutcome(decision, reason, lease.adapter, lease.token, version, dict(losses))
+
+    def _record(self, pseudonym, adapter, token, now, decision, reason, version, losses, metrics, content) -> None:
+        """One contribution row (it carries the pseudonym only); the caller holds the transaction."""
+        self.registry.add_contribution(
+            pseudonym=pseudonym,
+            adapter=adapter,
+            lease_token=token,
+            received=now,
+            digest=content,
+            validation={"ok": not reason.startswith("invalid-adapter")},
+            evaluation={"heldout": dict(losses), "train": dict(metrics or {})},
+            decision=decision,
+            reason=reason,
+            adapter_version=version,
+        )
+        if decision == "accepted":
+            self.accepted += 1
+        else:
+            self.rejected += 1
+        log.info("Push for %r (lease %s) %s: %s", adapter, token, decision, reason)
 
     def _flush(self) -> None:
         """Persist every lease the book created or changed, in one transaction."""
@@ -261,5 +301,12 @@ class RelayCoordinator:
             for lease in changes:
                 self.registry.save_lease(lease)
 
-    def _pseudonym(self, holder: str) -> str:
-        return self.registry.pseudonym(holder)
+
+def state_digest(state: Mapping[str, Any]) -> str:
+    """sha256 over sorted (key, dtype, shape, bytes): the same weights always give the same digest."""
+    h = hashlib.sha256()
+    for key in sorted(state):
+        array = state[key].detach().cpu().contiguous().numpy()
+        h.update(f"{key}|{array.dtype}|{list(array.shape)}|".encode())
+        h.update(array.tobytes())
+    return h.hexdigest()

@@ -1,0 +1,192 @@
+"""The relay's decisions without Flower or a model: fencing, gate, persistence, restart.
+
+The workbench is scripted (it returns the held-out losses a test wants): the coordinator must not
+care how losses are computed, only act on them.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+import pytest
+import torch
+
+from fedem_flwr.hub.registry import Registry
+from fedem_flwr.hub.store import ArtifactRef, LocalStore
+from fedem_flwr.relay.coordinator import RelayCoordinator, state_digest
+from fedem_flwr.relay.policies import NodeProfile, make_policy
+
+TTL = 100.0
+
+
+class FakeClock:
+    def __init__(self, now: float = 1_000.0) -> None:
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+
+class ScriptedWorkbench:
+    """Held-out loss is read from the adapter weights: ``w`` holds the loss to report for ``hi``."""
+
+    def evaluate(self, state):
+        return {"hi": float(state["w"].item()), "ta": 3.0}
+
+    def save(self, state, folder: Path, base: ArtifactRef) -> None:
+        (folder / "adapter_config.json").write_text(json.dumps({"base_model_name_or_path": base.repo}))
+        (folder / "w.txt").write_text(str(float(state["w"].item())))
+
+
+@pytest.fixture
+def hub(tmp_path):
+    clock = FakeClock()
+    registry = Registry.open(tmp_path / "registry.sqlite")
+    store = LocalStore(tmp_path / "store")
+    seed = tmp_path / "seed"
+    seed.mkdir()
+    (seed / "config.json").write_text("{}")
+    base = store.put("t/base", "v0", seed, message="seed")
+    registry.add_checkpoint(None, "init", base.repo, base.revision, base.digest, {}, clock())
+    for name in ("hi", "ta"):
+        ref = store.put(f"t/adapter-{name}", "v0", seed, message="fresh")
+        registry.add_adapter(name, [name], "causal-lm", {}, clock())
+        registry.add_adapter_version(name, 0, None, ref.repo, ref.revision, ref.digest,
+                                     {"heldout": {"hi": 4.0, "ta": 3.0}}, clock())
+    coordinator = RelayCoordinator(
+        registry, store, make_policy("language", random.Random(0)), ScriptedWorkbench(),
+        lease_ttl_s=TTL, sweep_interval_s=10, clock=clock,
+    )
+    coordinator.recover()
+    return coordinator, registry, store, clock
+
+
+def _lease_hi(coordinator, node="sim:0"):
+    (assignment,) = coordinator.assign([NodeProfile(node, ("hi",))])
+    assert assignment.adapter.name == "hi"
+    return assignment.lease
+
+
+def _push(coordinator, lease, loss, **kw):
+    args = dict(holder=lease.holder, token=lease.token, adapter=lease.adapter, base_version=lease.base_version,
+                state={"w": torch.tensor(loss)})
+    args.update(kw)
+    return coordinator.receive_push(**args)
+
+
+def test_better_push_becomes_a_new_version(hub):
+    coordinator, registry, store, clock = hub
+    lease = _lease_hi(coordinator)
+    clock.now += 5
+
+    outcome = _push(coordinator, lease, 3.5)
+
+    assert outcome.accepted and outcome.version == 1
+    version = registry.latest_adapter_version("hi")
+    assert (version.version, version.parent_version, version.revision) == (1, 0, "v1")
+    assert version.metrics["heldout"]["hi"] == 3.5
+    assert store.get(ArtifactRef(version.repo, version.revision, version.digest)).joinpath("w.txt").read_text() == "3.5"
+    (contribution,) = registry.contributions()
+    assert contribution.decision == "accepted" and contribution.adapter_version == 1
+    assert contribution.pseudonym == registry.pseudonym("sim:0") and "sim:0" not in contribution.pseudonym
+    assert contribution.digest == state_digest({"w": torch.tensor(3.5)})
+    assert registry.lease(lease.token).state == "released"
+
+
+def test_worse_push_is_rejected_and_keeps_nothing(hub):
+    coordinator, registry, _, _ = hub
+    lease = _lease_hi(coordinator)
+
+    outcome = _push(coordinator, lease, 4.5)
+
+    assert not outcome.accepted and "hi" in outcome.reason
+    assert registry.latest_adapter_version("hi").version == 0
+    stored = registry.lease(lease.token)
+    assert (stored.state, stored.outcome) == ("released", "rejected")
+
+
+@pytest.mark.parametrize(
+    ("change", "reason"),
+    [
+        (dict(holder="sim:9"), "wrong-holder"),
+        (dict(adapter="ta"), "wrong-adapter"),
+        (dict(base_version=3), "wrong-base"),
+        (dict(token=999), "unknown-token"),
+    ],
+)
+def test_invalid_pushes_are_recorded_and_never_merged(hub, change, reason):
+    coordinator, registry, _, _ = hub
+    lease = _lease_hi(coordinator)
+
+    outcome = _push(coordinator, lease, 1.0, **change)
+
+    assert outcome.decision == "rejected" and outcome.reason.startswith(reason)
+    assert registry.latest_adapter_version("hi").version == 0
+    assert [c.reason.split(":")[0] for c in registry.contributions()] == [reason]
+    assert registry.lease(lease.token).state == "active"  # the holder may still push
+
+
+def test_late_and_duplicate_pushes_are_rejected(hub):
+    coordinator, registry, _, clock = hub
+    first = _lease_hi(coordinator)
+    assert _push(coordinator, first, 3.9).accepted
+    assert _push(coordinator, first, 3.0).reason.startswith("duplicate")
+
+    late = _lease_hi(coordinator)
+    clock.now += TTL  # exactly at the deadline: late
+    outcome = _push(coordinator, late, 1.0)
+
+    assert outcome.reason.startswith("expired")
+    assert registry.lease(late.token).state == "expired"
+    assert registry.latest_adapter_version("hi").version == 1
+    assert [c.decision for c in sorted(registry.contributions(), key=lambda c: c.id)] == ["accepted", "rejected", "rejected"]
+
+
+def test_invalid_weights_end_the_lease_as_rejected(hub):
+    coordinator, registry, _, _ = hub
+    lease = _lease_hi(coordinator)
+
+    outcome = _push(coordinator, lease, 0.0, state=None, invalid_reason="non-finite values in `w`")
+
+    assert outcome.reason == "invalid-adapter: non-finite values in `w`"
+    assert registry.lease(lease.token).outcome == "rejected"
+    assert registry.contributions()[0].validation == {"ok": False}
+
+
+def test_one_lease_per_adapter_and_per_node(hub):
+    coordinator, _, _, _ = hub
+    nodes = [NodeProfile("sim:0", ("hi",)), NodeProfile("sim:1", ("hi",)), NodeProfile("sim:2", ("hi",))]
+
+    assignments = coordinator.assign(nodes)
+    again = coordinator.assign(nodes)
+
+    assert sorted(a.adapter.name for a in assignments) == ["hi", "ta"]  # two adapters, three nodes
+    assert len({a.lease.holder for a in assignments}) == 2
+    assert again == []
+
+
+def test_sweep_restart_and_node_loss_expire_leases(hub, tmp_path):
+    coordinator, registry, store, clock = hub
+    lease = _lease_hi(coordinator)
+    clock.now += 5
+    assert coordinator.tick() == []  # the next sweep is not due yet
+    clock.now += TTL
+    swept = coordinator.tick()
+    assert [l.token for l in swept] == [lease.token]
+    assert registry.lease(lease.token).outcome == "expired"
+
+    held = _lease_hi(coordinator, node="sim:1")
+    assert [l.token for l in coordinator.node_gone("sim:1")] == [held.token]
+
+    left_over = _lease_hi(coordinator, node="sim:2")
+    restarted = RelayCoordinator(
+        registry, store, make_policy("language", random.Random(0)), ScriptedWorkbench(),
+        lease_ttl_s=TTL, sweep_interval_s=10, clock=clock,
+    )
+    assert [l.token for l in restarted.recover()] == [left_over.token]
+    assert registry.lease(left_over.token).outcome == "hub-restart"
+    assert not registry.leases(active_only=True)
+    # Tokens keep increasing across the restart.
+    assert _lease_hi(restarted, node="sim:3").token > left_over.token
