@@ -1,0 +1,267 @@
+"""Start Flower's server processes on loopback and stop exactly what was started.
+
+Flower's own `flwr run` starts a detached local SuperLink on fixed ports, records no pid
+and reuses it silently, with the working directory and environment of its first start.
+Here every SuperLink and SuperNode is started by us, on free ports, with an isolated
+`FLWR_HOME`, and stopped by pid together with the processes it spawned (SuperExec,
+the ServerApp/ClientApp processes, Ray). Nothing else is ever signalled.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from fedem_flwr.errors import FlowerProcessError
+
+LOOPBACK = "127.0.0.1"
+
+
+def flower_bin(name: str) -> str:
+    """Path of a Flower executable installed beside this interpreter (or on PATH)."""
+    beside = Path(sys.executable).parent / name
+    return str(beside) if beside.exists() else name
+
+
+def flower_env(flwr_home: Path, extra: dict[str, str] | None = None) -> dict[str, str]:
+    """Environment for every Flower process: isolated home, nothing installed, no telemetry.
+
+    The SuperLink and SuperNode start their helpers (`flower-superexec`, `flwr-serverapp`,
+    `flwr-simulation`, `flwr-clientapp`) by name, so this interpreter's bin folder goes
+    first on PATH: the launcher works from a venv that is not activated.
+    """
+    env = dict(os.environ)
+    env.update(
+        FLWR_HOME=str(flwr_home),
+        FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION="1",
+        FLWR_TELEMETRY_ENABLED="0",
+        FLWR_DISABLE_UPDATE_CHECK="1",
+        PATH=os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")]),
+    )
+    env.update(extra or {})
+    return env
+
+
+def free_ports(count: int = 1) -> list[int]:
+    """`count` distinct free TCP ports on loopback (all held open until all are chosen)."""
+    with contextlib.ExitStack() as stack:
+        socks = [stack.enter_context(socket.socket()) for _ in range(count)]
+        for sock in socks:
+            sock.bind((LOOPBACK, 0))
+        return [sock.getsockname()[1] for sock in socks]
+
+
+def http_ok(url: str, timeout: float = 0.5) -> bool:
+    """True when `url` answers 2xx."""
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as response:  # noqa: S310 (loopback)
+            return 200 <= response.status < 300
+    except (urllib.error.URLError, OSError):
+        return False
+
+
+def pid_alive(pid: int) -> bool:
+    """True when `pid` exists and is not a zombie."""
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return _signal_alive(pid)
+    return state != "Z"
+
+
+def _signal_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def cmdline(pid: int) -> list[str]:
+    """The command line of `pid` ([] when it is gone or unreadable)."""
+    try:
+        raw = Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return []
+    return [part.decode(errors="replace") for part in raw.split(b"\0") if part]
+
+
+def descendants(pid: int) -> list[int]:
+    """All live descendants of `pid`, parents before children (read from /proc)."""
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            text = stat.read_text()
+        except OSError:
+            continue
+        fields = text.rsplit(")", 1)[1].split()
+        children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    found, queue = [], list(children.get(pid, []))
+    while queue:
+        child = queue.pop(0)
+        found.append(child)
+        queue.extend(children.get(child, []))
+    return found
+
+
+def stop_tree(pid: int, timeout: float = 10.0, popen: subprocess.Popen | None = None) -> None:
+    """Stop `pid` and everything it spawned: SIGTERM, wait, then SIGKILL what is left.
+
+    The tree is read before the first signal; a SuperLink stops its SuperExec itself on
+    SIGTERM, but a simulation's Ray processes can outlive their parent, so stragglers
+    from the recorded tree get their own SIGTERM and, after `timeout`, SIGKILL.
+    """
+    tree = [pid, *descendants(pid)]
+    _signal(pid, signal.SIGTERM)
+    _wait_gone([pid], timeout, popen)
+    stragglers = [p for p in tree[1:] if pid_alive(p)]
+    for child in stragglers:
+        _signal(child, signal.SIGTERM)
+    _wait_gone(stragglers, timeout / 2)
+    for left in [p for p in tree if pid_alive(p)]:
+        _signal(left, signal.SIGKILL)
+    _wait_gone(tree, 5.0, popen)
+
+
+def _signal(pid: int, sig: signal.Signals) -> None:
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(pid, sig)
+
+
+def _wait_gone(pids: list[int], timeout: float, popen: subprocess.Popen | None = None) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if popen is not None:
+            popen.poll()  # reap our own child so it does not linger as a zombie
+        if not any(pid_alive(p) for p in pids):
+            return
+        time.sleep(0.05)
+
+
+@dataclass
+class FlowerProcess:
+    """A SuperLink or SuperNode that we started: its pid, ports, log and home."""
+
+    kind: str
+    pid: int
+    port: int
+    flwr_home: Path
+    log_path: Path
+    popen: subprocess.Popen | None = field(default=None, repr=False, compare=False)
+
+    @property
+    def address(self) -> str:
+        """`host:port` of its HTTP API (the Fleet/Control/Runtime APIs for a SuperLink)."""
+        return f"{LOOPBACK}:{self.port}"
+
+    def alive(self) -> bool:
+        """True while the process runs."""
+        if self.popen is not None and self.popen.poll() is not None:
+            return False
+        return pid_alive(self.pid)
+
+    def log_tail(self, chars: int = 3000) -> str:
+        """The end of its output, for error messages."""
+        try:
+            return self.log_path.read_text(errors="replace")[-chars:]
+        except OSError:
+            return ""
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """Stop it and everything it spawned (idempotent)."""
+        stop_tree(self.pid, timeout, self.popen)
+
+
+def spawn(
+    kind: str, argv: list[str], flwr_home: Path, port: int, cwd: Path,
+    env_extra: dict[str, str] | None = None,
+) -> FlowerProcess:
+    """Start `argv` detached in its own session, its output appended to a log in `cwd`."""
+    cwd.mkdir(parents=True, exist_ok=True)
+    log_path = cwd / f"{kind}.out"
+    with log_path.open("ab") as log:
+        popen = subprocess.Popen(  # noqa: S603 (argv built here, no shell)
+            argv, cwd=cwd, env=flower_env(flwr_home, env_extra), stdin=subprocess.DEVNULL,
+            stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+        )
+    return FlowerProcess(kind, popen.pid, port, flwr_home, log_path, popen)
+
+
+def start_superlink(
+    flwr_home: Path, *, simulation: bool, port: int | None = None,
+    isolation: str = "subprocess", start_timeout: float = 30.0,
+    env_extra: dict[str, str] | None = None,
+) -> FlowerProcess:
+    """Start `flower-superlink --insecure` on loopback and wait until `/health` answers.
+
+    Its state database and logs live in `flwr_home/superlink-<port>/`, which is also its
+    working directory: the ServerApp runs there, never in the caller's directory.
+    """
+    port = port or free_ports(1)[0]
+    workdir = flwr_home / f"superlink-{port}"
+    argv = [
+        flower_bin("flower-superlink"), "--insecure", "--isolation", isolation,
+        "--host", LOOPBACK, "--port", str(port),
+        "--database", str(workdir / "state.db"),
+        "--log-file", str(workdir / "superlink.log"),
+    ]
+    if simulation:
+        argv.append("--simulation")
+    proc = spawn("superlink", argv, flwr_home, port, workdir, env_extra)
+    _wait_ready(proc, f"http://{proc.address}/health", start_timeout)
+    return proc
+
+
+def start_supernode(
+    flwr_home: Path, superlink_address: str, node_config: str, *, port: int | None = None,
+    isolation: str = "subprocess", env_extra: dict[str, str] | None = None,
+) -> FlowerProcess:
+    """Start `flower-supernode --insecure` against a SuperLink's Fleet API.
+
+    `port` is the SuperNode's own Runtime API port (its ClientApp connects there), so
+    each SuperNode on one host needs a different one. Each gets its own `FLWR_HOME`
+    (`flwr_home/supernode-<port>`, also its working directory): SuperNodes install every
+    app they run there. Returns once the process runs; it registers a moment later.
+    """
+    port = port or free_ports(1)[0]
+    home = flwr_home / f"supernode-{port}"
+    argv = [
+        flower_bin("flower-supernode"), "--insecure", "--superlink", superlink_address,
+        "--isolation", isolation, "--host", LOOPBACK, "--port", str(port),
+    ]
+    if node_config:
+        argv += ["--node-config", node_config]
+    proc = spawn("supernode", argv, home, port, home, env_extra)
+    _wait_ready(proc, None, 0.5)
+    return proc
+
+
+def _wait_ready(proc: FlowerProcess, health_url: str | None, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while True:
+        if not proc.alive():
+            raise FlowerProcessError(
+                f"`{proc.kind}` exited at start (port {proc.port}); its output:\n{proc.log_tail()}"
+            )
+        if health_url is not None and http_ok(health_url):
+            return
+        if time.monotonic() >= deadline:
+            if health_url is None:
+                return
+            proc.stop()
+            raise FlowerProcessError(
+                f"`{proc.kind}` did not answer {health_url} within {timeout:.0f} s; "
+                f"its output:\n{proc.log_tail()}"
+            )
+        time.sleep(0.1)

@@ -1,0 +1,196 @@
+"""The launcher: a real local simulation run of the echo app, its status, and cleanup.
+
+Slow tests run `python -m fedem_flwr.launch` as a user would, in a separate process with
+its own working directory and HOME, and check what it left behind: the result file, the
+exit status, no Flower process still running, nothing written to the user's home.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from fedem_flwr.errors import FlowerProcessError
+from fedem_flwr.launch import flwr_cli, processes
+from fedem_flwr.launch.local import PIDFILE, ensure_superlink, run_app, running_superlink, stop_superlink
+
+try:
+    import tomllib
+except ModuleNotFoundError:
+    import tomli as tomllib
+
+ECHO_APP = Path(__file__).parent / "fixtures" / "echo_app"
+SIMULATION = "num-supernodes=2 client-resources-num-cpus=1"
+
+
+def flower_processes(flwr_home: Path) -> list[int]:
+    """Pids of live processes whose environment names this FLWR_HOME."""
+    marker = f"FLWR_HOME={flwr_home}".encode()
+    found = []
+    for environ in Path("/proc").glob("[0-9]*/environ"):
+        try:
+            if marker in environ.read_bytes().split(b"\0") and processes.pid_alive(int(environ.parent.name)):
+                found.append(int(environ.parent.name))
+        except (OSError, ValueError):
+            continue
+    return found
+
+
+def launch(tmp_path: Path, *args: str) -> subprocess.CompletedProcess:
+    """`python -m fedem_flwr.launch ARGS` from an unrelated directory with a fresh HOME."""
+    caller = tmp_path / "caller"
+    caller.mkdir(exist_ok=True)
+    env = {**os.environ, "HOME": str(tmp_path / "user-home")}
+    env.pop("FLWR_HOME", None)
+    return subprocess.run(
+        [sys.executable, "-m", "fedem_flwr.launch", *args], cwd=caller, env=env,
+        capture_output=True, text=True, timeout=240,
+    )
+
+
+def status_line(stdout: str) -> dict:
+    """The launcher's final JSON line."""
+    return json.loads([line for line in stdout.splitlines() if line.startswith("{")][-1])
+
+
+# ---- fast: the pieces, without Flower -------------------------------------------------------
+
+
+def test_config_args_renders_flower_key_value_form():
+    # Execute
+    text = flwr_cli.config_args({"num-supernodes": 2, "languages": "hi,te", "gpu": False, "x": 0.5})
+
+    # Assert
+    assert text == 'num-supernodes=2 languages="hi,te" gpu=false x=0.5'
+
+
+@pytest.mark.parametrize("value", ['say "hi"', "C:\\data", float("nan"), None, [1]])
+def test_config_args_refuses_values_flower_cannot_parse(value):
+    with pytest.raises(FlowerProcessError, match="`k`"):
+        flwr_cli.config_args({"k": value})
+
+
+def test_run_config_file_round_trips_any_string(tmp_path):
+    # Prepare
+    config = {"hub": "/srv/hub with space", "overrides": 'relay.ttl=60 model.name="x"', "n": 3,
+              "fail": True, "languages": "हिन्दी,తెలుగు"}
+
+    # Execute
+    path = flwr_cli.write_run_config(tmp_path, config)
+
+    # Assert
+    assert tomllib.loads(path.read_text(encoding="utf-8")) == config
+
+
+def test_write_connection_keeps_other_connections_and_sets_default(tmp_path):
+    # Execute
+    flwr_cli.write_connection(tmp_path, "first", "127.0.0.1:1111")
+    flwr_cli.write_connection(tmp_path, "second", "127.0.0.1:2222")
+
+    # Assert
+    config = tomllib.loads((tmp_path / "config.toml").read_text(encoding="utf-8"))
+    assert config == {"superlink": {
+        "default": "second",
+        "first": {"address": "127.0.0.1:1111", "insecure": True},
+        "second": {"address": "127.0.0.1:2222", "insecure": True},
+    }}
+
+
+def test_stop_superlink_never_signals_a_pid_that_is_not_our_superlink(tmp_path):
+    # Prepare: a pidfile naming this very test process (as after a pid was recycled)
+    (tmp_path / PIDFILE).write_text(json.dumps({"pid": os.getpid(), "port": 1}))
+
+    # Execute
+    stopped = stop_superlink(tmp_path)
+
+    # Assert: we are alive to check, and the stale record is gone
+    assert stopped is None
+    assert not (tmp_path / PIDFILE).exists()
+
+
+def test_stop_tree_ends_a_process_and_its_children(tmp_path):
+    # Prepare: a shell with two children, which outlive it when it gets SIGTERM
+    proc = processes.spawn(
+        "sleeper", ["bash", "-c", "sleep 60 & sleep 60 & wait"], tmp_path, 0, tmp_path)
+    children = []
+    for _ in range(50):
+        children = processes.descendants(proc.pid)
+        if len(children) == 2:
+            break
+        time.sleep(0.1)
+    assert len(children) == 2
+
+    # Execute
+    proc.stop(timeout=2.0)
+
+    # Assert
+    assert not any(processes.pid_alive(pid) for pid in [proc.pid, *children])
+
+
+def test_run_app_refuses_a_folder_without_pyproject(tmp_path):
+    with pytest.raises(FlowerProcessError, match="pyproject.toml"):
+        run_app(tmp_path)
+
+
+# ---- slow: real runs ------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_launcher_runs_echo_app_in_simulation_and_cleans_up(tmp_path):
+    # Prepare
+    home = tmp_path / "flwr"
+    result = tmp_path / "result.json"
+    run_config = f'result-path="{result}" expected-nodes=2 env-probe="HOME"'
+
+    # Execute
+    proc = launch(tmp_path, "run", str(ECHO_APP), "--flwr-home", str(home),
+                  "--federation-config", SIMULATION, "--run-config", run_config)
+
+    # Assert: exit status and reported status
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert status_line(proc.stdout)["status"] == "finished:completed"
+    # Assert: both virtual SuperNodes answered from their own node_config
+    echoed = json.loads(result.read_text())
+    assert sorted(p["partition-id"] for p in echoed["profiles"].values()) == [0, 1]
+    assert {p["num-partitions"] for p in echoed["profiles"].values()} == {2}
+    assert echoed["errors"] == [] and echoed["unanswered"] == []
+    # Assert: the ServerApp ran in the SuperLink's folder, not the caller's
+    assert Path(echoed["cwd"]).parent == home.resolve()
+    # Assert: nothing left running, nothing written to the user's home
+    assert flower_processes(home.resolve()) == []
+    assert not (home / PIDFILE).exists()
+    assert not (tmp_path / "user-home" / ".flwr").exists()
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_launcher_exits_non_zero_when_serverapp_fails_and_stops_kept_superlink(tmp_path):
+    # Prepare
+    home = tmp_path / "flwr"
+    run_config = f'result-path="{tmp_path / "never.json"}" fail=true'
+
+    # Execute
+    proc = launch(tmp_path, "run", str(ECHO_APP), "--flwr-home", str(home),
+                  "--federation-config", SIMULATION, "--run-config", run_config, "--keep-superlink")
+
+    # Assert: Flower's own `flwr run --stream` exits 0 here; the launcher must not
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    status = status_line(proc.stdout)
+    assert status["status"] == "finished:failed"
+    assert "`fail` is set" in status["status-details"]
+    assert not (tmp_path / "never.json").exists()
+    # Assert: the kept SuperLink is found again (and would be reused), then stopped by pid
+    kept = running_superlink(home)
+    assert kept is not None and f"pid {kept.pid}" in proc.stdout
+    again, reused = ensure_superlink(home)
+    assert reused and again.pid == kept.pid
+    stopped = launch(tmp_path, "stop", "--flwr-home", str(home))
+    assert stopped.returncode == 0 and f"pid {kept.pid}" in stopped.stdout
+    assert flower_processes(home.resolve()) == []
