@@ -43,14 +43,15 @@ class Database:
     @classmethod
     def open(cls: type[D], path: Union[str, os.PathLike], readonly: bool = False, durable: bool = True,
              secret: Optional[bytes] = None) -> D:
-        """Open (a writer creates and migrates) ``path``: the sqlite file, or a hub folder holding it.
+        """Open (a writer creates and migrates) ``path``: the sqlite file, or a hub folder holding it
+        (a folder, or a path without a file suffix).
 
         ``readonly`` opens with a ``mode=ro`` URI and never takes a write lock. ``durable=False``
         trades the fsync of each commit (``synchronous=NORMAL``) for speed: still crash-consistent,
         but the last commits can be lost on power failure.
         """
         path = Path(path)
-        if path.is_dir():
+        if path.is_dir() or (not path.exists() and not path.suffix):  # a hub folder, existing or to be
             path = path / REGISTRY_FILE
         where = repr(str(path))
         if readonly:

@@ -1,0 +1,215 @@
+"""``fedem``: look into a hub's state (read-only, never blocks the running hub) and publish it.
+
+The hub folder is ``--hub DIR``, else ``$FEDEM_HUB``, else ``$XDG_DATA_HOME/fedem/hub``
+(``~/.local/share/fedem/hub``). Every listing takes ``--json``; holders and contributors are shown
+as pseudonyms unless ``--reveal`` is given.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any, Optional
+
+import click
+
+from fedem_flwr import __version__
+from fedem_flwr.cli import render, views
+from fedem_flwr.errors import FedemError
+from fedem_flwr.hub.paths import require_hub, resolve_hub_path
+from fedem_flwr.hub.registry import Registry
+
+CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
+
+
+class FedemGroup(click.Group):
+    """Turns the package's typed errors into one-line ``Error: ...`` messages with exit code 1."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except FedemError as err:
+            raise click.ClickException(str(err)) from err
+
+
+class HubContext:
+    """The chosen hub folder; opens its registry read-only on first use, closes it at exit."""
+
+    def __init__(self, ctx: click.Context, path: Path) -> None:
+        self.ctx = ctx
+        self.path = path
+
+    def registry(self) -> Registry:
+        registry = Registry.open(require_hub(self.path), readonly=True)
+        self.ctx.call_on_close(registry.close)
+        return registry
+
+    def store(self) -> views.StoreView:
+        return views.StoreView(self.path)
+
+
+pass_hub = click.make_pass_decorator(HubContext)
+json_option = click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
+reveal_option = click.option("--reveal", is_flag=True,
+                             help="Show contributor identities (pk:/sim:/node:) instead of pseudonyms.")
+
+
+def emit(data: Any, as_json: bool, *tables: Any) -> None:
+    if as_json:
+        click.echo(render.dumps(data))
+        return
+    out = render.console()
+    for item in tables:
+        out.print(item)
+
+
+@click.group(cls=FedemGroup, context_settings=CONTEXT)
+@click.version_option(__version__, "--version", prog_name="fedem")
+@click.option("--hub", "hub", type=click.Path(file_okay=False, path_type=Path), envvar="FEDEM_HUB",
+              help="Hub state folder [env FEDEM_HUB; default $XDG_DATA_HOME/fedem/hub or ~/.local/share/fedem/hub].")
+@click.pass_context
+def cli(ctx: click.Context, hub: Optional[Path]) -> None:
+    """Inspect the state of a fedem-flwr hub: base checkpoints, adapters, leases, contributions.
+
+    Example: fedem --hub /srv/fedem status
+    """
+    ctx.obj = HubContext(ctx, resolve_hub_path(hub))
+
+
+@cli.command()
+@json_option
+@reveal_option
+@pass_hub
+def status(hub: HubContext, as_json: bool, reveal: bool) -> None:
+    """The hub at a glance: base checkpoint, adapters and holders, active leases, recent decisions.
+
+    Example: fedem status --json
+    """
+    registry = hub.registry()
+    view = views.status_view(registry, hub.path, hub.store(), views.Names(registry, reveal))
+    emit(view, as_json, *render.status(view, time.time()))
+
+
+@cli.command()
+@click.argument("name", required=False)
+@json_option
+@reveal_option
+@pass_hub
+def adapters(hub: HubContext, name: Optional[str], as_json: bool, reveal: bool) -> None:
+    """Adapters with their latest version and holder; with NAME, every version of that adapter.
+
+    Example: fedem adapters hi --json
+    """
+    registry = hub.registry()
+    if name is None:
+        rows = views.adapters_view(registry, hub.store(), views.Names(registry, reveal))
+        emit(rows, as_json, render.adapters(rows))
+        return
+    if registry.adapter(name) is None:
+        known = ", ".join(a.name for a in registry.adapters()) or "none"
+        raise click.ClickException(f"no adapter named {name!r} (adapters: {known}).")
+    store = hub.store()
+    rows = [views.version_view(v, store) for v in registry.adapter_versions(name)]
+    emit(rows, as_json, render.versions(name, rows))
+
+
+@cli.command()
+@click.option("--all", "everything", is_flag=True, help="Every lease ever issued, not only the active ones.")
+@json_option
+@reveal_option
+@pass_hub
+def leases(hub: HubContext, everything: bool, as_json: bool, reveal: bool) -> None:
+    """Active leases with their time left (--all: every lease ever issued, ended ones too).
+
+    Example: fedem leases --all --json
+    """
+    registry = hub.registry()
+    names = views.Names(registry, reveal)
+    rows = [views.lease_view(lease, names) for lease in registry.leases(active_only=not everything)]
+    emit(rows, as_json, render.leases(rows, time.time(), everything))
+
+
+@cli.command()
+@json_option
+@pass_hub
+def checkpoints(hub: HubContext, as_json: bool) -> None:
+    """Base checkpoints, oldest first, with the folder transformers loads.
+
+    Example: fedem checkpoints --json
+    """
+    registry = hub.registry()
+    store = hub.store()
+    rows = [views.checkpoint_view(c, store) for c in registry.checkpoints()]
+    emit(rows, as_json, render.checkpoints(rows))
+
+
+@cli.command()
+@click.option("--limit", default=50, show_default=True, type=click.IntRange(min=0),
+              help="Show the newest N contributions; 0 shows all.")
+@click.option("--adapter", default=None, help="Only contributions to this adapter.")
+@json_option
+@reveal_option
+@pass_hub
+def contributions(hub: HubContext, limit: int, adapter: Optional[str], as_json: bool, reveal: bool) -> None:
+    """Returned adapters and the hub's decision on each, newest first.
+
+    Example: fedem contributions --limit 10 --json
+    """
+    registry = hub.registry()
+    names = views.Names(registry, reveal)
+    rows = [views.contribution_view(c, names) for c in registry.contributions(limit=limit or None, adapter=adapter)]
+    emit(rows, as_json, render.contributions(rows))
+
+
+@cli.command()
+@json_option
+@click.pass_context
+def verify(ctx: click.Context, as_json: bool) -> None:
+    """Re-hash every stored artifact and check it against the registry; exit 1 naming each problem.
+
+    Reports digest mismatches, missing revisions, orphans (stored, not in the registry: a crash
+    between the two) and registry corruption. Example: fedem verify
+    """
+    hub: HubContext = ctx.obj
+    view = views.verify_view(hub.registry(), hub.store())
+    if as_json:
+        click.echo(render.dumps(view))
+    else:
+        for p in view["problems"]:
+            where = f"{p['repo']}@{p['revision']}" if p["repo"] else (p["revision"] or "registry")
+            click.echo(f"{p['kind']}: {where}: {p['detail']}")
+        checked = view["checked"]
+        summary = f"{checked['checkpoints']} checkpoint(s), {checked['adapter_versions']} adapter version(s)"
+        click.echo(f"ok: {summary} verified" if view["ok"] else f"{len(view['problems'])} problem(s) in {summary}")
+    if not view["ok"]:
+        ctx.exit(1)
+
+
+@cli.command()
+@click.option("--to", "target", type=click.Choice(["hf"]), required=True, help="Where to publish.")
+@click.option("--repo-prefix", required=True, help="ORG/NAME under which the base and adapter repos are created.")
+@click.option("--endpoint", default=None, help="Hub endpoint URL [default: HF_ENDPOINT, else huggingface.co].")
+@click.option("--token", default=None, help="Access token [default: HF_TOKEN or the saved login].")
+@json_option
+@pass_hub
+def publish(hub: HubContext, target: str, repo_prefix: str, endpoint: Optional[str], token: Optional[str],
+            as_json: bool) -> None:
+    """Push the hub's local artifacts (every version, as tags) to a Hugging Face Hub endpoint.
+
+    Example: fedem publish --to hf --repo-prefix my-org/seshu
+    """
+    from fedem_flwr.hub.publish import publish_hub  # huggingface_hub only when publishing
+
+    registry = hub.registry()
+    repos = publish_hub(hub.path, registry, repo_prefix, endpoint=endpoint, token=token)
+    if as_json:
+        click.echo(render.dumps({"target": target, "repos": repos}))
+    else:
+        click.echo(f"published {len(repos)} repo(s) to {target}:")
+        for repo in repos:
+            click.echo(f"  {repo}")
+
+
+def main() -> None:
+    """Console-script entry point."""
+    cli(prog_name="fedem")

@@ -1,0 +1,145 @@
+"""What each ``fedem`` command shows, as plain JSON-ready data (rendering lives in ``render``).
+
+Holders and contributors appear as pseudonyms unless ``reveal`` is set, so joining the outputs of
+several commands gives no identity away. Times are ISO 8601 UTC strings. The artifact store is
+reached only through :class:`StoreView`.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from pathlib import Path
+from typing import Any, Optional
+
+from fedem_flwr.errors import FedemError
+from fedem_flwr.hub.paths import read_lock_holder
+from fedem_flwr.hub.records import AdapterVersion, Checkpoint, Contribution
+from fedem_flwr.hub.registry import Registry
+from fedem_flwr.relay.leases import Lease
+
+RECENT = 5
+
+
+def iso(t: Optional[float]) -> Optional[str]:
+    """Epoch seconds -> ``2024-01-31T12:00:00+00:00`` (None stays None)."""
+    if t is None:
+        return None
+    return dt.datetime.fromtimestamp(t, dt.timezone.utc).isoformat(timespec="seconds")
+
+
+class StoreView:
+    """The CLI's one door to the artifact store: folder paths and verification."""
+
+    def __init__(self, hub: Path) -> None:
+        self.hub = Path(hub)
+        self._store: Any = None
+
+    @property
+    def store(self) -> Any:
+        if self._store is None:
+            from fedem_flwr.hub.store import open_store
+
+            self._store = open_store(self.hub, "local")
+        return self._store
+
+    def path(self, repo: str, revision: str) -> Optional[str]:
+        """The folder transformers/PEFT load, or None when the store lacks it (``fedem verify`` says why)."""
+        try:
+            return str(self.store.local_path(repo, revision))
+        except FedemError:
+            return None
+
+    def verify(self, known: set[tuple[str, str, str]]) -> list[dict[str, str]]:
+        return [{"kind": p.kind, "repo": p.repo, "revision": p.revision, "detail": p.detail}
+                for p in self.store.verify_all(known)]
+
+
+class Names:
+    """Shows an identity as its pseudonym, or as itself with ``reveal``."""
+
+    def __init__(self, registry: Registry, reveal: bool) -> None:
+        self.registry = registry
+        self.reveal = reveal
+        self._identities = registry.identities() if reveal else {}
+
+    def holder(self, identity: Optional[str]) -> Optional[str]:
+        if identity is None or self.reveal:
+            return identity
+        return self.registry.pseudonym(identity)
+
+    def contributor(self, pseudonym: str) -> str:
+        return self._identities.get(pseudonym, pseudonym) if self.reveal else pseudonym
+
+
+def checkpoint_view(c: Checkpoint, store: StoreView) -> dict[str, Any]:
+    return {"version": c.version, "parent": c.parent, "source": c.source, "path": store.path(c.repo, c.revision),
+            "repo": c.repo, "revision": c.revision, "digest": c.digest, "created": iso(c.created),
+            "metrics": c.metrics}
+
+
+def version_view(v: AdapterVersion, store: StoreView) -> dict[str, Any]:
+    return {"adapter": v.adapter, "version": v.version, "base_version": v.base_version,
+            "parent_version": v.parent_version, "path": store.path(v.repo, v.revision), "repo": v.repo,
+            "revision": v.revision, "digest": v.digest, "created": iso(v.created), "metrics": v.metrics}
+
+
+def lease_view(lease: Lease, names: Names) -> dict[str, Any]:
+    return {"token": lease.token, "adapter": lease.adapter, "holder": names.holder(lease.holder),
+            "state": lease.state, "issued": iso(lease.issued), "deadline": iso(lease.deadline),
+            "ended": iso(lease.ended), "outcome": lease.outcome, "base_version": lease.base_version,
+            "adapter_version": lease.adapter_version}
+
+
+def contribution_view(c: Contribution, names: Names) -> dict[str, Any]:
+    return {"id": c.id, "contributor": names.contributor(c.pseudonym), "adapter": c.adapter,
+            "lease_token": c.lease_token, "received": iso(c.received), "decision": c.decision,
+            "reason": c.reason, "adapter_version": c.adapter_version, "digest": c.digest,
+            "validation": c.validation, "evaluation": c.evaluation}
+
+
+def adapters_view(registry: Registry, store: StoreView, names: Names) -> list[dict[str, Any]]:
+    latest = registry.latest_adapter_versions()
+    holders = {lease.adapter: lease.holder for lease in registry.leases(active_only=True)}
+    rows = []
+    for a in registry.adapters():
+        v = latest.get(a.name)
+        rows.append({"name": a.name, "version": v.version if v else None,
+                     "path": store.path(v.repo, v.revision) if v else None,
+                     "holder": names.holder(holders.get(a.name)), "languages": a.languages, "task": a.task,
+                     "base_version": v.base_version if v else None, "lora_spec": a.lora_spec,
+                     "created": iso(a.created)})
+    return rows
+
+
+def status_view(registry: Registry, hub: Path, store: StoreView, names: Names) -> dict[str, Any]:
+    """``fedem status --json``: base, adapters, active leases, contribution counts, recent decisions."""
+    with registry.snapshot():
+        base = registry.latest_checkpoint()
+        writer = read_lock_holder(hub)
+        return {
+            "hub": str(hub),
+            "writer": None if writer is None else {**writer, "since": iso(writer.get("since"))},
+            "base": None if base is None else {"version": base.version, "path": store.path(base.repo, base.revision),
+                                               "source": base.source, "created": iso(base.created)},
+            "adapters": [{k: row[k] for k in ("name", "version", "path", "holder", "languages")}
+                         for row in adapters_view(registry, store, names)],
+            "leases": [{"adapter": lease.adapter, "holder": names.holder(lease.holder), "token": lease.token,
+                        "deadline": iso(lease.deadline)} for lease in registry.leases(active_only=True)],
+            "contributions": registry.contribution_counts(),
+            "recent": [{k: row[k] for k in ("id", "adapter", "contributor", "decision", "reason", "received")}
+                       for row in (contribution_view(c, names) for c in registry.contributions(limit=RECENT))],
+        }
+
+
+def verify_view(registry: Registry, store: StoreView) -> dict[str, Any]:
+    """``fedem verify --json``: every problem found in the registry and the store."""
+    with registry.snapshot():
+        checkpoints = registry.checkpoints()
+        versions = registry.adapter_versions()
+        problems = [{"kind": "registry", "repo": "", "revision": "", "detail": p}
+                    for p in registry.integrity_problems()]
+    known = {(c.repo, c.revision, c.digest) for c in checkpoints}
+    known |= {(v.repo, v.revision, v.digest) for v in versions}
+    problems += store.verify(known)
+    return {"ok": not problems, "checked": {"checkpoints": len(checkpoints), "adapter_versions": len(versions)},
+            "problems": problems}

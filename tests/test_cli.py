@@ -1,0 +1,248 @@
+"""``fedem`` through click's CliRunner: exit codes, exact JSON, pseudonyms unless --reveal, verify."""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from fedem_flwr import __version__
+from fedem_flwr.cli import cli
+from fedem_flwr.hub.paths import HubWriterLock
+from fedem_flwr.hub.registry import Registry
+from fedem_flwr.hub.store import open_store
+from fedem_flwr.relay.leases import Lease
+
+T0 = 1_700_000_000.0  # 2023-11-14T22:13:20+00:00
+ISO0 = "2023-11-14T22:13:20+00:00"
+IDENTITIES = ("sim:3", "node:7", "pk:0badc0de")
+
+
+def put(store, tmp: Path, repo: str, revision: str, files: dict[str, str]):
+    folder = tmp / f"src-{repo.replace('/', '-')}-{revision}"
+    folder.mkdir(parents=True)
+    for name, text in files.items():
+        (folder / name).write_text(text)
+    return store.put(repo, revision, folder, message=f"{repo} {revision}")
+
+
+def adapter_files(version: int) -> dict[str, str]:
+    return {"adapter_config.json": json.dumps({"base_model_name_or_path": "fedem/base", "r": 8}),
+            "adapter_model.safetensors": f"weights {version}"}
+
+
+@pytest.fixture
+def hub(tmp_path) -> Path:
+    return make_hub(tmp_path)
+
+
+def make_hub(tmp_path: Path) -> Path:
+    """A hub with base v0, adapters hi (v0, v1) and te (v0), one active and one ended lease."""
+    path = tmp_path / "hub"
+    store = open_store(path)
+    with Registry.open(path) as registry:
+        ref = put(store, tmp_path, "fedem/base", "v0", {"config.json": "{}"})
+        registry.add_checkpoint(None, "init", ref.repo, ref.revision, ref.digest, {"loss": 5.5}, T0)
+        for name, versions in (("hi", 2), ("te", 1)):
+            registry.add_adapter(name, [name], "causal-lm", {"r": 8}, T0)
+            for n in range(versions):
+                ref = put(store, tmp_path, f"fedem/adapter-{name}", f"v{n}", adapter_files(n))
+                registry.add_adapter_version(name, 0, n - 1 if n else None, ref.repo, ref.revision, ref.digest,
+                                             {}, T0 + 60 * n)
+        registry.save_lease(Lease(1, "hi", "sim:3", 0, 0, T0, T0 + 10800, "released", T0 + 60, "accepted"))
+        registry.save_lease(Lease(2, "te", "node:7", 0, 0, T0 + 60, T0 + 10860))
+        registry.add_contribution(registry.pseudonym("sim:3"), "hi", 1, T0 + 60, "d1", {"ok": True},
+                                  {"heldout": {"hi": 2.5}}, "accepted", "own languages improved", 1)
+        registry.add_contribution(registry.pseudonym("pk:0badc0de"), "te", None, T0 + 120, "d2", {"ok": False}, {},
+                                  "rejected", "stale-token: lease 9 unknown")
+    return path
+
+
+def pseudonyms(hub: Path) -> dict[str, str]:
+    with Registry.open(hub, readonly=True) as registry:
+        return {identity: alias for alias, identity in registry.identities().items()}
+
+
+def invoke(hub: Path, *args: str, code: int = 0):
+    result = CliRunner().invoke(cli, ["--hub", str(hub), *args], catch_exceptions=False)
+    assert result.exit_code == code, result.output
+    return result
+
+
+def as_json(hub: Path, *args: str):
+    return json.loads(invoke(hub, *args, "--json").output)
+
+
+def test_every_command_has_help_and_the_group_a_version():
+    runner = CliRunner()
+    for name in cli.commands:
+        for flag in ("--help", "-h"):
+            result = runner.invoke(cli, [name, flag])
+            assert result.exit_code == 0, name
+            assert "Example: fedem" in result.output, name
+    assert runner.invoke(cli, ["--version"]).output == f"fedem, version {__version__}\n"
+    assert "FEDEM_HUB" in runner.invoke(cli, ["-h"]).output
+    assert sorted(cli.commands) == ["adapters", "checkpoints", "contributions", "leases", "publish", "status",
+                                    "verify"]
+
+
+def test_status_json(hub):
+    alias = pseudonyms(hub)
+    store = hub / "store"
+    assert as_json(hub, "status") == {
+        "hub": str(hub),
+        "writer": None,
+        "base": {"version": 0, "path": str(store / "fedem/base/v0"), "source": "init", "created": ISO0},
+        "adapters": [
+            {"name": "hi", "version": 1, "path": str(store / "fedem/adapter-hi/v1"), "holder": None,
+             "languages": ["hi"]},
+            {"name": "te", "version": 0, "path": str(store / "fedem/adapter-te/v0"), "holder": alias["node:7"],
+             "languages": ["te"]},
+        ],
+        "leases": [{"adapter": "te", "holder": alias["node:7"], "token": 2, "deadline": "2023-11-15T01:14:20+00:00"}],
+        "contributions": {"accepted": 1, "rejected": 1},
+        "recent": [
+            {"id": 2, "adapter": "te", "contributor": alias["pk:0badc0de"], "decision": "rejected",
+             "reason": "stale-token: lease 9 unknown", "received": "2023-11-14T22:15:20+00:00"},
+            {"id": 1, "adapter": "hi", "contributor": alias["sim:3"], "decision": "accepted",
+             "reason": "own languages improved", "received": "2023-11-14T22:14:20+00:00"},
+        ],
+    }
+
+
+def test_paths_load_as_plain_folders(hub):
+    status = as_json(hub, "status")
+    assert json.loads((Path(status["base"]["path"]) / "config.json").read_text()) == {}
+    assert (Path(status["adapters"][0]["path"]) / "adapter_model.safetensors").read_text() == "weights 1"
+
+
+def test_leases_json_active_and_all(hub):
+    alias = pseudonyms(hub)
+    active = {"token": 2, "adapter": "te", "holder": alias["node:7"], "state": "active",
+              "issued": "2023-11-14T22:14:20+00:00", "deadline": "2023-11-15T01:14:20+00:00", "ended": None,
+              "outcome": None, "base_version": 0, "adapter_version": 0}
+    ended = {"token": 1, "adapter": "hi", "holder": alias["sim:3"], "state": "released", "issued": ISO0,
+             "deadline": "2023-11-15T01:13:20+00:00", "ended": "2023-11-14T22:14:20+00:00", "outcome": "accepted",
+             "base_version": 0, "adapter_version": 0}
+    assert as_json(hub, "leases") == [active]
+    assert as_json(hub, "leases", "--all") == [ended, active]
+
+
+def test_checkpoints_json(hub):
+    (row,) = as_json(hub, "checkpoints")
+    assert row == {"version": 0, "parent": None, "source": "init", "path": str(hub / "store/fedem/base/v0"),
+                   "repo": "fedem/base", "revision": "v0", "digest": row["digest"], "created": ISO0,
+                   "metrics": {"loss": 5.5}}
+    assert len(row["digest"]) == 64
+
+
+def test_contributions_json_and_filters(hub):
+    alias = pseudonyms(hub)
+    rows = as_json(hub, "contributions")
+    assert [r["id"] for r in rows] == [2, 1]
+    assert rows[1] == {"id": 1, "contributor": alias["sim:3"], "adapter": "hi", "lease_token": 1,
+                       "received": "2023-11-14T22:14:20+00:00", "decision": "accepted",
+                       "reason": "own languages improved", "adapter_version": 1, "digest": "d1",
+                       "validation": {"ok": True}, "evaluation": {"heldout": {"hi": 2.5}}}
+    assert [r["id"] for r in as_json(hub, "contributions", "--limit", "1")] == [2]
+    assert [r["id"] for r in as_json(hub, "contributions", "--adapter", "hi")] == [1]
+
+
+def test_adapters_json_and_versions(hub):
+    rows = as_json(hub, "adapters")
+    assert [(r["name"], r["version"], r["base_version"], r["task"], r["lora_spec"]) for r in rows] == [
+        ("hi", 1, 0, "causal-lm", {"r": 8}), ("te", 0, 0, "causal-lm", {"r": 8})]
+    versions = as_json(hub, "adapters", "hi")
+    assert [(v["version"], v["parent_version"], v["revision"]) for v in versions] == [(0, None, "v0"), (1, 0, "v1")]
+    assert versions[1]["path"] == str(hub / "store/fedem/adapter-hi/v1")
+    result = invoke(hub, "adapters", "xx", code=1)
+    assert "no adapter named 'xx' (adapters: hi, te)" in result.output
+
+
+def test_identities_only_with_reveal(hub):
+    # Prepare: every listing, as tables and as JSON
+    listings = [("status",), ("leases", "--all"), ("contributions",), ("adapters",)]
+    outputs = [invoke(hub, *args).output + invoke(hub, *args, "--json").output for args in listings]
+    # Assert: no identity anywhere, so joining the outputs reveals nobody
+    assert not any(identity in out for out in outputs for identity in IDENTITIES)
+    assert pseudonyms(hub)["node:7"] in invoke(hub, "status").output
+    revealed = as_json(hub, "status", "--reveal")
+    assert revealed["leases"][0]["holder"] == "node:7"
+    assert [r["contributor"] for r in revealed["recent"]] == ["pk:0badc0de", "sim:3"]
+    assert [r["holder"] for r in as_json(hub, "leases", "--all", "--reveal")] == ["sim:3", "node:7"]
+
+
+def test_tables_render(hub):
+    out = invoke(hub, "status").output
+    assert "Active leases" in out and "1 accepted, 1 rejected" in out and "none running" in out
+    assert "Base checkpoints" in invoke(hub, "checkpoints").output
+
+
+def test_status_names_a_running_writer_and_does_not_block(hub):
+    with HubWriterLock(hub), Registry.open(hub) as writer, writer.atomic():
+        writer.add_adapter("ta", ["ta"], "causal-lm", {}, T0)  # uncommitted while the reader runs
+        status = as_json(hub, "status")
+    assert status["writer"]["pid"] > 0 and status["writer"]["since"].endswith("+00:00")
+    assert [a["name"] for a in status["adapters"]] == ["hi", "te"]
+
+
+def test_hub_from_environment(hub):
+    result = CliRunner().invoke(cli, ["checkpoints", "--json"], env={"FEDEM_HUB": str(hub)})
+    assert result.exit_code == 0 and json.loads(result.output)[0]["version"] == 0
+
+
+@pytest.mark.parametrize("command", ["status", "adapters", "leases", "checkpoints", "contributions", "verify"])
+def test_missing_hub_is_a_clear_error(tmp_path, command):
+    result = invoke(tmp_path / "nowhere", command, code=1)
+    assert result.output.startswith(f"Error: no hub state at '{tmp_path / 'nowhere'}' (the folder does not exist)")
+
+
+def test_newer_schema_is_a_clear_error(hub):
+    with sqlite3.connect(hub / "registry.sqlite") as conn:
+        conn.execute("PRAGMA user_version = 99")
+    assert "schema version 99" in invoke(hub, "status", code=1).output
+
+
+def test_verify_ok(hub):
+    assert invoke(hub, "verify").output == "ok: 1 checkpoint(s), 3 adapter version(s) verified\n"
+    assert as_json(hub, "verify") == {"ok": True, "checked": {"checkpoints": 1, "adapter_versions": 3},
+                                      "problems": []}
+
+
+def test_verify_names_each_problem(hub, tmp_path):
+    # Prepare: a corrupt artifact, a missing revision, and an orphan (stored, never registered)
+    (hub / "store/fedem/adapter-hi/v1/adapter_model.safetensors").write_text("tampered")
+    for path in sorted((hub / "store/fedem/adapter-te/v0").iterdir()):
+        path.unlink()
+    (hub / "store/fedem/adapter-te/v0").rmdir()
+    put(open_store(hub), tmp_path, "fedem/adapter-hi", "v2", adapter_files(2))
+    # Execute
+    result = invoke(hub, "verify", code=1)
+    report = CliRunner().invoke(cli, ["--hub", str(hub), "verify", "--json"])
+    # Assert
+    lines = result.output.splitlines()
+    assert any(line.startswith("mismatch: fedem/adapter-hi@v1: ") and "adapter_model.safetensors" in line
+               for line in lines)
+    assert any(line.startswith("missing: fedem/adapter-te@v0: ") for line in lines)
+    assert any(line.startswith("orphan: fedem/adapter-hi@v2: ") for line in lines)
+    assert lines[-1].endswith("problem(s) in 1 checkpoint(s), 3 adapter version(s)")
+    assert report.exit_code == 1
+    kinds = {(p["kind"], p["repo"], p["revision"]) for p in json.loads(report.output)["problems"]}
+    assert {("mismatch", "fedem/adapter-hi", "v1"), ("orphan", "fedem/adapter-hi", "v2")} <= kinds
+    assert ("missing", "fedem/adapter-te", "v0") in kinds
+
+
+def test_publish_to_a_local_hub_endpoint(hub, tmp_path):
+    from fedem_flwr.testing.hf_server import hub_environment, serve_hub
+
+    with serve_hub(tmp_path / "remote") as remote, hub_environment(remote.endpoint, tmp_path / "hf-home"):
+        result = invoke(hub, "publish", "--to", "hf", "--repo-prefix", "org/seshu", "--endpoint", remote.endpoint,
+                        "--token", "test", "--json")
+        again = invoke(hub, "publish", "--to", "hf", "--repo-prefix", "org/seshu", "--endpoint", remote.endpoint,
+                       "--token", "test", "--json")
+    assert json.loads(result.output) == {"target": "hf", "repos": [
+        "org/seshu-base@v0", "org/seshu-adapter-hi@v0", "org/seshu-adapter-hi@v1", "org/seshu-adapter-te@v0"]}
+    assert json.loads(again.output) == {"target": "hf", "repos": []}  # idempotent: nothing new to push
