@@ -21,3 +21,21 @@ def config():
     from fedem_flwr.config import load_config
 
     return load_config()
+
+
+@pytest.fixture
+def local_hub(tmp_path_factory):
+    """A local Hugging Face Hub endpoint (`fedem_flwr.testing.hf_server`) for one test."""
+    from fedem_flwr.testing.hf_server import serve_hub
+
+    with serve_hub(tmp_path_factory.mktemp("hub-blobs")) as hub:
+        yield hub
+
+
+@pytest.fixture
+def hf_env(local_hub, tmp_path_factory):
+    """transformers, PEFT and datasets pointed at `local_hub`, with a fresh temporary HF_HOME."""
+    from fedem_flwr.testing.hf_server import hub_environment
+
+    with hub_environment(local_hub.endpoint, tmp_path_factory.mktemp("hf-home")):
+        yield local_hub

@@ -1,0 +1,1 @@
+"""Test support that ships with the package: a local Hugging Face Hub endpoint, fake Flower parts."""
