@@ -161,7 +161,7 @@ class LocalStore:
 
     def revisions(self, repo: str) -> list[str]:
         """Recorded revisions, `v{n}` in version order first."""
-        return sorted(self._refs(repo)["revisions"], key=_revision_key)
+        return sorted(self._refs(repo)["revisions"], key=revision_sort_key)
 
     def repos(self) -> list[str]:
         """Repos with at least one recorded revision."""
@@ -222,7 +222,7 @@ class LocalStore:
             "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
             "manifest": [list(e) for e in entries],
         }
-        refs["main"] = max(refs["revisions"], key=_revision_key)
+        refs["main"] = max(refs["revisions"], key=revision_sort_key)
         path = self.root / repo / REFS_FILE
         tmp = path.with_name(f".{REFS_FILE}.{uuid.uuid4().hex[:8]}")
         with open(tmp, "w", encoding="utf-8") as f:
@@ -294,7 +294,8 @@ def _entries(recorded: dict) -> list[Entry]:
     return [(p, h, int(s)) for p, h, s in recorded["manifest"]]
 
 
-def _revision_key(revision: str) -> tuple[int, int, str]:
+def revision_sort_key(revision: str) -> tuple[int, int, str]:
+    """Sort key: other names first, then `v{n}` by n (so `v10` follows `v9`)."""
     n = version_of(revision)
     return (1, n, "") if n is not None else (0, 0, revision)
 

@@ -1,0 +1,274 @@
+"""The artifact store on a Hugging Face Hub, through the real `huggingface_hub` client.
+
+Repo ids. The Hub allows exactly one slash (`namespace/name`), so a store repo is mapped by its last
+part: with `repo_prefix="ORG/NAME"`, `fedem/base` -> `ORG/NAME-base` and `fedem/adapter-hi` ->
+`ORG/NAME-adapter-hi`; with `repo_prefix="ORG"`, -> `ORG/base`, `ORG/adapter-hi`; without a prefix
+the repo id is used as it is. `repos()`, `revisions()` and `verify_all()` report Hub ids.
+
+Revisions. `put` uploads the folder as one commit on `main` (files the folder lacks are deleted, so
+the commit is exactly the artifact) and then tags that commit `v{n}`: a failed upload leaves no
+tag, and `main` is the latest version as long as versions are put in order (`publish_hub` does).
+The commit description records `fedem-digest: <sha256>`, the digest of what was uploaded, which
+`put` (idempotence, `RevisionExists`) and `verify_all` read back. A `.gitattributes` (the Hub adds
+one to every repo) is never part of an artifact: it is neither uploaded nor downloaded.
+
+Failures. Connection errors, timeouts and 502/503/504 answers are retried `tries` times with
+exponential backoff (`sleep` is injectable, so tests take milliseconds), then raise
+`HubUnreachable` naming the endpoint. With `HF_HUB_OFFLINE=1` nothing is sent: `get` serves the
+local cache (`cache_dir`) and names the revision that is not cached; `put` refuses.
+"""
+
+from __future__ import annotations
+
+import re
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Callable, Optional, TypeVar
+
+import httpx
+from huggingface_hub import (
+    CommitOperationAdd,
+    CommitOperationDelete,
+    HfApi,
+    ModelCard,
+    constants,
+    snapshot_download,
+)
+from huggingface_hub.errors import (
+    HfHubHTTPError,
+    HFValidationError,
+    LocalEntryNotFoundError,
+    OfflineModeIsEnabled,
+    RepositoryNotFoundError,
+    RevisionNotFoundError,
+)
+from huggingface_hub.utils import validate_repo_id
+
+from fedem_flwr.errors import ConfigError, DigestMismatch, HubUnreachable, RevisionExists, RevisionNotFound
+from fedem_flwr.hub.manifest import digest_of, manifest, verify_folder
+from fedem_flwr.hub.store import ArtifactRef, Problem, revision_sort_key, against_registry, check_revision, copy_tree
+
+T = TypeVar("T")
+DIGEST_LINE = "fedem-digest: "
+_DIGEST = re.compile(r"^fedem-digest: ([0-9a-f]{64})$", re.MULTILINE)
+_TRANSIENT_STATUS = (502, 503, 504)
+_NOT_ARTIFACT = [".gitattributes"]
+
+
+def hf_repo_id(repo: str, repo_prefix: Optional[str]) -> str:
+    """The Hub id of a store repo under `repo_prefix` (module docstring); `ConfigError` if invalid."""
+    if repo_prefix:
+        name = repo.rsplit("/", 1)[-1]
+        rid = f"{repo_prefix}-{name}" if "/" in repo_prefix else f"{repo_prefix}/{name}"
+    else:
+        rid = repo
+    try:
+        validate_repo_id(rid)
+        if rid.count("/") != 1:
+            raise HFValidationError("expected `namespace/name`")
+    except HFValidationError as err:
+        raise ConfigError(f"`hub.repo_prefix` {repo_prefix!r} maps repo {repo!r} to {rid!r}, which is not a "
+                          f"valid Hugging Face repo id: {err}") from None
+    return rid
+
+
+class HfStore:
+    """Artifacts as tagged commits of Hugging Face repos (module docstring)."""
+
+    def __init__(
+        self,
+        repo_prefix: Optional[str] = None,
+        endpoint: Optional[str] = None,
+        token: Optional[str] = None,
+        cache_dir: Optional[Path] = None,
+        private: bool = False,
+        tries: int = 3,
+        backoff_s: float = 0.5,
+        sleep: Callable[[float], None] = time.sleep,
+        offline: Optional[bool] = None,
+    ):
+        if tries < 1:
+            raise ConfigError(f"`tries` is {tries}; it must be at least 1")
+        self.repo_prefix = repo_prefix
+        self.endpoint = (endpoint or constants.ENDPOINT).rstrip("/")
+        self.token = token
+        self.cache_dir = Path(cache_dir) if cache_dir is not None else None
+        self.private, self.tries, self.backoff_s, self.sleep = private, tries, backoff_s, sleep
+        self.offline = constants.HF_HUB_OFFLINE if offline is None else offline
+        self.api = HfApi(endpoint=self.endpoint, token=token)
+
+    def repo_id(self, repo: str) -> str:
+        return hf_repo_id(repo, self.repo_prefix)
+
+    # -- network -------------------------------------------------------------------------------
+    def _call(self, what: str, fn: Callable[[], T]) -> T:
+        """Run `fn`, retrying transient failures with exponential backoff, then `HubUnreachable`."""
+        if self.offline:
+            raise HubUnreachable(f"HF_HUB_OFFLINE is set: {what} on {self.endpoint} is not allowed")
+        last: Exception | None = None
+        for attempt in range(self.tries):
+            try:
+                return fn()
+            except OfflineModeIsEnabled as err:
+                raise HubUnreachable(f"HF_HUB_OFFLINE is set: {what} on {self.endpoint} is not allowed") from err
+            except (httpx.TransportError, LocalEntryNotFoundError) as err:
+                # snapshot_download turns a connection error into LocalEntryNotFoundError when not cached
+                if isinstance(err, LocalEntryNotFoundError) and not _is_transport(err):
+                    raise
+                last = err
+            except HfHubHTTPError as err:
+                if err.response is None or err.response.status_code not in _TRANSIENT_STATUS:
+                    raise
+                last = err
+            if attempt + 1 < self.tries:
+                self.sleep(self.backoff_s * 2**attempt)
+        raise HubUnreachable(
+            f"Hugging Face Hub endpoint {self.endpoint} unreachable: {what} failed {self.tries} times "
+            f"({type(last).__name__}: {str(last).splitlines()[0] if str(last) else ''})"
+        ) from last
+
+    def _tags(self, rid: str) -> dict[str, str]:
+        try:
+            refs = self._call(f"listing refs of {rid}", lambda: self.api.list_repo_refs(rid))
+        except RepositoryNotFoundError:
+            return {}
+        return {t.name: t.target_commit for t in refs.tags}
+
+    def _recorded_digest(self, rid: str, revision: str) -> Optional[str]:
+        """The digest `put` wrote in the commit that `revision` tags; None if the tag is absent."""
+        if revision not in self._tags(rid):
+            return None
+        commits = self._call(f"reading {rid}@{revision}", lambda: self.api.list_repo_commits(rid, revision=revision))
+        match = _DIGEST.search(commits[0].message or "") if commits else None
+        return match.group(1) if match else ""
+
+    def _download(self, rid: str, revision: str, force: bool = False) -> Path:
+        def fetch() -> str:
+            return snapshot_download(
+                rid, revision=revision, endpoint=self.endpoint, token=self.token, cache_dir=self.cache_dir,
+                ignore_patterns=_NOT_ARTIFACT, force_download=force, local_files_only=self.offline,
+            )
+
+        try:
+            if self.offline:
+                return Path(fetch())
+            return Path(self._call(f"downloading {rid}@{revision}", fetch))
+        except (RevisionNotFoundError, RepositoryNotFoundError) as err:
+            raise RevisionNotFound(f"revision {revision!r} of repo {rid!r} is not on {self.endpoint}") from err
+        except LocalEntryNotFoundError as err:
+            cache = self.cache_dir or constants.HF_HUB_CACHE
+            if self.offline:
+                raise HubUnreachable(f"HF_HUB_OFFLINE is set and revision {revision!r} of repo {rid!r} is not in "
+                                     f"the local cache {cache}; download it once online") from err
+            raise HubUnreachable(f"revision {revision!r} of repo {rid!r} could not be fetched from "
+                                 f"{self.endpoint} and is not in the local cache {cache}: {err}") from err
+
+    # -- the ArtifactStore interface -----------------------------------------------------------
+    def put(self, repo: str, revision: str, folder: Path, message: str,
+            card: Optional[ModelCard] = None) -> ArtifactRef:
+        """Upload `folder` (plus `card` as README.md) as `revision`; the same content again is a no-op."""
+        return self.push(repo, revision, folder, message, card)[0]
+
+    def push(self, repo: str, revision: str, folder: Path, message: str,
+             card: Optional[ModelCard] = None) -> tuple[ArtifactRef, bool]:
+        """`put`, also saying whether anything was uploaded (False: the tag already held this content)."""
+        check_revision(revision)
+        rid = self.repo_id(repo)
+        if self.offline:
+            raise HubUnreachable(f"HF_HUB_OFFLINE is set: cannot upload {rid}@{revision} to {self.endpoint}")
+        with tempfile.TemporaryDirectory(prefix="fedem-upload-") as tmp:
+            stage = Path(tmp) / "artifact"
+            copy_tree(Path(folder), stage)
+            for name in _NOT_ARTIFACT:
+                (stage / name).unlink(missing_ok=True)
+            if card is not None:
+                (stage / "README.md").write_text(str(card), encoding="utf-8")
+            digest = digest_of(manifest(stage))
+            ref = ArtifactRef(repo, revision, digest)
+            self._call(f"creating {rid}", lambda: self.api.create_repo(rid, exist_ok=True, private=self.private))
+            recorded = self._recorded_digest(rid, revision)
+            if recorded == digest:
+                return ref, False
+            if recorded is not None:
+                raise RevisionExists(f"{rid}@{revision} exists on {self.endpoint} with digest "
+                                     f"{recorded or 'unrecorded'}, not {digest}; tags are never moved")
+            info = self._call(f"uploading {rid}@{revision}", lambda: self._commit(rid, stage, message, digest))
+            self._call(f"tagging {rid}@{revision}", lambda: self.api.create_tag(
+                rid, tag=revision, revision=info.oid, tag_message=message, exist_ok=True,
+            ))
+        return ref, True
+
+    def _commit(self, rid: str, stage: Path, message: str, digest: str) -> Any:
+        """One commit on `main` whose tree is exactly `stage` (plus the Hub's `.gitattributes`).
+
+        `create_commit` rather than `upload_folder`: the latter may split a folder into several
+        commits and retries internally for tens of seconds; here the retry policy is ours.
+        """
+        files = sorted(p.relative_to(stage).as_posix() for p in stage.rglob("*") if p.is_file())
+        remote = self.api.list_repo_files(rid, revision="main")
+        operations: list[Any] = [CommitOperationAdd(path_in_repo=f, path_or_fileobj=str(stage / f)) for f in files]
+        operations += [CommitOperationDelete(path_in_repo=f) for f in remote
+                       if f not in files and f not in _NOT_ARTIFACT]
+        return self.api.create_commit(rid, operations, commit_message=message,
+                                      commit_description=f"{DIGEST_LINE}{digest}", revision="main")
+
+    def get(self, ref: ArtifactRef) -> Path:
+        """The revision's files in the local cache, verified; a corrupted cache is downloaded again once."""
+        rid = self.repo_id(ref.repo)
+        path = self._download(rid, ref.revision)
+        try:
+            verify_folder(path, ref.digest)
+        except DigestMismatch:
+            if self.offline:
+                raise
+            path = self._download(rid, ref.revision, force=True)
+            verify_folder(path, ref.digest)
+        return path
+
+    def local_path(self, repo: str, revision: str) -> Path:
+        """The cached folder of a revision (downloaded if needed), not verified."""
+        return self._download(self.repo_id(repo), revision)
+
+    def has_revision(self, repo: str, revision: str) -> bool:
+        return revision in self._tags(self.repo_id(repo))
+
+    def revisions(self, repo: str) -> list[str]:
+        """Tags of the repo, `v{n}` in version order."""
+        return sorted(self._tags(self.repo_id(repo)), key=revision_sort_key)
+
+    def repos(self) -> list[str]:
+        """Hub ids of the model repos under `repo_prefix` (its namespace without one)."""
+        if not self.repo_prefix:
+            return []
+        namespace, _, name = self.repo_prefix.partition("/")
+        models = self._call(f"listing repos of {namespace}", lambda: list(self.api.list_models(author=namespace)))
+        start = f"{self.repo_prefix}-" if name else f"{namespace}/"
+        return sorted(m.id for m in models if m.id.startswith(start))
+
+    def verify_all(self, known: Optional[set[tuple[str, str, str]]] = None) -> list[Problem]:
+        """Download and re-hash every tag; compare with the digest its commit records and the registry's."""
+        problems: list[Problem] = []
+        stored: dict[tuple[str, str], str] = {}
+        for rid in self.repos():
+            for tag in sorted(self._tags(rid), key=revision_sort_key):
+                recorded = self._recorded_digest(rid, tag) or ""
+                stored[(rid, tag)] = recorded
+                actual = digest_of(manifest(self._download(rid, tag)))
+                if actual != recorded:
+                    problems.append(Problem("mismatch", rid, tag, f"content digest {actual}, recorded "
+                                                                  f"{recorded or 'nothing'}"))
+        if known is not None:
+            problems += against_registry(stored, {(self.repo_id(r), v, d) for r, v, d in known})
+        return problems
+
+
+def _is_transport(err: BaseException) -> bool:
+    """Whether a connection problem is somewhere in `err`'s cause chain."""
+    seen = 0
+    cur: Any = err
+    while cur is not None and seen < 10:
+        if isinstance(cur, (httpx.TransportError, HfHubHTTPError)):
+            return True
+        cur, seen = cur.__cause__ or cur.__context__, seen + 1
+    return False
