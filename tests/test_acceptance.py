@@ -87,7 +87,9 @@ def test_others_within_tolerance_pass_and_beyond_fail():
         "no held-out data for others ['xx'], skipped"
     )
     assert not tight.accepted
-    assert tight.reason == "loss 3.400 -> 3.300 on hi (-0.100); worse beyond tolerance 0.050 on fr 2.500 -> 2.700 (+0.200)"
+    assert tight.reason == (
+        "loss 3.400 -> 3.300 on hi (-0.100); worse beyond tolerance 0.050 on fr 2.500 -> 2.700 (+0.200)"
+    )
     assert tight.delta == pytest.approx(-0.1)
 
 

@@ -16,12 +16,15 @@ from fedem_flwr.relay.leases import (
     SweepSchedule,
 )
 from fedem_flwr.relay.policies import AdapterInfo, NodeProfile, Policy, make_policy
+from fedem_flwr.relay.pool import AdapterPool, FreeAdapters
 
 __all__ = [
     "REJECT_REASONS",
     "AdapterBusy",
     "AdapterInfo",
+    "AdapterPool",
     "Lease",
+    "FreeAdapters",
     "LeaseBook",
     "LeaseError",
     "LeaseNotActive",

@@ -3,6 +3,9 @@
 A policy sees snapshots (``NodeProfile``, ``AdapterInfo``), never the lease book: the relay Strategy
 lists the free nodes and free adapters, asks ``assign`` for pairs, and acquires a lease for each.
 ``assign`` hands out each adapter at most once and gives each node at most one adapter.
+
+Any sequence of adapters works; given an ``AdapterPool`` view (``pool.free()``) the policies use its
+indexes and choose in O(log n) what they would choose by scanning (see ``relay.pool``).
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ from dataclasses import dataclass
 from typing import Optional, Protocol, runtime_checkable
 
 from fedem_flwr.errors import ConfigError
+from fedem_flwr.relay.pool import FreeAdapters
 
 POLICY_NAMES = ("random", "round-robin", "least-recent", "language")
 FALLBACK_NAMES = POLICY_NAMES[:3]
@@ -62,6 +66,8 @@ class BasePolicy:
     def assign(
         self, free_nodes: Sequence[NodeProfile], free_adapters: Sequence[AdapterInfo]
     ) -> list[tuple[NodeProfile, AdapterInfo]]:
+        if _is_pool(free_adapters):
+            return _assign_on_pool(free_adapters, [(node, self.choose) for node in free_nodes])
         remaining = list(free_adapters)
         pairs: list[tuple[NodeProfile, AdapterInfo]] = []
         for node in free_nodes:
@@ -86,8 +92,10 @@ class RandomPolicy(BasePolicy):
     def assign(
         self, free_nodes: Sequence[NodeProfile], free_adapters: Sequence[AdapterInfo]
     ) -> list[tuple[NodeProfile, AdapterInfo]]:
-        k = min(len(free_nodes), len(free_adapters))
-        return list(zip(free_nodes[:k], self.rng.sample(list(free_adapters), k)))
+        # Sampling indices draws exactly what ``rng.sample(list(free_adapters), k)`` would.
+        n = len(free_adapters)
+        picks = self.rng.sample(range(n), min(len(free_nodes), n))
+        return [(node, free_adapters[i]) for node, i in zip(free_nodes, picks)]
 
 
 class RoundRobinPolicy(BasePolicy):
@@ -99,6 +107,11 @@ class RoundRobinPolicy(BasePolicy):
     def choose(self, node: NodeProfile, free_adapters: Sequence[AdapterInfo]) -> Optional[AdapterInfo]:
         if not free_adapters:
             return None
+        if _is_pool(free_adapters):
+            chosen = free_adapters.next_after(self.last)
+            if chosen is not None:
+                self.last = chosen.name
+            return chosen
         after = None
         if self.last is not None:
             after = min((a for a in free_adapters if a.name > self.last), key=_name, default=None)
@@ -111,6 +124,8 @@ class LeastRecentPolicy(BasePolicy):
     """The adapter served longest ago; never-served adapters first; ties broken by name."""
 
     def choose(self, node: NodeProfile, free_adapters: Sequence[AdapterInfo]) -> Optional[AdapterInfo]:
+        if _is_pool(free_adapters):
+            return free_adapters.least_recent()
         never = [a for a in free_adapters if a.last_served is None]
         if never:
             return min(never, key=_name)
@@ -119,6 +134,8 @@ class LeastRecentPolicy(BasePolicy):
     def assign(
         self, free_nodes: Sequence[NodeProfile], free_adapters: Sequence[AdapterInfo]
     ) -> list[tuple[NodeProfile, AdapterInfo]]:
+        if _is_pool(free_adapters):
+            return super().assign(free_nodes, free_adapters)
         # Same pairs as the greedy loop, with one sort instead of one scan per node.
         ranked = sorted(free_adapters, key=lambda a: (a.last_served is not None, a.last_served or 0.0, a.name))
         return list(zip(free_nodes, ranked))
@@ -136,12 +153,19 @@ class LanguageAffinityPolicy(BasePolicy):
         self.fallback = fallback
 
     def choose(self, node: NodeProfile, free_adapters: Sequence[AdapterInfo]) -> Optional[AdapterInfo]:
+        if _is_pool(free_adapters, whole=True):
+            pool = free_adapters.pool
+            if node.languages and pool.has_language(node.languages):
+                return self.fallback.choose(node, pool.free(node.languages))
+            return self.fallback.choose(node, free_adapters)
         matching = _matching(node, free_adapters)
         return self.fallback.choose(node, matching or free_adapters)
 
     def assign(
         self, free_nodes: Sequence[NodeProfile], free_adapters: Sequence[AdapterInfo]
     ) -> list[tuple[NodeProfile, AdapterInfo]]:
+        if _is_pool(free_adapters, whole=True):
+            return self._assign_pool(free_nodes, free_adapters)
         remaining = list(free_adapters)
         chosen: dict[int, AdapterInfo] = {}
         for index, node in enumerate(free_nodes):  # pass 1: language matches only
@@ -159,6 +183,36 @@ class LanguageAffinityPolicy(BasePolicy):
                 remaining.remove(pick)
         return [(free_nodes[index], chosen[index]) for index in sorted(chosen)]
 
+    def _assign_pool(
+        self, free_nodes: Sequence[NodeProfile], free: FreeAdapters
+    ) -> list[tuple[NodeProfile, AdapterInfo]]:
+        pool = free.pool
+
+        def matched(node: NodeProfile, _free: FreeAdapters) -> Optional[AdapterInfo]:
+            if node.languages and pool.has_language(node.languages):
+                return self.fallback.choose(node, pool.free(node.languages))
+            return None
+
+        first = dict(zip(range(len(free_nodes)), _assign_on_pool(free, [(n, matched) for n in free_nodes], True)))
+        # pass 2 runs on the pool with pass 1's picks taken out
+        taken = [pool.take(info.name) for info in first.values() if info is not None]
+        try:
+            later = _assign_on_pool(
+                free, [(n, self.fallback.choose) for i, n in enumerate(free_nodes) if first[i] is None]
+            )
+        finally:
+            for info in taken:
+                pool.put(info)
+        late = iter(later)
+        pairs = []
+        for index, node in enumerate(free_nodes):
+            pick = first[index]
+            if pick is None:
+                _, pick = next(late, (None, None))
+            if pick is not None:
+                pairs.append((node, pick))
+        return pairs
+
 
 def make_policy(name: str, rng: random.Random, fallback: str = "least-recent") -> Policy:
     """Build the policy named in ``relay.policy``; ``language`` falls back to ``relay.policy_fallback``."""
@@ -175,6 +229,35 @@ def make_policy(name: str, rng: random.Random, fallback: str = "least-recent") -
             )
         return LanguageAffinityPolicy(make_policy(fallback, rng))
     raise ConfigError(f"`relay.policy` is {name!r}; allowed: {', '.join(repr(n) for n in POLICY_NAMES)}.")
+
+
+def _is_pool(adapters: Sequence[AdapterInfo], whole: bool = False) -> bool:
+    """An indexed pool view (``whole``: of every free adapter, not only some languages')."""
+    return isinstance(adapters, FreeAdapters) and (adapters.languages is None or not whole)
+
+
+def _assign_on_pool(free: FreeAdapters, choosers: list, keep_none: bool = False) -> list:
+    """Greedy assignment on a pool: take each pick so the next chooser cannot get it, then put back.
+
+    ``choosers`` pairs each node with a function ``(node, free) -> AdapterInfo | None``; the result
+    is ``(node, pick)`` per chosen pick, or one ``pick`` (maybe None) per chooser with ``keep_none``.
+    """
+    pool = free.pool
+    taken: list[AdapterInfo] = []
+    out: list = []
+    try:
+        for node, choose in choosers:
+            pick = choose(node, free) if free else None
+            if pick is not None:
+                taken.append(pool.take(pick.name))
+            if keep_none:
+                out.append(pick)
+            elif pick is not None:
+                out.append((node, pick))
+    finally:
+        for info in reversed(taken):
+            pool.put(info)
+    return out
 
 
 def _name(adapter: AdapterInfo) -> str:
