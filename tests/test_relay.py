@@ -1,8 +1,6 @@
-"""The relay over an in-process Grid: leases, fenced pushes, blind gate, versions in registry and store."""
+"""The relay end to end over an in-process Grid with the real ClientApp, model, data and hub."""
 
 from __future__ import annotations
-
-import time
 
 import pytest
 
@@ -14,72 +12,76 @@ from fedem_flwr.testing.fake_grid import InProcessGrid
 
 OVERRIDES = (
     "data.languages=[hi,ta,mr,de] train.max_steps=8 train.batch_size=4 train.progress=false "
-    "relay.lease_ttl_s=600 relay.poll_interval_s=0 relay.no_node_grace_s=0 relay.max_accepted=4 "
-    "relay.max_wall_s=120"
+    "relay.lease_ttl_s=600 relay.poll_interval_s=0.001 relay.no_node_grace_s=0 relay.max_wall_s=300"
 )
 
 
-def _relay(tmp_path, overrides=OVERRIDES, nodes=2, kill=None):
-    run_config = {"overrides": overrides, "hub": str(tmp_path / "hub")}
+def _relay(hub_dir, max_accepted, nodes=2):
+    run_config = {"overrides": f"{OVERRIDES} relay.max_accepted={max_accepted}", "hub": str(hub_dir / "hub")}
     cfg = load_run_config(run_config)
-    hub = open_hub(cfg, tmp_path / "hub")
+    hub = open_hub(cfg, hub_dir / "hub")
     node_configs = {
-        100 + i: {"partition-id": i, "num-partitions": nodes, "cache-dir": str(tmp_path / f"cache-{i}")}
+        100 + i: {"partition-id": i, "num-partitions": nodes, "cache-dir": str(hub_dir / f"cache-{i}")}
         for i in range(nodes)
     }
     grid = InProcessGrid(client_app, node_configs, run_config)
-    if kill is not None:
-        grid.kill(kill)
     strategy = RelayStrategy(hub.coordinator, cfg.relay, hub.workbench.spec, max_steps=cfg.train.max_steps)
     return hub, grid, strategy.start(grid)
 
 
-def test_relay_advances_adapters_through_versions(tmp_path):
-    # Execute
-    hub, grid, result = _relay(tmp_path)
+@pytest.fixture(scope="module")
+def relayed(tmp_path_factory):
+    return _relay(tmp_path_factory.mktemp("relay"), max_accepted=4)
 
-    # Assert
-    registry = hub.registry
-    assert result.accepted == 4, result
-    assert result.stopped_by == "4 accepted contributions"
-    versions = registry.adapter_versions()
+
+def test_adapters_advance_through_versions(relayed):
+    hub, _, result = relayed
+    assert (result.accepted, result.stopped_by) == (4, "4 accepted contributions"), result
+    versions = hub.registry.adapter_versions()
     assert sum(1 for v in versions if v.version > 0) == 4
-    for version in versions:
-        if version.version == 0:
+    assert len({v.adapter for v in versions if v.version > 0}) >= 2
+
+
+def test_accepted_versions_are_no_worse_than_their_parents(relayed):
+    hub, _, _ = relayed
+    versions = {(v.adapter, v.version): v for v in hub.registry.adapter_versions()}
+    for (adapter, number), version in versions.items():
+        if number == 0:
             continue
-        parent = next(p for p in versions if p.adapter == version.adapter and p.version == version.parent_version)
-        language = registry.adapter(version.adapter).languages[0]
+        parent = versions[(adapter, version.parent_version)]
+        (language,) = hub.registry.adapter(adapter).languages
         assert version.metrics["heldout"][language] <= parent.metrics["heldout"][language]
-    assert not registry.leases(active_only=True)
-    leases = registry.leases()
+
+
+def test_leases_never_overlap_and_all_end(relayed):
+    hub, _, _ = relayed
+    leases = hub.registry.leases()
+    assert not hub.registry.leases(active_only=True)
     assert len({lease.token for lease in leases}) == len(leases)
-    # The base travelled once per node, then came from the node's cache.
-    assert sum(1 for m in grid.delivered if "base-files" in m.content) == 2
-
-
-def test_leases_never_overlap_on_an_adapter(tmp_path):
-    hub, _, _ = _relay(tmp_path)
-    by_adapter = {}
-    for lease in hub.registry.leases():
-        by_adapter.setdefault(lease.adapter, []).append(lease)
-    for leases in by_adapter.values():
-        leases.sort(key=lambda lease: lease.issued)
-        for earlier, later in zip(leases, leases[1:]):
+    for adapter in {lease.adapter for lease in leases}:
+        mine = sorted((lease for lease in leases if lease.adapter == adapter), key=lambda lease: lease.issued)
+        for earlier, later in zip(mine, mine[1:]):
             assert earlier.ended is not None and earlier.ended <= later.issued
 
 
-def test_gone_node_stops_relay_after_grace(tmp_path):
-    hub, _, result = _relay(tmp_path, OVERRIDES.replace("relay.max_accepted=4", "relay.max_accepted=2"), kill=101)
-    assert result.accepted == 2
-    assert all(lease.holder != "node:101" or lease.state != "active" for lease in hub.registry.leases())
+def test_base_travels_once_per_node_then_comes_from_its_cache(relayed):
+    _, grid, _ = relayed
+    assert sum(1 for m in grid.delivered if "base-files" in m.content) == 2
 
 
-def test_restart_resumes_from_registry(tmp_path):
-    hub, _, first = _relay(tmp_path, OVERRIDES.replace("relay.max_accepted=4", "relay.max_accepted=2"))
-    before = {v.adapter: v.version for v in hub.registry.adapter_versions()}
-    hub.registry.close()
-    hub2, _, second = _relay(tmp_path, OVERRIDES.replace("relay.max_accepted=4", "relay.max_accepted=2"))
-    after = hub2.registry.adapter_versions()
-    assert second.accepted == 2
-    assert sum(1 for v in after if v.version > 0) == 4
-    assert max(v.version for v in after) >= max(before.values())
+def test_every_push_is_a_pseudonymous_contribution(relayed):
+    hub, _, result = relayed
+    contributions = hub.registry.contributions()
+    assert len(contributions) == result.accepted + result.rejected
+    identities = hub.registry.identities()
+    assert {identities[c.pseudonym] for c in contributions} <= {"sim:0", "sim:1"}
+    assert all("sim:" not in c.pseudonym for c in contributions)
+
+
+def test_restart_resumes_from_the_registry(tmp_path):
+    first_hub, _, first = _relay(tmp_path, max_accepted=1)
+    first_hub.registry.close()
+    hub, _, second = _relay(tmp_path, max_accepted=1)
+    assert (first.accepted, second.accepted) == (1, 1)
+    assert sum(1 for v in hub.registry.adapter_versions() if v.version > 0) == 2
+    assert len(hub.registry.checkpoints()) == 1  # the seed is not redone

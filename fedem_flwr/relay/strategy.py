@@ -139,7 +139,7 @@ class RelayStrategy(Strategy):
                 self._push_train(grid, assignment)
             self._pull(grid, result)
 
-            stop = self._stop_reason(result, now - started, now - last_seen_node)
+            stop = self._stop_reason(result, now - started, 0.0 if live else now - last_seen_node)
             if stop:
                 result.stopped_by = stop
                 break
@@ -156,7 +156,7 @@ class RelayStrategy(Strategy):
             return f"{result.accepted} accepted contributions"
         if self.relay.max_wall_s is not None and elapsed >= self.relay.max_wall_s:
             return f"wall-clock limit of {self.relay.max_wall_s:.0f} s"
-        if without_nodes >= self.relay.no_node_grace_s and not self.pending:
+        if without_nodes > 0 and without_nodes >= self.relay.no_node_grace_s and not self.pending:
             return f"no node for {without_nodes:.0f} s"
         return ""
 

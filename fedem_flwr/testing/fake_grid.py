@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from flwr.app import Context, Error, Message, RecordDict
 from flwr.clientapp import ClientApp
 from flwr.common.constant import ErrorCode
-from flwr.common.typing import Run
+from flwr.supercore.run import Run
 from flwr.serverapp import Grid
 from flwr.supercore.task_identity import TaskIdentity
 
