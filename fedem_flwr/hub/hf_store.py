@@ -206,7 +206,10 @@ class HfStore:
         commits and retries internally for tens of seconds; here the retry policy is ours.
         """
         files = sorted(p.relative_to(stage).as_posix() for p in stage.rglob("*") if p.is_file())
-        remote = self.api.list_repo_files(rid, revision="main")
+        try:
+            remote = self.api.list_repo_files(rid, revision="main")
+        except RevisionNotFoundError:  # a repo created without any commit
+            remote = []
         operations: list[Any] = [CommitOperationAdd(path_in_repo=f, path_or_fileobj=str(stage / f)) for f in files]
         operations += [CommitOperationDelete(path_in_repo=f) for f in remote
                        if f not in files and f not in _NOT_ARTIFACT]

@@ -17,10 +17,16 @@ Pointing clients at it. `HfApi(endpoint=...)`, `snapshot_download(endpoint=...)`
 `hf_hub_download(endpoint=...)` take the endpoint per call. transformers, PEFT and datasets do not:
 they read `HF_ENDPOINT` once, at import, into `huggingface_hub.constants.ENDPOINT` /
 `HUGGINGFACE_CO_URL_TEMPLATE` and `datasets.config.HF_ENDPOINT` / `HUB_DATASETS_URL` (cache folders
-likewise). Setting the variable after those imports changes nothing, so `hub_environment()` sets the
-environment variables AND patches those module constants for the duration of a `with` block, and
-restores both afterwards; it is what tests use. A fresh process started with `HF_ENDPOINT` set needs
-neither.
+likewise), and PEFT calls `huggingface_hub.file_exists`, a method of one `HfApi` built at import.
+Setting the variable after those imports changes nothing, so `hub_environment()` (in `hf_env`) sets
+the environment variables AND patches those module constants for the duration of a `with` block,
+and restores both afterwards; it is what tests use (fixtures `local_hub`, `hf_env`). A fresh process
+started with `HF_ENDPOINT` set needs neither.
+
+Faults. `LocalHub.fail(method, path_part, status, times)` answers matching requests with an error,
+e.g. to test retries. `upload_folder` retries a failed commit itself (5 times, 1-8 s apart), so
+fault tests go through `create_commit`, which does not. Uploads travel base64 inside the commit
+(about 8 s for 64 MiB on a loaded 2-core machine): fine for tiny test models.
 """
 
 from __future__ import annotations
