@@ -1,0 +1,111 @@
+"""Token blocks for training and evaluation, and the held-out split every party agrees on.
+
+Blocks follow nanoGPT: documents are tokenized, each followed by ``eos``, concatenated and cut into
+rows of ``block_size``; only the last row is padded, and ``labels_for`` sets its padding to -100 so
+padding never counts in a loss.
+
+The held-out split is decided row by row: a row is held out when a hash of (seed, language, text)
+falls below ``fraction``. A row's fate thus depends on nothing but itself, so the hub (holding the
+whole corpus) and every client (holding a partition of it) agree on which rows are held out, and no
+client trains on a row the hub evaluates on; exact duplicates share one fate, so a duplicated
+conversation never sits on both sides. A language whose held-out rows give fewer than ``min_blocks``
+full blocks is training-only: its held-out rows go back to training and it gets no held-out entry,
+unless it is named in ``heldout_languages`` (the languages the hub holds out), whose held-out rows
+are withheld from training whatever their size here.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from collections.abc import Collection, Iterable
+
+import datasets
+import numpy as np
+import torch
+
+from fedem_flwr.data.corpus import LANGUAGE, TEXT, column
+from fedem_flwr.errors import ConfigError, DataError
+
+log = logging.getLogger(__name__)
+
+IGNORE_INDEX = -100  # the label value torch's cross-entropy and transformers' losses skip
+
+
+def tokenize_blocks(texts: Iterable[str], tokenizer, block_size: int) -> torch.Tensor:
+    """int64 ``[n, block_size]``: documents each followed by eos, cut in blocks, the tail padded."""
+    if block_size < 2:
+        raise ConfigError(f"`data.block_size` is {block_size}; a block needs at least 2 tokens.")
+    eos, pad = special_ids(tokenizer)
+    texts = [t for t in texts if t]
+    if not texts:
+        return torch.empty((0, block_size), dtype=torch.long)
+    ids = tokenizer(texts, add_special_tokens=False)["input_ids"]
+    flat = torch.from_numpy(np.concatenate([np.asarray([*doc, eos], dtype=np.int64) for doc in ids]))
+    n_blocks = -(-flat.numel() // block_size)  # ceiling division
+    blocks = torch.full((n_blocks * block_size,), pad, dtype=torch.long)
+    blocks[: flat.numel()] = flat
+    return blocks.view(n_blocks, block_size)
+
+
+def labels_for(blocks: torch.Tensor, pad_id: int) -> torch.Tensor:
+    """Labels for causal-LM ``blocks``: the tokens themselves, -100 at padding."""
+    return blocks.masked_fill(blocks == pad_id, IGNORE_INDEX)
+
+
+def special_ids(tokenizer) -> tuple[int, int]:
+    """(eos, pad) ids; a tokenizer without pad pads with eos (then eos labels are masked too)."""
+    eos = tokenizer.eos_token_id
+    if eos is None:
+        raise DataError(f"tokenizer {type(tokenizer).__name__} has no eos token; blocks need one between documents.")
+    pad = tokenizer.pad_token_id
+    return eos, (eos if pad is None else pad)
+
+
+def heldout_split(
+    ds: datasets.Dataset,
+    fraction: float,
+    min_blocks: int,
+    block_size: int,
+    tokenizer,
+    seed: int,
+    *,
+    heldout_languages: Collection[str] | None = None,
+) -> tuple[datasets.Dataset, dict[str, torch.Tensor]]:
+    """Training rows of ``ds`` and held-out token blocks per language (see the module doc)."""
+    if min_blocks < 2:
+        raise ConfigError(f"`data.min_heldout_blocks` is {min_blocks}; held-out data needs at least 2 blocks.")
+    if not 0.0 <= fraction < 1.0:
+        raise ConfigError(f"`data.heldout_fraction` is {fraction!r}; it must be in [0, 1).")
+    withheld = set(heldout_languages or ())
+    _, pad = special_ids(tokenizer)
+    held: dict[str, list[tuple[float, str, int]]] = {}
+    texts, langs = column(ds, TEXT), column(ds, LANGUAGE)
+    for index, (text, lang) in enumerate(zip(texts, langs)):
+        key = row_key(seed, lang, text)
+        if key < fraction:
+            held.setdefault(lang, []).append((key, text, index))
+
+    heldout: dict[str, torch.Tensor] = {}
+    dropped: set[int] = set()
+    training_only = []
+    for lang in sorted(set(langs)):
+        rows = sorted(held.get(lang, []))  # hash order, not corpus order: the same blocks everywhere
+        blocks = tokenize_blocks((text for _, text, _ in rows), tokenizer, block_size)
+        full = int((blocks != pad).all(dim=1).sum())
+        if full >= min_blocks:
+            heldout[lang] = blocks
+        elif lang not in withheld:
+            training_only.append(f"{lang} ({full} of {min_blocks} blocks)")
+            continue
+        dropped.update(index for _, _, index in rows)
+    if training_only:
+        log.info("too little held-out text, training-only: %s", ", ".join(training_only))
+    train = ds.select([i for i in range(len(ds)) if i not in dropped]) if dropped else ds
+    return train, heldout
+
+
+def row_key(seed: int, language: str, text: str) -> float:
+    """A uniform number in [0, 1) fixed by (seed, language, text): the row's held-out lottery ticket."""
+    digest = hashlib.sha256(f"{seed}\x00{language}\x00{text}".encode("utf-8")).digest()
+    return int.from_bytes(digest[:8], "big") / 2.0**64

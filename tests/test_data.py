@@ -1,0 +1,312 @@
+"""Corpora, partitions, token blocks and the held-out split (no model needed)."""
+
+from __future__ import annotations
+
+import json
+
+import datasets
+import pytest
+import torch
+
+from fedem_flwr.config.schema import DataConfig
+from fedem_flwr.data import (
+    heldout_split,
+    labels_for,
+    language_sizes,
+    load_corpus,
+    partition,
+    partition_languages,
+    partitions,
+    spread,
+    tokenize_blocks,
+)
+from fedem_flwr.data.blocks import IGNORE_INDEX
+from fedem_flwr.data.corpus import column
+from fedem_flwr.errors import ConfigError, DataError
+from fedem_flwr.model import build_byte_tokenizer
+
+datasets.disable_progress_bars()
+
+TEN = ["en", "fa", "hi", "te", "bn", "ta", "zh", "ja", "fr", "th"]
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return build_byte_tokenizer()
+
+
+@pytest.fixture(scope="module")
+def demo():
+    return load_corpus(DataConfig())
+
+
+@pytest.fixture(scope="module")
+def ten():
+    return load_corpus(DataConfig(languages=TEN))
+
+
+@pytest.fixture(scope="module")
+def small():
+    """Six of the smaller languages (about 64 KB): enough for held-out blocks, quick to tokenize."""
+    return load_corpus(DataConfig(languages=["hi", "bn", "ta", "te", "zh", "fr"]))
+
+
+# -- corpus ---------------------------------------------------------------------------------------
+def test_demo_corpus_has_28_languages_with_codes(demo):
+    sizes = language_sizes(demo)
+
+    assert len(sizes) == 28
+    assert {"en", "hi", "te", "bn", "ta", "fa", "zh", "zh-Hant", "hi-Latn"} <= set(sizes)
+    assert list(sizes)[:2] == ["fa", "en"] and sizes["fa"] > 200_000
+    assert list(sizes)[-1] == "th" and sizes["th"] < 1_000
+    assert demo.column_names == ["text", "language"]
+
+
+def test_languages_filter_accepts_codes_and_names(demo):
+    ds = load_corpus(DataConfig(languages=["Hindi", "te"]))
+
+    assert sorted(ds.unique("language")) == ["hi", "te"]
+    assert len(ds) == sum(1 for lang in column(demo, "language") if lang in ("hi", "te"))
+
+
+def test_languages_filter_naming_an_absent_language_is_an_error():
+    with pytest.raises(DataError, match=r"\['xx'\].*absent"):
+        load_corpus(DataConfig(languages=["hi", "xx"]))
+
+
+def test_local_files_in_every_format(tmp_path):
+    # Prepare
+    rows = [{"text": "hello there", "language": "en"}, {"text": "नमस्ते दुनिया", "language": "hi"}]
+    (tmp_path / "a.jsonl").write_text("\n".join(json.dumps(r, ensure_ascii=False) for r in rows), encoding="utf-8")
+    datasets.Dataset.from_list([{"body": "హలో", "lang": "Telugu", "id": 3}]).to_parquet(tmp_path / "b.parquet")
+    (tmp_path / "c.csv").write_text("body,lang\nবাংলা লেখা,bn\n", encoding="utf-8")
+    (tmp_path / "notes.ta.txt").write_text("முதல் பத்தி\nஇரண்டாம் வரி\n\nஇரண்டாம் பத்தி\n", encoding="utf-8")
+
+    # Execute
+    tables = load_corpus(DataConfig(source="files", paths=[str(tmp_path / "a.jsonl")]))
+    renamed = load_corpus(DataConfig(
+        source="files", paths=[str(tmp_path / "b.parquet"), str(tmp_path / "c.csv")],
+        text_column="body", language_column="lang",
+    ))
+    text = load_corpus(DataConfig(source="files", paths=[str(tmp_path / "notes.ta.txt")]))
+
+    # Assert
+    assert tables.to_list() == rows
+    assert renamed.to_list() == [{"text": "హలో", "language": "te"}, {"text": "বাংলা লেখা", "language": "bn"}]
+    assert text.to_list() == [
+        {"text": "முதல் பத்தி\nஇரண்டாம் வரி", "language": "ta"},  # one row per paragraph
+        {"text": "இரண்டாம் பத்தி", "language": "ta"},
+    ]
+
+
+def test_a_folder_means_every_data_file_inside(tmp_path):
+    (tmp_path / "hi.txt").write_text("एक\n\nदो\n", encoding="utf-8")
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "sub" / "x.jsonl").write_text('{"text": "hi", "language": "en"}\n', encoding="utf-8")
+
+    ds = load_corpus(DataConfig(source="files", paths=[str(tmp_path)]))
+
+    assert language_sizes(ds) == {"hi": 12, "en": 2}  # two Devanagari letters a paragraph
+
+
+def test_missing_file_is_a_data_error_naming_it(tmp_path):
+    missing = tmp_path / "nope.jsonl"
+    with pytest.raises(DataError, match="nope.jsonl.*does not exist"):
+        load_corpus(DataConfig(source="files", paths=[str(missing)]))
+
+
+def test_file_without_the_columns_names_column_and_columns_found(tmp_path):
+    path = tmp_path / "bad.jsonl"
+    path.write_text('{"content": "hello", "language": "en"}\n', encoding="utf-8")
+
+    with pytest.raises(DataError) as err:
+        load_corpus(DataConfig(source="files", paths=[str(path)]))
+
+    assert "bad.jsonl" in str(err.value) and "'text'" in str(err.value) and "data.text_column" in str(err.value)
+    assert "['content', 'language']" in str(err.value)
+
+
+def test_text_file_without_a_language_in_its_name_is_an_error(tmp_path):
+    path = tmp_path / "corpus.txt"
+    path.write_text("some text\n", encoding="utf-8")
+
+    with pytest.raises(DataError, match=r"corpus.txt.*<name>.<lang>.txt"):
+        load_corpus(DataConfig(source="files", paths=[str(path)]))
+
+
+def test_bad_language_value_is_an_error(tmp_path):
+    path = tmp_path / "x.csv"
+    path.write_text("text,language\nhello,not a language\n", encoding="utf-8")
+
+    with pytest.raises(DataError, match="'not a language'"):
+        load_corpus(DataConfig(source="files", paths=[str(path)]))
+
+
+def test_hub_source_reads_a_dataset_repo(hf_env):
+    from huggingface_hub import HfApi
+
+    rows = [{"text": "hello", "language": "en"}, {"text": "నమస్తే", "language": "te"}]
+    api = HfApi(endpoint=hf_env.endpoint)
+    api.create_repo("org/corpus", repo_type="dataset")
+    api.upload_file(
+        path_or_fileobj="\n".join(json.dumps(r, ensure_ascii=False) for r in rows).encode(),
+        path_in_repo="train.jsonl", repo_id="org/corpus", repo_type="dataset",
+    )
+
+    ds = load_corpus(DataConfig(source="hub", hub_id="org/corpus", languages=["te"]))
+
+    assert ds.to_list() == [rows[1]]
+    with pytest.raises(DataError, match="org/missing"):
+        load_corpus(DataConfig(source="hub", hub_id="org/missing"))
+
+
+# -- partitions -----------------------------------------------------------------------------------
+@pytest.mark.parametrize("nodes", [3, 7])
+def test_language_partitions_spread_ten_languages_whole(ten, nodes):
+    # Execute
+    parts = partitions(ten, "language", nodes, seed=0)
+    languages = [sorted(set(column(p, "language"))) for p in parts]
+    rows = sum(len(p) for p in parts)
+
+    # Assert: every node has a language, each language lives whole on exactly one node
+    assert all(languages)
+    flat = [lang for node in languages for lang in node]
+    assert sorted(flat) == sorted(TEN)
+    assert rows == len(ten)
+
+
+def test_language_partitions_over_more_nodes_than_languages_split_large_languages(ten):
+    parts = partitions(ten, "language", 14, seed=0)
+    languages = [sorted(set(column(p, "language"))) for p in parts]
+
+    assert all(len(node) == 1 for node in languages)  # one language a node
+    assert {node[0] for node in languages} == set(TEN)  # each language somewhere
+    assert sum(node == ["en"] for node in languages) > 1  # the largest split over several nodes
+    texts = [t for p in parts for t in column(p, "text")]
+    assert sorted(texts) == sorted(column(ten, "text"))  # nothing lost, nothing twice
+
+
+@pytest.mark.parametrize("scheme", ["iid", "dirichlet"])
+def test_iid_and_dirichlet_partitions_cover_the_corpus_once(ten, scheme):
+    parts = partitions(ten, scheme, 4, seed=1)
+
+    assert all(len(p) > 0 for p in parts)
+    texts = [t for p in parts for t in column(p, "text")]
+    assert sorted(texts) == sorted(column(ten, "text"))
+
+
+def test_iid_partitions_mix_languages(ten):
+    assert all(len(langs) >= 8 for langs in spread(ten, "iid", 3, seed=0))
+
+
+def test_partitions_are_deterministic_given_seed(ten):
+    assert column(partition(ten, "dirichlet", 3, 1, seed=5), "text") == column(
+        partition(ten, "dirichlet", 3, 1, seed=5), "text"
+    )
+    assert partition_languages(ten, "language", 7, 0, seed=0) == spread(ten, "language", 7, seed=0)[0]
+
+
+@pytest.mark.parametrize(
+    ("scheme", "nodes", "pid", "match"),
+    [
+        ("language", 3, 3, r"partition_id is 3.*\[0, 3\)"),
+        ("language", 3, -1, "partition_id is -1"),
+        ("iid", 10_000, 0, "10000 partitions of a corpus of"),
+        ("zipf", 3, 0, "`data.partitioner` is 'zipf'"),
+    ],
+)
+def test_partition_errors(ten, scheme, nodes, pid, match):
+    with pytest.raises(DataError, match=match):
+        partition(ten, scheme, nodes, pid, seed=0)
+
+
+# -- blocks ---------------------------------------------------------------------------------------
+def test_blocks_join_documents_with_eos_and_pad_the_tail(tokenizer):
+    blocks = tokenize_blocks(["ab", "", "cde"], tokenizer, block_size=4)
+
+    a, b, c, d, e = (tokenizer.convert_tokens_to_ids(ch) for ch in "abcde")
+    eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
+    assert blocks.dtype == torch.int64
+    assert blocks.tolist() == [[a, b, eos, c], [d, e, eos, pad]]
+
+
+def test_labels_mask_padding_only(tokenizer):
+    blocks = tokenize_blocks(["hello", "नमस्ते"], tokenizer, block_size=8)
+    pad = tokenizer.pad_token_id
+
+    labels = labels_for(blocks, pad)
+
+    assert (labels == IGNORE_INDEX).sum() == (blocks == pad).sum() > 0
+    assert torch.equal(labels[blocks != pad], blocks[blocks != pad])
+    assert (labels[blocks == pad] == IGNORE_INDEX).all()
+
+
+def documents(blocks: torch.Tensor, tokenizer) -> list[str]:
+    """The documents held in ``blocks`` (each ends with eos; padding follows the last)."""
+    text = tokenizer.decode(blocks.flatten().tolist())
+    return text.split(tokenizer.eos_token)[:-1]
+
+
+def by_language(ds) -> dict[str, list[str]]:
+    out: dict[str, list[str]] = {}
+    for text, lang in zip(column(ds, "text"), column(ds, "language")):
+        out.setdefault(lang, []).append(text)
+    return out
+
+
+def test_heldout_split_is_deterministic_and_disjoint(small, tokenizer):
+    # Execute
+    train1, held1 = heldout_split(small, 0.1, 2, 64, tokenizer, seed=0)
+    train2, held2 = heldout_split(small.shuffle(seed=3), 0.1, 2, 64, tokenizer, seed=0)
+    _, held_other = heldout_split(small, 0.1, 2, 64, tokenizer, seed=1)
+
+    # Assert: same seed, any row order -> same blocks; another seed -> other blocks
+    assert held1.keys() == held2.keys() == {"hi", "bn", "ta", "te", "zh", "fr"}
+    assert all(torch.equal(held1[lang], held2[lang]) for lang in held1)
+    assert sorted(column(train1, "text")) == sorted(column(train2, "text"))
+    assert not torch.equal(held1["zh"][:2], held_other["zh"][:2])
+    assert all(b.dtype == torch.int64 and b.shape[1] == 64 and b.shape[0] >= 2 for b in held1.values())
+    # Held-out rows never train; together with the training rows they are the corpus
+    trained, every = by_language(train1), by_language(small)
+    for lang in held1:
+        held_docs = documents(held1[lang], tokenizer)
+        assert set(held_docs).isdisjoint(trained[lang])
+        assert sorted(held_docs + trained[lang]) == sorted(every[lang])
+
+
+def test_small_language_is_training_only(small, tokenizer):
+    train, held = heldout_split(small, 0.1, 2, 128, tokenizer, seed=0)
+
+    assert "te" not in held  # 576 bytes: its held-out rows give 1 block of the 2 needed
+    assert {"hi", "bn"} <= held.keys()
+    train_langs = column(train, "language")
+    assert train_langs.count("te") == column(small, "language").count("te")  # every row trains
+
+
+def test_hub_named_language_is_withheld_even_when_small_here(small, tokenizer):
+    te = small.filter(lambda row: row["language"] == "te")
+
+    alone, held_alone = heldout_split(te, 0.1, 2, 128, tokenizer, seed=0)
+    train, held = heldout_split(te, 0.1, 2, 128, tokenizer, seed=0, heldout_languages=["te"])
+
+    assert held_alone == {} and len(alone) == len(te)  # too small: every row trains
+    assert held == {} and 0 < len(train) < len(te)  # the hub holds te out: its held-out rows stay out
+
+
+def test_a_client_partition_agrees_with_the_hub_split(small, tokenizer):
+    # The hub splits the whole corpus, a client only its (IID) partition: the client holds out
+    # a subset of the hub's held-out documents and trains on none of them.
+    _, hub = heldout_split(small, 0.1, 2, 64, tokenizer, seed=0)
+    node = partition(small, "iid", 3, 2, seed=0)
+
+    train, client = heldout_split(node, 0.1, 2, 64, tokenizer, seed=0, heldout_languages=hub)
+
+    hub_docs = {lang: set(documents(blocks, tokenizer)) for lang, blocks in hub.items()}
+    assert client and all(set(documents(client[lang], tokenizer)) <= hub_docs[lang] for lang in client)
+    trained = by_language(train)
+    assert all(hub_docs[lang].isdisjoint(trained.get(lang, [])) for lang in hub)
+
+
+def test_heldout_needs_two_blocks_at_least(small, tokenizer):
+    with pytest.raises(ConfigError, match="data.min_heldout_blocks"):
+        heldout_split(small, 0.1, 1, 128, tokenizer, seed=0)
