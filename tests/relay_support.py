@@ -1,0 +1,65 @@
+"""Shared pieces for relay tests: a fake clock, a scripted workbench and a seeded hub."""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+from fedem_flwr.hub.registry import Registry
+from fedem_flwr.hub.store import ArtifactRef, LocalStore
+from fedem_flwr.relay.coordinator import RelayCoordinator
+from fedem_flwr.relay.policies import make_policy
+
+TTL = 100.0
+LANGUAGES = ("hi", "ta")
+
+
+class FakeClock:
+    def __init__(self, now: float = 1_000.0) -> None:
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+    def sleep(self, seconds: float) -> None:
+        self.now += seconds
+
+
+class ScriptedWorkbench:
+    """Held-out loss on every language is read from the adapter weights: ``w[0]``."""
+
+    def evaluate(self, state):
+        return {language: float(state["w"][0]) for language in LANGUAGES}
+
+    def save(self, state, folder: Path, base: ArtifactRef) -> None:
+        (folder / "adapter_config.json").write_text(json.dumps({"base_model_name_or_path": base.repo}))
+        save_file({k: v.contiguous() for k, v in state.items()}, str(folder / "adapter_model.safetensors"))
+
+
+def seeded_coordinator(tmp_path: Path, clock: FakeClock, policy: str = "language", loss: float = 4.0):
+    """A hub with base v0 and adapters ``hi`` and ``ta`` at v0 (held-out loss ``loss``)."""
+    registry = Registry.open(tmp_path / "registry.sqlite")
+    store = LocalStore(tmp_path / "store")
+    workbench = ScriptedWorkbench()
+    seed = tmp_path / "seed"
+    seed.mkdir(exist_ok=True)
+    (seed / "config.json").write_text("{}")
+    base = store.put("t/base", "v0", seed, message="seed")
+    registry.add_checkpoint(None, "init", base.repo, base.revision, base.digest, {}, clock())
+    for name in LANGUAGES:
+        folder = tmp_path / f"fresh-{name}"
+        folder.mkdir()
+        workbench.save({"w": torch.tensor([loss])}, folder, base)
+        ref = store.put(f"t/adapter-{name}", "v0", folder, message="fresh")
+        registry.add_adapter(name, [name], "causal-lm", {}, clock())
+        registry.add_adapter_version(name, 0, None, ref.repo, ref.revision, ref.digest,
+                                     {"heldout": workbench.evaluate({"w": torch.tensor([loss])})}, clock())
+    coordinator = RelayCoordinator(
+        registry, store, make_policy(policy, random.Random(0)), workbench,
+        lease_ttl_s=TTL, sweep_interval_s=10, clock=clock,
+    )
+    return coordinator, registry, store

@@ -1,0 +1,125 @@
+"""The relay Strategy's message handling over an in-process Grid, with nodes that misbehave on cue.
+
+No model is trained: each node's ClientApp lowers or corrupts the adapter weight ``w`` as its
+node config says, and the scripted workbench reads the held-out loss from ``w``.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from flwr.app import ArrayRecord, Context, Message
+from flwr.clientapp import ClientApp
+
+from fedem_flwr.config import RelayConfig
+from fedem_flwr.model.adapter_spec import AdapterSpec
+from fedem_flwr.relay import messages
+from fedem_flwr.relay.strategy import RelayStrategy
+from fedem_flwr.testing.fake_grid import InProcessGrid
+from relay_support import FakeClock, seeded_coordinator
+
+
+def _stub_app(clock: FakeClock) -> ClientApp:
+    app = ClientApp()
+
+    @app.query("profile")
+    def profile(message: Message, context: Context) -> Message:
+        languages = [lang for lang in str(context.node_config.get("languages", "")).split(",") if lang]
+        answer = {"languages": languages, "device": "cpu", "data-bytes": 100, "base-digests": []}
+        if "partition-id" in context.node_config:
+            answer["partition-id"] = context.node_config["partition-id"]
+        return messages.profile_reply(message, answer)
+
+    @app.train("relay")
+    def train(message: Message, context: Context) -> Message:
+        instruction = messages.parse_train_instruction(message)
+        state = message.content["arrays"].to_torch_state_dict()
+        behaviour = context.node_config.get("behaviour", "improve")
+        if behaviour == "crash":
+            raise RuntimeError("out of patience")
+        if behaviour == "slow":
+            clock.now += instruction.budget_s + 120  # well past the lease
+        if behaviour == "nan":
+            state["w"] = torch.tensor([float("nan")])
+        elif behaviour == "wrong-token":
+            instruction = messages.TrainInstruction(**{**instruction.__dict__, "token": instruction.token + 50})
+        else:
+            state["w"] = state["w"] - 0.25
+        return messages.train_reply(message, instruction, ArrayRecord(state), {"steps": 1.0})
+
+    return app
+
+
+def _run(tmp_path, behaviours, max_accepted=None, max_wall_s=60.0, kill_after_lease=None):
+    clock = FakeClock()
+    coordinator, registry, _ = seeded_coordinator(tmp_path, clock)
+    node_configs = {
+        10 + i: {"partition-id": i, "languages": lang, "behaviour": behaviour}
+        for i, (lang, behaviour) in enumerate(behaviours)
+    }
+    grid = InProcessGrid(_stub_app(clock), node_configs, {}, clock=clock)
+    relay = RelayConfig(lease_ttl_s=100, sweep_interval_s=10, poll_interval_s=1, no_node_grace_s=5,
+                        deadline_margin_s=10, max_accepted=max_accepted, max_wall_s=max_wall_s)
+    strategy = RelayStrategy(coordinator, relay, AdapterSpec.from_state({"w": torch.zeros(1)}), max_steps=1,
+                             clock=clock, sleep=clock.sleep)
+    if kill_after_lease is not None:
+        original = strategy._push_train
+
+        def push_then_kill(grid_, assignment):
+            original(grid_, assignment)
+            grid.kill(kill_after_lease)
+
+        strategy._push_train = push_then_kill
+    return strategy.start(grid), registry
+
+
+def test_improving_nodes_relay_each_adapter_on(tmp_path):
+    result, registry = _run(tmp_path, [("hi", "improve"), ("ta", "improve")], max_accepted=6)
+
+    assert (result.accepted, result.rejected) == (6, 0)
+    latest = {name: registry.latest_adapter_version(name) for name in ("hi", "ta")}
+    assert {name: v.version for name, v in latest.items()} == {"hi": 3, "ta": 3}
+    assert latest["hi"].metrics["heldout"]["hi"] == pytest.approx(4.0 - 3 * 0.25)
+    assert [lease.holder for lease in registry.leases() if lease.adapter == "hi"] == ["sim:0"] * 3
+
+
+def test_crashing_node_loses_its_lease_and_the_relay_goes_on(tmp_path):
+    result, registry = _run(tmp_path, [("hi", "crash"), ("ta", "improve")], max_accepted=2)
+
+    assert result.accepted == 2 and result.failures >= 1
+    crashed = [lease for lease in registry.leases() if lease.holder == "sim:0"]
+    assert crashed and all(lease.outcome.startswith("client-error") for lease in crashed)
+    assert registry.latest_adapter_version("hi").version == 0
+
+
+def test_reply_after_the_lease_is_refused_by_its_ttl(tmp_path):
+    result, registry = _run(tmp_path, [("hi", "slow")], max_wall_s=400)
+
+    assert result.accepted == 0
+    outcomes = {lease.outcome for lease in registry.leases()}
+    assert outcomes <= {"reply-after-ttl", "expired"} and outcomes
+    assert registry.latest_adapter_version("hi").version == 0
+
+
+def test_non_finite_weights_are_rejected_without_a_version(tmp_path):
+    result, registry = _run(tmp_path, [("hi", "nan")], max_wall_s=5)
+
+    assert result.accepted == 0 and result.rejected >= 1
+    assert all(c.reason.startswith("invalid-adapter") for c in registry.contributions())
+    assert registry.latest_adapter_version("hi").version == 0
+
+
+def test_push_with_a_foreign_token_is_rejected_and_the_lease_expires(tmp_path):
+    result, registry = _run(tmp_path, [("hi", "wrong-token")], max_wall_s=150)
+
+    assert result.accepted == 0
+    assert all(c.reason.startswith("unknown-token") for c in registry.contributions())
+    assert registry.latest_adapter_version("hi").version == 0
+
+
+def test_node_that_disappears_mid_lease_frees_its_adapter(tmp_path):
+    result, registry = _run(tmp_path, [("hi", "improve")], max_wall_s=30, kill_after_lease=10)
+
+    (lease,) = registry.leases()
+    assert lease.outcome == "node-gone"
+    assert result.stopped_by.startswith("no node")
