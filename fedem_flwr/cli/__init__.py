@@ -168,7 +168,10 @@ def verify(ctx: click.Context, as_json: bool) -> None:
     """Re-hash every stored artifact and check it against the registry; exit 1 naming each problem.
 
     Reports digest mismatches, missing revisions, orphans (stored, not in the registry: a crash
-    between the two) and registry corruption. Example: fedem verify
+    between the two) and registry corruption. While the hub is writing, the artifact it is storing
+    can show as a leftover or an orphan for a moment: run it again before acting.
+
+    Example: fedem verify
     """
     hub: HubContext = ctx.obj
     view = views.verify_view(hub.registry(), hub.store())
