@@ -112,7 +112,12 @@ class DataConfig:
         _positive("data", "dirichlet_alpha", self.dirichlet_alpha)
         _positive("data", "block_size", self.block_size)
         _fraction("data", "heldout_fraction", self.heldout_fraction)
-        _positive("data", "min_heldout_blocks", self.min_heldout_blocks)
+        if self.block_size < 2:
+            raise ConfigError(f"`data.block_size` is {self.block_size!r}; a block needs at least 2 tokens.")
+        if self.min_heldout_blocks < 2:
+            raise ConfigError(
+                f"`data.min_heldout_blocks` is {self.min_heldout_blocks!r}; held-out data needs at least 2 blocks."
+            )
         _positive("data", "min_language_bytes", self.min_language_bytes, allow_zero=True)
 
 
@@ -134,19 +139,23 @@ class LoraConfig:
 
 @dataclass
 class TrainConfig:
-    max_steps: int = 50
+    max_steps: int = field(default=50, metadata={"help": "Optimizer steps; also the cosine schedule's length."})
     max_seconds: Optional[float] = None
-    batch_size: int = 8
+    batch_size: int = field(default=8, metadata={"help": "Blocks per micro-step; a step is batch_size * grad_accum."})
     grad_accum: int = 1
-    lr: float = 3e-3
+    lr: float = field(default=1e-2, metadata={"help": "Peak learning rate (LoRA on seshu-tiny; lower for bigger models)."})
     min_lr_ratio: float = 0.1
     warmup_steps: int = 5
     weight_decay: float = 0.0
     grad_clip: float = 1.0
-    precision: str = field(default="auto", metadata={"help": "`auto`, `fp32`, `bf16` or `fp16`."})
-    device: str = "auto"
+    precision: str = field(
+        default="auto", metadata={"help": "`auto` (bf16 autocast on a GPU with native bf16, else fp32), `fp32`, `bf16`, `fp16`."}
+    )
+    device: str = field(default="auto", metadata={"help": "`auto`, `cpu`, `cuda`, `cuda:N` or `mps`."})
     gradient_checkpointing: bool = False
-    auto_batch_size: bool = False
+    auto_batch_size: bool = field(
+        default=False, metadata={"help": "On CUDA: largest micro-batch (up to the step's batch) that fits."}
+    )
     eval_batch_size: int = 16
     progress: bool = True
 
@@ -167,7 +176,7 @@ class RelayConfig:
     lease_ttl_s: float = 10800.0
     sweep_interval_s: float = 300.0
     policy: str = field(
-        default="least-recent", metadata={"help": "`random`, `round-robin`, `least-recent` or `language`."}
+        default="language", metadata={"help": "`random`, `round-robin`, `least-recent` or `language`."}
     )
     policy_fallback: str = field(
         default="least-recent",
