@@ -62,7 +62,7 @@ def open_hub(cfg: FedemConfig, hub_path: Path, clock: Callable[[], float] = time
 
     rng = random.Random(cfg.seed)
     coordinator = RelayCoordinator(
-        registry, store, make_policy(cfg.relay.policy, rng), workbench,
+        registry, store, make_policy(cfg.relay.policy, rng, fallback=cfg.relay.policy_fallback), workbench,
         lease_ttl_s=cfg.relay.lease_ttl_s, sweep_interval_s=cfg.relay.sweep_interval_s,
         margin=cfg.gate.margin, clock=clock,
     )

@@ -19,6 +19,7 @@ from fedem_flwr.gate.acceptance import Decision, decide
 from fedem_flwr.hub.store import ArtifactRef, ArtifactStore
 from fedem_flwr.relay.leases import Lease, LeaseBook, PushRejected, SweepSchedule
 from fedem_flwr.relay.policies import AdapterInfo, NodeProfile, Policy
+from fedem_flwr.relay.pool import AdapterPool
 
 log = logging.getLogger(__name__)
 
@@ -91,6 +92,12 @@ class RelayCoordinator:
         self.last_served: dict[str, float] = {}
         for lease in registry.leases():
             self.last_served[lease.adapter] = max(self.last_served.get(lease.adapter, 0.0), lease.issued)
+        self.languages = {adapter.name: tuple(adapter.languages) for adapter in registry.adapters()}
+        latest = registry.latest_adapter_versions()
+        self.pool = AdapterPool(
+            self._info(name, latest[name].version) for name in self.languages
+            if name in latest and self.book.is_free(name)
+        )
         self.accepted = 0
         self.rejected = 0
 
@@ -124,23 +131,8 @@ class RelayCoordinator:
 
     # -- leasing ---------------------------------------------------------------------------------
 
-    def free_adapters(self) -> list[AdapterInfo]:
-        infos = []
-        for adapter in self.registry.adapters():
-            if not self.book.is_free(adapter.name):
-                continue
-            latest = self.registry.latest_adapter_version(adapter.name)
-            if latest is None:
-                continue
-            infos.append(
-                AdapterInfo(
-                    name=adapter.name,
-                    languages=tuple(adapter.languages),
-                    version=latest.version,
-                    last_served=self.last_served.get(adapter.name),
-                )
-            )
-        return infos
+    def _info(self, name: str, version: int) -> AdapterInfo:
+        return AdapterInfo(name, self.languages[name], version, self.last_served.get(name))
 
     def assign(self, free_nodes: Sequence[NodeProfile]) -> list[Assignment]:
         """Lease adapters to the free nodes the policy picks; nodes holding a lease are skipped."""
@@ -154,7 +146,8 @@ class RelayCoordinator:
             raise RuntimeError("the hub has no base checkpoint; seed it before relaying")
         base_ref = ArtifactRef(base.repo, base.revision, base.digest)
         assignments = []
-        for node, info in self.policy.assign(nodes, self.free_adapters()):
+        for node, info in self.policy.assign(nodes, self.pool.free()):
+            self.pool.take(info.name)
             version = self.registry.latest_adapter_version(info.name)
             lease = self.book.acquire(info.name, node.node, base.version, version.version, now, self.lease_ttl_s)
             self._flush()
@@ -300,6 +293,10 @@ class RelayCoordinator:
         with self.registry.atomic():
             for lease in changes:
                 self.registry.save_lease(lease)
+        for lease in changes:
+            if not lease.active and self.book.is_free(lease.adapter):
+                latest = self.registry.latest_adapter_version(lease.adapter)
+                self.pool.put(self._info(lease.adapter, latest.version))
 
 
 def state_digest(state: Mapping[str, Any]) -> str:
