@@ -213,8 +213,8 @@ def run_streaming(
             popen.kill()
             popen.wait()
     if run_id is None:
-        raise FlowerProcessError(
-            f"`flwr run` started no run (exit {popen.returncode}):\n{''.join(tail)}")
+        why = f"within {timeout:.0f} s" if not finished else f"(exit {popen.returncode})"
+        raise FlowerProcessError(f"`flwr run` started no run {why}:\n{''.join(tail)}")
     return run_id, finished
 
 

@@ -116,22 +116,30 @@ def descendants(pid: int) -> list[int]:
 
 
 def stop_tree(pid: int, timeout: float = 10.0, popen: subprocess.Popen | None = None) -> None:
-    """Stop `pid` and everything it spawned: SIGTERM, wait, then SIGKILL what is left.
+    """Stop `pid` and everything it spawned: SIGTERM, wait, then SIGKILL what is left."""
+    stop_trees([(pid, popen)], timeout)
 
-    The tree is read before the first signal; a SuperLink stops its SuperExec itself on
-    SIGTERM, but a simulation's Ray processes can outlive their parent, so stragglers
-    from the recorded tree get their own SIGTERM and, after `timeout`, SIGKILL.
+
+def stop_trees(roots: list[tuple[int, subprocess.Popen | None]], timeout: float = 10.0) -> None:
+    """Stop several process trees at once (a SuperNode takes seconds to wind down).
+
+    Each tree is read before the first signal. A SuperLink or SuperNode stops its own
+    SuperExec on SIGTERM, but a simulation's Ray processes can outlive their parent, so
+    stragglers from the recorded trees get their own SIGTERM and, later, SIGKILL.
     """
-    tree = [pid, *descendants(pid)]
-    _signal(pid, signal.SIGTERM)
-    _wait_gone([pid], timeout, popen)
-    stragglers = [p for p in tree[1:] if pid_alive(p)]
+    pids = [pid for pid, _ in roots]
+    popens = [popen for _, popen in roots if popen is not None]
+    trees = [p for pid in pids for p in (pid, *descendants(pid))]
+    for pid in pids:
+        _signal(pid, signal.SIGTERM)
+    _wait_gone(pids, timeout, popens)
+    stragglers = [p for p in trees if p not in pids and pid_alive(p)]
     for child in stragglers:
         _signal(child, signal.SIGTERM)
-    _wait_gone(stragglers, timeout / 2)
-    for left in [p for p in tree if pid_alive(p)]:
+    _wait_gone(stragglers, timeout / 2, popens)
+    for left in [p for p in trees if pid_alive(p)]:
         _signal(left, signal.SIGKILL)
-    _wait_gone(tree, 5.0, popen)
+    _wait_gone(trees, 5.0, popens)
 
 
 def _signal(pid: int, sig: signal.Signals) -> None:
@@ -139,11 +147,11 @@ def _signal(pid: int, sig: signal.Signals) -> None:
         os.kill(pid, sig)
 
 
-def _wait_gone(pids: list[int], timeout: float, popen: subprocess.Popen | None = None) -> None:
+def _wait_gone(pids: list[int], timeout: float, popens: list[subprocess.Popen]) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        if popen is not None:
-            popen.poll()  # reap our own child so it does not linger as a zombie
+        for popen in popens:
+            popen.poll()  # reap our own children so they do not linger as zombies
         if not any(pid_alive(p) for p in pids):
             return
         time.sleep(0.05)

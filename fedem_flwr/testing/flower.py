@@ -4,9 +4,10 @@ Every process is started here on free 127.0.0.1 ports with a temporary `FLWR_HOM
 stopped by pid (SIGTERM, wait, SIGKILL) together with what it spawned, even when the test
 fails. Runs are submitted with the real `flwr run` and followed with `flwr log` / `flwr ls`.
 
+    profiles = [{"languages": "hi,te"}, {"languages": "ta"}]
     with local_superlink(tmp_path / "flwr") as link, \\
-            supernode(link.address, {"languages": "hi,te"}, flwr_home=link.flwr_home), \\
-            supernode(link.address, {"languages": "ta"}, flwr_home=link.flwr_home):
+            supernodes(link.address, profiles, flwr_home=link.flwr_home):
+        wait_for_nodes(link, 2)
         run_id = submit_run(app_dir, link, {"result-path": str(tmp_path / "out.json")})
         status = wait_for_run(link, run_id, timeout=120)
         assert status["status"] == "finished:completed", run_logs(link, run_id)
@@ -17,13 +18,13 @@ from __future__ import annotations
 import contextlib
 import json
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 from fedem_flwr.errors import FlowerProcessError
 from fedem_flwr.launch import flwr_cli
-from fedem_flwr.launch.processes import FlowerProcess, start_superlink, start_supernode
+from fedem_flwr.launch.processes import FlowerProcess, start_superlink, start_supernode, stop_trees
 
 CONNECTION = "test"
 
@@ -81,12 +82,28 @@ def supernode(
     `port` (free one by default) is its own Runtime API port; each SuperNode on a host
     needs its own. It keeps its files in `flwr_home/supernode-<port>/`.
     """
-    proc = start_supernode(Path(flwr_home).resolve(), superlink_address,
-                           flwr_cli.config_args(node_config), port=port, isolation=isolation)
-    try:
+    with supernodes(superlink_address, [node_config], ports=[port],
+                    flwr_home=flwr_home, isolation=isolation) as (proc,):
         yield proc
+
+
+@contextlib.contextmanager
+def supernodes(
+    superlink_address: str, node_configs: Sequence[Mapping[str, bool | int | float | str]],
+    *, flwr_home: Path, ports: Sequence[int | None] | None = None, isolation: str = "subprocess",
+) -> Iterator[list[FlowerProcess]]:
+    """Several SuperNodes, stopped together on exit (each takes seconds to wind down its
+    SuperExec, so stopping them one after another adds up)."""
+    ports = list(ports) if ports is not None else [None] * len(node_configs)
+    started: list[FlowerProcess] = []
+    try:
+        for config, port in zip(node_configs, ports, strict=True):
+            started.append(start_supernode(Path(flwr_home).resolve(), superlink_address,
+                                           flwr_cli.config_args(config), port=port,
+                                           isolation=isolation))
+        yield started
     finally:
-        proc.stop()
+        stop_trees([(proc.pid, proc.popen) for proc in started])
 
 
 def submit_run(
