@@ -91,7 +91,7 @@ class Database:
         with self._lock:
             self._conn.close()
 
-    def __enter__(self) -> "Database":
+    def __enter__(self: D) -> D:
         return self
 
     def __exit__(self, *exc: object) -> None:
