@@ -213,6 +213,31 @@ def publish(hub: HubContext, target: str, repo_prefix: str, endpoint: Optional[s
             click.echo(f"  {repo}")
 
 
+@cli.command()
+@click.option("--out", "out", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Folder for relay.png and summary.json [default: HUB/report].")
+@json_option
+@pass_hub
+def report(hub: HubContext, out: Optional[Path], as_json: bool) -> None:
+    """Plot held-out loss per adapter version and the relay's progress; summarise the decisions.
+
+    Example: fedem report --out runs/policy-language
+    """
+    from fedem_flwr.report import plot_hub, summary  # matplotlib only when plotting
+
+    registry = hub.registry()
+    out = out or hub.path / "report"
+    data = summary(registry)
+    data["figure"] = str(plot_hub(registry, out / "relay.png", title=str(hub.path)))
+    (out / "summary.json").write_text(render.dumps(data) + "\n")
+    if as_json:
+        click.echo(render.dumps(data))
+    else:
+        click.echo(f"{data['accepted']} accepted, {data['rejected']} rejected, {data['leases']} leases, "
+                   f"{data['contributions_per_minute']:.1f} contributions/min")
+        click.echo(f"figure: {data['figure']}")
+
+
 def main() -> None:
     """Console-script entry point."""
     cli(prog_name="fedem")

@@ -142,6 +142,7 @@ class RelayStrategy(Strategy):
             stop = self._stop_reason(result, now - started, 0.0 if live else now - last_seen_node)
             if stop:
                 result.stopped_by = stop
+                self._abandon_pending()
                 break
             self.sleep(self.relay.poll_interval_s)
         result.seconds = self.clock() - started
@@ -159,6 +160,14 @@ class RelayStrategy(Strategy):
         if without_nodes > 0 and without_nodes >= self.relay.no_node_grace_s and not self.pending:
             return f"no node for {without_nodes:.0f} s"
         return ""
+
+    def _abandon_pending(self) -> None:
+        """The run ends with trains in flight: end their leases now rather than leave them to the
+        next run's restart sweep; their replies, if any, are never pulled."""
+        for pending in self.pending.values():
+            if pending.assignment is not None:
+                self.coordinator.fail(pending.assignment.lease.token, "hub-stopped")
+        self.pending.clear()
 
     # -- nodes ------------------------------------------------------------------------------------
 

@@ -1,0 +1,80 @@
+"""Figures and tables of a hub's history, for simulations and for people who would rather look.
+
+Reads the registry only (never the store): held-out loss of each adapter's accepted versions,
+and the stream of contributions with their decisions over time.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")  # files, never windows: runs on headless hubs and in CI
+import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.ticker import MaxNLocator  # noqa: E402
+
+
+def summary(registry: Any) -> dict[str, Any]:
+    """Numbers a policy comparison needs, from one hub."""
+    contributions = registry.contributions()
+    decisions = Counter(c.decision for c in contributions)
+    reasons = Counter(c.reason.split(":")[0] for c in contributions if c.decision == "rejected")
+    gains = {}
+    for adapter in registry.adapters():
+        versions = registry.adapter_versions(adapter.name)
+        languages = adapter.languages
+        first, last = versions[0], versions[-1]
+        before = _mean(first.metrics.get("heldout", {}), languages)
+        after = _mean(last.metrics.get("heldout", {}), languages)
+        if before is not None and after is not None:
+            gains[adapter.name] = {"versions": last.version, "loss_v0": before, "loss_latest": after}
+    leases = registry.leases()
+    span = (max(c.received for c in contributions) - min(l.issued for l in leases)) if contributions else 0.0
+    return {
+        "accepted": decisions.get("accepted", 0),
+        "rejected": decisions.get("rejected", 0),
+        "rejections": dict(reasons),
+        "leases": len(leases),
+        "seconds": span,
+        "contributions_per_minute": 60.0 * len(contributions) / span if span > 0 else 0.0,
+        "adapters": gains,
+    }
+
+
+def plot_hub(registry: Any, out: Path, title: str = "") -> Path:
+    """Two panels: held-out loss per adapter version, and contributions over time by decision."""
+    fig, (ax_loss, ax_time) = plt.subplots(1, 2, figsize=(11, 4))
+    for adapter in registry.adapters():
+        versions = registry.adapter_versions(adapter.name)
+        points = [(v.version, _mean(v.metrics.get("heldout", {}), adapter.languages)) for v in versions]
+        points = [(x, y) for x, y in points if y is not None]
+        if len(points) > 1:
+            ax_loss.plot(*zip(*points), marker="o", label=adapter.name)
+    ax_loss.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax_loss.set(xlabel="adapter version", ylabel="held-out loss (own languages)", title="accepted versions")
+    if ax_loss.get_legend_handles_labels()[0]:
+        ax_loss.legend(fontsize="small", ncol=2)
+
+    contributions = sorted(registry.contributions(), key=lambda c: c.received)
+    if contributions:
+        start = min(l.issued for l in registry.leases())
+        for decision, colour in (("accepted", "tab:green"), ("rejected", "tab:red")):
+            times = [(c.received - start) / 60 for c in contributions if c.decision == decision]
+            ax_time.step(times, range(1, len(times) + 1), where="post", color=colour, label=decision)
+        ax_time.legend()
+    ax_time.set(xlabel="minutes since the first lease", ylabel="contributions", title="relay progress")
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return out
+
+
+def _mean(losses: dict[str, float], languages: list[str]) -> float | None:
+    values = [losses[lang] for lang in languages if lang in losses]
+    return sum(values) / len(values) if values else None
