@@ -56,7 +56,8 @@ def open_hub(cfg: FedemConfig, hub_path: Path, clock: Callable[[], float] = time
     )
     workbench = HubWorkbench(
         model, cfg.lora, heldout, pad_id=tokenizer.pad_token_id,
-        batch_size=cfg.train.eval_batch_size, resolved_config=config_to_dict(cfg),
+        batch_size=cfg.train.eval_batch_size, max_blocks=cfg.gate.max_eval_blocks,
+        resolved_config=config_to_dict(cfg),
     )
     seed_adapters(cfg, registry, store, workbench, language_sizes(corpus), base, clock)
 
@@ -64,7 +65,7 @@ def open_hub(cfg: FedemConfig, hub_path: Path, clock: Callable[[], float] = time
     coordinator = RelayCoordinator(
         registry, store, make_policy(cfg.relay.policy, rng, fallback=cfg.relay.policy_fallback), workbench,
         lease_ttl_s=cfg.relay.lease_ttl_s, sweep_interval_s=cfg.relay.sweep_interval_s,
-        margin=cfg.gate.margin, clock=clock,
+        gate=cfg.gate, clock=clock,
     )
     return Hub(hub_path, registry, store, workbench, coordinator)
 

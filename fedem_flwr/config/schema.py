@@ -214,8 +214,12 @@ class GateConfig:
     weighting: str = field(
         default="tokens", metadata={"help": "Own-language loss: `tokens` (held-out token weighted) or `mean`."}
     )
+    max_eval_blocks: int = field(
+        default=64, metadata={"help": "Held-out blocks per language the hub evaluates each push on."}
+    )
 
     def __post_init__(self) -> None:
+        _positive("gate", "max_eval_blocks", self.max_eval_blocks)
         _positive("gate", "margin", self.margin, allow_zero=True)
         _positive("gate", "tolerance", self.tolerance, allow_zero=True)
         _choice("gate", "weighting", self.weighting, ("tokens", "mean"))

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional, Protocol
 
+from fedem_flwr.config import GateConfig
 from fedem_flwr.gate.acceptance import Decision, decide
 from fedem_flwr.hub.store import ArtifactRef, ArtifactStore
 from fedem_flwr.relay.leases import Lease, LeaseBook, PushRejected, SweepSchedule
@@ -77,7 +78,7 @@ class RelayCoordinator:
         *,
         lease_ttl_s: float,
         sweep_interval_s: float,
-        margin: float = 0.0,
+        gate: Optional[GateConfig] = None,
         clock: Callable[[], float],
     ) -> None:
         self.registry = registry
@@ -85,7 +86,7 @@ class RelayCoordinator:
         self.policy = policy
         self.workbench = workbench
         self.lease_ttl_s = lease_ttl_s
-        self.margin = margin
+        self.gate = gate or GateConfig()
         self.clock = clock
         self.book = LeaseBook(registry.leases(active_only=True), next_token=registry.max_lease_token() + 1)
         self.schedule = SweepSchedule(sweep_interval_s)
@@ -193,7 +194,7 @@ class RelayCoordinator:
         parent = self.registry.latest_adapter_version(adapter)
         languages = self.registry.adapter(adapter).languages
         losses = self.workbench.evaluate(state)
-        decision: Decision = decide(losses, parent.metrics.get("heldout", {}), languages, margin=self.margin)
+        decision = self._decide(losses, parent.metrics.get("heldout", {}), languages)
         ref = self._write_artifact(state, parent, lease) if decision.accepted else None
         return self._conclude(
             lease, pseudonym, now, "accepted" if decision.accepted else "rejected",
@@ -231,6 +232,14 @@ class RelayCoordinator:
                 self._record(pseudonym, name, token if known else None, now, "rejected", reason, None, {},
                              metrics, content)
         return PushOutcome("rejected", reason, adapter, token)
+
+    def _decide(self, losses: HeldoutLosses, parent: HeldoutLosses, languages: Sequence[str]) -> Decision:
+        """Better on its own languages by the margin; with ``check_others``, no worse than the
+        tolerance on every other language the hub holds out."""
+        weights = getattr(self.workbench, "weights", None) if self.gate.weighting == "tokens" else None
+        others = [lang for lang in losses if lang not in languages] if self.gate.check_others else None
+        return decide(losses, parent, languages, self.gate.margin, weights=weights, others=others,
+                      tolerance=self.gate.tolerance)
 
     def _write_artifact(self, state, parent, lease: Lease) -> ArtifactRef:
         """The artifact is renamed into place before its registry row commits: a crash between the
