@@ -18,7 +18,14 @@ import pytest
 
 from fedem_flwr.errors import FlowerProcessError
 from fedem_flwr.launch import flwr_cli, processes
-from fedem_flwr.launch.local import PIDFILE, ensure_superlink, run_app, running_superlink, stop_superlink
+from fedem_flwr.launch.local import (
+    PIDFILE,
+    ensure_superlink,
+    flower_local_superlinks,
+    run_app,
+    running_superlink,
+    stop_superlink,
+)
 
 try:
     import tomllib
@@ -89,6 +96,11 @@ def test_run_config_file_round_trips_any_string(tmp_path):
 
 
 def test_write_connection_keeps_other_connections_and_sets_default(tmp_path):
+    # Prepare: a user's file with a connection carrying nested options
+    (tmp_path / "config.toml").write_text(
+        '[superlink]\ndefault = "mine"\n[superlink.mine]\naddress = ":local:"\n'
+        '[superlink.mine.options]\nnum-supernodes = 7\n', encoding="utf-8")
+
     # Execute
     flwr_cli.write_connection(tmp_path, "first", "127.0.0.1:1111")
     flwr_cli.write_connection(tmp_path, "second", "127.0.0.1:2222")
@@ -97,6 +109,7 @@ def test_write_connection_keeps_other_connections_and_sets_default(tmp_path):
     config = tomllib.loads((tmp_path / "config.toml").read_text(encoding="utf-8"))
     assert config == {"superlink": {
         "default": "second",
+        "mine": {"address": ":local:", "options": {"num-supernodes": 7}},
         "first": {"address": "127.0.0.1:1111", "insecure": True},
         "second": {"address": "127.0.0.1:2222", "insecure": True},
     }}
@@ -110,7 +123,7 @@ def test_stop_superlink_never_signals_a_pid_that_is_not_our_superlink(tmp_path):
     stopped = stop_superlink(tmp_path)
 
     # Assert: we are alive to check, and the stale record is gone
-    assert stopped is None
+    assert stopped == []
     assert not (tmp_path / PIDFILE).exists()
 
 
@@ -194,3 +207,44 @@ def test_launcher_exits_non_zero_when_serverapp_fails_and_stops_kept_superlink(t
     stopped = launch(tmp_path, "stop", "--flwr-home", str(home))
     assert stopped.returncode == 0 and f"pid {kept.pid}" in stopped.stdout
     assert flower_processes(home.resolve()) == []
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_launcher_stops_a_run_that_exceeds_its_timeout(tmp_path):
+    # Prepare: the ServerApp waits up to 120 s for a third node that never comes
+    home = tmp_path / "flwr"
+    run_config = f'result-path="{tmp_path / "late.json"}" expected-nodes=3 timeout=120.0'
+
+    # Execute
+    proc = launch(tmp_path, "run", str(ECHO_APP), "--flwr-home", str(home), "--timeout", "40",
+                  "--federation-config", SIMULATION, "--run-config", run_config)
+
+    # Assert
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    status = status_line(proc.stdout)
+    assert status["timed-out"] is True
+    assert status["status"] == "finished:stopped"
+    assert flower_processes(home.resolve()) == []
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(180)
+def test_stop_ends_the_superlink_a_plain_flwr_command_left_running(tmp_path):
+    # Prepare: Flower's default connection (`:local:`) auto-starts a detached SuperLink
+    home = (tmp_path / "flwr").resolve()
+    http_port, control_port = processes.free_ports(2)
+    env = processes.flower_env(home, {"FLWR_LOCAL_SUPERLINK_HTTP_API_PORT": str(http_port),
+                                      "FLWR_LOCAL_CONTROL_API_PORT": str(control_port)})
+    listed = subprocess.run([processes.flower_bin("flwr"), "ls", "--format", "json"], env=env,
+                            capture_output=True, text=True, timeout=120)
+    assert '"success": true' in listed.stdout, listed.stdout + listed.stderr
+    left = flower_local_superlinks(home)
+    assert len(left) == 1 and processes.http_ok(f"http://127.0.0.1:{http_port}/health")
+
+    # Execute
+    stopped = launch(tmp_path, "stop", "--flwr-home", str(home))
+
+    # Assert
+    assert stopped.returncode == 0 and f"pid {left[0]}" in stopped.stdout
+    assert flower_processes(home) == []

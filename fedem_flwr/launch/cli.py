@@ -72,13 +72,17 @@ def run_command(app_dir: Path, federation_config: str, run_config: tuple[str, ..
 @click.argument("app_dir", default=".", type=click.Path(file_okay=False, path_type=Path))
 @click.option("--flwr-home", type=click.Path(file_okay=False, path_type=Path), help=_HOME_HELP)
 def stop_command(app_dir: Path, flwr_home: Path | None) -> None:
-    """Stop the SuperLink that `run --keep-superlink` left running for APP_DIR (default: .).
+    """Stop the SuperLink left running for APP_DIR (default: .): one kept by
+    `run --keep-superlink`, or one a plain `flwr run` started with that FLWR_HOME.
 
-    Example: python -m fedem_flwr.launch stop --flwr-home ./.flwr
+    Example: python -m fedem_flwr.launch stop --flwr-home ~/.flwr
     """
-    home = (flwr_home or default_flwr_home(app_dir)).resolve()
-    pid = stop_superlink(home)
-    click.echo(f"Stopped SuperLink pid {pid}." if pid else f"No SuperLink of ours runs for {home}.")
+    home = (flwr_home or default_flwr_home(app_dir)).expanduser().resolve()
+    pids = stop_superlink(home)
+    for pid in pids:
+        click.echo(f"Stopped SuperLink pid {pid}.")
+    if not pids:
+        click.echo(f"No SuperLink runs for FLWR_HOME={home}.")
 
 
 @main.command("status")

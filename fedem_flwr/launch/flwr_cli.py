@@ -29,6 +29,8 @@ from typing import TextIO
 from fedem_flwr.errors import FlowerProcessError, RunFailed
 from fedem_flwr.launch.processes import flower_bin, flower_env
 
+import tomli_w
+
 try:
     import tomllib
 except ModuleNotFoundError:  # Python 3.10; tomli comes with flwr
@@ -76,30 +78,28 @@ def config_args(config: ScalarConfig) -> str:
 
 def write_run_config(flwr_home: Path, run_config: ScalarConfig) -> Path:
     """Write run-config overrides as a TOML file (any string survives, unlike `k=v` args)."""
+    for key, value in run_config.items():
+        toml_value(key, value)  # the same checks as on the command line
     folder = flwr_home / "run-configs"
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / f"{uuid.uuid4().hex}.toml"
-    lines = [f"{json.dumps(k)} = {toml_value(k, v)}" for k, v in run_config.items()]
-    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    path.write_text(tomli_w.dumps(dict(run_config)), encoding="utf-8")
     return path
 
 
 def write_connection(flwr_home: Path, name: str, address: str, default: bool = True) -> None:
-    """Add (or replace) an insecure SuperLink connection in `$FLWR_HOME/config.toml`."""
+    """Add (or replace) an insecure SuperLink connection in `$FLWR_HOME/config.toml`.
+
+    Everything else in the file (other connections, their options) is kept.
+    """
     path = flwr_home / "config.toml"
-    superlink: dict = {}
-    if path.exists():
-        superlink = tomllib.loads(path.read_text(encoding="utf-8")).get("superlink", {})
+    config = tomllib.loads(path.read_text(encoding="utf-8")) if path.exists() else {}
+    superlink = config.setdefault("superlink", {})
     superlink[name] = {"address": address, "insecure": True}
     if default or "default" not in superlink:
         superlink["default"] = name
-    lines = ["[superlink]", f"default = {json.dumps(superlink.pop('default'))}", ""]
-    for conn_name, conn in superlink.items():
-        lines += [f"[superlink.{json.dumps(conn_name)}]"]
-        lines += [f"{k} = {toml_value(k, v)}" for k, v in conn.items() if not isinstance(v, dict)]
-        lines.append("")
     flwr_home.mkdir(parents=True, exist_ok=True)
-    path.write_text("\n".join(lines), encoding="utf-8")
+    path.write_text(tomli_w.dumps(config), encoding="utf-8")
 
 
 def flwr(
@@ -133,6 +133,8 @@ def _run_args(
     app_dir: Path, flwr_home: Path, connection: str, run_config: ScalarConfig | None,
     run_config_args: list[str] | None, federation_config: ScalarConfig | str | None,
 ) -> list[str]:
+    if run_config and run_config_args:
+        raise FlowerProcessError("pass the run config as a dict or as `key=value` strings, not both")
     args = ["run", str(Path(app_dir).resolve()), connection]
     if run_config:
         args += ["--run-config", str(write_run_config(flwr_home, run_config))]

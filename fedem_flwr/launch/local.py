@@ -7,12 +7,13 @@ telemetry, and is stopped by pid when the run ends. The run's final status comes
 `flwr ls`, because `flwr run --stream` exits 0 even when the ServerApp crashed.
 A SuperLink kept with `keep_superlink` is recorded in `$FLWR_HOME/superlink.json`;
 the next launch with the same home reuses it, and `stop_superlink` (the CLI's `stop`)
-ends it.
+ends it, as well as one that a plain `flwr run` auto-started with that `FLWR_HOME`.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -20,7 +21,13 @@ from pathlib import Path
 
 from fedem_flwr.errors import FlowerProcessError
 from fedem_flwr.launch import flwr_cli
-from fedem_flwr.launch.processes import FlowerProcess, cmdline, pid_alive, start_superlink
+from fedem_flwr.launch.processes import (
+    FlowerProcess,
+    cmdline,
+    pid_alive,
+    start_superlink,
+    stop_trees,
+)
 
 CONNECTION = "fedem-local"
 PIDFILE = "superlink.json"
@@ -71,22 +78,39 @@ def running_superlink(flwr_home: Path) -> FlowerProcess | None:
         pid_alive(pid)
         and any(Path(arg).name == "flower-superlink" for arg in argv)
         and str(port) in argv
-        and any(arg.startswith(str(flwr_home)) for arg in argv)
+        and any(arg.startswith(f"{flwr_home}{os.sep}") for arg in argv)
     )
     if not ours:
         return None
     return FlowerProcess("superlink", pid, port, flwr_home, Path(record.get("log", "")))
 
 
-def stop_superlink(flwr_home: Path, timeout: float = 10.0) -> int | None:
-    """Stop the SuperLink recorded in this home (and what it spawned); its pid, or None."""
+def flower_local_superlinks(flwr_home: Path) -> list[int]:
+    """Pids of SuperLinks that Flower's own `flwr run` auto-started with this FLWR_HOME.
+
+    Flower starts them detached, records no pid, and names its log file
+    `$FLWR_HOME/local-superlink/superlink.log` on the command line: that path identifies them.
+    """
+    log_file = str(Path(flwr_home).resolve() / "local-superlink" / "superlink.log")
+    found = []
+    for entry in Path("/proc").glob("[0-9]*"):
+        argv = cmdline(int(entry.name))
+        if log_file in argv and any(Path(arg).name == "flower-superlink" for arg in argv):
+            found.append(int(entry.name))
+    return found
+
+
+def stop_superlink(flwr_home: Path, timeout: float = 10.0) -> list[int]:
+    """Stop the SuperLinks of this home (kept by a launch, or left by a plain `flwr run`).
+
+    Returns the pids stopped; each is stopped with everything it spawned.
+    """
     flwr_home = Path(flwr_home).resolve()
     proc = running_superlink(flwr_home)
     (flwr_home / PIDFILE).unlink(missing_ok=True)
-    if proc is None:
-        return None
-    proc.stop(timeout)
-    return proc.pid
+    pids = ([proc.pid] if proc else []) + flower_local_superlinks(flwr_home)
+    stop_trees([(pid, None) for pid in pids], timeout)
+    return pids
 
 
 def _record(proc: FlowerProcess) -> None:
