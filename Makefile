@@ -5,6 +5,9 @@ TORCH ?= torch==2.13.0
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+# The hub's state folder for `make run` (absolute: the ServerApp runs in the SuperLink's directory).
+HUB ?= $(CURDIR)/.fedem/hub
+FEDERATION ?= num-supernodes=4 client-resources-num-cpus=1
 
 .PHONY: setup run test test-fast bench clean
 
@@ -18,7 +21,10 @@ $(STAMP): pyproject.toml
 setup: $(STAMP)
 
 run: setup
-	$(BIN)/python -m fedem_flwr.demo
+	$(BIN)/python -m fedem_flwr.launch run . --federation-config "$(FEDERATION)" \
+		--run-config 'config-name="demo" hub="$(HUB)"'
+	$(BIN)/fedem --hub "$(HUB)" status
+	$(BIN)/fedem --hub "$(HUB)" report
 
 test: setup
 	$(BIN)/python -m pytest -q

@@ -8,12 +8,13 @@ from flwr.clientapp import ClientApp
 
 from fedem_flwr.config import load_run_config
 from fedem_flwr.contributor import BaseCache, node_data, profile, relay_train
-from fedem_flwr.logs import use_flower_logging
+from fedem_flwr.logs import quiet_library_progress, use_flower_logging
 from fedem_flwr.relay import messages
 from fedem_flwr.wire import adapter_to_arrays
 
 app = ClientApp()
 use_flower_logging()
+quiet_library_progress()
 
 
 @app.query("profile")

@@ -19,3 +19,14 @@ def use_flower_logging(level: int = logging.INFO) -> logging.Logger:
             logger.addHandler(handler)
     logger.propagate = False
     return logger
+
+
+def quiet_library_progress() -> None:
+    """Hide the progress bars `datasets` and `transformers` draw for internal steps (filters,
+    shard writes, weight loads): inside a relay they flood the run's log with no information.
+    fedem's own training progress stays, as `train.progress` says."""
+    import datasets
+    import transformers
+
+    datasets.disable_progress_bars()
+    transformers.utils.logging.disable_progress_bar()

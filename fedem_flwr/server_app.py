@@ -14,7 +14,7 @@ from flwr.serverapp import Grid, ServerApp
 from fedem_flwr.bootstrap import open_hub
 from fedem_flwr.config import load_run_config
 from fedem_flwr.hub.paths import HubWriterLock, resolve_hub_path
-from fedem_flwr.logs import use_flower_logging
+from fedem_flwr.logs import quiet_library_progress, use_flower_logging
 from fedem_flwr.relay.strategy import RelayStrategy
 
 log = logging.getLogger(__name__)
@@ -24,6 +24,7 @@ app = ServerApp()
 @app.main()
 def main(grid: Grid, context: Context) -> None:
     use_flower_logging()
+    quiet_library_progress()
     cfg = load_run_config(context.run_config)
     hub_path = resolve_hub_path(cfg.hub.path, require_absolute=True)
     with HubWriterLock(hub_path):

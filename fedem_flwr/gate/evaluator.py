@@ -6,7 +6,7 @@ trained them; the registry maps contributions to pseudonyms elsewhere.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, Optional
 
@@ -42,9 +42,11 @@ class HubWorkbench:
         self.initial_state = adapter_state(self.model)
         self.spec = AdapterSpec.from_state(self.initial_state)
 
-    def evaluate(self, state: Mapping[str, torch.Tensor]) -> dict[str, float]:
+    def evaluate(self, state: Mapping[str, torch.Tensor], languages: Optional[Sequence[str]] = None) -> dict[str, float]:
+        """Held-out loss per language; only ``languages`` when given (the gate needs no more)."""
         load_adapter_state(self.model, state)
-        results = evaluate(self.model, self.heldout, pad_id=self.pad_id, batch_size=self.batch_size)
+        heldout = self.heldout if languages is None else {k: v for k, v in self.heldout.items() if k in languages}
+        results = evaluate(self.model, heldout, pad_id=self.pad_id, batch_size=self.batch_size)
         return {language: float(r["loss"]) for language, r in results.items()}
 
     def save(self, state: Mapping[str, torch.Tensor], folder: Path, base: Any) -> None:

@@ -33,8 +33,8 @@ class AdapterWorkbench(Protocol):
     It sees weights only, never who trained them: evaluation is blind by construction.
     """
 
-    def evaluate(self, state: Mapping[str, Any]) -> HeldoutLosses:
-        """Held-out mean loss per language of the base with this adapter."""
+    def evaluate(self, state: Mapping[str, Any], languages: Optional[Sequence[str]] = None) -> HeldoutLosses:
+        """Held-out mean loss per language of the base with this adapter (all, or ``languages``)."""
 
     def save(self, state: Mapping[str, Any], folder: Path, base: ArtifactRef) -> None:
         """Write a standard PEFT adapter folder naming ``base`` as its base model."""
@@ -193,7 +193,7 @@ class RelayCoordinator:
 
         parent = self.registry.latest_adapter_version(adapter)
         languages = self.registry.adapter(adapter).languages
-        losses = self.workbench.evaluate(state)
+        losses = self.workbench.evaluate(state, None if self.gate.check_others else languages)
         decision = self._decide(losses, parent.metrics.get("heldout", {}), languages)
         ref = self._write_artifact(state, parent, lease) if decision.accepted else None
         return self._conclude(

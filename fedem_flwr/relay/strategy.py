@@ -261,7 +261,8 @@ class RelayStrategy(Strategy):
             return
         config = reply.content["config"]
         partition = config.get("partition-id")
-        if not node.identity.startswith("pk:") and partition is not None:
+        if partition is not None:
+            # Simulated nodes get a new random id and key every run; their partition is stable.
             node.identity = f"sim:{int(partition)}"
         node.digests = set(config.get("base-digests", []))
         node.profile = NodeProfile(
@@ -270,7 +271,11 @@ class RelayStrategy(Strategy):
             device=str(config.get("device", "cpu")),
             data_size=int(config.get("data-bytes", 0)),
         )
-        log.info("Node %s: %s", self.coordinator.registry.pseudonym(node.identity), node.profile)
+        log.info(
+            "Node %s: languages %s, %s, %.0f KB of text",
+            self.coordinator.registry.pseudonym(node.identity), ",".join(node.profile.languages) or "-",
+            node.profile.device, node.profile.data_size / 1000,
+        )
 
     def _on_train_reply(self, reply: Message, pending: _Pending, node: Optional[_Node], result: RelayResult) -> None:
         lease = pending.assignment.lease
