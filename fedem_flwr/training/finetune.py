@@ -1,0 +1,272 @@
+"""The client's fine-tuning loop: one flat loop in nanoGPT's shape, for a LoRA adapter or a full model.
+
+Per optimizer step: set the learning rate (linear warmup, then cosine down to ``min_lr_ratio``), run
+``grad_accum`` micro-steps over one batch of blocks, clip, step AdamW. It stops at ``max_steps``, after
+``max_seconds``, or before a step that would end past ``deadline`` (an absolute ``clock()`` time: the
+lease's deadline minus a margin), so a lease is never lost to a last long step.
+
+Only trainable parameters reach the optimizer, so a PeftModel trains its adapter and nothing else.
+The loss of a step is the sum of token losses over the whole step divided by its target count, so
+the gradient does not depend on how the step is split in micro-batches: a CUDA out-of-memory halves
+the micro-batch, doubles the accumulation and reruns the same step with the same result.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from fedem_flwr.config.schema import TrainConfig
+from fedem_flwr.data.blocks import IGNORE_INDEX, labels_for
+from fedem_flwr.errors import ConfigError, DataError, TrainingError
+from fedem_flwr.training.device import autocast, pick_device, pick_precision, release_memory
+
+log = logging.getLogger(__name__)
+
+LOG_INTERVAL = 10  # steps between loss read-outs (each one is a CPU-GPU sync point)
+
+
+@dataclass
+class TrainResult:
+    """What a training run did; ``stopped_by`` is ``max_steps``, ``max_seconds`` or ``deadline``."""
+
+    steps: int
+    tokens: int
+    loss_first: float
+    loss_last: float
+    seconds: float
+    stopped_by: str
+    micro_batch: int = 0
+    grad_accum: int = 0
+
+    @property
+    def tokens_per_second(self) -> float:
+        return self.tokens / self.seconds if self.seconds > 0 else 0.0
+
+
+def lr_at(step: int, cfg: TrainConfig) -> float:
+    """Learning rate of optimizer step ``step`` (0-based): warmup, then cosine to ``lr * min_lr_ratio``."""
+    min_lr = cfg.lr * cfg.min_lr_ratio
+    if step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / (cfg.warmup_steps + 1)
+    if step >= cfg.max_steps:
+        return min_lr
+    progress = (step - cfg.warmup_steps) / max(1, cfg.max_steps - cfg.warmup_steps)
+    return min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (cfg.lr - min_lr)
+
+
+def shrink_micro_batch(micro_batch: int, grad_accum: int) -> Optional[tuple[int, int]]:
+    """The (micro_batch, grad_accum) to retry with after an out-of-memory, or None at micro-batch 1.
+
+    The micro-batch at least halves and the effective batch (their product) stays exactly the same:
+    the new micro-batch is the largest divisor of the effective batch not above half the old one.
+    """
+    if micro_batch <= 1:
+        return None
+    effective = micro_batch * grad_accum
+    smaller = max(d for d in range(1, micro_batch // 2 + 1) if effective % d == 0)
+    return smaller, effective // smaller
+
+
+def train(
+    model: torch.nn.Module,
+    blocks: torch.Tensor,
+    cfg: TrainConfig,
+    *,
+    pad_id: int,
+    seed: int = 0,
+    deadline: Optional[float] = None,
+    clock: Callable[[], float] = time.monotonic,
+    progress: Optional[bool] = None,
+) -> TrainResult:
+    """Train the trainable parameters of ``model`` on token ``blocks`` ([n, block_size]) under ``cfg``.
+
+    The model moves to ``cfg.device`` and stays there; its train/eval mode is restored afterwards.
+    Deterministic given ``seed`` on a CPU (the global RNG is forked, not reseeded for the caller).
+    """
+    if blocks.ndim != 2 or blocks.shape[0] == 0 or blocks.shape[1] < 2:
+        raise DataError(f"training needs token blocks of shape [n >= 1, block_size >= 2]; got {tuple(blocks.shape)}.")
+    device = pick_device(cfg.device)
+    amp_dtype = pick_precision(cfg.precision, device)
+    params = [p for p in model.parameters() if p.requires_grad]
+    if not params:
+        raise TrainingError("the model has no trainable parameters (attach LoRA or unfreeze some weights).")
+    model.to(device)
+    was_training = model.training
+    checkpointing = cfg.gradient_checkpointing and _enable_checkpointing(model)
+
+    # Blocks stay on the CPU (pinned for asynchronous copies on a GPU); only batches travel.
+    blocks = blocks.to("cpu", torch.long)
+    if device.type == "cuda":
+        blocks = blocks.pin_memory()
+    effective = cfg.batch_size * cfg.grad_accum
+    # auto_batch_size: start with the whole step in one micro-batch and let the out-of-memory
+    # fallback halve it; the first step is the probe. A CPU gives no out-of-memory signal to act on.
+    if cfg.auto_batch_size and device.type == "cuda":
+        micro, accum = effective, 1
+    else:
+        micro, accum = cfg.batch_size, cfg.grad_accum
+
+    optimizer = _adamw(params, cfg, device)
+    scaler = torch.amp.GradScaler("cuda") if amp_dtype == torch.float16 else None
+    generator = torch.Generator().manual_seed(seed)
+    order = torch.empty(0, dtype=torch.long)
+    show = cfg.progress if progress is None else progress
+    bar = tqdm(total=cfg.max_steps, disable=not show, unit="step", dynamic_ncols=True, leave=False)
+
+    steps = tokens = 0
+    loss_first = loss_last = math.nan
+    last_loss: Optional[torch.Tensor] = None
+    stopped_by = "max_steps"
+    start = now = clock()
+    step_s = 0.0
+    rng_devices = [device.index or torch.cuda.current_device()] if device.type == "cuda" else []
+    try:
+        with torch.random.fork_rng(devices=rng_devices):
+            torch.manual_seed(seed)  # dropout, if the adapter has any
+            model.train()
+            for step in range(cfg.max_steps):
+                if deadline is not None and now + step_s > deadline:
+                    stopped_by = "deadline"
+                    break
+                if cfg.max_seconds is not None and now - start + step_s > cfg.max_seconds:
+                    stopped_by = "max_seconds"
+                    break
+                lr = lr_at(step, cfg)
+                for group in optimizer.param_groups:
+                    group["lr"] = lr
+
+                # Next batch: walk seeded permutations of the blocks, epoch after epoch.
+                while order.numel() < effective:
+                    order = torch.cat([order, torch.randperm(blocks.shape[0], generator=generator)])
+                batch, order = blocks[order[:effective]], order[effective:]
+
+                while True:
+                    try:
+                        last_loss = _step(model, batch, micro, pad_id, device, amp_dtype, optimizer, scaler, params, cfg.grad_clip)
+                        break
+                    except torch.OutOfMemoryError:
+                        pass
+                    # Out of the except block, so its traceback (holding the activations) is freed first.
+                    optimizer.zero_grad(set_to_none=True)
+                    release_memory(device)
+                    smaller = shrink_micro_batch(micro, accum)
+                    if smaller is None:
+                        raise TrainingError(
+                            f"out of GPU memory at micro-batch 1 (block size {blocks.shape[1]}); lower "
+                            "`data.block_size`, set `train.gradient_checkpointing=true` or use a smaller model."
+                        )
+                    log.warning("out of memory at micro-batch %d: retrying step %d as %d x %d",
+                                micro, step, smaller[0], smaller[1])
+                    micro, accum = smaller
+
+                steps += 1
+                tokens += int((batch != pad_id).sum())  # CPU tensor: no sync
+                previous, now = now, clock()
+                step_s = now - previous
+                if step == 0 or (show and step % LOG_INTERVAL == 0):
+                    loss_value = last_loss.item()  # this is a CPU-GPU sync point
+                    if step == 0:
+                        loss_first = loss_value
+                    _check_finite(loss_value, step)
+                    if show:
+                        tok_s = tokens / max(now - start, 1e-9)
+                        bar.set_postfix(loss=f"{loss_value:.3f}", tok_s=f"{tok_s:.0f}", lr=f"{lr:.1e}")
+                bar.update(1)
+    finally:
+        bar.close()
+        model.train(was_training)
+        if checkpointing:
+            _disable_checkpointing(model)
+        optimizer.zero_grad(set_to_none=True)
+        del optimizer
+        release_memory(device)
+    if last_loss is not None:
+        loss_last = last_loss.item()
+        _check_finite(loss_last, steps - 1)
+    return TrainResult(steps, tokens, loss_first, loss_last, now - start, stopped_by, micro, accum)
+
+
+def _step(model, batch, micro, pad_id, device, amp_dtype, optimizer, scaler, params, grad_clip) -> torch.Tensor:
+    """One optimizer step over ``batch`` in micro-batches of ``micro``; returns the step's loss (a tensor)."""
+    labels = labels_for(batch, pad_id)
+    # Targets are the tokens from position 1 on: counted on the CPU, so no sync.
+    targets = max(1, int((labels[:, 1:] != IGNORE_INDEX).sum()))
+    total = torch.zeros((), device=device)
+    for x, y in zip(batch.split(micro), labels.split(micro)):
+        x = x.to(device, non_blocking=True)
+        y = y.to(device, non_blocking=True)
+        with autocast(device, amp_dtype):
+            logits = model(input_ids=x, use_cache=False).logits
+        # fp32 loss: a bf16 log-softmax over the vocabulary loses the small differences training needs.
+        loss = F.cross_entropy(
+            logits[:, :-1].float().reshape(-1, logits.shape[-1]), y[:, 1:].reshape(-1),
+            ignore_index=IGNORE_INDEX, reduction="sum",
+        ) / targets
+        (scaler.scale(loss) if scaler else loss).backward()
+        total += loss.detach()
+    if scaler:
+        scaler.unscale_(optimizer)  # clip the true gradients, not the scaled ones
+    if grad_clip > 0:
+        torch.nn.utils.clip_grad_norm_(params, grad_clip)
+    if scaler:
+        scaler.step(optimizer)  # skips the step when the scaled gradients overflowed
+        scaler.update()
+    else:
+        optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return total
+
+
+def _adamw(params: list[torch.nn.Parameter], cfg: TrainConfig, device: torch.device) -> torch.optim.AdamW:
+    # nanoGPT: decay matrices only; biases and norms (1-D) never decay.
+    groups = [
+        {"params": [p for p in params if p.dim() >= 2], "weight_decay": cfg.weight_decay},
+        {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
+    ]
+    groups = [g for g in groups if g["params"]]
+    # The fused CUDA kernel does the update in one launch instead of one per tensor.
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.95), fused=device.type == "cuda")
+
+
+def _enable_checkpointing(model: torch.nn.Module) -> bool:
+    base = _base(model)
+    if not getattr(base, "supports_gradient_checkpointing", False):
+        raise ConfigError(
+            f"`train.gradient_checkpointing` is true but {type(base).__name__} does not support it."
+        )
+    # Non-reentrant checkpointing works with frozen embeddings (LoRA), without enable_input_require_grads.
+    kwargs = {"use_reentrant": False}
+    if hasattr(base, "activation_checkpointing_enable"):  # transformers >= 5.2x renamed it
+        base.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        base.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+    return True
+
+
+def _disable_checkpointing(model: torch.nn.Module) -> None:
+    base = _base(model)
+    if hasattr(base, "activation_checkpointing_disable"):
+        base.activation_checkpointing_disable()
+    else:
+        base.gradient_checkpointing_disable()
+
+
+def _base(model: torch.nn.Module) -> torch.nn.Module:
+    """The transformers model under a PeftModel (or the model itself)."""
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
+def _check_finite(loss: float, step: int) -> None:
+    if not math.isfinite(loss):
+        raise TrainingError(
+            f"the training loss is {loss} at step {step}; lower `train.lr` or use `train.precision=fp32`."
+        )
