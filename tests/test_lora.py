@@ -170,7 +170,7 @@ def test_load_adapter_trainable_for_the_next_leg(tokenizer, tmp_path):
     assert trainable and all("lora_" in n for n in trainable)
 
 
-@pytest.mark.parametrize("base_repo", ["/abs/base", "./rel", "C:\\base", "", "~/x"])
+@pytest.mark.parametrize("base_repo", ["/abs/base", "./rel", "C:\\base", "", "~/x", "fedem/..", "a/b/c"])
 def test_save_adapter_refuses_local_base_paths(tokenizer, tmp_path, base_repo):
     with pytest.raises(ConfigError, match="base_repo"):
         save_adapter(attach_lora(tiny(tokenizer), LoraConfig()), tmp_path, base_repo, None)

@@ -179,3 +179,34 @@ def test_kernel_path_on_cuda_matches_availability(tokenizer):
     model = build_model(ModelConfig(), tokenizer).cuda()
 
     assert kernel_path(model) == ("fused" if kernels_available() else "pytorch")
+
+
+@needs_cuda
+def test_kernels_never_runs_the_pytorch_path_on_cuda(tokenizer):
+    model = build_model(ModelConfig(kernels="never"), tokenizer).cuda()
+    ids = torch.randint(4, 260, (2, 32), device="cuda")
+
+    loss = model(input_ids=ids, labels=ids).loss
+    loss.backward()
+
+    assert kernel_path(model) == "pytorch"
+    assert torch.isfinite(loss)
+
+
+def test_kernel_detection_reads_how_transformers_resolved_an_op():
+    # transformers' own decorator, pointed at a package that imports (json) and one that does not.
+    from transformers.integrations import use_kernel_func_from_hub_with_fallback
+
+    from fedem_flwr.model.factory import _uses_kernel
+
+    @use_kernel_func_from_hub_with_fallback("dumps", "json")
+    def resolved(obj):
+        return "reference"
+
+    @use_kernel_func_from_hub_with_fallback("dumps", "fedem_no_such_kernel_package")
+    def fallback(obj):
+        return "reference"
+
+    assert _uses_kernel(resolved) is True and resolved([1]) == "[1]"
+    assert _uses_kernel(fallback) is False and fallback([1]) == "reference"
+    assert _uses_kernel(fallback.__wrapped__) is False

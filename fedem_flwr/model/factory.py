@@ -16,7 +16,6 @@ import importlib
 import importlib.util
 import json
 import logging
-import os
 import re
 import sys
 from pathlib import Path
@@ -35,7 +34,7 @@ log = logging.getLogger(__name__)
 
 FEDEM_CONFIG_FILE = "fedem_config.json"
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-_REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
+REPO_ID_PATTERN = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
 
 # The transformers module of each architecture and the ops that make its fused training path.
 _KERNEL_OPS = {
@@ -51,7 +50,9 @@ def _uses_kernel(op: Any) -> bool:
     code, closure = getattr(op, "__code__", None), getattr(op, "__closure__", None)
     if code is not None and closure and "is_new_implementation" in code.co_freevars:
         return bool(closure[code.co_freevars.index("is_new_implementation")].cell_contents)
-    # Unknown transformers layout: the kernel can only be in use if its package imported.
+    if not hasattr(op, "__wrapped__"):
+        return False  # a plain function: the PyTorch reference itself
+    # A wrapper of unknown layout: the kernel can only be in use if its package imported.
     return all(name in sys.modules for name in _KERNEL_PACKAGES)
 
 
@@ -90,9 +91,11 @@ def _disable_kernels(arch: str) -> None:
     if module_name not in sys.modules or not any(p in sys.modules for p in _KERNEL_PACKAGES):
         return  # nothing resolved to a kernel: already on the PyTorch path
     module = sys.modules[module_name]
-    for name in (n for n in dir(module) if not n.startswith("_")):
-        op = getattr(module, name)
-        if callable(op) and hasattr(op, "__wrapped__") and _uses_kernel(op):
+    for name, op in list(vars(module).items()):
+        code, closure = getattr(op, "__code__", None), getattr(op, "__closure__", None)
+        if code is None or not closure or "is_new_implementation" not in code.co_freevars:
+            continue  # not one of transformers' kernel-or-reference ops
+        if closure[code.co_freevars.index("is_new_implementation")].cell_contents:
             setattr(module, name, op.__wrapped__)
     log.warning("model.kernels=never: %s ops use their PyTorch reference in this process", arch)
 
@@ -165,7 +168,7 @@ def load_base(path_or_repo: str, revision: Optional[str] = None) -> tuple["PreTr
         if not (local / "config.json").is_file():
             raise ModelNotFound(f"base model folder {str(local)!r} has no config.json; it is not a saved model.")
         source = str(local)
-    elif os.path.isabs(path_or_repo) or path_or_repo.startswith((".", "~")) or not _REPO_ID.match(path_or_repo):
+    elif not REPO_ID_PATTERN.match(path_or_repo) or ".." in path_or_repo:
         raise ModelNotFound(f"base model folder {path_or_repo!r} does not exist (and is not a repo id).")
     else:
         source = path_or_repo

@@ -100,9 +100,9 @@ def load_adapter_state(peft_model: "peft.PeftModel", state: Mapping[str, "torch.
 
 
 def _check_base_repo(base_repo: str) -> None:
-    from fedem_flwr.model.factory import _REPO_ID
+    from fedem_flwr.model.factory import REPO_ID_PATTERN
 
-    if not base_repo or base_repo.startswith(("/", ".", "~", "\\")) or ":" in base_repo or not _REPO_ID.match(base_repo):
+    if not REPO_ID_PATTERN.match(base_repo or "") or ".." in base_repo:
         raise ConfigError(
             f"`base_repo` is {base_repo!r}; an adapter names its base by a repo id that resolves elsewhere "
             "(like 'fedem/seshu-tiny'), never a local path."
