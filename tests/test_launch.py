@@ -127,23 +127,26 @@ def test_stop_superlink_never_signals_a_pid_that_is_not_our_superlink(tmp_path):
     assert not (tmp_path / PIDFILE).exists()
 
 
-def test_stop_tree_ends_a_process_and_its_children(tmp_path):
-    # Prepare: a shell with two children, which outlive it when it gets SIGTERM
+def test_stop_ends_a_process_its_children_and_its_orphans(tmp_path):
+    # Prepare: a shell with a child, and a grandchild whose parent already exited (an
+    # orphan, as a stopped simulation leaves Ray workers): only the spawn tag finds it
     proc = processes.spawn(
-        "sleeper", ["bash", "-c", "sleep 60 & sleep 60 & wait"], tmp_path, 0, tmp_path)
-    children = []
-    for _ in range(50):
-        children = processes.descendants(proc.pid)
-        if len(children) == 2:
+        "sleeper", ["bash", "-c", "(sleep 60 &); sleep 60 & wait"], tmp_path, 0, tmp_path)
+    family = []
+    for _ in range(100):
+        family = processes.tagged([proc.tag])
+        if len(family) == 3:
             break
-        time.sleep(0.1)
-    assert len(children) == 2
+        time.sleep(0.05)
+    assert len(family) == 3
+    assert len(processes.descendants(proc.pid)) == 1
 
     # Execute
     proc.stop(timeout=2.0)
 
     # Assert
-    assert not any(processes.pid_alive(pid) for pid in [proc.pid, *children])
+    assert processes.tagged([proc.tag]) == []
+    assert not any(processes.pid_alive(pid) for pid in family)
 
 
 def test_run_app_refuses_a_folder_without_pyproject(tmp_path):
@@ -160,7 +163,7 @@ def test_launcher_runs_echo_app_in_simulation_and_cleans_up(tmp_path):
     # Prepare
     home = tmp_path / "flwr"
     result = tmp_path / "result.json"
-    run_config = f'result-path="{result}" expected-nodes=2 env-probe="HOME"'
+    run_config = f'result-path="{result}" expected-nodes=2'
 
     # Execute
     proc = launch(tmp_path, "run", str(ECHO_APP), "--flwr-home", str(home),
@@ -202,6 +205,8 @@ def test_launcher_exits_non_zero_when_serverapp_fails_and_stops_kept_superlink(t
     # Assert: the kept SuperLink is found again (and would be reused), then stopped by pid
     kept = running_superlink(home)
     assert kept is not None and f"pid {kept.pid}" in proc.stdout
+    listed = launch(tmp_path, "status", "--flwr-home", str(home))
+    assert json.loads(listed.stdout) == {"pid": kept.pid, "address": kept.address}
     again, reused = ensure_superlink(home)
     assert reused and again.pid == kept.pid
     stopped = launch(tmp_path, "stop", "--flwr-home", str(home))

@@ -8,6 +8,12 @@ telemetry, and is stopped by pid when the run ends. The run's final status comes
 A SuperLink kept with `keep_superlink` is recorded in `$FLWR_HOME/superlink.json`;
 the next launch with the same home reuses it, and `stop_superlink` (the CLI's `stop`)
 ends it, as well as one that a plain `flwr run` auto-started with that `FLWR_HOME`.
+
+The ServerApp (and, in simulation, every ClientApp) runs in the SuperLink's working
+directory (`$FLWR_HOME/superlink-<port>/`) with the environment the SuperLink was started
+with: this process's for a new SuperLink (so CUDA_VISIBLE_DEVICES and the like still
+apply), that of its first start for a reused one. Pass what the app needs through the
+run config, never through the caller's directory or a variable set after the start.
 """
 
 from __future__ import annotations
@@ -82,7 +88,8 @@ def running_superlink(flwr_home: Path) -> FlowerProcess | None:
     )
     if not ours:
         return None
-    return FlowerProcess("superlink", pid, port, flwr_home, Path(record.get("log", "")))
+    return FlowerProcess("superlink", pid, port, flwr_home, Path(record.get("log", "")),
+                         str(record.get("tag", "")))
 
 
 def flower_local_superlinks(flwr_home: Path) -> list[int]:
@@ -109,12 +116,12 @@ def stop_superlink(flwr_home: Path, timeout: float = 10.0) -> list[int]:
     proc = running_superlink(flwr_home)
     (flwr_home / PIDFILE).unlink(missing_ok=True)
     pids = ([proc.pid] if proc else []) + flower_local_superlinks(flwr_home)
-    stop_trees([(pid, None) for pid in pids], timeout)
+    stop_trees([(pid, None) for pid in pids], timeout, [proc.tag] if proc and proc.tag else [])
     return pids
 
 
 def _record(proc: FlowerProcess) -> None:
-    record = {"pid": proc.pid, "port": proc.port, "address": proc.address,
+    record = {"pid": proc.pid, "port": proc.port, "address": proc.address, "tag": proc.tag,
               "connection": CONNECTION, "log": str(proc.log_path),
               "started-at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
     (proc.flwr_home / PIDFILE).write_text(json.dumps(record, indent=2), encoding="utf-8")

@@ -18,12 +18,14 @@ import sys
 import time
 import urllib.error
 import urllib.request
+import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from fedem_flwr.errors import FlowerProcessError
 
 LOOPBACK = "127.0.0.1"
+TAG_VAR = "FEDEM_FLOWER_TAG"
 
 
 def flower_bin(name: str) -> str:
@@ -45,6 +47,7 @@ def flower_env(flwr_home: Path, extra: dict[str, str] | None = None) -> dict[str
         FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION="1",
         FLWR_TELEMETRY_ENABLED="0",
         FLWR_DISABLE_UPDATE_CHECK="1",
+        PYTHONUNBUFFERED="1",  # logs reach their pipe or file as they happen
         PATH=os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")]),
     )
     env.update(extra or {})
@@ -115,31 +118,61 @@ def descendants(pid: int) -> list[int]:
     return found
 
 
-def stop_tree(pid: int, timeout: float = 10.0, popen: subprocess.Popen | None = None) -> None:
+def tagged(tags: list[str]) -> list[int]:
+    """Live processes whose environment carries one of our spawn tags (see `spawn`).
+
+    Descendants inherit the tag, so this finds what a process tree left behind after its
+    parent died (e.g. Ray workers of a stopped simulation, re-parented to init).
+    """
+    if not tags:
+        return []
+    marks = {f"{TAG_VAR}={tag}".encode() for tag in tags}
+    found = []
+    for environ in Path("/proc").glob("[0-9]*/environ"):
+        try:
+            if marks & set(environ.read_bytes().split(b"\0")):
+                found.append(int(environ.parent.name))
+        except (OSError, ValueError):
+            continue
+    return [pid for pid in found if pid != os.getpid() and pid_alive(pid)]
+
+
+def stop_tree(pid: int, timeout: float = 10.0, popen: subprocess.Popen | None = None,
+              tag: str | None = None) -> None:
     """Stop `pid` and everything it spawned: SIGTERM, wait, then SIGKILL what is left."""
-    stop_trees([(pid, popen)], timeout)
+    stop_trees([(pid, popen)], timeout, [tag] if tag else [])
 
 
-def stop_trees(roots: list[tuple[int, subprocess.Popen | None]], timeout: float = 10.0) -> None:
+def stop_trees(
+    roots: list[tuple[int, subprocess.Popen | None]], timeout: float = 10.0,
+    tags: list[str] | None = None,
+) -> None:
     """Stop several process trees at once (a SuperNode takes seconds to wind down).
 
-    Each tree is read before the first signal. A SuperLink or SuperNode stops its own
-    SuperExec on SIGTERM, but a simulation's Ray processes can outlive their parent, so
-    stragglers from the recorded trees get their own SIGTERM and, later, SIGKILL.
+    A SuperLink or SuperNode stops its own SuperExec on SIGTERM, but the processes of a
+    run can outlive their parent (a stopped simulation's Ray workers), so everything
+    below the roots, or carrying one of `tags`, gets its own SIGTERM and later SIGKILL.
     """
+    tags = tags or []
     pids = [pid for pid, _ in roots]
     popens = [popen for _, popen in roots if popen is not None]
-    trees = [p for pid in pids for p in (pid, *descendants(pid))]
+
+    def family() -> list[int]:
+        below = {p for pid in pids for p in descendants(pid)} | set(tagged(tags))
+        return sorted(below - set(pids))
+
+    known = family()
     for pid in pids:
         _signal(pid, signal.SIGTERM)
     _wait_gone(pids, timeout, popens)
-    stragglers = [p for p in trees if p not in pids and pid_alive(p)]
+    stragglers = sorted(set(known + family()))
     for child in stragglers:
         _signal(child, signal.SIGTERM)
     _wait_gone(stragglers, timeout / 2, popens)
-    for left in [p for p in trees if pid_alive(p)]:
-        _signal(left, signal.SIGKILL)
-    _wait_gone(trees, 5.0, popens)
+    left = [p for p in {*pids, *stragglers, *family()} if pid_alive(p)]
+    for pid in left:
+        _signal(pid, signal.SIGKILL)
+    _wait_gone(left, 5.0, popens)
 
 
 def _signal(pid: int, sig: signal.Signals) -> None:
@@ -166,6 +199,7 @@ class FlowerProcess:
     port: int
     flwr_home: Path
     log_path: Path
+    tag: str = ""
     popen: subprocess.Popen | None = field(default=None, repr=False, compare=False)
 
     @property
@@ -188,22 +222,27 @@ class FlowerProcess:
 
     def stop(self, timeout: float = 10.0) -> None:
         """Stop it and everything it spawned (idempotent)."""
-        stop_tree(self.pid, timeout, self.popen)
+        stop_tree(self.pid, timeout, self.popen, self.tag or None)
 
 
 def spawn(
     kind: str, argv: list[str], flwr_home: Path, port: int, cwd: Path,
     env_extra: dict[str, str] | None = None,
 ) -> FlowerProcess:
-    """Start `argv` detached in its own session, its output appended to a log in `cwd`."""
+    """Start `argv` detached in its own session, its output appended to a log in `cwd`.
+
+    Its environment carries a fresh random tag (`FEDEM_FLOWER_TAG`) that every process
+    it spawns inherits: stopping it finds and ends exactly those, and nothing else.
+    """
     cwd.mkdir(parents=True, exist_ok=True)
     log_path = cwd / f"{kind}.out"
+    tag = uuid.uuid4().hex
     with log_path.open("ab") as log:
         popen = subprocess.Popen(  # noqa: S603 (argv built here, no shell)
-            argv, cwd=cwd, env=flower_env(flwr_home, env_extra), stdin=subprocess.DEVNULL,
-            stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+            argv, cwd=cwd, env=flower_env(flwr_home, {**(env_extra or {}), TAG_VAR: tag}),
+            stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
         )
-    return FlowerProcess(kind, popen.pid, port, flwr_home, log_path, popen)
+    return FlowerProcess(kind, popen.pid, port, flwr_home, log_path, tag, popen)
 
 
 def start_superlink(

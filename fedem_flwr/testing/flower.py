@@ -103,7 +103,7 @@ def supernodes(
                                            isolation=isolation))
         yield started
     finally:
-        stop_trees([(proc.pid, proc.popen) for proc in started])
+        stop_trees([(proc.pid, proc.popen) for proc in started], tags=[p.tag for p in started])
 
 
 def submit_run(
