@@ -230,6 +230,12 @@ def test_blocks_join_documents_with_eos_and_pad_the_tail(tokenizer):
     assert blocks.tolist() == [[a, b, eos, c], [d, e, eos, pad]]
 
 
+def test_blocks_from_a_dataset_column_match_blocks_from_a_list(small, tokenizer):
+    hindi = small.filter(lambda row: row["language"] == "hi")
+
+    assert torch.equal(tokenize_blocks(hindi["text"], tokenizer, 64), tokenize_blocks(list(column(hindi, "text")), tokenizer, 64))
+
+
 def test_labels_mask_padding_only(tokenizer):
     blocks = tokenize_blocks(["hello", "नमस्ते"], tokenizer, block_size=8)
     pad = tokenizer.pad_token_id

@@ -19,6 +19,7 @@ from fedem_flwr.model import build_byte_tokenizer, build_model
 from fedem_flwr.model.lora import attach_lora
 from fedem_flwr.training import (
     evaluate,
+    is_out_of_memory,
     lr_at,
     mean_loss,
     pick_device,
@@ -251,6 +252,13 @@ def test_out_of_memory_mid_training_retries_smaller_with_the_same_result(tokeniz
     assert (result.steps, result.micro_batch, result.grad_accum) == (3, 2, 4)
     a, b = trainable(squeezed), trainable(reference)
     assert all(torch.allclose(a[n], b[n], atol=1e-6) for n in a)  # the step's loss ignores the split
+
+
+def test_out_of_memory_is_recognised_whoever_reports_it():
+    assert is_out_of_memory(torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB"))
+    assert is_out_of_memory(RuntimeError("CUDA error: CUBLAS_STATUS_ALLOC_FAILED when calling cublasCreate"))
+    assert not is_out_of_memory(RuntimeError("shape mismatch"))
+    assert not is_out_of_memory(ValueError("CUDA out of memory"))
 
 
 def test_out_of_memory_at_micro_batch_one_is_a_training_error(tokenizer, blocks, pad_id):

@@ -37,6 +37,8 @@ def tokenize_blocks(texts: Iterable[str], tokenizer, block_size: int) -> torch.T
     if block_size < 2:
         raise ConfigError(f"`data.block_size` is {block_size}; a block needs at least 2 tokens.")
     eos, pad = special_ids(tokenizer)
+    if isinstance(texts, datasets.arrow_dataset.Column) and isinstance(texts.source, datasets.Dataset):
+        texts = column(texts.source, texts.column_name)  # ds["text"]: read through Arrow, 30x faster
     texts = [t for t in texts if t]
     if not texts:
         return torch.empty((0, block_size), dtype=torch.long)

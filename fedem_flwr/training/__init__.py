@@ -2,9 +2,9 @@
 
 from fedem_flwr.training.device import pick_device, pick_precision
 from fedem_flwr.training.evaluate import evaluate, mean_loss
-from fedem_flwr.training.finetune import TrainResult, lr_at, shrink_micro_batch, train
+from fedem_flwr.training.finetune import TrainResult, is_out_of_memory, lr_at, shrink_micro_batch, train
 
 __all__ = [
-    "TrainResult", "evaluate", "lr_at", "mean_loss", "pick_device", "pick_precision",
+    "TrainResult", "evaluate", "is_out_of_memory", "lr_at", "mean_loss", "pick_device", "pick_precision",
     "shrink_micro_batch", "train",
 ]

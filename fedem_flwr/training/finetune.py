@@ -76,6 +76,14 @@ def shrink_micro_batch(micro_batch: int, grad_accum: int) -> Optional[tuple[int,
     return smaller, effective // smaller
 
 
+def is_out_of_memory(err: BaseException) -> bool:
+    """A CUDA out-of-memory, whether torch's allocator, cuBLAS or a kernel library reported it."""
+    if isinstance(err, torch.OutOfMemoryError):
+        return True
+    text = str(err)
+    return isinstance(err, RuntimeError) and ("CUDA out of memory" in text or "CUBLAS_STATUS_ALLOC_FAILED" in text)
+
+
 def train(
     model: torch.nn.Module,
     blocks: torch.Tensor,
@@ -103,10 +111,8 @@ def train(
     was_training = model.training
     checkpointing = cfg.gradient_checkpointing and _enable_checkpointing(model)
 
-    # Blocks stay on the CPU (pinned for asynchronous copies on a GPU); only batches travel.
+    # Blocks stay on the CPU; only each step's batch travels (a few KB: copying it is not the cost).
     blocks = blocks.to("cpu", torch.long)
-    if device.type == "cuda":
-        blocks = blocks.pin_memory()
     effective = cfg.batch_size * cfg.grad_accum
     # auto_batch_size: start with the whole step in one micro-batch and let the out-of-memory
     # fallback halve it; the first step is the probe. A CPU gives no out-of-memory signal to act on.
@@ -115,6 +121,11 @@ def train(
     else:
         micro, accum = cfg.batch_size, cfg.grad_accum
 
+    if amp_dtype == torch.float16 and any(p.dtype != torch.float32 for p in params):
+        raise ConfigError(
+            "`train.precision` is 'fp16' but some trainable weights are not float32 (loss scaling needs "
+            "fp32 weights); set `model.dtype=float32` or use LoRA, whose weights stay fp32."
+        )
     optimizer = _adamw(params, cfg, device)
     scaler = torch.amp.GradScaler("cuda") if amp_dtype == torch.float16 else None
     generator = torch.Generator().manual_seed(seed)
@@ -153,8 +164,9 @@ def train(
                     try:
                         last_loss = _step(model, batch, micro, pad_id, device, amp_dtype, optimizer, scaler, params, cfg.grad_clip)
                         break
-                    except torch.OutOfMemoryError:
-                        pass
+                    except (torch.OutOfMemoryError, RuntimeError) as err:
+                        if not is_out_of_memory(err):
+                            raise
                     # Out of the except block, so its traceback (holding the activations) is freed first.
                     optimizer.zero_grad(set_to_none=True)
                     release_memory(device)
@@ -202,8 +214,7 @@ def _step(model, batch, micro, pad_id, device, amp_dtype, optimizer, scaler, par
     targets = max(1, int((labels[:, 1:] != IGNORE_INDEX).sum()))
     total = torch.zeros((), device=device)
     for x, y in zip(batch.split(micro), labels.split(micro)):
-        x = x.to(device, non_blocking=True)
-        y = y.to(device, non_blocking=True)
+        x, y = x.to(device), y.to(device)
         with autocast(device, amp_dtype):
             logits = model(input_ids=x, use_cache=False).logits
         # fp32 loss: a bf16 log-softmax over the vocabulary loses the small differences training needs.
