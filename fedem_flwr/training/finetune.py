@@ -107,6 +107,11 @@ def train(
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
         raise TrainingError("the model has no trainable parameters (attach LoRA or unfreeze some weights).")
+    if amp_dtype == torch.float16 and any(p.dtype != torch.float32 for p in params):
+        raise ConfigError(
+            "`train.precision` is 'fp16' but some trainable weights are not float32 (loss scaling needs "
+            "fp32 weights); set `model.dtype=float32` or use LoRA, whose weights stay fp32."
+        )
     model.to(device)
     was_training = model.training
     checkpointing = cfg.gradient_checkpointing and _enable_checkpointing(model)
@@ -121,11 +126,6 @@ def train(
     else:
         micro, accum = cfg.batch_size, cfg.grad_accum
 
-    if amp_dtype == torch.float16 and any(p.dtype != torch.float32 for p in params):
-        raise ConfigError(
-            "`train.precision` is 'fp16' but some trainable weights are not float32 (loss scaling needs "
-            "fp32 weights); set `model.dtype=float32` or use LoRA, whose weights stay fp32."
-        )
     optimizer = _adamw(params, cfg, device)
     scaler = torch.amp.GradScaler("cuda") if amp_dtype == torch.float16 else None
     generator = torch.Generator().manual_seed(seed)
@@ -162,7 +162,8 @@ def train(
 
                 while True:
                     try:
-                        last_loss = _step(model, batch, micro, pad_id, device, amp_dtype, optimizer, scaler, params, cfg.grad_clip)
+                        last_loss = _step(model, batch, micro, pad_id, device, amp_dtype, optimizer, scaler,
+                                          params, cfg.grad_clip)
                         break
                     except (torch.OutOfMemoryError, RuntimeError) as err:
                         if not is_out_of_memory(err):
@@ -182,6 +183,9 @@ def train(
 
                 steps += 1
                 tokens += int((batch != pad_id).sum())  # CPU tensor: no sync
+                # On a GPU the CPU queues kernels ahead of the device, at most about one step for
+                # models of many layers: the deadline check may be a step late, which the lease's
+                # margin covers. Syncing every step would idle the GPU while Python launches the next.
                 previous, now = now, clock()
                 step_s = now - previous
                 if step == 0 or (show and step % LOG_INTERVAL == 0):
