@@ -173,6 +173,13 @@ def test_a_passed_deadline_trains_nothing(tokenizer, blocks, pad_id):
     assert all(torch.equal(p, weights[n]) for n, p in model.named_parameters() if p.requires_grad)
 
 
+def test_progress_bar_shows_loss_and_throughput(tokenizer, blocks, pad_id, capsys):
+    train(tiny_lora(tokenizer), blocks, dataclasses.replace(QUICK, max_steps=2), pad_id=pad_id, progress=True)
+
+    err = capsys.readouterr().err
+    assert "loss=" in err and "tok_s=" in err and "lr=" in err
+
+
 def test_gradient_checkpointing_gives_the_same_step(tokenizer, blocks, pad_id):
     plain, checkpointed = tiny_lora(tokenizer), tiny_lora(tokenizer)
     calls = {"plain": 0, "checkpointed": 0}
