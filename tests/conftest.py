@@ -39,3 +39,13 @@ def hf_env(local_hub, tmp_path_factory):
 
     with hub_environment(local_hub.endpoint, tmp_path_factory.mktemp("hf-home")):
         yield local_hub
+
+
+def pytest_collection_modifyitems(config, items):
+    """Skip tests marked `gpu` where torch sees no CUDA device (CPU machines and CI)."""
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU: torch.cuda.is_available() is False")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
