@@ -5,6 +5,8 @@ packages with the same import paths whose ops raise when called: transformers bi
 it binds the real kernels when they import, so the factory is exercised as on a machine that has the
 `gpu` extra. Transformers binds its Mamba ops once per process, so each scenario runs in a fresh
 interpreter and reports back as JSON. The GPU itself is covered by tests/test_gpu.py.
+
+GPU fractions in simulation need no GPU either: Ray schedules logical GPUs (`init_args.num_gpus`).
 """
 
 from __future__ import annotations
@@ -84,9 +86,51 @@ print(json.dumps(out))
 """
 
 
-def _run(code: str, fake_root: Path) -> dict:
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), str(fake_root)]), CUDA_VISIBLE_DEVICES="")
-    run = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+# Scenario 3: two virtual clients asking for half a GPU each share one logical GPU, at the same time.
+GPU_FRACTIONS = """
+import json, os, sys, time
+from flwr.app import ConfigRecord, Context, Message, RecordDict
+from flwr.clientapp import ClientApp
+from flwr.serverapp import Grid, ServerApp
+from flwr.simulation import run_simulation
+
+client, server, replies = ClientApp(), ServerApp(), []
+
+@client.query("where")
+def where(message: Message, context: Context) -> Message:
+    import ray
+    start = time.time()
+    time.sleep(3)  # long enough for the two calls to overlap if Ray lets them
+    record = ConfigRecord({"gpu_ids": ",".join(map(str, ray.get_gpu_ids())),
+                           "visible": os.environ.get("CUDA_VISIBLE_DEVICES", "unset"), "start": start, "end": time.time()})
+    return Message(RecordDict({"where": record}), reply_to=message)
+
+@server.main()
+def main(grid: Grid, context: Context) -> None:
+    deadline, nodes = time.time() + 60, []
+    while len(nodes) < 2 and time.time() < deadline:
+        nodes = list(grid.get_node_ids())
+        time.sleep(0.2)
+    messages = [Message(RecordDict(), dst_node_id=node, message_type="query.where") for node in nodes]
+    for reply in grid.send_and_receive(messages, timeout=90):
+        replies.append(dict(reply.content["where"]) if reply.has_content() else {"error": str(reply.error)})
+
+run_simulation(server_app=server, client_app=client, num_supernodes=2, backend_config={
+    "client_resources": {"num_cpus": 1, "num_gpus": float(sys.argv[1])},
+    "init_args": {"num_cpus": 2, "num_gpus": 1},
+})
+print(json.dumps(replies))
+"""
+
+
+def _run(code: str, fake_root: Path | None, *args: str) -> dict:
+    path = [str(ROOT)] + ([str(fake_root)] if fake_root else [])
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(path))
+    if fake_root:  # no GPU for the stand-ins; Ray, for its logical GPU, wants the variable unset
+        env["CUDA_VISIBLE_DEVICES"] = ""
+    else:
+        env.pop("CUDA_VISIBLE_DEVICES", None)
+    run = subprocess.run([sys.executable, "-c", code, *args], env=env, capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr[-3000:]
     return json.loads(run.stdout.strip().splitlines()[-1])
 
@@ -137,3 +181,15 @@ def test_never_keeps_kernels_out_of_a_fresh_process(never_first):
                    "which are the CUDA kernels wherever they import")
 def test_cpu_model_never_calls_gpu_kernels(auto_on_cpu, mode):
     assert auto_on_cpu[mode] == "ok"
+
+
+@pytest.mark.slow
+def test_half_gpu_clients_share_one_logical_gpu_in_simulation():
+    # Execute: the Ray backend as `client-resources-num-gpus=0.5` with `init-args-num-gpus=1` sets it
+    replies = _run(GPU_FRACTIONS, None, "0.5")
+
+    # Assert: both ran on GPU 0 and their calls overlapped in time
+    assert len(replies) == 2 and all("error" not in r for r in replies), replies
+    assert [(r["gpu_ids"], r["visible"]) for r in replies] == [("0", "0"), ("0", "0")]
+    first, second = sorted(replies, key=lambda r: r["start"])
+    assert second["start"] < first["end"], "the two half-GPU clients ran one after the other"
