@@ -85,8 +85,8 @@ def test_every_command_has_help_and_the_group_a_version():
             assert "Example: fedem" in result.output, name
     assert runner.invoke(cli, ["--version"]).output == f"fedem, version {__version__}\n"
     assert "FEDEM_HUB" in runner.invoke(cli, ["-h"]).output
-    assert sorted(cli.commands) == ["adapters", "checkpoints", "contributions", "leases", "publish", "status",
-                                    "verify"]
+    assert sorted(cli.commands) == ["adapters", "checkpoints", "contributions", "leases", "publish", "report",
+                                    "status", "verify"]
 
 
 def test_status_json(hub):
@@ -246,3 +246,15 @@ def test_publish_to_a_local_hub_endpoint(hub, tmp_path):
     assert json.loads(result.output) == {"target": "hf", "repos": [
         "org/seshu-base@v0", "org/seshu-adapter-hi@v0", "org/seshu-adapter-hi@v1", "org/seshu-adapter-te@v0"]}
     assert json.loads(again.output) == {"target": "hf", "repos": []}  # idempotent: nothing new to push
+
+
+def test_report_writes_a_figure_and_a_summary(hub, tmp_path):
+    out = tmp_path / "report"
+
+    data = as_json(hub, "report", "--out", str(out))
+
+    assert (data["accepted"], data["rejected"], data["leases"]) == (1, 1, 2)
+    assert data["rejections"] == {"stale-token": 1}
+    assert data["adapters"] == {}  # no held-out metrics recorded in this hub
+    assert (out / "relay.png").stat().st_size > 10_000
+    assert json.loads((out / "summary.json").read_text()) == data

@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any, Optional, Union
 
 from fedem_flwr.errors import ConfigError, HubLocked, HubNotFound
+from fedem_flwr.pids import pid_alive
 
 HUB_ENV = "FEDEM_HUB"
 REGISTRY_FILE = "registry.sqlite"
@@ -181,7 +182,7 @@ def read_lock_holder(hub: Union[str, os.PathLike]) -> Optional[dict[str, Any]]:
         os.close(fd)
     if not holder:
         return None
-    if holder.get("host") == socket.gethostname() and not _pid_alive(holder.get("pid")):
+    if holder.get("host") == socket.gethostname() and not pid_alive(holder.get("pid")):
         return None
     return holder
 
@@ -204,14 +205,3 @@ def _read_holder(fd: int) -> Optional[dict[str, Any]]:
         return None
     return data if isinstance(data, dict) else None
 
-
-def _pid_alive(pid: Any) -> bool:
-    if not isinstance(pid, int) or pid <= 0:
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True

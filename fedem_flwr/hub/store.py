@@ -165,15 +165,7 @@ class LocalStore:
 
     def repos(self) -> list[str]:
         """Repos with at least one recorded revision."""
-        if not self.root.is_dir():
-            return []
-        return sorted(
-            f"{org.name}/{name.name}"
-            for org in self.root.iterdir()
-            if org.is_dir() and not org.name.startswith(".")
-            for name in org.iterdir()
-            if (name / REFS_FILE).is_file()
-        )
+        return self._repo_folders(recorded_only=True)
 
     # -- writing -------------------------------------------------------------------------------
     def put(self, repo: str, revision: str, folder: Path, message: str) -> ArtifactRef:
@@ -262,7 +254,8 @@ class LocalStore:
                                                                    "interrupted put; safe to delete"))
         return problems
 
-    def _repo_folders(self) -> list[str]:
+    def _repo_folders(self, recorded_only: bool = False) -> list[str]:
+        """`org/name` of every repo folder (with ``recorded_only``: those with a refs file)."""
         if not self.root.is_dir():
             return []
         return sorted(
@@ -270,7 +263,7 @@ class LocalStore:
             for org in self.root.iterdir()
             if org.is_dir() and not org.name.startswith(".")
             for name in org.iterdir()
-            if name.is_dir()
+            if (name / REFS_FILE).is_file() or (not recorded_only and name.is_dir())
         )
 
 

@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from fedem_flwr.errors import FlowerProcessError
+from fedem_flwr.pids import pid_alive
 
 LOOPBACK = "127.0.0.1"
 TAG_VAR = "FEDEM_FLOWER_TAG"
@@ -70,25 +71,6 @@ def http_ok(url: str, timeout: float = 0.5) -> bool:
             return 200 <= response.status < 300
     except (urllib.error.URLError, OSError):
         return False
-
-
-def pid_alive(pid: int) -> bool:
-    """True when `pid` exists and is not a zombie."""
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except (OSError, IndexError):
-        return _signal_alive(pid)
-    return state != "Z"
-
-
-def _signal_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def cmdline(pid: int) -> list[str]:
