@@ -193,3 +193,55 @@ def test_half_gpu_clients_share_one_logical_gpu_in_simulation():
     assert [(r["gpu_ids"], r["visible"]) for r in replies] == [("0", "0"), ("0", "0")]
     first, second = sorted(replies, key=lambda r: r["start"])
     assert second["start"] < first["end"], "the two half-GPU clients ran one after the other"
+
+
+# ----------------------------------------------------------------------------- the wheel build's setup.py patch
+_SETUP_PY = """
+HIP_BUILD = False
+FORCE_CXX11_ABI = False
+if True:
+    cc_flag = ["-DBUILD"]
+    for arch in ("75", "80", "90", "100"):
+        cc_flag.append("-gencode")
+        cc_flag.append(f"arch=compute_{arch},code=sm_{arch}")
+    if FORCE_CXX11_ABI:
+        pass
+    nvcc = ["-O3",
+            "-lineinfo",
+           ] + cc_flag
+"""
+
+
+@pytest.fixture(scope="module")
+def narrow_cuda_archs():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("narrow_cuda_archs", ROOT / "scripts" / "narrow_cuda_archs.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.parametrize(("archs", "expected"), [
+    (["90"], ["arch=compute_90,code=sm_90"]),
+    (["sm_90", "9.0", "100a"], ["arch=compute_90,code=sm_90", "arch=compute_100a,code=sm_100a"]),
+])
+def test_setup_py_patch_keeps_only_the_chosen_architectures(narrow_cuda_archs, archs, expected):
+    # Execute: patch, then run the patched file's flag assembly
+    namespace: dict = {}
+    exec(compile(narrow_cuda_archs.narrow(_SETUP_PY, archs), "setup.py", "exec"), namespace)
+
+    # Assert: other flags kept, stock architectures gone, -lineinfo dropped
+    gencodes = [flag for flag in namespace["nvcc"] if flag.startswith("arch=")]
+    assert gencodes == expected
+    assert namespace["nvcc"][:2] == ["-O3", "-DBUILD"] and "-lineinfo" not in namespace["nvcc"]
+    assert namespace["nvcc"].count("-gencode") == len(expected)
+
+
+def test_setup_py_patch_refuses_unknown_layouts_and_bad_architectures(narrow_cuda_archs):
+    with pytest.raises(ValueError, match="laid out differently"):
+        narrow_cuda_archs.narrow("cc_flag = []\n", ["90"])
+    with pytest.raises(ValueError, match="already patched"):
+        narrow_cuda_archs.narrow(narrow_cuda_archs.narrow(_SETUP_PY, ["90"]), ["90"])
+    with pytest.raises(ValueError, match="'hopper' is not a CUDA architecture"):
+        narrow_cuda_archs.narrow(_SETUP_PY, ["hopper"])
