@@ -104,7 +104,7 @@ def seed_adapters(
     if not languages:
         return []
     losses = workbench.evaluate(workbench.initial_state)
-    base_ref = ArtifactRef(base.repo, base.revision, base.digest)
+    base_ref = ArtifactRef(store.repo_id(base.repo), base.revision, base.digest)
     for language in languages:
         repo = adapter_repo(cfg.hub.repo_prefix, language)
         with tempfile.TemporaryDirectory(prefix="fedem-adapter-") as tmp:

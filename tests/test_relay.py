@@ -86,3 +86,24 @@ def test_restart_resumes_from_the_registry(tmp_path):
     assert first.accepted >= 1 and second.accepted >= 1
     assert sum(1 for v in hub.registry.adapter_versions() if v.version > 0) == first.accepted + second.accepted
     assert len(hub.registry.checkpoints()) == 1  # the seed is not redone
+
+
+def test_relay_publishes_to_a_hugging_face_hub_store(tmp_path, hf_env):
+    """With `hub.store=hf` every base and adapter version is a tagged commit on the Hub endpoint,
+    and the relay works the same (the hub serves bases to nodes from its download cache)."""
+    from huggingface_hub import HfApi
+
+    overrides = f"{OVERRIDES} relay.max_accepted=1 hub.store=hf hub.repo_prefix=org/seshu"
+    run_config = {"overrides": overrides, "hub": str(tmp_path / "hub")}
+    cfg = load_run_config(run_config)
+    hub = open_hub(cfg, tmp_path / "hub")
+    grid = InProcessGrid(client_app, {100: {"partition-id": 0, "num-partitions": 1,
+                                            "cache-dir": str(tmp_path / "cache")}}, run_config)
+    result = RelayStrategy(hub.coordinator, cfg.relay, hub.workbench.spec, max_steps=2).start(grid)
+
+    assert result.accepted >= 1
+    api = HfApi(endpoint=hf_env.endpoint)
+    assert [t.name for t in api.list_repo_refs("org/seshu-base").tags] == ["v0"]
+    (accepted,) = [v for v in hub.registry.adapter_versions() if v.version == 1][:1]
+    tags = {t.name for t in api.list_repo_refs(hub.store.repo_id(accepted.repo)).tags}
+    assert {"v0", "v1"} <= tags

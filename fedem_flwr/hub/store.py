@@ -102,6 +102,10 @@ class ArtifactStore(Protocol):
 
     def local_path(self, repo: str, revision: str) -> Path: ...
 
+    def repo_id(self, repo: str) -> str:
+        """The id under which Hugging Face clients resolve ``repo`` (what adapters name as base)."""
+        ...
+
     def revisions(self, repo: str) -> list[str]: ...
 
     def repos(self) -> list[str]: ...
@@ -141,6 +145,10 @@ class LocalStore:
         if not path.exists():
             return {"main": None, "revisions": {}}
         return json.loads(path.read_text(encoding="utf-8"))
+
+    def repo_id(self, repo: str) -> str:
+        """A local store publishes nothing: its repo names are the ids `fedem publish` keeps."""
+        return repo
 
     def local_path(self, repo: str, revision: str) -> Path:
         """The folder of a stored revision (`main`: the latest); `RevisionNotFound` if absent."""

@@ -245,7 +245,7 @@ class RelayCoordinator:
         """The artifact is renamed into place before its registry row commits: a crash between the
         two leaves an orphan revision that ``fedem verify`` reports, never a row without files."""
         base = self.registry.checkpoint(lease.base_version)
-        base_ref = ArtifactRef(base.repo, base.revision, base.digest)
+        base_ref = ArtifactRef(self.store.repo_id(base.repo), base.revision, base.digest)
         version = parent.version + 1
         with tempfile.TemporaryDirectory(prefix="fedem-adapter-") as tmp:
             self.workbench.save(state, Path(tmp), base_ref)
