@@ -86,18 +86,25 @@ def kernel_path(model: "PreTrainedModel") -> str:
 
 
 def _disable_kernels(arch: str) -> None:
-    """Point transformers' Mamba ops back at their PyTorch references, for the whole process."""
-    module_name, ops = _KERNEL_OPS[arch]
-    if module_name not in sys.modules or not any(p in sys.modules for p in _KERNEL_PACKAGES):
-        return  # nothing resolved to a kernel: already on the PyTorch path
-    module = sys.modules[module_name]
-    for name, op in list(vars(module).items()):
-        code, closure = getattr(op, "__code__", None), getattr(op, "__closure__", None)
-        if code is None or not closure or "is_new_implementation" not in code.co_freevars:
-            continue  # not one of transformers' kernel-or-reference ops
-        if closure[code.co_freevars.index("is_new_implementation")].cell_contents:
-            setattr(module, name, op.__wrapped__)
-    log.warning("model.kernels=never: %s ops use their PyTorch reference in this process", arch)
+    """Point transformers' Mamba ops back at their PyTorch references, for the whole process.
+
+    The module is imported first: its import is what binds the kernels, so returning early while it
+    is not imported yet would let the next model build bind them after all.
+    """
+    module = importlib.import_module(_KERNEL_OPS[arch][0])
+    replaced = [name for name, op in list(vars(module).items()) if _is_bound_kernel_op(op)]
+    for name in replaced:
+        setattr(module, name, getattr(module, name).__wrapped__)
+    if replaced:
+        log.warning("model.kernels=never: %s ops use their PyTorch reference in this process", arch)
+
+
+def _is_bound_kernel_op(op: Any) -> bool:
+    """One of transformers' kernel-or-reference ops, resolved to a package kernel."""
+    code, closure = getattr(op, "__code__", None), getattr(op, "__closure__", None)
+    if code is None or not closure or "is_new_implementation" not in code.co_freevars:
+        return False
+    return bool(closure[code.co_freevars.index("is_new_implementation")].cell_contents)
 
 
 def _apply_kernel_policy(cfg: "ModelConfig") -> None:
