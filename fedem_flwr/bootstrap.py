@@ -27,6 +27,7 @@ from fedem_flwr.model.factory import build_model, load_base, save_base
 from fedem_flwr.model.tokenizer import load_tokenizer
 from fedem_flwr.relay.coordinator import RelayCoordinator
 from fedem_flwr.relay.policies import make_policy
+from fedem_flwr.training.device import pick_device
 
 log = logging.getLogger(__name__)
 
@@ -54,8 +55,9 @@ def open_hub(cfg: FedemConfig, hub_path: Path, clock: Callable[[], float] = time
     _, heldout = heldout_split(
         corpus, cfg.data.heldout_fraction, cfg.data.min_heldout_blocks, cfg.data.block_size, tokenizer, cfg.seed
     )
+    # The hub evaluates every push: on its GPU when it has one (`train.device`).
     workbench = HubWorkbench(
-        model, cfg.lora, heldout, pad_id=tokenizer.pad_token_id,
+        model.to(pick_device(cfg.train.device)), cfg.lora, heldout, pad_id=tokenizer.pad_token_id,
         batch_size=cfg.train.eval_batch_size, max_blocks=cfg.gate.max_eval_blocks,
         resolved_config=config_to_dict(cfg),
     )

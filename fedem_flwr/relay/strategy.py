@@ -91,11 +91,11 @@ class RelayStrategy(Strategy):
         self.pending: dict[str, _Pending] = {}
 
     # -- Flower's round API: the relay has no rounds ------------------------------------------------
+    # ``Strategy`` declares these abstract; the relay's work happens in ``start``, message by message.
 
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
-        """Train messages for the nodes that are free now (the relay calls this continuously)."""
-        return [self._train_message(a, self._node_by_identity(a.lease.holder))[0]
-                for a in self.coordinator.assign(self._free_profiles())]
+        """No round-wide training: leases are issued as nodes become free (see ``start``)."""
+        return []
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]) -> tuple[Optional[ArrayRecord], Optional[MetricRecord]]:
         """Nothing is averaged: each push is judged on its own (see ``_on_train_reply``)."""
@@ -214,7 +214,7 @@ class RelayStrategy(Strategy):
         (message_id,) = list(grid.push_messages([message]))
         self.pending[message_id] = _Pending("train", node.node_id, assignment, sent_base)
 
-    def _train_message(self, assignment: Assignment, node: Optional[_Node] = None) -> tuple[Message, bool]:
+    def _train_message(self, assignment: Assignment, node: _Node) -> tuple[Message, bool]:
         lease = assignment.lease
         now = self.clock()
         ttl = lease.remaining(now)
@@ -230,10 +230,10 @@ class RelayStrategy(Strategy):
         )
         folder = self.coordinator.store.get(assignment.adapter_ref)
         state = load_adapter_file(folder / "adapter_model.safetensors")
-        send_base = node is not None and assignment.base_ref.digest not in node.digests
+        send_base = assignment.base_ref.digest not in node.digests
         base_folder = self.coordinator.store.get(assignment.base_ref) if send_base else None
         message = messages.train_message(
-            node.node_id if node else 0, instruction, adapter_to_arrays(state), ttl=ttl, base_folder=base_folder
+            node.node_id, instruction, adapter_to_arrays(state), ttl=ttl, base_folder=base_folder
         )
         return message, send_base
 
