@@ -280,6 +280,30 @@ def test_cpu_evaluation_and_training_work_in_a_process_with_kernels_bound(tokeni
     assert kernel_path(model) == "pytorch" and math.isfinite(loss)
 
 
+@pytest.mark.parametrize("arch", list(ARCHS))
+def test_cuda_model_runs_the_kernels_and_its_cpu_copy_the_reference_in_one_process(arch, tokenizer, kernels):
+    # Prepare: one model, a CUDA copy and a CPU copy; the first mixer's output tells which op made it
+    # (the kernels are autograd Functions: MambaSplitConv1dScanCombinedFn / MambaInnerFn)
+    import copy
+
+    cpu = build_model(_model_config(arch, "require"), tokenizer, seed=0).train()
+    cuda = copy.deepcopy(cpu).to("cuda")
+    x = _tokens(2, SEQ_LEN[arch], seed=8)
+    made_by = {}
+    for name, model in (("cpu", cpu), ("cuda", cuda)):
+        model.backbone.layers[0].mixer.register_forward_hook(
+            lambda module, args, out, name=name: made_by.__setitem__(name, type(out.grad_fn).__name__))
+
+    # Execute
+    losses = {name: float(model(input_ids=x.to(device), labels=x.to(device)).loss)
+              for name, model, device in (("cpu", cpu, "cpu"), ("cuda", cuda, "cuda"))}
+
+    # Assert
+    assert kernel_path(cuda) == "fused" and kernel_path(cpu) == "pytorch"
+    assert "Mamba" in made_by["cuda"] and "Mamba" not in made_by["cpu"], made_by
+    assert abs(losses["cuda"] - losses["cpu"]) <= TOLERANCE["fp32"][0] * losses["cpu"], losses
+
+
 def test_bf16_training_keeps_lora_weights_fp32_and_releases_memory(tokenizer, record):
     from fedem_flwr.training import train
 

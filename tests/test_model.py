@@ -210,3 +210,23 @@ def test_kernel_detection_reads_how_transformers_resolved_an_op():
     assert _uses_kernel(resolved) is True and resolved([1]) == "[1]"
     assert _uses_kernel(fallback) is False and fallback([1]) == "reference"
     assert _uses_kernel(fallback.__wrapped__) is False
+
+
+def test_a_bound_op_sends_cpu_tensors_to_the_pytorch_reference():
+    # transformers' decorator binding json.dumps as the "kernel"; the reference names one keyword only
+    from transformers.integrations import use_kernel_func_from_hub_with_fallback
+
+    from fedem_flwr.model.factory import _by_device, _uses_kernel
+
+    @use_kernel_func_from_hub_with_fallback("dumps", "json")
+    def op(x, scale=1, **kwargs):
+        return ("reference", float(x.sum()) * scale, sorted(kwargs))
+
+    # Execute
+    dispatch = _by_device(op)
+
+    # Assert: still reported as bound, yet a CPU tensor runs the reference with the keywords it names
+    assert _uses_kernel(dispatch) is True and dispatch.__wrapped__ is op.__wrapped__
+    assert dispatch(torch.ones(3), scale=2, dt_limit=(0, 1)) == ("reference", 6.0, [])
+    with pytest.raises(ValueError, match="`op` on the CPU cannot keep packed sequences apart"):
+        dispatch(torch.ones(3), seq_idx=torch.zeros(3))

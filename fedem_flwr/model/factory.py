@@ -7,13 +7,17 @@ Execution path: transformers resolves each Mamba op once, when its modeling modu
 mamba-ssm / causal-conv1d implementation when those packages import, else a PyTorch reference. For
 Mamba-2 the fused training op is mamba-ssm's Triton SSD kernel (with causal-conv1d's CUDA conv
 inside); it still needs ``import mamba_ssm`` (its compiled extension), so there is no separate
-Triton-only path. The kernels have no CPU code, so a model on the CPU is always on the PyTorch path.
+Triton-only path. The kernels have no CPU code and transformers binds them for the whole process
+without a device check, so the factory rewraps each bound op to pick by device (``_by_device``): a
+model on the CPU is always on the PyTorch path, even beside a CUDA model that runs the kernels.
 """
 
 from __future__ import annotations
 
+import functools
 import importlib
 import importlib.util
+import inspect
 import json
 import logging
 import re
@@ -47,6 +51,8 @@ _KERNEL_PACKAGES = ("mamba_ssm", "causal_conv1d")
 
 def _uses_kernel(op: Any) -> bool:
     """Whether transformers resolved ``op`` to a package kernel rather than its PyTorch reference."""
+    if hasattr(op, "kernel_op"):
+        return _uses_kernel(op.kernel_op)  # our device dispatch: CUDA tensors go to this op
     code, closure = getattr(op, "__code__", None), getattr(op, "__closure__", None)
     if code is not None and closure and "is_new_implementation" in code.co_freevars:
         return bool(closure[code.co_freevars.index("is_new_implementation")].cell_contents)
@@ -56,10 +62,57 @@ def _uses_kernel(op: Any) -> bool:
     return all(name in sys.modules for name in _KERNEL_PACKAGES)
 
 
+def _is_bound_kernel_op(op: Any) -> bool:
+    """One of transformers' kernel-or-reference ops, resolved to a package kernel."""
+    code, closure = getattr(op, "__code__", None), getattr(op, "__closure__", None)
+    if code is None or not closure or "is_new_implementation" not in code.co_freevars:
+        return False
+    return bool(closure[code.co_freevars.index("is_new_implementation")].cell_contents)
+
+
+def _on_cuda(args: tuple, kwargs: dict) -> bool:
+    """Whether the first tensor argument lives on a CUDA device."""
+    for value in (*args, *kwargs.values()):
+        if isinstance(value, torch.Tensor):
+            return value.is_cuda
+    return False
+
+
+def _by_device(op: Any) -> Any:
+    """``op``, bound to a kernel, for CUDA tensors; transformers' PyTorch reference for any other.
+
+    transformers keeps the reference as ``op.__wrapped__`` and, without the kernel, calls it with
+    only the keyword arguments it names, refusing packed sequences it cannot keep apart; so does this.
+    """
+    reference = op.__wrapped__
+    accepted = frozenset(inspect.signature(reference).parameters)
+
+    @functools.wraps(reference)
+    def by_device(*args: Any, **kwargs: Any) -> Any:
+        if _on_cuda(args, kwargs):
+            return op(*args, **kwargs)
+        if kwargs.get("cu_seqlens") is not None or kwargs.get("seq_idx") is not None:
+            raise ValueError(f"`{reference.__name__}` on the CPU cannot keep packed sequences apart "
+                             "(`cu_seqlens` / `seq_idx` need the CUDA kernels).")
+        return reference(*args, **{key: value for key, value in kwargs.items() if key in accepted})
+
+    by_device.kernel_op = op
+    return by_device
+
+
+def _kernel_module(arch: str) -> Any:
+    """transformers' Mamba module of ``arch``, imported, with each op it bound to a kernel made to
+    pick by device (idempotent): the kernels have no device check of their own."""
+    module = importlib.import_module(_KERNEL_OPS[arch][0])  # binds the kernels if their packages import
+    for name, op in list(vars(module).items()):
+        if _is_bound_kernel_op(op):
+            setattr(module, name, _by_device(op))
+    return module
+
+
 def _ops_use_kernels(arch: str) -> bool:
-    module_name, ops = _KERNEL_OPS[arch]
-    module = importlib.import_module(module_name)  # imports the kernel packages if they are installed
-    return all(_uses_kernel(getattr(module, op, None)) for op in ops)
+    module = _kernel_module(arch)
+    return all(_uses_kernel(getattr(module, op, None)) for op in _KERNEL_OPS[arch][1])
 
 
 def kernels_available(arch: str = "mamba2") -> bool:
@@ -92,19 +145,12 @@ def _disable_kernels(arch: str) -> None:
     is not imported yet would let the next model build bind them after all.
     """
     module = importlib.import_module(_KERNEL_OPS[arch][0])
-    replaced = [name for name, op in list(vars(module).items()) if _is_bound_kernel_op(op)]
+    replaced = [name for name, op in list(vars(module).items())
+                if _is_bound_kernel_op(op) or hasattr(op, "kernel_op")]
     for name in replaced:
-        setattr(module, name, getattr(module, name).__wrapped__)
+        setattr(module, name, getattr(module, name).__wrapped__)  # both wrappers keep the reference there
     if replaced:
         log.warning("model.kernels=never: %s ops use their PyTorch reference in this process", arch)
-
-
-def _is_bound_kernel_op(op: Any) -> bool:
-    """One of transformers' kernel-or-reference ops, resolved to a package kernel."""
-    code, closure = getattr(op, "__code__", None), getattr(op, "__closure__", None)
-    if code is None or not closure or "is_new_implementation" not in code.co_freevars:
-        return False
-    return bool(closure[code.co_freevars.index("is_new_implementation")].cell_contents)
 
 
 def _apply_kernel_policy(cfg: "ModelConfig") -> None:
@@ -114,6 +160,8 @@ def _apply_kernel_policy(cfg: "ModelConfig") -> None:
         raise KernelsUnavailable(f"`model.kernels` is 'require' but {reason}; set `model.kernels=auto`.")
     if cfg.kernels == "never":
         _disable_kernels(cfg.arch)
+    else:
+        _kernel_module(cfg.arch)
 
 
 def model_config(cfg: "ModelConfig", tokenizer: "PreTrainedTokenizerBase") -> Any:
@@ -185,6 +233,8 @@ def load_base(path_or_repo: str, revision: Optional[str] = None) -> tuple["PreTr
     except (OSError, ValueError) as err:
         where = f"{source!r}" + (f" at revision {revision!r}" if revision else "")
         raise ModelNotFound(f"cannot load base model {where}: {err}") from err
+    if model.config.model_type in _KERNEL_OPS:
+        _kernel_module(model.config.model_type)  # a CPU copy of it must not reach the kernels
     return model, tokenizer
 
 
