@@ -89,7 +89,30 @@ print(json.dumps(out))
 """
 
 
-# Scenario 3: two virtual clients asking for half a GPU each share one logical GPU, at the same time.
+# Scenario 3: a GPU machine that carries neither `datasets` nor flwr-datasets trains and evaluates.
+WITHOUT_DATASETS = """
+import json, sys
+class NoDatasets:
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] in ("datasets", "flwr_datasets"):
+            raise ModuleNotFoundError(f"No module named {name!r}")
+sys.meta_path.insert(0, NoDatasets())
+import torch
+import fedem_flwr.training, fedem_flwr.training.finetune, fedem_flwr.training.evaluate, fedem_flwr.data.labels
+from fedem_flwr.config import LoraConfig, ModelConfig, TrainConfig
+from fedem_flwr.model import attach_lora, build_byte_tokenizer, build_model
+from fedem_flwr.training import evaluate, train
+tokenizer = build_byte_tokenizer()
+model = attach_lora(build_model(ModelConfig(), tokenizer), LoraConfig())
+blocks = torch.randint(4, 260, (4, 32), generator=torch.Generator().manual_seed(0))
+result = train(model, blocks, TrainConfig(max_steps=1, batch_size=2, device="cpu", progress=False),
+               pad_id=tokenizer.pad_token_id)
+loss = evaluate(model, {"x": blocks}, pad_id=tokenizer.pad_token_id)["x"]["loss"]
+print(json.dumps({"steps": result.steps, "loss": loss,
+                  "imported": sorted(n for n in ("datasets", "flwr_datasets") if n in sys.modules)}))
+"""
+
+# Scenario 4: two virtual clients asking for half a GPU each share one logical GPU, at the same time.
 GPU_FRACTIONS = """
 import json, os, sys, time
 from flwr.app import ConfigRecord, Context, Message, RecordDict
@@ -185,6 +208,24 @@ def test_cpu_model_never_calls_gpu_kernels(auto_on_cpu, mode):
     # The stand-ins raise when called: "ok" means every op took the PyTorch reference
     assert auto_on_cpu[mode] == "ok"
 
+
+def test_training_and_evaluation_run_without_datasets_installed():
+    # Execute: `datasets` and flwr-datasets cannot import in this process
+    out = _run(WITHOUT_DATASETS, None)
+
+    # Assert
+    assert out["imported"] == []
+    assert out["steps"] == 1 and out["loss"] > 0
+
+
+def test_lazy_exports_stay_functions_once_their_same_named_submodules_load():
+    # The import system binds a loaded submodule over the package attribute of the same name
+    code = ("import json, fedem_flwr.data.partition, fedem_flwr.training.evaluate\n"
+            "from fedem_flwr.data import partition\n"
+            "from fedem_flwr.training import evaluate\n"
+            "print(json.dumps([type(partition).__name__, type(evaluate).__name__]))\n")
+
+    assert _run(code, None) == ["function", "function"]
 
 @pytest.mark.slow
 def test_half_gpu_clients_share_one_logical_gpu_in_simulation():

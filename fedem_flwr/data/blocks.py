@@ -25,11 +25,10 @@ import numpy as np
 import torch
 
 from fedem_flwr.data.corpus import LANGUAGE, TEXT, column
+from fedem_flwr.data.labels import IGNORE_INDEX, labels_for  # noqa: F401 (also imported from here)
 from fedem_flwr.errors import ConfigError, DataError
 
 log = logging.getLogger(__name__)
-
-IGNORE_INDEX = -100  # the label value torch's cross-entropy and transformers' losses skip
 
 
 def tokenize_blocks(texts: Iterable[str], tokenizer, block_size: int) -> torch.Tensor:
@@ -48,11 +47,6 @@ def tokenize_blocks(texts: Iterable[str], tokenizer, block_size: int) -> torch.T
     blocks = torch.full((n_blocks * block_size,), pad, dtype=torch.long)
     blocks[: flat.numel()] = flat
     return blocks.view(n_blocks, block_size)
-
-
-def labels_for(blocks: torch.Tensor, pad_id: int) -> torch.Tensor:
-    """Labels for causal-LM ``blocks``: the tokens themselves, -100 at padding."""
-    return blocks.masked_fill(blocks == pad_id, IGNORE_INDEX)
 
 
 def special_ids(tokenizer) -> tuple[int, int]:

@@ -14,7 +14,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from fedem_flwr.data.blocks import IGNORE_INDEX, labels_for
+from fedem_flwr.data.labels import IGNORE_INDEX, labels_for
 
 
 @torch.no_grad()

@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from fedem_flwr.config.schema import TrainConfig
-from fedem_flwr.data.blocks import IGNORE_INDEX, labels_for
+from fedem_flwr.data.labels import IGNORE_INDEX, labels_for
 from fedem_flwr.errors import ConfigError, DataError, TrainingError
 from fedem_flwr.training.device import autocast, pick_device, pick_precision, release_memory
 
