@@ -88,9 +88,7 @@ def _forward_backward(arch: str, precision: str, kernels: str) -> dict:
     so its gradient is the signal; A's is zero until the first optimizer step)."""
     tokenizer = build_byte_tokenizer()
     model = build_model(_model_config(arch, kernels), tokenizer, seed=0)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(1)  # LoRA A is drawn from the global RNG: the same A in both processes
-        model = attach_lora(model, LoraConfig(target_modules=["in_proj"]))
+    model = attach_lora(model, LoraConfig(target_modules=["in_proj"]), seed=1)  # the same A in both processes
     model.to("cuda").train()
     x = _tokens(2, SEQ_LEN[arch], seed=1).to("cuda")
     with torch.autocast("cuda", dtype=torch.bfloat16, enabled=precision == "bf16"):

@@ -226,3 +226,33 @@ def test_lora_adds_only_trainable_parameters(tokenizer):
     model = attach_lora(base, LoraConfig())
 
     assert count_parameters(model) - count_parameters(model, trainable_only=True) == before
+
+
+def test_seeded_adapter_is_reproducible_and_leaves_the_global_rng_alone(tokenizer):
+    # Prepare
+    torch.manual_seed(123)
+    rng_before = torch.random.get_rng_state()
+
+    # Execute
+    first = adapter_state(attach_lora(tiny(tokenizer), ALL_SAFE, seed=7))
+    again = adapter_state(attach_lora(tiny(tokenizer), ALL_SAFE, seed=7))
+    other = adapter_state(attach_lora(tiny(tokenizer), ALL_SAFE, seed=8))
+    rng_after = torch.random.get_rng_state()
+
+    # Assert: same seed same adapter, another seed another one, the caller's RNG untouched
+    assert first.keys() == again.keys() == other.keys()
+    assert all(torch.equal(first[key], again[key]) for key in first)
+    assert any(not torch.equal(first[key], other[key]) for key in first)
+    assert torch.equal(rng_before, rng_after)
+
+
+def test_unseeded_adapter_draws_from_the_global_rng(tokenizer):
+    # Execute: the default keeps PEFT's behaviour, so the global seed decides the adapter
+    states = []
+    for seed in (5, 5, 6):
+        torch.manual_seed(seed)
+        states.append(adapter_state(attach_lora(tiny(tokenizer), ALL_SAFE)))
+
+    # Assert
+    assert all(torch.equal(states[0][key], states[1][key]) for key in states[0])
+    assert any(not torch.equal(states[0][key], states[2][key]) for key in states[0])

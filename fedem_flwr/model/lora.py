@@ -70,11 +70,21 @@ def peft_config(cfg: "LoraConfig") -> "peft.LoraConfig":
     )
 
 
-def attach_lora(model: "PreTrainedModel", cfg: "LoraConfig") -> "peft.PeftModel":
-    """Wrap ``model`` (modified in place, as PEFT does) with a fresh LoRA adapter."""
-    import peft
+def attach_lora(model: "PreTrainedModel", cfg: "LoraConfig", seed: Optional[int] = None) -> "peft.PeftModel":
+    """Wrap ``model`` (modified in place, as PEFT does) with a fresh LoRA adapter.
 
-    return peft.get_peft_model(model, peft_config(cfg))
+    PEFT draws LoRA ``A`` from the global RNG; with ``seed`` the adapter is the same on every call
+    and the caller's RNG state (CPU and the model's CUDA devices) is left as it was.
+    """
+    import peft
+    import torch
+
+    if seed is None:
+        return peft.get_peft_model(model, peft_config(cfg))
+    devices = sorted({p.device.index or 0 for p in model.parameters() if p.device.type == "cuda"})
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed(seed)
+        return peft.get_peft_model(model, peft_config(cfg))
 
 
 def adapter_state(peft_model: "peft.PeftModel") -> dict[str, "torch.Tensor"]:
