@@ -58,7 +58,7 @@ def open_hub(cfg: FedemConfig, hub_path: Path, clock: Callable[[], float] = time
     # The hub evaluates every push: on its GPU when it has one (`train.device`).
     workbench = HubWorkbench(
         model.to(pick_device(cfg.train.device)), cfg.lora, heldout, pad_id=tokenizer.pad_token_id,
-        batch_size=cfg.train.eval_batch_size, max_blocks=cfg.gate.max_eval_blocks,
+        batch_size=cfg.train.eval_batch_size, max_blocks=cfg.gate.max_eval_blocks, seed=cfg.seed,
         resolved_config=config_to_dict(cfg),
     )
     seed_adapters(cfg, registry, store, workbench, language_sizes(corpus), base, clock)

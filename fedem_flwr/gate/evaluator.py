@@ -30,9 +30,10 @@ class HubWorkbench:
         pad_id: int,
         batch_size: int = 16,
         max_blocks: Optional[int] = None,
+        seed: Optional[int] = None,
         resolved_config: Optional[dict[str, Any]] = None,
     ) -> None:
-        self.model = attach_lora(base_model, lora)
+        self.model = attach_lora(base_model, lora, seed=seed)
         # The first blocks of each language: the held-out split is already a random sample.
         self.heldout = {lang: blocks[:max_blocks] for lang, blocks in heldout.items()}
         self.weights = {lang: float((blocks != pad_id).sum()) for lang, blocks in self.heldout.items()}
