@@ -4,12 +4,9 @@ Import-light on purpose: ``fedem --help`` and readers must not pay for the store
 names are resolved on first use (``from fedem_flwr.hub import Registry`` imports only the registry).
 """
 
-from __future__ import annotations
+from fedem_flwr.lazy import export_lazily
 
-import importlib
-from typing import Any
-
-_EXPORTS = {
+export_lazily(__name__, {
     "Registry": "registry",
     "open_readonly": "registry",
     "Checkpoint": "records",
@@ -25,15 +22,4 @@ _EXPORTS = {
     "read_lock_holder": "paths",
     "pseudonym_of": "pseudonym",
     "open_store": "store",
-}
-
-__all__ = sorted(_EXPORTS)
-
-
-def __getattr__(name: str) -> Any:
-    module = _EXPORTS.get(name)
-    if module is None:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    value = getattr(importlib.import_module(f"{__name__}.{module}"), name)
-    globals()[name] = value
-    return value
+})

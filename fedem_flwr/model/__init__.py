@@ -4,24 +4,13 @@ Names resolve lazily (PEP 562) so that the config schema can use ``model.lora.ch
 without importing torch or transformers.
 """
 
-from __future__ import annotations
+from fedem_flwr.lazy import export_lazily
 
-import importlib
-from typing import Any
-
-_EXPORTS = {
+export_lazily(__name__, {
     "build_model": "factory", "count_parameters": "factory", "kernel_path": "factory",
     "kernels_available": "factory", "load_base": "factory", "save_base": "factory",
     "build_byte_tokenizer": "tokenizer", "load_tokenizer": "tokenizer",
     "SAFE_TARGETS": "lora", "adapter_state": "lora", "attach_lora": "lora", "check_targets": "lora",
     "load_adapter": "lora", "load_adapter_state": "lora", "peft_config": "lora", "save_adapter": "lora",
     "AdapterSpec": "adapter_spec", "load_adapter_file": "adapter_spec", "validate_adapter_state": "adapter_spec",
-}
-
-__all__ = sorted(_EXPORTS)
-
-
-def __getattr__(name: str) -> Any:
-    if name not in _EXPORTS:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    return getattr(importlib.import_module(f"{__name__}.{_EXPORTS[name]}"), name)
+})
