@@ -8,6 +8,7 @@ from flwr.clientapp import ClientApp
 
 from fedem_flwr.config import load_run_config
 from fedem_flwr.contributor import BaseCache, node_data, profile, relay_train
+from fedem_flwr.errors import BaseUnavailable
 from fedem_flwr.logs import quiet_library_progress, use_flower_logging
 from fedem_flwr.relay import messages
 from fedem_flwr.wire import adapter_to_arrays
@@ -33,7 +34,7 @@ def train_relay(message: Message, context: Context) -> Message:
         record = message.content[messages.BASE_FILES]
         cache.add(instruction.base.digest, lambda folder: messages.arrays_to_folder(record, folder))
     if not cache.has(instruction.base.digest):
-        raise RuntimeError(f"base checkpoint {instruction.base} is not cached on this node and was not sent")
+        raise BaseUnavailable(f"base checkpoint {instruction.base} is not cached in {cache.root} and was not sent")
     state = message.content["arrays"].to_torch_state_dict()
     new_state, metrics = relay_train(
         cfg, cache.path(instruction.base.digest), state, node_data(cfg, context.node_config),

@@ -79,3 +79,7 @@ class HubUnreachable(StoreError):
 
 class TrainingError(FedemError):
     """Training cannot go on: no trainable parameters, a non-finite loss, or no memory at micro-batch 1."""
+
+
+class BaseUnavailable(FedemError):
+    """A train message names a base checkpoint the node neither has cached nor was sent."""
