@@ -292,6 +292,8 @@ class RelayStrategy(Strategy):
                     ErrorCode.REPLY_MESSAGE_UNAVAILABLE: "reply-after-ttl",
                 }.get(code, f"client-error: {reply.error.reason}")
                 self.coordinator.fail(lease.token, reason)
+                if node is not None:  # its cache may have lost the base: send it with the next lease
+                    node.digests.discard(pending.assignment.base_ref.digest)
             return
         if pending.sent_base and node is not None:
             node.digests.add(pending.assignment.base_ref.digest)
