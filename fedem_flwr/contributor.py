@@ -34,7 +34,7 @@ from fedem_flwr.data.corpus import language_sizes, load_corpus, select_languages
 from fedem_flwr.data.partition import partition
 from fedem_flwr.errors import ConfigError, DataError
 from fedem_flwr.hub.manifest import DigestMismatch, digest
-from fedem_flwr.model.factory import load_base
+from fedem_flwr.model.factory import kernel_path, load_base
 from fedem_flwr.model.adapter_spec import AdapterSpec, validate_adapter_state
 from fedem_flwr.model.lora import adapter_state, attach_lora, load_adapter_state
 from fedem_flwr.training.device import pick_device
@@ -186,6 +186,10 @@ def relay_train(
     if mine:
         rows = select_languages(rows, mine)
     blocks = tokenize_blocks(rows["text"], tokenizer, cfg.data.block_size)
+    log.info(
+        "Relay fine-tune: %d blocks of %s on %s (%s path), budget %.0f s",
+        len(blocks), ",".join(mine) or "all languages", device, kernel_path(model), budget_s,
+    )
     result = train(
         model, blocks, replace(cfg.train, max_steps=max_steps), pad_id=tokenizer.pad_token_id,
         seed=cfg.seed, deadline=started + budget_s, clock=clock,
