@@ -50,16 +50,17 @@ def _stub_app(clock: FakeClock) -> ClientApp:
     return app
 
 
-def _run(tmp_path, behaviours, max_accepted=None, max_wall_s=60.0, kill_after_lease=None):
+def _run(tmp_path, behaviours, max_accepted=None, max_wall_s=60.0, kill_after_lease=None, drain_s=0.0,
+         latency=None):
     clock = FakeClock()
     coordinator, registry, _ = seeded_coordinator(tmp_path, clock)
     node_configs = {
         10 + i: {"partition-id": i, "languages": lang, "behaviour": behaviour}
         for i, (lang, behaviour) in enumerate(behaviours)
     }
-    grid = InProcessGrid(_stub_app(clock), node_configs, {}, clock=clock)
+    grid = InProcessGrid(_stub_app(clock), node_configs, {}, clock=clock, latency=latency)
     relay = RelayConfig(lease_ttl_s=100, sweep_interval_s=10, poll_interval_s=1, no_node_grace_s=5,
-                        deadline_margin_s=10, max_accepted=max_accepted, max_wall_s=max_wall_s)
+                        deadline_margin_s=10, max_accepted=max_accepted, max_wall_s=max_wall_s, drain_s=drain_s)
     strategy = RelayStrategy(coordinator, relay, AdapterSpec.from_state({"w": torch.zeros(1)}), max_steps=1,
                              clock=clock, sleep=clock.sleep)
     if kill_after_lease is not None:
@@ -123,3 +124,16 @@ def test_node_that_disappears_mid_lease_frees_its_adapter(tmp_path):
     (lease,) = registry.leases()
     assert lease.outcome == "node-gone"
     assert result.stopped_by.startswith("no node")
+
+
+def test_trains_in_flight_at_the_stop_are_drained_or_ended(tmp_path):
+    # Node 11 (ta) trains for 5 polls; node 10 (hi) answers at once and reaches the stop condition.
+    behaviours = [("hi", "improve"), ("ta", "improve")]
+    drained, registry = _run(tmp_path / "drained", behaviours, max_accepted=1, drain_s=50, latency={11: 5})
+    abandoned, registry_ab = _run(tmp_path / "abandoned", behaviours, max_accepted=1, drain_s=0, latency={11: 5})
+
+    assert not registry.leases(active_only=True) and not registry_ab.leases(active_only=True)
+    assert {lease.adapter: lease.outcome for lease in registry.leases()} == {"hi": "accepted", "ta": "accepted"}
+    assert drained.accepted == 2
+    assert {lease.adapter: lease.outcome for lease in registry_ab.leases()} == {"hi": "accepted", "ta": "hub-stopped"}
+    assert abandoned.accepted == 1

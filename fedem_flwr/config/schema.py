@@ -186,6 +186,9 @@ class RelayConfig:
     poll_interval_s: float = 1.0
     max_accepted: Optional[int] = None
     max_wall_s: Optional[float] = None
+    drain_s: float = field(
+        default=0.0, metadata={"help": "When the relay stops, wait this long for trains in flight to come back."}
+    )
     deadline_margin_s: float = field(
         default=60.0, metadata={"help": "A client stops training this long before its lease deadline."}
     )
@@ -197,6 +200,7 @@ class RelayConfig:
             _positive("relay", key, getattr(self, key))
         _positive("relay", "no_node_grace_s", self.no_node_grace_s, allow_zero=True)
         _positive("relay", "deadline_margin_s", self.deadline_margin_s, allow_zero=True)
+        _positive("relay", "drain_s", self.drain_s, allow_zero=True)
         if self.deadline_margin_s >= self.lease_ttl_s:
             raise ConfigError(
                 f"`relay.deadline_margin_s` ({self.deadline_margin_s}) must be below "

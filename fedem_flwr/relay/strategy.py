@@ -142,9 +142,10 @@ class RelayStrategy(Strategy):
             stop = self._stop_reason(result, now - started, 0.0 if live else now - last_seen_node)
             if stop:
                 result.stopped_by = stop
-                self._abandon_pending()
                 break
             self.sleep(self.relay.poll_interval_s)
+        self._drain(grid, result)
+        self._abandon_pending()
         result.seconds = self.clock() - started
         log.info(
             "Relay stopped (%s) after %.1f s: %d accepted, %d rejected, %d leases",
@@ -160,6 +161,14 @@ class RelayStrategy(Strategy):
         if without_nodes > 0 and without_nodes >= self.relay.no_node_grace_s and not self.pending:
             return f"no node for {without_nodes:.0f} s"
         return ""
+
+    def _drain(self, grid: Grid, result: RelayResult) -> None:
+        """Issue no more leases; judge the trains in flight that come back within ``drain_s``."""
+        until = self.clock() + self.relay.drain_s
+        while any(p.kind == "train" for p in self.pending.values()) and self.clock() < until:
+            self.sleep(self.relay.poll_interval_s)
+            self.coordinator.tick()
+            self._pull(grid, result)
 
     def _abandon_pending(self) -> None:
         """The run ends with trains in flight: end their leases now rather than leave them to the

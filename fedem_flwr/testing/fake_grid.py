@@ -30,6 +30,8 @@ class FakeNode:
     node_config: dict
     state: RecordDict = field(default_factory=RecordDict)
     alive: bool = True
+    latency: int = 0  # pulls a train message waits on this node before it runs (a long training)
+    waited: int = 0
 
 
 class InProcessGrid(Grid):
@@ -43,12 +45,14 @@ class InProcessGrid(Grid):
         *,
         run_id: int = 7,
         clock: Callable[[], float] = time.time,
+        latency: Mapping[int, int] | None = None,
     ) -> None:
         TaskIdentity.run_id = run_id
         TaskIdentity.node_id = SUPERLINK_NODE_ID
         TaskIdentity.task_id = 0
         self.client_app = client_app
-        self.nodes = {nid: FakeNode(nid, dict(cfg)) for nid, cfg in node_configs.items()}
+        latency = latency or {}
+        self.nodes = {nid: FakeNode(nid, dict(cfg), latency=latency.get(nid, 0)) for nid, cfg in node_configs.items()}
         self.run_config = dict(run_config)
         self.run_id = run_id
         self.clock = clock
@@ -90,6 +94,13 @@ class InProcessGrid(Grid):
             node = self.nodes.get(message.metadata.dst_node_id)
             if node is not None and node.node_id in busy:
                 continue
+            training = message.metadata.message_type.startswith("train")
+            if node is not None and node.alive and training and node.waited < node.latency:
+                node.waited += 1
+                busy.add(node.node_id)
+                continue
+            if node is not None:
+                node.waited = 0
             del self.queue[message_id]
             self.replies[message_id] = self._deliver(message, node)
             if node is not None:
