@@ -58,8 +58,22 @@ class NodeData:
         return sum(language_sizes(self.rows).values())
 
 
+_node_data: dict[str, NodeData] = {}
+
+
 def node_data(cfg: FedemConfig, node_config: NodeConfig) -> NodeData:
-    """The node's own files (``data-path``) or, in simulation, its partition of the corpus."""
+    """The node's own files (``data-path``) or, in simulation, its partition of the corpus.
+
+    Cached per process: a SuperNode (or a simulation actor) answers many messages with the same
+    data; files added under ``data-path`` are seen after the SuperNode restarts.
+    """
+    key = json.dumps([asdict(cfg.data), asdict(cfg.tokenizer), cfg.seed, dict(node_config)], sort_keys=True)
+    if key not in _node_data:
+        _node_data[key] = _load_node_data(cfg, node_config)
+    return _node_data[key]
+
+
+def _load_node_data(cfg: FedemConfig, node_config: NodeConfig) -> NodeData:
     wanted = _languages(node_config)
     if "data-path" in node_config:
         data_cfg = replace(cfg.data, source="files", paths=[str(node_config["data-path"])], languages=list(wanted))
@@ -77,18 +91,8 @@ def node_data(cfg: FedemConfig, node_config: NodeConfig) -> NodeData:
     return NodeData(rows, tuple(sorted(set(rows["language"]))), pid)
 
 
-_partitions: dict[tuple[str, int, int], datasets.Dataset] = {}
-
-
 def _partition(cfg: FedemConfig, partition_id: int, num_partitions: int) -> datasets.Dataset:
-    """Cached per process: a simulation actor serves many messages for the same partitions."""
-    key = (json.dumps([asdict(cfg.data), asdict(cfg.tokenizer), cfg.seed], sort_keys=True), partition_id, num_partitions)
-    if key not in _partitions:
-        _partitions[key] = _split_partition(cfg, partition_id, num_partitions)
-    return _partitions[key]
-
-
-def _split_partition(cfg: FedemConfig, partition_id: int, num_partitions: int) -> datasets.Dataset:
+    """The corpus without the hub's held-out rows, partitioned as ``data.partitioner`` says."""
     corpus = load_corpus(cfg.data)
     tokenizer = _byte_tokenizer(cfg)
     train_rows, _ = heldout_split(
