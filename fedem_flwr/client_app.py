@@ -39,5 +39,6 @@ def train_relay(message: Message, context: Context) -> Message:
     new_state, metrics = relay_train(
         cfg, cache.path(instruction.base.digest), state, node_data(cfg, context.node_config),
         instruction.languages, budget_s=instruction.budget_s, max_steps=instruction.max_steps,
+        seed=cfg.seed + instruction.token,
     )
     return messages.train_reply(message, instruction, adapter_to_arrays(new_state), metrics)

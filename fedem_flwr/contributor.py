@@ -176,10 +176,14 @@ def relay_train(
     *,
     budget_s: float,
     max_steps: int,
+    seed: int,
     clock: Callable[[], float] = time.monotonic,
 ) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
     """Fine-tune the leased adapter on this node's rows of the adapter's languages (all rows if the
-    node has none of them) and stop before the lease deadline."""
+    node has none of them) and stop before the lease deadline.
+
+    ``seed`` orders the batches; the ClientApp derives it from the lease, so a node that gets the
+    same adapter again explores other batches instead of repeating a rejected run."""
     started = clock()
     model, tokenizer = load_base(str(base_folder))
     device = pick_device(cfg.train.device)
@@ -196,7 +200,7 @@ def relay_train(
     )
     result = train(
         model, blocks, replace(cfg.train, max_steps=max_steps), pad_id=tokenizer.pad_token_id,
-        seed=cfg.seed, deadline=started + budget_s, clock=clock,
+        seed=seed, deadline=started + budget_s, clock=clock,
     )
     metrics = {
         "steps": result.steps,
