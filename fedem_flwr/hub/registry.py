@@ -191,6 +191,10 @@ class Registry(Database):
         where = " WHERE state = 'active'" if active_only else ""
         return [_lease_from(r) for r in self._all(f"SELECT * FROM leases{where} ORDER BY token")]
 
+    def last_leased(self) -> dict[str, float]:
+        """adapter -> when it was last leased (epoch seconds), for least-recently-served policies."""
+        return {r[0]: float(r[1]) for r in self._all("SELECT adapter, MAX(issued) FROM leases GROUP BY adapter")}
+
     def max_lease_token(self) -> int:
         """The largest fencing token ever issued (0 before the first lease): the next is above it."""
         row = self._one("SELECT MAX(token) FROM leases")

@@ -90,17 +90,13 @@ class RelayCoordinator:
         self.clock = clock
         self.book = LeaseBook(registry.leases(active_only=True), next_token=registry.max_lease_token() + 1)
         self.schedule = SweepSchedule(sweep_interval_s)
-        self.last_served: dict[str, float] = {}
-        for lease in registry.leases():
-            self.last_served[lease.adapter] = max(self.last_served.get(lease.adapter, 0.0), lease.issued)
+        self.last_served = registry.last_leased()
         self.languages = {adapter.name: tuple(adapter.languages) for adapter in registry.adapters()}
         latest = registry.latest_adapter_versions()
         self.pool = AdapterPool(
             self._info(name, latest[name].version) for name in self.languages
             if name in latest and self.book.is_free(name)
         )
-        self.accepted = 0
-        self.rejected = 0
 
     # -- lifecycle -------------------------------------------------------------------------------
 
@@ -288,10 +284,6 @@ class RelayCoordinator:
             reason=reason,
             adapter_version=version,
         )
-        if decision == "accepted":
-            self.accepted += 1
-        else:
-            self.rejected += 1
         log.info("Push for %r (lease %s) %s: %s", adapter, token, decision, reason)
 
     def _flush(self) -> None:
