@@ -64,13 +64,16 @@ def _run(tmp_path, behaviours, max_accepted=None, max_wall_s=60.0, kill_after_le
     strategy = RelayStrategy(coordinator, relay, AdapterSpec.from_state({"w": torch.zeros(1)}), max_steps=1,
                              clock=clock, sleep=clock.sleep)
     if kill_after_lease is not None:
-        original = strategy._push_train
+        push = grid.push_messages
 
-        def push_then_kill(grid_, assignment):
-            original(grid_, assignment)
-            grid.kill(kill_after_lease)
+        def push_then_kill(batch):
+            batch = list(batch)
+            ids = push(batch)
+            if any(m.metadata.message_type == messages.TRAIN for m in batch):
+                grid.kill(kill_after_lease)
+            return ids
 
-        strategy._push_train = push_then_kill
+        grid.push_messages = push_then_kill
     return strategy.start(grid), registry
 
 

@@ -132,11 +132,9 @@ class RelayStrategy(Strategy):
             live = self._refresh_nodes(grid)
             if live:
                 last_seen_node = now
-            self._push(grid, self._profile_queries(now), kind="profile")
             assignments = self.coordinator.assign(self._free_profiles())
             result.leases += len(assignments)
-            for assignment in assignments:
-                self._push_train(grid, assignment)
+            self._push(grid, self._profile_queries(now) + [self._train_message(a) for a in assignments])
             self._pull(grid, result)
 
             stop = self._stop_reason(result, now - started, 0.0 if live else now - last_seen_node)
@@ -193,12 +191,13 @@ class RelayStrategy(Strategy):
                 del self.nodes[node_id]
         return list(infos)
 
-    def _profile_queries(self, now: float) -> list[Message]:
+    def _profile_queries(self, now: float) -> list[tuple[Message, _Pending]]:
         queries = []
+        ttl = max(PROFILE_TTL_S, self.relay.no_node_grace_s)
         for node in self.nodes.values():
             if node.profile is None and not node.busy and now >= node.retry_at:
                 node.busy = True
-                queries.append(messages.profile_message(node.node_id, ttl=max(PROFILE_TTL_S, self.relay.no_node_grace_s)))
+                queries.append((messages.profile_message(node.node_id, ttl=ttl), _Pending("profile", node.node_id)))
         return queries
 
     def _free_profiles(self) -> list[NodeProfile]:
@@ -209,24 +208,21 @@ class RelayStrategy(Strategy):
 
     # -- messages ---------------------------------------------------------------------------------
 
-    def _push(self, grid: Grid, batch: list[Message], kind: str) -> None:
+    def _push(self, grid: Grid, batch: list[tuple[Message, _Pending]]) -> None:
+        """One push for all messages of a loop turn; each id is remembered until its first reply."""
         if not batch:
             return
-        for message_id, message in zip(grid.push_messages(batch), batch):
-            self.pending[message_id] = _Pending(kind, message.metadata.dst_node_id)
+        ids = grid.push_messages([message for message, _ in batch])
+        for message_id, (_, pending) in zip(ids, batch):
+            self.pending[message_id] = pending
 
-    def _push_train(self, grid: Grid, assignment: Assignment) -> None:
+    def _train_message(self, assignment: Assignment) -> tuple[Message, _Pending]:
+        """The train message of a new lease; the base files go along when the node lacks them."""
         node = self._node_by_identity(assignment.lease.holder)
         assert node is not None, assignment.lease.holder
-        message, sent_base = self._train_message(assignment, node)
         node.busy = True
-        (message_id,) = list(grid.push_messages([message]))
-        self.pending[message_id] = _Pending("train", node.node_id, assignment, sent_base)
-
-    def _train_message(self, assignment: Assignment, node: _Node) -> tuple[Message, bool]:
         lease = assignment.lease
-        now = self.clock()
-        ttl = lease.remaining(now)
+        ttl = lease.remaining(self.clock())
         instruction = messages.TrainInstruction(
             adapter=lease.adapter,
             adapter_version=lease.adapter_version,
@@ -244,7 +240,7 @@ class RelayStrategy(Strategy):
         message = messages.train_message(
             node.node_id, instruction, adapter_to_arrays(state), ttl=ttl, base_folder=base_folder
         )
-        return message, send_base
+        return message, _Pending("train", node.node_id, assignment, send_base)
 
     def _pull(self, grid: Grid, result: RelayResult) -> None:
         if not self.pending:
