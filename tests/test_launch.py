@@ -149,6 +149,21 @@ def test_stop_ends_a_process_its_children_and_its_orphans(tmp_path):
     assert not any(processes.pid_alive(pid) for pid in family)
 
 
+def test_settled_status_polls_until_finished_and_gives_up_after_timeout(monkeypatch):
+    # Prepare: `flwr ls` reads `running` twice before the run is finished
+    rows = iter([{"status": "running"}, {"status": "running"}, {"status": "finished:completed"}])
+    monkeypatch.setattr(flwr_cli, "run_status", lambda *args: next(rows))
+
+    # Execute
+    settled = flwr_cli.settled_status(Path("home"), "test", 1, timeout=5.0, poll=0.0)
+    monkeypatch.setattr(flwr_cli, "run_status", lambda *args: {"status": "running"})
+    last = flwr_cli.settled_status(Path("home"), "test", 1, timeout=0.0)
+
+    # Assert
+    assert settled == {"status": "finished:completed"}
+    assert last == {"status": "running"}
+
+
 def test_run_app_refuses_a_folder_without_pyproject(tmp_path):
     with pytest.raises(FlowerProcessError, match="pyproject.toml"):
         run_app(tmp_path)

@@ -268,13 +268,28 @@ def wait_for_run(
     """
     deadline = time.monotonic() + timeout
     stream_logs(flwr_home, connection, run_id, timeout, output)
+    status = settled_status(flwr_home, connection, run_id, deadline - time.monotonic(), poll=poll)
+    if not _finished(status):
+        raise RunFailed(
+            f"run {run_id} did not finish within {timeout:.0f} s; "
+            f"last status `{status.get('status')}`"
+        )
+    return status
+
+
+def settled_status(flwr_home: Path, connection: str, run_id: int, timeout: float, *,
+                   poll: float = 1.0) -> dict:
+    """The run's status row once it reads `finished:*`, else the last one read after `timeout`.
+
+    The status can lag the end of the run's logs (and of `flwr run --stream`) by a moment.
+    """
+    deadline = time.monotonic() + timeout
     while True:
         status = run_status(flwr_home, connection, run_id)
-        if str(status.get("status", "")).startswith("finished"):
+        if _finished(status) or time.monotonic() >= deadline:
             return status
-        if time.monotonic() >= deadline:
-            raise RunFailed(
-                f"run {run_id} did not finish within {timeout:.0f} s; "
-                f"last status `{status.get('status')}`"
-            )
         time.sleep(poll)
+
+
+def _finished(status: dict) -> bool:
+    return str(status.get("status", "")).startswith("finished")

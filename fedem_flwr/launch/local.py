@@ -171,7 +171,7 @@ def run_app(
         if not finished:
             outcome.timed_out = True
             flwr_cli.stop_run(flwr_home, CONNECTION, outcome.run_id)
-        outcome.status = _final_status(flwr_home, outcome.run_id)
+        outcome.status = flwr_cli.settled_status(flwr_home, CONNECTION, outcome.run_id, timeout=20.0)
     finally:
         outcome.seconds = time.monotonic() - started
         if keep_superlink:
@@ -181,13 +181,3 @@ def run_app(
             if proc.alive():  # started here but not recorded (e.g. pidfile removed)
                 proc.stop()
     return outcome
-
-
-def _final_status(flwr_home: Path, run_id: int, settle: float = 20.0) -> dict:
-    """The run's status once it reads `finished:*` (it can lag the end of its logs)."""
-    deadline = time.monotonic() + settle
-    status = flwr_cli.run_status(flwr_home, CONNECTION, run_id)
-    while not str(status.get("status", "")).startswith("finished") and time.monotonic() < deadline:
-        time.sleep(1.0)
-        status = flwr_cli.run_status(flwr_home, CONNECTION, run_id)
-    return status
