@@ -21,6 +21,7 @@ from fedem_flwr.data.blocks import heldout_split
 from fedem_flwr.data.corpus import language_sizes, load_corpus
 from fedem_flwr.gate.evaluator import HubWorkbench
 from fedem_flwr.hub.paths import registry_path
+from fedem_flwr.hub.records import revision_name
 from fedem_flwr.hub.registry import Registry
 from fedem_flwr.hub.store import ArtifactRef, ArtifactStore, adapter_repo, base_repo, open_store
 from fedem_flwr.model.factory import build_model, load_base, save_base
@@ -79,7 +80,7 @@ def seed_base(cfg: FedemConfig, registry: Registry, store: ArtifactStore, corpus
     repo = base_repo(cfg.hub.repo_prefix)
     with tempfile.TemporaryDirectory(prefix="fedem-base-") as tmp:
         save_base(model, tokenizer, Path(tmp), config_to_dict(cfg))
-        ref = store.put(repo, "v0", Path(tmp), message=f"{cfg.model.name}: initial base checkpoint")
+        ref = store.put(repo, revision_name(0), Path(tmp), message=f"{cfg.model.name}: initial base checkpoint")
     row = registry.add_checkpoint(
         parent=None, source="init", repo=ref.repo, revision=ref.revision, digest=ref.digest,
         metrics={}, created=clock(),
@@ -111,7 +112,7 @@ def seed_adapters(
         repo = adapter_repo(cfg.hub.repo_prefix, language)
         with tempfile.TemporaryDirectory(prefix="fedem-adapter-") as tmp:
             workbench.save(workbench.initial_state, Path(tmp), base_ref)
-            ref = store.put(repo, "v0", Path(tmp), message=f"{language}: fresh LoRA")
+            ref = store.put(repo, revision_name(0), Path(tmp), message=f"{language}: fresh LoRA")
         with registry.atomic():
             registry.add_adapter(
                 name=language, languages=[language], task="causal-lm", lora_spec=asdict(cfg.lora), created=clock()

@@ -32,6 +32,8 @@ class FakeClock:
 class ScriptedWorkbench:
     """Held-out loss on every language is read from the adapter weights: ``w[0]``."""
 
+    weights = None  # the gate takes a plain mean over the adapter's languages
+
     def evaluate(self, state, languages=None):
         return {language: float(state["w"][0]) for language in languages or LANGUAGES}
 

@@ -17,6 +17,7 @@ from typing import Any, Optional, Protocol
 
 from fedem_flwr.config import GateConfig
 from fedem_flwr.gate.acceptance import Decision, decide
+from fedem_flwr.hub.records import revision_name
 from fedem_flwr.hub.store import ArtifactRef, ArtifactStore
 from fedem_flwr.relay.leases import Lease, LeaseBook, PushRejected, SweepSchedule
 from fedem_flwr.relay.policies import AdapterInfo, NodeProfile, Policy
@@ -32,6 +33,9 @@ class AdapterWorkbench(Protocol):
 
     It sees weights only, never who trained them: evaluation is blind by construction.
     """
+
+    weights: Optional[Mapping[str, float]]
+    """Held-out tokens per language (token-weighted gate), or None for a plain mean."""
 
     def evaluate(self, state: Mapping[str, Any], languages: Optional[Sequence[str]] = None) -> HeldoutLosses:
         """Held-out mean loss per language of the base with this adapter (all, or ``languages``)."""
@@ -220,7 +224,7 @@ class RelayCoordinator:
         self._flush()  # a late push expired its lease just now: persist that
         known = rejected.lease
         name = adapter if self.registry.adapter(adapter) is not None else (known.adapter if known else None)
-        reason = f"{rejected.reason}: {rejected}"
+        reason = str(rejected)  # "<reason code>: <details>"
         if name is None:
             log.warning("Push naming unknown adapter %r dropped: %s", adapter, reason)
         else:
@@ -232,7 +236,7 @@ class RelayCoordinator:
     def _decide(self, losses: HeldoutLosses, parent: HeldoutLosses, languages: Sequence[str]) -> Decision:
         """Better on its own languages by the margin; with ``check_others``, no worse than the
         tolerance on every other language the hub holds out."""
-        weights = getattr(self.workbench, "weights", None) if self.gate.weighting == "tokens" else None
+        weights = self.workbench.weights if self.gate.weighting == "tokens" else None
         others = [lang for lang in losses if lang not in languages] if self.gate.check_others else None
         return decide(losses, parent, languages, self.gate.margin, weights=weights, others=others,
                       tolerance=self.gate.tolerance)
@@ -246,7 +250,8 @@ class RelayCoordinator:
         with tempfile.TemporaryDirectory(prefix="fedem-adapter-") as tmp:
             self.workbench.save(state, Path(tmp), base_ref)
             return self.store.put(
-                parent.repo, f"v{version}", Path(tmp), message=f"{lease.adapter} v{version} (lease {lease.token})"
+                parent.repo, revision_name(version), Path(tmp),
+                message=f"{lease.adapter} v{version} (lease {lease.token})",
             )
 
     def _conclude(
