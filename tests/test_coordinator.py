@@ -6,60 +6,22 @@ care how losses are computed, only act on them.
 
 from __future__ import annotations
 
-import json
 import random
-from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load_file
 
-from fedem_flwr.hub.registry import Registry
-from fedem_flwr.hub.store import ArtifactRef, LocalStore
+from fedem_flwr.hub.store import ArtifactRef
 from fedem_flwr.relay.coordinator import RelayCoordinator, state_digest
 from fedem_flwr.relay.policies import NodeProfile, make_policy
-
-TTL = 100.0
-
-
-class FakeClock:
-    def __init__(self, now: float = 1_000.0) -> None:
-        self.now = now
-
-    def __call__(self) -> float:
-        return self.now
-
-
-class ScriptedWorkbench:
-    """Held-out loss is read from the adapter weights: ``w`` holds the loss to report for ``hi``."""
-
-    def evaluate(self, state, languages=None):
-        losses = {"hi": float(state["w"].item()), "ta": 3.0}
-        return {k: v for k, v in losses.items() if languages is None or k in languages}
-
-    def save(self, state, folder: Path, base: ArtifactRef) -> None:
-        (folder / "adapter_config.json").write_text(json.dumps({"base_model_name_or_path": base.repo}))
-        (folder / "w.txt").write_text(str(float(state["w"].item())))
+from relay_support import TTL, FakeClock, ScriptedWorkbench, seeded_coordinator
 
 
 @pytest.fixture
 def hub(tmp_path):
     clock = FakeClock()
-    registry = Registry.open(tmp_path / "registry.sqlite")
-    store = LocalStore(tmp_path / "store")
-    seed = tmp_path / "seed"
-    seed.mkdir()
-    (seed / "config.json").write_text("{}")
-    base = store.put("t/base", "v0", seed, message="seed")
-    registry.add_checkpoint(None, "init", base.repo, base.revision, base.digest, {}, clock())
-    for name in ("hi", "ta"):
-        ref = store.put(f"t/adapter-{name}", "v0", seed, message="fresh")
-        registry.add_adapter(name, [name], "causal-lm", {}, clock())
-        registry.add_adapter_version(name, 0, None, ref.repo, ref.revision, ref.digest,
-                                     {"heldout": {"hi": 4.0, "ta": 3.0}}, clock())
-    coordinator = RelayCoordinator(
-        registry, store, make_policy("language", random.Random(0)), ScriptedWorkbench(),
-        lease_ttl_s=TTL, sweep_interval_s=10, clock=clock,
-    )
+    coordinator, registry, store = seeded_coordinator(tmp_path, clock)
     coordinator.recover()
     return coordinator, registry, store, clock
 
@@ -72,7 +34,7 @@ def _lease_hi(coordinator, node="sim:0"):
 
 def _push(coordinator, lease, loss, **kw):
     args = dict(holder=lease.holder, token=lease.token, adapter=lease.adapter, base_version=lease.base_version,
-                state={"w": torch.tensor(loss)})
+                state={"w": torch.tensor([loss])})
     args.update(kw)
     return coordinator.receive_push(**args)
 
@@ -88,11 +50,12 @@ def test_better_push_becomes_a_new_version(hub):
     version = registry.latest_adapter_version("hi")
     assert (version.version, version.parent_version, version.revision) == (1, 0, "v1")
     assert version.metrics["heldout"]["hi"] == 3.5
-    assert store.get(ArtifactRef(version.repo, version.revision, version.digest)).joinpath("w.txt").read_text() == "3.5"
+    stored = store.get(ArtifactRef(version.repo, version.revision, version.digest))
+    assert load_file(str(stored / "adapter_model.safetensors"))["w"].tolist() == [3.5]
     (contribution,) = registry.contributions()
     assert contribution.decision == "accepted" and contribution.adapter_version == 1
     assert contribution.pseudonym == registry.pseudonym("sim:0") and "sim:0" not in contribution.pseudonym
-    assert contribution.digest == state_digest({"w": torch.tensor(3.5)})
+    assert contribution.digest == state_digest({"w": torch.tensor([3.5])})
     assert registry.lease(lease.token).state == "released"
 
 
