@@ -15,9 +15,7 @@ from fedem_flwr.data import (
     language_sizes,
     load_corpus,
     partition,
-    partition_languages,
     partitions,
-    spread,
     tokenize_blocks,
 )
 from fedem_flwr.data.blocks import IGNORE_INDEX
@@ -161,11 +159,15 @@ def test_hub_source_reads_a_dataset_repo(hf_env):
 
 
 # -- partitions -----------------------------------------------------------------------------------
+def languages_of(ds) -> list[str]:
+    return sorted(set(column(ds, "language")))
+
+
 @pytest.mark.parametrize("nodes", [3, 7])
 def test_language_partitions_spread_ten_languages_whole(ten, nodes):
     # Execute
     parts = partitions(ten, "language", nodes, seed=0)
-    languages = [sorted(set(column(p, "language"))) for p in parts]
+    languages = [languages_of(p) for p in parts]
     rows = sum(len(p) for p in parts)
 
     # Assert: every node has a language, each language lives whole on exactly one node
@@ -177,7 +179,7 @@ def test_language_partitions_spread_ten_languages_whole(ten, nodes):
 
 def test_language_partitions_over_more_nodes_than_languages_split_large_languages(ten):
     parts = partitions(ten, "language", 14, seed=0)
-    languages = [sorted(set(column(p, "language"))) for p in parts]
+    languages = [languages_of(p) for p in parts]
 
     assert all(len(node) == 1 for node in languages)  # one language a node
     assert {node[0] for node in languages} == set(TEN)  # each language somewhere
@@ -196,14 +198,15 @@ def test_iid_and_dirichlet_partitions_cover_the_corpus_once(ten, scheme):
 
 
 def test_iid_partitions_mix_languages(ten):
-    assert all(len(langs) >= 8 for langs in spread(ten, "iid", 3, seed=0))
+    assert all(len(languages_of(p)) >= 8 for p in partitions(ten, "iid", 3, seed=0))
 
 
 def test_partitions_are_deterministic_given_seed(ten):
     assert column(partition(ten, "dirichlet", 3, 1, seed=5), "text") == column(
         partition(ten, "dirichlet", 3, 1, seed=5), "text"
     )
-    assert partition_languages(ten, "language", 7, 0, seed=0) == spread(ten, "language", 7, seed=0)[0]
+    # One node's partition is the same rows as that node's entry of every partition at once
+    assert column(partition(ten, "language", 7, 0, seed=0), "text") == column(partitions(ten, "language", 7, seed=0)[0], "text")
 
 
 @pytest.mark.parametrize(

@@ -10,5 +10,5 @@ export_lazily(__name__, {
     "heldout_split": "blocks", "tokenize_blocks": "blocks",
     "language_sizes": "corpus", "load_corpus": "corpus",
     "IGNORE_INDEX": "labels", "labels_for": "labels",
-    "partition": "partition", "partition_languages": "partition", "partitions": "partition", "spread": "partition",
+    "partition": "partition", "partitions": "partition",
 })

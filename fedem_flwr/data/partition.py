@@ -52,32 +52,12 @@ def partition(
     return _load(_partitioner(ds, scheme, num_partitions, seed, alpha), partition_id, alpha)
 
 
-def partition_languages(
-    ds: datasets.Dataset,
-    scheme: str,
-    num_partitions: int,
-    partition_id: int,
-    seed: int,
-    alpha: float = 0.5,
-) -> list[str]:
-    """The sorted languages partition ``partition_id`` holds (what a node would announce)."""
-    part = partition(ds, scheme, num_partitions, partition_id, seed, alpha)
-    return sorted(set(column(part, LANGUAGE)))
-
-
 def partitions(
     ds: datasets.Dataset, scheme: str, num_partitions: int, seed: int, alpha: float = 0.5
 ) -> list[datasets.Dataset]:
     """Every partition, in node order, from one partitioner (for simulations, tables and tests)."""
     partitioner = _partitioner(ds, scheme, num_partitions, seed, alpha)
     return [_load(partitioner, pid, alpha) for pid in range(num_partitions)]
-
-
-def spread(
-    ds: datasets.Dataset, scheme: str, num_partitions: int, seed: int, alpha: float = 0.5
-) -> list[list[str]]:
-    """The sorted languages of every partition, in node order."""
-    return [sorted(set(column(p, LANGUAGE))) for p in partitions(ds, scheme, num_partitions, seed, alpha)]
 
 
 def language_nodes(ds: datasets.Dataset, num_partitions: int, seed: int) -> list[int]:
