@@ -46,11 +46,6 @@ class SuperLink:
         """The `FLWR_HOME` holding its connection (and its state under `superlink-<port>/`)."""
         return self.process.flwr_home
 
-    @property
-    def pid(self) -> int:
-        """Its process id."""
-        return self.process.pid
-
 
 @contextlib.contextmanager
 def local_superlink(
@@ -60,7 +55,7 @@ def local_superlink(
     """A real `flower-superlink --insecure` on a free loopback port, stopped on exit.
 
     `simulation=True` makes it run apps on the simulation engine (size from each run's
-    federation config); otherwise it waits for real SuperNodes (see `supernode`).
+    federation config); otherwise it waits for real SuperNodes (see `supernodes`).
     """
     flwr_home = Path(flwr_home).resolve()
     proc = start_superlink(flwr_home, simulation=simulation, port=port,
@@ -73,27 +68,16 @@ def local_superlink(
 
 
 @contextlib.contextmanager
-def supernode(
-    superlink_address: str, node_config: Mapping[str, bool | int | float | str],
-    port: int | None = None, *, flwr_home: Path, isolation: str = "subprocess",
-) -> Iterator[FlowerProcess]:
-    """A real `flower-supernode --insecure` with `--node-config`, stopped on exit.
-
-    `port` (free one by default) is its own Runtime API port; each SuperNode on a host
-    needs its own. It keeps its files in `flwr_home/supernode-<port>/`.
-    """
-    with supernodes(superlink_address, [node_config], ports=[port],
-                    flwr_home=flwr_home, isolation=isolation) as (proc,):
-        yield proc
-
-
-@contextlib.contextmanager
 def supernodes(
     superlink_address: str, node_configs: Sequence[Mapping[str, bool | int | float | str]],
     *, flwr_home: Path, ports: Sequence[int | None] | None = None, isolation: str = "subprocess",
 ) -> Iterator[list[FlowerProcess]]:
-    """Several SuperNodes, stopped together on exit (each takes seconds to wind down its
-    SuperExec, so stopping them one after another adds up)."""
+    """Real `flower-supernode --insecure`s, one per `--node-config`, stopped together on exit.
+
+    Each gets its own Runtime API port (`ports`, free ones by default) and keeps its files in
+    `flwr_home/supernode-<port>/`. They are stopped together: each takes seconds to wind down
+    its SuperExec, so stopping them one after another adds up.
+    """
     ports = list(ports) if ports is not None else [None] * len(node_configs)
     started: list[FlowerProcess] = []
     try:
