@@ -2,7 +2,6 @@
 
 from fedem_flwr.config.loader import (
     config_to_dict,
-    config_to_json,
     load_config,
     load_run_config,
     parse_overrides,
@@ -21,6 +20,6 @@ from fedem_flwr.config.schema import (
 
 __all__ = [
     "DataConfig", "FedemConfig", "GateConfig", "HubConfig", "LoraConfig", "ModelConfig",
-    "RelayConfig", "TokenizerConfig", "TrainConfig", "config_to_dict", "config_to_json",
+    "RelayConfig", "TokenizerConfig", "TrainConfig", "config_to_dict",
     "load_config", "load_run_config", "parse_overrides",
 ]

@@ -75,10 +75,6 @@ def config_to_dict(config: FedemConfig) -> dict[str, Any]:
     return asdict(config)
 
 
-def config_to_json(config: FedemConfig) -> str:
-    return json.dumps(config_to_dict(config), sort_keys=True, indent=2)
-
-
 def _describe(err: Exception) -> str:
     # Hydra wraps the OmegaConf error that names the key and type; OmegaConf messages carry a
     # multi-line "full_key/object_type" trailer. Keep every level, on one line.
