@@ -8,7 +8,6 @@ from fedem_flwr.lazy import export_lazily
 
 export_lazily(__name__, {
     "Registry": "registry",
-    "open_readonly": "registry",
     "Checkpoint": "records",
     "Adapter": "records",
     "AdapterVersion": "records",

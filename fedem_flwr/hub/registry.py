@@ -9,12 +9,11 @@ A crash, SIGKILL included, leaves each transaction either whole or absent.
 
 from __future__ import annotations
 
-import os
 import sqlite3
 import time
-from typing import Optional, Union
+from typing import Optional
 
-from fedem_flwr.errors import HubError, RegistryConflict
+from fedem_flwr.errors import RegistryConflict
 from fedem_flwr.hub import records as rec
 from fedem_flwr.hub.database import Database
 from fedem_flwr.hub.pseudonym import pseudonym_of
@@ -281,10 +280,5 @@ def _lease_from(row: sqlite3.Row) -> Lease:
                  outcome=row["outcome"])
 
 
-def open_readonly(path: Union[str, os.PathLike]) -> Registry:
-    """Shorthand for readers: ``Registry.open(path, readonly=True)``."""
-    return Registry.open(path, readonly=True)
-
-
-__all__ = ["Registry", "open_readonly", "Adapter", "AdapterVersion", "Checkpoint", "Contribution", "Lease"]
+__all__ = ["Registry", "Adapter", "AdapterVersion", "Checkpoint", "Contribution", "Lease"]
 
