@@ -87,8 +87,8 @@ def write_run_config(flwr_home: Path, run_config: ScalarConfig) -> Path:
     return path
 
 
-def write_connection(flwr_home: Path, name: str, address: str, default: bool = True) -> None:
-    """Add (or replace) an insecure SuperLink connection in `$FLWR_HOME/config.toml`.
+def write_connection(flwr_home: Path, name: str, address: str) -> None:
+    """Add (or replace) an insecure SuperLink connection in `$FLWR_HOME/config.toml`, as default.
 
     Everything else in the file (other connections, their options) is kept.
     """
@@ -96,8 +96,7 @@ def write_connection(flwr_home: Path, name: str, address: str, default: bool = T
     config = tomllib.loads(path.read_text(encoding="utf-8")) if path.exists() else {}
     superlink = config.setdefault("superlink", {})
     superlink[name] = {"address": address, "insecure": True}
-    if default or "default" not in superlink:
-        superlink["default"] = name
+    superlink["default"] = name
     flwr_home.mkdir(parents=True, exist_ok=True)
     path.write_text(tomli_w.dumps(config), encoding="utf-8")
 

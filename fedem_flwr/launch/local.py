@@ -52,7 +52,6 @@ class RunOutcome:
     run_id: int | None
     status: dict = field(default_factory=dict)
     superlink_pid: int | None = None
-    superlink_reused: bool = False
     superlink_kept: bool = False
     seconds: float = 0.0
     timed_out: bool = False
@@ -158,7 +157,7 @@ def run_app(
     flwr_home = Path(flwr_home).resolve() if flwr_home else default_flwr_home(app_dir)
     started = time.monotonic()
     proc, reused = ensure_superlink(flwr_home)
-    outcome = RunOutcome(None, superlink_pid=proc.pid, superlink_reused=reused)
+    outcome = RunOutcome(None, superlink_pid=proc.pid)
     if reused:
         echo(f"Reusing the SuperLink kept at {proc.address} (pid {proc.pid}); it keeps the "
              "environment of its first start.")

@@ -207,10 +207,7 @@ class FlowerProcess:
         stop_tree(self.pid, timeout, self.popen, self.tag or None)
 
 
-def spawn(
-    kind: str, argv: list[str], flwr_home: Path, port: int, cwd: Path,
-    env_extra: dict[str, str] | None = None,
-) -> FlowerProcess:
+def spawn(kind: str, argv: list[str], flwr_home: Path, port: int, cwd: Path) -> FlowerProcess:
     """Start `argv` detached in its own session, its output appended to a log in `cwd`.
 
     Its environment carries a fresh random tag (`FEDEM_FLOWER_TAG`) that every process
@@ -221,7 +218,7 @@ def spawn(
     tag = uuid.uuid4().hex
     with log_path.open("ab") as log:
         popen = subprocess.Popen(  # noqa: S603 (argv built here, no shell)
-            argv, cwd=cwd, env=flower_env(flwr_home, {**(env_extra or {}), TAG_VAR: tag}),
+            argv, cwd=cwd, env=flower_env(flwr_home, {TAG_VAR: tag}),
             stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
         )
     return FlowerProcess(kind, popen.pid, port, flwr_home, log_path, tag, popen)
@@ -230,7 +227,6 @@ def spawn(
 def start_superlink(
     flwr_home: Path, *, simulation: bool, port: int | None = None,
     isolation: str = "subprocess", start_timeout: float = 30.0,
-    env_extra: dict[str, str] | None = None,
 ) -> FlowerProcess:
     """Start `flower-superlink --insecure` on loopback and wait until `/health` answers.
 
@@ -247,14 +243,14 @@ def start_superlink(
     ]
     if simulation:
         argv.append("--simulation")
-    proc = spawn("superlink", argv, flwr_home, port, workdir, env_extra)
+    proc = spawn("superlink", argv, flwr_home, port, workdir)
     _wait_ready(proc, f"http://{proc.address}/health", start_timeout)
     return proc
 
 
 def start_supernode(
     flwr_home: Path, superlink_address: str, node_config: str, *, port: int | None = None,
-    isolation: str = "subprocess", env_extra: dict[str, str] | None = None,
+    isolation: str = "subprocess",
 ) -> FlowerProcess:
     """Start `flower-supernode --insecure` against a SuperLink's Fleet API.
 
@@ -271,7 +267,7 @@ def start_supernode(
     ]
     if node_config:
         argv += ["--node-config", node_config]
-    proc = spawn("supernode", argv, home, port, home, env_extra)
+    proc = spawn("supernode", argv, home, port, home)
     _wait_ready(proc, None, 0.5)
     return proc
 
