@@ -223,7 +223,7 @@ def load_base(path_or_repo: str, revision: Optional[str] = None) -> tuple["PreTr
         if not (local / "config.json").is_file():
             raise ModelNotFound(f"base model folder {str(local)!r} has no config.json; it is not a saved model.")
         source = str(local)
-    elif not REPO_ID_PATTERN.match(path_or_repo) or ".." in path_or_repo:
+    elif not is_repo_id(path_or_repo):
         raise ModelNotFound(f"base model folder {path_or_repo!r} does not exist (and is not a repo id).")
     else:
         source = path_or_repo
@@ -250,9 +250,19 @@ def save_base(
     model.save_pretrained(folder)  # transformers 5 writes safetensors only
     tokenizer.save_pretrained(folder)
     if resolved_config is not None:
-        text = json.dumps(resolved_config, sort_keys=True, indent=2, default=str)
-        (folder / FEDEM_CONFIG_FILE).write_text(text + "\n", encoding="utf-8")
+        write_resolved_config(folder, resolved_config)
     return folder
+
+
+def write_resolved_config(folder: Path, resolved_config: dict[str, Any]) -> None:
+    """``fedem_config.json`` in ``folder``: the resolved config as sorted JSON, beside the artifact."""
+    text = json.dumps(resolved_config, sort_keys=True, indent=2, default=str)
+    (Path(folder) / FEDEM_CONFIG_FILE).write_text(text + "\n", encoding="utf-8")
+
+
+def is_repo_id(text: str) -> bool:
+    """Whether ``text`` reads as a Hugging Face repo id (``org/name``), never a path (no ``..``)."""
+    return bool(REPO_ID_PATTERN.match(text)) and ".." not in text
 
 
 def count_parameters(model: torch.nn.Module, trainable_only: bool = False) -> int:

@@ -29,7 +29,6 @@ if TYPE_CHECKING:
 SAFE_TARGETS = ("in_proj", "embeddings", "lm_head")
 ADAPTER_CONFIG_FILE = "adapter_config.json"
 ADAPTER_WEIGHTS_FILE = "adapter_model.safetensors"
-FEDEM_CONFIG_FILE = "fedem_config.json"
 
 _WHY = (
     "the fused Mamba kernels read x_proj/dt_proj/out_proj weights directly (LoRA there gets no "
@@ -110,9 +109,9 @@ def load_adapter_state(peft_model: "peft.PeftModel", state: Mapping[str, "torch.
 
 
 def _check_base_repo(base_repo: str) -> None:
-    from fedem_flwr.model.factory import REPO_ID_PATTERN
+    from fedem_flwr.model.factory import is_repo_id
 
-    if not REPO_ID_PATTERN.match(base_repo or "") or ".." in base_repo:
+    if not is_repo_id(base_repo or ""):
         raise ConfigError(
             f"`base_repo` is {base_repo!r}; an adapter names its base by a repo id that resolves elsewhere "
             "(like 'fedem/seshu-tiny'), never a local path."
@@ -128,6 +127,8 @@ def save_adapter(
 ) -> Path:
     """Write a standard PEFT folder whose config names the base as ``base_repo`` at ``base_revision``."""
     from huggingface_hub import ModelCard
+
+    from fedem_flwr.model.factory import write_resolved_config
 
     _check_base_repo(base_repo)
     folder = Path(folder)
@@ -146,8 +147,7 @@ def save_adapter(
         card.data.tags = sorted([*tags, f"base_model:adapter:{base_repo}"])
         card.save(card_path)
     if resolved_config is not None:
-        text = json.dumps(resolved_config, sort_keys=True, indent=2, default=str)
-        (folder / FEDEM_CONFIG_FILE).write_text(text + "\n", encoding="utf-8")
+        write_resolved_config(folder, resolved_config)
     return folder
 
 
