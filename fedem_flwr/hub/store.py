@@ -152,19 +152,21 @@ class LocalStore:
 
     def local_path(self, repo: str, revision: str) -> Path:
         """The folder of a stored revision (`main`: the latest); `RevisionNotFound` if absent."""
-        refs = self._refs(repo)
+        return self._locate(repo, revision, self._refs(repo))
+
+    def _locate(self, repo: str, revision: str, refs: dict[str, Any]) -> Path:
         name = refs["main"] if revision == "main" else revision
         if name is None or name not in refs["revisions"]:
-            have = ", ".join(self.revisions(repo)) or "none"
+            have = ", ".join(sorted(refs["revisions"], key=revision_sort_key)) or "none"
             raise RevisionNotFound(f"revision {revision!r} of repo {repo!r} is not in the store {self.root} "
                                    f"(stored revisions: {have})")
         return self.root / repo / name
 
     def get(self, ref: ArtifactRef) -> Path:
         """The verified folder of `ref`: `DigestMismatch` names the files that differ."""
-        path = self.local_path(ref.repo, ref.revision)
-        recorded = self._refs(ref.repo)["revisions"][path.name]
-        verify_folder(path, ref.digest, _entries(recorded))
+        refs = self._refs(ref.repo)  # read once: it holds the manifest of every revision
+        path = self._locate(ref.repo, ref.revision, refs)
+        verify_folder(path, ref.digest, _entries(refs["revisions"][path.name]))
         return path
 
     def revisions(self, repo: str) -> list[str]:
