@@ -14,8 +14,6 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from fedem_flwr.config import FedemConfig, config_to_dict
 from fedem_flwr.data.blocks import heldout_split
 from fedem_flwr.data.corpus import language_sizes, load_corpus
@@ -45,8 +43,10 @@ class Hub:
 
 
 def open_hub(cfg: FedemConfig, hub_path: Path, clock: Callable[[], float] = time.time) -> Hub:
-    """Open registry and store, seed what is missing, and build the relay coordinator."""
-    torch.manual_seed(cfg.seed)
+    """Open registry and store, seed what is missing, and build the relay coordinator.
+
+    Deterministic given ``cfg.seed``: the model, the fresh LoRA and the policy each take it.
+    """
     registry = Registry.open(registry_path(hub_path))
     store = open_store(hub_path, cfg.hub.store, repo_prefix=cfg.hub.repo_prefix)
     corpus = load_corpus(cfg.data)
