@@ -135,10 +135,8 @@ class HfStore:
             return {}
         return {t.name: t.target_commit for t in refs.tags}
 
-    def _recorded_digest(self, rid: str, revision: str) -> Optional[str]:
-        """The digest `put` wrote in the commit that `revision` tags; None if the tag is absent."""
-        if revision not in self._tags(rid):
-            return None
+    def _recorded_digest(self, rid: str, revision: str) -> str:
+        """The digest `put` wrote in the commit that tag `revision` names ("" if it wrote none)."""
         commits = self._call(f"reading {rid}@{revision}", lambda: self.api.list_repo_commits(rid, revision=revision))
         match = _DIGEST.search(commits[0].message or "") if commits else None
         return match.group(1) if match else ""
@@ -187,7 +185,7 @@ class HfStore:
             digest = digest_of(manifest(stage))
             ref = ArtifactRef(repo, revision, digest)
             self._call(f"creating {rid}", lambda: self.api.create_repo(rid, exist_ok=True, private=self.private))
-            recorded = self._recorded_digest(rid, revision)
+            recorded = self._recorded_digest(rid, revision) if revision in self._tags(rid) else None
             if recorded == digest:
                 return ref, False
             if recorded is not None:
@@ -233,9 +231,6 @@ class HfStore:
         """The cached folder of a revision (downloaded if needed), not verified."""
         return self._download(self.repo_id(repo), revision)
 
-    def has_revision(self, repo: str, revision: str) -> bool:
-        return revision in self._tags(self.repo_id(repo))
-
     def revisions(self, repo: str) -> list[str]:
         """Tags of the repo, `v{n}` in version order."""
         return sorted(self._tags(self.repo_id(repo)), key=revision_sort_key)
@@ -255,7 +250,7 @@ class HfStore:
         stored: dict[tuple[str, str], str] = {}
         for rid in self.repos():
             for tag in sorted(self._tags(rid), key=revision_sort_key):
-                recorded = self._recorded_digest(rid, tag) or ""
+                recorded = self._recorded_digest(rid, tag)
                 stored[(rid, tag)] = recorded
                 actual = digest_of(manifest(self._download(rid, tag)))
                 if actual != recorded:
