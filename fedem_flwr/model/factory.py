@@ -49,13 +49,22 @@ _KERNEL_OPS = {
 _KERNEL_PACKAGES = ("mamba_ssm", "causal_conv1d")
 
 
+def _kernel_flag(op: Any) -> Optional[bool]:
+    """For one of transformers' kernel-or-reference ops, whether it resolved to a package kernel;
+    None for any other callable."""
+    code, closure = getattr(op, "__code__", None), getattr(op, "__closure__", None)
+    if code is None or not closure or "is_new_implementation" not in code.co_freevars:
+        return None
+    return bool(closure[code.co_freevars.index("is_new_implementation")].cell_contents)
+
+
 def _uses_kernel(op: Any) -> bool:
     """Whether transformers resolved ``op`` to a package kernel rather than its PyTorch reference."""
     if hasattr(op, "kernel_op"):
         return _uses_kernel(op.kernel_op)  # our device dispatch: CUDA tensors go to this op
-    code, closure = getattr(op, "__code__", None), getattr(op, "__closure__", None)
-    if code is not None and closure and "is_new_implementation" in code.co_freevars:
-        return bool(closure[code.co_freevars.index("is_new_implementation")].cell_contents)
+    flag = _kernel_flag(op)
+    if flag is not None:
+        return flag
     if not hasattr(op, "__wrapped__"):
         return False  # a plain function: the PyTorch reference itself
     # A wrapper of unknown layout: the kernel can only be in use if its package imported.
@@ -64,10 +73,7 @@ def _uses_kernel(op: Any) -> bool:
 
 def _is_bound_kernel_op(op: Any) -> bool:
     """One of transformers' kernel-or-reference ops, resolved to a package kernel."""
-    code, closure = getattr(op, "__code__", None), getattr(op, "__closure__", None)
-    if code is None or not closure or "is_new_implementation" not in code.co_freevars:
-        return False
-    return bool(closure[code.co_freevars.index("is_new_implementation")].cell_contents)
+    return _kernel_flag(op) is True
 
 
 def _on_cuda(args: tuple, kwargs: dict) -> bool:
