@@ -18,7 +18,7 @@ from typing import Optional, TypeVar, Union
 from urllib.parse import quote
 
 from fedem_flwr.errors import HubError, HubNotFound
-from fedem_flwr.hub.paths import REGISTRY_FILE, SECRET_FILE
+from fedem_flwr.hub.paths import registry_path, secret_path
 from fedem_flwr.hub.pseudonym import load_or_create_secret
 from fedem_flwr.hub.schema import check_version, migrate
 
@@ -52,7 +52,7 @@ class Database:
         """
         path = Path(path)
         if path.is_dir() or (not path.exists() and not path.suffix):  # a hub folder, existing or to be
-            path = path / REGISTRY_FILE
+            path = registry_path(path)
         where = repr(str(path))
         if readonly:
             if not path.is_file():
@@ -77,7 +77,7 @@ class Database:
         except BaseException:
             conn.close()
             raise
-        return cls(conn, where, readonly, secret_file=path.parent / SECRET_FILE, secret=secret)
+        return cls(conn, where, readonly, secret_file=secret_path(path.parent), secret=secret)
 
     @classmethod
     def memory(cls: type[D], secret: Optional[bytes] = None) -> D:

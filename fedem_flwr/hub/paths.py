@@ -9,6 +9,7 @@ Layout::
 
     <hub>/registry.sqlite   the registry (WAL mode; readers never block the writer)
     <hub>/store/            the artifact store, laid out like Hugging Face repos
+    <hub>/hf-cache/         downloads of a Hugging Face Hub store (``hub.store = "hf"``, ``fedem publish``)
     <hub>/secret            the key of contributor pseudonyms, created once with mode 0600
     <hub>/writer.lock       flock'd by the one writer; holds its pid, host and start time
 """
@@ -30,6 +31,7 @@ from fedem_flwr.pids import pid_alive
 HUB_ENV = "FEDEM_HUB"
 REGISTRY_FILE = "registry.sqlite"
 STORE_DIR = "store"
+HF_CACHE_DIR = "hf-cache"
 SECRET_FILE = "secret"
 LOCK_FILE = "writer.lock"
 
@@ -73,6 +75,10 @@ def registry_path(hub: Path) -> Path:
 
 def store_path(hub: Path) -> Path:
     return Path(hub) / STORE_DIR
+
+
+def hf_cache_path(hub: Path) -> Path:
+    return Path(hub) / HF_CACHE_DIR
 
 
 def secret_path(hub: Path) -> Path:

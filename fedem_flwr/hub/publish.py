@@ -24,6 +24,7 @@ from typing import Any, Callable, Optional
 from fedem_flwr.errors import RevisionNotFound
 from fedem_flwr.hub.hf_store import HfStore
 from fedem_flwr.hub.model_card import adapter_card, base_card
+from fedem_flwr.hub.paths import hf_cache_path, store_path
 from fedem_flwr.hub.store import ArtifactRef, LocalStore, copy_tree
 
 ADAPTER_CONFIG = "adapter_config.json"
@@ -69,9 +70,9 @@ def publish_hub(
     .metrics`) and `adapter_versions()` (`.adapter/.version/.base_version/.repo/.revision/.digest/
     .metrics`); `adapter(name).languages` and `contributions(adapter=)` feed the cards when present.
     """
-    local = LocalStore(Path(hub_path) / "store")
+    local = LocalStore(store_path(hub_path))
     hf = HfStore(repo_prefix=repo_prefix, endpoint=endpoint, token=token, private=private,
-                 cache_dir=Path(hub_path) / "hf-cache", tries=tries, sleep=sleep)
+                 cache_dir=hf_cache_path(hub_path), tries=tries, sleep=sleep)
     pushed: list[str] = []
 
     def push(repo: str, revision: str, folder: Path, message: str, card) -> None:

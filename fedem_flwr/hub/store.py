@@ -32,6 +32,7 @@ from typing import Any, Optional, Protocol, runtime_checkable
 
 from fedem_flwr.errors import ConfigError, RevisionExists, RevisionNotFound
 from fedem_flwr.hub.manifest import Entry, diff, digest_of, manifest, verify_folder
+from fedem_flwr.hub.paths import hf_cache_path, store_path
 
 _PART = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 _VERSION = re.compile(r"^v(\d+)$")
@@ -306,10 +307,10 @@ def revision_sort_key(revision: str) -> tuple[int, int, str]:
 def open_store(hub_path: Path, kind: str = "local", **kw: Any) -> ArtifactStore:
     """The hub's store: `local` under `hub_path/store`, or `hf` (`HfStore(**kw)`: repo_prefix, endpoint, token)."""
     if kind == "local":
-        return LocalStore(Path(hub_path) / "store")
+        return LocalStore(store_path(hub_path))
     if kind == "hf":
         from fedem_flwr.hub.hf_store import HfStore  # huggingface_hub only when asked for
 
-        kw.setdefault("cache_dir", Path(hub_path) / "hf-cache")
+        kw.setdefault("cache_dir", hf_cache_path(hub_path))
         return HfStore(**kw)
     raise ConfigError(f"`hub.store` is {kind!r}; expected `local` or `hf`")
