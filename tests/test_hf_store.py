@@ -161,9 +161,10 @@ def test_offline_mode_serves_the_cache_and_names_what_is_not_cached(hf_store, lo
         assert len(local_hub.requests) == before
 
 
-def test_verify_all_compares_tags_with_the_registry(hf_store, tmp_path):
+def test_verify_all_compares_tags_with_the_registry(hf_store, local_hub, tmp_path):
     v0 = hf_store.put(REPO, "v0", artifact(tmp_path / "a"), "m")
     hf_store.put(REPO, "v1", artifact(tmp_path / "b", b"1"), "m")
+    before = len(local_hub.requests)
 
     problems = hf_store.verify_all({(REPO, "v0", v0.digest), (base_repo("fedem"), "v0", "e" * 64)})
 
@@ -171,6 +172,7 @@ def test_verify_all_compares_tags_with_the_registry(hf_store, tmp_path):
         Problem("orphan", "org/proj-adapter-hi", "v1", problems[0].detail),
         Problem("missing", "org/proj-base", "v0", "in the registry but not in the store"),
     ]
+    assert sum(r.endswith("/refs") for r in local_hub.requests[before:]) == 1  # tags listed once per repo
 
 
 # -- publish_hub -------------------------------------------------------------------------------
