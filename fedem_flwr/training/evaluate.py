@@ -12,9 +12,8 @@ from collections.abc import Iterable, Mapping
 from typing import Optional
 
 import torch
-import torch.nn.functional as F
 
-from fedem_flwr.data.labels import IGNORE_INDEX, labels_for
+from fedem_flwr.data.labels import labels_for, loss_sum, target_count
 
 
 @torch.no_grad()
@@ -39,13 +38,9 @@ def evaluate(
             count = 0
             for x in blocks.split(batch_size):
                 y = labels_for(x, pad_id)
-                count += int((y[:, 1:] != IGNORE_INDEX).sum())  # counted on the CPU: no sync
+                count += target_count(y)  # counted on the CPU: no sync
                 x, y = x.to(device), y.to(device)
-                logits = model(input_ids=x, use_cache=False).logits
-                total += F.cross_entropy(
-                    logits[:, :-1].float().reshape(-1, logits.shape[-1]), y[:, 1:].reshape(-1),
-                    ignore_index=IGNORE_INDEX, reduction="sum",
-                )
+                total += loss_sum(model(input_ids=x, use_cache=False).logits, y)
             loss = total.item() / count if count else math.nan  # one sync per language
             results[lang] = {"loss": loss, "perplexity": _perplexity(loss), "tokens": float(count)}
     finally:

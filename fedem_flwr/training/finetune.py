@@ -21,11 +21,10 @@ from dataclasses import dataclass
 from typing import Optional
 
 import torch
-import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from fedem_flwr.config.schema import TrainConfig
-from fedem_flwr.data.labels import IGNORE_INDEX, labels_for
+from fedem_flwr.data.labels import labels_for, loss_sum, target_count
 from fedem_flwr.errors import ConfigError, DataError, TrainingError
 from fedem_flwr.training.device import autocast, pick_device, pick_precision, release_memory
 
@@ -214,18 +213,13 @@ def train(
 def _step(model, batch, micro, pad_id, device, amp_dtype, optimizer, scaler, params, grad_clip) -> torch.Tensor:
     """One optimizer step over ``batch`` in micro-batches of ``micro``; returns the step's loss (a tensor)."""
     labels = labels_for(batch, pad_id)
-    # Targets are the tokens from position 1 on: counted on the CPU, so no sync.
-    targets = max(1, int((labels[:, 1:] != IGNORE_INDEX).sum()))
+    targets = max(1, target_count(labels))  # counted on the CPU, so no sync
     total = torch.zeros((), device=device)
     for x, y in zip(batch.split(micro), labels.split(micro)):
         x, y = x.to(device), y.to(device)
         with autocast(device, amp_dtype):
             logits = model(input_ids=x, use_cache=False).logits
-        # fp32 loss: a bf16 log-softmax over the vocabulary loses the small differences training needs.
-        loss = F.cross_entropy(
-            logits[:, :-1].float().reshape(-1, logits.shape[-1]), y[:, 1:].reshape(-1),
-            ignore_index=IGNORE_INDEX, reduction="sum",
-        ) / targets
+        loss = loss_sum(logits, y) / targets  # in fp32, outside autocast
         (scaler.scale(loss) if scaler else loss).backward()
         total += loss.detach()
     if scaler:
