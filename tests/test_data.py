@@ -18,7 +18,7 @@ from fedem_flwr.data import (
     partitions,
     tokenize_blocks,
 )
-from fedem_flwr.data.blocks import IGNORE_INDEX
+from fedem_flwr.data.labels import IGNORE_INDEX
 from fedem_flwr.data.corpus import column
 from fedem_flwr.errors import ConfigError, DataError
 from fedem_flwr.model import build_byte_tokenizer

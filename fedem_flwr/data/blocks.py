@@ -25,7 +25,6 @@ import numpy as np
 import torch
 
 from fedem_flwr.data.corpus import LANGUAGE, TEXT, column
-from fedem_flwr.data.labels import IGNORE_INDEX, labels_for  # noqa: F401 (also imported from here)
 from fedem_flwr.errors import ConfigError, DataError
 
 log = logging.getLogger(__name__)
