@@ -44,11 +44,10 @@ def _render(data: ModelCardData, title: str, lines: list[str]) -> ModelCard:
 
 
 def base_card(repo_id: str, version: int, parent: Optional[int], source: str,
-              metrics: Optional[dict[str, Any]] = None, languages: Optional[list[str]] = None) -> ModelCard:
+              metrics: Optional[dict[str, Any]] = None) -> ModelCard:
     """Card of base checkpoint `version` (source `init`, `merge` or `cpt`)."""
     results = _eval_results(metrics or {})
     data = ModelCardData(
-        language=sorted(languages) if languages else None,
         library_name="transformers",
         pipeline_tag=TASK,
         tags=["fedem", "federated-learning"],
