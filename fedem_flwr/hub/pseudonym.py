@@ -19,7 +19,6 @@ from fedem_flwr.errors import HubError
 
 PREFIX = "c-"
 DIGITS = 12  # 48 bits: a collision needs ~16 million contributors; the registry still refuses one
-IDENTITY_KINDS = ("pk:", "sim:", "node:")
 _SECRET_BYTES = 32
 
 
