@@ -365,15 +365,12 @@ def test_sigkill_mid_run_leaves_whole_transactions_only(db_path):
         assert json.loads(json.dumps(contributions[0].evaluation)) == {"x": [0.5] * 50}
 
 
-def test_last_leased_is_the_latest_issue_time_per_adapter(tmp_path):
-    from fedem_flwr.relay.leases import Lease
-
-    with Registry.open(tmp_path / "hub") as registry:
-        registry.add_checkpoint(None, "init", "o/base", None, "d", {}, 1.0)
-        for name in ("hi", "ta"):
-            registry.add_adapter(name, [name], "causal-lm", {}, 1.0)
-        assert registry.last_leased() == {}
-        registry.save_lease(Lease(1, "hi", "sim:0", 0, 0, 10.0, 20.0, "released", 12.0, "accepted"))
-        registry.save_lease(Lease(2, "hi", "sim:1", 0, 1, 30.0, 40.0))
-        registry.save_lease(Lease(3, "ta", "sim:0", 0, 0, 15.0, 25.0))
-        assert registry.last_leased() == {"hi": 30.0, "ta": 15.0}
+def test_last_leased_is_the_latest_issue_time_per_adapter(fresh_db):
+    fresh_db.add_checkpoint(None, "init", "o/base", None, "d", {}, 1.0)
+    for name in ("hi", "ta"):
+        fresh_db.add_adapter(name, [name], "causal-lm", {}, 1.0)
+    assert fresh_db.last_leased() == {}
+    fresh_db.save_lease(Lease(1, "hi", "sim:0", 0, 0, 10.0, 20.0, "released", 12.0, "accepted"))
+    fresh_db.save_lease(Lease(2, "hi", "sim:1", 0, 1, 30.0, 40.0))
+    fresh_db.save_lease(Lease(3, "ta", "sim:0", 0, 0, 15.0, 25.0))
+    assert fresh_db.last_leased() == {"hi": 30.0, "ta": 15.0}
