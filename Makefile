@@ -11,7 +11,7 @@ FEDERATION ?= num-supernodes=4 client-resources-num-cpus=1
 
 .PHONY: setup run test test-fast bench clean
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml setup.py
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet "$(TORCH)"

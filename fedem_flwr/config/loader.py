@@ -1,19 +1,26 @@
 """One loader for apps, CLI, simulations and tests: compose ``conf/`` -> typed, validated dataclasses.
 
-Flower owns the entry point, so Hydra is used without ``@hydra.main``: ``initialize_config_module``
+Flower owns the entry point, so Hydra is used without ``@hydra.main``: ``initialize_config_dir``
 plus ``compose``. Flower's run config only selects the config name and carries Hydra overrides.
+
+The config tree lives at the repository root (``conf/``, beside ``fedem_flwr/``), which is also
+where a checkout, an editable install and an installed Flower app bundle (FAB) keep it; a plain
+wheel maps it into the package (``fedem_flwr/conf``) at build time. ``config_dir`` finds either.
 """
 
 from __future__ import annotations
 
 import json
 import shlex
+import os
 import threading
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict
+from functools import lru_cache
+from pathlib import Path
 from typing import Any, Union
 
-from hydra import compose, initialize_config_module
+from hydra import compose, initialize_config_dir
 from hydra.core.config_store import ConfigStore
 from hydra.errors import HydraException
 from omegaconf import OmegaConf
@@ -22,8 +29,9 @@ from omegaconf.errors import OmegaConfBaseException
 from fedem_flwr.config.schema import FedemConfig
 from fedem_flwr.errors import ConfigError
 
-CONFIG_MODULE = "fedem_flwr.conf"
 SCHEMA_NAME = "fedem_schema"
+CONFIG_DIR_ENV = "FEDEM_CONF_DIR"
+_PACKAGE = Path(__file__).resolve().parent.parent
 
 RunConfigValue = Union[bool, int, float, str]
 
@@ -35,7 +43,7 @@ ConfigStore.instance().store(name=SCHEMA_NAME, node=FedemConfig)
 def load_config(overrides: Sequence[str] = (), config_name: str = "config") -> FedemConfig:
     """Compose ``conf/<config_name>.yaml`` with Hydra ``overrides`` (e.g. ``["lora.r=16"]``)."""
     try:
-        with _compose_lock, initialize_config_module(config_module=CONFIG_MODULE, version_base=None):
+        with _compose_lock, initialize_config_dir(config_dir=str(config_dir()), version_base=None):
             composed = compose(config_name=config_name, overrides=list(overrides))
         config = OmegaConf.to_object(composed)
     except (HydraException, OmegaConfBaseException) as err:
@@ -43,6 +51,23 @@ def load_config(overrides: Sequence[str] = (), config_name: str = "config") -> F
     if not isinstance(config, FedemConfig):
         raise ConfigError(f"config `{config_name}` does not extend `{SCHEMA_NAME}` in its defaults list.")
     return config
+
+
+def config_dir() -> Path:
+    """The config tree: ``$FEDEM_CONF_DIR``, else the wheel's ``fedem_flwr/conf``, else ``conf/``
+    beside the package (a checkout, an editable install, an installed FAB)."""
+    return _find_config_dir(os.environ.get(CONFIG_DIR_ENV, ""))
+
+
+@lru_cache(maxsize=8)
+def _find_config_dir(explicit: str) -> Path:
+    candidates = [Path(explicit).expanduser()] if explicit else [_PACKAGE / "conf", _PACKAGE.parent / "conf"]
+    for folder in candidates:
+        if (folder / "config.yaml").is_file():
+            return folder.resolve()
+    tried = ", ".join(str(c) for c in candidates)
+    fix = f"point `{CONFIG_DIR_ENV}` at a folder with config.yaml" if explicit else "reinstall fedem-flwr"
+    raise ConfigError(f"no fedem config tree (config.yaml) found; looked in {tried}: {fix}.")
 
 
 def load_run_config(run_config: Mapping[str, RunConfigValue]) -> FedemConfig:
