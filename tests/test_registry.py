@@ -261,7 +261,7 @@ def test_file_registry_persists_in_wal_mode_with_a_private_secret(db_path):
         assert mode == "wal"
         assert again.pseudonym("sim:4") == alias
         assert [a.name for a in again.adapters()] == ["hi", "te"]
-        assert [tuple(r) for r in again._conn.execute("SELECT version, name FROM migrations")] == [(1, "initial")]
+        assert [tuple(r) for r in again._conn.execute("SELECT version, name FROM migrations")] == [(1, "initial"), (2, "settings")]
     assert stat.S_IMODE(os.stat(db_path.parent / "secret").st_mode) == 0o600
     secret = bytes.fromhex((db_path.parent / "secret").read_text().strip())
     assert pseudonym_of("sim:4", secret) == alias
@@ -374,3 +374,19 @@ def test_last_leased_is_the_latest_issue_time_per_adapter(fresh_db):
     fresh_db.save_lease(Lease(2, "hi", "sim:1", 0, 1, 30.0, 40.0))
     fresh_db.save_lease(Lease(3, "ta", "sim:0", 0, 0, 15.0, 25.0))
     assert fresh_db.last_leased() == {"hi": 30.0, "ta": 15.0}
+
+
+def test_settings_are_recorded_replaced_and_survive_reopening(db_path):
+    with Registry.open(db_path) as registry:
+        assert registry.setting("store") is None
+        registry.put_setting("store", {"kind": "local", "repo_prefix": "fedem"}, updated=T0)
+        registry.put_setting("store", {"kind": "hf", "repo_prefix": "org/seshu"}, updated=T0 + 1)
+    with Registry.open(db_path, readonly=True) as registry:
+        assert registry.setting("store") == {"kind": "hf", "repo_prefix": "org/seshu"}
+        assert registry.settings() == {"store": {"kind": "hf", "repo_prefix": "org/seshu"}}
+
+
+def test_a_setting_that_is_not_json_is_refused(fresh_db):
+    with pytest.raises(ValueError, match="setting split"):
+        fresh_db.put_setting("split", {"fraction": float("nan")})
+    assert fresh_db.settings() == {}

@@ -9,6 +9,7 @@ A crash, SIGKILL included, leaves each transaction either whole or absent.
 
 from __future__ import annotations
 
+import json
 import sqlite3
 import time
 from typing import Optional
@@ -271,6 +272,26 @@ class Registry(Database):
         for row in self._all("SELECT decision, COUNT(*) FROM contributions GROUP BY decision"):
             counts[row[0]] = row[1]
         return counts
+
+    # -- settings the hub was set up with -------------------------------------------------------
+    def setting(self, name: str) -> Optional[dict]:
+        """A recorded hub setting (store, LoRA spec, data split, ...), or None when never recorded."""
+        row = self._one("SELECT value FROM settings WHERE name = ?", (name,))
+        return None if row is None else json.loads(row[0])
+
+    def settings(self) -> dict[str, dict]:
+        return {r[0]: json.loads(r[1]) for r in self._all("SELECT name, value FROM settings ORDER BY name")}
+
+    def put_setting(self, name: str, value: dict, updated: Optional[float] = None) -> None:
+        """Record (or replace) one setting; ``value`` is stored as sorted JSON."""
+        if not name:
+            raise ValueError("`name` of a setting must not be empty.")
+        stamp = time.time() if updated is None else rec.finite("updated", updated)
+        with self.atomic():
+            self._conn.execute(
+                "INSERT INTO settings VALUES (?, ?, ?) ON CONFLICT(name) DO UPDATE "
+                "SET value = excluded.value, updated = excluded.updated",
+                (name, rec.dumps(f"setting {name}", value), stamp))
 
 
 def _lease_from(row: sqlite3.Row) -> Lease:

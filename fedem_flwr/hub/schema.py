@@ -94,6 +94,13 @@ CREATE INDEX contributions_pseudonym ON contributions(pseudonym);
 CREATE INDEX contributions_decision ON contributions(decision);
 CREATE INDEX leases_state ON leases(state);
 """),
+    Migration(2, "settings", """
+CREATE TABLE settings (
+    name     TEXT PRIMARY KEY CHECK (name <> ''),
+    value    TEXT NOT NULL CHECK (json_valid(value)),
+    updated  REAL NOT NULL
+);
+"""),
 )
 
 SCHEMA_VERSION = MIGRATIONS[-1].version
