@@ -234,3 +234,19 @@ def test_a_store_that_cannot_be_read_stops_the_run(tmp_path):
     assert "\n" not in str(err.value) and "DigestMismatch" in str(err.value)
     assert registry.latest_adapter_version("hi").version == 0
     assert store.revisions("t/adapter-hi") == ["v0"]
+
+
+# -- the pure checks ------------------------------------------------------------------------------
+
+def test_max_change_and_degenerate_pairs_on_plain_tensors():
+    from fedem_flwr.gate.novelty import degenerate_pairs, max_change
+
+    parent = {"w": torch.tensor([1.0, 2.0]), "e.lora_embedding_A": torch.zeros(2, 2),
+              "e.lora_embedding_B": torch.zeros(2, 2)}
+    assert max_change({**parent, "w": torch.tensor([1.0, 2.5])}, parent) == 0.5
+    assert max_change({**parent, "w": torch.tensor([1.0, math.nan])}, parent) == math.inf
+    assert max_change({**parent, "w": torch.zeros(3)}, parent) == math.inf
+    assert max_change({"w": parent["w"]}, parent) == math.inf
+    assert degenerate_pairs(parent) == ["e"]
+    assert degenerate_pairs({"m.lora_A.weight": torch.zeros(1)}) == []  # no partner: no pair
+    assert degenerate_pairs({"w": torch.zeros(1)}) == []
