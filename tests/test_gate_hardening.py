@@ -94,13 +94,13 @@ def test_non_finite_metrics_are_dropped_and_named(tmp_path, bad):
 def test_metrics_the_wire_dropped_are_recorded_with_the_contribution(tmp_path):
     coordinator, registry, _, _ = _hub(tmp_path)
 
-    outcome = _push(coordinator, _lease(coordinator), 3.5, metrics={"steps": 3, "note": "text", "x": math.nan},
-                    dropped_metrics=("languages",))
+    metrics = {"steps": 3, "note": "text", "x": math.nan, "flag": True, "big": 2**70, "lr": 1e-3}
+    outcome = _push(coordinator, _lease(coordinator), 3.5, metrics=metrics, dropped_metrics=("languages",))
 
     assert outcome.accepted
     (contribution,) = registry.contributions()
-    assert contribution.validation["dropped_metrics"] == ["languages", "note", "x"]
-    assert contribution.evaluation["train"] == {"steps": 3}
+    assert contribution.validation["dropped_metrics"] == ["big", "flag", "languages", "note", "x"]
+    assert contribution.evaluation["train"] == {"steps": 3, "lr": 1e-3}
 
 
 def test_non_finite_metrics_on_a_fenced_rejection_are_recorded(tmp_path):

@@ -398,12 +398,20 @@ def _finite_metrics(metrics: Optional[Mapping[str, Any]], dropped: Sequence[str]
     """Keep the finite numbers of ``metrics``; name every other key beside those already ``dropped``."""
     kept, names = {}, {str(name) for name in dropped}
     for key, value in (metrics or {}).items():
-        number = isinstance(value, (int, float)) and not isinstance(value, bool)
-        if isinstance(key, str) and number and math.isfinite(value):
+        if isinstance(key, str) and _finite_number(value):
             kept[key] = value
         else:
             names.add(str(key))
     return kept, tuple(sorted(names))
+
+
+def _finite_number(value: Any) -> bool:
+    """A float that is finite, or an int in the signed 64-bit range a metric record can carry."""
+    if isinstance(value, bool):
+        return False
+    if isinstance(value, int):
+        return -(2**63) <= value < 2**63
+    return isinstance(value, float) and math.isfinite(value)
 
 
 def _one_line(err: BaseException, limit: int = 300) -> str:
