@@ -250,3 +250,22 @@ def test_max_change_and_degenerate_pairs_on_plain_tensors():
     assert degenerate_pairs(parent) == ["e"]
     assert degenerate_pairs({"m.lora_A.weight": torch.zeros(1)}) == []  # no partner: no pair
     assert degenerate_pairs({"w": torch.zeros(1)}) == []
+
+
+def test_a_store_that_cannot_be_written_stops_the_run(tmp_path):
+    from fedem_flwr.hub.store import TMP_DIR
+
+    coordinator, registry, store, _ = _hub(tmp_path)
+    lease = _lease(coordinator)
+    scratch = store.root / TMP_DIR
+    if scratch.is_dir():
+        scratch.rmdir()
+    scratch.write_text("not a folder")  # every write goes through this folder first
+
+    with pytest.raises(HubFault, match=r"^cannot write t/adapter-hi@v1: \w+Error: ") as err:
+        _push(coordinator, lease, 3.5)
+
+    assert "\n" not in str(err.value)
+    assert coordinator.workbench.calls == {"evaluate": 1, "save": 1}
+    assert registry.latest_adapter_version("hi").version == 0 and not registry.contributions()
+    assert store.revisions("t/adapter-hi") == ["v0"]
