@@ -29,6 +29,10 @@ class HubError(FedemError):
     """The hub's state folder or registry cannot be used as asked."""
 
 
+class HubFault(FedemError):
+    """The hub itself cannot go on (registry not writable, store unreadable); the run stops, naming why."""
+
+
 class HubNotFound(HubError):
     """No hub state at the chosen folder (pass --hub DIR or set FEDEM_HUB)."""
 

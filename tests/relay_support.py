@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import json
 import random
+from collections.abc import Mapping
 from pathlib import Path
+from typing import Optional
 
 import torch
 from safetensors.torch import save_file
@@ -42,8 +44,10 @@ class ScriptedWorkbench:
         save_file({k: v.contiguous() for k, v in state.items()}, str(folder / "adapter_model.safetensors"))
 
 
-def seeded_coordinator(tmp_path: Path, clock: FakeClock, policy: str = "language", loss: float = 4.0):
-    """A hub with base v0 and adapters ``hi`` and ``ta`` at v0 (held-out loss ``loss``)."""
+def seeded_coordinator(tmp_path: Path, clock: FakeClock, policy: str = "language", loss: float = 4.0,
+                       extra: Optional[Mapping[str, torch.Tensor]] = None):
+    """A hub with base v0 and adapters ``hi`` and ``ta`` at v0 (held-out loss ``loss``); ``extra``
+    tensors (e.g. a LoRA pair) are stored in every v0 beside ``w``."""
     registry = Registry.open(tmp_path / "registry.sqlite")
     store = LocalStore(tmp_path / "store")
     workbench = ScriptedWorkbench()
@@ -55,7 +59,7 @@ def seeded_coordinator(tmp_path: Path, clock: FakeClock, policy: str = "language
     for name in LANGUAGES:
         folder = tmp_path / f"fresh-{name}"
         folder.mkdir()
-        workbench.save({"w": torch.tensor([loss])}, folder, base)
+        workbench.save({"w": torch.tensor([loss]), **(extra or {})}, folder, base)
         ref = store.put(f"t/adapter-{name}", "v0", folder, message="fresh")
         registry.add_adapter(name, [name], "causal-lm", {}, clock())
         registry.add_adapter_version(name, 0, None, ref.repo, ref.revision, ref.digest,
@@ -65,3 +69,18 @@ def seeded_coordinator(tmp_path: Path, clock: FakeClock, policy: str = "language
         lease_ttl_s=TTL, sweep_interval_s=10, clock=clock,
     )
     return coordinator, registry, store
+
+
+def assert_consistent(coordinator: RelayCoordinator) -> None:
+    """The lease table agrees with the lease book, and every adapter's stored revisions are exactly
+    its recorded versions, each readable with its digest (no accepted version lost, no orphan)."""
+    registry, store = coordinator.registry, coordinator.store
+    assert [l.token for l in registry.leases(active_only=True)] == [l.token for l in coordinator.book.active()]
+    for lease in registry.leases():
+        assert coordinator.book.get(lease.token) in (None, lease)
+    for adapter in registry.adapters():
+        versions = registry.adapter_versions(adapter.name)
+        assert [v.version for v in versions] == list(range(len(versions)))
+        for version in versions:
+            store.get(ArtifactRef(version.repo, version.revision, version.digest))
+        assert store.revisions(versions[0].repo) == [v.revision for v in versions]

@@ -5,6 +5,7 @@ Hydra 1.3 needs omegaconf < 2.4, which has no ``Literal`` fields: choices are ``
 
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import dataclass, field
 from typing import Any, Optional
@@ -221,11 +222,18 @@ class GateConfig:
     max_eval_blocks: int = field(
         default=64, metadata={"help": "Held-out blocks per language the hub evaluates each push on."}
     )
+    min_change: float = field(
+        default=1e-6,
+        metadata={"help": "A push whose weights all lie within this of its parent's (max |delta|) is `unchanged`."},
+    )
 
     def __post_init__(self) -> None:
         _positive("gate", "max_eval_blocks", self.max_eval_blocks)
-        _positive("gate", "margin", self.margin, allow_zero=True)
-        _positive("gate", "tolerance", self.tolerance, allow_zero=True)
+        for key in ("margin", "tolerance", "min_change"):
+            value = getattr(self, key)
+            if not math.isfinite(value):
+                raise ConfigError(f"`gate.{key}` is {value!r}; it must be a finite number >= 0.")
+            _positive("gate", key, value, allow_zero=True)
         _choice("gate", "weighting", self.weighting, ("tokens", "mean"))
 
 

@@ -75,7 +75,12 @@ class Contribution:
 
 
 def dumps(name: str, value: Any) -> str:
-    """Sorted JSON for a column; non-finite floats are refused (SQLite's ``json_valid`` does too)."""
+    """Sorted JSON for a column; non-finite floats are refused (SQLite's ``json_valid`` does too).
+
+    It stays strict so the registry never holds a NaN: whatever arrives from a node is made finite
+    where it enters the hub (the relay coordinator drops non-finite metrics and stores a non-finite
+    loss as null, naming each in the contribution).
+    """
     try:
         return json.dumps({} if value is None else value, sort_keys=True, allow_nan=False)
     except (TypeError, ValueError) as err:

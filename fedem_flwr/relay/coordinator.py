@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import math
+import sqlite3
 import tempfile
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -16,7 +18,9 @@ from pathlib import Path
 from typing import Any, Optional, Protocol
 
 from fedem_flwr.config import GateConfig
+from fedem_flwr.errors import HubError, HubFault, InvalidAdapter, StoreError
 from fedem_flwr.gate.acceptance import Decision, decide
+from fedem_flwr.gate.novelty import no_work
 from fedem_flwr.hub.records import revision_name
 from fedem_flwr.hub.store import ArtifactRef, ArtifactStore
 from fedem_flwr.relay.leases import Lease, LeaseBook, PushRejected, SweepSchedule
@@ -26,6 +30,10 @@ from fedem_flwr.relay.pool import AdapterPool
 log = logging.getLogger(__name__)
 
 HeldoutLosses = dict[str, float]
+
+# Faults that make the hub itself unusable: they stop the run as ``HubFault`` instead of being
+# contained as one push's ``hub-error`` (a store that cannot read or write raises ``StoreError``).
+_HUB_FAULTS = (sqlite3.Error, HubError, StoreError)
 
 
 class AdapterWorkbench(Protocol):
@@ -173,33 +181,74 @@ class RelayCoordinator:
         state: Optional[Mapping[str, Any]],
         invalid_reason: Optional[str] = None,
         metrics: Optional[Mapping[str, float]] = None,
+        dropped_metrics: Sequence[str] = (),
     ) -> PushOutcome:
-        """Fence, validate, evaluate blind, decide, and persist the outcome of one push.
+        """Fence, validate, check for work, evaluate blind, decide, and persist the outcome of one push.
 
         ``state`` is None when the wire checks failed (``invalid_reason`` says why): a valid lease
-        still ends, and the push is recorded as rejected.
+        still ends, and the push is recorded as rejected. ``dropped_metrics`` names the metrics the
+        wire layer already dropped; non-finite or non-numeric ``metrics`` are dropped here too, and
+        every dropped name is recorded with the contribution.
+
+        Nothing a node sends ends the run: an unexpected error while judging one push ends its lease
+        (outcome ``hub-error``) and is recorded as a rejection. Only a fault of the hub itself (the
+        registry cannot be written, the store cannot be read or written) raises ``HubFault``.
         """
+        try:
+            return self._receive(holder, token, adapter, base_version, state, invalid_reason, metrics,
+                                 dropped_metrics)
+        except _HUB_FAULTS as err:
+            raise HubFault(f"the hub cannot go on (push for {adapter!r}, lease {token}): {_one_line(err)}") from err
+
+    def _receive(self, holder, token, adapter, base_version, state, invalid_reason, metrics, dropped) -> PushOutcome:
         now = self.clock()
-        pseudonym = self.registry.pseudonym(holder)
-        content = state_digest(state) if state is not None else "-"
+        kept, dropped = _finite_metrics(metrics, dropped)
+        received = _Received(self.registry.pseudonym(holder), now, state_digest(state) if state is not None else "-",
+                             kept, dropped)
         try:
             lease = self.book.check_push(token, holder, adapter, base_version, now)
         except PushRejected as rejected:
-            return self._reject_unfenced(rejected, pseudonym, adapter, token, now, metrics, content)
+            return self._reject_unfenced(rejected, received, adapter, token)
 
         if state is None:
-            reason = f"invalid-adapter: {invalid_reason}"
-            return self._conclude(lease, pseudonym, now, "rejected", reason, {}, metrics, content)
+            return self._conclude(lease, received, "rejected", f"invalid-adapter: {invalid_reason}", {})
+        try:
+            return self._judge(lease, received, state)
+        except (HubFault, *_HUB_FAULTS):
+            raise
+        except Exception as err:  # one push's trouble is recorded, never the end of the run
+            return self._contain(lease, received, err)
 
-        parent = self.registry.latest_adapter_version(adapter)
-        languages = self.registry.adapter(adapter).languages
+    def _judge(self, lease: Lease, received: "_Received", state: Mapping[str, Any]) -> PushOutcome:
+        """No credit without work (before evaluation), then blind evaluation and the gate."""
+        parent = self.registry.latest_adapter_version(lease.adapter)
+        languages = self.registry.adapter(lease.adapter).languages
+        idle = no_work(state, self._parent_weights(parent), self.gate.min_change, revision_name(parent.version))
+        if idle:
+            return self._conclude(lease, received, "rejected", idle, {})
+
         losses = self.workbench.evaluate(state, None if self.gate.check_others else languages)
+        bad = [lang for lang in sorted(losses) if not math.isfinite(losses[lang])]
+        if bad:  # huge weights: nothing to compare, and nothing to keep
+            reason = "non-finite-loss: held-out loss " + ", ".join(f"{lang}={losses[lang]}" for lang in bad)
+            return self._conclude(lease, received, "rejected", reason, losses)
         decision = self._decide(losses, parent.metrics.get("heldout", {}), languages)
         ref = self._write_artifact(state, parent, lease) if decision.accepted else None
-        return self._conclude(
-            lease, pseudonym, now, "accepted" if decision.accepted else "rejected",
-            decision.reason, losses, metrics, content, parent=parent, ref=ref,
-        )
+        return self._conclude(lease, received, "accepted" if decision.accepted else "rejected", decision.reason,
+                              losses, parent=parent, ref=ref)
+
+    def _contain(self, lease: Lease, received: "_Received", err: Exception) -> PushOutcome:
+        """End the lease of a push the hub failed to judge, record why, and let the relay go on."""
+        reason = f"hub-error: {_one_line(err)}"
+        log.error("Push for %r (lease %d) could not be judged; its lease ends and the relay goes on",
+                  lease.adapter, lease.token, exc_info=err)
+        current = self.book.get(lease.token)
+        with self.registry.atomic():
+            self._record(received, lease.adapter, lease.token, "rejected", reason, None, {})
+            if current is not None and current.active:
+                self.book.release(lease.token, received.at, outcome="hub-error")
+            self._flush()
+        return PushOutcome("rejected", reason, lease.adapter, lease.token)
 
     def fail(self, token: int, reason: str) -> Optional[Lease]:
         """End a lease whose train message failed (client error, expired message)."""
@@ -218,7 +267,7 @@ class RelayCoordinator:
 
     # -- internals -------------------------------------------------------------------------------
 
-    def _reject_unfenced(self, rejected: PushRejected, pseudonym, adapter, token, now, metrics, content) -> PushOutcome:
+    def _reject_unfenced(self, rejected: PushRejected, received: "_Received", adapter: str, token: int) -> PushOutcome:
         """A push that fails the fencing checks is recorded against the adapter it names (or the one
         its token leased); nothing of it is evaluated or kept."""
         self._flush()  # a late push expired its lease just now: persist that
@@ -229,8 +278,7 @@ class RelayCoordinator:
             log.warning("Push naming unknown adapter %r dropped: %s", adapter, reason)
         else:
             with self.registry.atomic():
-                self._record(pseudonym, name, token if known else None, now, "rejected", reason, None, {},
-                             metrics, content)
+                self._record(received, name, token if known else None, "rejected", reason, None, {})
         return PushOutcome("rejected", reason, adapter, token)
 
     def _decide(self, losses: HeldoutLosses, parent: HeldoutLosses, languages: Sequence[str]) -> Decision:
@@ -241,22 +289,41 @@ class RelayCoordinator:
         return decide(losses, parent, languages, self.gate.margin, weights=weights, others=others,
                       tolerance=self.gate.tolerance)
 
+    def _parent_weights(self, parent: Any) -> dict[str, Any]:
+        """The parent version's weights from the store (digest-verified); a store that cannot give them
+        back is a fault of the hub, not of the push."""
+        # torch is imported only once a push is judged: leases and fencing run without it.
+        from fedem_flwr.model.adapter_spec import load_adapter_file
+        from fedem_flwr.model.lora import ADAPTER_WEIGHTS_FILE
+
+        try:
+            folder = self.store.get(ArtifactRef(parent.repo, parent.revision, parent.digest))
+            return load_adapter_file(folder / ADAPTER_WEIGHTS_FILE)
+        except (StoreError, OSError, InvalidAdapter) as err:
+            raise HubFault(f"cannot read {parent.repo}@{parent.revision}, the parent version of a push: "
+                           f"{_one_line(err)}") from err
+
     def _write_artifact(self, state, parent, lease: Lease) -> ArtifactRef:
         """The artifact is renamed into place before its registry row commits: a crash between the
-        two leaves an orphan revision that ``fedem verify`` reports, never a row without files."""
+        two leaves an orphan revision that ``fedem verify`` reports, never a row without files.
+
+        The workbench's own errors are the push's (contained); a store that cannot write is the hub's.
+        """
         base = self.registry.checkpoint(lease.base_version)
         base_ref = ArtifactRef(self.store.repo_id(base.repo), base.revision, base.digest)
         version = parent.version + 1
         with tempfile.TemporaryDirectory(prefix="fedem-adapter-") as tmp:
             self.workbench.save(state, Path(tmp), base_ref)
-            return self.store.put(
-                parent.repo, revision_name(version), Path(tmp),
-                message=f"{lease.adapter} v{version} (lease {lease.token})",
-            )
+            try:
+                return self.store.put(
+                    parent.repo, revision_name(version), Path(tmp),
+                    message=f"{lease.adapter} v{version} (lease {lease.token})",
+                )
+            except (StoreError, OSError) as err:
+                raise HubFault(f"cannot write {parent.repo}@{revision_name(version)}: {_one_line(err)}") from err
 
     def _conclude(
-        self, lease: Lease, pseudonym: str, now: float, decision: str, reason: str,
-        losses: Mapping[str, float], metrics: Optional[Mapping[str, float]], content: str, *,
+        self, lease: Lease, received: "_Received", decision: str, reason: str, losses: Mapping[str, float], *,
         parent: Any = None, ref: Optional[ArtifactRef] = None,
     ) -> PushOutcome:
         """Release the lease, add the version (if any) and record the contribution in one transaction."""
@@ -266,25 +333,36 @@ class RelayCoordinator:
                 row = self.registry.add_adapter_version(
                     adapter=lease.adapter, base_version=lease.base_version, parent_version=parent.version,
                     repo=ref.repo, revision=ref.revision, digest=ref.digest,
-                    metrics={"heldout": dict(losses), "train": dict(metrics or {})}, created=now,
+                    metrics={"heldout": dict(losses), "train": dict(received.metrics)}, created=received.at,
                 )
                 version = row.version
-            self._record(pseudonym, lease.adapter, lease.token, now, decision, reason, version, losses,
-                         metrics, content)
-            self.book.release(lease.token, now, outcome=decision)
+            self._record(received, lease.adapter, lease.token, decision, reason, version, losses)
+            self.book.release(lease.token, received.at, outcome=decision)
             self._flush()
         return PushOutcome(decision, reason, lease.adapter, lease.token, version, dict(losses))
 
-    def _record(self, pseudonym, adapter, token, now, decision, reason, version, losses, metrics, content) -> None:
-        """One contribution row (it carries the pseudonym only); the caller holds the transaction."""
+    def _record(self, received: "_Received", adapter: str, token: Optional[int], decision: str, reason: str,
+                version: Optional[int], losses: Mapping[str, float]) -> None:
+        """One contribution row (it carries the pseudonym only); the caller holds the transaction.
+
+        The registry holds no NaN: a non-finite loss is stored as null and named in ``non_finite``.
+        """
+        validation: dict[str, Any] = {"ok": not reason.startswith("invalid-adapter")}
+        if received.dropped:
+            validation["dropped_metrics"] = list(received.dropped)
+        heldout = {lang: (float(loss) if math.isfinite(loss) else None) for lang, loss in losses.items()}
+        evaluation: dict[str, Any] = {"heldout": heldout, "train": dict(received.metrics)}
+        non_finite = sorted(lang for lang, loss in heldout.items() if loss is None)
+        if non_finite:
+            evaluation["non_finite"] = non_finite
         self.registry.add_contribution(
-            pseudonym=pseudonym,
+            pseudonym=received.pseudonym,
             adapter=adapter,
             lease_token=token,
-            received=now,
-            digest=content,
-            validation={"ok": not reason.startswith("invalid-adapter")},
-            evaluation={"heldout": dict(losses), "train": dict(metrics or {})},
+            received=received.at,
+            digest=received.digest,
+            validation=validation,
+            evaluation=evaluation,
             decision=decision,
             reason=reason,
             adapter_version=version,
@@ -303,6 +381,44 @@ class RelayCoordinator:
             if not lease.active and self.book.is_free(lease.adapter):
                 latest = self.registry.latest_adapter_version(lease.adapter)
                 self.pool.put(self._info(lease.adapter, latest.version))
+
+
+@dataclass(frozen=True)
+class _Received:
+    """What came with one push, as recorded with its contribution (the sender only by pseudonym)."""
+
+    pseudonym: str
+    at: float
+    digest: str
+    metrics: dict[str, float]  # finite numbers only
+    dropped: tuple[str, ...]  # metric names dropped as invalid, by the wire layer or here
+
+
+def _finite_metrics(metrics: Optional[Mapping[str, Any]], dropped: Sequence[str]) -> tuple[dict, tuple[str, ...]]:
+    """Keep the finite numbers of ``metrics``; name every other key beside those already ``dropped``."""
+    kept, names = {}, {str(name) for name in dropped}
+    for key, value in (metrics or {}).items():
+        if isinstance(key, str) and _finite_number(value):
+            kept[key] = value
+        else:
+            names.add(str(key))
+    return kept, tuple(sorted(names))
+
+
+def _finite_number(value: Any) -> bool:
+    """A float that is finite, or an int in the signed 64-bit range a metric record can carry."""
+    if isinstance(value, bool):
+        return False
+    if isinstance(value, int):
+        return -(2**63) <= value < 2**63
+    return isinstance(value, float) and math.isfinite(value)
+
+
+def _one_line(err: BaseException, limit: int = 300) -> str:
+    """``Type: first line of the message``, bounded: what a reason or a fault's cause shows."""
+    lines = str(err).strip().splitlines()
+    text = f"{type(err).__name__}: {lines[0] if lines else ''}".rstrip(": ")
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def state_digest(state: Mapping[str, Any]) -> str:

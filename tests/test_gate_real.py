@@ -1,0 +1,106 @@
+"""No credit without work on a real seshu-tiny adapter, judged by the real hub workbench.
+
+An untouched adapter and an all-zeros one are rejected before evaluation (with the default margin 0,
+both would pass the loss gate: the untouched one scores its parent's loss exactly, and the all-zeros
+one too, since a fresh LoRA's delta is already zero). Finite but huge weights evaluate to NaN and are
+rejected before any artifact. Afterwards honest training on the same adapter is still accepted and
+keeps lowering the held-out loss.
+"""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+
+from fedem_flwr.config import GateConfig, LoraConfig, ModelConfig, TrainConfig
+from fedem_flwr.data import tokenize_blocks
+from fedem_flwr.gate.evaluator import HubWorkbench
+from fedem_flwr.hub.registry import Registry
+from fedem_flwr.hub.store import ArtifactRef, LocalStore
+from fedem_flwr.model import build_byte_tokenizer, build_model
+from fedem_flwr.model.lora import adapter_state, load_adapter
+from fedem_flwr.relay.coordinator import RelayCoordinator
+from fedem_flwr.relay.policies import NodeProfile, make_policy
+from fedem_flwr.training import train
+from relay_support import TTL, FakeClock, assert_consistent
+
+MODEL = ModelConfig()  # seshu-tiny
+HELDOUT = ["नमस्ते, आप कैसे हैं?", "मैं ठीक हूँ, धन्यवाद।", "आज मौसम अच्छा है।"]
+TRAINING = ["यह एक किताब है।", "मुझे हिंदी पढ़ना पसंद है।", "हम कल बाज़ार जाएंगे।", "वह स्कूल जाता है।",
+            "पानी ठंडा है।"] * 4
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return build_byte_tokenizer()
+
+
+def _hub(tmp_path, tokenizer, clock):
+    registry = Registry.open(tmp_path / "registry.sqlite")
+    store = LocalStore(tmp_path / "store")
+    workbench = HubWorkbench(build_model(MODEL, tokenizer, seed=0), LoraConfig(),
+                             {"hi": tokenize_blocks(HELDOUT, tokenizer, 32)}, pad_id=tokenizer.pad_token_id, seed=0)
+    (tmp_path / "seed").mkdir()
+    (tmp_path / "seed" / "config.json").write_text("{}")
+    base = store.put("t/base", "v0", tmp_path / "seed", message="seed")
+    registry.add_checkpoint(None, "init", base.repo, base.revision, base.digest, {}, clock())
+    workbench.save(workbench.initial_state, tmp_path / "fresh", base)
+    ref = store.put("t/adapter-hi", "v0", tmp_path / "fresh", message="fresh")
+    registry.add_adapter("hi", ["hi"], "causal-lm", {}, clock())
+    registry.add_adapter_version("hi", 0, None, ref.repo, ref.revision, ref.digest,
+                                 {"heldout": workbench.evaluate(workbench.initial_state)}, clock())
+    coordinator = RelayCoordinator(registry, store, make_policy("language", random.Random(0)), workbench,
+                                   lease_ttl_s=TTL, sweep_interval_s=10, gate=GateConfig(), clock=clock)
+    coordinator.recover()
+    return coordinator, registry, store
+
+
+def _push(coordinator, state, node="sim:0"):
+    (assignment,) = coordinator.assign([NodeProfile(node, ("hi",))])
+    lease = assignment.lease
+    return coordinator.receive_push(holder=lease.holder, token=lease.token, adapter=lease.adapter,
+                                    base_version=lease.base_version, state=state)
+
+
+def _trained(registry, store, tokenizer, seed):
+    """What an honest node sends: the latest version, trained a few steps on its own text."""
+    latest = registry.latest_adapter_version("hi")
+    folder = store.get(ArtifactRef(latest.repo, latest.revision, latest.digest))
+    model = load_adapter(build_model(MODEL, tokenizer, seed=0), folder, is_trainable=True)
+    cfg = TrainConfig(max_steps=8, batch_size=4, warmup_steps=1, progress=False, device="cpu")
+    train(model, tokenize_blocks(TRAINING, tokenizer, 32), cfg, pad_id=tokenizer.pad_token_id, seed=seed)
+    return adapter_state(model)
+
+
+def test_no_credit_without_work_and_the_adapter_keeps_improving(tmp_path, tokenizer):
+    clock = FakeClock()
+    coordinator, registry, store = _hub(tmp_path, tokenizer, clock)
+    evaluated = []
+    evaluate = coordinator.workbench.evaluate
+    coordinator.workbench.evaluate = lambda state, languages=None: evaluated.append(1) or evaluate(state, languages)
+    fresh = coordinator.workbench.initial_state
+
+    untouched = _push(coordinator, {key: value.clone() for key, value in fresh.items()})
+    zeros = _push(coordinator, {key: torch.zeros_like(value) for key, value in fresh.items()})
+
+    assert untouched.reason.startswith("unchanged: max |delta| 0.0e+00 from v0")
+    assert zeros.reason.startswith("degenerate: lora_A and lora_B are both all zero for "
+                                   "'base_model.model.backbone.layers.0.mixer.in_proj'")
+    assert evaluated == [] and registry.latest_adapter_version("hi").version == 0
+
+    honest = _trained(registry, store, tokenizer, seed=1)
+    huge = _push(coordinator, {key: value * 1e20 for key, value in honest.items()})
+    assert huge.reason == "non-finite-loss: held-out loss hi=nan"
+    assert store.revisions("t/adapter-hi") == ["v0"] and registry.contributions()[0].evaluation["heldout"] == {"hi": None}
+
+    losses = [registry.latest_adapter_version("hi").metrics["heldout"]["hi"]]
+    for seed in (1, 2):
+        outcome = _push(coordinator, _trained(registry, store, tokenizer, seed))
+        assert outcome.accepted, outcome.reason
+        losses.append(outcome.losses["hi"])
+    assert losses[0] > losses[1] > losses[2]
+    assert [v.version for v in registry.adapter_versions("hi")] == [0, 1, 2]
+    assert [lease.outcome for lease in registry.leases()] == ["rejected"] * 3 + ["accepted"] * 2
+    assert_consistent(coordinator)
