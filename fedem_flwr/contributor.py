@@ -29,14 +29,13 @@ import datasets
 import torch
 
 from fedem_flwr.config import FedemConfig
-from fedem_flwr.data.blocks import heldout_split, tokenize_blocks
+from fedem_flwr.data.blocks import tokenize_blocks
 from fedem_flwr.data.corpus import language_sizes, load_corpus, select_languages
 from fedem_flwr.data.partition import partition
 from fedem_flwr.errors import ConfigError, DataError
 from fedem_flwr.hub.manifest import DigestMismatch, digest
 from fedem_flwr.model.factory import kernel_path, load_base
 from fedem_flwr.model.lora import adapter_state, attach_lora, load_adapter_state
-from fedem_flwr.model.tokenizer import build_byte_tokenizer
 from fedem_flwr.training.device import pick_device
 from fedem_flwr.training.finetune import train
 
@@ -92,16 +91,10 @@ def _load_node_data(cfg: FedemConfig, node_config: NodeConfig) -> NodeData:
 
 
 def _partition(cfg: FedemConfig, partition_id: int, num_partitions: int) -> datasets.Dataset:
-    """The corpus without the hub's held-out rows, partitioned as ``data.partitioner`` says."""
-    corpus = load_corpus(cfg.data)
-    # Which rows are held out is a hash of each row, the same everywhere; only which languages are
-    # too small to hold out depends on the tokenizer. Byte blocks are never fewer than the hub's
-    # (bytes or BPE), so a node is at least as strict as the hub and never trains on its held-out rows.
-    tokenizer = build_byte_tokenizer()
-    train_rows, _ = heldout_split(
-        corpus, cfg.data.heldout_fraction, cfg.data.min_heldout_blocks, cfg.data.block_size, tokenizer, cfg.seed
-    )
-    return partition(train_rows, cfg.data.partitioner, num_partitions, partition_id, cfg.seed, cfg.data.dirichlet_alpha)
+    """The node's partition of the corpus, as ``data.partitioner`` says. Which of its rows the hub
+    holds out only the hub can tell (the split is keyed): ``Hub.training_rows`` leaves them out."""
+    return partition(load_corpus(cfg.data), cfg.data.partitioner, num_partitions, partition_id, cfg.seed,
+                     cfg.data.dirichlet_alpha)
 
 
 def _languages(node_config: NodeConfig) -> tuple[str, ...]:

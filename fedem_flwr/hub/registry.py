@@ -136,12 +136,13 @@ class Registry(Database):
         return [rec.adapter_version_from(r) for r in rows]
 
     def update_version_heldout(self, adapter: str, version: int, heldout: dict[str, float], split: str,
-                               updated: float) -> AdapterVersion:
+                               updated: float, replaced_split: Optional[str] = None) -> AdapterVersion:
         """Replace a version's held-out losses after the held-out set changed (split id ``split``).
 
         The gate compares pushes with the latest version's ``metrics["heldout"]``, so those losses
         must come from the held-out set the hub evaluates on now. The replaced losses stay in
-        ``metrics["heldout-replaced"]`` with the split they were measured on: nothing is lost.
+        ``metrics["heldout-replaced"]`` with the split they were measured on (their recorded
+        ``heldout-split``, else ``replaced_split``): nothing is lost.
         """
         updated = rec.finite("updated", updated)
         with self.atomic():
@@ -151,8 +152,8 @@ class Registry(Database):
             old = rec.adapter_version_from(row)
             metrics = dict(old.metrics)
             replaced = list(metrics.get("heldout-replaced", []))
-            replaced.append({"heldout": metrics.get("heldout", {}), "split": metrics.get("heldout-split"),
-                             "until": updated})
+            replaced.append({"heldout": metrics.get("heldout", {}),
+                             "split": metrics.get("heldout-split", replaced_split), "until": updated})
             metrics.update({"heldout": dict(heldout), "heldout-split": split, "heldout-replaced": replaced})
             self._conn.execute("UPDATE adapter_versions SET metrics = ? WHERE adapter = ? AND version = ?",
                                (rec.dumps("metrics", metrics), adapter, version))
