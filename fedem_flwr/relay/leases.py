@@ -226,7 +226,7 @@ class LeaseBook:
         if not ttl > 0:
             raise LeaseError(f"lease `ttl` is {ttl!r}; it must be > 0 seconds.")
         for blocking in (self._by_adapter.get(adapter), self._by_holder.get(holder)):
-            # the same lease may block both ways: re-read it so it ends only once
+            # the same lease may block both ways: once ended it is no longer active, so it ends once
             if blocking is not None and blocking.token in self._active and blocking.is_due(now):
                 self._end(blocking, "expired", now, EXPIRED)
         self._check_free(adapter, holder)
