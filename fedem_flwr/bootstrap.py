@@ -10,14 +10,18 @@ import random
 import tempfile
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+import datasets
+
 from fedem_flwr.config import FedemConfig, config_to_dict
-from fedem_flwr.data.blocks import heldout_split
+from fedem_flwr.data.blocks import HeldoutSplit, without
 from fedem_flwr.data.corpus import language_sizes, load_corpus
+from fedem_flwr.data.partition import partition
 from fedem_flwr.gate.evaluator import HubWorkbench
+from fedem_flwr.heldout import refresh_parent_losses, split_corpus
 from fedem_flwr.hub.paths import registry_path
 from fedem_flwr.hub.records import revision_name
 from fedem_flwr.hub.registry import Registry
@@ -40,6 +44,24 @@ class Hub:
     store: ArtifactStore
     workbench: HubWorkbench
     coordinator: RelayCoordinator
+    cfg: FedemConfig
+    corpus: datasets.Dataset
+    split: HeldoutSplit
+    _rows: dict[tuple[int, int], datasets.Dataset] = field(default_factory=dict, init=False, repr=False)
+
+    def training_rows(self, partition_id: int, num_partitions: int) -> datasets.Dataset:
+        """The rows simulated node ``partition_id`` of ``num_partitions`` trains on (``text``, ``language``).
+
+        Its partition of the full corpus, computed as the node computes it for its profile, less the
+        hub's held-out rows, which only the hub can tell (the split is keyed). Cached per partition.
+        """
+        key = (partition_id, num_partitions)
+        if key not in self._rows:
+            data = self.cfg.data
+            part = partition(self.corpus, data.partitioner, num_partitions, partition_id, self.cfg.seed,
+                             data.dirichlet_alpha)
+            self._rows[key] = without(part, self.split.withheld)
+        return self._rows[key]
 
 
 def open_hub(cfg: FedemConfig, hub_path: Path, clock: Callable[[], float] = time.time) -> Hub:
@@ -53,15 +75,15 @@ def open_hub(cfg: FedemConfig, hub_path: Path, clock: Callable[[], float] = time
 
     base = registry.latest_checkpoint() or seed_base(cfg, registry, store, corpus, clock)
     model, tokenizer = load_base(str(store.get(ArtifactRef(base.repo, base.revision, base.digest))))
-    _, heldout = heldout_split(
-        corpus, cfg.data.heldout_fraction, cfg.data.min_heldout_blocks, cfg.data.block_size, tokenizer, cfg.seed
-    )
+    split, fingerprint = split_corpus(cfg, registry, corpus, tokenizer)  # keyed: only the hub can rebuild it
     # The hub evaluates every push: on its GPU when it has one (`train.device`).
     workbench = HubWorkbench(
-        model.to(pick_device(cfg.train.device)), cfg.lora, heldout, pad_id=tokenizer.pad_token_id,
+        model.to(pick_device(cfg.train.device)), cfg.lora, split.heldout, pad_id=tokenizer.pad_token_id,
         batch_size=cfg.train.eval_batch_size, max_blocks=cfg.gate.max_eval_blocks, seed=cfg.seed,
         resolved_config=config_to_dict(cfg),
     )
+    # Parents' losses come from the held-out set in use: evaluated again when the split changed.
+    refresh_parent_losses(registry, store, workbench.evaluate, fingerprint, clock)
     seed_adapters(cfg, registry, store, workbench, language_sizes(corpus), base, clock)
 
     rng = random.Random(cfg.seed)
@@ -70,7 +92,7 @@ def open_hub(cfg: FedemConfig, hub_path: Path, clock: Callable[[], float] = time
         lease_ttl_s=cfg.relay.lease_ttl_s, sweep_interval_s=cfg.relay.sweep_interval_s,
         gate=cfg.gate, clock=clock,
     )
-    return Hub(hub_path, registry, store, workbench, coordinator)
+    return Hub(hub_path, registry, store, workbench, coordinator, cfg, corpus, split)
 
 
 def seed_base(cfg: FedemConfig, registry: Registry, store: ArtifactStore, corpus: Any, clock: Callable[[], float]):

@@ -37,7 +37,7 @@ def train_relay(message: Message, context: Context) -> Message:
         raise BaseUnavailable(f"base checkpoint {instruction.base} is not cached in {cache.root} and was not sent")
     state = message.content["arrays"].to_torch_state_dict()
     new_state, metrics = relay_train(
-        cfg, cache.path(instruction.base.digest), state, node_data(cfg, context.node_config),
+        cfg, cache.use(instruction.base.digest), state, node_data(cfg, context.node_config),
         instruction.languages, budget_s=instruction.budget_s, max_steps=instruction.max_steps,
         seed=cfg.seed + instruction.token,
     )

@@ -16,33 +16,27 @@ from __future__ import annotations
 
 import json
 import logging
-import os
-import shutil
-import tempfile
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import Any, Optional, Union
+from typing import Any, Optional
 
 import datasets
 import torch
 
+from fedem_flwr.base_cache import BaseCache, NodeConfig
 from fedem_flwr.config import FedemConfig
-from fedem_flwr.data.blocks import heldout_split, tokenize_blocks
+from fedem_flwr.data.blocks import tokenize_blocks
 from fedem_flwr.data.corpus import language_sizes, load_corpus, select_languages
 from fedem_flwr.data.partition import partition
 from fedem_flwr.errors import ConfigError, DataError
-from fedem_flwr.hub.manifest import DigestMismatch, digest
 from fedem_flwr.model.factory import kernel_path, load_base
 from fedem_flwr.model.lora import adapter_state, attach_lora, load_adapter_state
-from fedem_flwr.model.tokenizer import build_byte_tokenizer
 from fedem_flwr.training.device import pick_device
 from fedem_flwr.training.finetune import train
 
 log = logging.getLogger(__name__)
-
-NodeConfig = Mapping[str, Union[bool, int, float, str]]
 
 
 @dataclass(frozen=True)
@@ -92,72 +86,15 @@ def _load_node_data(cfg: FedemConfig, node_config: NodeConfig) -> NodeData:
 
 
 def _partition(cfg: FedemConfig, partition_id: int, num_partitions: int) -> datasets.Dataset:
-    """The corpus without the hub's held-out rows, partitioned as ``data.partitioner`` says."""
-    corpus = load_corpus(cfg.data)
-    # Which rows are held out is a hash of each row, the same everywhere; only which languages are
-    # too small to hold out depends on the tokenizer. Byte blocks are never fewer than the hub's
-    # (bytes or BPE), so a node is at least as strict as the hub and never trains on its held-out rows.
-    tokenizer = build_byte_tokenizer()
-    train_rows, _ = heldout_split(
-        corpus, cfg.data.heldout_fraction, cfg.data.min_heldout_blocks, cfg.data.block_size, tokenizer, cfg.seed
-    )
-    return partition(train_rows, cfg.data.partitioner, num_partitions, partition_id, cfg.seed, cfg.data.dirichlet_alpha)
+    """The node's partition of the corpus, as ``data.partitioner`` says. Which of its rows the hub
+    holds out only the hub can tell (the split is keyed): ``Hub.training_rows`` leaves them out."""
+    return partition(load_corpus(cfg.data), cfg.data.partitioner, num_partitions, partition_id, cfg.seed,
+                     cfg.data.dirichlet_alpha)
 
 
 def _languages(node_config: NodeConfig) -> tuple[str, ...]:
     raw = str(node_config.get("languages", "") or "")
     return tuple(sorted({part.strip() for part in raw.split(",") if part.strip()}))
-
-
-# -- base checkpoints cached by digest ------------------------------------------------------------
-
-
-class BaseCache:
-    """Base checkpoints by manifest digest: a node fetches each base once."""
-
-    def __init__(self, root: Path) -> None:
-        self.root = root
-
-    @classmethod
-    def for_node(cls, node_config: NodeConfig, env: Mapping[str, str] = os.environ) -> "BaseCache":
-        if node_config.get("cache-dir"):
-            return cls(Path(str(node_config["cache-dir"])).expanduser())
-        if env.get("FEDEM_CACHE"):
-            return cls(Path(env["FEDEM_CACHE"]).expanduser())
-        xdg = env.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
-        return cls(Path(xdg) / "fedem")
-
-    def path(self, base_digest: str) -> Path:
-        return self.root / "bases" / base_digest
-
-    def has(self, base_digest: str) -> bool:
-        return self.path(base_digest).is_dir()
-
-    def digests(self) -> list[str]:
-        folder = self.root / "bases"
-        return sorted(p.name for p in folder.iterdir() if p.is_dir()) if folder.is_dir() else []
-
-    def add(self, base_digest: str, write: Callable[[Path], None]) -> Path:
-        """Write into a temp folder, check the digest, then rename into place."""
-        target = self.path(base_digest)
-        if target.is_dir():
-            return target
-        target.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=".incoming-", dir=target.parent))
-        try:
-            write(tmp)
-            got = digest(tmp)
-            if got != base_digest:
-                raise DigestMismatch(f"base checkpoint received with digest {got}, expected {base_digest}")
-            os.replace(tmp, target)
-        except FileExistsError:
-            pass  # another process on this machine cached it first
-        except OSError:
-            if not target.is_dir():
-                raise
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
-        return target
 
 
 # -- one relay fine-tune ---------------------------------------------------------------------------

@@ -10,6 +10,7 @@ import torch
 
 from fedem_flwr.config.schema import DataConfig
 from fedem_flwr.data import (
+    corpus_digest,
     heldout_split,
     labels_for,
     language_sizes,
@@ -17,6 +18,7 @@ from fedem_flwr.data import (
     partition,
     partitions,
     tokenize_blocks,
+    without,
 )
 from fedem_flwr.data.labels import IGNORE_INDEX
 from fedem_flwr.data.corpus import column
@@ -26,6 +28,7 @@ from fedem_flwr.model import build_byte_tokenizer
 datasets.disable_progress_bars()
 
 TEN = ["en", "fa", "hi", "te", "bn", "ta", "zh", "ja", "fr", "th"]
+KEY = bytes(range(32))  # a hub derives its key from its secret; any 16+ bytes do here
 
 
 @pytest.fixture(scope="module")
@@ -265,15 +268,17 @@ def by_language(ds) -> dict[str, list[str]]:
 
 def test_heldout_split_is_deterministic_and_disjoint(small, tokenizer):
     # Execute
-    train1, held1 = heldout_split(small, 0.1, 2, 64, tokenizer, seed=0)
-    train2, held2 = heldout_split(small.shuffle(seed=3), 0.1, 2, 64, tokenizer, seed=0)
-    _, held_other = heldout_split(small, 0.1, 2, 64, tokenizer, seed=1)
+    split1 = heldout_split(small, 0.1, 2, 64, tokenizer, KEY)
+    split2 = heldout_split(small.shuffle(seed=3), 0.1, 2, 64, tokenizer, KEY)
+    other = heldout_split(small, 0.1, 2, 64, tokenizer, bytes(32))
 
-    # Assert: same seed, any row order -> same blocks; another seed -> other blocks
-    assert held1.keys() == held2.keys() == {"hi", "bn", "ta", "te", "zh", "fr"}
+    # Assert: same key, any row order -> same blocks; another key -> other blocks
+    held1, held2, train1 = split1.heldout, split2.heldout, split1.train
+    assert held1.keys() == held2.keys() and {"hi", "bn", "ta", "zh", "fr"} <= held1.keys()
     assert all(torch.equal(held1[lang], held2[lang]) for lang in held1)
-    assert sorted(column(train1, "text")) == sorted(column(train2, "text"))
-    assert not torch.equal(held1["zh"][:2], held_other["zh"][:2])
+    assert sorted(column(train1, "text")) == sorted(column(split2.train, "text"))
+    assert split1.withheld == split2.withheld
+    assert not torch.equal(held1["zh"][:2], other.heldout["zh"][:2])
     assert all(b.dtype == torch.int64 and b.shape[1] == 64 and b.shape[0] >= 2 for b in held1.values())
     # Held-out rows never train; together with the training rows they are the corpus
     trained, every = by_language(train1), by_language(small)
@@ -281,41 +286,75 @@ def test_heldout_split_is_deterministic_and_disjoint(small, tokenizer):
         held_docs = documents(held1[lang], tokenizer)
         assert set(held_docs).isdisjoint(trained[lang])
         assert sorted(held_docs + trained[lang]) == sorted(every[lang])
+        assert set(held_docs) == {text for language, text in split1.withheld if language == lang}
 
 
 def test_small_language_is_training_only(small, tokenizer):
-    train, held = heldout_split(small, 0.1, 2, 128, tokenizer, seed=0)
+    split = heldout_split(small, 0.1, 2, 128, tokenizer, KEY)
 
-    assert "te" not in held  # 576 bytes: its held-out rows give 1 block of the 2 needed
-    assert {"hi", "bn"} <= held.keys()
-    train_langs = column(train, "language")
+    assert "te" not in split.heldout  # 576 bytes: its held-out rows give too few blocks
+    assert {"hi", "bn"} <= split.heldout.keys()
+    train_langs = column(split.train, "language")
     assert train_langs.count("te") == column(small, "language").count("te")  # every row trains
+    assert not any(lang == "te" for lang, _ in split.withheld)
 
 
 def test_hub_named_language_is_withheld_even_when_small_here(small, tokenizer):
     te = small.filter(lambda row: row["language"] == "te")
 
-    alone, held_alone = heldout_split(te, 0.1, 2, 128, tokenizer, seed=0)
-    train, held = heldout_split(te, 0.1, 2, 128, tokenizer, seed=0, heldout_languages=["te"])
+    alone = heldout_split(te, 0.1, 2, 128, tokenizer, KEY)
+    named = heldout_split(te, 0.1, 2, 128, tokenizer, KEY, heldout_languages=["te"])
 
-    assert held_alone == {} and len(alone) == len(te)  # too small: every row trains
-    assert held == {} and 0 < len(train) < len(te)  # the hub holds te out: its held-out rows stay out
+    assert alone.heldout == {} and len(alone.train) == len(te) and not alone.withheld  # every row trains
+    assert named.heldout == {} and 0 < len(named.train) < len(te)  # held out by name: its rows stay out
+    assert len(named.withheld) == len(te) - len(named.train)
 
 
-def test_a_client_partition_agrees_with_the_hub_split(small, tokenizer):
-    # The hub splits the whole corpus, a client only its (IID) partition: the client holds out
-    # a subset of the hub's held-out documents and trains on none of them.
-    _, hub = heldout_split(small, 0.1, 2, 64, tokenizer, seed=0)
+def test_the_split_needs_the_key_a_public_hash_does_not_rebuild_it(small, tokenizer):
+    """A node holds the corpus, the fraction and the seed: before, that was enough to compute the
+    held-out rows (a public hash of each row); now the selection depends on the hub's key."""
+    import hashlib
+
+    split = heldout_split(small, 0.1, 2, 64, tokenizer, KEY)
+    rows = list(zip(column(small, "language"), column(small, "text")))
+
+    def public_ticket(lang: str, text: str) -> float:  # what any node could compute, seed 0
+        digest = hashlib.sha256(f"0\x00{lang}\x00{text}".encode("utf-8")).digest()
+        return int.from_bytes(digest[:8], "big") / 2.0**64
+
+    guessed = {row for row in rows if public_ticket(*row) < 0.1}
+    guessed_with_other_key = heldout_split(small, 0.1, 2, 64, tokenizer, b"n" * 32).withheld
+
+    # Assert: a guess finds about a tenth of the held-out rows (chance), never the set
+    assert len(split.withheld) > 50
+    for guess in (guessed, guessed_with_other_key):
+        assert len(guess & split.withheld) < 0.3 * len(split.withheld)
+    with pytest.raises(ConfigError, match="held-out split key"):
+        heldout_split(small, 0.1, 2, 64, tokenizer, 0)  # a seed is no key
+    with pytest.raises(ConfigError, match="at least 16"):
+        heldout_split(small, 0.1, 2, 64, tokenizer, b"short")
+
+
+def test_without_drops_exactly_the_withheld_rows(small, tokenizer):
+    split = heldout_split(small, 0.1, 2, 64, tokenizer, KEY)
     node = partition(small, "iid", 3, 2, seed=0)
 
-    train, client = heldout_split(node, 0.1, 2, 64, tokenizer, seed=0, heldout_languages=hub)
+    kept = without(node, split.withheld)
 
-    hub_docs = {lang: set(documents(blocks, tokenizer)) for lang, blocks in hub.items()}
-    assert client and all(set(documents(client[lang], tokenizer)) <= hub_docs[lang] for lang in client)
-    trained = by_language(train)
-    assert all(hub_docs[lang].isdisjoint(trained.get(lang, [])) for lang in hub)
+    pairs = set(zip(column(kept, "language"), column(kept, "text")))
+    assert pairs.isdisjoint(split.withheld)
+    dropped = [p for p in zip(column(node, "language"), column(node, "text")) if p in split.withheld]
+    assert 0 < len(dropped) and len(kept) == len(node) - len(dropped)
+    assert without(node, frozenset()) is node
+
+
+def test_corpus_digest_changes_with_the_text_not_the_order(small):
+    digest = corpus_digest(small)
+    assert corpus_digest(small.shuffle(seed=1)) == digest
+    changed = small.map(lambda row, i: {"text": row["text"] + ("!" if i == 0 else "")}, with_indices=True)
+    assert corpus_digest(changed) != digest
 
 
 def test_heldout_needs_two_blocks_at_least(small, tokenizer):
     with pytest.raises(ConfigError, match="data.min_heldout_blocks"):
-        heldout_split(small, 0.1, 1, 128, tokenizer, seed=0)
+        heldout_split(small, 0.1, 1, 128, tokenizer, KEY)

@@ -1,10 +1,12 @@
 """Random interleavings of lease operations keep the relay's invariants (hypothesis, stateful).
 
 The machine drives a ``LeaseBook`` with a fake clock, persists every change into a dict standing in
-for the registry, restarts from those rows now and then, and checks after every step: at most one
-active lease per adapter and per node, tokens strictly increasing, the registry matching the book,
-and a ledger of accepted versions that never loses one (every accepted push was trained on the
-adapter's current version, and the registry holds exactly as many accepted leases as versions).
+for the registry (which the book reads ended leases back from, as ``registry.lease``), restarts from
+those rows now and then, and checks after every step: at most one active lease per adapter and per
+node, tokens strictly increasing, the registry matching the book, every bad push rejected with the
+reason the registry's rows give, and a ledger of accepted versions that never loses one (every
+accepted push was trained on the adapter's current version, and the registry holds exactly as many
+accepted leases as versions).
 """
 
 from __future__ import annotations
@@ -35,8 +37,8 @@ class LeaseMachine(RuleBasedStateMachine):
     def __init__(self) -> None:
         super().__init__()
         self.now = T0
-        self.book = LeaseBook()
         self.rows: dict[int, Lease] = {}  # the registry's lease table
+        self.book = LeaseBook(lookup=self.rows.get)
         self.model: dict[int, tuple[str, str, float]] = {}  # expected active leases: adapter, holder, deadline
         self.versions = Counter()  # adapter -> current version (the accepted ledger)
         self.accepted = Counter()  # adapter -> accepted pushes
@@ -46,6 +48,18 @@ class LeaseMachine(RuleBasedStateMachine):
     def persist(self) -> None:
         for lease in self.book.pop_changes():
             self.rows[lease.token] = lease
+
+    def expected_reason(self, token: int, fault: str) -> str:
+        """The reason a bad push must get, read from the registry's rows alone."""
+        lease = self.rows.get(token)
+        if lease is None:
+            return "unknown-token"
+        if lease.active:
+            return "expired" if self.now >= lease.deadline else f"wrong-{fault}"
+        if lease.state == "released":
+            return "duplicate"
+        newest = max(t for t, row in self.rows.items() if row.adapter == lease.adapter)
+        return "superseded" if newest > token else "expired"
 
     def expire_due_in_model(self, *tokens: int) -> None:
         for token in tokens:
@@ -122,10 +136,12 @@ class LeaseMachine(RuleBasedStateMachine):
         elif fault == "base":
             base = 1
         before = set(self.model)
+        expected = self.expected_reason(token, fault)
         try:
             self.book.check_push(token, holder, adapter, base, self.now)
         except PushRejected as rejected:
             assert rejected.reason in REJECT_REASONS
+            assert rejected.reason == expected, (str(rejected), expected)
         else:
             raise AssertionError(f"{fault} push with token {token} was accepted")
         # a bad push only ever expires an overdue lease, never ends a live one
@@ -152,7 +168,10 @@ class LeaseMachine(RuleBasedStateMachine):
         """The hub stops and starts again: rebuild from the registry, expire what the last run left."""
         rows = [lease for lease in self.rows.values() if lease.active or not active_only]
         next_token = max(self.rows, default=0) + 1
-        self.book = LeaseBook(rows, next_token=next_token)
+        latest: dict[str, int] = {}  # what registry.latest_lease_tokens() reads
+        for lease in self.rows.values():
+            latest[lease.adapter] = max(latest.get(lease.adapter, 0), lease.token)
+        self.book = LeaseBook(rows, next_token=next_token, lookup=self.rows.get, latest=latest)
         self.book.expire_all(self.now)
         self.model.clear()
         self.persist()

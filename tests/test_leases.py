@@ -27,16 +27,30 @@ T0 = 1_000_000.0
 TTL = 100.0
 
 
+class Table(dict):
+    """The registry's lease table: the book's changes persisted by token, read back as its ``lookup``."""
+
+    def persist(self, book: LeaseBook) -> list[Lease]:
+        changes = book.pop_changes()
+        self.update((lease.token, lease) for lease in changes)
+        return changes
+
+
 @pytest.fixture
-def book() -> LeaseBook:
-    return LeaseBook()
+def table() -> Table:
+    return Table()
+
+
+@pytest.fixture
+def book(table) -> LeaseBook:
+    return LeaseBook(lookup=table.get)
 
 
 def take(book: LeaseBook, adapter: str = "hi", holder: str = "node:1", now: float = T0, base: int = 0) -> Lease:
     return book.acquire(adapter, holder, base_version=base, adapter_version=3, now=now, ttl=TTL)
 
 
-def test_acquire_returns_active_lease_with_deadline(book):
+def test_acquire_returns_active_lease_with_deadline(book, table):
     # Execute
     lease = take(book)
 
@@ -47,8 +61,8 @@ def test_acquire_returns_active_lease_with_deadline(book):
     assert book.lease_of("node:1") == lease
     assert not book.is_free("hi") and not book.node_free("node:1")
     assert book.is_free("te") and book.node_free("node:2")
-    assert book.pop_changes() == [lease]
-    assert book.pop_changes() == []
+    assert table.persist(book) == [lease]
+    assert table.persist(book) == []
 
 
 def test_one_lease_per_adapter_and_per_node(book):
@@ -96,10 +110,10 @@ def test_push_just_before_deadline_is_valid(book):
     assert book.check_push(lease.token, "node:1", "hi", 0, now=T0 + TTL - 0.001) == lease
 
 
-def test_push_exactly_at_deadline_is_expired(book):
+def test_push_exactly_at_deadline_is_expired(book, table):
     # Prepare
     lease = take(book)
-    book.pop_changes()
+    table.persist(book)
 
     # Execute
     with pytest.raises(LeaseExpired) as rejected:
@@ -109,7 +123,7 @@ def test_push_exactly_at_deadline_is_expired(book):
     assert rejected.value.reason == "expired"
     ended = rejected.value.lease
     assert (ended.state, ended.ended, ended.outcome) == ("expired", T0 + TTL, "expired")
-    assert book.pop_changes() == [ended]
+    assert table.persist(book) == [ended]
     assert book.is_free("hi") and book.node_free("node:1")
 
 
@@ -120,12 +134,12 @@ def test_late_push_after_sweep_is_expired(book):
         book.check_push(lease.token, "node:1", "hi", 0, now=T0 + TTL + 10)
 
 
-def test_sweep_expires_exactly_the_due_leases(book):
+def test_sweep_expires_exactly_the_due_leases(book, table):
     # Prepare: deadlines at T0+100, T0+110, T0+120
     a = take(book, "a", "n1", now=T0)
     b = take(book, "b", "n2", now=T0 + 10)
     c = take(book, "c", "n3", now=T0 + 20)
-    book.pop_changes()
+    table.persist(book)
 
     # Execute
     early = book.sweep(T0 + 99.999)
@@ -138,15 +152,15 @@ def test_sweep_expires_exactly_the_due_leases(book):
         (b.token, "expired", "expired", T0 + 110),
     ]
     assert book.active() == [c]
-    assert book.pop_changes() == due
+    assert table.persist(book) == due
 
 
-def test_acquire_after_deadline_expires_the_blocking_lease(book):
+def test_acquire_after_deadline_expires_the_blocking_lease(book, table):
     old = take(book, "hi", "node:1")
     assert not book.is_free("hi") and book.is_free("hi", now=T0 + TTL)
     new = take(book, "hi", "node:2", now=T0 + TTL)
-    assert [x.token for x in book.pop_changes()] == [old.token, old.token, new.token]
-    assert book.get(old.token).state == "expired"
+    assert [x.token for x in table.persist(book)] == [old.token, old.token, new.token]
+    assert book.get(old.token).state == "expired"  # ended and persisted: read back through the lookup
     assert book.holder_of("hi") == "node:2"
 
 

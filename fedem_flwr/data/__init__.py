@@ -7,8 +7,8 @@ without `datasets` or flwr-datasets, which only reading and partitioning corpora
 from fedem_flwr.lazy import export_lazily
 
 export_lazily(__name__, {
-    "heldout_split": "blocks", "tokenize_blocks": "blocks",
-    "language_sizes": "corpus", "load_corpus": "corpus",
+    "HeldoutSplit": "blocks", "heldout_split": "blocks", "tokenize_blocks": "blocks", "without": "blocks",
+    "corpus_digest": "corpus", "language_sizes": "corpus", "load_corpus": "corpus",
     "IGNORE_INDEX": "labels", "labels_for": "labels",
     "partition": "partition", "partitions": "partition",
 })

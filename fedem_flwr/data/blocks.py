@@ -1,24 +1,28 @@
-"""Token blocks for training and evaluation, and the held-out split every party agrees on.
+"""Token blocks for training and evaluation, and the hub's held-out split.
 
 Blocks follow nanoGPT: documents are tokenized, each followed by ``eos``, concatenated and cut into
 rows of ``block_size``; only the last row is padded, and ``labels_for`` sets its padding to -100 so
 padding never counts in a loss.
 
-The held-out split is decided row by row: a row is held out when a hash of (seed, language, text)
-falls below ``fraction``. A row's fate thus depends on nothing but itself, so the hub (holding the
-whole corpus) and every client (holding a partition of it) agree on which rows are held out, and no
-client trains on a row the hub evaluates on; exact duplicates share one fate, so a duplicated
-conversation never sits on both sides. A language whose held-out rows give fewer than ``min_blocks``
-full blocks is training-only: its held-out rows go back to training and it gets no held-out entry,
-unless it is named in ``heldout_languages`` (the languages the hub holds out), whose held-out rows
-are withheld from training whatever their size here.
+The held-out split is decided row by row: a row is held out when a keyed hash
+HMAC-SHA256(key, language, text) falls below ``fraction``. The key derives from the hub's secret, so
+only the hub can tell which rows it holds out: a node that holds the whole corpus cannot rebuild the
+held-out set and train on it. The hub hands each simulated node its training rows instead (its
+partition minus ``HeldoutSplit.withheld``, see :func:`without`). A row's fate depends on nothing but
+itself and the key, so any row order gives the same split, and exact duplicates share one fate (a
+duplicated conversation never sits on both sides). A language whose held-out rows give fewer than
+``min_blocks`` full blocks is training-only: its held-out rows go back to training and it gets no
+held-out entry, unless it is named in ``heldout_languages``, whose held-out rows are withheld from
+training whatever their size.
 """
 
 from __future__ import annotations
 
 import hashlib
+import hmac
 import logging
 from collections.abc import Collection, Iterable
+from dataclasses import dataclass
 
 import datasets
 import numpy as np
@@ -57,50 +61,86 @@ def special_ids(tokenizer) -> tuple[int, int]:
     return eos, (eos if pad is None else pad)
 
 
+MIN_KEY_BYTES = 16
+
+
+@dataclass(frozen=True)
+class HeldoutSplit:
+    """What the keyed split decided: rows that train, held-out blocks, and the rows kept out."""
+
+    train: datasets.Dataset
+    heldout: dict[str, torch.Tensor]
+    withheld: frozenset[tuple[str, str]]
+    """(language, text) of every row kept out of training: drop them from any node's rows."""
+
+
 def heldout_split(
     ds: datasets.Dataset,
     fraction: float,
     min_blocks: int,
     block_size: int,
     tokenizer,
-    seed: int,
+    key: bytes,
     *,
     heldout_languages: Collection[str] | None = None,
-) -> tuple[datasets.Dataset, dict[str, torch.Tensor]]:
-    """Training rows of ``ds`` and held-out token blocks per language (see the module doc)."""
+) -> HeldoutSplit:
+    """Training rows of ``ds``, held-out token blocks per language and the withheld rows (module doc)."""
     if min_blocks < 2:
         raise ConfigError(f"`data.min_heldout_blocks` is {min_blocks}; held-out data needs at least 2 blocks.")
     if not 0.0 <= fraction < 1.0:
         raise ConfigError(f"`data.heldout_fraction` is {fraction!r}; it must be in [0, 1).")
-    withheld = set(heldout_languages or ())
+    _check_key(key)
+    withheld_languages = set(heldout_languages or ())
     _, pad = special_ids(tokenizer)
     held: dict[str, list[tuple[float, str, int]]] = {}
     texts, langs = column(ds, TEXT), column(ds, LANGUAGE)
     for index, (text, lang) in enumerate(zip(texts, langs)):
-        key = row_key(seed, lang, text)
-        if key < fraction:
-            held.setdefault(lang, []).append((key, text, index))
+        ticket = row_key(key, lang, text)
+        if ticket < fraction:
+            held.setdefault(lang, []).append((ticket, text, index))
 
     heldout: dict[str, torch.Tensor] = {}
     dropped: set[int] = set()
     training_only = []
     for lang in sorted(set(langs)):
-        rows = sorted(held.get(lang, []))  # hash order, not corpus order: the same blocks everywhere
+        rows = sorted(held.get(lang, []))  # ticket order, not corpus order: the same blocks for any order
         blocks = tokenize_blocks((text for _, text, _ in rows), tokenizer, block_size)
         full = int((blocks != pad).all(dim=1).sum())
         if full >= min_blocks:
             heldout[lang] = blocks
-        elif lang not in withheld:
+        elif lang not in withheld_languages:
             training_only.append(f"{lang} ({full} of {min_blocks} blocks)")
             continue
         dropped.update(index for _, _, index in rows)
     if training_only:
         log.info("too little held-out text, training-only: %s", ", ".join(training_only))
     train = ds.select([i for i in range(len(ds)) if i not in dropped]) if dropped else ds
-    return train, heldout
+    withheld = frozenset((langs[i], texts[i]) for i in dropped)
+    return HeldoutSplit(train, heldout, withheld)
 
 
-def row_key(seed: int, language: str, text: str) -> float:
-    """A uniform number in [0, 1) fixed by (seed, language, text): the row's held-out lottery ticket."""
-    digest = hashlib.sha256(f"{seed}\x00{language}\x00{text}".encode("utf-8")).digest()
+def without(ds: datasets.Dataset, withheld: Collection[tuple[str, str]]) -> datasets.Dataset:
+    """``ds`` less the rows whose (language, text) is in ``withheld``: a node's share of training rows."""
+    if not withheld:
+        return ds
+    pairs = zip(column(ds, LANGUAGE), column(ds, TEXT))
+    keep = [i for i, pair in enumerate(pairs) if pair not in withheld]
+    return ds if len(keep) == len(ds) else ds.select(keep)
+
+
+def row_key(key: bytes, language: str, text: str) -> float:
+    """A uniform number in [0, 1) fixed by (key, language, text): the row's held-out lottery ticket.
+
+    Keyed (HMAC-SHA256): without ``key`` nobody can compute a row's ticket.
+    """
+    digest = hmac.new(key, f"{language}\x00{text}".encode("utf-8"), hashlib.sha256).digest()
     return int.from_bytes(digest[:8], "big") / 2.0**64
+
+
+def _check_key(key: object) -> None:
+    if not isinstance(key, bytes) or len(key) < MIN_KEY_BYTES:
+        got = f"{len(key)} bytes" if isinstance(key, bytes) else type(key).__name__
+        raise ConfigError(
+            f"the held-out split key is {got}; it must be at least {MIN_KEY_BYTES} secret bytes derived from "
+            "the hub's secret (`Registry.derived_key`), so that no node can rebuild the split."
+        )

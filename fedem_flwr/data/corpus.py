@@ -33,6 +33,7 @@ cause (a missing file, a missing column, an unnamed language) raises ``DataError
 from __future__ import annotations
 
 import functools
+import hashlib
 import logging
 import re
 from collections.abc import Iterable
@@ -111,6 +112,15 @@ def language_sizes(ds: datasets.Dataset) -> dict[str, int]:
     for text, lang in zip(column(ds, TEXT), column(ds, LANGUAGE)):
         sizes[lang] = sizes.get(lang, 0) + len(text.encode("utf-8"))
     return dict(sorted(sizes.items(), key=lambda kv: (-kv[1], kv[0])))
+
+
+def corpus_digest(ds: datasets.Dataset) -> str:
+    """sha256 of the corpus's (language, text) rows, whatever their order: changes when any text does."""
+    rows = sorted(
+        hashlib.sha256(f"{lang}\x00{text}".encode("utf-8")).digest()
+        for text, lang in zip(column(ds, TEXT), column(ds, LANGUAGE))
+    )
+    return hashlib.sha256(b"".join(rows)).hexdigest()
 
 
 def column(ds: datasets.Dataset, name: str) -> list:

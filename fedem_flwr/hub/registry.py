@@ -9,9 +9,12 @@ A crash, SIGKILL included, leaves each transaction either whole or absent.
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import json
 import sqlite3
 import time
+from dataclasses import replace
 from typing import Optional
 
 from fedem_flwr.errors import RegistryConflict
@@ -132,6 +135,30 @@ class Registry(Database):
             rows = self._all("SELECT * FROM adapter_versions WHERE adapter = ? ORDER BY version", (name,))
         return [rec.adapter_version_from(r) for r in rows]
 
+    def update_version_heldout(self, adapter: str, version: int, heldout: dict[str, float], split: str,
+                               updated: float, replaced_split: Optional[str] = None) -> AdapterVersion:
+        """Replace a version's held-out losses after the held-out set changed (split id ``split``).
+
+        The gate compares pushes with the latest version's ``metrics["heldout"]``, so those losses
+        must come from the held-out set the hub evaluates on now. The replaced losses stay in
+        ``metrics["heldout-replaced"]`` with the split they were measured on (their recorded
+        ``heldout-split``, else ``replaced_split``): nothing is lost.
+        """
+        updated = rec.finite("updated", updated)
+        with self.atomic():
+            row = self._one("SELECT * FROM adapter_versions WHERE adapter = ? AND version = ?", (adapter, version))
+            if row is None:
+                raise RegistryConflict(f"adapter {adapter!r} has no version {version}.")
+            old = rec.adapter_version_from(row)
+            metrics = dict(old.metrics)
+            replaced = list(metrics.get("heldout-replaced", []))
+            replaced.append({"heldout": metrics.get("heldout", {}),
+                             "split": metrics.get("heldout-split", replaced_split), "until": updated})
+            metrics.update({"heldout": dict(heldout), "heldout-split": split, "heldout-replaced": replaced})
+            self._conn.execute("UPDATE adapter_versions SET metrics = ? WHERE adapter = ? AND version = ?",
+                               (rec.dumps("metrics", metrics), adapter, version))
+        return replace(old, metrics=metrics)
+
     def _claim(self, next_number: int, wanted: Optional[int], what: str) -> int:
         if wanted is not None and wanted != next_number:
             raise RegistryConflict(f"`version` is {wanted}, but the next version of {what} is {next_number}.")
@@ -195,6 +222,10 @@ class Registry(Database):
         """adapter -> when it was last leased (epoch seconds), for least-recently-served policies."""
         return {r[0]: float(r[1]) for r in self._all("SELECT adapter, MAX(issued) FROM leases GROUP BY adapter")}
 
+    def latest_lease_tokens(self) -> dict[str, int]:
+        """adapter -> the newest fencing token issued for it: what fencing needs of ended leases."""
+        return {r[0]: int(r[1]) for r in self._all("SELECT adapter, MAX(token) FROM leases GROUP BY adapter")}
+
     def max_lease_token(self) -> int:
         """The largest fencing token ever issued (0 before the first lease): the next is above it."""
         row = self._one("SELECT MAX(token) FROM leases")
@@ -219,6 +250,15 @@ class Registry(Database):
             self._conn.execute("INSERT INTO contributors VALUES (?, ?, ?)",
                                (identity, alias, time.time() if seen is None else rec.finite("seen", seen)))
         return alias
+
+    def derived_key(self, purpose: str) -> bytes:
+        """A 32-byte key for ``purpose`` (e.g. ``"heldout-split"``): HMAC-SHA256(secret, purpose).
+
+        Each use gets its own key, so none reveals the secret or another use's key.
+        """
+        if not purpose:
+            raise ValueError("`purpose` of a derived key must not be empty.")
+        return hmac.new(self._load_secret(), purpose.encode("utf-8"), hashlib.sha256).digest()
 
     def identities(self) -> dict[str, str]:
         """pseudonym -> identity, for ``--reveal`` only; evaluation code never needs it."""

@@ -100,7 +100,8 @@ class RelayCoordinator:
         self.lease_ttl_s = lease_ttl_s
         self.gate = gate or GateConfig()
         self.clock = clock
-        self.book = LeaseBook(registry.leases(active_only=True), next_token=registry.max_lease_token() + 1)
+        self.book = LeaseBook(registry.leases(active_only=True), next_token=registry.max_lease_token() + 1,
+                              lookup=registry.lease, latest=registry.latest_lease_tokens())
         self.schedule = SweepSchedule(sweep_interval_s)
         self.last_served = registry.last_leased()
         self.languages = {adapter.name: tuple(adapter.languages) for adapter in registry.adapters()}

@@ -16,13 +16,19 @@ late). Due leases expire at the periodic ``sweep`` and also on any access after 
 
 Persistence: every operation returns the leases it created or changed, and the book also journals
 every change (including leases expired on the way by an access) until ``pop_changes()``; persist that
-list in one transaction after each step. ``LeaseBook(rows, next_token)`` rebuilds the book from the
-persisted rows.
+list in one transaction after each step.
+
+Memory stays flat however many leases were served: the book holds the active leases and, for
+fencing, the newest token issued per adapter. An ended lease lives in the registry; a push naming
+one is judged on the lease read through ``lookup`` (``registry.lease``), so it still gets its precise
+reason (``duplicate``, ``superseded``, ``expired``), also after a restart.
+``LeaseBook(active, next_token, lookup=registry.lease, latest=registry.latest_lease_tokens())``
+rebuilds the book from the persisted rows.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, replace
 from typing import Optional
 
@@ -136,25 +142,37 @@ REJECT_REASONS = tuple(
 
 
 class LeaseBook:
-    """The hub's leases in memory: a state machine whose every change the registry persists."""
+    """The hub's active leases in memory: a state machine whose every change the registry persists."""
 
-    def __init__(self, leases: Iterable[Lease] = (), next_token: int = 1) -> None:
-        self._by_token: dict[int, Lease] = {}
+    def __init__(
+        self,
+        leases: Iterable[Lease] = (),
+        next_token: int = 1,
+        *,
+        lookup: Optional[Callable[[int], Optional[Lease]]] = None,
+        latest: Mapping[str, int] = (),
+    ) -> None:
+        """``leases``: the active leases (ended ones only inform ``latest``); ``lookup``: token -> the
+        persisted lease, for pushes naming an ended one; ``latest``: adapter -> newest token issued."""
+        self._active: dict[int, Lease] = {}
         self._by_adapter: dict[str, Lease] = {}  # active leases only
         self._by_holder: dict[str, Lease] = {}  # active leases only
-        self._latest: dict[str, int] = {}  # adapter -> newest token ever issued for it
+        self._latest: dict[str, int] = dict(latest)  # adapter -> newest token ever issued for it
+        self._lookup = lookup
         self._changes: list[Lease] = []
-        top = 0
+        seen: set[int] = set()
+        top = max(self._latest.values(), default=0)
         for lease in leases:
             if lease.state not in STATES:
                 raise LeaseError(f"lease {lease.token} has unknown state {lease.state!r}; allowed: {STATES}")
-            if lease.token in self._by_token:
+            if lease.token in seen:
                 raise LeaseError(f"lease token {lease.token} appears twice")
+            seen.add(lease.token)
             if lease.active:
                 self._check_free(lease.adapter, lease.holder)
+                self._active[lease.token] = lease
                 self._by_adapter[lease.adapter] = lease
                 self._by_holder[lease.holder] = lease
-            self._by_token[lease.token] = lease
             self._latest[lease.adapter] = max(self._latest.get(lease.adapter, 0), lease.token)
             top = max(top, lease.token)
         self._next_token = max(int(next_token), top + 1)
@@ -165,11 +183,18 @@ class LeaseBook:
         return self._next_token
 
     def get(self, token: int) -> Optional[Lease]:
-        return self._by_token.get(token)
+        """The lease of ``token``: active ones from memory, ended ones from the journal or ``lookup``."""
+        lease = self._active.get(token)
+        if lease is not None:
+            return lease
+        for changed in reversed(self._changes):  # ended but not yet persisted
+            if changed.token == token:
+                return changed
+        return self._lookup(token) if self._lookup is not None else None
 
     def active(self) -> list[Lease]:
         """Active leases, oldest token first."""
-        return sorted(self._by_adapter.values(), key=lambda lease: lease.token)
+        return sorted(self._active.values(), key=lambda lease: lease.token)
 
     def holder_of(self, adapter: str) -> Optional[str]:
         lease = self._by_adapter.get(adapter)
@@ -201,8 +226,8 @@ class LeaseBook:
         if not ttl > 0:
             raise LeaseError(f"lease `ttl` is {ttl!r}; it must be > 0 seconds.")
         for blocking in (self._by_adapter.get(adapter), self._by_holder.get(holder)):
-            # the same lease may block both ways: re-read it so it ends only once
-            if blocking is not None and self._by_token[blocking.token].is_due(now):
+            # the same lease may block both ways: once ended it is no longer active, so it ends once
+            if blocking is not None and blocking.token in self._active and blocking.is_due(now):
                 self._end(blocking, "expired", now, EXPIRED)
         self._check_free(adapter, holder)
         lease = Lease(
@@ -215,7 +240,7 @@ class LeaseBook:
             deadline=now + ttl,
         )
         self._next_token += 1
-        self._by_token[lease.token] = lease
+        self._active[lease.token] = lease
         self._by_adapter[adapter] = lease
         self._by_holder[holder] = lease
         self._latest[adapter] = lease.token
@@ -229,21 +254,22 @@ class LeaseBook:
         lease: ``duplicate`` if released, ``superseded`` if the adapter was leased again since, else
         ``expired``; then ``wrong-holder``, ``wrong-adapter``, ``wrong-base`` against the lease.
         """
-        lease = self._by_token.get(token)
+        lease = self._active.get(token)
         if lease is None:
-            raise UnknownToken(f"token {token} from {holder!r} for adapter {adapter!r} was never issued")
+            ended = self.get(token)
+            if ended is None or ended.active:  # an active lease the book does not hold is none of its own
+                raise UnknownToken(f"token {token} from {holder!r} for adapter {adapter!r} was never issued")
+            if ended.state == "released":
+                raise DuplicatePush(f"token {token} was already pushed and released at {ended.ended}", ended)
+            newest = self._latest.get(ended.adapter, token)
+            if newest > token:
+                raise Superseded(f"token {token} of adapter {ended.adapter!r} was replaced by token {newest}", ended)
+            raise LeaseExpired(f"token {token} expired at {ended.ended} ({ended.outcome})", ended)
         if lease.is_due(now):
             lease = self._end(lease, "expired", now, EXPIRED)
             raise LeaseExpired(
                 f"token {token} pushed at {now:.3f}, {now - lease.deadline:.3f} s after its deadline", lease
             )
-        if not lease.active:
-            if lease.state == "released":
-                raise DuplicatePush(f"token {token} was already pushed and released at {lease.ended}", lease)
-            newest = self._latest.get(lease.adapter, token)
-            if newest > token:
-                raise Superseded(f"token {token} of adapter {lease.adapter!r} was replaced by token {newest}", lease)
-            raise LeaseExpired(f"token {token} expired at {lease.ended} ({lease.outcome})", lease)
         if holder != lease.holder:
             raise WrongHolder(f"token {token} is held by {lease.holder!r}, pushed by {holder!r}", lease)
         if adapter != lease.adapter:
@@ -260,10 +286,9 @@ class LeaseBook:
         Call it in the same step as ``check_push``: it does not re-check the deadline (the push was in
         time), but a lease expired meanwhile (sweep, node gone) cannot be released.
         """
-        lease = self._by_token.get(token)
-        if lease is None or not lease.active:
-            state = "unknown" if lease is None else lease.state
-            raise LeaseNotActive(f"cannot release lease {token}: it is {state}")
+        lease = self._active.get(token)
+        if lease is None:
+            raise LeaseNotActive(f"cannot release lease {token}: it is {self._state(token)}")
         return self._end(lease, "released", now, outcome)
 
     def sweep(self, now: float) -> list[Lease]:
@@ -273,10 +298,9 @@ class LeaseBook:
 
     def expire(self, token: int, now: float, reason: str = EXPIRED) -> Lease:
         """End one active lease early, e.g. its train message failed; ``reason`` is the outcome."""
-        lease = self._by_token.get(token)
-        if lease is None or not lease.active:
-            state = "unknown" if lease is None else lease.state
-            raise LeaseNotActive(f"cannot expire lease {token}: it is {state}")
+        lease = self._active.get(token)
+        if lease is None:
+            raise LeaseNotActive(f"cannot expire lease {token}: it is {self._state(token)}")
         return self._end(lease, "expired", now, reason)
 
     def expire_holder(self, holder: str, now: float, reason: str) -> list[Lease]:
@@ -297,10 +321,14 @@ class LeaseBook:
         if held is not None:
             raise NodeBusy(f"node {holder!r} already holds adapter {held.adapter!r} (token {held.token})")
 
+    def _state(self, token: int) -> str:
+        lease = self.get(token)
+        return "unknown" if lease is None else lease.state
+
     def _end(self, lease: Lease, state: str, now: float, outcome: str) -> Lease:
         assert lease.active, f"lease {lease.token} ended twice"
         ended = replace(lease, state=state, ended=now, outcome=outcome)
-        self._by_token[lease.token] = ended
+        del self._active[lease.token]
         del self._by_adapter[lease.adapter]
         del self._by_holder[lease.holder]
         self._changes.append(ended)
