@@ -243,7 +243,8 @@ class RelayCoordinator:
 
     def _write_artifact(self, state, parent, lease: Lease) -> ArtifactRef:
         """The artifact is renamed into place before its registry row commits: a crash between the
-        two leaves an orphan revision that ``fedem verify`` reports, never a row without files."""
+        two leaves an orphan revision that ``fedem verify`` reports and this write replaces, never a
+        row without files."""
         base = self.registry.checkpoint(lease.base_version)
         base_ref = ArtifactRef(self.store.repo_id(base.repo), base.revision, base.digest)
         version = parent.version + 1
@@ -252,6 +253,7 @@ class RelayCoordinator:
             return self.store.put(
                 parent.repo, revision_name(version), Path(tmp),
                 message=f"{lease.adapter} v{version} (lease {lease.token})",
+                replace_orphan=True,  # `version` is past the registry's latest: what is stored there is an orphan
             )
 
     def _conclude(
