@@ -9,11 +9,13 @@ Revisions. `put` uploads the folder as one commit on `main` (files the folder la
 the commit is exactly the artifact) and then tags that commit `v{n}`: a failed upload leaves no
 tag, and `main` is the latest version as long as versions are put in order (`publish_hub` does).
 The commit description records `fedem-digest: <sha256>`, the digest of what was uploaded, which
-`put` (idempotence, `RevisionExists`) and `verify_all` read back. A tag the registry does not know
-is an orphan (a crash between the upload and the registry commit): `put(..., replace_orphan=True)`
-commits the new content and moves the tag onto it, and `repair` deletes orphan tags (their commit
-stays in `main`'s history; `main` holds the orphan's files until the next version is put). A `.gitattributes` (the Hub adds
+`put` (idempotence, `RevisionExists`) and `verify_all` read back. A `.gitattributes` (the Hub adds
 one to every repo) is never part of an artifact: it is neither uploaded nor downloaded.
+
+Orphans. A tag the registry does not know (a crash between the upload and the registry commit) is
+an orphan: `put(..., replace_orphan=True)` commits the new content and moves the tag onto it, and
+`repair` deletes orphan tags (their commits stay in `main`'s history, and `main` holds an orphan's
+files until the next version is put).
 
 Failures. Connection errors, timeouts and 502/503/504 answers are retried `tries` times with
 exponential backoff (`sleep` is injectable, so tests take milliseconds), then raise

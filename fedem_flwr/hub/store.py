@@ -51,8 +51,6 @@ TMP_DIR = ".tmp"
 # stored but unknown to the registry, known to the registry but not stored, a revision folder that
 # refs.json does not list (a crash after the rename), a temporary folder left by a crash.
 PROBLEM_KINDS = ("mismatch", "registry-mismatch", "orphan", "missing", "unrecorded", "leftover")
-# What `repair` removes: revisions no registry row names, and crash debris.
-REPAIRABLE = ("orphan", "unrecorded", "leftover")
 
 log = logging.getLogger(__name__)
 
@@ -237,7 +235,7 @@ class LocalStore:
         return ref
 
     def _scratch(self, repo: str, revision: str, why: str) -> Path:
-        """A fresh path under `.tmp/` for `repo@revision` (its folder created)."""
+        """A fresh path under `.tmp/` (created) for something of `repo@revision`."""
         (self.root / TMP_DIR).mkdir(parents=True, exist_ok=True)
         return self.root / TMP_DIR / f"{repo.replace('/', '--')}--{revision}--{why}-{uuid.uuid4().hex[:8]}"
 
