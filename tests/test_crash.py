@@ -1,5 +1,6 @@
-"""A hub process killed with SIGKILL between an artifact write and its registry commit restarts,
-replaces the orphan it left and advances the same adapter (kill point ``after-artifact-write``)."""
+"""Crashes leave nothing that blocks: a hub process killed with SIGKILL between an artifact write
+and its registry commit (kill point ``after-artifact-write``) restarts, replaces the orphan it left
+and advances the same adapter; an orphan base checkpoint does not block the first start."""
 
 from __future__ import annotations
 
@@ -63,3 +64,27 @@ def test_a_hub_killed_between_artifact_write_and_registry_commit_advances_after_
     assert not [lease for lease in leases if lease.state == "active"]
     verify = CliRunner().invoke(cli, ["--hub", str(hub), "verify"])
     assert verify.exit_code == 0, verify.output
+
+
+def test_an_orphan_base_checkpoint_does_not_block_the_first_start(tmp_path):
+    """A first start that stored base v0 and died before recording it: the next start replaces it."""
+    from fedem_flwr.bootstrap import open_hub
+    from fedem_flwr.config import load_config
+    from fedem_flwr.hub.store import base_repo
+
+    # Prepare: other content under fedem/base@v0, no registry row
+    hub = tmp_path / "hub"
+    lost = tmp_path / "lost"
+    lost.mkdir()
+    (lost / "config.json").write_text("{}")
+    LocalStore(hub / "store").put(base_repo("fedem"), "v0", lost, "an earlier start")
+
+    # Execute
+    opened = open_hub(load_config(["data.languages=[hi]"]), hub)
+
+    # Assert
+    (base,) = opened.registry.checkpoints()
+    assert base.digest == digest(LocalStore(hub / "store").local_path(base.repo, "v0")) != digest(lost)
+    assert LocalStore(hub / "store").verify_all({(base.repo, base.revision, base.digest)} | {
+        (v.repo, v.revision, v.digest) for v in opened.registry.adapter_versions()}) == []
+    opened.registry.close()
