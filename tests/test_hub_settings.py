@@ -81,6 +81,10 @@ def test_a_changed_hub_endpoint_names_the_environment_variable(tmp_path):
     with pytest.raises(ConfigError, match=r"`HF_ENDPOINT`: recorded 'http://127.0.0.1:1', configured 'http://x'"
                                           r"(.|\n)*set HF_ENDPOINT=http://127.0.0.1:1"):
         check_and_record(registry, cfg, Hf("http://x"), tmp_path)
+    with pytest.raises(ConfigError) as err:  # a change of store kind is one difference, not two
+        check_and_record(registry, load_config(BASE + ["hub.repo_prefix=org/seshu"]), LocalStore(tmp_path), tmp_path)
+    assert "`hub.store`: recorded 'hf', configured 'local'" in str(err.value)
+    assert "HF_ENDPOINT" not in str(err.value)
 
 
 @pytest.mark.parametrize(

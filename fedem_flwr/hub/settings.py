@@ -91,6 +91,8 @@ def differences(recorded: dict[str, dict], configured: dict[str, dict]) -> list[
             old, new = before.get(key), values.get(key)
             if old == new or (setting, key) in ALLOWED:
                 continue
+            if (setting, key) == ("store", "endpoint") and not before.get("kind") == values.get("kind") == "hf":
+                continue  # an endpoint matters between two Hub stores; a change of kind is named already
             if (setting, key) == ("data", "languages"):
                 dropped = _dropped_languages(old or [], new or [])
                 if dropped:
