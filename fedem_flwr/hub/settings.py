@@ -124,7 +124,7 @@ def check_and_record(registry: Any, cfg: Any, store: Any, hub: Any, now: Optiona
         recorded = registry.settings()
         adapters = registry.adapters()
         if "lora" not in recorded and adapters:  # set up before settings were recorded
-            recorded["lora"] = {k: adapters[0].lora_spec.get(k) for k in LORA_KEYS}
+            recorded["lora"] = {k: v for k, v in adapters[0].lora_spec.items() if k in LORA_KEYS}
         refused = differences(recorded, configured)
         if refused:
             raise ConfigError(refusal(refused, hub))
