@@ -25,6 +25,7 @@ from fedem_flwr.heldout import refresh_parent_losses, split_corpus
 from fedem_flwr.hub.paths import registry_path
 from fedem_flwr.hub.records import revision_name
 from fedem_flwr.hub.registry import Registry
+from fedem_flwr.hub.settings import check_and_record
 from fedem_flwr.hub.store import ArtifactRef, ArtifactStore, adapter_repo, base_repo, open_store
 from fedem_flwr.model.factory import build_model, load_base, save_base
 from fedem_flwr.model.tokenizer import load_tokenizer
@@ -70,7 +71,8 @@ def open_hub(cfg: FedemConfig, hub_path: Path, clock: Callable[[], float] = time
     Deterministic given ``cfg.seed``: the model, the fresh LoRA and the policy each take it.
     """
     registry = Registry.open(registry_path(hub_path))
-    store = open_store(hub_path, cfg.hub.store, repo_prefix=cfg.hub.repo_prefix)
+    store = open_store(hub_path, cfg.hub.store, repo_prefix=cfg.hub.repo_prefix, private=cfg.hub.private)
+    check_and_record(registry, cfg, store, hub_path, now=clock())
     corpus = load_corpus(cfg.data)
 
     base = registry.latest_checkpoint() or seed_base(cfg, registry, store, corpus, clock)
@@ -102,7 +104,8 @@ def seed_base(cfg: FedemConfig, registry: Registry, store: ArtifactStore, corpus
     repo = base_repo(cfg.hub.repo_prefix)
     with tempfile.TemporaryDirectory(prefix="fedem-base-") as tmp:
         save_base(model, tokenizer, Path(tmp), config_to_dict(cfg))
-        ref = store.put(repo, revision_name(0), Path(tmp), message=f"{cfg.model.name}: initial base checkpoint")
+        ref = store.put(repo, revision_name(0), Path(tmp), message=f"{cfg.model.name}: initial base checkpoint",
+                        replace_orphan=True)  # seeding: the registry has no checkpoint
     row = registry.add_checkpoint(
         parent=None, source="init", repo=ref.repo, revision=ref.revision, digest=ref.digest,
         metrics={}, created=clock(),
@@ -134,7 +137,8 @@ def seed_adapters(
         repo = adapter_repo(cfg.hub.repo_prefix, language)
         with tempfile.TemporaryDirectory(prefix="fedem-adapter-") as tmp:
             workbench.save(workbench.initial_state, Path(tmp), base_ref)
-            ref = store.put(repo, revision_name(0), Path(tmp), message=f"{language}: fresh LoRA")
+            ref = store.put(repo, revision_name(0), Path(tmp), message=f"{language}: fresh LoRA",
+                            replace_orphan=True)  # a new adapter: the registry has no version of it
         with registry.atomic():
             registry.add_adapter(
                 name=language, languages=[language], task="causal-lm", lora_spec=asdict(cfg.lora), created=clock()

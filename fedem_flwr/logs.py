@@ -1,11 +1,18 @@
 """Route fedem's log records through Flower's console handler, so they appear in `flwr run
---stream` and in SuperNode logs beside Flower's own, in the same format."""
+--stream` and in SuperNode logs beside Flower's own, in the same format; keep the libraries'
+deprecation notices (meant for their callers' developers, not for whoever runs a hub or a node)
+out of that log."""
 
 from __future__ import annotations
 
 import logging
+import warnings
 
 PACKAGE_LOGGER = "fedem_flwr"
+# Libraries whose deprecation and future warnings are hidden from a run's log; fedem's own stay.
+QUIET_LIBRARIES = ("transformers", "peft", "datasets", "huggingface_hub", "torch", "flwr", "typer", "click",
+                   "ray", "hydra", "omegaconf", "safetensors", "tokenizers", "pydantic")
+_DEPRECATIONS = (DeprecationWarning, PendingDeprecationWarning, FutureWarning)
 
 
 def use_flower_logging(level: int = logging.INFO) -> logging.Logger:
@@ -18,7 +25,15 @@ def use_flower_logging(level: int = logging.INFO) -> logging.Logger:
         if handler not in logger.handlers:
             logger.addHandler(handler)
     logger.propagate = False
+    quiet_library_deprecations()
     return logger
+
+
+def quiet_library_deprecations() -> None:
+    """Ignore deprecation and future warnings raised inside `QUIET_LIBRARIES` (idempotent)."""
+    pattern = rf"({'|'.join(QUIET_LIBRARIES)})(\.|$)"
+    for category in _DEPRECATIONS:
+        warnings.filterwarnings("ignore", category=category, module=pattern)
 
 
 def quiet_library_progress() -> None:

@@ -235,6 +235,64 @@ def test_verify_names_each_problem(hub, tmp_path):
     assert ("missing", "fedem/adapter-te", "v0") in kinds
 
 
+def test_verify_repair_removes_orphans_and_leftovers_and_lists_them(hub, tmp_path):
+    # Prepare: an orphan (stored, never registered) and a temporary folder left by a crash
+    put(open_store(hub), tmp_path, "fedem/adapter-hi", "v2", adapter_files(2))
+    (hub / "store/.tmp/fedem--adapter-hi--v3--put-0000").mkdir(parents=True)
+    before = json.loads(invoke(hub, "verify", "--json", code=1).output)
+    assert [p["kind"] for p in before["problems"]] == ["orphan", "leftover"]
+
+    # Execute
+    result = invoke(hub, "verify", "--repair")
+
+    # Assert
+    assert result.output.splitlines() == [
+        "removed orphan: fedem/adapter-hi@v2",
+        "removed leftover: fedem--adapter-hi--v3--put-0000",
+        "ok: 1 checkpoint(s), 3 adapter version(s) verified",
+    ]
+    assert not (hub / "store/fedem/adapter-hi/v2").exists()
+    assert as_json(hub, "verify") == {"ok": True, "checked": {"checkpoints": 1, "adapter_versions": 3},
+                                      "problems": []}
+
+
+def test_verify_repair_keeps_what_it_cannot_repair_and_refuses_while_the_hub_runs(hub, tmp_path):
+    put(open_store(hub), tmp_path, "fedem/adapter-hi", "v2", adapter_files(2))
+    (hub / "store/fedem/adapter-hi/v1/adapter_model.safetensors").write_text("tampered")
+
+    with HubWriterLock(hub):
+        locked = invoke(hub, "verify", "--repair", code=1)
+    report = json.loads(invoke(hub, "verify", "--repair", "--json", code=1).output)
+
+    assert "locked by another writer" in locked.output
+    assert [(p["kind"], p["revision"]) for p in report["removed"]] == [("orphan", "v2")]
+    assert [(p["kind"], p["revision"]) for p in report["problems"]] == [("mismatch", "v1")]
+
+
+def test_status_and_verify_read_a_hugging_face_hub_store_from_the_recorded_settings(local_hub, tmp_path):
+    """The hub was set up with `hub.store=hf`: `fedem` finds endpoint and prefix in the registry,
+    with no HF_ENDPOINT in its environment; `hub.private=true` made the repos private."""
+    from huggingface_hub import HfApi
+
+    from fedem_flwr.bootstrap import open_hub
+    from fedem_flwr.config import load_config
+    from fedem_flwr.testing.hf_server import hub_environment
+
+    overrides = ["data.languages=[hi]", "hub.store=hf", "hub.repo_prefix=org/seshu", "hub.private=true"]
+    with hub_environment(local_hub.endpoint, tmp_path / "hf-home"):
+        open_hub(load_config(overrides), tmp_path / "hub").registry.close()
+
+    status = as_json(tmp_path / "hub", "status")
+    verify = invoke(tmp_path / "hub", "verify")
+
+    assert status["base"]["path"] is not None and (Path(status["base"]["path"]) / "config.json").is_file()
+    assert [(a["name"], a["version"]) for a in status["adapters"]] == [("hi", 0)]
+    assert verify.output == "ok: 1 checkpoint(s), 1 adapter version(s) verified\n"
+    api = HfApi(endpoint=local_hub.endpoint)
+    assert [(m.id, api.model_info(m.id).private) for m in api.list_models(author="org")] == [
+        ("org/seshu-adapter-hi", True), ("org/seshu-base", True)]
+
+
 def test_publish_to_a_local_hub_endpoint(hub, tmp_path):
     from fedem_flwr.testing.hf_server import hub_environment, serve_hub
 

@@ -175,6 +175,36 @@ def test_verify_all_compares_tags_with_the_registry(hf_store, local_hub, tmp_pat
     assert sum(r.endswith("/refs") for r in local_hub.requests[before:]) == 1  # tags listed once per repo
 
 
+def test_an_orphan_tag_is_moved_to_the_new_content_when_the_registry_lacks_it(hf_store, local_hub, tmp_path):
+    # Prepare: v1 tagged, its registry row never committed
+    v0 = hf_store.put(REPO, "v0", artifact(tmp_path / "a"), "m")
+    hf_store.put(REPO, "v1", artifact(tmp_path / "orphan", b"lost"), "m")
+    new = artifact(tmp_path / "new", b"new")
+
+    # Execute
+    with pytest.raises(RevisionExists):
+        hf_store.put(REPO, "v1", new, "m")
+    ref = hf_store.put(REPO, "v1", new, "m", replace_orphan=True)
+
+    # Assert
+    assert manifest(hf_store.get(ref)) == manifest(new) and hf_store.revisions(REPO) == ["v0", "v1"]
+    assert hf_store.verify_all({(REPO, "v0", v0.digest), (REPO, "v1", ref.digest)}) == []
+    api = HfApi(endpoint=local_hub.endpoint)
+    main = api.model_info("org/proj-adapter-hi").sha
+    assert {t.name: t.target_commit for t in api.list_repo_refs("org/proj-adapter-hi").tags}["v1"] == main
+
+
+def test_repair_deletes_orphan_tags_only(hf_store, tmp_path):
+    v0 = hf_store.put(REPO, "v0", artifact(tmp_path / "a"), "m")
+    hf_store.put(REPO, "v1", artifact(tmp_path / "b", b"1"), "m")
+    known = {(REPO, "v0", v0.digest)}
+
+    removed = hf_store.repair(hf_store.verify_all(known))
+
+    assert [(p.kind, p.repo, p.revision) for p in removed] == [("orphan", "org/proj-adapter-hi", "v1")]
+    assert hf_store.revisions(REPO) == ["v0"] and hf_store.verify_all(known) == []
+
+
 # -- publish_hub -------------------------------------------------------------------------------
 def test_publish_pushes_every_version_once_and_the_adapter_loads_by_repo_id(hf_env, tmp_path):
     import peft

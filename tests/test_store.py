@@ -246,6 +246,65 @@ def test_a_crash_after_the_rename_leaves_an_unrecorded_revision_that_a_retry_ado
     assert manifest(store.get(ref)) == manifest(tmp_path / "new")
 
 
+# -- orphans ------------------------------------------------------------------------------------
+def test_an_orphan_revision_is_replaced_when_the_caller_knows_the_registry_lacks_it(tmp_path):
+    # Prepare: v1 stored, its registry row never committed; the next accepted push has other content
+    store = LocalStore(tmp_path / "store")
+    store.put(REPO, "v0", make_artifact(tmp_path / "a"), "m")
+    store.put(REPO, "v1", make_artifact(tmp_path / "orphan", weights=b"lost"), "m")
+    new = make_artifact(tmp_path / "new", weights=b"new")
+
+    # Execute
+    with pytest.raises(RevisionExists):
+        store.put(REPO, "v1", new, "m")
+    ref = store.put(REPO, "v1", new, "m", replace_orphan=True)
+
+    # Assert
+    assert ref.digest == digest(new) and manifest(store.get(ref)) == manifest(new)
+    assert store.revisions(REPO) == ["v0", "v1"]
+    assert store.verify_all() == []  # the orphan's copy moved aside is gone too
+
+
+def test_an_unrecorded_orphan_folder_is_replaced_too(tmp_path):
+    store = LocalStore(tmp_path / "store")
+    store.put(REPO, "v0", make_artifact(tmp_path / "a"), "m")
+    _put_and_die_at(tmp_path, "replace")  # v1 renamed into place, refs.json never written
+
+    ref = store.put(REPO, "v1", make_artifact(tmp_path / "other", weights=b"other"), "m", replace_orphan=True)
+
+    assert manifest(store.get(ref)) == manifest(tmp_path / "other") and store.verify_all() == []
+
+
+def test_repair_removes_orphans_and_debris_and_keeps_what_the_registry_lists(tmp_path):
+    # Prepare: v0 recorded; v1 an orphan; v2 renamed into place only; a put's temporary folder
+    store = LocalStore(tmp_path / "store")
+    v0 = store.put(REPO, "v0", make_artifact(tmp_path / "a"), "m")
+    store.put(REPO, "v1", make_artifact(tmp_path / "b", weights=b"1"), "m")
+    (tmp_path / "store" / REPO / "v2").mkdir()
+    (tmp_path / "store" / ".tmp" / "fedem--adapter-hi--v3--put-0000").mkdir(parents=True)
+    known = {(REPO, "v0", v0.digest)}
+    problems = store.verify_all(known)
+
+    # Execute
+    removed = store.repair(problems)
+
+    # Assert
+    assert [(p.kind, p.revision) for p in removed] == [
+        ("unrecorded", "v2"), ("orphan", "v1"), ("leftover", "fedem--adapter-hi--v3--put-0000")]
+    assert store.verify_all(known) == [] and store.revisions(REPO) == ["v0"]
+    assert store.local_path(REPO, "main").name == "v0"
+
+
+def test_repair_keeps_an_unrecorded_folder_the_registry_lists(tmp_path):
+    store = LocalStore(tmp_path / "store")
+    v0 = store.put(REPO, "v0", make_artifact(tmp_path / "a"), "m")
+    _put_and_die_at(tmp_path, "replace")
+    problems = store.verify_all({(REPO, "v0", v0.digest), (REPO, "v1", digest(tmp_path / "new"))})
+
+    assert store.repair(problems) == []
+    assert (tmp_path / "store" / REPO / "v1").is_dir()
+
+
 # -- loading with plain transformers / PEFT ----------------------------------------------------
 def test_revision_folders_load_with_plain_transformers_and_peft(tmp_path):
     import peft

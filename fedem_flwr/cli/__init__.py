@@ -16,7 +16,7 @@ import click
 from fedem_flwr import __version__
 from fedem_flwr.cli import render, views
 from fedem_flwr.errors import FedemError
-from fedem_flwr.hub.paths import require_hub, resolve_hub_path
+from fedem_flwr.hub.paths import HubWriterLock, require_hub, resolve_hub_path
 from fedem_flwr.hub.registry import Registry
 
 CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
@@ -38,14 +38,17 @@ class HubContext:
     def __init__(self, ctx: click.Context, path: Path) -> None:
         self.ctx = ctx
         self.path = path
+        self._registry: Optional[Registry] = None
 
     def registry(self) -> Registry:
-        registry = Registry.open(require_hub(self.path), readonly=True)
-        self.ctx.call_on_close(registry.close)
-        return registry
+        if self._registry is None:
+            self._registry = Registry.open(require_hub(self.path), readonly=True)
+            self.ctx.call_on_close(self._registry.close)
+        return self._registry
 
     def store(self) -> views.StoreView:
-        return views.StoreView(self.path)
+        """The store the hub was set up with (its `store` setting; a local folder if none is recorded)."""
+        return views.StoreView(self.path, self.registry().setting("store"))
 
 
 pass_hub = click.make_pass_decorator(HubContext)
@@ -162,22 +165,34 @@ def contributions(hub: HubContext, limit: int, adapter: Optional[str], as_json: 
 
 
 @cli.command()
+@click.option("--repair", is_flag=True,
+              help="First remove orphans and leftover temporary folders (takes the writer lock: stop the hub first).")
 @json_option
 @click.pass_context
-def verify(ctx: click.Context, as_json: bool) -> None:
+def verify(ctx: click.Context, repair: bool, as_json: bool) -> None:
     """Re-hash every stored artifact and check it against the registry; exit 1 naming each problem.
 
     Reports digest mismatches, missing revisions, orphans (stored, not in the registry: a crash
     between the two) and registry corruption. While the hub is writing, the artifact it is storing
-    can show as a leftover or an orphan for a moment: run it again before acting.
+    can show as a leftover or an orphan for a moment: run it again before acting. With --repair,
+    orphan revisions (tags on a Hugging Face Hub store) and leftover temporary folders are removed
+    and listed, under the hub's writer lock, then everything is checked again. The hub replaces an
+    orphan by itself when it writes that revision again, so repairing is never required.
 
-    Example: fedem verify
+    Example: fedem verify --repair
     """
     hub: HubContext = ctx.obj
-    view = views.verify_view(hub.registry(), hub.store())
+    if repair:
+        with HubWriterLock(require_hub(hub.path)):
+            view = views.verify_view(hub.registry(), hub.store(), repair=True)
+    else:
+        view = views.verify_view(hub.registry(), hub.store())
     if as_json:
         click.echo(render.dumps(view))
     else:
+        for p in view.get("removed", []):
+            where = f"{p['repo']}@{p['revision']}" if p["repo"] else p["revision"]
+            click.echo(f"removed {p['kind']}: {where}")
         for p in view["problems"]:
             where = f"{p['repo']}@{p['revision']}" if p["repo"] else (p["revision"] or "registry")
             click.echo(f"{p['kind']}: {where}: {p['detail']}")
@@ -193,18 +208,22 @@ def verify(ctx: click.Context, as_json: bool) -> None:
 @click.option("--repo-prefix", required=True, help="ORG/NAME under which the base and adapter repos are created.")
 @click.option("--endpoint", default=None, help="Hub endpoint URL [default: HF_ENDPOINT, else huggingface.co].")
 @click.option("--token", default=None, help="Access token [default: HF_TOKEN or the saved login].")
+@click.option("--private/--public", default=None,
+              help="Visibility of repos created [default: the hub's `hub.private`, else public].")
 @json_option
 @pass_hub
 def publish(hub: HubContext, target: str, repo_prefix: str, endpoint: Optional[str], token: Optional[str],
-            as_json: bool) -> None:
+            private: Optional[bool], as_json: bool) -> None:
     """Push the hub's local artifacts (every version, as tags) to a Hugging Face Hub endpoint.
 
-    Example: fedem publish --to hf --repo-prefix my-org/seshu
+    Example: fedem publish --to hf --repo-prefix my-org/seshu --private
     """
     from fedem_flwr.hub.publish import publish_hub  # huggingface_hub only when publishing
 
     registry = hub.registry()
-    repos = publish_hub(hub.path, registry, repo_prefix, endpoint=endpoint, token=token)
+    if private is None:
+        private = bool((registry.setting("store") or {}).get("private", False))
+    repos = publish_hub(hub.path, registry, repo_prefix, endpoint=endpoint, token=token, private=private)
     if as_json:
         click.echo(render.dumps({"target": target, "repos": repos}))
     else:

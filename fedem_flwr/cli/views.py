@@ -28,10 +28,16 @@ def iso(t: Optional[float]) -> Optional[str]:
 
 
 class StoreView:
-    """The CLI's one door to the artifact store: folder paths and verification."""
+    """The CLI's one door to the artifact store: folder paths, verification and repair.
 
-    def __init__(self, hub: Path) -> None:
+    ``setting`` is the hub's recorded `store` setting (kind, repo_prefix, endpoint): a hub whose
+    store is a Hugging Face Hub is read there, with its download cache under the hub folder, and
+    the access token from ``HF_TOKEN`` or the saved login. Without one, the local folder.
+    """
+
+    def __init__(self, hub: Path, setting: Optional[dict[str, Any]] = None) -> None:
         self.hub = Path(hub)
+        self.setting = dict(setting or {"kind": "local"})
         self._store: Any = None
 
     @property
@@ -39,7 +45,14 @@ class StoreView:
         if self._store is None:
             from fedem_flwr.hub.store import open_store
 
-            self._store = open_store(self.hub, "local")
+            kind = self.setting.get("kind", "local")
+            options = {}
+            if kind != "local":
+                from huggingface_hub.utils import disable_progress_bars
+
+                disable_progress_bars()  # downloads of a listing are not news on the terminal
+                options = {"repo_prefix": self.setting.get("repo_prefix"), "endpoint": self.setting.get("endpoint")}
+            self._store = open_store(self.hub, kind, **options)
         return self._store
 
     def path(self, repo: str, revision: str) -> Optional[str]:
@@ -50,8 +63,15 @@ class StoreView:
             return None
 
     def verify(self, known: set[tuple[str, str, str]]) -> list[dict[str, str]]:
-        return [{"kind": p.kind, "repo": p.repo, "revision": p.revision, "detail": p.detail}
-                for p in self.store.verify_all(known)]
+        return [_problem(p) for p in self.store.verify_all(known)]
+
+    def repair(self, known: set[tuple[str, str, str]]) -> list[dict[str, str]]:
+        """Remove what the registry (``known``) does not list: orphans and crash debris."""
+        return [_problem(p) for p in self.store.repair(self.store.verify_all(known))]
+
+
+def _problem(p: Any) -> dict[str, str]:
+    return {"kind": p.kind, "repo": p.repo, "revision": p.revision, "detail": p.detail}
 
 
 class Names:
@@ -131,8 +151,9 @@ def status_view(registry: Registry, hub: Path, store: StoreView, names: Names) -
         }
 
 
-def verify_view(registry: Registry, store: StoreView) -> dict[str, Any]:
-    """``fedem verify --json``: every problem found in the registry and the store."""
+def verify_view(registry: Registry, store: StoreView, repair: bool = False) -> dict[str, Any]:
+    """``fedem verify --json``: every problem found in the registry and the store (with ``repair``,
+    after removing orphans and debris, which are listed under ``removed``)."""
     with registry.snapshot():
         checkpoints = registry.checkpoints()
         versions = registry.adapter_versions()
@@ -140,6 +161,8 @@ def verify_view(registry: Registry, store: StoreView) -> dict[str, Any]:
                     for p in registry.integrity_problems()]
     known = {(c.repo, c.revision, c.digest) for c in checkpoints}
     known |= {(v.repo, v.revision, v.digest) for v in versions}
+    removed = store.repair(known) if repair else []
     problems += store.verify(known)
-    return {"ok": not problems, "checked": {"checkpoints": len(checkpoints), "adapter_versions": len(versions)},
+    view = {"ok": not problems, "checked": {"checkpoints": len(checkpoints), "adapter_versions": len(versions)},
             "problems": problems}
+    return {**view, "removed": removed} if repair else view

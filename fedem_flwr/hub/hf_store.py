@@ -12,6 +12,11 @@ The commit description records `fedem-digest: <sha256>`, the digest of what was 
 `put` (idempotence, `RevisionExists`) and `verify_all` read back. A `.gitattributes` (the Hub adds
 one to every repo) is never part of an artifact: it is neither uploaded nor downloaded.
 
+Orphans. A tag the registry does not know (a crash between the upload and the registry commit) is
+an orphan: `put(..., replace_orphan=True)` commits the new content and moves the tag onto it, and
+`repair` deletes orphan tags (their commits stay in `main`'s history, and `main` holds an orphan's
+files until the next version is put).
+
 Failures. Connection errors, timeouts and 502/503/504 answers are retried `tries` times with
 exponential backoff (`sleep` is injectable, so tests take milliseconds), then raise
 `HubUnreachable` naming the endpoint. With `HF_HUB_OFFLINE=1` nothing is sent: `get` serves the
@@ -20,6 +25,7 @@ local cache (`cache_dir`) and names the revision that is not cached; `put` refus
 
 from __future__ import annotations
 
+import logging
 import re
 import tempfile
 import time
@@ -46,6 +52,7 @@ from huggingface_hub.errors import (
 from huggingface_hub.utils import validate_repo_id
 
 from fedem_flwr.errors import ConfigError, DigestMismatch, HubUnreachable, RevisionExists, RevisionNotFound
+from fedem_flwr.faults import kill_point
 from fedem_flwr.hub.manifest import digest_of, manifest, verify_folder
 from fedem_flwr.hub.store import ArtifactRef, Problem, revision_sort_key, against_registry, check_revision, copy_tree
 
@@ -54,6 +61,8 @@ DIGEST_LINE = "fedem-digest: "
 _DIGEST = re.compile(r"^fedem-digest: ([0-9a-f]{64})$", re.MULTILINE)
 _TRANSIENT_STATUS = (502, 503, 504)
 _NOT_ARTIFACT = [".gitattributes"]
+
+log = logging.getLogger(__name__)
 
 
 def hf_repo_id(repo: str, repo_prefix: Optional[str]) -> str:
@@ -164,12 +173,16 @@ class HfStore:
 
     # -- the ArtifactStore interface -----------------------------------------------------------
     def put(self, repo: str, revision: str, folder: Path, message: str,
-            card: Optional[ModelCard] = None) -> ArtifactRef:
-        """Upload `folder` (plus `card` as README.md) as `revision`; the same content again is a no-op."""
-        return self.push(repo, revision, folder, message, card)[0]
+            card: Optional[ModelCard] = None, *, replace_orphan: bool = False) -> ArtifactRef:
+        """Upload `folder` (plus `card` as README.md) as `revision`; the same content again is a no-op.
+
+        A tag holding other content is a `RevisionExists`, unless the caller knows the registry has
+        no row for `revision` (``replace_orphan=True``): then the tag is moved to the new content.
+        """
+        return self.push(repo, revision, folder, message, card, replace_orphan=replace_orphan)[0]
 
     def push(self, repo: str, revision: str, folder: Path, message: str,
-             card: Optional[ModelCard] = None) -> tuple[ArtifactRef, bool]:
+             card: Optional[ModelCard] = None, *, replace_orphan: bool = False) -> tuple[ArtifactRef, bool]:
         """`put`, also saying whether anything was uploaded (False: the tag already held this content)."""
         check_revision(revision)
         rid = self.repo_id(repo)
@@ -189,13 +202,26 @@ class HfStore:
             if recorded == digest:
                 return ref, False
             if recorded is not None:
-                raise RevisionExists(f"{rid}@{revision} exists on {self.endpoint} with digest "
-                                     f"{recorded or 'unrecorded'}, not {digest}; tags are never moved")
+                clash = (f"{rid}@{revision} exists on {self.endpoint} with digest {recorded or 'unrecorded'}, "
+                         f"not {digest}")
+                if not replace_orphan:
+                    raise RevisionExists(f"{clash}; tags are never moved")
+                log.warning("Replacing orphan tag %s (unknown to the registry): %s", rid, clash)
             info = self._call(f"uploading {rid}@{revision}", lambda: self._commit(rid, stage, message, digest))
+            if recorded is not None:
+                self._delete_tag(rid, revision)
             self._call(f"tagging {rid}@{revision}", lambda: self.api.create_tag(
                 rid, tag=revision, revision=info.oid, tag_message=message, exist_ok=True,
             ))
+        kill_point("after-artifact-write", f"{repo}@{revision}")
         return ref, True
+
+    def _delete_tag(self, rid: str, tag: str) -> None:
+        """Delete a tag; one already gone (a retried delete that had succeeded) is fine."""
+        try:
+            self._call(f"deleting tag {rid}@{tag}", lambda: self.api.delete_tag(rid, tag=tag))
+        except RevisionNotFoundError:
+            pass
 
     def _commit(self, rid: str, stage: Path, message: str, digest: str) -> Any:
         """One commit on `main` whose tree is exactly `stage` (plus the Hub's `.gitattributes`).
@@ -259,6 +285,14 @@ class HfStore:
         if known is not None:
             problems += against_registry(stored, {(self.repo_id(r), v, d) for r, v, d in known})
         return problems
+
+    def repair(self, problems: list[Problem]) -> list[Problem]:
+        """Delete the orphan tags among ``problems`` (found by ``verify_all(known)``); return them."""
+        removed = [p for p in problems if p.kind == "orphan"]
+        for p in removed:
+            self._delete_tag(p.repo, p.revision)
+            log.info("Removed orphan tag %s@%s", p.repo, p.revision)
+        return removed
 
 
 def _is_transport(err: BaseException) -> bool:

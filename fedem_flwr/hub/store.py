@@ -16,11 +16,19 @@ so `transformers.AutoModelForCausalLM.from_pretrained(store.local_path(repo, "v3
 system), then records it in `refs.json` (written to a temporary file and renamed): a crash leaves a
 temporary folder, or a revision folder `refs.json` does not list, never half a revision. One writer
 at a time (the hub's writer lock); readers need no lock.
+
+Orphans. The hub writes an artifact, then commits its registry row; a crash (or an error) between
+the two leaves a revision the registry does not know. The store never reads the registry, so the
+caller says what it knows: `put(..., replace_orphan=True)` means "the registry has no row for this
+revision", and whatever is stored under it is an orphan and is replaced (the old copy is moved into
+`.tmp/` first, so a crash midway leaves debris, never a mix). `verify_all(known)` reports orphans,
+and `repair(problems)` removes them and the debris (`fedem verify --repair`).
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 import shutil
@@ -31,6 +39,7 @@ from pathlib import Path
 from typing import Any, Optional, Protocol, runtime_checkable
 
 from fedem_flwr.errors import ConfigError, RevisionExists, RevisionNotFound
+from fedem_flwr.faults import kill_point
 from fedem_flwr.hub.manifest import Entry, diff, digest_of, manifest, verify_folder
 from fedem_flwr.hub.paths import hf_cache_path, store_path
 
@@ -42,6 +51,8 @@ TMP_DIR = ".tmp"
 # stored but unknown to the registry, known to the registry but not stored, a revision folder that
 # refs.json does not list (a crash after the rename), a temporary folder left by a crash.
 PROBLEM_KINDS = ("mismatch", "registry-mismatch", "orphan", "missing", "unrecorded", "leftover")
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -97,7 +108,8 @@ def check_revision(revision: str) -> str:
 class ArtifactStore(Protocol):
     """What the hub needs from a place that keeps artifact folders by repo and revision."""
 
-    def put(self, repo: str, revision: str, folder: Path, message: str) -> ArtifactRef: ...
+    def put(self, repo: str, revision: str, folder: Path, message: str, *,
+            replace_orphan: bool = False) -> ArtifactRef: ...
 
     def get(self, ref: ArtifactRef) -> Path: ...
 
@@ -112,6 +124,10 @@ class ArtifactStore(Protocol):
     def repos(self) -> list[str]: ...
 
     def verify_all(self, known: Optional[set[tuple[str, str, str]]] = None) -> list[Problem]: ...
+
+    def repair(self, problems: list[Problem]) -> list[Problem]:
+        """Remove the orphans and debris among ``problems`` (from ``verify_all(known)``); return those removed."""
+        ...
 
 
 def _fsync(path: Path) -> None:
@@ -179,32 +195,67 @@ class LocalStore:
         return self._repo_folders(recorded_only=True)
 
     # -- writing -------------------------------------------------------------------------------
-    def put(self, repo: str, revision: str, folder: Path, message: str) -> ArtifactRef:
-        """Store `folder` as `revision` of `repo`; the same content again is a no-op."""
+    def put(self, repo: str, revision: str, folder: Path, message: str, *,
+            replace_orphan: bool = False) -> ArtifactRef:
+        """Store `folder` as `revision` of `repo`; the same content again is a no-op.
+
+        Other content under a stored revision is a `RevisionExists`, unless the caller knows the
+        registry has no row for `revision` (``replace_orphan=True``): then it is replaced.
+        """
         check_repo(repo)
         check_revision(revision)
         refs = self._refs(repo)
         final = self.root / repo / revision
         if revision in refs["revisions"] or final.exists():
-            return self._existing(repo, revision, folder, refs)
-        tmp = self.root / TMP_DIR / f"{repo.replace('/', '--')}--{revision}--{uuid.uuid4().hex[:8]}"
+            try:
+                ref = self._existing(repo, revision, folder, refs)
+            except RevisionExists as err:
+                if not replace_orphan:
+                    raise
+                log.warning("Replacing orphan revision %s@%s (stored, unknown to the registry): %s",
+                            repo, revision, err)
+            else:
+                if ref is not None:
+                    return ref
+        tmp = self._scratch(repo, revision, "put")
         try:
             copy_tree(Path(folder), tmp)
             entries = manifest(tmp)
             final.parent.mkdir(parents=True, exist_ok=True)
+            orphan = self._discard(repo, revision)
             os.rename(tmp, final)  # atomic: the revision appears whole or not at all
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
         _fsync(final.parent)
-        return self._record(repo, revision, entries, message, refs)
+        ref = self._record(repo, revision, entries, message, refs)
+        if orphan is not None:
+            shutil.rmtree(orphan, ignore_errors=True)
+        kill_point("after-artifact-write", f"{repo}@{revision}")
+        return ref
 
-    def _existing(self, repo: str, revision: str, folder: Path, refs: dict) -> ArtifactRef:
+    def _scratch(self, repo: str, revision: str, why: str) -> Path:
+        """A fresh path under `.tmp/` (created) for something of `repo@revision`."""
+        (self.root / TMP_DIR).mkdir(parents=True, exist_ok=True)
+        return self.root / TMP_DIR / f"{repo.replace('/', '--')}--{revision}--{why}-{uuid.uuid4().hex[:8]}"
+
+    def _discard(self, repo: str, revision: str) -> Optional[Path]:
+        """Move a revision folder out of the way into `.tmp/` (atomic); its new path, None if absent."""
+        final = self.root / repo / revision
+        if not final.exists():
+            return None
+        aside = self._scratch(repo, revision, "orphan")
+        os.rename(final, aside)
+        return aside
+
+    def _existing(self, repo: str, revision: str, folder: Path, refs: dict) -> Optional[ArtifactRef]:
+        """The ref of a stored revision holding `folder`'s content; None if only its listing is left."""
         entries = manifest(Path(folder))
         new = digest_of(entries)
         recorded = refs["revisions"].get(revision)
+        final = self.root / repo / revision
         if recorded is None:  # renamed into place, then a crash before refs.json: adopt if identical
-            stored = manifest(self.root / repo / revision)
+            stored = manifest(final)
             if digest_of(stored) != new:
                 raise RevisionExists(f"{repo}@{revision} exists (unrecorded) with other content: "
                                      + "; ".join(diff(stored, entries)))
@@ -215,7 +266,7 @@ class LocalStore:
                 f"never overwritten (store the new content as the next version): "
                 + "; ".join(diff(_entries(recorded), entries))
             )
-        return ArtifactRef(repo, revision, new)
+        return ArtifactRef(repo, revision, new) if final.exists() else None
 
     def _record(self, repo: str, revision: str, entries: list[Entry], message: str, refs: dict) -> ArtifactRef:
         digest = digest_of(entries)
@@ -225,7 +276,11 @@ class LocalStore:
             "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
             "manifest": [list(e) for e in entries],
         }
-        refs["main"] = max(refs["revisions"], key=revision_sort_key)
+        self._write_refs(repo, refs)
+        return ArtifactRef(repo, revision, digest)
+
+    def _write_refs(self, repo: str, refs: dict) -> None:
+        refs["main"] = max(refs["revisions"], key=revision_sort_key) if refs["revisions"] else None
         path = self.root / repo / REFS_FILE
         tmp = path.with_name(f".{REFS_FILE}.{uuid.uuid4().hex[:8]}")
         with open(tmp, "w", encoding="utf-8") as f:
@@ -234,7 +289,36 @@ class LocalStore:
             os.fsync(f.fileno())
         os.replace(tmp, path)
         _fsync(path.parent)
-        return ArtifactRef(repo, revision, digest)
+
+    def remove(self, repo: str, revision: str) -> None:
+        """Delete a stored revision: unlisted first, then its folder moved into `.tmp/` and deleted,
+        so a crash midway leaves an unrecorded folder or debris, both of which `repair` removes."""
+        refs = self._refs(repo)
+        if refs["revisions"].pop(revision, None) is not None:
+            self._write_refs(repo, refs)
+        aside = self._discard(check_repo(repo), check_revision(revision))
+        if aside is not None:
+            shutil.rmtree(aside)
+
+    def repair(self, problems: list[Problem]) -> list[Problem]:
+        """Remove orphan and unrecorded revisions and leftover temporary folders among ``problems``
+        (found by ``verify_all(known)``, the registry's rows); return the problems removed.
+
+        An unrecorded folder that the registry does list (it is also `missing`) is kept: it is not
+        debris, and ``fedem verify`` keeps reporting it.
+        """
+        listed = {(p.repo, p.revision) for p in problems if p.kind == "missing"}
+        removed = []
+        for p in problems:
+            if p.kind in ("orphan", "unrecorded") and (p.repo, p.revision) not in listed:
+                self.remove(p.repo, p.revision)
+            elif p.kind == "leftover":
+                shutil.rmtree(self.root / TMP_DIR / p.revision)
+            else:
+                continue
+            log.info("Removed %s %s", p.kind, f"{p.repo}@{p.revision}" if p.repo else p.revision)
+            removed.append(p)
+        return removed
 
     # -- checking ------------------------------------------------------------------------------
     def verify_all(self, known: Optional[set[tuple[str, str, str]]] = None) -> list[Problem]:

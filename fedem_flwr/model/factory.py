@@ -10,6 +10,10 @@ inside); it still needs ``import mamba_ssm`` (its compiled extension), so there 
 Triton-only path. The kernels have no CPU code and transformers binds them for the whole process
 without a device check, so the factory rewraps each bound op to pick by device (``_by_device``): a
 model on the CPU is always on the PyTorch path, even beside a CUDA model that runs the kernels.
+
+Without the kernels transformers warns once per op that it falls back to PyTorch, which a CPU user
+cannot act on; the factory drops those warnings and says it once per architecture, at info level,
+with what to install on a GPU.
 """
 
 from __future__ import annotations
@@ -47,6 +51,26 @@ _KERNEL_OPS = {
     "mamba": ("transformers.models.mamba.modeling_mamba", ("mamba_inner_fn", "causal_conv1d_fn")),
 }
 _KERNEL_PACKAGES = ("mamba_ssm", "causal_conv1d")
+_FALLBACK_WARNING = "is falling back to its reference PyTorch implementation"
+_FALLBACK_LOGGER = "transformers.integrations.hub_kernels"
+_told_path: set[str] = set()
+
+
+def _drop_fallback_warning(record: logging.LogRecord) -> bool:
+    return _FALLBACK_WARNING not in record.getMessage()
+
+
+def _say_kernel_path(arch: str, module: Any) -> None:
+    """Once per architecture and process: an info line when its ops run on the PyTorch path."""
+    fallback_log = logging.getLogger(_FALLBACK_LOGGER)  # transformers' own loggers are plain `logging` ones
+    if _drop_fallback_warning not in fallback_log.filters:
+        fallback_log.addFilter(_drop_fallback_warning)
+    if arch in _told_path:
+        return
+    _told_path.add(arch)
+    if not all(_uses_kernel(getattr(module, op, None)) for op in _KERNEL_OPS[arch][1]):
+        log.info("%s runs its PyTorch path here: correct, but slower than the fused kernels. On a CUDA GPU, "
+                 "install them with `pip install 'fedem-flwr[gpu]'` (mamba-ssm, causal-conv1d).", arch)
 
 
 def _kernel_flag(op: Any) -> Optional[bool]:
@@ -113,6 +137,7 @@ def _kernel_module(arch: str) -> Any:
     for name, op in list(vars(module).items()):
         if _is_bound_kernel_op(op):
             setattr(module, name, _by_device(op))
+    _say_kernel_path(arch, module)
     return module
 
 

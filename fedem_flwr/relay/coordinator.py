@@ -306,7 +306,8 @@ class RelayCoordinator:
 
     def _write_artifact(self, state, parent, lease: Lease) -> ArtifactRef:
         """The artifact is renamed into place before its registry row commits: a crash between the
-        two leaves an orphan revision that ``fedem verify`` reports, never a row without files.
+        two leaves an orphan revision that ``fedem verify`` reports and this write replaces, never a
+        row without files.
 
         The workbench's own errors are the push's (contained); a store that cannot write is the hub's.
         """
@@ -319,6 +320,7 @@ class RelayCoordinator:
                 return self.store.put(
                     parent.repo, revision_name(version), Path(tmp),
                     message=f"{lease.adapter} v{version} (lease {lease.token})",
+                    replace_orphan=True,  # `version` is past the registry's latest: what is stored there is an orphan
                 )
             except (StoreError, OSError) as err:
                 raise HubFault(f"cannot write {parent.repo}@{revision_name(version)}: {_one_line(err)}") from err
