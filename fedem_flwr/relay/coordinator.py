@@ -173,12 +173,16 @@ class RelayCoordinator:
         state: Optional[Mapping[str, Any]],
         invalid_reason: Optional[str] = None,
         metrics: Optional[Mapping[str, float]] = None,
+        dropped_metrics: Sequence[str] = (),
     ) -> PushOutcome:
         """Fence, validate, evaluate blind, decide, and persist the outcome of one push.
 
         ``state`` is None when the wire checks failed (``invalid_reason`` says why): a valid lease
-        still ends, and the push is recorded as rejected.
+        still ends, and the push is recorded as rejected. ``dropped_metrics`` names the metrics the
+        wire checks dropped (not finite, or over the bound); they are recorded with the contribution.
         """
+        if dropped_metrics:
+            metrics = {**(metrics or {}), "dropped": sorted(dropped_metrics)}
         now = self.clock()
         pseudonym = self.registry.pseudonym(holder)
         content = state_digest(state) if state is not None else "-"
@@ -210,6 +214,28 @@ class RelayCoordinator:
         self._flush()
         log.info("Lease %d on %r ended: %s", token, lease.adapter, reason)
         return ended
+
+    def reject_lease(
+        self, token: int, reason: str, metrics: Optional[Mapping[str, float]] = None
+    ) -> Optional[PushOutcome]:
+        """End an active lease at once because its reply cannot be judged (its claims contradict the
+        lease, or handling it failed); record a rejected contribution with ``reason``. The lease's
+        outcome is the reason's code (the part before the first colon)."""
+        lease = self.book.get(token)
+        if lease is None or not lease.active:
+            return None
+        now = self.clock()
+        pseudonym = self.registry.pseudonym(lease.holder)
+        with self.registry.atomic():
+            self.registry.add_contribution(
+                pseudonym=pseudonym, adapter=lease.adapter, lease_token=token, received=now, digest="-",
+                validation={"ok": False}, evaluation={"heldout": {}, "train": dict(metrics or {})},
+                decision="rejected", reason=reason,
+            )
+            self.book.expire(token, now, reason=reason.split(":", 1)[0])
+            self._flush()
+        log.info("Lease %d on %r ended: %s", token, lease.adapter, reason)
+        return PushOutcome("rejected", reason, lease.adapter, token)
 
     def node_gone(self, holder: str) -> list[Lease]:
         ended = self.book.expire_holder(holder, self.clock(), reason="node-gone")
