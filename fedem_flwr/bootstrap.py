@@ -14,9 +14,12 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from fedem_flwr.config import FedemConfig, config_to_dict
+import datasets
+
+from fedem_flwr.config import DataConfig, FedemConfig, config_to_dict
 from fedem_flwr.data.blocks import heldout_split
 from fedem_flwr.data.corpus import language_sizes, load_corpus
+from fedem_flwr.data.partition import partition
 from fedem_flwr.gate.evaluator import HubWorkbench
 from fedem_flwr.hub.paths import registry_path
 from fedem_flwr.hub.records import revision_name
@@ -40,6 +43,20 @@ class Hub:
     store: ArtifactStore
     workbench: HubWorkbench
     coordinator: RelayCoordinator
+
+    def training_rows(self, partition_id: int, num_partitions: int) -> datasets.Dataset:
+        """The rows simulated node ``partition_id`` of ``num_partitions`` trains on: its partition of
+        the training side of the hub's split, so it never sees a held-out row."""
+        from transformers import AutoTokenizer
+
+        resolved = self.workbench.resolved_config or {}
+        data, seed = DataConfig(**resolved["data"]), int(resolved["seed"])
+        base = self.registry.latest_checkpoint()
+        tokenizer = AutoTokenizer.from_pretrained(str(self.store.get(ArtifactRef(base.repo, base.revision, base.digest))))
+        rows, _ = heldout_split(
+            load_corpus(data), data.heldout_fraction, data.min_heldout_blocks, data.block_size, tokenizer, seed
+        )
+        return partition(rows, data.partitioner, num_partitions, partition_id, seed, data.dirichlet_alpha)
 
 
 def open_hub(cfg: FedemConfig, hub_path: Path, clock: Callable[[], float] = time.time) -> Hub:

@@ -7,6 +7,7 @@ import pytest
 from fedem_flwr.bootstrap import open_hub
 from fedem_flwr.client_app import app as client_app
 from fedem_flwr.config import load_run_config
+from fedem_flwr.relay import messages
 from fedem_flwr.relay.strategy import RelayStrategy
 from fedem_flwr.testing.fake_grid import InProcessGrid
 
@@ -25,7 +26,8 @@ def _relay(hub_dir, max_accepted, nodes=2):
         for i in range(nodes)
     }
     grid = InProcessGrid(client_app, node_configs, run_config)
-    strategy = RelayStrategy(hub.coordinator, cfg.relay, hub.workbench.spec, max_steps=cfg.train.max_steps)
+    strategy = RelayStrategy(hub.coordinator, cfg.relay, hub.workbench.spec, max_steps=cfg.train.max_steps,
+                             training_rows=hub.training_rows)
     return hub, grid, strategy.start(grid)
 
 
@@ -69,6 +71,16 @@ def test_base_travels_once_per_node_then_comes_from_its_cache(relayed):
     assert sum(1 for m in grid.delivered if "base-files" in m.content) == 2
 
 
+def test_simulated_nodes_train_on_the_rows_the_hub_hands_them(relayed):
+    hub, grid, _ = relayed
+    trains = [m for m in grid.delivered if m.metadata.message_type == messages.TRAIN]
+    assert trains
+    for message in trains:
+        pid = grid.nodes[message.metadata.dst_node_id].node_config["partition-id"]
+        expected = hub.training_rows(pid, 2)
+        assert messages.node_rows(message) == {"text": expected["text"], "language": expected["language"]}
+
+
 def test_every_push_is_a_pseudonymous_contribution(relayed):
     hub, _, result = relayed
     contributions = hub.registry.contributions()
@@ -99,7 +111,8 @@ def test_relay_publishes_to_a_hugging_face_hub_store(tmp_path, hf_env):
     hub = open_hub(cfg, tmp_path / "hub")
     grid = InProcessGrid(client_app, {100: {"partition-id": 0, "num-partitions": 1,
                                             "cache-dir": str(tmp_path / "cache")}}, run_config)
-    result = RelayStrategy(hub.coordinator, cfg.relay, hub.workbench.spec, max_steps=2).start(grid)
+    result = RelayStrategy(hub.coordinator, cfg.relay, hub.workbench.spec, max_steps=2,
+                           training_rows=hub.training_rows).start(grid)
 
     assert result.accepted >= 1
     api = HfApi(endpoint=hf_env.endpoint)
