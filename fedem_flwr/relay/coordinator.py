@@ -182,7 +182,7 @@ class RelayCoordinator:
         wire checks dropped (not finite, or over the bound); they are recorded with the contribution.
         """
         if dropped_metrics:
-            metrics = {**(metrics or {}), "dropped": sorted(dropped_metrics)}
+            metrics = {**(metrics or {}), "dropped": list(dropped_metrics)}
         now = self.clock()
         pseudonym = self.registry.pseudonym(holder)
         content = state_digest(state) if state is not None else "-"
