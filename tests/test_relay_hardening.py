@@ -20,8 +20,8 @@ from fedem_flwr.config import RelayConfig
 from fedem_flwr.errors import ConfigError
 from fedem_flwr.model.adapter_spec import AdapterSpec
 from fedem_flwr.relay import messages
-from fedem_flwr.relay.strategy import HISTORY_LIMIT, RelayHalted, RelayResult
-from fedem_flwr.relay.strategy import RelayStrategy
+from fedem_flwr.relay.coordinator import PushOutcome
+from fedem_flwr.relay.strategy import HISTORY_LIMIT, RelayHalted, RelayResult, RelayStrategy
 from fedem_flwr.testing.fake_grid import InProcessGrid
 from relay_support import FakeClock, ScriptedWorkbench, seeded_coordinator
 
@@ -332,8 +332,6 @@ def test_a_registry_that_cannot_be_written_stops_the_run_with_one_line(tmp_path)
 
 def test_history_keeps_counters_and_the_last_outcomes_only():
     result = RelayResult()
-    from fedem_flwr.relay.coordinator import PushOutcome
-
     for token in range(HISTORY_LIMIT + 50):
         result.record(PushOutcome("accepted" if token % 2 else "rejected", "", "hi", token))
     assert (result.accepted, result.rejected) == ((HISTORY_LIMIT + 50) // 2, (HISTORY_LIMIT + 50) // 2)
@@ -347,7 +345,7 @@ def test_nodes_that_left_are_dropped(tmp_path):
                                                 11: {"partition-id": 1, "languages": "ta"}}, {}, clock=clock)
     grid.kill(11)
     strategy.start(grid)
-    assert set(strategy.nodes) == {10}
+    assert strategy.nodes.ids() == [10]
 
 
 def test_backoff_settings_are_checked():

@@ -12,7 +12,6 @@ again answers "message unavailable" (code 3).
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import sqlite3
 import time
@@ -32,6 +31,7 @@ from fedem_flwr.errors import HubError, InvalidAdapter, RegistryConflict, Revisi
 from fedem_flwr.model.adapter_spec import AdapterSpec, load_adapter_file
 from fedem_flwr.relay import messages
 from fedem_flwr.relay.coordinator import Assignment, PushOutcome, RelayCoordinator
+from fedem_flwr.relay.nodes import NodeState, NodeTable
 from fedem_flwr.relay.policies import NodeProfile
 from fedem_flwr.wire import adapter_to_arrays, arrays_to_adapter
 
@@ -96,19 +96,6 @@ class _Pending:
     sent_base: bool = False
 
 
-@dataclass
-class _Node:
-    node_id: int
-    identity: str = ""
-    profile: Optional[NodeProfile] = None
-    partition: Optional[tuple[int, int]] = None  # (partition-id, num-partitions), simulation only
-    digests: set[str] = field(default_factory=set)
-    busy: bool = False
-    retry_at: float = 0.0
-    failures: int = 0  # consecutive; sets the backoff
-    refused: bool = False  # its identity is another live node's: refused leases (logged once)
-
-
 class RelayStrategy(Strategy):
     """Hand each adapter to one node at a time under a lease; judge each push blind."""
 
@@ -129,7 +116,7 @@ class RelayStrategy(Strategy):
         self.max_steps = max_steps
         self.clock = clock
         self.sleep = sleep
-        self.nodes: dict[int, _Node] = {}
+        self.nodes = NodeTable(relay.backoff_s, relay.backoff_max_s)
         self.pending: dict[str, _Pending] = {}
         self.training_rows = training_rows
         self.simulation = False  # set from the Grid in ``start``
@@ -235,57 +222,33 @@ class RelayStrategy(Strategy):
     # -- nodes ------------------------------------------------------------------------------------
 
     def _refresh_nodes(self, grid: Grid) -> list[int]:
-        """Track the live nodes; the node list can be empty for a moment right after start.
-
-        A node is known by its public key (or its node id), never by what it reports; only on the
-        simulation runtime does its ``partition-id`` name it (see ``_on_profile``)."""
-        infos = {info.node_id: info for info in grid.get_nodes()}
-        for node_id, info in infos.items():
-            if node_id not in self.nodes:
-                key = getattr(info, "public_key", b"")
-                identity = f"pk:{hashlib.sha256(key).hexdigest()}" if key else f"node:{node_id}"
-                self.nodes[node_id] = _Node(node_id, identity)
-        for node_id in list(self.nodes):
-            if node_id not in infos and not self.nodes[node_id].busy:
-                del self.nodes[node_id]
-        return list(infos)
+        """Track the live nodes; the node list can be empty for a moment right after start."""
+        live = {info.node_id: bytes(getattr(info, "public_key", b"")) for info in grid.get_nodes()}
+        self.nodes.refresh(live)
+        return list(live)
 
     def _profile_queries(self, now: float) -> list[tuple[Message, _Pending]]:
-        queries = []
         ttl = max(PROFILE_TTL_S, self.relay.no_node_grace_s)
-        for node in self.nodes.values():
-            if node.profile is None and not node.busy and now >= node.retry_at:
-                node.busy = True
-                queries.append((messages.profile_message(node.node_id, ttl=ttl), _Pending("profile", node.node_id)))
+        queries = []
+        for node in self.nodes.to_profile(now):
+            node.busy = True
+            queries.append((messages.profile_message(node.node_id, ttl=ttl), _Pending("profile", node.node_id)))
         return queries
 
-    def _free_nodes(self, now: float) -> dict[str, _Node]:
-        """Nodes that may take a lease now, by identity: profiled, idle, not backing off, and the
-        first live node of their identity (a second node on one identity is refused, logged once)."""
-        owners: dict[str, int] = {}
-        free: dict[str, _Node] = {}
-        for node in self.nodes.values():  # in arrival order: the first node of an identity keeps it
-            owner = owners.setdefault(node.identity, node.node_id)
-            if owner != node.node_id:
-                if not node.refused:
-                    node.refused = True
-                    log.warning(
-                        "Node %d is %s, as live node %d is: it gets no lease while that node is here",
-                        node.node_id, self.coordinator.registry.pseudonym(node.identity), owner,
-                    )
-                continue
-            if node.profile is not None and not node.busy and now >= node.retry_at:
-                free[node.identity] = node
-        return free
+    def _free_nodes(self, now: float) -> dict[str, NodeState]:
+        def refused(node: NodeState, owner: int) -> None:
+            log.warning(
+                "Node %d is %s, as live node %d is: it gets no lease while that node is here",
+                node.node_id, self.coordinator.registry.pseudonym(node.identity), owner,
+            )
 
-    def _back_off(self, node: Optional[_Node], why: str) -> None:
+        return self.nodes.free(now, refused)
+
+    def _back_off(self, node: Optional[NodeState], why: str) -> None:
         """The node failed: no lease (nor profile query) before an exponential, bounded wait."""
-        if node is None:
-            return
-        node.failures += 1
-        delay = min(self.relay.backoff_max_s, self.relay.backoff_s * 2 ** (node.failures - 1))
-        node.retry_at = self.clock() + delay
-        log.warning("Node %d backs off %.0f s after %d failure(s): %s", node.node_id, delay, node.failures, why)
+        if node is not None:
+            delay = self.nodes.back_off(node, self.clock())
+            log.warning("Node %d backs off %.0f s after %d failure(s): %s", node.node_id, delay, node.failures, why)
 
     # -- messages ---------------------------------------------------------------------------------
 
@@ -297,7 +260,7 @@ class RelayStrategy(Strategy):
         for message_id, (_, pending) in zip(ids, batch):
             self.pending[message_id] = pending
 
-    def _train_message(self, assignment: Assignment, node: _Node) -> Optional[tuple[Message, _Pending]]:
+    def _train_message(self, assignment: Assignment, node: NodeState) -> Optional[tuple[Message, _Pending]]:
         """The train message of a new lease; the base files go along when the node lacks them, and in
         simulation the node's training rows. A failure to build it ends the lease (hub faults stop)."""
         try:
@@ -309,7 +272,7 @@ class RelayStrategy(Strategy):
             self.coordinator.fail(assignment.lease.token, f"hub-error: {one_line(err)}")
             return None
 
-    def _build_train_message(self, assignment: Assignment, node: _Node) -> tuple[Message, _Pending]:
+    def _build_train_message(self, assignment: Assignment, node: NodeState) -> tuple[Message, _Pending]:
         lease = assignment.lease
         ttl = lease.remaining(self.clock())
         instruction = messages.TrainInstruction(
@@ -335,7 +298,7 @@ class RelayStrategy(Strategy):
         node.digests.add(assignment.base_ref.digest)
         return message, _Pending("train", node.node_id, assignment, send_base)
 
-    def _node_rows(self, node: _Node) -> Optional[dict[str, list[str]]]:
+    def _node_rows(self, node: NodeState) -> Optional[dict[str, list[str]]]:
         """A simulated node's training rows, from the hub (it cannot tell which rows are held out)."""
         if not self.simulation or self.training_rows is None or node.partition is None:
             return None
@@ -364,14 +327,14 @@ class RelayStrategy(Strategy):
                     raise
                 self._contain(err, pending, node, result)
 
-    def _contain(self, err: Exception, pending: _Pending, node: Optional[_Node], result: RelayResult) -> None:
+    def _contain(self, err: Exception, pending: _Pending, node: Optional[NodeState], result: RelayResult) -> None:
         """An unexpected error while handling one reply: log it, end that lease with the reason, go on."""
         log.exception("Handling a %s reply from node %d failed; the relay goes on", pending.kind, pending.node_id)
         self._back_off(node, one_line(err))
         if pending.assignment is not None:
             result.record(self.coordinator.reject_lease(pending.assignment.lease.token, f"hub-error: {one_line(err)}"))
 
-    def _on_profile(self, reply: Message, node: Optional[_Node]) -> None:
+    def _on_profile(self, reply: Message, node: Optional[NodeState]) -> None:
         if node is None:
             return
         if reply.has_error():
@@ -397,7 +360,7 @@ class RelayStrategy(Strategy):
             node.profile.device, node.profile.data_size / 1000,
         )
 
-    def _on_train_reply(self, reply: Message, pending: _Pending, node: Optional[_Node], result: RelayResult) -> None:
+    def _on_train_reply(self, reply: Message, pending: _Pending, node: Optional[NodeState], result: RelayResult) -> None:
         """Judge a reply against the hub's own lease for the message it answers, never its claims."""
         assignment = pending.assignment
         lease = assignment.lease
@@ -437,7 +400,7 @@ class RelayStrategy(Strategy):
         elif outcome.reason.startswith("expired") and node is not None:
             node.profile = None  # its lease ended without a timely reply: ask it afresh
         elif node is not None:
-            node.failures = 0
+            self.nodes.succeeded(node)
 
     def _push_outcome(self, lease, state, invalid: Optional[str], parsed: Optional[messages.TrainReply] = None) -> PushOutcome:
         """Hand the push to the coordinator with the lease's own holder, token, adapter and base."""
@@ -448,7 +411,7 @@ class RelayStrategy(Strategy):
             dropped_metrics=parsed.dropped_metrics if parsed is not None else (),
         )
 
-    def _on_train_error(self, reply: Message, token: int, node: Optional[_Node], result: RelayResult) -> None:
+    def _on_train_error(self, reply: Message, token: int, node: Optional[NodeState], result: RelayResult) -> None:
         """An error reply from the SuperLink: the lease ends. A node that never answered must answer a
         fresh profile query before its next lease; a node whose ClientApp failed backs off."""
         code = reply.error.code
@@ -456,7 +419,7 @@ class RelayStrategy(Strategy):
         if code == ErrorCode.NODE_UNAVAILABLE:
             self.coordinator.fail(token, "node-gone")
             if node is not None:
-                self.nodes.pop(node.node_id, None)
+                self.nodes.drop(node.node_id)
             return
         silent = {ErrorCode.MESSAGE_UNAVAILABLE: "message-expired", ErrorCode.REPLY_MESSAGE_UNAVAILABLE: "reply-after-ttl"}
         if code in silent:
