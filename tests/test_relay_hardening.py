@@ -53,6 +53,9 @@ def _scripted_app(clock: FakeClock) -> ClientApp:
             cached.add(context.node_id)
         if behaviour == "crash":
             raise RuntimeError("out of patience")
+        if behaviour == "bad-envelope":
+            config = ConfigRecord({"lease-token": "seven", "adapter": instruction.adapter, "base-version": 0})
+            return Message(RecordDict({"config": config}), reply_to=message)
         if behaviour == "no-data":
             return messages.status_reply(message, instruction, messages.NO_DATA, "no rows")
         if behaviour == "needs-base" and context.node_id not in cached:
@@ -273,6 +276,19 @@ def test_failing_node_backs_off_and_gets_the_base_once(tmp_path):
     assert len(trains) == len(crashed) and sum(messages.BASE_FILES in m.content for m in trains) == 1
     assert result.accepted > 0
     _assert_no_version_lost(registry, result)
+    _assert_lease_table_consistent(registry)
+
+
+def test_malformed_train_reply_is_recorded_and_its_node_backs_off(tmp_path):
+    result, registry, _ = _run(tmp_path, {10: {"partition-id": 0, "languages": "hi", "behaviour": "bad-envelope"}},
+                               max_wall_s=30)
+
+    contributions = registry.contributions()
+    assert 2 <= len(contributions) <= 4 and result.rejected == len(contributions)  # at 0, 4, 12, 28 s
+    assert {c.reason for c in contributions} == {
+        "invalid-adapter: malformed train reply: train reply `lease-token` is 'seven'; "
+        "it must be a non-negative integer"
+    }
     _assert_lease_table_consistent(registry)
 
 

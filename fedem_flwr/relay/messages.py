@@ -195,6 +195,9 @@ def _claims(instruction: TrainInstruction, status: str) -> ConfigRecord:
 def parse_train_reply(message: Message) -> TrainReply:
     """Read a reply's claims, status, adapter and metrics; a malformed one raises ``InvalidReply``."""
     config = _config(message, "train reply")
+    token = _int(config, "lease-token", "train reply")
+    adapter = _text(config, "adapter", "train reply", 200)
+    base_version = _int(config, "base-version", "train reply")
     status = config.get("status", OK)
     if status not in STATUSES:
         raise InvalidReply(f"train reply `status` is {_show(status)}; allowed: {', '.join(STATUSES)}")
@@ -205,9 +208,9 @@ def parse_train_reply(message: Message) -> TrainReply:
     kept, dropped = parse_metrics(metrics if isinstance(metrics, MetricRecord) else MetricRecord({}))
     detail = config.get("detail", "")
     return TrainReply(
-        token=_int(config, "lease-token", "train reply"),
-        adapter=_text(config, "adapter", "train reply", 200),
-        base_version=_int(config, "base-version", "train reply"),
+        token=token,
+        adapter=adapter,
+        base_version=base_version,
         status=status,
         arrays=arrays,
         metrics=kept,

@@ -16,7 +16,7 @@ import logging
 import sqlite3
 import time
 from collections import deque
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
@@ -31,6 +31,7 @@ from fedem_flwr.errors import HubError, InvalidAdapter, RegistryConflict, Revisi
 from fedem_flwr.model.adapter_spec import AdapterSpec, load_adapter_file
 from fedem_flwr.relay import messages
 from fedem_flwr.relay.coordinator import Assignment, PushOutcome, RelayCoordinator
+from fedem_flwr.relay.leases import Lease
 from fedem_flwr.relay.nodes import NodeState, NodeTable
 from fedem_flwr.relay.policies import NodeProfile
 from fedem_flwr.wire import adapter_to_arrays, arrays_to_adapter
@@ -402,7 +403,10 @@ class RelayStrategy(Strategy):
         elif node is not None:
             self.nodes.succeeded(node)
 
-    def _push_outcome(self, lease, state, invalid: Optional[str], parsed: Optional[messages.TrainReply] = None) -> PushOutcome:
+    def _push_outcome(
+        self, lease: Lease, state: Optional[Mapping[str, Any]], invalid: Optional[str],
+        parsed: Optional[messages.TrainReply] = None,
+    ) -> PushOutcome:
         """Hand the push to the coordinator with the lease's own holder, token, adapter and base."""
         return self.coordinator.receive_push(
             holder=lease.holder, token=lease.token, adapter=lease.adapter, base_version=lease.base_version,
@@ -433,7 +437,7 @@ class RelayStrategy(Strategy):
         self._back_off(node, reason)
 
 
-def claim_mismatch(reply: messages.TrainReply, lease: Any) -> str:
+def claim_mismatch(reply: messages.TrainReply, lease: Lease) -> str:
     """What a reply claims (token, adapter, base version) against the lease of the message it
     answers: the first difference as a reason, or "" when they agree."""
     if reply.token != lease.token:
