@@ -15,13 +15,14 @@ import pytest
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
+from flwr.superlink.grid import InMemoryGrid
 
 from fedem_flwr.config import RelayConfig
 from fedem_flwr.errors import ConfigError
 from fedem_flwr.model.adapter_spec import AdapterSpec
 from fedem_flwr.relay import messages
 from fedem_flwr.relay.coordinator import PushOutcome
-from fedem_flwr.relay.strategy import HISTORY_LIMIT, RelayHalted, RelayResult, RelayStrategy
+from fedem_flwr.relay.strategy import HISTORY_LIMIT, RelayHalted, RelayResult, RelayStrategy, is_simulation_grid
 from fedem_flwr.testing.fake_grid import InProcessGrid
 from relay_support import FakeClock, ScriptedWorkbench, seeded_coordinator
 
@@ -367,3 +368,9 @@ def test_backoff_settings_are_checked():
     with pytest.raises(ConfigError, match=r"`relay.backoff_s` is 0"):
         RelayConfig(backoff_s=0)
     assert math.isclose(RelayConfig().backoff_max_s, 3600)
+
+
+def test_only_flowers_in_memory_grid_counts_as_simulation():
+    assert is_simulation_grid(InMemoryGrid.__new__(InMemoryGrid))
+    assert not is_simulation_grid(InProcessGrid(ClientApp(), {}, {}, simulation=False))
+    assert is_simulation_grid(InProcessGrid(ClientApp(), {}, {}))

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 import sqlite3
+import sys
 import time
 from collections import deque
 from collections.abc import Callable, Iterable, Mapping
@@ -24,7 +25,6 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
 from flwr.common.constant import ErrorCode
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
-from flwr.superlink.grid import InMemoryGrid
 
 from fedem_flwr.config import RelayConfig
 from fedem_flwr.errors import HubError, InvalidAdapter, RegistryConflict, RevisionExists, StoreError
@@ -64,7 +64,11 @@ def is_simulation_grid(grid: Grid) -> bool:
     """Flower's simulation runtime hands the ServerApp an ``InMemoryGrid``; a SuperLink an HTTP one.
     A test Grid says which it stands for with its own ``simulation`` flag."""
     flag = getattr(grid, "simulation", None)
-    return flag if isinstance(flag, bool) else isinstance(grid, InMemoryGrid)
+    if isinstance(flag, bool):
+        return flag
+    # Not imported unless the simulation runtime made one (the import costs about half a second).
+    module = sys.modules.get("flwr.superlink.grid.inmemory_grid")
+    return module is not None and isinstance(grid, module.InMemoryGrid)
 
 
 @dataclass
