@@ -7,8 +7,7 @@ from flwr.app import Context, Message
 from flwr.clientapp import ClientApp
 
 from fedem_flwr.config import load_run_config
-from fedem_flwr.contributor import BaseCache, node_data, profile, relay_train
-from fedem_flwr.errors import BaseUnavailable
+from fedem_flwr.contributor import BaseCache, profile, relay_train, training_data
 from fedem_flwr.logs import quiet_library_progress, use_flower_logging
 from fedem_flwr.relay import messages
 from fedem_flwr.wire import adapter_to_arrays
@@ -34,11 +33,13 @@ def train_relay(message: Message, context: Context) -> Message:
         record = message.content[messages.BASE_FILES]
         cache.add(instruction.base.digest, lambda folder: messages.arrays_to_folder(record, folder))
     if not cache.has(instruction.base.digest):
-        raise BaseUnavailable(f"base checkpoint {instruction.base} is not cached in {cache.root} and was not sent")
+        return messages.status_reply(message, instruction, messages.MISSING_BASE, f"not cached in {cache.root}")
+    data = training_data(cfg, context.node_config, messages.node_rows(message))
+    if not set(instruction.languages) & set(data.languages):
+        return messages.status_reply(message, instruction, messages.NO_DATA, f"rows in {','.join(data.languages)}")
     state = message.content["arrays"].to_torch_state_dict()
     new_state, metrics = relay_train(
-        cfg, cache.use(instruction.base.digest), state, node_data(cfg, context.node_config),
-        instruction.languages, budget_s=instruction.budget_s, max_steps=instruction.max_steps,
-        seed=cfg.seed + instruction.token,
+        cfg, cache.use(instruction.base.digest), state, data, instruction.languages,
+        budget_s=instruction.budget_s, max_steps=instruction.max_steps, seed=cfg.seed + instruction.token,
     )
     return messages.train_reply(message, instruction, adapter_to_arrays(new_state), metrics)

@@ -8,8 +8,9 @@ Node config keys (``flower-supernode --node-config``):
 ``cache-dir``  where base checkpoints are cached by digest (default: ``$FEDEM_CACHE``, else
                ``$XDG_CACHE_HOME/fedem``, else ``~/.cache/fedem``)
 
-In simulation Flower sets ``partition-id`` and ``num-partitions``: the node's data is then its
-partition of the configured corpus, without the hub's held-out rows.
+In simulation Flower sets ``partition-id`` and ``num-partitions``: the node's profile then
+describes its partition of the configured corpus (public and deterministic), and it trains on the
+rows the hub sends with each lease, since only the hub knows which rows it holds out.
 """
 
 from __future__ import annotations
@@ -46,6 +47,13 @@ class NodeData:
     rows: datasets.Dataset
     languages: tuple[str, ...]
     partition_id: Optional[int] = None
+    num_partitions: Optional[int] = None
+
+    @classmethod
+    def from_rows(cls, rows: Mapping[str, list[str]]) -> "NodeData":
+        """The rows the hub handed out with a train message (``text`` and ``language`` lists)."""
+        dataset = datasets.Dataset.from_dict({"text": list(rows["text"]), "language": list(rows["language"])})
+        return cls(dataset, tuple(sorted(set(dataset["language"]))))
 
     @property
     def data_bytes(self) -> int:
@@ -67,29 +75,34 @@ def node_data(cfg: FedemConfig, node_config: NodeConfig) -> NodeData:
     return _node_data[key]
 
 
+def training_data(cfg: FedemConfig, node_config: NodeConfig, rows: Optional[Mapping[str, list[str]]]) -> NodeData:
+    """What a train message is trained on: the rows the hub sent with it, else the node's own files.
+
+    A simulated node never trains on its corpus partition: that holds the hub's held-out rows."""
+    if rows is not None:
+        return NodeData.from_rows(rows)
+    if "data-path" not in node_config:
+        raise DataError("a simulated node trains on the rows the hub sends (`node-rows`); this train message has none")
+    return node_data(cfg, node_config)
+
+
 def _load_node_data(cfg: FedemConfig, node_config: NodeConfig) -> NodeData:
     wanted = _languages(node_config)
+    pid = num = None
     if "data-path" in node_config:
         data_cfg = replace(cfg.data, source="files", paths=[str(node_config["data-path"])], languages=list(wanted))
         rows = load_corpus(data_cfg)
-        pid = None
     elif "partition-id" in node_config and "num-partitions" in node_config:
         pid, num = int(node_config["partition-id"]), int(node_config["num-partitions"])
-        rows = _partition(cfg, pid, num)
+        corpus = load_corpus(cfg.data)
+        rows = partition(corpus, cfg.data.partitioner, num, pid, cfg.seed, cfg.data.dirichlet_alpha)
         if wanted:
             rows = select_languages(rows, wanted)
     else:
         raise ConfigError("node config needs `data-path` (a contributor) or `partition-id`/`num-partitions` (simulation)")
     if len(rows) == 0:
         raise DataError(f"node has no rows to train on (node config {dict(node_config)})")
-    return NodeData(rows, tuple(sorted(set(rows["language"]))), pid)
-
-
-def _partition(cfg: FedemConfig, partition_id: int, num_partitions: int) -> datasets.Dataset:
-    """The node's partition of the corpus, as ``data.partitioner`` says. Which of its rows the hub
-    holds out only the hub can tell (the split is keyed): ``Hub.training_rows`` leaves them out."""
-    return partition(load_corpus(cfg.data), cfg.data.partitioner, num_partitions, partition_id, cfg.seed,
-                     cfg.data.dirichlet_alpha)
+    return NodeData(rows, tuple(sorted(set(rows["language"]))), pid, num)
 
 
 def _languages(node_config: NodeConfig) -> tuple[str, ...]:
@@ -112,8 +125,8 @@ def relay_train(
     seed: int,
     clock: Callable[[], float] = time.monotonic,
 ) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
-    """Fine-tune the leased adapter on this node's rows of the adapter's languages (all rows if the
-    node has none of them) and stop before the lease deadline.
+    """Fine-tune the leased adapter on this node's rows of the adapter's languages and stop before
+    the lease deadline (a node with none of them answers ``no-data`` instead of calling this).
 
     ``seed`` orders the batches; the ClientApp derives it from the lease, so a node that gets the
     same adapter again explores other batches instead of repeating a rejected run."""
@@ -122,14 +135,14 @@ def relay_train(
     device = pick_device(cfg.train.device)
     model = attach_lora(model.to(device), cfg.lora)
     load_adapter_state(model, state)  # validated against the model's own adapter spec
-    rows = data.rows
     mine = [lang for lang in languages if lang in data.languages]
-    if mine:
-        rows = select_languages(rows, mine)
+    if not mine:
+        raise DataError(f"this node has no rows in {','.join(languages)}; it holds {','.join(data.languages)}")
+    rows = select_languages(data.rows, mine)
     blocks = tokenize_blocks(rows["text"], tokenizer, cfg.data.block_size)
     log.info(
         "Relay fine-tune: %d blocks of %s on %s (%s path), budget %.0f s",
-        len(blocks), ",".join(mine) or "all languages", device, kernel_path(model), budget_s,
+        len(blocks), ",".join(mine), device, kernel_path(model), budget_s,
     )
     result = train(
         model, blocks, replace(cfg.train, max_steps=max_steps), pad_id=tokenizer.pad_token_id,
@@ -141,7 +154,7 @@ def relay_train(
         "loss-first": result.loss_first,
         "loss-last": result.loss_last,
         "seconds": clock() - started,
-        "own-language-rows": float(len(rows)) if mine else 0.0,
+        "own-language-rows": float(len(rows)),
     }
     return adapter_state(model), metrics
 
@@ -157,4 +170,5 @@ def profile(cfg: FedemConfig, node_config: NodeConfig, cache: BaseCache) -> dict
     }
     if data.partition_id is not None:
         answer["partition-id"] = data.partition_id
+        answer["num-partitions"] = data.num_partitions
     return answer

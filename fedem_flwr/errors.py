@@ -1,5 +1,7 @@
 """Typed errors a user can act on; each message names the offending key and value."""
 
+import sqlite3
+
 
 class FedemError(Exception):
     """Base class of every error fedem-flwr raises on purpose."""
@@ -87,3 +89,21 @@ class TrainingError(FedemError):
 
 class BaseUnavailable(FedemError):
     """A train message names a base checkpoint the node neither has cached nor was sent."""
+
+
+def one_line(err: BaseException, limit: int = 300) -> str:
+    """``Type: first line of the message``, bounded: what a recorded reason or a fault's cause shows."""
+    lines = str(err).strip().splitlines()
+    text = f"{type(err).__name__}: {lines[0] if lines else ''}".rstrip(": ")
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def is_hub_fault(err: BaseException) -> bool:
+    """Faults of the hub itself (registry not writable, store unusable), which stop the run; anything
+    else concerns one reply and is contained. A row or revision that contradicts another is one push's
+    trouble: that push is rejected and the hub works on."""
+    if isinstance(err, HubFault):
+        return True
+    if isinstance(err, (sqlite3.IntegrityError, RegistryConflict, RevisionExists)):
+        return False
+    return isinstance(err, (sqlite3.DatabaseError, HubError, StoreError))

@@ -29,7 +29,10 @@ def main(grid: Grid, context: Context) -> None:
     hub_path = resolve_hub_path(cfg.hub.path, require_absolute=True)
     with HubWriterLock(hub_path):
         hub = open_hub(cfg, hub_path)
-        strategy = RelayStrategy(hub.coordinator, cfg.relay, hub.workbench.spec, max_steps=cfg.train.max_steps)
+        strategy = RelayStrategy(
+            hub.coordinator, cfg.relay, hub.workbench.spec, max_steps=cfg.train.max_steps,
+            training_rows=hub.training_rows,
+        )
         result = strategy.start(grid)
     print(
         f"fedem relay finished ({result.stopped_by}): {result.accepted} accepted, {result.rejected} rejected, "

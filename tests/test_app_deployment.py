@@ -1,5 +1,6 @@
-"""The real app deployed on loopback: a `flower-superlink` and two `flower-supernode`s, each with
-its own data files and languages in `--node-config`, as contributors would run them."""
+"""The real app deployed on loopback: a `flower-superlink` and `flower-supernode`s, each with its own
+data files and languages in `--node-config`, as contributors would run them, and one that claims a
+simulated node's `partition-id` (on a SuperLink that names nobody: nodes are known by their key)."""
 
 from __future__ import annotations
 
@@ -45,12 +46,15 @@ def test_relay_over_real_supernodes_with_their_own_data(tmp_path):
         {"data-path": str(_write_contributor_data(tmp_path / "bob", ["ta"])), "languages": "ta",
          "cache-dir": str(tmp_path / "bob-cache")},
     ]
+    # Mallory has no data of her own and claims partition 0, as a simulated node would.
+    mallory = {"partition-id": 0, "num-partitions": 2, "cache-dir": str(tmp_path / "mallory-cache")}
     overrides = ("data.languages=[hi,mr,ta] train.max_steps=6 train.batch_size=4 train.progress=false "
                  "relay.max_accepted=4 relay.max_wall_s=420 relay.lease_ttl_s=600")
 
     # Execute
-    with local_superlink(tmp_path / "flwr") as link, supernodes(link.address, nodes, flwr_home=tmp_path / "flwr"):
-        wait_for_nodes(link, 2, timeout=120)
+    with local_superlink(tmp_path / "flwr") as link, \
+            supernodes(link.address, [*nodes, mallory], flwr_home=tmp_path / "flwr"):
+        wait_for_nodes(link, 3, timeout=120)
         run_id = submit_run(APP_DIR, link, {"hub": str(hub), "overrides": overrides})
         status = wait_for_run(link, run_id, timeout=540)
         logs = run_logs(link, run_id)
@@ -62,9 +66,11 @@ def test_relay_over_real_supernodes_with_their_own_data(tmp_path):
         assert len(accepted) >= 4
         served = {lease.adapter for lease in registry.leases()}
         assert served <= {"hi", "mr", "ta"} and "ta" in served
-        # Flower 1.42 gives every SuperNode a key pair: contributors are keyed by it.
+        # Flower 1.42 gives every SuperNode a key pair: contributors are keyed by it, never by the
+        # partition-id a node reports (Mallory's trains fail without hub rows; she is not `sim:0`).
         identities = set(registry.identities().values())
-        assert len(identities) == 2 and all(i.startswith(("pk:", "node:")) for i in identities)
+        assert len(identities) == 3 and all(i.startswith(("pk:", "node:")) for i in identities)
+        assert all(lease.holder in identities for lease in registry.leases())
     # Each node cached the base once, by digest.
     for node in nodes:
         assert len(list((Path(node["cache-dir"]) / "bases").iterdir())) == 1

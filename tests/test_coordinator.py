@@ -121,7 +121,7 @@ def test_invalid_weights_end_the_lease_as_rejected(hub):
 
 def test_one_lease_per_adapter_and_per_node(hub):
     coordinator, _, _, _ = hub
-    nodes = [NodeProfile("sim:0", ("hi",)), NodeProfile("sim:1", ("hi",)), NodeProfile("sim:2", ("hi",))]
+    nodes = [NodeProfile("sim:0", ("hi",)), NodeProfile("sim:1", ("hi", "ta")), NodeProfile("sim:2", ("hi",))]
 
     assignments = coordinator.assign(nodes)
     again = coordinator.assign(nodes)

@@ -8,6 +8,7 @@ import pytest
 
 from fedem_flwr.config.schema import RelayConfig
 from fedem_flwr.errors import ConfigError
+from fedem_flwr.relay.pool import AdapterPool
 from fedem_flwr.relay.policies import (
     FALLBACK_NAMES,
     POLICY_NAMES,
@@ -89,9 +90,13 @@ def test_language_affinity_prefers_declared_languages():
     # among te's adapters (te at 10.0, hi-te at 1.0) the fallback picks the least recent
     assert policy.choose(node("n1", "te"), adapters).name == "hi-te"
     assert policy.choose(node("n1", "hi"), [HI, TA]).name == "hi"
-    # no match, or no languages declared: the fallback over everything (ta never served)
-    assert policy.choose(node("n1", "xx"), [HI, TA]).name == "ta"
+    # no languages declared: the fallback over everything (ta never served)
     assert policy.choose(node("n1"), [HI, TA]).name == "ta"
+    # languages declared but none of them free: nothing, never a foreign adapter
+    assert policy.choose(node("n1", "xx"), [HI, TA]) is None
+    assert policy.assign([node("n1", "xx"), node("n2", "hi")], [HI, TA]) == [(node("n2", "hi"), HI)]
+    pool = AdapterPool([HI, TA])
+    assert policy.assign([node("n1", "xx"), node("n2", "hi")], pool.free()) == [(node("n2", "hi"), HI)]
 
 
 def test_language_affinity_assign_serves_matching_nodes_first():

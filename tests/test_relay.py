@@ -3,12 +3,18 @@
 from __future__ import annotations
 
 import pytest
+from flwr.app import Context, RecordDict
 
 from fedem_flwr.bootstrap import open_hub
 from fedem_flwr.client_app import app as client_app
 from fedem_flwr.config import load_run_config
+from fedem_flwr.errors import DataError
+from fedem_flwr.hub.store import ArtifactRef
+from fedem_flwr.model.adapter_spec import load_adapter_file
+from fedem_flwr.relay import messages
 from fedem_flwr.relay.strategy import RelayStrategy
 from fedem_flwr.testing.fake_grid import InProcessGrid
+from fedem_flwr.wire import adapter_to_arrays
 
 OVERRIDES = (
     "data.languages=[hi,ta,mr,de] train.max_steps=8 train.batch_size=4 train.progress=false "
@@ -25,7 +31,8 @@ def _relay(hub_dir, max_accepted, nodes=2):
         for i in range(nodes)
     }
     grid = InProcessGrid(client_app, node_configs, run_config)
-    strategy = RelayStrategy(hub.coordinator, cfg.relay, hub.workbench.spec, max_steps=cfg.train.max_steps)
+    strategy = RelayStrategy(hub.coordinator, cfg.relay, hub.workbench.spec, max_steps=cfg.train.max_steps,
+                             training_rows=hub.training_rows)
     return hub, grid, strategy.start(grid)
 
 
@@ -69,6 +76,46 @@ def test_base_travels_once_per_node_then_comes_from_its_cache(relayed):
     assert sum(1 for m in grid.delivered if "base-files" in m.content) == 2
 
 
+def test_simulated_nodes_train_on_the_rows_the_hub_hands_them(relayed):
+    hub, grid, _ = relayed
+    trains = [m for m in grid.delivered if m.metadata.message_type == messages.TRAIN]
+    assert trains
+    for message in trains:
+        pid = grid.nodes[message.metadata.dst_node_id].node_config["partition-id"]
+        expected = hub.training_rows(pid, 2)
+        assert messages.node_rows(message) == {"text": expected["text"], "language": expected["language"]}
+
+
+def test_client_app_answers_typed_replies_when_it_cannot_train(relayed, tmp_path):
+    hub, _, _ = relayed
+    base = hub.registry.latest_checkpoint()
+    version = hub.registry.latest_adapter_version("hi")
+    base_ref = ArtifactRef(base.repo, base.revision, base.digest)
+    state = load_adapter_file(hub.store.get(ArtifactRef(version.repo, version.revision, version.digest))
+                              / "adapter_model.safetensors")
+    instruction = messages.TrainInstruction("hi", version.version, ("hi",), 99, base_ref, base.version, 60.0, 1)
+    run_config = {"overrides": OVERRIDES}
+    node_config = {"partition-id": 0, "num-partitions": 2, "cache-dir": str(tmp_path / "cache")}
+    InProcessGrid(client_app, {}, run_config)  # sets the task identity messages need
+
+    def ask(base_folder=None, rows=None):
+        message = messages.train_message(100, instruction, adapter_to_arrays(state), ttl=60,
+                                         base_folder=base_folder, rows=rows)
+        message.metadata.__dict__["_message_id"] = "m"
+        reply = client_app(message, Context(7, 100, node_config, RecordDict(), run_config))
+        return messages.parse_train_reply(reply)
+
+    # the base is neither cached nor sent
+    assert ask().status == messages.MISSING_BASE
+    # sent now (and cached); the rows the hub hands out hold no Hindi
+    german = {"text": ["Guten Tag", "Wie geht es?"], "language": ["de", "de"]}
+    no_data = ask(base_folder=hub.store.get(base_ref), rows=german)
+    assert (no_data.status, no_data.token, no_data.adapter) == (messages.NO_DATA, 99, "hi")
+    # a simulated node never falls back to its own corpus partition, which holds held-out rows
+    with pytest.raises(DataError, match="trains on the rows the hub sends"):
+        ask()
+
+
 def test_every_push_is_a_pseudonymous_contribution(relayed):
     hub, _, result = relayed
     contributions = hub.registry.contributions()
@@ -99,7 +146,8 @@ def test_relay_publishes_to_a_hugging_face_hub_store(tmp_path, hf_env):
     hub = open_hub(cfg, tmp_path / "hub")
     grid = InProcessGrid(client_app, {100: {"partition-id": 0, "num-partitions": 1,
                                             "cache-dir": str(tmp_path / "cache")}}, run_config)
-    result = RelayStrategy(hub.coordinator, cfg.relay, hub.workbench.spec, max_steps=2).start(grid)
+    result = RelayStrategy(hub.coordinator, cfg.relay, hub.workbench.spec, max_steps=2,
+                           training_rows=hub.training_rows).start(grid)
 
     assert result.accepted >= 1
     api = HfApi(endpoint=hf_env.endpoint)

@@ -113,12 +113,19 @@ def test_non_finite_weights_are_rejected_without_a_version(tmp_path):
     assert registry.latest_adapter_version("hi").version == 0
 
 
-def test_push_with_a_foreign_token_is_rejected_and_the_lease_expires(tmp_path):
-    result, registry = _run(tmp_path, [("hi", "wrong-token")], max_wall_s=150)
+def test_reply_claiming_another_token_ends_its_own_lease_at_once(tmp_path):
+    # node 10 answers every lease with a token 50 above its own; node 11 trains honestly
+    result, registry = _run(tmp_path, [("hi", "wrong-token"), ("ta", "improve")], max_wall_s=150)
 
-    assert result.accepted == 0
-    assert all(c.reason.startswith("unknown-token") for c in registry.contributions())
+    wrong = [lease for lease in registry.leases() if lease.holder == "sim:0"]
+    assert wrong and all(lease.outcome == "claim-mismatch" for lease in wrong)
+    # ended in the poll its reply came back, not at the TTL (100 s)
+    assert all(lease.ended - lease.issued <= 1.0 for lease in wrong)
+    reasons = sorted(c.reason for c in registry.contributions() if c.adapter == "hi")
+    assert reasons == sorted(f"claim-mismatch: token {lease.token + 50} claimed, lease {lease.token}" for lease in wrong)
     assert registry.latest_adapter_version("hi").version == 0
+    assert result.accepted == registry.latest_adapter_version("ta").version > 0
+    assert not registry.leases(active_only=True)
 
 
 def test_node_that_disappears_mid_lease_frees_its_adapter(tmp_path):

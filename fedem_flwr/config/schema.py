@@ -193,11 +193,18 @@ class RelayConfig:
     deadline_margin_s: float = field(
         default=60.0, metadata={"help": "A client stops training this long before its lease deadline."}
     )
+    backoff_s: float = field(
+        default=30.0, metadata={"help": "A node that failed waits this long before its next lease, doubling per failure."}
+    )
+    backoff_max_s: float = field(
+        default=3600.0, metadata={"help": "The longest a failing node waits between leases."}
+    )
 
     def __post_init__(self) -> None:
         _choice("relay", "policy", self.policy, ("random", "round-robin", "least-recent", "language"))
         _choice("relay", "policy_fallback", self.policy_fallback, ("random", "round-robin", "least-recent"))
-        for key in ("lease_ttl_s", "sweep_interval_s", "poll_interval_s", "max_accepted", "max_wall_s"):
+        for key in ("lease_ttl_s", "sweep_interval_s", "poll_interval_s", "max_accepted", "max_wall_s", "backoff_s",
+                    "backoff_max_s"):
             _positive("relay", key, getattr(self, key))
         _positive("relay", "no_node_grace_s", self.no_node_grace_s, allow_zero=True)
         _positive("relay", "deadline_margin_s", self.deadline_margin_s, allow_zero=True)
@@ -206,6 +213,10 @@ class RelayConfig:
             raise ConfigError(
                 f"`relay.deadline_margin_s` ({self.deadline_margin_s}) must be below "
                 f"`relay.lease_ttl_s` ({self.lease_ttl_s})."
+            )
+        if self.backoff_max_s < self.backoff_s:
+            raise ConfigError(
+                f"`relay.backoff_max_s` ({self.backoff_max_s}) must be at least `relay.backoff_s` ({self.backoff_s})."
             )
 
 

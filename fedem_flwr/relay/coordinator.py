@@ -10,7 +10,6 @@ from __future__ import annotations
 import hashlib
 import logging
 import math
-import sqlite3
 import tempfile
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -18,7 +17,7 @@ from pathlib import Path
 from typing import Any, Optional, Protocol
 
 from fedem_flwr.config import GateConfig
-from fedem_flwr.errors import HubError, HubFault, InvalidAdapter, StoreError
+from fedem_flwr.errors import HubFault, InvalidAdapter, StoreError, is_hub_fault, one_line
 from fedem_flwr.gate.acceptance import Decision, decide
 from fedem_flwr.gate.novelty import no_work
 from fedem_flwr.hub.records import revision_name
@@ -30,10 +29,6 @@ from fedem_flwr.relay.pool import AdapterPool
 log = logging.getLogger(__name__)
 
 HeldoutLosses = dict[str, float]
-
-# Faults that make the hub itself unusable: they stop the run as ``HubFault`` instead of being
-# contained as one push's ``hub-error`` (a store that cannot read or write raises ``StoreError``).
-_HUB_FAULTS = (sqlite3.Error, HubError, StoreError)
 
 
 class AdapterWorkbench(Protocol):
@@ -198,8 +193,10 @@ class RelayCoordinator:
         try:
             return self._receive(holder, token, adapter, base_version, state, invalid_reason, metrics,
                                  dropped_metrics)
-        except _HUB_FAULTS as err:
-            raise HubFault(f"the hub cannot go on (push for {adapter!r}, lease {token}): {_one_line(err)}") from err
+        except Exception as err:
+            if is_hub_fault(err) and not isinstance(err, HubFault):
+                raise HubFault(f"the hub cannot go on (push for {adapter!r}, lease {token}): {one_line(err)}") from err
+            raise
 
     def _receive(self, holder, token, adapter, base_version, state, invalid_reason, metrics, dropped) -> PushOutcome:
         now = self.clock()
@@ -215,9 +212,9 @@ class RelayCoordinator:
             return self._conclude(lease, received, "rejected", f"invalid-adapter: {invalid_reason}", {})
         try:
             return self._judge(lease, received, state)
-        except (HubFault, *_HUB_FAULTS):
-            raise
         except Exception as err:  # one push's trouble is recorded, never the end of the run
+            if is_hub_fault(err):
+                raise
             return self._contain(lease, received, err)
 
     def _judge(self, lease: Lease, received: "_Received", state: Mapping[str, Any]) -> PushOutcome:
@@ -240,7 +237,7 @@ class RelayCoordinator:
 
     def _contain(self, lease: Lease, received: "_Received", err: Exception) -> PushOutcome:
         """End the lease of a push the hub failed to judge, record why, and let the relay go on."""
-        reason = f"hub-error: {_one_line(err)}"
+        reason = f"hub-error: {one_line(err)}"
         log.error("Push for %r (lease %d) could not be judged; its lease ends and the relay goes on",
                   lease.adapter, lease.token, exc_info=err)
         current = self.book.get(lease.token)
@@ -260,6 +257,24 @@ class RelayCoordinator:
         self._flush()
         log.info("Lease %d on %r ended: %s", token, lease.adapter, reason)
         return ended
+
+    def reject_lease(
+        self, token: int, reason: str, metrics: Optional[Mapping[str, float]] = None
+    ) -> Optional[PushOutcome]:
+        """End an active lease at once because its reply cannot be judged (its claims contradict the
+        lease, or handling it failed); record a rejected contribution with ``reason``. The lease's
+        outcome is the reason's code (the part before the first colon)."""
+        lease = self.book.get(token)
+        if lease is None or not lease.active:
+            return None
+        kept, dropped = _finite_metrics(metrics, ())
+        received = _Received(self.registry.pseudonym(lease.holder), self.clock(), "-", kept, dropped)
+        with self.registry.atomic():
+            self._record(received, lease.adapter, token, "rejected", reason, None, {})
+            self.book.expire(token, received.at, reason=reason.split(":", 1)[0])
+            self._flush()
+        log.info("Lease %d on %r ended: %s", token, lease.adapter, reason)
+        return PushOutcome("rejected", reason, lease.adapter, token)
 
     def node_gone(self, holder: str) -> list[Lease]:
         ended = self.book.expire_holder(holder, self.clock(), reason="node-gone")
@@ -302,7 +317,7 @@ class RelayCoordinator:
             return load_adapter_file(folder / ADAPTER_WEIGHTS_FILE)
         except (StoreError, OSError, InvalidAdapter) as err:
             raise HubFault(f"cannot read {parent.repo}@{parent.revision}, the parent version of a push: "
-                           f"{_one_line(err)}") from err
+                           f"{one_line(err)}") from err
 
     def _write_artifact(self, state, parent, lease: Lease) -> ArtifactRef:
         """The artifact is renamed into place before its registry row commits: a crash between the
@@ -323,7 +338,7 @@ class RelayCoordinator:
                     replace_orphan=True,  # `version` is past the registry's latest: what is stored there is an orphan
                 )
             except (StoreError, OSError) as err:
-                raise HubFault(f"cannot write {parent.repo}@{revision_name(version)}: {_one_line(err)}") from err
+                raise HubFault(f"cannot write {parent.repo}@{revision_name(version)}: {one_line(err)}") from err
 
     def _conclude(
         self, lease: Lease, received: "_Received", decision: str, reason: str, losses: Mapping[str, float], *,
@@ -415,13 +430,6 @@ def _finite_number(value: Any) -> bool:
     if isinstance(value, int):
         return -(2**63) <= value < 2**63
     return isinstance(value, float) and math.isfinite(value)
-
-
-def _one_line(err: BaseException, limit: int = 300) -> str:
-    """``Type: first line of the message``, bounded: what a reason or a fault's cause shows."""
-    lines = str(err).strip().splitlines()
-    text = f"{type(err).__name__}: {lines[0] if lines else ''}".rstrip(": ")
-    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def state_digest(state: Mapping[str, Any]) -> str:

@@ -4,11 +4,18 @@ Record keys follow Flower's (``"arrays"``, ``"metrics"``, ``"config"``); message
 actions (``train.relay``, ``query.profile``). Base checkpoints travel, when a node lacks them, as
 their stored files byte for byte (``uint8`` arrays keyed by relative path), so the node can check
 the manifest digest exactly as the hub computed it.
+
+Everything a node sends is read through ``parse_profile_reply`` and ``parse_train_reply``: types,
+ranges and sizes are checked there, and what fails raises ``InvalidReply`` naming the field and the
+value, so the hub records a reason and goes on. A node that cannot train a lease answers a typed
+status (``no-data``, ``missing-base``) instead of raising.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import math
+import re
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
@@ -16,14 +23,36 @@ from typing import Any, Optional
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 
-from fedem_flwr.errors import InvalidAdapter
+from fedem_flwr.errors import FedemError, InvalidAdapter
 from fedem_flwr.hub.store import ArtifactRef
 
 TRAIN = "train.relay"
 PROFILE = "query.profile"
 
 BASE_FILES = "base-files"
+NODE_ROWS = "node-rows"
 MAX_FILE_COUNT = 64
+
+# Train reply statuses: ``ok`` carries the trained adapter; the others end the lease without one.
+OK = "ok"
+NO_DATA = "no-data"
+MISSING_BASE = "missing-base"
+STATUSES = (OK, NO_DATA, MISSING_BASE)
+
+# Bounds on what a node may send.
+MAX_LANGUAGES = 64
+MAX_BASE_DIGESTS = 64
+MAX_DEVICE_CHARS = 32
+MAX_METRICS = 32
+MAX_METRIC_KEY_CHARS = 64
+MAX_DETAIL_CHARS = 200
+LANGUAGE_CODE = re.compile(r"^[A-Za-z]{2,3}([_-][A-Za-z0-9]{2,8})?$")
+SHA256_HEX = re.compile(r"^[0-9a-f]{64}$")
+METRIC_KEY = re.compile(r"^[A-Za-z0-9_.:-]+$")
+
+
+class InvalidReply(FedemError, ValueError):
+    """A node's reply breaks the wire format; the message names the field and the value."""
 
 
 @dataclass(frozen=True)
@@ -42,13 +71,30 @@ class TrainInstruction:
 
 @dataclass(frozen=True)
 class TrainReply:
-    """What a node sent back for one lease (parsed on the hub, before any check)."""
+    """What a node sent back for one lease: its claims (token, adapter, base version), a status, and
+    with ``ok`` the adapter; metrics that were not finite numbers or over the bound are named in
+    ``dropped_metrics``."""
 
     token: int
     adapter: str
     base_version: int
-    arrays: ArrayRecord
+    status: str
+    arrays: Optional[ArrayRecord]
     metrics: dict[str, float]
+    dropped_metrics: tuple[str, ...] = ()
+    detail: str = ""
+
+
+@dataclass(frozen=True)
+class ProfileReply:
+    """What a node declared about itself, checked; ``partition-id`` counts only in simulation."""
+
+    languages: tuple[str, ...]
+    device: str
+    data_bytes: int
+    base_digests: frozenset[str]
+    partition_id: Optional[int] = None
+    num_partitions: Optional[int] = None
 
 
 # -- hub -> node -------------------------------------------------------------------------------
@@ -64,8 +110,12 @@ def train_message(
     adapter: ArrayRecord,
     ttl: float,
     base_folder: Optional[Path] = None,
+    rows: Optional[Mapping[str, Sequence[str]]] = None,
 ) -> Message:
-    """``ttl`` is the lease's remaining time, so the SuperLink itself refuses a late reply."""
+    """``ttl`` is the lease's remaining time, so the SuperLink itself refuses a late reply.
+
+    ``rows`` (``text`` and ``language`` lists) are the node's training rows, handed out by the hub
+    in simulation, where a node must not compute them itself."""
     config = ConfigRecord(
         {
             "adapter": instruction.adapter,
@@ -83,7 +133,17 @@ def train_message(
     content = RecordDict({"arrays": adapter, "config": config})
     if base_folder is not None:
         content[BASE_FILES] = folder_to_arrays(base_folder)
+    if rows is not None:
+        content[NODE_ROWS] = ConfigRecord({"text": list(rows["text"]), "language": list(rows["language"])})
     return Message(content, dst_node_id=node_id, message_type=TRAIN, ttl=ttl)
+
+
+def node_rows(message: Message) -> Optional[dict[str, list[str]]]:
+    """The training rows the hub sent with a train message, or None when it sent none."""
+    if NODE_ROWS not in message.content:
+        return None
+    record = message.content[NODE_ROWS]
+    return {"text": list(record["text"]), "language": list(record["language"])}
 
 
 def parse_train_instruction(message: Message) -> TrainInstruction:
@@ -107,37 +167,146 @@ def parse_train_instruction(message: Message) -> TrainInstruction:
 def train_reply(
     message: Message, instruction: TrainInstruction, adapter: ArrayRecord, metrics: Mapping[str, float]
 ) -> Message:
-    config = ConfigRecord(
+    record = MetricRecord({k: float(v) for k, v in metrics.items()})
+    content = RecordDict({"arrays": adapter, "metrics": record, "config": _claims(instruction, OK)})
+    return Message(content, reply_to=message)
+
+
+def status_reply(message: Message, instruction: TrainInstruction, status: str, detail: str = "") -> Message:
+    """A lease the node cannot train: ``no-data`` (none of the leased languages) or ``missing-base``."""
+    if status not in STATUSES or status == OK:
+        raise ValueError(f"`status` is {status!r}; allowed: {NO_DATA!r}, {MISSING_BASE!r}")
+    config = _claims(instruction, status)
+    config["detail"] = detail[:MAX_DETAIL_CHARS]
+    return Message(RecordDict({"config": config}), reply_to=message)
+
+
+def _claims(instruction: TrainInstruction, status: str) -> ConfigRecord:
+    return ConfigRecord(
         {
             "lease-token": instruction.token,
             "adapter": instruction.adapter,
             "base-version": instruction.base_version,
+            "status": status,
         }
     )
-    record = MetricRecord({k: float(v) for k, v in metrics.items()})
-    return Message(RecordDict({"arrays": adapter, "metrics": record, "config": config}), reply_to=message)
 
 
 def parse_train_reply(message: Message) -> TrainReply:
-    """Read a reply's envelope; a reply missing any part is an invalid adapter push."""
-    try:
-        config = message.content["config"]
-        arrays = message.content["arrays"]
-        metrics = message.content.get("metrics", MetricRecord({}))
-        return TrainReply(
-            token=int(config["lease-token"]),
-            adapter=str(config["adapter"]),
-            base_version=int(config["base-version"]),
-            arrays=arrays,
-            metrics={k: float(v) for k, v in metrics.items() if isinstance(v, (int, float))},
-        )
-    except (KeyError, TypeError, ValueError) as err:
-        raise InvalidAdapter(f"malformed train reply: missing or mistyped {err}") from err
+    """Read a reply's claims, status, adapter and metrics; a malformed one raises ``InvalidReply``."""
+    config = _config(message, "train reply")
+    token = _int(config, "lease-token", "train reply")
+    adapter = _text(config, "adapter", "train reply", 200)
+    base_version = _int(config, "base-version", "train reply")
+    status = config.get("status", OK)
+    if status not in STATUSES:
+        raise InvalidReply(f"train reply `status` is {_show(status)}; allowed: {', '.join(STATUSES)}")
+    arrays = message.content.get("arrays") if status == OK else None
+    if status == OK and not isinstance(arrays, ArrayRecord):
+        raise InvalidReply(f"train reply with status {OK!r} has no `arrays` record")
+    metrics = message.content.get("metrics") if status == OK else None
+    kept, dropped = parse_metrics(metrics if isinstance(metrics, MetricRecord) else MetricRecord({}))
+    detail = config.get("detail", "")
+    return TrainReply(
+        token=token,
+        adapter=adapter,
+        base_version=base_version,
+        status=status,
+        arrays=arrays,
+        metrics=kept,
+        dropped_metrics=dropped,
+        detail=detail[:MAX_DETAIL_CHARS] if isinstance(detail, str) else "",
+    )
+
+
+def parse_metrics(record: Mapping[str, Any]) -> tuple[dict[str, float], tuple[str, ...]]:
+    """Keep at most ``MAX_METRICS`` finite numbers under short plain keys (sorted by key); name the
+    rest. Dropped names are cut to ``MAX_METRIC_KEY_CHARS`` and listed at most ``MAX_METRICS`` times."""
+    kept: dict[str, float] = {}
+    dropped: list[str] = []
+    for key in sorted(record, key=str):
+        value = record[key]
+        number = isinstance(value, (int, float)) and not isinstance(value, bool)
+        good_key = isinstance(key, str) and len(key) <= MAX_METRIC_KEY_CHARS and METRIC_KEY.match(key)
+        if good_key and number and math.isfinite(value) and len(kept) < MAX_METRICS:
+            kept[key] = float(value)
+        else:
+            dropped.append(str(key)[:MAX_METRIC_KEY_CHARS])
+    if len(dropped) > MAX_METRICS:
+        dropped = dropped[:MAX_METRICS] + [f"...{len(dropped) - MAX_METRICS} more"]
+    return kept, tuple(dropped)
 
 
 def profile_reply(message: Message, profile: Mapping[str, Any]) -> Message:
-    """``profile`` holds ``languages`` (list), ``device``, ``data-bytes``, ``base-digests`` (list)."""
+    """``profile`` holds ``languages`` (list), ``device``, ``data-bytes``, ``base-digests`` (list), and
+    in simulation ``partition-id`` and ``num-partitions``."""
     return Message(RecordDict({"config": ConfigRecord(dict(profile))}), reply_to=message)
+
+
+def parse_profile_reply(message: Message) -> ProfileReply:
+    """Check a profile reply field by field; the first bad or missing field raises ``InvalidReply``."""
+    config = _config(message, "profile reply")
+    languages = _list(config, "languages", MAX_LANGUAGES)
+    for language in languages:
+        if not LANGUAGE_CODE.match(language):
+            raise InvalidReply(f"profile reply `languages` holds {_show(language)}, not a language code like 'hi' or 'pt-BR'")
+    digests = _list(config, "base-digests", MAX_BASE_DIGESTS)
+    for value in digests:
+        if not SHA256_HEX.match(value):
+            raise InvalidReply(f"profile reply `base-digests` holds {_show(value)}, not a sha256 hex digest")
+    partition = _int(config, "partition-id", "profile reply") if "partition-id" in config else None
+    partitions = _int(config, "num-partitions", "profile reply") if "num-partitions" in config else None
+    if partition is not None and partitions is not None and partition >= partitions:
+        raise InvalidReply(f"profile reply `partition-id` is {partition}; it must be below `num-partitions` {partitions}")
+    return ProfileReply(
+        languages=tuple(sorted(set(languages))),
+        device=_text(config, "device", "profile reply", MAX_DEVICE_CHARS),
+        data_bytes=_int(config, "data-bytes", "profile reply"),
+        base_digests=frozenset(digests),
+        partition_id=partition,
+        num_partitions=partitions,
+    )
+
+
+def _config(message: Message, what: str) -> ConfigRecord:
+    config = message.content.get("config") if "config" in message.content else None
+    if not isinstance(config, ConfigRecord):
+        raise InvalidReply(f"{what} has no `config` record")
+    return config
+
+
+def _show(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
+def _missing(config: ConfigRecord, key: str, what: str) -> Any:
+    if key not in config:
+        raise InvalidReply(f"{what} has no `{key}`")
+    return config[key]
+
+
+def _int(config: ConfigRecord, key: str, what: str) -> int:
+    value = _missing(config, key, what)
+    if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+        raise InvalidReply(f"{what} `{key}` is {_show(value)}; it must be a non-negative integer")
+    return value
+
+
+def _text(config: ConfigRecord, key: str, what: str, limit: int) -> str:
+    value = _missing(config, key, what)
+    if not isinstance(value, str) or not value or len(value) > limit:
+        raise InvalidReply(f"{what} `{key}` is {_show(value)}; it must be a string of 1 to {limit} characters")
+    return value
+
+
+def _list(config: ConfigRecord, key: str, limit: int) -> list[str]:
+    value = _missing(config, key, "profile reply")
+    if not isinstance(value, list) or not all(isinstance(item, str) for item in value):
+        raise InvalidReply(f"profile reply `{key}` is {_show(value)}; it must be a list of strings")
+    if len(value) > limit:
+        raise InvalidReply(f"profile reply `{key}` holds {len(value)} entries; at most {limit}")
+    return value
 
 
 # -- files as arrays ---------------------------------------------------------------------------

@@ -142,10 +142,11 @@ class LeastRecentPolicy(BasePolicy):
 
 
 class LanguageAffinityPolicy(BasePolicy):
-    """A node that declared languages gets an adapter sharing one of them first; else ``fallback``.
+    """A node that declared languages gets an adapter sharing one of them, or nothing.
 
-    Among matching adapters (or all of them, when none matches or the node declared none) the
-    ``fallback`` policy chooses. ``assign`` serves nodes with a match before the others, so a node
+    Among matching adapters (or all of them, when the node declared no language) the ``fallback``
+    policy chooses. A node that declared languages is never offered a foreign adapter: it has no
+    data to train it on. ``assign`` serves nodes with languages before the others, so a node
     without languages never takes the only adapter a language node could use.
     """
 
@@ -155,11 +156,15 @@ class LanguageAffinityPolicy(BasePolicy):
     def choose(self, node: NodeProfile, free_adapters: Sequence[AdapterInfo]) -> Optional[AdapterInfo]:
         if _is_pool(free_adapters, whole=True):
             pool = free_adapters.pool
-            if node.languages and pool.has_language(node.languages):
+            if not node.languages:
+                return self.fallback.choose(node, free_adapters)
+            if pool.has_language(node.languages):
                 return self.fallback.choose(node, pool.free(node.languages))
+            return None
+        if not node.languages:
             return self.fallback.choose(node, free_adapters)
         matching = _matching(node, free_adapters)
-        return self.fallback.choose(node, matching or free_adapters)
+        return self.fallback.choose(node, matching) if matching else None
 
     def assign(
         self, free_nodes: Sequence[NodeProfile], free_adapters: Sequence[AdapterInfo]
@@ -174,8 +179,8 @@ class LanguageAffinityPolicy(BasePolicy):
             if pick is not None:
                 chosen[index] = pick
                 remaining.remove(pick)
-        for index, node in enumerate(free_nodes):  # pass 2: everyone left, from what is left
-            if index in chosen or not remaining:
+        for index, node in enumerate(free_nodes):  # pass 2: nodes without languages, from what is left
+            if index in chosen or node.languages or not remaining:
                 continue
             pick = self.fallback.choose(node, remaining)
             if pick is not None:
@@ -198,7 +203,7 @@ class LanguageAffinityPolicy(BasePolicy):
         taken = [pool.take(info.name) for info in first.values() if info is not None]
         try:
             later = _assign_on_pool(
-                free, [(n, self.fallback.choose) for i, n in enumerate(free_nodes) if first[i] is None]
+                free, [(n, self.fallback.choose) for i, n in enumerate(free_nodes) if first[i] is None and not n.languages]
             )
         finally:
             for info in taken:
@@ -207,7 +212,7 @@ class LanguageAffinityPolicy(BasePolicy):
         pairs = []
         for index, node in enumerate(free_nodes):
             pick = first[index]
-            if pick is None:
+            if pick is None and not node.languages:
                 _, pick = next(late, (None, None))
             if pick is not None:
                 pairs.append((node, pick))

@@ -12,12 +12,13 @@ again answers "message unavailable" (code 3).
 
 from __future__ import annotations
 
-import hashlib
 import logging
+import sys
 import time
-from collections.abc import Callable, Iterable
+from collections import deque
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import Any, Optional
 
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
 from flwr.common.constant import ErrorCode
@@ -25,21 +26,38 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
 from fedem_flwr.config import RelayConfig
-from fedem_flwr.errors import InvalidAdapter
+from fedem_flwr.errors import HubFault, InvalidAdapter, is_hub_fault, one_line
 from fedem_flwr.model.adapter_spec import AdapterSpec, load_adapter_file
 from fedem_flwr.relay import messages
 from fedem_flwr.relay.coordinator import Assignment, PushOutcome, RelayCoordinator
+from fedem_flwr.relay.leases import Lease
+from fedem_flwr.relay.nodes import NodeState, NodeTable
 from fedem_flwr.relay.policies import NodeProfile
 from fedem_flwr.wire import adapter_to_arrays, arrays_to_adapter
 
 log = logging.getLogger(__name__)
 
 PROFILE_TTL_S = 120.0
+HISTORY_LIMIT = 1000
+
+TrainingRows = Callable[[int, int], Any]
+"""``(partition_id, num_partitions) -> rows`` (``text`` and ``language`` columns) of a simulated node."""
+
+
+def is_simulation_grid(grid: Grid) -> bool:
+    """Flower's simulation runtime hands the ServerApp an ``InMemoryGrid``; a SuperLink an HTTP one.
+    A test Grid says which it stands for with its own ``simulation`` flag."""
+    flag = getattr(grid, "simulation", None)
+    if isinstance(flag, bool):
+        return flag
+    # Not imported unless the simulation runtime made one (the import costs about half a second).
+    module = sys.modules.get("flwr.superlink.grid.inmemory_grid")
+    return module is not None and isinstance(grid, module.InMemoryGrid)
 
 
 @dataclass
 class RelayResult:
-    """What a relay run did; ``history`` holds every push outcome in arrival order."""
+    """What a relay run did: counters, and the last ``HISTORY_LIMIT`` push outcomes in arrival order."""
 
     accepted: int = 0
     rejected: int = 0
@@ -47,7 +65,16 @@ class RelayResult:
     failures: int = 0
     seconds: float = 0.0
     stopped_by: str = ""
-    history: list[PushOutcome] = field(default_factory=list)
+    history: deque[PushOutcome] = field(default_factory=lambda: deque(maxlen=HISTORY_LIMIT))
+
+    def record(self, outcome: Optional[PushOutcome]) -> None:
+        if outcome is None:
+            return
+        self.history.append(outcome)
+        if outcome.accepted:
+            self.accepted += 1
+        else:
+            self.rejected += 1
 
 
 @dataclass
@@ -56,16 +83,6 @@ class _Pending:
     node_id: int
     assignment: Optional[Assignment] = None
     sent_base: bool = False
-
-
-@dataclass
-class _Node:
-    node_id: int
-    identity: str = ""
-    profile: Optional[NodeProfile] = None
-    digests: set[str] = field(default_factory=set)
-    busy: bool = False
-    retry_at: float = 0.0
 
 
 class RelayStrategy(Strategy):
@@ -80,6 +97,7 @@ class RelayStrategy(Strategy):
         max_steps: int,
         clock: Callable[[], float] = time.time,
         sleep: Callable[[float], None] = time.sleep,
+        training_rows: Optional[TrainingRows] = None,
     ) -> None:
         self.coordinator = coordinator
         self.relay = relay
@@ -87,8 +105,11 @@ class RelayStrategy(Strategy):
         self.max_steps = max_steps
         self.clock = clock
         self.sleep = sleep
-        self.nodes: dict[int, _Node] = {}
+        self.nodes = NodeTable(relay.backoff_s, relay.backoff_max_s)
         self.pending: dict[str, _Pending] = {}
+        self.training_rows = training_rows
+        self.simulation = False  # set from the Grid in ``start``
+        self._rows: dict[tuple[int, int], dict[str, list[str]]] = {}
 
     # -- Flower's round API: the relay has no rounds ------------------------------------------------
     # ``Strategy`` declares these abstract; the relay's work happens in ``start``, message by message.
@@ -122,8 +143,22 @@ class RelayStrategy(Strategy):
     def start(self, grid: Grid, *args: object, **kwargs: object) -> RelayResult:  # type: ignore[override]
         log.info("Starting %s:", type(self).__name__)
         self.summary()
-        self.coordinator.recover()
+        self.simulation = is_simulation_grid(grid)
         result = RelayResult()
+        try:
+            self._run(grid, result)
+        except Exception as err:
+            if is_hub_fault(err) and not isinstance(err, HubFault):
+                raise HubFault(f"the hub cannot go on: {one_line(err)}") from err
+            raise
+        log.info(
+            "Relay stopped (%s) after %.1f s: %d accepted, %d rejected, %d leases",
+            result.stopped_by, result.seconds, result.accepted, result.rejected, result.leases,
+        )
+        return result
+
+    def _run(self, grid: Grid, result: RelayResult) -> None:
+        self.coordinator.recover()
         started = self.clock()
         last_seen_node = started
         while True:
@@ -132,9 +167,11 @@ class RelayStrategy(Strategy):
             live = self._refresh_nodes(grid)
             if live:
                 last_seen_node = now
-            assignments = self.coordinator.assign(self._free_profiles())
+            free = self._free_nodes(now)
+            assignments = self.coordinator.assign([node.profile for node in free.values()])
             result.leases += len(assignments)
-            self._push(grid, self._profile_queries(now) + [self._train_message(a) for a in assignments])
+            trains = [self._train_message(a, free[a.lease.holder]) for a in assignments]
+            self._push(grid, self._profile_queries(now) + [t for t in trains if t is not None])
             self._pull(grid, result)
 
             stop = self._stop_reason(result, now - started, 0.0 if live else now - last_seen_node)
@@ -145,11 +182,6 @@ class RelayStrategy(Strategy):
         self._drain(grid, result)
         self._abandon_pending()
         result.seconds = self.clock() - started
-        log.info(
-            "Relay stopped (%s) after %.1f s: %d accepted, %d rejected, %d leases",
-            result.stopped_by, result.seconds, result.accepted, result.rejected, result.leases,
-        )
-        return result
 
     def _stop_reason(self, result: RelayResult, elapsed: float, without_nodes: float) -> str:
         if self.relay.max_accepted is not None and result.accepted >= self.relay.max_accepted:
@@ -180,31 +212,32 @@ class RelayStrategy(Strategy):
 
     def _refresh_nodes(self, grid: Grid) -> list[int]:
         """Track the live nodes; the node list can be empty for a moment right after start."""
-        infos = {info.node_id: info for info in grid.get_nodes()}
-        for node_id, info in infos.items():
-            if node_id not in self.nodes:
-                key = getattr(info, "public_key", b"")
-                identity = f"pk:{hashlib.sha256(key).hexdigest()}" if key else f"node:{node_id}"
-                self.nodes[node_id] = _Node(node_id, identity)
-        for node_id in list(self.nodes):
-            if node_id not in infos and not self.nodes[node_id].busy:
-                del self.nodes[node_id]
-        return list(infos)
+        live = {info.node_id: bytes(getattr(info, "public_key", b"")) for info in grid.get_nodes()}
+        self.nodes.refresh(live)
+        return list(live)
 
     def _profile_queries(self, now: float) -> list[tuple[Message, _Pending]]:
-        queries = []
         ttl = max(PROFILE_TTL_S, self.relay.no_node_grace_s)
-        for node in self.nodes.values():
-            if node.profile is None and not node.busy and now >= node.retry_at:
-                node.busy = True
-                queries.append((messages.profile_message(node.node_id, ttl=ttl), _Pending("profile", node.node_id)))
+        queries = []
+        for node in self.nodes.to_profile(now):
+            node.busy = True
+            queries.append((messages.profile_message(node.node_id, ttl=ttl), _Pending("profile", node.node_id)))
         return queries
 
-    def _free_profiles(self) -> list[NodeProfile]:
-        return [n.profile for n in self.nodes.values() if n.profile is not None and not n.busy]
+    def _free_nodes(self, now: float) -> dict[str, NodeState]:
+        def refused(node: NodeState, owner: int) -> None:
+            log.warning(
+                "Node %d is %s, as live node %d is: it gets no lease while that node is here",
+                node.node_id, self.coordinator.registry.pseudonym(node.identity), owner,
+            )
 
-    def _node_by_identity(self, identity: str) -> Optional[_Node]:
-        return next((n for n in self.nodes.values() if n.identity == identity), None)
+        return self.nodes.free(now, refused)
+
+    def _back_off(self, node: Optional[NodeState], why: str) -> None:
+        """The node failed: no lease (nor profile query) before an exponential, bounded wait."""
+        if node is not None:
+            delay = self.nodes.back_off(node, self.clock())
+            log.warning("Node %d backs off %.0f s after %d failure(s): %s", node.node_id, delay, node.failures, why)
 
     # -- messages ---------------------------------------------------------------------------------
 
@@ -216,11 +249,19 @@ class RelayStrategy(Strategy):
         for message_id, (_, pending) in zip(ids, batch):
             self.pending[message_id] = pending
 
-    def _train_message(self, assignment: Assignment) -> tuple[Message, _Pending]:
-        """The train message of a new lease; the base files go along when the node lacks them."""
-        node = self._node_by_identity(assignment.lease.holder)
-        assert node is not None, assignment.lease.holder
-        node.busy = True
+    def _train_message(self, assignment: Assignment, node: NodeState) -> Optional[tuple[Message, _Pending]]:
+        """The train message of a new lease; the base files go along when the node lacks them, and in
+        simulation the node's training rows. A failure to build it ends the lease (hub faults stop)."""
+        try:
+            return self._build_train_message(assignment, node)
+        except Exception as err:
+            if is_hub_fault(err):
+                raise
+            log.exception("Could not build the train message of lease %d", assignment.lease.token)
+            self.coordinator.fail(assignment.lease.token, f"hub-error: {one_line(err)}")
+            return None
+
+    def _build_train_message(self, assignment: Assignment, node: NodeState) -> tuple[Message, _Pending]:
         lease = assignment.lease
         ttl = lease.remaining(self.clock())
         instruction = messages.TrainInstruction(
@@ -238,9 +279,22 @@ class RelayStrategy(Strategy):
         send_base = assignment.base_ref.digest not in node.digests
         base_folder = self.coordinator.store.get(assignment.base_ref) if send_base else None
         message = messages.train_message(
-            node.node_id, instruction, adapter_to_arrays(state), ttl=ttl, base_folder=base_folder
+            node.node_id, instruction, adapter_to_arrays(state), ttl=ttl, base_folder=base_folder,
+            rows=self._node_rows(node),
         )
+        node.busy = True
+        # The node caches what it is sent; were it lost, its typed reply says so and it is sent again.
+        node.digests.add(assignment.base_ref.digest)
         return message, _Pending("train", node.node_id, assignment, send_base)
+
+    def _node_rows(self, node: NodeState) -> Optional[dict[str, list[str]]]:
+        """A simulated node's training rows, from the hub (it cannot tell which rows are held out)."""
+        if not self.simulation or self.training_rows is None or node.partition is None:
+            return None
+        if node.partition not in self._rows:
+            rows = self.training_rows(*node.partition)
+            self._rows[node.partition] = {"text": list(rows["text"]), "language": list(rows["language"])}
+        return self._rows[node.partition]
 
     def _pull(self, grid: Grid, result: RelayResult) -> None:
         if not self.pending:
@@ -252,29 +306,42 @@ class RelayStrategy(Strategy):
             node = self.nodes.get(pending.node_id)
             if node is not None:
                 node.busy = False
-            if pending.kind == "profile":
-                self._on_profile(reply, node)
-            else:
-                self._on_train_reply(reply, pending, node, result)
+            try:
+                if pending.kind == "profile":
+                    self._on_profile(reply, node)
+                else:
+                    self._on_train_reply(reply, pending, node, result)
+            except Exception as err:
+                if is_hub_fault(err):
+                    raise
+                self._contain(err, pending, node, result)
 
-    def _on_profile(self, reply: Message, node: Optional[_Node]) -> None:
+    def _contain(self, err: Exception, pending: _Pending, node: Optional[NodeState], result: RelayResult) -> None:
+        """An unexpected error while handling one reply: log it, end that lease with the reason, go on."""
+        log.exception("Handling a %s reply from node %d failed; the relay goes on", pending.kind, pending.node_id)
+        self._back_off(node, one_line(err))
+        if pending.assignment is not None:
+            result.record(self.coordinator.reject_lease(pending.assignment.lease.token, f"hub-error: {one_line(err)}"))
+
+    def _on_profile(self, reply: Message, node: Optional[NodeState]) -> None:
         if node is None:
             return
         if reply.has_error():
-            log.warning("Node %d did not answer its profile query (%s)", node.node_id, reply.error.reason)
-            node.retry_at = self.clock() + self.relay.poll_interval_s * 10
+            self._back_off(node, f"no answer to its profile query (code {reply.error.code})")
             return
-        config = reply.content["config"]
-        partition = config.get("partition-id")
-        if partition is not None:
+        try:
+            parsed = messages.parse_profile_reply(reply)
+        except messages.InvalidReply as err:
+            self._back_off(node, f"malformed profile: {err}")
+            return
+        if self.simulation and parsed.partition_id is not None:
             # Simulated nodes get a new random id and key every run; their partition is stable.
-            node.identity = f"sim:{int(partition)}"
-        node.digests = set(config.get("base-digests", []))
+            node.identity = f"sim:{parsed.partition_id}"
+            if parsed.num_partitions is not None:
+                node.partition = (parsed.partition_id, parsed.num_partitions)
+        node.digests = set(parsed.base_digests)
         node.profile = NodeProfile(
-            node=node.identity,
-            languages=tuple(config.get("languages", [])),
-            device=str(config.get("device", "cpu")),
-            data_size=int(config.get("data-bytes", 0)),
+            node=node.identity, languages=parsed.languages, device=parsed.device, data_size=parsed.data_bytes
         )
         log.info(
             "Node %s: languages %s, %s, %.0f KB of text",
@@ -282,46 +349,89 @@ class RelayStrategy(Strategy):
             node.profile.device, node.profile.data_size / 1000,
         )
 
-    def _on_train_reply(self, reply: Message, pending: _Pending, node: Optional[_Node], result: RelayResult) -> None:
-        lease = pending.assignment.lease
+    def _on_train_reply(self, reply: Message, pending: _Pending, node: Optional[NodeState], result: RelayResult) -> None:
+        """Judge a reply against the hub's own lease for the message it answers, never its claims."""
+        assignment = pending.assignment
+        lease = assignment.lease
         if reply.has_error():
-            code = reply.error.code
-            result.failures += 1
-            if code == ErrorCode.NODE_UNAVAILABLE:
-                self.coordinator.node_gone(lease.holder)
-                if node is not None:
-                    self.nodes.pop(node.node_id, None)
-            else:
-                reason = {
-                    ErrorCode.MESSAGE_UNAVAILABLE: "message-expired",
-                    ErrorCode.REPLY_MESSAGE_UNAVAILABLE: "reply-after-ttl",
-                }.get(code, f"client-error: {reply.error.reason}")
-                self.coordinator.fail(lease.token, reason)
-                if node is not None:  # its cache may have lost the base: send it with the next lease
-                    node.digests.discard(pending.assignment.base_ref.digest)
+            self._on_train_error(reply, lease.token, node, result)
             return
-        if pending.sent_base and node is not None:
-            node.digests.add(pending.assignment.base_ref.digest)
         try:
             parsed = messages.parse_train_reply(reply)
+        except messages.InvalidReply as err:
+            self._back_off(node, str(err))
+            result.record(self._push_outcome(lease, None, f"malformed train reply: {err}"))
+            return
+        mismatch = claim_mismatch(parsed, lease)
+        if mismatch:
+            self._back_off(node, mismatch)
+            result.record(self.coordinator.reject_lease(lease.token, mismatch, metrics=parsed.metrics))
+            return
+        if parsed.status == messages.NO_DATA:
+            self.coordinator.fail(lease.token, messages.NO_DATA)  # no contribution, no backoff
+            return
+        if parsed.status == messages.MISSING_BASE:
+            if node is not None:
+                node.digests.discard(assignment.base_ref.digest)  # the next lease carries the base
+                if pending.sent_base:  # it was just sent: the node fails to keep it
+                    self._back_off(node, "lost the base it was sent")
+            self.coordinator.fail(lease.token, messages.MISSING_BASE)
+            return
+        state, invalid = None, None
+        try:
+            state = arrays_to_adapter(parsed.arrays, self.spec)
         except InvalidAdapter as err:
-            outcome = self.coordinator.receive_push(
-                holder=lease.holder, token=lease.token, adapter=lease.adapter,
-                base_version=lease.base_version, state=None, invalid_reason=str(err),
-            )
-        else:
-            state, invalid = None, None
-            try:
-                state = arrays_to_adapter(parsed.arrays, self.spec)
-            except InvalidAdapter as err:
-                invalid = str(err)
-            holder = node.identity if node is not None else f"node:{reply.metadata.src_node_id}"
-            outcome = self.coordinator.receive_push(
-                holder=holder, token=parsed.token, adapter=parsed.adapter, base_version=parsed.base_version,
-                state=state, invalid_reason=invalid, metrics=parsed.metrics,
-            )
-        result.history.append(outcome)
-        if outcome.accepted:
-            result.accepted += 1
-        else:
-            result.rejected += 1
+            invalid = str(err)
+        outcome = self._push_outcome(lease, state, invalid, parsed)
+        result.record(outcome)
+        if invalid is not None:
+            self._back_off(node, f"invalid adapter: {invalid}")
+        elif outcome.reason.startswith("expired") and node is not None:
+            node.profile = None  # its lease ended without a timely reply: ask it afresh
+        elif node is not None:
+            self.nodes.succeeded(node)
+
+    def _push_outcome(
+        self, lease: Lease, state: Optional[Mapping[str, Any]], invalid: Optional[str],
+        parsed: Optional[messages.TrainReply] = None,
+    ) -> PushOutcome:
+        """Hand the push to the coordinator with the lease's own holder, token, adapter and base."""
+        return self.coordinator.receive_push(
+            holder=lease.holder, token=lease.token, adapter=lease.adapter, base_version=lease.base_version,
+            state=state, invalid_reason=invalid,
+            metrics=parsed.metrics if parsed is not None else None,
+            dropped_metrics=parsed.dropped_metrics if parsed is not None else (),
+        )
+
+    def _on_train_error(self, reply: Message, token: int, node: Optional[NodeState], result: RelayResult) -> None:
+        """An error reply from the SuperLink: the lease ends. A node that never answered must answer a
+        fresh profile query before its next lease; a node whose ClientApp failed backs off."""
+        code = reply.error.code
+        result.failures += 1
+        if code == ErrorCode.NODE_UNAVAILABLE:
+            self.coordinator.fail(token, "node-gone")
+            if node is not None:
+                self.nodes.drop(node.node_id)
+            return
+        silent = {ErrorCode.MESSAGE_UNAVAILABLE: "message-expired", ErrorCode.REPLY_MESSAGE_UNAVAILABLE: "reply-after-ttl"}
+        if code in silent:
+            self.coordinator.fail(token, silent[code])
+            if node is not None:
+                node.profile = None
+            return
+        lines = str(reply.error.reason).strip().splitlines() or [""]
+        reason = f"client-error: {lines[-1][:200]}"
+        self.coordinator.fail(token, reason)
+        self._back_off(node, reason)
+
+
+def claim_mismatch(reply: messages.TrainReply, lease: Lease) -> str:
+    """What a reply claims (token, adapter, base version) against the lease of the message it
+    answers: the first difference as a reason, or "" when they agree."""
+    if reply.token != lease.token:
+        return f"claim-mismatch: token {reply.token} claimed, lease {lease.token}"
+    if reply.adapter != lease.adapter:
+        return f"claim-mismatch: adapter {reply.adapter!r} claimed, lease {lease.token} is on {lease.adapter!r}"
+    if reply.base_version != lease.base_version:
+        return f"claim-mismatch: base version {reply.base_version} claimed, lease {lease.token} is on {lease.base_version}"
+    return ""

@@ -2,7 +2,9 @@
 
 It keeps the properties of a real SuperLink that the relay relies on: a node runs one message at a
 time, a message past its TTL is answered by an error reply (code 3) from node 1, a node that is
-gone answers code 5, a ClientApp exception answers code 2, and a pulled reply is consumed.
+gone answers code 5, a ClientApp exception answers code 2, and a pulled reply is consumed. Its
+``simulation`` flag says which runtime it stands for: Flower's simulation (identity from
+``partition-id``) or a SuperLink (identity from each node's ``public_keys`` entry, else its id).
 Building a ``Message`` outside a Flower runtime needs ``TaskIdentity`` set (a private Flower API).
 """
 
@@ -17,6 +19,7 @@ from dataclasses import dataclass, field
 from flwr.app import Context, Error, Message, RecordDict
 from flwr.clientapp import ClientApp
 from flwr.common.constant import ErrorCode
+from flwr.proto.node_pb2 import NodeInfo  # pylint: disable=E0611
 from flwr.supercore.run import Run
 from flwr.serverapp import Grid
 from flwr.supercore.task_identity import TaskIdentity
@@ -46,6 +49,8 @@ class InProcessGrid(Grid):
         run_id: int = 7,
         clock: Callable[[], float] = time.time,
         latency: Mapping[int, int] | None = None,
+        simulation: bool = True,
+        public_keys: Mapping[int, bytes] | None = None,
     ) -> None:
         TaskIdentity.run_id = run_id
         TaskIdentity.node_id = SUPERLINK_NODE_ID
@@ -54,6 +59,8 @@ class InProcessGrid(Grid):
         latency = latency or {}
         self.nodes = {nid: FakeNode(nid, dict(cfg), latency=latency.get(nid, 0)) for nid, cfg in node_configs.items()}
         self.run_config = dict(run_config)
+        self.simulation = simulation
+        self.public_keys = dict(public_keys or {})
         self.run_id = run_id
         self.clock = clock
         self.queue: dict[str, Message] = {}
@@ -74,6 +81,9 @@ class InProcessGrid(Grid):
 
     def get_node_ids(self) -> Iterable[int]:
         return [nid for nid, node in self.nodes.items() if node.alive]
+
+    def get_nodes(self) -> Iterable[NodeInfo]:
+        return [NodeInfo(node_id=nid, public_key=self.public_keys.get(nid, b"")) for nid in self.get_node_ids()]
 
     def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
         ids = []
