@@ -34,7 +34,8 @@ def main(hub_dir: str, max_accepted: str, overrides: str = "") -> None:
     hub = open_hub(cfg, hub_path)
     grid = InProcessGrid(client_app, {100: {"partition-id": 0, "num-partitions": 1,
                                             "cache-dir": str(hub_path.parent / "node-cache")}}, run_config)
-    result = RelayStrategy(hub.coordinator, cfg.relay, hub.workbench.spec, max_steps=cfg.train.max_steps).start(grid)
+    result = RelayStrategy(hub.coordinator, cfg.relay, hub.workbench.spec, max_steps=cfg.train.max_steps,
+                           training_rows=hub.training_rows).start(grid)
     print(json.dumps({"accepted": result.accepted, "rejected": result.rejected, "stopped_by": result.stopped_by}))
 
 

@@ -4,13 +4,15 @@ Blocks follow nanoGPT: documents are tokenized, each followed by ``eos``, concat
 rows of ``block_size``; only the last row is padded, and ``labels_for`` sets its padding to -100 so
 padding never counts in a loss.
 
-The held-out split is decided row by row: a row is held out when a keyed hash
-HMAC-SHA256(key, language, text) falls below ``fraction``. The key derives from the hub's secret, so
+The held-out split is decided per language by a keyed lottery: each row draws a ticket,
+HMAC-SHA256(key, language, text), and rows are held out in ticket order until their text reaches
+``fraction`` of the language's text. The share held out is thus the same whatever the key (a small
+language keeps its held-out data on every hub); only which rows make it up depends on the key. The key derives from the hub's secret, so
 only the hub can tell which rows it holds out: a node that holds the whole corpus cannot rebuild the
 held-out set and train on it. The hub hands each simulated node its training rows instead (its
-partition minus ``HeldoutSplit.withheld``, see :func:`without`). A row's fate depends on nothing but
-itself and the key, so any row order gives the same split, and exact duplicates share one fate (a
-duplicated conversation never sits on both sides). A language whose held-out rows give fewer than
+partition minus ``HeldoutSplit.withheld``, see :func:`without`). Tickets depend on nothing but the
+row and the key, so any row order gives the same split, and exact duplicates share one ticket and
+one fate (a duplicated conversation never sits on both sides). A language whose held-out rows give fewer than
 ``min_blocks`` full blocks is training-only: its held-out rows go back to training and it gets no
 held-out entry, unless it is named in ``heldout_languages``, whose held-out rows are withheld from
 training whatever their size.
@@ -92,12 +94,11 @@ def heldout_split(
     _check_key(key)
     withheld_languages = set(heldout_languages or ())
     _, pad = special_ids(tokenizer)
-    held: dict[str, list[tuple[float, str, int]]] = {}
+    tickets: dict[str, list[tuple[float, str, int]]] = {}
     texts, langs = column(ds, TEXT), column(ds, LANGUAGE)
     for index, (text, lang) in enumerate(zip(texts, langs)):
-        ticket = row_key(key, lang, text)
-        if ticket < fraction:
-            held.setdefault(lang, []).append((ticket, text, index))
+        tickets.setdefault(lang, []).append((row_key(key, lang, text), text, index))
+    held = {lang: _draw(rows, fraction) for lang, rows in tickets.items()}
 
     heldout: dict[str, torch.Tensor] = {}
     dropped: set[int] = set()
@@ -117,6 +118,20 @@ def heldout_split(
     train = ds.select([i for i in range(len(ds)) if i not in dropped]) if dropped else ds
     withheld = frozenset((langs[i], texts[i]) for i in dropped)
     return HeldoutSplit(train, heldout, withheld)
+
+
+def _draw(rows: list[tuple[float, str, int]], fraction: float) -> list[tuple[float, str, int]]:
+    """Rows in ticket order until their text reaches ``fraction`` of the language's (in UTF-8 bytes);
+    rows sharing the last ticket (exact duplicates) go along with it."""
+    ordered = sorted(rows)
+    target = fraction * sum(len(text.encode("utf-8")) for _, text, _ in ordered)
+    taken, size = 0, 0
+    while taken < len(ordered) and size < target:
+        size += len(ordered[taken][1].encode("utf-8"))
+        taken += 1
+    while 0 < taken < len(ordered) and ordered[taken][0] == ordered[taken - 1][0]:
+        taken += 1
+    return ordered[:taken]
 
 
 def without(ds: datasets.Dataset, withheld: Collection[tuple[str, str]]) -> datasets.Dataset:
