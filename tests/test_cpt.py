@@ -112,18 +112,32 @@ def test_a_slice_starts_no_step_that_would_end_after_its_budget(tokenizer, block
     clock = FakeClock(0.0)
     cpt = pretrainer(tokenizer, blocks, tmp_path / "cpt")
     cpt.model.register_forward_pre_hook(lambda module, args: clock.sleep(0.3))
-    # Execute: a fresh pretrainer measured nothing, then slices of 1.0 s.
+    # Execute: a fresh pretrainer measured nothing, then slices of 1.0 s and 0.2 s.
     first = cpt.run_slice(0.1, clock)
     second = cpt.run_slice(1.0, clock)
     third = cpt.run_slice(0.2, clock)
     # Assert: the first step is allowed unmeasured (and says so); then 3 steps of 0.3 s fit in 1.0 s
-    # and a 4th would end at 1.2 s; a budget below one step runs none.
-    assert (first.steps, first.first_step_unmeasured) == (1, True)
+    # and a 4th would end at 1.2 s; a budget below one measured step runs none.
+    assert (first.steps, first.probed) == (1, True)
     assert first.overshoot_s == pytest.approx(0.2)
-    assert (second.steps, second.stopped_by, second.first_step_unmeasured) == (3, "budget", False)
+    assert (second.steps, second.stopped_by, second.probed) == (3, "budget", False)
     assert second.seconds == pytest.approx(0.9) and second.overshoot_s == 0.0
     assert (third.steps, third.stopped_by) == (0, "step_too_long")
     assert cpt.step == 4
+
+
+def test_a_slow_first_step_does_not_stop_cpt_for_good(tokenizer, blocks, tmp_path):
+    # Prepare: the first step costs 2.0 s (a warm-up), every later one 0.3 s.
+    clock = FakeClock(0.0)
+    cpt = pretrainer(tokenizer, blocks, tmp_path / "cpt")
+    costs = iter([2.0])
+    cpt.model.register_forward_pre_hook(lambda module, args: clock.sleep(next(costs, 0.3)))
+    # Execute
+    results = [cpt.run_slice(1.0, clock) for _ in range(3)]
+    # Assert: after the warm-up, one probe step measures the steady time, then slices fill up again;
+    # no slice ever runs more than one step past its budget.
+    assert [(r.steps, r.probed) for r in results] == [(1, True), (3, True), (3, False)]
+    assert results[1].seconds == pytest.approx(0.9) and results[2].overshoot_s == 0.0
 
 
 def test_slices_stop_at_checkpoints_until_marked(tokenizer, blocks, tmp_path):

@@ -15,10 +15,14 @@ held-out blocks. Tensors, folders and numbers in and out; no Flower, no registry
 
 **Slices.** A slice runs whole optimizer steps and starts none that would end after its budget: before
 each step it adds the estimated step time (the longest of the last few measured steps) to the time
-spent so far. A pretrainer that has measured no step yet (a new object, e.g. after a restart) has no
-estimate, so its first step is always allowed and may overrun the budget by up to one step; the
-result says so (``first_step_unmeasured``). From then on a slice overruns only when a step is slower
-than every step in the window. A slice also stops after the step that reaches a multiple of
+spent so far. Two steps of a pretrainer's life run without such a bound, each at most one step past
+its slice's budget, and the result says so (``probed``): its first step (a new object, e.g. after a
+restart, has measured nothing), and, when that first step alone says no step fits the budget, one
+more step at the start of the next slice. The first step is often the slowest (allocations, lazy
+initialisation, kernel tuning), so it serves as the estimate only until a second step is measured;
+without the probe one slow first step would stop CPT for good. When measured steps are themselves
+longer than the budget, no slice runs a step (``step_too_long``, logged once). Otherwise a slice
+overruns only when a step is slower than every step in the window. A slice also stops after the step that reaches a multiple of
 ``cpt.checkpoint_every``, so checkpoints fall on exact steps. On CUDA each step ends with a device
 sync: without it the clock would stop before the GPU does and the bound would not hold.
 
@@ -77,7 +81,7 @@ class SliceResult:
     seconds: float
     budget_s: float
     stopped_by: str
-    first_step_unmeasured: bool  # a step ran with no measured step time to bound it (module doc)
+    probed: bool  # a step ran with no steady-state estimate to bound it (module doc)
 
     @property
     def overshoot_s(self) -> float:
@@ -120,7 +124,9 @@ class ContinuousPretrainer:
             self._rng_torch = torch.get_rng_state()
         self._rng_cuda: Optional[torch.Tensor] = None
         self._rng_python = random.Random(seed).getstate()
+        self._first_step_s: Optional[float] = None  # the first measured step: a warm-up, kept apart
         self._step_times: deque[float] = deque(maxlen=STEP_WINDOW)
+        self._warned_too_long = False
         self._broken = False
         self.info: dict[str, Any] = {}
         saved = read_state(self.state_dir)
@@ -146,7 +152,7 @@ class ContinuousPretrainer:
 
     def step_estimate(self) -> Optional[float]:
         """Seconds the next step is expected to take; None before any step was measured."""
-        return max(self._step_times) if self._step_times else None
+        return max(self._step_times) if self._step_times else self._first_step_s
 
     def checkpoint_due(self) -> bool:
         """Whether a multiple of ``cpt.checkpoint_every`` was reached since :meth:`mark_checkpoint`."""
@@ -179,7 +185,7 @@ class ContinuousPretrainer:
         params = list(self._params.values())
         losses: list[torch.Tensor] = []
         steps = tokens = 0
-        stopped_by, unmeasured = "budget", False
+        stopped_by, probed = "budget", False
         start = now = clock()
         was_training = self.model.training
         try:
@@ -190,14 +196,16 @@ class ContinuousPretrainer:
                         stopped_by = "max_steps"
                         break
                     estimate = self.step_estimate()
-                    if estimate is None:
-                        unmeasured = True
+                    if estimate is None or (steps == 0 and not self._step_times and estimate > seconds):
+                        probed = True  # nothing measured, or only the warm-up step: measure one (module doc)
                     elif now - start + estimate > seconds:
                         if steps == 0 and estimate > seconds:
                             stopped_by = "step_too_long"
-                            log.warning("a CPT step takes about %.2f s, more than `cpt.slice_s` (%.2f s): no "
-                                        "slice can run one; raise `cpt.slice_s` or lower `cpt.batch_size`.",
-                                        estimate, seconds)
+                            if not self._warned_too_long:
+                                self._warned_too_long = True
+                                log.warning("a CPT step takes about %.2f s, more than the slice's %.2f s: no "
+                                            "slice can run one; raise `cpt.slice_s` or lower `cpt.batch_size`.",
+                                            estimate, seconds)
                         break
                     lr = lr_at(self._schedule_step, self.cfg)
                     for group in self.optimizer.param_groups:
@@ -211,7 +219,10 @@ class ContinuousPretrainer:
                     loss_value = loss.item()
                     check_finite(loss_value, self._step, section="cpt")
                     previous, now = now, clock()
-                    self._step_times.append(now - previous)
+                    if self._first_step_s is None:
+                        self._first_step_s = now - previous
+                    else:
+                        self._step_times.append(now - previous)
                     self._step += 1
                     self._schedule_step += 1
                     self._epoch, self._position = cursor
@@ -230,7 +241,7 @@ class ContinuousPretrainer:
             self.model.train(was_training)
             self.optimizer.zero_grad(set_to_none=True)
         loss_mean = sum(losses) / len(losses) if losses else math.nan
-        return SliceResult(steps, tokens, loss_mean, now - start, seconds, stopped_by, unmeasured)
+        return SliceResult(steps, tokens, loss_mean, now - start, seconds, stopped_by, probed)
 
     def load_weights(self, state_dict: Mapping[str, torch.Tensor]) -> None:
         """Copy a new base's weights into the model in place; optimizer state, step, cursor and RNG stay."""
