@@ -107,6 +107,16 @@ def test_a_resumed_run_takes_the_same_batches_and_steps_as_an_uninterrupted_one(
     assert torch.equal(torch.get_rng_state(), caller_rng)
 
 
+def test_new_blocks_start_the_next_epoch_on_resume(tokenizer, blocks, tmp_path):
+    cpt = pretrainer(tokenizer, blocks, tmp_path / "cpt")
+    cpt.run_slice(60.0, max_steps=1)
+    cpt.save()
+    same = pretrainer(tokenizer, blocks, tmp_path / "cpt")
+    other = pretrainer(tokenizer, blocks[:8], tmp_path / "cpt")
+    assert cpt.cursor == same.cursor == (0, 4)
+    assert other.cursor == (1, 0) and other.step == 1
+
+
 def test_a_slice_starts_no_step_that_would_end_after_its_budget(tokenizer, blocks, tmp_path):
     # Prepare: every step costs 0.3 s of a fake clock (one forward a step: grad_accum is 1).
     clock = FakeClock(0.0)

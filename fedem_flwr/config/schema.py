@@ -198,7 +198,8 @@ class CptConfig:
         metadata={"help": "Glob patterns of parameter names to train (e.g. `backbone.layers.1.*`); empty = all."},
     )
     precision: str = field(
-        default="auto", metadata={"help": "`auto` (bf16 autocast on a GPU with native bf16, else fp32), `fp32`, `bf16`."}
+        default="auto",
+        metadata={"help": "`auto` (bf16 autocast on a GPU with native bf16, else fp32), `fp32`, `bf16`."},
     )
     device: str = field(default="auto", metadata={"help": "`auto`, `cpu`, `cuda`, `cuda:N` or `mps`."})
 

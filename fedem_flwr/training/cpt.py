@@ -15,16 +15,17 @@ held-out blocks. Tensors, folders and numbers in and out; no Flower, no registry
 
 **Slices.** A slice runs whole optimizer steps and starts none that would end after its budget: before
 each step it adds the estimated step time (the longest of the last few measured steps) to the time
-spent so far. Two steps of a pretrainer's life run without such a bound, each at most one step past
-its slice's budget, and the result says so (``probed``): its first step (a new object, e.g. after a
-restart, has measured nothing), and, when that first step alone says no step fits the budget, one
-more step at the start of the next slice. The first step is often the slowest (allocations, lazy
+spent so far. Two steps of a pretrainer's life run without such a bound, each at most one step past its
+slice's budget, and the result says so (``probed``): its first step (a new object, e.g. after a
+restart, has measured nothing), and, when that first step alone says no step fits the budget, one more
+step at the start of the next slice. The first step is often the slowest (allocations, lazy
 initialisation, kernel tuning), so it serves as the estimate only until a second step is measured;
 without the probe one slow first step would stop CPT for good. When measured steps are themselves
 longer than the budget, no slice runs a step (``step_too_long``, logged once). Otherwise a slice
-overruns only when a step is slower than every step in the window. A slice also stops after the step that reaches a multiple of
-``cpt.checkpoint_every``, so checkpoints fall on exact steps. On CUDA each step ends with a device
-sync: without it the clock would stop before the GPU does and the bound would not hold.
+overruns only when a step is slower than every step in the window. A slice also stops after the step
+that reaches a multiple of ``cpt.checkpoint_every``, so checkpoints fall on exact steps. On CUDA each
+step ends with a device sync: without it the clock would stop before the GPU does and the bound would
+not hold.
 
 **One run.** The global step, the tokens seen, the schedule position (warmup then cosine over
 ``cpt.max_steps``, then flat at the minimum), the AdamW moments and step of every trained parameter
@@ -36,7 +37,9 @@ the caller's global RNG as it was. When the blocks differ from those of the save
 the split changed) the cursor moves to the start of the next epoch.
 
 **Weights** are not part of the state: they are the published bases. :meth:`load_weights` copies a
-new base into the model in place, keeping the optimizer state, step, schedule, cursor and RNG.
+new base into the model in place, keeping the optimizer state, step, schedule, cursor and RNG. Save
+right after a checkpoint is published, so that the state and the newest base agree: a kill then
+loses at most the steps since (one checkpoint interval).
 
 After a :class:`TrainingError` (a non-finite loss) the weights and moments may hold NaN: the
 pretrainer refuses to run or save again; build a new one, which resumes from the last save.
@@ -90,7 +93,12 @@ class SliceResult:
 
 
 class ContinuousPretrainer:
-    """One CPT run over ``model`` and ``blocks`` ([n, block_size] token ids); see the module doc."""
+    """One CPT run over ``model`` and ``blocks`` ([n, block_size] token ids); see the module doc.
+
+    The model moves to the device (``device``, else ``cfg.device``) and its parameters outside
+    ``cfg.train_layers`` are frozen. ``seed`` seeds a new run (its data order and RNG); a run resumed
+    from ``state_dir`` keeps the seed it was saved with.
+    """
 
     def __init__(
         self,
@@ -151,7 +159,8 @@ class ContinuousPretrainer:
         return self._epoch, self._position
 
     def step_estimate(self) -> Optional[float]:
-        """Seconds the next step is expected to take; None before any step was measured."""
+        """Seconds the next step is expected to take: the longest of the last few, the first step only
+        until another is measured; None before any step was measured."""
         return max(self._step_times) if self._step_times else self._first_step_s
 
     def checkpoint_due(self) -> bool:
@@ -181,9 +190,8 @@ class ContinuousPretrainer:
             raise ValueError(f"seconds is {seconds!r}; a slice needs a budget > 0.")
         if self._broken:
             raise TrainingError("this CPT run failed earlier; build a new pretrainer to resume from the last save.")
-        effective = self.cfg.batch_size * self.cfg.grad_accum
         params = list(self._params.values())
-        losses: list[torch.Tensor] = []
+        losses: list[float] = []
         steps = tokens = 0
         stopped_by, probed = "budget", False
         start = now = clock()
@@ -249,7 +257,9 @@ class ContinuousPretrainer:
             with torch.no_grad():
                 self.model.load_state_dict(state_dict, strict=True)
         except RuntimeError as err:
-            raise TrainingError(f"the new base does not fit the CPT model (same keys and shapes needed): {err}") from err
+            raise TrainingError(
+                f"the new base does not fit the CPT model (same keys and shapes needed): {err}"
+            ) from err
 
     # -- persistence -----------------------------------------------------------------------------
     def save(self, info: Optional[Mapping[str, Any]] = None) -> int:

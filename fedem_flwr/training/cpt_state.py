@@ -83,7 +83,9 @@ def read_state(folder: Path) -> Optional[SavedState]:
         raise CptStateError(f"the CPT state record {str(path)!r} has format {found!r}; this version reads {FORMAT}.")
     name = record.get("tensors_file")
     if not isinstance(name, str) or "/" in name or not name.startswith(TENSORS_PREFIX):
-        raise CptStateError(f"the CPT state record {str(path)!r} has `tensors_file` {name!r}; expected {TENSORS_PREFIX}*.")
+        raise CptStateError(
+            f"the CPT state record {str(path)!r} has `tensors_file` {name!r}; expected {TENSORS_PREFIX}*."
+        )
     tensors_path = Path(folder) / name
     try:
         size, digest = tensors_path.stat().st_size, _sha256(tensors_path)
