@@ -8,10 +8,15 @@ A random-init base (``seshu-130m`` by default) pretrains on the demo corpus's bl
   process's peak resident set over the imported runtime (on CUDA: torch's peak allocation);
 - a checkpoint publication: ``save_base`` of the model to a folder (seconds, MB) and the CPT state's
   save (optimizer moments, cursor, RNG: seconds, MB), then a restart's load of that state;
-- the longest a reply would wait: the largest overshoot of a slice past its budget, against one step.
+- the longest a reply would wait: the longest slice, and the largest overshoot of a slice past its
+  budget, against one step; a checkpoint's publication (the two saves) blocks the relay as well.
 
-    python benchmarks/cpt.py                                  # seshu-130m on the CPU, 3 slices of 10 s
+On one CPU thread a step of seshu-130m takes seconds, so the defaults are one block of 64 tokens a
+step; a slice shorter than one step runs none (``step_too_long``).
+
+    python benchmarks/cpt.py                                  # seshu-130m on the CPU, 4 slices of 10 s
     python benchmarks/cpt.py --model seshu-tiny --slice-s 2   # quick
+    python benchmarks/cpt.py --device cuda --batch-size 8 --block-size 1024
     python benchmarks/cpt.py --save cpt.json                  # keep the numbers
     python benchmarks/cpt.py --baseline cpt.json              # compare; exit 1 on a regression
 """
@@ -33,6 +38,7 @@ METRICS = {
     "tokens_per_s": ("tok/s", True),
     "step_s_max": ("s", False),
     "peak_mb": ("MiB", False),
+    "max_slice_s": ("s", False),
     "first_slice_overshoot_s": ("s", False),
     "max_overshoot_s": ("s", False),
     "max_overshoot_steps": ("steps", False),
@@ -119,6 +125,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "tokens_per_s": tokens / seconds if seconds else 0.0,
         "step_s_max": step_max,
         "peak_mb": peak,
+        "max_slice_s": max(r.seconds for r in slices),
         "first_slice_overshoot_s": slices[0].overshoot_s,
         "max_overshoot_s": overshoot,
         "max_overshoot_steps": overshoot / step_max if step_max == step_max and step_max else 0.0,
@@ -170,10 +177,10 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser.add_argument("--model", default="seshu-130m", help="config name under conf/model")
     parser.add_argument("--device", default="cpu", help="cpu, cuda or auto")
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads")
-    parser.add_argument("--batch-size", type=int, default=2, help="blocks per optimizer step")
-    parser.add_argument("--block-size", type=int, default=128, help="tokens per block")
+    parser.add_argument("--batch-size", type=int, default=1, help="blocks per optimizer step")
+    parser.add_argument("--block-size", type=int, default=64, help="tokens per block")
     parser.add_argument("--slice-s", type=float, default=10.0, help="seconds per slice")
-    parser.add_argument("--slices", type=int, default=3, help="slices to run (the first is cold)")
+    parser.add_argument("--slices", type=int, default=4, help="slices to run (the first is cold)")
     parser.add_argument("--save", type=Path, help="write the results as JSON")
     parser.add_argument("--baseline", type=Path, help="compare with a saved JSON; exit 1 on a regression")
     parser.add_argument("--tolerance", type=float, default=0.3, help="allowed fraction worse than the baseline")
