@@ -22,7 +22,7 @@ from fedem_flwr.data import tokenize_blocks
 from fedem_flwr.errors import ConfigError, TrainingError
 from fedem_flwr.model import build_byte_tokenizer, build_model
 from fedem_flwr.training import cpt_state
-from fedem_flwr.training.cpt import ContinuousPretrainer
+from fedem_flwr.training.cpt import PROBE_EVERY, ContinuousPretrainer
 from fedem_flwr.training.cpt_state import CptStateError, read_state
 from relay_support import FakeClock
 
@@ -136,6 +136,23 @@ def test_a_slice_starts_no_step_that_would_end_after_its_budget(tokenizer, block
     assert cpt.step == 4
 
 
+def test_when_no_step_fits_a_probe_now_and_then_lets_cpt_recover(tokenizer, blocks, tmp_path):
+    # Prepare: steps of 0.3 s measured, then the machine gets faster (0.1 s a step).
+    clock = FakeClock(0.0)
+    cost = [0.3]
+    cpt = pretrainer(tokenizer, blocks, tmp_path / "cpt")
+    cpt.model.register_forward_pre_hook(lambda module, args: clock.sleep(cost[0]))
+    cpt.run_slice(1.0, clock)
+    cost[0] = 0.1
+    # Execute: slices of 0.25 s, in which no 0.3 s step fits.
+    results = [cpt.run_slice(0.25, clock) for _ in range(PROBE_EVERY + 2)]
+    # Assert: PROBE_EVERY slices run nothing, the next probes one step (0.1 s now), and from then on
+    # the window holds the new time: two steps fit in 0.25 s.
+    assert [r.steps for r in results] == [0] * PROBE_EVERY + [2, 2]
+    assert all(r.stopped_by == "step_too_long" for r in results[:PROBE_EVERY])
+    assert [r.probed for r in results[-2:]] == [True, False]
+
+
 def test_a_slow_first_step_does_not_stop_cpt_for_good(tokenizer, blocks, tmp_path):
     # Prepare: the first step costs 2.0 s (a warm-up), every later one 0.3 s.
     clock = FakeClock(0.0)
@@ -240,7 +257,7 @@ RUN_SCRIPT = textwrap.dedent("""
     from safetensors.torch import load_file
     from fedem_flwr.config.schema import CptConfig, ModelConfig
     from fedem_flwr.model import build_byte_tokenizer, build_model
-    from fedem_flwr.training.cpt import ContinuousPretrainer
+    from fedem_flwr.training.cpt import PROBE_EVERY, ContinuousPretrainer
 
     def say(event, cpt):
         print(json.dumps({"event": event, "step": cpt.step}), flush=True)

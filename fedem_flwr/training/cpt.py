@@ -15,17 +15,18 @@ held-out blocks. Tensors, folders and numbers in and out; no Flower, no registry
 
 **Slices.** A slice runs whole optimizer steps and starts none that would end after its budget: before
 each step it adds the estimated step time (the longest of the last few measured steps) to the time
-spent so far. Two steps of a pretrainer's life run without such a bound, each at most one step past its
-slice's budget, and the result says so (``probed``): its first step (a new object, e.g. after a
-restart, has measured nothing), and, when that first step alone says no step fits the budget, one more
-step at the start of the next slice. The first step is often the slowest (allocations, lazy
-initialisation, kernel tuning), so it serves as the estimate only until a second step is measured;
-without the probe one slow first step would stop CPT for good. When measured steps are themselves
-longer than the budget, no slice runs a step (``step_too_long``, logged once). Otherwise a slice
-overruns only when a step is slower than every step in the window. A slice also stops after the step
-that reaches a multiple of ``cpt.checkpoint_every``, so checkpoints fall on exact steps. On CUDA each
-step ends with a device sync: without it the clock would stop before the GPU does and the bound would
-not hold.
+spent so far, so a slice overruns only when a step is slower than every step in the window. The
+exceptions are *probes*, steps run without such a bound because the estimate cannot be trusted or
+cannot be met; each is one step, so a probing slice ends at most one step past its budget, and the
+result says so (``probed``). A pretrainer probes with its first step (a new object, e.g. after a
+restart, has measured nothing). The first step is often the slowest (allocations, lazy initialisation,
+kernel tuning), so it is the estimate only until a second step is measured; when it alone says no step
+fits the budget, the next slice probes at once. When measured steps say no step fits
+(``step_too_long``, logged once), slices run nothing, but every ``PROBE_EVERY``-th such slice probes
+one step and its time replaces the window: a load spike or a slow moment must not stop CPT for the rest
+of the run. A slice also stops after the step that reaches a multiple of ``cpt.checkpoint_every``, so
+checkpoints fall on exact steps. On CUDA each step ends with a device sync: without it the clock would
+stop before the GPU does and the bound would not hold.
 
 **One run.** The global step, the tokens seen, the schedule position (warmup then cosine over
 ``cpt.max_steps``, then flat at the minimum), the AdamW moments and step of every trained parameter
@@ -71,6 +72,7 @@ from fedem_flwr.training.finetune import adamw, check_finite, lr_at, optimizer_s
 log = logging.getLogger(__name__)
 
 STEP_WINDOW = 8  # measured steps the step-time estimate looks back over
+PROBE_EVERY = 10  # slices that ran nothing because no step fits, between two probes (module doc)
 MOMENTS = ("exp_avg", "exp_avg_sq", "step")
 
 
@@ -84,7 +86,7 @@ class SliceResult:
     seconds: float
     budget_s: float
     stopped_by: str
-    probed: bool  # a step ran with no steady-state estimate to bound it (module doc)
+    probed: bool  # a step ran without an estimate that bounds it (module doc)
 
     @property
     def overshoot_s(self) -> float:
@@ -134,6 +136,7 @@ class ContinuousPretrainer:
         self._rng_python = random.Random(seed).getstate()
         self._first_step_s: Optional[float] = None  # the first measured step: a warm-up, kept apart
         self._step_times: deque[float] = deque(maxlen=STEP_WINDOW)
+        self._too_long = 0  # slices in a row that ran nothing because no step fits
         self._warned_too_long = False
         self._broken = False
         self.info: dict[str, Any] = {}
@@ -204,11 +207,13 @@ class ContinuousPretrainer:
                         stopped_by = "max_steps"
                         break
                     estimate = self.step_estimate()
-                    if estimate is None or (steps == 0 and not self._step_times and estimate > seconds):
-                        probed = True  # nothing measured, or only the warm-up step: measure one (module doc)
+                    if estimate is None or (steps == 0 and estimate > seconds and self._probe_due()):
+                        probed = True  # measure one step without a bound (module doc)
+                        self._too_long = 0
                     elif now - start + estimate > seconds:
                         if steps == 0 and estimate > seconds:
                             stopped_by = "step_too_long"
+                            self._too_long += 1
                             if not self._warned_too_long:
                                 self._warned_too_long = True
                                 log.warning("a CPT step takes about %.2f s, more than the slice's %.2f s: no "
@@ -230,6 +235,8 @@ class ContinuousPretrainer:
                     if self._first_step_s is None:
                         self._first_step_s = now - previous
                     else:
+                        if probed and steps == 0:
+                            self._step_times.clear()  # they said no step fits; the probe says what one costs now
                         self._step_times.append(now - previous)
                     self._step += 1
                     self._schedule_step += 1
@@ -326,6 +333,10 @@ class ContinuousPretrainer:
         self.optimizer.load_state_dict({"state": state, "param_groups": self.optimizer.state_dict()["param_groups"]})
 
     # -- internals -------------------------------------------------------------------------------
+    def _probe_due(self) -> bool:
+        """When no step fits: probe at once while only the warm-up step is measured, else every PROBE_EVERY."""
+        return not self._step_times or self._too_long >= PROBE_EVERY
+
     def _batch_indices(self) -> tuple[torch.Tensor, tuple[int, int]]:
         """The next step's block indices and the cursor after them (epochs run on into the next)."""
         want, n = self.cfg.batch_size * self.cfg.grad_accum, self._blocks.shape[0]
