@@ -210,6 +210,10 @@ def test_train_layers_trains_only_matching_parameters(tokenizer, blocks, tmp_pat
         pretrainer(tokenizer, blocks, tmp_path / "other", cfg=dataclasses.replace(CPT, train_layers=["nothing.*"]))
 
 
+class Killed(BaseException):
+    """Stands for the process dying at a given point (a BaseException, like a signal's)."""
+
+
 def test_an_interrupted_save_leaves_the_previous_state(tokenizer, blocks, tmp_path, monkeypatch):
     # Prepare: a state saved at step 2, then 2 more steps.
     cpt = pretrainer(tokenizer, blocks, tmp_path / "cpt")
@@ -220,12 +224,12 @@ def test_an_interrupted_save_leaves_the_previous_state(tokenizer, blocks, tmp_pa
 
     def die_before_commit(src, dst):
         if Path(dst).name == cpt_state.STATE_FILE:
-            raise KeyboardInterrupt  # the process dies after the tensors file, before state.json
+            raise Killed  # the process dies after the tensors file, before state.json
         real_replace(src, dst)
 
     monkeypatch.setattr(cpt_state.os, "replace", die_before_commit)
     # Execute
-    with pytest.raises(KeyboardInterrupt):
+    with pytest.raises(Killed):
         cpt.save()
     monkeypatch.setattr(cpt_state.os, "replace", real_replace)
     # Assert: the committed state is still step 2's and verifies; the orphan goes at the next save.
