@@ -7,6 +7,7 @@ from fedem_flwr.config.loader import (
     parse_overrides,
 )
 from fedem_flwr.config.schema import (
+    CptConfig,
     DataConfig,
     FedemConfig,
     GateConfig,
@@ -19,7 +20,7 @@ from fedem_flwr.config.schema import (
 )
 
 __all__ = [
-    "DataConfig", "FedemConfig", "GateConfig", "HubConfig", "LoraConfig", "ModelConfig",
+    "CptConfig", "DataConfig", "FedemConfig", "GateConfig", "HubConfig", "LoraConfig", "ModelConfig",
     "RelayConfig", "TokenizerConfig", "TrainConfig", "config_to_dict",
     "load_config", "load_run_config", "parse_overrides",
 ]

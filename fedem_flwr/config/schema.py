@@ -173,6 +173,61 @@ class TrainConfig:
 
 
 @dataclass
+class CptConfig:
+    """Continuous pretraining of the base on the hub's own corpus, in slices between relay loop turns."""
+
+    enabled: bool = field(default=False, metadata={"help": "Run CPT slices on the hub between relay turns."})
+    slice_s: float = field(
+        default=2.0, metadata={"help": "Seconds a slice may take; it starts no step that would end later."}
+    )
+    checkpoint_every: int = field(
+        default=200, metadata={"help": "Optimizer steps between checkpoints (gated, then published as a base)."}
+    )
+    lr: float = field(default=3e-4, metadata={"help": "Peak learning rate of the whole-model AdamW."})
+    min_lr_ratio: float = 0.1
+    warmup_steps: int = 20
+    max_steps: int = field(
+        default=10000, metadata={"help": "Length of the cosine schedule; past it the rate stays at its minimum."}
+    )
+    batch_size: int = field(default=8, metadata={"help": "Blocks per micro-step; a step is batch_size * grad_accum."})
+    grad_accum: int = 1
+    weight_decay: float = 0.1
+    grad_clip: float = 1.0
+    train_layers: list[str] = field(
+        default_factory=list,
+        metadata={"help": "Glob patterns of parameter names to train (e.g. `backbone.layers.1.*`); empty = all."},
+    )
+    precision: str = field(
+        default="auto",
+        metadata={"help": "`auto` (bf16 autocast on a GPU with native bf16, else fp32), `fp32`, `bf16`."},
+    )
+    device: str = field(default="auto", metadata={"help": "`auto`, `cpu`, `cuda`, `cuda:N` or `mps`."})
+
+    def __post_init__(self) -> None:
+        # fp16 would need a loss scaler whose state persists too; bf16 needs none.
+        _choice("cpt", "precision", self.precision, ("auto", "fp32", "bf16"))
+        for key in ("slice_s", "checkpoint_every", "lr", "max_steps", "batch_size", "grad_accum"):
+            value = getattr(self, key)
+            if value is None or not math.isfinite(value):
+                raise ConfigError(f"`cpt.{key}` is {value!r}; it must be a finite number > 0.")
+            _positive("cpt", key, value)
+        for key in ("warmup_steps", "weight_decay", "grad_clip"):
+            _positive("cpt", key, getattr(self, key), allow_zero=True)
+        if not 0.0 <= self.min_lr_ratio <= 1.0:
+            raise ConfigError(f"`cpt.min_lr_ratio` is {self.min_lr_ratio!r}; it must be in [0, 1].")
+        if self.warmup_steps >= self.max_steps:
+            raise ConfigError(
+                f"`cpt.warmup_steps` ({self.warmup_steps}) must be below `cpt.max_steps` ({self.max_steps})."
+            )
+        for pattern in self.train_layers:
+            if not isinstance(pattern, str) or not pattern.strip():
+                raise ConfigError(
+                    f"`cpt.train_layers` holds {pattern!r}; each entry must be a non-empty glob over "
+                    "parameter names, e.g. 'backbone.layers.1.*'."
+                )
+
+
+@dataclass
 class RelayConfig:
     lease_ttl_s: float = 10800.0
     sweep_interval_s: float = 300.0
@@ -279,3 +334,4 @@ class FedemConfig:
     relay: RelayConfig = field(default_factory=RelayConfig)
     gate: GateConfig = field(default_factory=GateConfig)
     hub: HubConfig = field(default_factory=HubConfig)
+    cpt: CptConfig = field(default_factory=CptConfig)

@@ -11,6 +11,8 @@ Layout::
     <hub>/store/            the artifact store, laid out like Hugging Face repos
     <hub>/hf-cache/         downloads of a Hugging Face Hub store (``hub.store = "hf"``, ``fedem publish``)
     <hub>/secret            the key of contributor pseudonyms, created once with mode 0600
+    <hub>/cpt/              continuous pretraining's private state (optimizer moments, step, data
+                            cursor, RNG); never published
     <hub>/writer.lock       flock'd by the one writer; holds its pid, host and start time
 """
 
@@ -33,6 +35,7 @@ REGISTRY_FILE = "registry.sqlite"
 STORE_DIR = "store"
 HF_CACHE_DIR = "hf-cache"
 SECRET_FILE = "secret"
+CPT_DIR = "cpt"
 LOCK_FILE = "writer.lock"
 
 
@@ -83,6 +86,10 @@ def hf_cache_path(hub: Path) -> Path:
 
 def secret_path(hub: Path) -> Path:
     return Path(hub) / SECRET_FILE
+
+
+def cpt_state_path(hub: Path) -> Path:
+    return Path(hub) / CPT_DIR
 
 
 def lock_path(hub: Path) -> Path:

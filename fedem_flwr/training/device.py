@@ -17,28 +17,28 @@ from fedem_flwr.errors import ConfigError
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 
 
-def pick_device(name: str = "auto") -> torch.device:
+def pick_device(name: str = "auto", key: str = "train.device") -> torch.device:
     """``auto`` -> ``cuda`` when available, else ``cpu``; ``cpu``, ``cuda``, ``cuda:N`` and ``mps`` as named."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
         device = torch.device(name)
     except (RuntimeError, ValueError) as err:
-        raise ConfigError(f"`train.device` is {name!r}; use 'auto', 'cpu', 'cuda', 'cuda:N' or 'mps'.") from err
+        raise ConfigError(f"`{key}` is {name!r}; use 'auto', 'cpu', 'cuda', 'cuda:N' or 'mps'.") from err
     if device.type == "cuda":
         if not torch.cuda.is_available():
             raise ConfigError(
-                f"`train.device` is {name!r} but this torch sees no CUDA GPU "
+                f"`{key}` is {name!r} but this torch sees no CUDA GPU "
                 f"(torch {torch.__version__}, CUDA build: {torch.version.cuda or 'none'}); use 'auto' or 'cpu'."
             )
         if device.index is not None and device.index >= torch.cuda.device_count():
             raise ConfigError(
-                f"`train.device` is {name!r} but only {torch.cuda.device_count()} GPU(s) are visible."
+                f"`{key}` is {name!r} but only {torch.cuda.device_count()} GPU(s) are visible."
             )
     elif device.type == "mps" and not torch.backends.mps.is_available():
-        raise ConfigError(f"`train.device` is {name!r} but MPS is not available here; use 'auto' or 'cpu'.")
+        raise ConfigError(f"`{key}` is {name!r} but MPS is not available here; use 'auto' or 'cpu'.")
     elif device.type not in ("cpu", "cuda", "mps"):
-        raise ConfigError(f"`train.device` is {name!r}; use 'auto', 'cpu', 'cuda', 'cuda:N' or 'mps'.")
+        raise ConfigError(f"`{key}` is {name!r}; use 'auto', 'cpu', 'cuda', 'cuda:N' or 'mps'.")
     return device
 
 
@@ -52,10 +52,10 @@ def bf16_supported(device: torch.device) -> bool:
     return device.type == "cpu"  # CPU autocast supports bf16 (slowly without AMX); MPS: ask for fp32
 
 
-def pick_precision(precision: str, device: torch.device) -> Optional[torch.dtype]:
+def pick_precision(precision: str, device: torch.device, key: str = "train.precision") -> Optional[torch.dtype]:
     """The autocast dtype for ``precision`` on ``device``; None means plain fp32 (no autocast)."""
     if precision not in PRECISIONS:
-        raise ConfigError(f"`train.precision` is {precision!r}; allowed: {', '.join(map(repr, PRECISIONS))}.")
+        raise ConfigError(f"`{key}` is {precision!r}; allowed: {', '.join(map(repr, PRECISIONS))}.")
     if precision == "fp32":
         return None
     if precision == "auto":
@@ -64,13 +64,13 @@ def pick_precision(precision: str, device: torch.device) -> Optional[torch.dtype
         if not bf16_supported(device):
             name = torch.cuda.get_device_name(device) if device.type == "cuda" else device.type
             raise ConfigError(
-                f"`train.precision` is 'bf16' but {name} has no native bf16; "
+                f"`{key}` is 'bf16' but {name} has no native bf16; "
                 "use 'fp16' (with loss scaling) or 'fp32', or 'auto' to choose."
             )
         return torch.bfloat16
     if device.type != "cuda":
         raise ConfigError(
-            f"`train.precision` is 'fp16' on {device.type}; fp16 with loss scaling needs a CUDA GPU. "
+            f"`{key}` is 'fp16' on {device.type}; fp16 with loss scaling needs a CUDA GPU. "
             "Use 'fp32' or 'auto'."
         )
     return torch.float16

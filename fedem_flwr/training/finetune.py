@@ -23,7 +23,7 @@ from typing import Optional
 import torch
 from tqdm.auto import tqdm
 
-from fedem_flwr.config.schema import TrainConfig
+from fedem_flwr.config.schema import CptConfig, TrainConfig
 from fedem_flwr.data.labels import labels_for, loss_sum, target_count
 from fedem_flwr.errors import ConfigError, DataError, TrainingError
 from fedem_flwr.training.device import autocast, pick_device, pick_precision, release_memory
@@ -51,7 +51,7 @@ class TrainResult:
         return self.tokens / self.seconds if self.seconds > 0 else 0.0
 
 
-def lr_at(step: int, cfg: TrainConfig) -> float:
+def lr_at(step: int, cfg: "TrainConfig | CptConfig") -> float:
     """Learning rate of optimizer step ``step`` (0-based): warmup, then cosine to ``lr * min_lr_ratio``."""
     min_lr = cfg.lr * cfg.min_lr_ratio
     if step < cfg.warmup_steps:
@@ -125,7 +125,7 @@ def train(
     else:
         micro, accum = cfg.batch_size, cfg.grad_accum
 
-    optimizer = _adamw(params, cfg, device)
+    optimizer = adamw(params, cfg, device)
     scaler = torch.amp.GradScaler("cuda") if amp_dtype == torch.float16 else None
     generator = torch.Generator().manual_seed(seed)
     order = torch.empty(0, dtype=torch.long)
@@ -161,7 +161,7 @@ def train(
 
                 while True:
                     try:
-                        last_loss = _step(model, batch, micro, pad_id, device, amp_dtype, optimizer, scaler,
+                        last_loss = optimizer_step(model, batch, micro, pad_id, device, amp_dtype, optimizer, scaler,
                                           params, cfg.grad_clip)
                         break
                     except (torch.OutOfMemoryError, RuntimeError) as err:
@@ -191,7 +191,7 @@ def train(
                     loss_value = last_loss.item()  # this is a CPU-GPU sync point
                     if step == 0:
                         loss_first = loss_value
-                    _check_finite(loss_value, step)
+                    check_finite(loss_value, step)
                     if show:
                         tok_s = tokens / max(now - start, 1e-9)
                         bar.set_postfix(loss=f"{loss_value:.3f}", tok_s=f"{tok_s:.0f}", lr=f"{lr:.1e}")
@@ -206,11 +206,11 @@ def train(
         release_memory(device)
     if last_loss is not None:
         loss_last = last_loss.item()
-        _check_finite(loss_last, steps - 1)
+        check_finite(loss_last, steps - 1)
     return TrainResult(steps, tokens, loss_first, loss_last, now - start, stopped_by, micro, accum)
 
 
-def _step(model, batch, micro, pad_id, device, amp_dtype, optimizer, scaler, params, grad_clip) -> torch.Tensor:
+def optimizer_step(model, batch, micro, pad_id, device, amp_dtype, optimizer, scaler, params, grad_clip) -> torch.Tensor:
     """One optimizer step over ``batch`` in micro-batches of ``micro``; returns the step's loss (a tensor)."""
     labels = labels_for(batch, pad_id)
     targets = max(1, target_count(labels))  # counted on the CPU, so no sync
@@ -235,7 +235,8 @@ def _step(model, batch, micro, pad_id, device, amp_dtype, optimizer, scaler, par
     return total
 
 
-def _adamw(params: list[torch.nn.Parameter], cfg: TrainConfig, device: torch.device) -> torch.optim.AdamW:
+def adamw(params: list[torch.nn.Parameter], cfg: "TrainConfig | CptConfig", device: torch.device) -> torch.optim.AdamW:
+    """AdamW over ``params`` with ``cfg.lr`` and ``cfg.weight_decay`` on matrices only."""
     # nanoGPT: decay matrices only; biases and norms (1-D) never decay.
     groups = [
         {"params": [p for p in params if p.dim() >= 2], "weight_decay": cfg.weight_decay},
@@ -274,8 +275,9 @@ def _base(model: torch.nn.Module) -> torch.nn.Module:
     return model.get_base_model() if hasattr(model, "get_base_model") else model
 
 
-def _check_finite(loss: float, step: int) -> None:
+def check_finite(loss: float, step: int, section: str = "train") -> None:
+    """Raise :class:`TrainingError` naming ``section``'s keys when a step's loss is NaN or infinite."""
     if not math.isfinite(loss):
         raise TrainingError(
-            f"the training loss is {loss} at step {step}; lower `train.lr` or use `train.precision=fp32`."
+            f"the training loss is {loss} at step {step}; lower `{section}.lr` or use `{section}.precision=fp32`."
         )
