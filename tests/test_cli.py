@@ -85,8 +85,8 @@ def test_every_command_has_help_and_the_group_a_version():
             assert "Example: fedem" in result.output, name
     assert runner.invoke(cli, ["--version"]).output == f"fedem, version {__version__}\n"
     assert "FEDEM_HUB" in runner.invoke(cli, ["-h"]).output
-    assert sorted(cli.commands) == ["adapters", "checkpoints", "contributions", "leases", "publish", "report",
-                                    "status", "verify"]
+    assert sorted(cli.commands) == ["adapters", "checkpoints", "contributions", "leases", "merge", "publish",
+                                    "report", "status", "verify"]
 
 
 def test_status_json(hub):
@@ -104,6 +104,12 @@ def test_status_json(hub):
         ],
         "leases": [{"adapter": "te", "holder": alias["node:7"], "token": 2, "deadline": "2023-11-15T01:14:20+00:00"}],
         "contributions": {"accepted": 1, "rejected": 1},
+        "lineage": {
+            "merges": 0, "cpt": 0, "refused": {"merge": 0, "cpt": 0},
+            "next_merge": {"base_version": 0, "since": ISO0, "accepted_since": 0, "every_accepted": "unknown",
+                           "every_s": "unknown", "due_at": "unknown", "requested_at": None},
+            "next_cpt": {"enabled": "unknown", "steps": None, "checkpoint_every": "unknown", "next_at_step": None},
+        },
         "recent": [
             {"id": 2, "adapter": "te", "contributor": alias["pk:0badc0de"], "decision": "rejected",
              "reason": "stale-token: lease 9 unknown", "received": "2023-11-14T22:15:20+00:00"},
@@ -135,7 +141,7 @@ def test_checkpoints_json(hub):
     (row,) = as_json(hub, "checkpoints")
     assert row == {"version": 0, "parent": None, "source": "init", "path": str(hub / "store/fedem/base/v0"),
                    "repo": "fedem/base", "revision": "v0", "digest": row["digest"], "created": ISO0,
-                   "metrics": {"loss": 5.5}}
+                   "metrics": {"loss": 5.5}, "absorbed": []}
     assert len(row["digest"]) == 64
 
 
