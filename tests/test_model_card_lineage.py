@@ -188,3 +188,23 @@ def _adapter_folder(folder, workbench, store):
     workbench.save(workbench.initial_state, folder, ArtifactRef("t/base", "v0", "-"))
     assert TEMPLATE in (folder / "README.md").read_text()
     return folder
+
+
+def test_a_seeded_hub_stores_base_v0_and_every_fresh_adapter_with_its_card(tmp_path):
+    from fedem_flwr.bootstrap import open_hub
+    from fedem_flwr.config import load_config
+
+    hub = open_hub(load_config(["data.languages=[hi,ta]"]), tmp_path / "hub")
+    try:
+        base = hub.registry.checkpoint(0)
+        text = (hub.store.get(ArtifactRef(base.repo, base.revision, base.digest)) / "README.md").read_text()
+        assert ModelCard(text).data.fedem == {"kind": "base", "version": 0, "parent": None, "source": "init"}
+        for v in hub.registry.adapter_versions():
+            text = (hub.store.get(ArtifactRef(v.repo, v.revision, v.digest)) / "README.md").read_text()
+            card = ModelCard(text).data
+            assert TEMPLATE not in text and card.fedem["version_kind"] == "fresh"
+            assert card.language == [v.adapter] and card.base_model == base.repo
+            assert {r.metric_type: r.metric_value for r in card.eval_results} == {
+                f"heldout/{lang}": loss for lang, loss in v.metrics["heldout"].items()}
+    finally:
+        hub.registry.close()
