@@ -105,6 +105,8 @@ def lineage(view: dict[str, Any], now: float) -> list[str]:
         lines.append("next CPT   off")
     elif cpt["checkpoint_every"] == UNKNOWN:
         lines.append("next CPT   unknown (cpt settings not recorded)")
+    elif cpt["next_at_step"] is None:
+        lines.append(f"next CPT   no checkpoint interval recorded ({cpt['steps'] or 0} steps so far)")
     else:
         lines.append(f"next CPT   checkpoint at step {cpt['next_at_step']} (every {cpt['checkpoint_every']} steps, "
                      f"{cpt['steps'] or 0} so far)")

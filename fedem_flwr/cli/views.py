@@ -192,7 +192,8 @@ def adapters_view(registry: Registry, store: StoreView, names: Names) -> list[di
 
 
 def status_view(registry: Registry, hub: Path, store: StoreView, names: Names) -> dict[str, Any]:
-    """``fedem status --json``: base, adapters, active leases, contribution counts, recent decisions."""
+    """``fedem status --json``: base, adapters, active leases, contribution counts, the lineage (merges,
+    CPT, what is due next), recent decisions."""
     with registry.snapshot():
         base = registry.latest_checkpoint()
         writer = read_lock_holder(hub)

@@ -3,7 +3,10 @@
 Times are epoch seconds (REAL, from the caller's clock); versions are integers; JSON columns are
 TEXT checked with ``json_valid``. Partial unique indexes make the database itself refuse a second
 active lease on one adapter, or on one node. Contributions carry only a pseudonym; identities stay
-in ``contributors``.
+in ``contributors``. Migration 3 records the lineage of base versions: held-out losses per
+(adapter version, base version) in ``evaluations``, each adapter version's ``kind``, the adapters a
+merge absorbed (``merge_absorbed``), attempts that were not published (``base_attempts``), and the
+bases a contribution was trained and judged on.
 
 A migration is appended, never edited: a registry records which ones it has applied, and a
 registry from a newer fedem-flwr is refused rather than guessed at.
