@@ -152,7 +152,8 @@ def test_contributions_json_and_filters(hub):
     assert rows[1] == {"id": 1, "contributor": alias["sim:3"], "adapter": "hi", "lease_token": 1,
                        "received": "2023-11-14T22:14:20+00:00", "decision": "accepted",
                        "reason": "own languages improved", "adapter_version": 1, "digest": "d1",
-                       "validation": {"ok": True}, "evaluation": {"heldout": {"hi": 2.5}}}
+                       "validation": {"ok": True}, "evaluation": {"heldout": {"hi": 2.5}},
+                       "base_version": None, "judged_base_version": None}
     assert [r["id"] for r in as_json(hub, "contributions", "--limit", "1")] == [2]
     assert [r["id"] for r in as_json(hub, "contributions", "--adapter", "hi")] == [1]
 
@@ -162,7 +163,8 @@ def test_adapters_json_and_versions(hub):
     assert [(r["name"], r["version"], r["base_version"], r["task"], r["lora_spec"]) for r in rows] == [
         ("hi", 1, 0, "causal-lm", {"r": 8}), ("te", 0, 0, "causal-lm", {"r": 8})]
     versions = as_json(hub, "adapters", "hi")
-    assert [(v["version"], v["parent_version"], v["revision"]) for v in versions] == [(0, None, "v0"), (1, 0, "v1")]
+    assert [(v["version"], v["parent_version"], v["kind"], v["revision"]) for v in versions] == [
+        (0, None, "fresh", "v0"), (1, 0, "push", "v1")]
     assert versions[1]["path"] == str(hub / "store/fedem/adapter-hi/v1")
     result = invoke(hub, "adapters", "xx", code=1)
     assert "no adapter named 'xx' (adapters: hi, te)" in result.output

@@ -65,6 +65,9 @@ def test_checkpoints_list_the_lineage_with_every_field(lineage_hub):
                        "absorbed": [{"adapter": "hi", "adapter_version": 1, "weight": 1.0, "method": "sum",
                                      "seed": None, "contributors": [alias["sim:3"]]}]}
     assert rows[2]["metrics"]["cpt"] == {"steps": 200, "tokens": 409600} and rows[2]["absorbed"] == []
+    (te,) = as_json(lineage_hub, "contributions", "--adapter", "te", "--limit", "1")
+    assert (te["base_version"], te["judged_base_version"]) == (2, 2)
+    assert [v["kind"] for v in as_json(lineage_hub, "adapters", "hi")] == ["fresh", "push", "rebase"]
     revealed = as_json(lineage_hub, "checkpoints", "--reveal")
     assert revealed[1]["absorbed"][0]["contributors"] == ["sim:3"]
 

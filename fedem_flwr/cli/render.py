@@ -126,9 +126,9 @@ def adapters(rows: list[dict[str, Any]]) -> Table:
 
 
 def versions(name: str, rows: list[dict[str, Any]]) -> Table:
-    return table(f"Versions of {name} (UTC)", ("version", "parent", "base", "created", "digest", "path"),
-                 [(r["version"], r["parent_version"], r["base_version"], utc(r["created"]), r["digest"][:12],
-                   r["path"]) for r in rows], "no versions")
+    return table(f"Versions of {name} (UTC)", ("version", "kind", "parent", "base", "created", "digest", "path"),
+                 [(r["version"], r["kind"], r["parent_version"], r["base_version"], utc(r["created"]),
+                   r["digest"][:12], r["path"]) for r in rows], "no versions")
 
 
 def leases(rows: list[dict[str, Any]], now: float, everything: bool) -> Table:

@@ -159,8 +159,9 @@ def lineage_view(registry: Registry, hub: Path) -> dict[str, Any]:
 
 def version_view(v: AdapterVersion, store: StoreView) -> dict[str, Any]:
     return {"adapter": v.adapter, "version": v.version, "base_version": v.base_version,
-            "parent_version": v.parent_version, "path": store.path(v.repo, v.revision), "repo": v.repo,
-            "revision": v.revision, "digest": v.digest, "created": iso(v.created), "metrics": v.metrics}
+            "parent_version": v.parent_version, "kind": v.kind, "path": store.path(v.repo, v.revision),
+            "repo": v.repo, "revision": v.revision, "digest": v.digest, "created": iso(v.created),
+            "metrics": v.metrics}
 
 
 def lease_view(lease: Lease, names: Names) -> dict[str, Any]:
@@ -174,7 +175,8 @@ def contribution_view(c: Contribution, names: Names) -> dict[str, Any]:
     return {"id": c.id, "contributor": names.contributor(c.pseudonym), "adapter": c.adapter,
             "lease_token": c.lease_token, "received": iso(c.received), "decision": c.decision,
             "reason": c.reason, "adapter_version": c.adapter_version, "digest": c.digest,
-            "validation": c.validation, "evaluation": c.evaluation}
+            "validation": c.validation, "evaluation": c.evaluation, "base_version": c.base_version,
+            "judged_base_version": c.judged_base_version}
 
 
 def adapters_view(registry: Registry, store: StoreView, names: Names) -> list[dict[str, Any]]:
