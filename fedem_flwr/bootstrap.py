@@ -22,6 +22,8 @@ from fedem_flwr.data.corpus import language_sizes, load_corpus
 from fedem_flwr.data.partition import partition
 from fedem_flwr.gate.evaluator import HubWorkbench
 from fedem_flwr.heldout import refresh_parent_losses, split_corpus
+from fedem_flwr.hub.lineage import write_adapter_card
+from fedem_flwr.hub.model_card import base_card, write_card
 from fedem_flwr.hub.paths import registry_path
 from fedem_flwr.hub.records import revision_name
 from fedem_flwr.hub.registry import Registry
@@ -104,6 +106,7 @@ def seed_base(cfg: FedemConfig, registry: Registry, store: ArtifactStore, corpus
     repo = base_repo(cfg.hub.repo_prefix)
     with tempfile.TemporaryDirectory(prefix="fedem-base-") as tmp:
         save_base(model, tokenizer, Path(tmp), config_to_dict(cfg))
+        write_card(Path(tmp), base_card(store.repo_id(repo), 0, None, "init"))
         ref = store.put(repo, revision_name(0), Path(tmp), message=f"{cfg.model.name}: initial base checkpoint",
                         replace_orphan=True)  # seeding: the registry has no checkpoint
     row = registry.add_checkpoint(
@@ -137,6 +140,9 @@ def seed_adapters(
         repo = adapter_repo(cfg.hub.repo_prefix, language)
         with tempfile.TemporaryDirectory(prefix="fedem-adapter-") as tmp:
             workbench.save(workbench.initial_state, Path(tmp), base_ref)
+            write_adapter_card(Path(tmp), registry, store, repo=repo, adapter=language, version=0,
+                               base_version=base.version, parent_version=None, kind="fresh", heldout=losses,
+                               languages=[language])
             ref = store.put(repo, revision_name(0), Path(tmp), message=f"{language}: fresh LoRA",
                             replace_orphan=True)  # a new adapter: the registry has no version of it
         with registry.atomic():

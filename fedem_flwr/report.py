@@ -1,7 +1,8 @@
 """Figures and tables of a hub's history, for simulations and for people who would rather look.
 
-Reads the registry only (never the store): held-out loss of each adapter's accepted versions,
-and the stream of contributions with their decisions over time.
+Reads the registry only (never the store): held-out loss of each adapter's accepted versions, the
+stream of contributions with their decisions over time, and held-out loss per language across the
+base versions of the lineage (with what each merge absorbed and each refused attempt).
 """
 
 from __future__ import annotations
@@ -33,6 +34,11 @@ def summary(registry: Any) -> dict[str, Any]:
             gains[adapter.name] = {"versions": last.version, "loss_v0": before, "loss_latest": after}
     leases = registry.leases()
     span = (max(c.received for c in contributions) - min(l.issued for l in leases)) if contributions else 0.0
+    absorbed = registry.absorbed_by_base()
+    bases = [{"version": c.version, "parent": c.parent, "source": c.source, "heldout": dict(c.metrics.get("heldout", {})),
+              "absorbed": [f"{a.adapter} v{a.adapter_version}" for a in absorbed.get(c.version, [])]}
+             for c in registry.checkpoints()]
+    attempts = [{"source": a.source, "parent": a.parent, "reason": a.reason} for a in registry.base_attempts()]
     return {
         "accepted": decisions.get("accepted", 0),
         "rejected": decisions.get("rejected", 0),
@@ -41,6 +47,8 @@ def summary(registry: Any) -> dict[str, Any]:
         "seconds": span,
         "contributions_per_minute": 60.0 * len(contributions) / span if span > 0 else 0.0,
         "adapters": gains,
+        "bases": bases,
+        "refused_bases": attempts,
     }
 
 
@@ -66,6 +74,33 @@ def plot_hub(registry: Any, out: Path, title: str = "") -> Path:
             ax_time.step(times, range(1, len(times) + 1), where="post", color=colour, label=decision)
         ax_time.legend()
     ax_time.set(xlabel="minutes since the first lease", ylabel="contributions", title="relay progress")
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return out
+
+
+def plot_bases(bases: list[dict[str, Any]], out: Path, title: str = "") -> Path:
+    """Held-out loss per language (one line each) across base versions, marked by source."""
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    languages = sorted({lang for b in bases for lang in b["heldout"]})
+    for lang in languages:
+        points = [(b["version"], b["heldout"][lang]) for b in bases if lang in b["heldout"]]
+        ax.plot(*zip(*points), marker="o", label=lang)
+    for b in bases:
+        ax.axvline(b["version"], color="0.85", zorder=0)
+        ax.annotate(b["source"], (b["version"], 1.0), xycoords=("data", "axes fraction"), ha="center", va="bottom",
+                    fontsize="small")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.set(xlabel="base version", ylabel="held-out loss")
+    if languages:
+        ax.legend(fontsize="small", ncol=max(1, len(languages) // 10), loc="center left", bbox_to_anchor=(1.0, 0.5))
+    else:
+        ax.text(0.5, 0.5, "no held-out loss recorded for any base version", ha="center", va="center",
+                transform=ax.transAxes)
     if title:
         fig.suptitle(title)
     fig.tight_layout()

@@ -85,8 +85,8 @@ def test_every_command_has_help_and_the_group_a_version():
             assert "Example: fedem" in result.output, name
     assert runner.invoke(cli, ["--version"]).output == f"fedem, version {__version__}\n"
     assert "FEDEM_HUB" in runner.invoke(cli, ["-h"]).output
-    assert sorted(cli.commands) == ["adapters", "checkpoints", "contributions", "leases", "publish", "report",
-                                    "status", "verify"]
+    assert sorted(cli.commands) == ["adapters", "checkpoints", "contributions", "leases", "merge", "publish",
+                                    "report", "status", "verify"]
 
 
 def test_status_json(hub):
@@ -104,6 +104,12 @@ def test_status_json(hub):
         ],
         "leases": [{"adapter": "te", "holder": alias["node:7"], "token": 2, "deadline": "2023-11-15T01:14:20+00:00"}],
         "contributions": {"accepted": 1, "rejected": 1},
+        "lineage": {
+            "merges": 0, "cpt": 0, "refused": {"merge": 0, "cpt": 0},
+            "next_merge": {"base_version": 0, "since": ISO0, "accepted_since": 0, "every_accepted": "unknown",
+                           "every_s": "unknown", "due_at": "unknown", "requested_at": None},
+            "next_cpt": {"enabled": "unknown", "steps": None, "checkpoint_every": "unknown", "next_at_step": None},
+        },
         "recent": [
             {"id": 2, "adapter": "te", "contributor": alias["pk:0badc0de"], "decision": "rejected",
              "reason": "stale-token: lease 9 unknown", "received": "2023-11-14T22:15:20+00:00"},
@@ -135,7 +141,7 @@ def test_checkpoints_json(hub):
     (row,) = as_json(hub, "checkpoints")
     assert row == {"version": 0, "parent": None, "source": "init", "path": str(hub / "store/fedem/base/v0"),
                    "repo": "fedem/base", "revision": "v0", "digest": row["digest"], "created": ISO0,
-                   "metrics": {"loss": 5.5}}
+                   "metrics": {"loss": 5.5}, "absorbed": []}
     assert len(row["digest"]) == 64
 
 
@@ -146,7 +152,8 @@ def test_contributions_json_and_filters(hub):
     assert rows[1] == {"id": 1, "contributor": alias["sim:3"], "adapter": "hi", "lease_token": 1,
                        "received": "2023-11-14T22:14:20+00:00", "decision": "accepted",
                        "reason": "own languages improved", "adapter_version": 1, "digest": "d1",
-                       "validation": {"ok": True}, "evaluation": {"heldout": {"hi": 2.5}}}
+                       "validation": {"ok": True}, "evaluation": {"heldout": {"hi": 2.5}},
+                       "base_version": None, "judged_base_version": None}
     assert [r["id"] for r in as_json(hub, "contributions", "--limit", "1")] == [2]
     assert [r["id"] for r in as_json(hub, "contributions", "--adapter", "hi")] == [1]
 
@@ -156,7 +163,8 @@ def test_adapters_json_and_versions(hub):
     assert [(r["name"], r["version"], r["base_version"], r["task"], r["lora_spec"]) for r in rows] == [
         ("hi", 1, 0, "causal-lm", {"r": 8}), ("te", 0, 0, "causal-lm", {"r": 8})]
     versions = as_json(hub, "adapters", "hi")
-    assert [(v["version"], v["parent_version"], v["revision"]) for v in versions] == [(0, None, "v0"), (1, 0, "v1")]
+    assert [(v["version"], v["parent_version"], v["kind"], v["revision"]) for v in versions] == [
+        (0, None, "fresh", "v0"), (1, 0, "push", "v1")]
     assert versions[1]["path"] == str(hub / "store/fedem/adapter-hi/v1")
     result = invoke(hub, "adapters", "xx", code=1)
     assert "no adapter named 'xx' (adapters: hi, te)" in result.output

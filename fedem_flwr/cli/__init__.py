@@ -1,4 +1,5 @@
-"""``fedem``: look into a hub's state (read-only, never blocks the running hub) and publish it.
+"""``fedem``: look into a hub's state (read-only, never blocks the running hub), publish it, or leave
+the running hub a merge request (a file in the hub folder, no lock).
 
 The hub folder is ``--hub DIR``, else ``$FEDEM_HUB``, else ``$XDG_DATA_HOME/fedem/hub``
 (``~/.local/share/fedem/hub``). Every listing takes ``--json``; holders and contributors are shown
@@ -16,7 +17,8 @@ import click
 from fedem_flwr import __version__
 from fedem_flwr.cli import render, views
 from fedem_flwr.errors import FedemError
-from fedem_flwr.hub.paths import HubWriterLock, require_hub, resolve_hub_path
+from fedem_flwr.hub.merge_request import request_merge
+from fedem_flwr.hub.paths import HubWriterLock, describe_holder, read_lock_holder, require_hub, resolve_hub_path
 from fedem_flwr.hub.registry import Registry
 
 CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
@@ -72,7 +74,8 @@ def emit(data: Any, as_json: bool, *tables: Any) -> None:
               help="Hub state folder [env FEDEM_HUB; default $XDG_DATA_HOME/fedem/hub or ~/.local/share/fedem/hub].")
 @click.pass_context
 def cli(ctx: click.Context, hub: Optional[Path]) -> None:
-    """Inspect the state of a fedem-flwr hub: base checkpoints, adapters, leases, contributions.
+    """Inspect the state of a fedem-flwr hub: base checkpoints, adapters, leases, contributions;
+    ask it for a merge.
 
     Example: fedem --hub /srv/fedem status
     """
@@ -134,16 +137,43 @@ def leases(hub: HubContext, everything: bool, as_json: bool, reveal: bool) -> No
 
 @cli.command()
 @json_option
+@reveal_option
 @pass_hub
-def checkpoints(hub: HubContext, as_json: bool) -> None:
-    """Base checkpoints, oldest first, with the folder transformers loads.
+def checkpoints(hub: HubContext, as_json: bool, reveal: bool) -> None:
+    """The lineage of base versions, oldest first: parent, source, held-out loss, what each merge
+    absorbed (adapter versions, weights, contributors) and the folder transformers loads (`path`).
 
     Example: fedem checkpoints --json
     """
     registry = hub.registry()
-    store = hub.store()
-    rows = [views.checkpoint_view(c, store) for c in registry.checkpoints()]
+    rows = views.checkpoints_view(registry, hub.store(), views.Names(registry, reveal))
     emit(rows, as_json, render.checkpoints(rows))
+
+
+@cli.command()
+@json_option
+@pass_hub
+def merge(hub: HubContext, as_json: bool) -> None:
+    """Ask the hub to merge the accepted adapters into a new base version now.
+
+    Leaves a request in the hub folder (no lock, never blocks the hub): the running hub takes it at
+    its next loop turn, or at its next start when none is running. The merge is published only if it
+    passes its gate; `fedem checkpoints` shows the result, `fedem status` a request still waiting.
+
+    Example: fedem --hub /srv/fedem merge
+    """
+    path = require_hub(hub.path)
+    request, new = request_merge(path, time.time())
+    writer = read_lock_holder(path)
+    data = {"requested_at": views.iso(request["requested_at"]), "new": new,
+            "writer": None if writer is None else {**writer, "since": views.iso(writer.get("since"))}}
+    if as_json:
+        click.echo(render.dumps(data))
+        return
+    when = render.utc(data["requested_at"]) or "an unknown time"
+    click.echo(f"merge requested at {when} UTC" if new else f"a merge request is already queued (since {when} UTC)")
+    click.echo(f"queued: the running hub ({describe_holder(writer)}) takes it at its next loop turn" if writer
+               else "queued: no hub is running; the hub takes it at its next start")
 
 
 @cli.command()
@@ -238,23 +268,26 @@ def publish(hub: HubContext, target: str, repo_prefix: str, endpoint: Optional[s
 @json_option
 @pass_hub
 def report(hub: HubContext, out: Optional[Path], as_json: bool) -> None:
-    """Plot held-out loss per adapter version and the relay's progress; summarise the decisions.
+    """Plot held-out loss per adapter version, the relay's progress, and held-out loss per language
+    across base versions (bases.png); summarise the decisions and the lineage (summary.json).
 
     Example: fedem report --out runs/policy-language
     """
-    from fedem_flwr.report import plot_hub, summary  # matplotlib only when plotting
+    from fedem_flwr.report import plot_bases, plot_hub, summary  # matplotlib only when plotting
 
     registry = hub.registry()
     out = out or hub.path / "report"
     data = summary(registry)
     data["figure"] = str(plot_hub(registry, out / "relay.png", title=str(hub.path)))
+    data["bases_figure"] = str(plot_bases(data["bases"], out / "bases.png", title=str(hub.path)))
     (out / "summary.json").write_text(render.dumps(data) + "\n")
     if as_json:
         click.echo(render.dumps(data))
     else:
         click.echo(f"{data['accepted']} accepted, {data['rejected']} rejected, {data['leases']} leases, "
                    f"{data['contributions_per_minute']:.1f} contributions/min")
-        click.echo(f"figure: {data['figure']}")
+        render.console().print(render.heldout_table(data["bases"]))
+        click.echo(f"figures: {data['figure']}, {data['bases_figure']}")
 
 
 def main() -> None:

@@ -12,12 +12,14 @@ from pathlib import Path
 from typing import Any, Optional
 
 from fedem_flwr.errors import FedemError
+from fedem_flwr.hub.merge_request import pending_merge_request
 from fedem_flwr.hub.paths import read_lock_holder
-from fedem_flwr.hub.records import AdapterVersion, Checkpoint, Contribution
+from fedem_flwr.hub.records import Absorbed, AdapterVersion, Checkpoint, Contribution
 from fedem_flwr.hub.registry import Registry
 from fedem_flwr.relay.leases import Lease
 
 RECENT = 5
+UNKNOWN = "unknown"  # a threshold the hub has not recorded (its `merge` / `cpt` setting is absent)
 
 
 def iso(t: Optional[float]) -> Optional[str]:
@@ -91,16 +93,75 @@ class Names:
         return self._identities.get(pseudonym, pseudonym) if self.reveal else pseudonym
 
 
-def checkpoint_view(c: Checkpoint, store: StoreView) -> dict[str, Any]:
+def checkpoint_view(c: Checkpoint, store: StoreView, absorbed: list[dict[str, Any]] = ()) -> dict[str, Any]:
+    """One base version: its lineage (parent, source, what a merge absorbed), metrics and folder."""
     return {"version": c.version, "parent": c.parent, "source": c.source, "path": store.path(c.repo, c.revision),
             "repo": c.repo, "revision": c.revision, "digest": c.digest, "created": iso(c.created),
-            "metrics": c.metrics}
+            "metrics": c.metrics, "absorbed": list(absorbed)}
+
+
+def absorbed_view(registry: Registry, a: Absorbed, names: Names) -> dict[str, Any]:
+    return {"adapter": a.adapter, "adapter_version": a.adapter_version, "weight": a.weight, "method": a.method,
+            "seed": a.seed, "contributors": [names.contributor(p) for p in registry.contributors_of(a.adapter,
+                                                                                                   a.adapter_version)]}
+
+
+def checkpoints_view(registry: Registry, store: StoreView, names: Names) -> list[dict[str, Any]]:
+    """``fedem checkpoints --json``: the lineage of base versions, oldest first."""
+    with registry.snapshot():
+        absorbed = registry.absorbed_by_base()
+        return [checkpoint_view(c, store, [absorbed_view(registry, a, names) for a in absorbed.get(c.version, [])])
+                for c in registry.checkpoints()]
+
+
+def lineage_view(registry: Registry, hub: Path) -> dict[str, Any]:
+    """Merges and CPT checkpoints so far, and when the next of each is due.
+
+    Thresholds come from the hub's recorded `merge` and `cpt` settings (``unknown`` when absent).
+    The merge counters restart at the current base, or at the last merge refused on it: the
+    accepted contributions judged on the base since then, and the time since then.
+    """
+    base = registry.latest_checkpoint()
+    checkpoints = registry.checkpoints()
+    attempts = registry.base_attempts()
+    refused = [a for a in attempts if base is not None and a.source == "merge" and a.parent == base.version]
+    since = max([a.created for a in refused], default=None)
+    merge = registry.setting("merge")
+    cpt = registry.setting("cpt")
+    request = pending_merge_request(hub)
+    every_s = merge.get("every_s") if merge is not None else UNKNOWN
+    start = since if since is not None else (base.created if base is not None else None)
+    due_at = UNKNOWN if every_s == UNKNOWN else (iso(start + every_s) if every_s and start is not None else None)
+    cpt_rows = [c for c in checkpoints if c.source == "cpt"]
+    steps = (cpt_rows[-1].metrics.get("cpt") or {}).get("steps") if cpt_rows else None
+    every = cpt.get("checkpoint_every") if cpt is not None else UNKNOWN
+    return {
+        "merges": sum(c.source == "merge" for c in checkpoints),
+        "cpt": len(cpt_rows),
+        "refused": {source: sum(a.source == source for a in attempts) for source in ("merge", "cpt")},
+        "next_merge": {
+            "base_version": None if base is None else base.version,
+            "since": iso(start),
+            "accepted_since": 0 if base is None else registry.accepted_since(base.version, since),
+            "every_accepted": merge.get("every_accepted") if merge is not None else UNKNOWN,
+            "every_s": every_s,
+            "due_at": due_at,
+            "requested_at": None if request is None else (iso(request["requested_at"]) or UNKNOWN),
+        },
+        "next_cpt": {
+            "enabled": cpt.get("enabled", UNKNOWN) if cpt is not None else UNKNOWN,
+            "steps": steps,
+            "checkpoint_every": every,
+            "next_at_step": (steps or 0) + every if isinstance(every, int) and not isinstance(every, bool) else None,
+        },
+    }
 
 
 def version_view(v: AdapterVersion, store: StoreView) -> dict[str, Any]:
     return {"adapter": v.adapter, "version": v.version, "base_version": v.base_version,
-            "parent_version": v.parent_version, "path": store.path(v.repo, v.revision), "repo": v.repo,
-            "revision": v.revision, "digest": v.digest, "created": iso(v.created), "metrics": v.metrics}
+            "parent_version": v.parent_version, "kind": v.kind, "path": store.path(v.repo, v.revision),
+            "repo": v.repo, "revision": v.revision, "digest": v.digest, "created": iso(v.created),
+            "metrics": v.metrics}
 
 
 def lease_view(lease: Lease, names: Names) -> dict[str, Any]:
@@ -114,7 +175,8 @@ def contribution_view(c: Contribution, names: Names) -> dict[str, Any]:
     return {"id": c.id, "contributor": names.contributor(c.pseudonym), "adapter": c.adapter,
             "lease_token": c.lease_token, "received": iso(c.received), "decision": c.decision,
             "reason": c.reason, "adapter_version": c.adapter_version, "digest": c.digest,
-            "validation": c.validation, "evaluation": c.evaluation}
+            "validation": c.validation, "evaluation": c.evaluation, "base_version": c.base_version,
+            "judged_base_version": c.judged_base_version}
 
 
 def adapters_view(registry: Registry, store: StoreView, names: Names) -> list[dict[str, Any]]:
@@ -132,7 +194,8 @@ def adapters_view(registry: Registry, store: StoreView, names: Names) -> list[di
 
 
 def status_view(registry: Registry, hub: Path, store: StoreView, names: Names) -> dict[str, Any]:
-    """``fedem status --json``: base, adapters, active leases, contribution counts, recent decisions."""
+    """``fedem status --json``: base, adapters, active leases, contribution counts, the lineage (merges,
+    CPT, what is due next), recent decisions."""
     with registry.snapshot():
         base = registry.latest_checkpoint()
         writer = read_lock_holder(hub)
@@ -146,6 +209,7 @@ def status_view(registry: Registry, hub: Path, store: StoreView, names: Names) -
             "leases": [{"adapter": lease.adapter, "holder": names.holder(lease.holder), "token": lease.token,
                         "deadline": iso(lease.deadline)} for lease in registry.leases(active_only=True)],
             "contributions": registry.contribution_counts(),
+            "lineage": lineage_view(registry, hub),
             "recent": [{k: row[k] for k in ("id", "adapter", "contributor", "decision", "reason", "received")}
                        for row in (contribution_view(c, names) for c in registry.contributions(limit=RECENT))],
         }

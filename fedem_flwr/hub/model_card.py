@@ -1,20 +1,33 @@
-"""Model cards (README.md with YAML metadata) for published base checkpoints and adapter versions.
+"""Model cards (README.md with YAML metadata) for base checkpoints and adapter versions.
 
 The Hub reads `base_model`, `language`, `library_name`, `tags` and `model-index` (evaluation
-results) from the YAML header; `contributors` (pseudonyms, never identities) and `fedem` (versions)
-are extra keys the Hub keeps as they are. A card is built only from what the registry recorded for
-that version, with no clock, so publishing the same version twice yields the same bytes (and the
-same digest), which is what makes `publish_hub` idempotent.
+results) from the YAML header; `contributors` (pseudonyms, never identities) and `fedem` (versions,
+lineage) are extra keys the Hub keeps as they are. A card is built only from what the registry
+recorded (or is about to record) for that version, with no clock, so writing the same version twice
+yields the same bytes (and the same digest): the card written into the store with the artifact
+(`hub.lineage`) and the one `fedem publish` writes are both reproducible.
+
+A base card says the version's parent and source (`init`, `merge`, `cpt`), for a merge its method
+and every absorbed adapter with its version, weight and contributors, for CPT the run's steps and
+tokens so far, and the held-out loss per language. An adapter card says its base, parent version,
+kind (`fresh`, `push`, `rebase`), languages, held-out loss per language and contributors.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping, Sequence
+from pathlib import Path
 from typing import Any, Optional
 
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
+from fedem_flwr.hub.records import Absorbed
+
 TASK = "text-generation"
+CARD_FILE = "README.md"
+# Metrics that are not held-out evaluations: never listed as evaluation results.
+_NOT_EVALUATED = ("cpt", "merge", "train", "heldout-replaced", "heldout-split")
 
 
 def _eval_results(metrics: dict[str, Any]) -> Optional[list[EvalResult]]:
@@ -28,7 +41,7 @@ def _eval_results(metrics: dict[str, Any]) -> Optional[list[EvalResult]]:
         elif isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
             flat[prefix] = float(value)
 
-    walk("", metrics)
+    walk("", {k: v for k, v in metrics.items() if k not in _NOT_EVALUATED})
     if not flat:
         return None
     return [
@@ -38,36 +51,81 @@ def _eval_results(metrics: dict[str, Any]) -> Optional[list[EvalResult]]:
     ]
 
 
-def _render(data: ModelCardData, title: str, lines: list[str]) -> ModelCard:
+def _heldout_lines(metrics: dict[str, Any]) -> list[str]:
+    """A Markdown table of held-out loss per language, or a line saying none was measured."""
+    heldout = metrics.get("heldout")
+    rows = sorted((lang, loss) for lang, loss in (heldout or {}).items()
+                  if isinstance(loss, (int, float)) and not isinstance(loss, bool) and math.isfinite(loss))
+    if not rows:
+        return ["", "No held-out loss recorded."]
+    return ["", "| language | held-out loss |", "| --- | --- |", *(f"| {lang} | {loss:.4f} |" for lang, loss in rows)]
+
+
+def _render(data: ModelCardData, title: str, lines: list[str], tail: Sequence[str] = ()) -> ModelCard:
     body = "\n".join(f"- {line}" for line in lines)
-    return ModelCard(f"---\n{data.to_yaml()}\n---\n\n# {title}\n\n{body}\n")
+    extra = "\n".join(tail)
+    return ModelCard(f"---\n{data.to_yaml()}\n---\n\n# {title}\n\n{body}\n" + (f"{extra}\n" if extra else ""))
 
 
 def base_card(repo_id: str, version: int, parent: Optional[int], source: str,
-              metrics: Optional[dict[str, Any]] = None) -> ModelCard:
-    """Card of base checkpoint `version` (source `init`, `merge` or `cpt`)."""
-    results = _eval_results(metrics or {})
+              metrics: Optional[dict[str, Any]] = None, *, absorbed: Sequence[Absorbed] = (),
+              contributors: Optional[Mapping[str, Sequence[str]]] = None) -> ModelCard:
+    """Card of base checkpoint `version` (source `init`, `merge` or `cpt`).
+
+    `metrics` keys as recorded with the checkpoint (`heldout`, `cpt` {steps, tokens}, `merge`
+    {method, seed}); `absorbed` the adapter versions a merge took in, and `contributors` the
+    pseudonyms behind each absorbed adapter (by adapter name).
+    """
+    metrics = metrics or {}
+    contributors = contributors or {}
+    results = _eval_results(metrics)
+    lineage: dict[str, Any] = {"kind": "base", "version": version, "parent": parent, "source": source}
+    lines = [f"version v{version} ({source}" + (f" from v{parent})" if parent is not None else ")")]
+    merge = metrics.get("merge") or {}
+    if source == "merge" or absorbed:
+        method = merge.get("method") or ", ".join(sorted({a.method for a in absorbed})) or "unknown"
+        seed = merge.get("seed")
+        lineage["merge"] = {"method": method, "seed": seed, "absorbed": [
+            {"adapter": a.adapter, "version": a.adapter_version, "weight": a.weight, "method": a.method,
+             "seed": a.seed, "contributors": sorted(contributors.get(a.adapter, []))} for a in absorbed]}
+        lines.append(f"merge method `{method}`" + (f", seed {seed}" if seed is not None else "")
+                     + f", {len(absorbed)} adapter(s) absorbed")
+        for a in absorbed:
+            names = sorted(contributors.get(a.adapter, []))
+            lines.append(f"absorbed adapter `{a.adapter}` v{a.adapter_version}, weight {a.weight:g}, "
+                         + (f"contributors {', '.join(names)}" if names else "no accepted contribution"))
+    cpt = metrics.get("cpt") or {}
+    if source == "cpt" or cpt:
+        lineage["cpt"] = {"steps": cpt.get("steps"), "tokens": cpt.get("tokens")}
+        lines.append(f"continuous pretraining: {_count(cpt.get('steps'))} optimizer step(s), "
+                     f"{_count(cpt.get('tokens'))} token(s) so far")
+    everyone = sorted({name for a in absorbed for name in contributors.get(a.adapter, [])})
     data = ModelCardData(
         library_name="transformers",
         pipeline_tag=TASK,
         tags=["fedem", "federated-learning"],
         model_name=repo_id if results else None,
         eval_results=results,
-        fedem={"kind": "base", "version": version, "parent": parent, "source": source},
+        contributors=everyone or None,
+        fedem=lineage,
     )
-    lines = [f"version v{version} ({source}" + (f" from v{parent})" if parent is not None else ")"),
-             "load: `AutoModelForCausalLM.from_pretrained(repo_id, revision=...)`"]
-    return _render(data, f"{repo_id} v{version}", lines)
+    lines.append("load: `AutoModelForCausalLM.from_pretrained(repo_id, revision=...)`")
+    return _render(data, f"{repo_id} v{version}", lines, _heldout_lines(metrics))
 
 
 def adapter_card(repo_id: str, name: str, version: int, base_model: str, base_revision: str,
                  languages: list[str], contributors: list[str],
-                 metrics: Optional[dict[str, Any]] = None) -> ModelCard:
+                 metrics: Optional[dict[str, Any]] = None, *, parent_version: Optional[int] = None,
+                 base_version: Optional[int] = None, kind: Optional[str] = None) -> ModelCard:
     """Card of adapter `name` at `version`, trained on `base_model`@`base_revision`.
 
     `contributors` are pseudonyms (keyed hashes): the card never names a contributor's identity.
     """
-    results = _eval_results(metrics or {})
+    metrics = metrics or {}
+    results = _eval_results(metrics)
+    lineage: dict[str, Any] = {"kind": "adapter", "adapter": name, "version": version, "base_revision": base_revision}
+    if kind is not None:
+        lineage.update({"version_kind": kind, "parent_version": parent_version, "base_version": base_version})
     data = ModelCardData(
         base_model=base_model,
         language=sorted(languages) or None,
@@ -77,9 +135,26 @@ def adapter_card(repo_id: str, name: str, version: int, base_model: str, base_re
         model_name=repo_id if results else None,
         eval_results=results,
         contributors=sorted(set(contributors)),
-        fedem={"kind": "adapter", "adapter": name, "version": version, "base_revision": base_revision},
+        fedem=lineage,
     )
-    lines = [f"adapter `{name}` version v{version}, on `{base_model}` revision `{base_revision}`",
-             f"{len(set(contributors))} accepted contribution(s), listed by pseudonym",
-             "load: `peft.AutoPeftModelForCausalLM.from_pretrained(repo_id, revision=...)`"]
-    return _render(data, f"{repo_id} v{version}", lines)
+    lines = [f"adapter `{name}` version v{version}, on `{base_model}` revision `{base_revision}`"]
+    if kind is not None:
+        lines.append({"fresh": "a fresh LoRA (zero delta)",
+                      "push": f"an accepted contribution on v{parent_version}",
+                      "rebase": f"restarted from a zero delta after a merge absorbed v{parent_version}"}.get(kind, kind))
+    if languages:
+        lines.append(f"languages: {', '.join(sorted(languages))}")
+    lines += [f"{len(set(contributors))} accepted contribution(s), listed by pseudonym",
+              "load: `peft.AutoPeftModelForCausalLM.from_pretrained(repo_id, revision=...)`"]
+    return _render(data, f"{repo_id} v{version}", lines, _heldout_lines(metrics))
+
+
+def write_card(folder: Path, card: ModelCard) -> Path:
+    """Write ``card`` as the folder's README.md (replacing PEFT's template), before the folder is stored."""
+    path = Path(folder) / CARD_FILE
+    path.write_text(str(card), encoding="utf-8")
+    return path
+
+
+def _count(value: Any) -> str:
+    return f"{value:,}" if isinstance(value, int) and not isinstance(value, bool) else "unknown"

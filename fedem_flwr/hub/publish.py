@@ -19,12 +19,13 @@ import json
 import tempfile
 import time
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Callable, Optional
 
 from fedem_flwr.errors import RevisionNotFound
 from fedem_flwr.hub.hf_store import HfStore
-from fedem_flwr.hub.model_card import adapter_card, base_card
+from fedem_flwr.hub.lineage import checkpoint_card, version_card
 from fedem_flwr.hub.paths import hf_cache_path, store_path
+from fedem_flwr.hub.registry import Registry
 from fedem_flwr.hub.store import ArtifactRef, LocalStore, copy_tree
 
 ADAPTER_CONFIG = "adapter_config.json"
@@ -39,23 +40,9 @@ def rewrite_adapter_config(folder: Path, base_repo_id: str, base_revision: str) 
     path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
 
 
-def _contributors(registry: Any, adapter: str, version: int) -> list[str]:
-    """Pseudonyms of the accepted contributions that led to `adapter` version `version`."""
-    rows = registry.contributions(adapter=adapter) if hasattr(registry, "contributions") else []
-    return sorted({
-        c.pseudonym for c in rows
-        if c.decision == "accepted" and c.adapter_version is not None and c.adapter_version <= version
-    })
-
-
-def _languages(registry: Any, adapter: str) -> list[str]:
-    row = registry.adapter(adapter) if hasattr(registry, "adapter") else None
-    return list(row.languages) if row is not None else []
-
-
 def publish_hub(
     hub_path: Path,
-    registry: Any,
+    registry: Registry,
     repo_prefix: str,
     endpoint: Optional[str] = None,
     token: Optional[str] = None,
@@ -66,9 +53,8 @@ def publish_hub(
 ) -> list[str]:
     """Push every registered base checkpoint and adapter version; return the `repo_id@tag`s pushed.
 
-    `registry` needs `checkpoints()` (rows with `.version/.parent/.source/.repo/.revision/.digest/
-    .metrics`) and `adapter_versions()` (`.adapter/.version/.base_version/.repo/.revision/.digest/
-    .metrics`); `adapter(name).languages` and `contributions(adapter=)` feed the cards when present.
+    Each gets its card (`hub.lineage`) naming the published repo ids: a base's parent, source, merge
+    and absorbed adapters, CPT steps and held-out losses; an adapter's base, kind and contributors.
     """
     local = LocalStore(store_path(hub_path))
     hf = HfStore(repo_prefix=repo_prefix, endpoint=endpoint, token=token, private=private,
@@ -84,7 +70,7 @@ def publish_hub(
     for cp in sorted(registry.checkpoints(), key=lambda c: c.version):
         rid = hf.repo_id(cp.repo)
         folder = local.get(ArtifactRef(cp.repo, cp.revision, cp.digest))
-        card = base_card(rid, cp.version, cp.parent, cp.source, cp.metrics)
+        card = checkpoint_card(registry, rid, cp.version, cp.parent, cp.source, cp.metrics, registry.absorbed(cp.version))
         push(cp.repo, cp.revision, folder, f"base checkpoint v{cp.version} ({cp.source})", card)
         bases[cp.version] = (rid, cp.revision)
 
@@ -99,7 +85,6 @@ def publish_hub(
             stage = Path(tmp) / "adapter"
             copy_tree(source, stage)
             rewrite_adapter_config(stage, base_rid, base_rev)
-            card = adapter_card(rid, av.adapter, av.version, base_rid, base_rev, _languages(registry, av.adapter),
-                                _contributors(registry, av.adapter, av.version), av.metrics)
+            card = version_card(registry, av, rid, base_rid, base_rev)
             push(av.repo, av.revision, stage, f"adapter {av.adapter} v{av.version} on {base_rid}@{base_rev}", card)
     return pushed

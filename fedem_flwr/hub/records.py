@@ -10,6 +10,11 @@ from typing import Any, Optional
 
 CHECKPOINT_SOURCES = ("init", "merge", "cpt")
 DECISIONS = ("accepted", "rejected")
+# An adapter version is `fresh` (v0), an accepted `push`, or a `rebase`: an absorbed adapter restarting
+# from a zero delta on a new base (no contribution row).
+VERSION_KINDS = ("fresh", "push", "rebase")
+# Base versions that were tried and not published: a merge or a CPT checkpoint refused by its gate.
+ATTEMPT_SOURCES = ("merge", "cpt")
 
 
 def revision_name(version: int) -> str:
@@ -19,7 +24,12 @@ def revision_name(version: int) -> str:
 
 @dataclass(frozen=True)
 class Checkpoint:
-    """A published base model: version 0 is the seed, each next one is max+1."""
+    """A published base model: version 0 is the seed, each next one is max+1.
+
+    ``metrics`` keys (each optional): ``heldout`` {language: mean held-out loss of this base},
+    ``cpt`` {``steps``, ``tokens``: optimizer steps and training tokens of the CPT run so far},
+    ``merge`` {``method``, ``seed``}. The adapters a merge absorbed are :class:`Absorbed` rows.
+    """
 
     version: int
     parent: Optional[int]
@@ -55,6 +65,7 @@ class AdapterVersion:
     revision: str
     metrics: dict[str, Any]
     created: float
+    kind: str = "push"
 
 
 @dataclass(frozen=True)
@@ -72,6 +83,42 @@ class Contribution:
     decision: str
     reason: str
     adapter_version: Optional[int]
+    base_version: Optional[int] = None  # the base the push was trained on (null before lineage records)
+    judged_base_version: Optional[int] = None  # the base it was judged on
+
+
+@dataclass(frozen=True)
+class Evaluation:
+    """Held-out loss per language of one adapter version on one base version."""
+
+    adapter: str
+    adapter_version: int
+    base_version: int
+    heldout: dict[str, float]
+    created: float
+
+
+@dataclass(frozen=True)
+class Absorbed:
+    """One adapter version a merge absorbed into base ``base_version``, with its weight and method."""
+
+    adapter: str
+    adapter_version: int
+    weight: float = 1.0
+    method: str = "sum"
+    seed: Optional[int] = None
+
+
+@dataclass(frozen=True)
+class BaseAttempt:
+    """A merge or CPT checkpoint that was tried on base ``parent`` and not published, and why."""
+
+    id: int
+    created: float
+    source: str
+    parent: Optional[int]
+    reason: str
+    details: dict[str, Any]
 
 
 def dumps(name: str, value: Any) -> str:
@@ -106,10 +153,25 @@ def adapter_from(row: sqlite3.Row) -> Adapter:
 def adapter_version_from(row: sqlite3.Row) -> AdapterVersion:
     return AdapterVersion(row["adapter"], row["version"], row["base_version"], row["parent_version"],
                           row["digest"], row["repo"], row["revision"], json.loads(row["metrics"]),
-                          row["created"])
+                          row["created"], row["kind"])
 
 
 def contribution_from(row: sqlite3.Row) -> Contribution:
     return Contribution(row["id"], row["pseudonym"], row["adapter"], row["lease_token"], row["received"],
                         row["digest"], json.loads(row["validation"]), json.loads(row["evaluation"]),
-                        row["decision"], row["reason"], row["adapter_version"])
+                        row["decision"], row["reason"], row["adapter_version"], row["base_version"],
+                        row["judged_base_version"])
+
+
+def evaluation_from(row: sqlite3.Row) -> Evaluation:
+    return Evaluation(row["adapter"], row["adapter_version"], row["base_version"], json.loads(row["heldout"]),
+                      row["created"])
+
+
+def absorbed_from(row: sqlite3.Row) -> Absorbed:
+    return Absorbed(row["adapter"], row["adapter_version"], row["weight"], row["method"], row["seed"])
+
+
+def base_attempt_from(row: sqlite3.Row) -> BaseAttempt:
+    return BaseAttempt(row["id"], row["created"], row["source"], row["parent"], row["reason"],
+                       json.loads(row["details"]))

@@ -1,5 +1,11 @@
 """The hub's durable memory: checkpoints, adapters and their versions, leases, contributions.
 
+One lineage of base versions (DESIGN decision 16): each checkpoint names its parent and source, a
+merge names the adapter versions it absorbed (:meth:`Registry.add_checkpoint` ``absorbed=``), and
+attempts that were not published are :meth:`Registry.add_base_attempt` rows. Held-out losses belong
+to an (adapter version, base version) pair (:meth:`Registry.put_evaluation`); the gate reads a
+parent's losses on the base it judges on with :meth:`Registry.parent_losses`.
+
 SQLite through the standard library, in WAL mode so readers (``fedem``) never block the writer (the
 ServerApp, which also holds the hub's :class:`~fedem_flwr.hub.paths.HubWriterLock`). Every method
 that changes state is one transaction; group several with :meth:`Registry.atomic` (nested calls
@@ -12,16 +18,19 @@ from __future__ import annotations
 import hashlib
 import hmac
 import json
+import math
 import sqlite3
 import time
+from collections.abc import Sequence
 from dataclasses import replace
-from typing import Optional
+from typing import Any, Optional, Union
 
 from fedem_flwr.errors import RegistryConflict
 from fedem_flwr.hub import records as rec
 from fedem_flwr.hub.database import Database
 from fedem_flwr.hub.pseudonym import pseudonym_of
-from fedem_flwr.hub.records import Adapter, AdapterVersion, Checkpoint, Contribution
+from fedem_flwr.hub.records import (Absorbed, Adapter, AdapterVersion, BaseAttempt, Checkpoint, Contribution,
+                                    Evaluation)
 from fedem_flwr.relay.leases import Lease
 
 _LEASE_KEYS = ("adapter", "holder", "base_version", "adapter_version", "issued")
@@ -37,16 +46,25 @@ class Registry(Database):
 
     def add_checkpoint(self, parent: Optional[int], source: str, repo: str, revision: Optional[str],
                        digest: str, metrics: Optional[dict], created: float,
-                       version: Optional[int] = None) -> Checkpoint:
+                       version: Optional[int] = None, absorbed: Sequence[Union[Absorbed, tuple]] = ()) -> Checkpoint:
         """Record a published base checkpoint as version max+1 (0 for the seed).
 
         Pass ``version`` when the artifact was already written under it: a mismatch is a conflict.
-        ``revision=None`` names it ``v{version}``.
+        ``revision=None`` names it ``v{version}``. A merge names what it ``absorbed``:
+        ``(adapter, adapter_version, weight, method, seed)`` tuples or :class:`Absorbed` rows, recorded
+        in the same transaction as the checkpoint (both or neither).
         """
         if source not in rec.CHECKPOINT_SOURCES:
             raise ValueError(f"`source` is {source!r}; allowed: {', '.join(rec.CHECKPOINT_SOURCES)}.")
         created = rec.finite("created", created)
         metrics_json = rec.dumps("metrics", metrics)
+        rows = [_absorbed(item) for item in absorbed]
+        if rows and source != "merge":
+            raise ValueError(f"`absorbed` names {len(rows)} adapter(s), but `source` is {source!r}; only a "
+                             "merge absorbs adapters.")
+        twice = sorted({r.adapter for r in rows if sum(o.adapter == r.adapter for o in rows) > 1})
+        if twice:
+            raise ValueError(f"`absorbed` names adapter(s) {twice} more than once; a merge absorbs one version each.")
         with self.atomic():
             number = self._claim(self.next_checkpoint_version(), version, "checkpoint")
             if parent is not None and self.checkpoint(parent) is None:
@@ -54,7 +72,60 @@ class Registry(Database):
             revision = revision or rec.revision_name(number)
             self._conn.execute("INSERT INTO checkpoints VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
                                (number, parent, created, source, repo, revision, digest, metrics_json))
+            for row in rows:
+                if self._one("SELECT 1 FROM adapter_versions WHERE adapter = ? AND version = ?",
+                             (row.adapter, row.adapter_version)) is None:
+                    raise RegistryConflict(f"`absorbed` names adapter {row.adapter!r} v{row.adapter_version}, "
+                                           "which the registry does not know.")
+                self._conn.execute("INSERT INTO merge_absorbed VALUES (?, ?, ?, ?, ?, ?)",
+                                   (number, row.adapter, row.adapter_version, row.weight, row.method, row.seed))
         return Checkpoint(number, parent, created, source, repo, revision, digest, dict(metrics or {}))
+
+    def absorbed(self, base_version: int) -> list[Absorbed]:
+        """The adapter versions the merge that made ``base_version`` absorbed (empty for init/cpt)."""
+        rows = self._all("SELECT * FROM merge_absorbed WHERE base_version = ? ORDER BY adapter", (base_version,))
+        return [rec.absorbed_from(r) for r in rows]
+
+    def absorbed_by_base(self) -> dict[int, list[Absorbed]]:
+        """base version -> the adapter versions its merge absorbed, for every merge."""
+        out: dict[int, list[Absorbed]] = {}
+        for row in self._all("SELECT * FROM merge_absorbed ORDER BY base_version, adapter"):
+            out.setdefault(row["base_version"], []).append(rec.absorbed_from(row))
+        return out
+
+    def absorbing_base(self, adapter: str, adapter_version: int) -> Optional[int]:
+        """The base version whose merge took in the work of ``adapter`` v``adapter_version`` (None: not yet).
+
+        An absorbed adapter restarts from a zero delta, so the first merge that absorbed this version
+        or a later one is the merge that carried it into the base.
+        """
+        row = self._one("SELECT base_version FROM merge_absorbed WHERE adapter = ? AND adapter_version >= ? "
+                        "ORDER BY adapter_version LIMIT 1", (adapter, adapter_version))
+        return None if row is None else int(row[0])
+
+    # -- attempts at a new base that were not published -----------------------------------------
+    def add_base_attempt(self, source: str, parent: Optional[int], reason: str, details: Optional[dict],
+                         created: float) -> BaseAttempt:
+        """Record a merge or CPT checkpoint tried on base ``parent`` and not published, with why."""
+        if source not in rec.ATTEMPT_SOURCES:
+            raise ValueError(f"`source` is {source!r}; allowed: {', '.join(rec.ATTEMPT_SOURCES)}.")
+        if not isinstance(reason, str) or not reason:
+            raise ValueError(f"`reason` is {reason!r}; an attempt that was not published says why.")
+        created = rec.finite("created", created)
+        details_json = rec.dumps("details", details)
+        with self.atomic():
+            if parent is not None and self.checkpoint(parent) is None:
+                raise RegistryConflict(f"`parent` is {parent}, but no base checkpoint has that version.")
+            cur = self._conn.execute("INSERT INTO base_attempts (created, source, parent, reason, details) "
+                                     "VALUES (?, ?, ?, ?, ?)", (created, source, parent, reason, details_json))
+        return BaseAttempt(int(cur.lastrowid), created, source, parent, reason, dict(details or {}))
+
+    def base_attempts(self, source: Optional[str] = None) -> list[BaseAttempt]:
+        """Attempts that were not published, oldest first (all, or of one ``source``)."""
+        sql, params = "SELECT * FROM base_attempts", ()
+        if source is not None:
+            sql, params = sql + " WHERE source = ?", (source,)
+        return [rec.base_attempt_from(r) for r in self._all(sql + " ORDER BY id", params)]
 
     def checkpoint(self, version: int) -> Optional[Checkpoint]:
         row = self._one("SELECT * FROM checkpoints WHERE version = ?", (version,))
@@ -96,10 +167,17 @@ class Registry(Database):
 
     def add_adapter_version(self, adapter: str, base_version: int, parent_version: Optional[int],
                             repo: str, revision: Optional[str], digest: str, metrics: Optional[dict],
-                            created: float, version: Optional[int] = None) -> AdapterVersion:
-        """Record a stored adapter state as version max+1 of ``adapter`` (0 is the fresh LoRA)."""
+                            created: float, version: Optional[int] = None, kind: Optional[str] = None) -> AdapterVersion:
+        """Record a stored adapter state as version max+1 of ``adapter`` (0 is the fresh LoRA).
+
+        ``kind`` is ``fresh`` (version 0, the default there), ``push`` (an accepted contribution, the
+        default after 0) or ``rebase`` (restarting from a zero delta on a new base). Held-out losses
+        in ``metrics["heldout"]`` are also recorded as the version's evaluation on ``base_version``.
+        """
         created = rec.finite("created", created)
         metrics_json = rec.dumps("metrics", metrics)
+        if kind is not None and kind not in rec.VERSION_KINDS:
+            raise ValueError(f"`kind` is {kind!r}; allowed: {', '.join(rec.VERSION_KINDS)}.")
         with self.atomic():
             if self.adapter(adapter) is None:
                 raise RegistryConflict(f"`adapter` is {adapter!r}, but no adapter has that name.")
@@ -109,12 +187,20 @@ class Registry(Database):
             if parent_version is not None and not 0 <= parent_version < number:
                 raise RegistryConflict(
                     f"`parent_version` is {parent_version}; adapter {adapter!r} has versions 0..{number - 1}.")
+            kind = kind or ("fresh" if number == 0 else "push")
+            if (kind == "fresh") != (number == 0):
+                raise RegistryConflict(f"`kind` is {kind!r} for version {number} of adapter {adapter!r}; "
+                                       "version 0 is `fresh` and only version 0 is.")
             revision = revision or rec.revision_name(number)
-            self._conn.execute("INSERT INTO adapter_versions VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            self._conn.execute("INSERT INTO adapter_versions (adapter, version, base_version, parent_version, "
+                               "digest, repo, revision, metrics, created, kind) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                                (adapter, number, base_version, parent_version, digest, repo, revision,
-                                metrics_json, created))
+                                metrics_json, created, kind))
+            heldout = (metrics or {}).get("heldout")
+            if isinstance(heldout, dict):
+                self.put_evaluation(adapter, number, base_version, heldout, created)
         return AdapterVersion(adapter, number, base_version, parent_version, digest, repo, revision,
-                              dict(metrics or {}), created)
+                              dict(metrics or {}), created, kind)
 
     def latest_adapter_version(self, name: str) -> Optional[AdapterVersion]:
         row = self._one("SELECT * FROM adapter_versions WHERE adapter = ? ORDER BY version DESC LIMIT 1",
@@ -136,13 +222,15 @@ class Registry(Database):
         return [rec.adapter_version_from(r) for r in rows]
 
     def update_version_heldout(self, adapter: str, version: int, heldout: dict[str, float], split: str,
-                               updated: float, replaced_split: Optional[str] = None) -> AdapterVersion:
+                               updated: float, replaced_split: Optional[str] = None,
+                               base_version: Optional[int] = None) -> AdapterVersion:
         """Replace a version's held-out losses after the held-out set changed (split id ``split``).
 
-        The gate compares pushes with the latest version's ``metrics["heldout"]``, so those losses
-        must come from the held-out set the hub evaluates on now. The replaced losses stay in
-        ``metrics["heldout-replaced"]`` with the split they were measured on (their recorded
-        ``heldout-split``, else ``replaced_split``): nothing is lost.
+        The gate compares pushes with the parent's losses (:meth:`parent_losses`), so those losses
+        must come from the held-out set the hub evaluates on now: they become the version's
+        evaluation on ``base_version`` (default: the version's own base; pass the base the losses
+        were measured on). The replaced losses stay in ``metrics["heldout-replaced"]`` with the split
+        they were measured on (their recorded ``heldout-split``, else ``replaced_split``).
         """
         updated = rec.finite("updated", updated)
         with self.atomic():
@@ -157,7 +245,47 @@ class Registry(Database):
             metrics.update({"heldout": dict(heldout), "heldout-split": split, "heldout-replaced": replaced})
             self._conn.execute("UPDATE adapter_versions SET metrics = ? WHERE adapter = ? AND version = ?",
                                (rec.dumps("metrics", metrics), adapter, version))
+            self.put_evaluation(adapter, version, old.base_version if base_version is None else base_version,
+                                heldout, updated)
         return replace(old, metrics=metrics)
+
+    # -- evaluations: held-out losses of an adapter version on a base version --------------------
+    def put_evaluation(self, adapter: str, version: int, base_version: int, heldout: dict[str, float],
+                       created: float) -> Evaluation:
+        """Record (or replace, after a re-evaluation) ``adapter`` v``version``'s held-out loss per
+        language on base ``base_version``."""
+        created = rec.finite("created", created)
+        losses = _losses(heldout)
+        with self.atomic():
+            if self._one("SELECT 1 FROM adapter_versions WHERE adapter = ? AND version = ?", (adapter, version)) is None:
+                raise RegistryConflict(f"adapter {adapter!r} has no version {version}.")
+            if self.checkpoint(base_version) is None:
+                raise RegistryConflict(f"`base_version` is {base_version}, but no base checkpoint has it.")
+            self._conn.execute(
+                "INSERT INTO evaluations VALUES (?, ?, ?, ?, ?) ON CONFLICT(adapter, adapter_version, base_version) "
+                "DO UPDATE SET heldout = excluded.heldout, created = excluded.created",
+                (adapter, version, base_version, rec.dumps("heldout", losses), created))
+        return Evaluation(adapter, version, base_version, losses, created)
+
+    def evaluation(self, adapter: str, version: int, base_version: int) -> Optional[dict[str, float]]:
+        """Held-out loss per language of ``adapter`` v``version`` on base ``base_version``; None if never measured."""
+        row = self._one("SELECT heldout FROM evaluations WHERE adapter = ? AND adapter_version = ? AND base_version = ?",
+                        (adapter, version, base_version))
+        return None if row is None else json.loads(row[0])
+
+    def evaluations(self, base_version: Optional[int] = None) -> list[Evaluation]:
+        """Every evaluation (or those on one base), by adapter, version and base."""
+        sql, params = "SELECT * FROM evaluations", ()
+        if base_version is not None:
+            sql, params = sql + " WHERE base_version = ?", (base_version,)
+        return [rec.evaluation_from(r) for r in
+                self._all(sql + " ORDER BY adapter, adapter_version, base_version", params)]
+
+    def parent_losses(self, adapter: str, version: int, base_version: int) -> Optional[dict[str, float]]:
+        """What the gate compares a push with: the parent version's held-out losses on the base the
+        push is judged on. None when the parent was never evaluated on that base: evaluate it there
+        (and :meth:`put_evaluation`) before judging, never compare losses across bases."""
+        return self.evaluation(adapter, version, base_version)
 
     def _claim(self, next_number: int, wanted: Optional[int], what: str) -> int:
         if wanted is not None and wanted != next_number:
@@ -266,30 +394,38 @@ class Registry(Database):
 
     def add_contribution(self, pseudonym: str, adapter: str, lease_token: Optional[int], received: float,
                          digest: str, validation: Optional[dict], evaluation: Optional[dict],
-                         decision: str, reason: str = "", adapter_version: Optional[int] = None) -> int:
-        """Record one returned adapter and the decision on it; returns its id. Never deleted."""
+                         decision: str, reason: str = "", adapter_version: Optional[int] = None, *,
+                         base_version: Optional[int] = None, judged_base_version: Optional[int] = None) -> int:
+        """Record one returned adapter and the decision on it; returns its id. Never deleted.
+
+        ``base_version`` is the base the push was trained on (its lease's), ``judged_base_version``
+        the base it was judged on (the newest when it arrived); both null when not known.
+        """
         if decision not in rec.DECISIONS:
             raise ValueError(f"`decision` is {decision!r}; allowed: {', '.join(rec.DECISIONS)}.")
         params = (pseudonym, adapter, lease_token, rec.finite("received", received), digest,
                   rec.dumps("validation", validation), rec.dumps("evaluation", evaluation), decision,
-                  reason or "", adapter_version)
+                  reason or "", adapter_version, base_version, judged_base_version)
         with self.atomic():
             try:
                 cur = self._conn.execute(
                     "INSERT INTO contributions (pseudonym, adapter, lease_token, received, digest, validation, "
-                    "evaluation, decision, reason, adapter_version) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)", params)
+                    "evaluation, decision, reason, adapter_version, base_version, judged_base_version) "
+                    "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)", params)
             except sqlite3.IntegrityError as err:
                 raise self._contribution_conflict(params, err) from err
             return int(cur.lastrowid)
 
     def _contribution_conflict(self, params: tuple, err: sqlite3.IntegrityError) -> Exception:
-        pseudonym, adapter, token, *_, version = params
+        pseudonym, adapter, token, *_, version, base, judged = params
         checks = [
             ("pseudonym", pseudonym, "SELECT 1 FROM contributors WHERE pseudonym = ?", (pseudonym,)),
             ("adapter", adapter, "SELECT 1 FROM adapters WHERE name = ?", (adapter,)),
             ("lease_token", token, "SELECT 1 FROM leases WHERE token = ?", (token,)),
             ("adapter_version", version, "SELECT 1 FROM adapter_versions WHERE adapter = ? AND version = ?",
              (adapter, version)),
+            ("base_version", base, "SELECT 1 FROM checkpoints WHERE version = ?", (base,)),
+            ("judged_base_version", judged, "SELECT 1 FROM checkpoints WHERE version = ?", (judged,)),
         ]
         for key, value, sql, args in checks:
             if value is not None and self._one(sql, args) is None:
@@ -305,6 +441,25 @@ class Registry(Database):
         if limit is not None:
             sql, params = sql + " LIMIT ?", params + (int(limit),)
         return [rec.contribution_from(r) for r in self._all(sql, params)]
+
+    def accepted_since(self, base_version: int, since: Optional[float] = None) -> int:
+        """Accepted contributions judged on ``base_version`` (received after ``since`` when given):
+        what the ``merge.every_accepted`` trigger counts."""
+        sql = "SELECT COUNT(*) FROM contributions WHERE decision = 'accepted' AND judged_base_version = ?"
+        params: tuple = (base_version,)
+        if since is not None:
+            sql, params = sql + " AND received > ?", params + (rec.finite("since", since),)
+        return int(self._one(sql, params)[0])
+
+    def contributors_of(self, adapter: str, version: int) -> list[str]:
+        """Pseudonyms of the accepted contributions whose work ``adapter`` v``version`` carries: those
+        since its last fresh start (v0, or a rebase after a merge absorbed the earlier work)."""
+        rows = self._all(
+            "SELECT DISTINCT pseudonym FROM contributions WHERE adapter = ? AND decision = 'accepted' "
+            "AND adapter_version <= ? AND adapter_version > COALESCE((SELECT MAX(version) FROM adapter_versions "
+            "WHERE adapter = ? AND version <= ? AND kind IN ('fresh', 'rebase')), -1) ORDER BY pseudonym",
+            (adapter, version, adapter, version))
+        return [r[0] for r in rows]
 
     def contribution_counts(self) -> dict[str, int]:
         """``{"accepted": n, "rejected": m}`` (both keys always present)."""
@@ -334,6 +489,31 @@ class Registry(Database):
                 (name, rec.dumps(f"setting {name}", value), stamp))
 
 
+def _absorbed(item: Union[Absorbed, tuple]) -> Absorbed:
+    row = item if isinstance(item, Absorbed) else Absorbed(*item)
+    if not isinstance(row.adapter, str) or not row.adapter:
+        raise ValueError(f"`absorbed` adapter is {row.adapter!r}; it must be an adapter name.")
+    if isinstance(row.weight, bool) or not isinstance(row.weight, (int, float)) or not math.isfinite(row.weight):
+        raise ValueError(f"`absorbed` weight of {row.adapter!r} is {row.weight!r}; it must be a finite number.")
+    if not isinstance(row.method, str) or not row.method:
+        raise ValueError(f"`absorbed` method of {row.adapter!r} is {row.method!r}; name the merge method.")
+    if row.seed is not None and (isinstance(row.seed, bool) or not isinstance(row.seed, int)):
+        raise ValueError(f"`absorbed` seed of {row.adapter!r} is {row.seed!r}; it must be an integer or None.")
+    return replace(row, weight=float(row.weight))
+
+
+def _losses(heldout: Any) -> dict[str, float]:
+    """Held-out losses as {language: finite float}; anything else is refused, naming the language."""
+    if not isinstance(heldout, dict):
+        raise ValueError(f"`heldout` is {heldout!r}; it must map languages to losses.")
+    out = {}
+    for lang, loss in heldout.items():
+        if isinstance(loss, bool) or not isinstance(loss, (int, float)) or not math.isfinite(loss):
+            raise ValueError(f"`heldout` loss of language {lang!r} is {loss!r}; it must be a finite number.")
+        out[str(lang)] = float(loss)
+    return out
+
+
 def _lease_from(row: sqlite3.Row) -> Lease:
     return Lease(token=row["token"], adapter=row["adapter"], holder=row["holder"],
                  base_version=row["base_version"], adapter_version=row["adapter_version"],
@@ -341,5 +521,6 @@ def _lease_from(row: sqlite3.Row) -> Lease:
                  outcome=row["outcome"])
 
 
-__all__ = ["Registry", "Adapter", "AdapterVersion", "Checkpoint", "Contribution", "Lease"]
+__all__ = ["Registry", "Absorbed", "Adapter", "AdapterVersion", "BaseAttempt", "Checkpoint", "Contribution",
+           "Evaluation", "Lease"]
 

@@ -3,7 +3,10 @@
 Times are epoch seconds (REAL, from the caller's clock); versions are integers; JSON columns are
 TEXT checked with ``json_valid``. Partial unique indexes make the database itself refuse a second
 active lease on one adapter, or on one node. Contributions carry only a pseudonym; identities stay
-in ``contributors``.
+in ``contributors``. Migration 3 records the lineage of base versions: held-out losses per
+(adapter version, base version) in ``evaluations``, each adapter version's ``kind``, the adapters a
+merge absorbed (``merge_absorbed``), attempts that were not published (``base_attempts``), and the
+bases a contribution was trained and judged on.
 
 A migration is appended, never edited: a registry records which ones it has applied, and a
 registry from a newer fedem-flwr is refused rather than guessed at.
@@ -100,6 +103,53 @@ CREATE TABLE settings (
     value    TEXT NOT NULL CHECK (json_valid(value)),
     updated  REAL NOT NULL
 );
+"""),
+    # One lineage of base versions (DESIGN decisions 12, 16, 17). Before it, the base never moved
+    # past v0, so every push was trained and judged on the base its lease named, and every held-out
+    # loss recorded with a version was measured on that version's own base: the back-fills say so.
+    Migration(3, "lineage", """
+CREATE TABLE evaluations (
+    adapter          TEXT NOT NULL,
+    adapter_version  INTEGER NOT NULL,
+    base_version     INTEGER NOT NULL REFERENCES checkpoints(version),
+    heldout          TEXT NOT NULL DEFAULT '{}' CHECK (json_valid(heldout)),
+    created          REAL NOT NULL,
+    PRIMARY KEY (adapter, adapter_version, base_version),
+    FOREIGN KEY (adapter, adapter_version) REFERENCES adapter_versions(adapter, version)
+);
+CREATE INDEX evaluations_base ON evaluations(base_version);
+INSERT INTO evaluations (adapter, adapter_version, base_version, heldout, created)
+    SELECT adapter, version, base_version, json_extract(metrics, '$.heldout'), created FROM adapter_versions
+    WHERE json_type(metrics, '$.heldout') = 'object';
+ALTER TABLE adapter_versions ADD COLUMN kind TEXT NOT NULL DEFAULT 'push'
+    CHECK (kind IN ('fresh', 'push', 'rebase'));
+UPDATE adapter_versions SET kind = 'fresh' WHERE version = 0;
+CREATE TABLE merge_absorbed (
+    base_version     INTEGER NOT NULL REFERENCES checkpoints(version),
+    adapter          TEXT NOT NULL,
+    adapter_version  INTEGER NOT NULL,
+    weight           REAL NOT NULL,
+    method           TEXT NOT NULL CHECK (method <> ''),
+    seed             INTEGER,
+    PRIMARY KEY (base_version, adapter),
+    FOREIGN KEY (adapter, adapter_version) REFERENCES adapter_versions(adapter, version)
+);
+CREATE INDEX merge_absorbed_adapter ON merge_absorbed(adapter, adapter_version);
+CREATE TABLE base_attempts (
+    id       INTEGER PRIMARY KEY,
+    created  REAL NOT NULL,
+    source   TEXT NOT NULL CHECK (source IN ('merge', 'cpt')),
+    parent   INTEGER REFERENCES checkpoints(version),
+    reason   TEXT NOT NULL CHECK (reason <> ''),
+    details  TEXT NOT NULL DEFAULT '{}' CHECK (json_valid(details))
+);
+ALTER TABLE contributions ADD COLUMN base_version INTEGER REFERENCES checkpoints(version);
+ALTER TABLE contributions ADD COLUMN judged_base_version INTEGER REFERENCES checkpoints(version);
+UPDATE contributions SET
+    base_version = (SELECT l.base_version FROM leases l WHERE l.token = contributions.lease_token),
+    judged_base_version = (SELECT l.base_version FROM leases l WHERE l.token = contributions.lease_token)
+    WHERE lease_token IS NOT NULL;
+CREATE INDEX contributions_judged_base ON contributions(judged_base_version, decision);
 """),
 )
 

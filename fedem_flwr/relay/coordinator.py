@@ -231,7 +231,7 @@ class RelayCoordinator:
             reason = "non-finite-loss: held-out loss " + ", ".join(f"{lang}={losses[lang]}" for lang in bad)
             return self._conclude(lease, received, "rejected", reason, losses)
         decision = self._decide(losses, parent.metrics.get("heldout", {}), languages)
-        ref = self._write_artifact(state, parent, lease) if decision.accepted else None
+        ref = self._write_artifact(state, parent, lease, losses, received.pseudonym) if decision.accepted else None
         return self._conclude(lease, received, "accepted" if decision.accepted else "rejected", decision.reason,
                               losses, parent=parent, ref=ref)
 
@@ -319,18 +319,23 @@ class RelayCoordinator:
             raise HubFault(f"cannot read {parent.repo}@{parent.revision}, the parent version of a push: "
                            f"{one_line(err)}") from err
 
-    def _write_artifact(self, state, parent, lease: Lease) -> ArtifactRef:
-        """The artifact is renamed into place before its registry row commits: a crash between the
-        two leaves an orphan revision that ``fedem verify`` reports and this write replaces, never a
-        row without files.
+    def _write_artifact(self, state, parent, lease: Lease, losses: HeldoutLosses, contributor: str) -> ArtifactRef:
+        """The artifact, with its filled model card, is renamed into place before its registry row
+        commits: a crash between the two leaves an orphan revision that ``fedem verify`` reports and
+        this write replaces, never a row without files.
 
         The workbench's own errors are the push's (contained); a store that cannot write is the hub's.
         """
         base = self.registry.checkpoint(lease.base_version)
         base_ref = ArtifactRef(self.store.repo_id(base.repo), base.revision, base.digest)
         version = parent.version + 1
+        from fedem_flwr.hub.lineage import write_adapter_card  # huggingface_hub's cards: only once a version is written
+
         with tempfile.TemporaryDirectory(prefix="fedem-adapter-") as tmp:
             self.workbench.save(state, Path(tmp), base_ref)
+            write_adapter_card(Path(tmp), self.registry, self.store, repo=parent.repo, adapter=lease.adapter,
+                               version=version, base_version=lease.base_version, parent_version=parent.version,
+                               kind="push", heldout=losses, contributor=contributor)
             try:
                 return self.store.put(
                     parent.repo, revision_name(version), Path(tmp),

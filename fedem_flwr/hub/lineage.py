@@ -1,0 +1,128 @@
+"""Writing versions of the lineage with their filled model cards: artifact + card, then registry row.
+
+Every version in the store carries its card from the moment it is written (the card is README.md in
+the folder before ``store.put``, so the digest covers it), built from what the registry knows and what
+is about to be recorded, with no clock (``hub.model_card``). The order is DESIGN decision 12's: the
+artifact is written and renamed into place, then its registry row commits, so a crash leaves at worst
+an orphan that the next write of that revision replaces.
+
+API (the hub's loop calls these; none imports torch or Flower):
+
+- ``publish_base(registry, store, folder, *, parent, source, metrics, created, absorbed=(), repo=None)
+  -> Checkpoint``: the next base version (a merge or a CPT checkpoint that passed its gate), with
+  the merge's absorbed ``(adapter, version, weight, method, seed)`` recorded in the same transaction.
+- ``record_attempt(registry, *, source, parent, reason, details, created) -> BaseAttempt``: a merge or
+  CPT checkpoint that was not published.
+- ``store_adapter_version(registry, store, folder, *, adapter, base_version, parent_version, kind,
+  metrics, created) -> AdapterVersion``: a version with no contribution (``rebase``: an absorbed
+  adapter restarting from a zero delta on the new base).
+- ``write_adapter_card(folder, registry, store, ...)``: the card of an adapter version about to be
+  stored (the relay coordinator writes it between saving an accepted push and storing it).
+- ``checkpoint_card`` / ``version_card``: the cards of recorded versions (``fedem publish``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any, Optional, Union
+
+from huggingface_hub import ModelCard
+
+from fedem_flwr.hub.model_card import adapter_card, base_card, write_card
+from fedem_flwr.hub.records import Absorbed, AdapterVersion, BaseAttempt, Checkpoint, revision_name
+from fedem_flwr.hub.registry import Registry
+from fedem_flwr.hub.store import ArtifactStore
+
+
+def checkpoint_card(registry: Registry, repo_id: str, version: int, parent: Optional[int], source: str,
+                    metrics: Optional[dict[str, Any]], absorbed: Sequence[Absorbed] = ()) -> ModelCard:
+    """The card of base ``version``; the contributors behind each absorbed adapter come from the registry."""
+    contributors = {a.adapter: registry.contributors_of(a.adapter, a.adapter_version) for a in absorbed}
+    return base_card(repo_id, version, parent, source, metrics, absorbed=absorbed, contributors=contributors)
+
+
+def version_card(registry: Registry, v: AdapterVersion, repo_id: str, base_repo_id: str, base_revision: str,
+                 extra_contributors: Sequence[str] = ()) -> ModelCard:
+    """The card of adapter version ``v`` (recorded, or about to be: ``extra_contributors`` names the
+    contribution not yet recorded)."""
+    adapter = registry.adapter(v.adapter)
+    return adapter_card(repo_id, v.adapter, v.version, base_repo_id, base_revision,
+                        list(adapter.languages) if adapter is not None else [],
+                        [*registry.contributors_of(v.adapter, v.version), *extra_contributors], v.metrics,
+                        parent_version=v.parent_version, base_version=v.base_version, kind=v.kind)
+
+
+def write_adapter_card(folder: Path, registry: Registry, store: ArtifactStore, *, repo: str, adapter: str,
+                       version: int, base_version: int, parent_version: Optional[int], kind: str,
+                       heldout: Mapping[str, float], contributor: Optional[str] = None,
+                       languages: Optional[Sequence[str]] = None) -> ModelCard:
+    """Write the card of ``adapter`` v``version`` (not yet recorded) into ``folder``, before it is stored.
+
+    ``contributor`` is the pseudonym of the push being accepted; the card also lists those whose
+    accepted work the parent version carries. ``languages`` default to the adapter's recorded ones.
+    """
+    base = registry.checkpoint(base_version)
+    if base is None:
+        raise ValueError(f"`base_version` is {base_version}, but no base checkpoint has it.")
+    if languages is None:
+        row = registry.adapter(adapter)
+        languages = list(row.languages) if row is not None else []
+    earlier = registry.contributors_of(adapter, parent_version) if kind == "push" and parent_version is not None else []
+    card = adapter_card(store.repo_id(repo), adapter, version, store.repo_id(base.repo), base.revision,
+                        list(languages), [*earlier, *([contributor] if contributor else [])],
+                        {"heldout": dict(heldout)}, parent_version=parent_version, base_version=base_version,
+                        kind=kind)
+    write_card(folder, card)
+    return card
+
+
+def publish_base(registry: Registry, store: ArtifactStore, folder: Path, *, parent: int, source: str,
+                 metrics: Optional[dict[str, Any]], created: float,
+                 absorbed: Sequence[Union[Absorbed, tuple]] = (), repo: Optional[str] = None,
+                 message: Optional[str] = None) -> Checkpoint:
+    """Store ``folder`` (a saved base model) as the next base version with its card, then record it.
+
+    ``repo`` defaults to the parent's repo. ``metrics`` keys: ``heldout`` (loss per language), ``cpt``
+    {steps, tokens}, ``merge`` {method, seed}. The card is written into ``folder``.
+    """
+    parent_row = registry.checkpoint(parent)
+    if parent_row is None:
+        raise ValueError(f"`parent` is {parent}, but no base checkpoint has that version.")
+    rows = [a if isinstance(a, Absorbed) else Absorbed(*a) for a in absorbed]
+    repo = repo or parent_row.repo
+    version = registry.next_checkpoint_version()
+    revision = revision_name(version)
+    write_card(folder, checkpoint_card(registry, store.repo_id(repo), version, parent, source, metrics, rows))
+    ref = store.put(repo, revision, Path(folder), message=message or f"base v{version} ({source} from v{parent})",
+                    replace_orphan=True)  # `version` is past the registry's latest: anything stored there is an orphan
+    return registry.add_checkpoint(parent, source, ref.repo, ref.revision, ref.digest, metrics, created,
+                                   version=version, absorbed=rows)
+
+
+def record_attempt(registry: Registry, *, source: str, parent: Optional[int], reason: str,
+                   details: Optional[dict[str, Any]], created: float) -> BaseAttempt:
+    """A merge or CPT checkpoint that was not published: nothing changes but this record."""
+    return registry.add_base_attempt(source, parent, reason, details, created)
+
+
+def store_adapter_version(registry: Registry, store: ArtifactStore, folder: Path, *, adapter: str,
+                          base_version: int, parent_version: int, kind: str, metrics: Optional[dict[str, Any]],
+                          created: float, message: Optional[str] = None) -> AdapterVersion:
+    """Store ``folder`` (a saved PEFT adapter) as ``adapter``'s next version of ``kind`` with its card,
+    then record it (its ``metrics["heldout"]`` becomes its evaluation on ``base_version``).
+
+    For versions without a contribution (``rebase``); an accepted push is recorded by the relay
+    coordinator together with its contribution and lease.
+    """
+    parent = registry.latest_adapter_version(adapter)
+    if parent is None:
+        raise ValueError(f"`adapter` is {adapter!r}, but it has no version to continue from.")
+    version = parent.version + 1
+    write_adapter_card(folder, registry, store, repo=parent.repo, adapter=adapter, version=version,
+                       base_version=base_version, parent_version=parent_version, kind=kind,
+                       heldout=(metrics or {}).get("heldout") or {})
+    ref = store.put(parent.repo, revision_name(version), Path(folder),
+                    message=message or f"{adapter} v{version} ({kind} on base v{base_version})", replace_orphan=True)
+    return registry.add_adapter_version(adapter, base_version, parent_version, ref.repo, ref.revision, ref.digest,
+                                        metrics, created, version=version, kind=kind)
