@@ -87,7 +87,7 @@ def open_hub(cfg: FedemConfig, hub_path: Path, clock: Callable[[], float] = time
         resolved_config=config_to_dict(cfg),
     )
     # Parents' losses come from the held-out set in use: evaluated again when the split changed.
-    refresh_parent_losses(registry, store, workbench.evaluate, fingerprint, clock)
+    refresh_parent_losses(registry, store, workbench.evaluate, fingerprint, clock, base.version)
     seed_adapters(cfg, registry, store, workbench, language_sizes(corpus), base, clock)
 
     rng = random.Random(cfg.seed)

@@ -76,9 +76,11 @@ def refresh_parent_losses(
     evaluate: Callable[[dict[str, Any]], dict[str, float]],
     fingerprint: dict,
     clock: Callable[[], float],
+    base_version: Optional[int] = None,
 ) -> list[str]:
     """Record ``fingerprint``; if the recorded one differs, re-evaluate every adapter's latest version
-    with ``evaluate`` (held-out loss per language of a state) first. Returns the adapters re-evaluated."""
+    with ``evaluate`` (held-out loss per language of a state, on base ``base_version``: the one the
+    workbench holds) first. Returns the adapters re-evaluated."""
     recorded: Optional[dict] = registry.setting(SETTING)
     if recorded == fingerprint:
         return []
@@ -90,7 +92,8 @@ def refresh_parent_losses(
         folder = store.get(ArtifactRef(version.repo, version.revision, version.digest))
         losses = evaluate(load_adapter_file(folder / ADAPTER_WEIGHTS_FILE))
         registry.update_version_heldout(adapter, version.version, losses, split=name, updated=clock(),
-                                        replaced_split=split_id(recorded) if recorded else None)
+                                        replaced_split=split_id(recorded) if recorded else None,
+                                        base_version=base_version)
     registry.put_setting(SETTING, fingerprint, updated=clock())
     if recorded is None and not latest:
         log.info("Held-out split %s recorded", name)

@@ -35,6 +35,7 @@ class ScriptedWorkbench:
     """Held-out loss on every language is read from the adapter weights: ``w[0]``."""
 
     weights = None  # the gate takes a plain mean over the adapter's languages
+    heldout = dict.fromkeys(LANGUAGES)  # the languages it holds out
 
     def evaluate(self, state, languages=None):
         return {language: float(state["w"][0]) for language in languages or LANGUAGES}

@@ -40,6 +40,9 @@ class AdapterWorkbench(Protocol):
     weights: Optional[Mapping[str, float]]
     """Held-out tokens per language (token-weighted gate), or None for a plain mean."""
 
+    heldout: Mapping[str, Any]
+    """The languages it holds out (keys); their held-out data (values) stays inside the workbench."""
+
     def evaluate(self, state: Mapping[str, Any], languages: Optional[Sequence[str]] = None) -> HeldoutLosses:
         """Held-out mean loss per language of the base with this adapter (all, or ``languages``)."""
 
@@ -218,22 +221,44 @@ class RelayCoordinator:
             return self._contain(lease, received, err)
 
     def _judge(self, lease: Lease, received: "_Received", state: Mapping[str, Any]) -> PushOutcome:
-        """No credit without work (before evaluation), then blind evaluation and the gate."""
+        """No credit without work (before evaluation), then blind evaluation and the gate.
+
+        A push is judged on the current base, whatever base its lease started on: the workbench holds
+        the newest base, and the parent's losses come from that same base (evaluations belong to a
+        pair of adapter version and base version), so like is compared with like."""
+        base = self.registry.latest_checkpoint()
         parent = self.registry.latest_adapter_version(lease.adapter)
         languages = self.registry.adapter(lease.adapter).languages
-        idle = no_work(state, self._parent_weights(parent), self.gate.min_change, revision_name(parent.version))
+        parent_state = self._parent_weights(parent)
+        idle = no_work(state, parent_state, self.gate.min_change, revision_name(parent.version))
         if idle:
-            return self._conclude(lease, received, "rejected", idle, {})
+            return self._conclude(lease, received, "rejected", idle, {}, judged=base.version)
 
-        losses = self.workbench.evaluate(state, None if self.gate.check_others else languages)
+        scope = None if self.gate.check_others else languages
+        reference = self._parent_losses(parent, base.version, parent_state, scope)
+        losses = self.workbench.evaluate(state, scope)
         bad = [lang for lang in sorted(losses) if not math.isfinite(losses[lang])]
         if bad:  # huge weights: nothing to compare, and nothing to keep
             reason = "non-finite-loss: held-out loss " + ", ".join(f"{lang}={losses[lang]}" for lang in bad)
-            return self._conclude(lease, received, "rejected", reason, losses)
-        decision = self._decide(losses, parent.metrics.get("heldout", {}), languages)
-        ref = self._write_artifact(state, parent, lease, losses, received.pseudonym) if decision.accepted else None
+            return self._conclude(lease, received, "rejected", reason, losses, judged=base.version)
+        decision = self._decide(losses, reference, languages)
+        ref = (self._write_artifact(state, parent, lease, losses, received.pseudonym, base)
+               if decision.accepted else None)
         return self._conclude(lease, received, "accepted" if decision.accepted else "rejected", decision.reason,
-                              losses, parent=parent, ref=ref)
+                              losses, parent=parent, ref=ref, judged=base.version)
+
+    def _parent_losses(self, parent: Any, base_version: int, parent_state: Mapping[str, Any],
+                       languages: Optional[Sequence[str]]) -> HeldoutLosses:
+        """The parent's held-out losses on ``base_version``, evaluated there first when missing (or
+        missing a language the gate now compares)."""
+        recorded = self.registry.parent_losses(parent.adapter, parent.version, base_version) or {}
+        wanted = set(self.workbench.heldout if languages is None else languages) & set(self.workbench.heldout)
+        if wanted <= set(recorded):
+            return recorded
+        losses = {**recorded, **self.workbench.evaluate(parent_state, languages)}
+        finite = {lang: loss for lang, loss in losses.items() if math.isfinite(loss)}
+        self.registry.put_evaluation(parent.adapter, parent.version, base_version, finite, self.clock())
+        return finite
 
     def _contain(self, lease: Lease, received: "_Received", err: Exception) -> PushOutcome:
         """End the lease of a push the hub failed to judge, record why, and let the relay go on."""
@@ -319,14 +344,14 @@ class RelayCoordinator:
             raise HubFault(f"cannot read {parent.repo}@{parent.revision}, the parent version of a push: "
                            f"{one_line(err)}") from err
 
-    def _write_artifact(self, state, parent, lease: Lease, losses: HeldoutLosses, contributor: str) -> ArtifactRef:
+    def _write_artifact(self, state, parent, lease: Lease, losses: HeldoutLosses, contributor: str,
+                        base: Any) -> ArtifactRef:
         """The artifact, with its filled model card, is renamed into place before its registry row
         commits: a crash between the two leaves an orphan revision that ``fedem verify`` reports and
         this write replaces, never a row without files.
 
         The workbench's own errors are the push's (contained); a store that cannot write is the hub's.
         """
-        base = self.registry.checkpoint(lease.base_version)
         base_ref = ArtifactRef(self.store.repo_id(base.repo), base.revision, base.digest)
         version = parent.version + 1
         from fedem_flwr.hub.lineage import write_adapter_card  # huggingface_hub's cards: only once a version is written
@@ -334,7 +359,7 @@ class RelayCoordinator:
         with tempfile.TemporaryDirectory(prefix="fedem-adapter-") as tmp:
             self.workbench.save(state, Path(tmp), base_ref)
             write_adapter_card(Path(tmp), self.registry, self.store, repo=parent.repo, adapter=lease.adapter,
-                               version=version, base_version=lease.base_version, parent_version=parent.version,
+                               version=version, base_version=base.version, parent_version=parent.version,
                                kind="push", heldout=losses, contributor=contributor)
             try:
                 return self.store.put(
@@ -347,25 +372,29 @@ class RelayCoordinator:
 
     def _conclude(
         self, lease: Lease, received: "_Received", decision: str, reason: str, losses: Mapping[str, float], *,
-        parent: Any = None, ref: Optional[ArtifactRef] = None,
+        parent: Any = None, ref: Optional[ArtifactRef] = None, judged: Optional[int] = None,
     ) -> PushOutcome:
-        """Release the lease, add the version (if any) and record the contribution in one transaction."""
+        """Release the lease, add the version (if any) and record the contribution in one transaction.
+
+        ``judged`` is the base the push was judged on; a new version belongs to that base."""
         version = None
         with self.registry.atomic():
             if ref is not None:
                 row = self.registry.add_adapter_version(
-                    adapter=lease.adapter, base_version=lease.base_version, parent_version=parent.version,
+                    adapter=lease.adapter, base_version=judged, parent_version=parent.version,
                     repo=ref.repo, revision=ref.revision, digest=ref.digest,
                     metrics={"heldout": dict(losses), "train": dict(received.metrics)}, created=received.at,
                 )
                 version = row.version
-            self._record(received, lease.adapter, lease.token, decision, reason, version, losses)
+            self._record(received, lease.adapter, lease.token, decision, reason, version, losses,
+                         trained_on=lease.base_version, judged_on=judged)
             self.book.release(lease.token, received.at, outcome=decision)
             self._flush()
         return PushOutcome(decision, reason, lease.adapter, lease.token, version, dict(losses))
 
     def _record(self, received: "_Received", adapter: str, token: Optional[int], decision: str, reason: str,
-                version: Optional[int], losses: Mapping[str, float]) -> None:
+                version: Optional[int], losses: Mapping[str, float], *, trained_on: Optional[int] = None,
+                judged_on: Optional[int] = None) -> None:
         """One contribution row (it carries the pseudonym only); the caller holds the transaction.
 
         The registry holds no NaN: a non-finite loss is stored as null and named in ``non_finite``.
@@ -389,6 +418,8 @@ class RelayCoordinator:
             decision=decision,
             reason=reason,
             adapter_version=version,
+            base_version=trained_on,
+            judged_base_version=judged_on,
         )
         log.info("Push for %r (lease %s) %s: %s", adapter, token, decision, reason)
 
