@@ -183,7 +183,9 @@ def merge_adapters(
             model = copy.deepcopy(base_model)
             _add_deltas(model, adapters, factors, targets, lora_cfg, method, density)
     params = dict(model.named_parameters(remove_duplicate=False))
-    bad = [name for name in targets if not torch.isfinite(params[name]).all()]
+    # A float64 sum is finite exactly when every float32/16 element is (it cannot overflow), and on a
+    # CPU it runs an order of magnitude faster than isfinite().all().
+    bad = [name for name in targets if not torch.isfinite(params[name].detach().sum(dtype=torch.float64))]
     if bad:
         raise MergeError(f"merged weights are not finite on {bad}; nothing is merged.")
     absorbed = tuple(Absorbed(a.name, int(a.version), float(a.weight), method) for a in adapters)
@@ -223,19 +225,24 @@ def _add_deltas(model: "PreTrainedModel", adapters: Sequence[WeightedAdapter], f
     params = dict(model.named_parameters(remove_duplicate=False))
     for target in targets:  # sorted: DARE draws in the same order on every run
         param = params[target]
-        merged = param.detach().float().clone()
-        present = [(a.weight, _Factors(pairs[target].A.to(merged.device), pairs[target].B.to(merged.device),
-                                       pairs[target].embedding))
-                   for a, pairs in zip(adapters, factors) if target in pairs]
+        # A float32 copy is updated in place; a lower-precision one is summed in float32, cast once.
+        in_place = param.dtype == torch.float32
+        merged = param.detach() if in_place else param.detach().float()
+        present = [(a.weight, pairs[target]) for a, pairs in zip(adapters, factors) if target in pairs]
         if method == "sum":
-            for weight, f in present:  # W += w * scale * B @ A, without materialising each delta
-                lhs, rhs = (f.A.float().T, f.B.float().T) if f.embedding else (f.B.float(), f.A.float())
-                merged.addmm_(lhs, rhs, alpha=weight * scale)
+            # sum_i w_i s B_i @ A_i is one product of the stacked factors [w_i s B_i] @ [A_i]: one pass
+            # over the weight however many adapters, and no delta materialised.
+            lhs = torch.cat([weight * scale * f.B.float() for weight, f in present], dim=1).to(merged.device)
+            rhs = torch.cat([f.A.float() for _, f in present], dim=0).to(merged.device)
+            if present[0][1].embedding:  # the delta is (B @ A).T = A.T @ B.T
+                lhs, rhs = rhs.T, lhs.T
+            merged.addmm_(lhs, rhs)
         else:
             combine = ties if method == "ties_svd" else dare_ties
-            deltas = [f.delta(scale) for _, f in present]
-            merged += combine(deltas, torch.tensor([w for w, _ in present]), density)
-        param.copy_(merged.to(param.dtype))
+            deltas = [f.delta(scale).to(merged.device) for _, f in present]
+            merged += combine(deltas, torch.tensor([w for w, _ in present], device=merged.device), density)
+        if not in_place:
+            param.copy_(merged)
 
 
 def _merge_with_peft(base_model: "PreTrainedModel", adapters: Sequence[WeightedAdapter],

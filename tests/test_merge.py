@@ -225,6 +225,27 @@ def test_the_base_gate_refuses_a_merge_that_hurts_a_language_naming_it(base, tra
     assert looser.accepted == (harm == "en-plus-ja-sign-flipped")
 
 
+def test_a_bfloat16_base_is_summed_in_float32_and_cast_once(base):
+    # Prepare
+    state = adapter_state(random_adapter(base, ALL_SAFE, seed=8))
+    low = copy.deepcopy(base).to(torch.bfloat16)
+    deltas = lora_deltas(state, ALL_SAFE)
+
+    # Execute
+    result = merge_adapters(low, [WeightedAdapter("a", 1, state, 0.5)], ALL_SAFE)
+
+    # Assert: each target is (bf16 weight in float32 + delta) rounded once; the rest is untouched
+    merged, original = dict(result.model.named_parameters()), dict(low.named_parameters())
+    for name, param in merged.items():
+        assert param.dtype == torch.bfloat16
+        if name not in deltas:
+            assert torch.equal(param, original[name]), name
+            continue
+        expected = original[name].float() + 0.5 * deltas[name]
+        assert (expected - original[name].float()).abs().max() > 0.05  # the delta is far above bf16's rounding
+        torch.testing.assert_close(param.float(), expected, rtol=2**-8, atol=1e-6, msg=name)  # one rounding
+
+
 # -- refusals ---------------------------------------------------------------------------------------
 def test_a_tied_base_merges_in_proj_exactly_and_refuses_embedding_targets(config, tokenizer, ids):
     tied = build_model(dataclasses.replace(config.model, tie_word_embeddings=True), tokenizer, seed=0)
