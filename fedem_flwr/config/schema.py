@@ -303,6 +303,65 @@ class GateConfig:
         _choice("gate", "weighting", self.weighting, ("tokens", "mean"))
 
 
+# PEFT combination types that mix lora_A and lora_B separately instead of the deltas B @ A.
+_AB_SEPARATE = ("linear", "ties", "dare_ties", "dare_linear", "magnitude_prune")
+MERGE_METHODS = ("sum", "cat", "svd", "ties_svd", "dare_ties_svd")
+
+
+@dataclass
+class MergeConfig:
+    every_accepted: Optional[int] = field(
+        default=10, metadata={"help": "Merge after this many accepted contributions since the last attempt; null = off."}
+    )
+    every_s: Optional[float] = field(
+        default=86400.0, metadata={"help": "Merge this many seconds after the last attempt (if work was accepted); null = off."}
+    )
+    method: str = field(
+        default="sum",
+        metadata={"help": "`sum` (each delta added), `cat`, `svd` (PEFT, exact), `ties_svd`, `dare_ties_svd`."},
+    )
+    margin: float = field(
+        default=0.0, metadata={"help": "Loss gain over all languages a merged base needs over the current one."}
+    )
+    tolerance: float = field(
+        default=0.05, metadata={"help": "Allowed loss increase of a merged base on any one language."}
+    )
+    density: float = field(default=0.5, metadata={"help": "Fraction of each delta kept by `ties_svd` / `dare_ties_svd`."})
+    seed: Optional[int] = field(
+        default=None, metadata={"help": "Seed of DARE's draw; null = a fresh one per merge (always recorded)."}
+    )
+    weights: dict[str, float] = field(
+        default_factory=dict, metadata={"help": "Weight per adapter name; absent adapters weigh 1."}
+    )
+
+    def __post_init__(self) -> None:
+        if self.method in _AB_SEPARATE:
+            raise ConfigError(
+                f"`merge.method` is {self.method!r}: PEFT's `{self.method}` combines lora_A and lora_B "
+                "separately, which is not a combination of the deltas B @ A and changes what each adapter "
+                f"learned; allowed: {', '.join(repr(m) for m in MERGE_METHODS)}."
+            )
+        _choice("merge", "method", self.method, MERGE_METHODS)
+        _positive("merge", "every_accepted", self.every_accepted)
+        _positive("merge", "every_s", self.every_s)
+        for key in ("margin", "tolerance"):
+            value = getattr(self, key)
+            if not math.isfinite(value):
+                raise ConfigError(f"`merge.{key}` is {value!r}; it must be a finite number >= 0.")
+            _positive("merge", key, value, allow_zero=True)
+        if not 0.0 < self.density <= 1.0:
+            raise ConfigError(f"`merge.density` is {self.density!r}; it must be in (0, 1].")
+        if self.seed is not None and not 0 <= self.seed < 2**63:
+            raise ConfigError(f"`merge.seed` is {self.seed!r}; it must be in [0, 2**63) or null.")
+        for name, weight in self.weights.items():
+            if not (math.isfinite(weight) and weight > 0):
+                raise ConfigError(f"`merge.weights.{name}` is {weight!r}; it must be a finite number > 0.")
+
+    def weight(self, adapter: str) -> float:
+        """The merge weight of ``adapter``: ``weights[adapter]``, else 1."""
+        return float(self.weights.get(adapter, 1.0))
+
+
 @dataclass
 class HubConfig:
     path: Optional[str] = field(
@@ -333,5 +392,6 @@ class FedemConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     relay: RelayConfig = field(default_factory=RelayConfig)
     gate: GateConfig = field(default_factory=GateConfig)
+    merge: MergeConfig = field(default_factory=MergeConfig)
     hub: HubConfig = field(default_factory=HubConfig)
     cpt: CptConfig = field(default_factory=CptConfig)

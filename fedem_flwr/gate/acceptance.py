@@ -14,6 +14,11 @@ data on both sides are skipped and named in the reason.
 
 Anything that cannot be compared (no languages, missing data, non-finite losses) is rejected with a
 reason, never raised: a rejection is recorded with the contribution.
+
+``decide_base`` is the same rule for a candidate *base* (a merge or a CPT checkpoint) against the
+current base: over every held-out language at once, its loss must be strictly lower than the current
+base's by ``margin`` (``candidate < current - margin``: an unchanged base is never published), and no
+single language may be worse than the current base's by more than ``tolerance``.
 """
 
 from __future__ import annotations
@@ -76,6 +81,46 @@ def decide(
                          tolerance, summary, delta)
 
 
+def decide_base(
+    candidate: Mapping[str, float],
+    current: Mapping[str, float],
+    margin: float = 0.0,
+    tolerance: float = 0.0,
+    *,
+    weights: Optional[Mapping[str, float]] = None,
+) -> Decision:
+    """Publish ``candidate`` (a merged or CPT base) only when it beats ``current`` on all languages (module doc).
+
+    Languages are those of ``current``; each must have a candidate loss (and a weight > 0 when
+    ``weights`` is given). ``delta`` is candidate minus current loss over all languages.
+    """
+    if not (math.isfinite(margin) and margin >= 0):
+        raise ConfigError(f"`merge.margin` is {margin!r}; it must be a finite number >= 0.")
+    if not (math.isfinite(tolerance) and tolerance >= 0):
+        raise ConfigError(f"`merge.tolerance` is {tolerance!r}; it must be a finite number >= 0.")
+    languages = sorted(current)
+    if not languages:
+        return _reject("the current base has no held-out losses to compare with")
+    missing = [lang for lang in languages if lang not in candidate]
+    if weights is not None:
+        missing += [lang for lang in languages if lang not in missing and not weights.get(lang, 0) > 0]
+    if missing:
+        return _reject(f"no held-out data for the candidate base on languages {missing}")
+    bad = _non_finite(candidate, current, languages, weights)
+    if bad:
+        return _reject(bad.replace("parent", "current base"))
+
+    before = _mean(current, languages, weights)
+    after = _mean(candidate, languages, weights)
+    delta = after - before
+    summary = f"loss {before:.3f} -> {after:.3f} over {len(languages)} languages ({delta:+.3f})"
+    if not after < before - margin:
+        worse = _worse(candidate, current, languages, tolerance)
+        also = f"; worse beyond tolerance {tolerance:.3f} on {', '.join(worse)}" if worse else ""
+        return Decision(False, f"{summary}; needs < {-margin:+.3f} (margin {margin:.3f}){also}", delta)
+    return _check_others(candidate, current, languages, tolerance, summary, delta, what="every language")
+
+
 def _check_others(
     candidate: Mapping[str, float],
     parent: Mapping[str, float],
@@ -83,23 +128,30 @@ def _check_others(
     tolerance: float,
     summary: str,
     delta: float,
+    what: str = "others",
 ) -> Decision:
     checked = [lang for lang in others if lang in candidate and lang in parent]
     skipped = [lang for lang in others if lang not in checked]
     bad = _non_finite(candidate, parent, checked, None)
     if bad:
         return Decision(False, f"{summary}; {bad}", delta)
-    worse = [
-        f"{lang} {parent[lang]:.3f} -> {candidate[lang]:.3f} ({candidate[lang] - parent[lang]:+.3f})"
-        for lang in checked
-        if not candidate[lang] <= parent[lang] + tolerance
-    ]
+    worse = _worse(candidate, parent, checked, tolerance)
     if worse:
         return Decision(False, f"{summary}; worse beyond tolerance {tolerance:.3f} on {', '.join(worse)}", delta)
-    note = f"; others within {tolerance:.3f} on {','.join(checked)}" if checked else ""
+    note = f"; {what} within {tolerance:.3f} on {','.join(checked)}" if checked else ""
     if skipped:
         note += f"; no held-out data for others {skipped}, skipped"
     return Decision(True, summary + note, delta)
+
+
+def _worse(candidate: Mapping[str, float], parent: Mapping[str, float], languages: list[str],
+           tolerance: float) -> list[str]:
+    """Each language where ``candidate`` is worse than ``parent`` beyond ``tolerance``, with both losses."""
+    return [
+        f"{lang} {parent[lang]:.3f} -> {candidate[lang]:.3f} ({candidate[lang] - parent[lang]:+.3f})"
+        for lang in languages
+        if not candidate[lang] <= parent[lang] + tolerance
+    ]
 
 
 def _mean(losses: Mapping[str, float], languages: list[str], weights: Optional[Mapping[str, float]]) -> float:
