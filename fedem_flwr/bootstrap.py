@@ -80,12 +80,7 @@ def open_hub(cfg: FedemConfig, hub_path: Path, clock: Callable[[], float] = time
     base = registry.latest_checkpoint() or seed_base(cfg, registry, store, corpus, clock)
     model, tokenizer = load_base(str(store.get(ArtifactRef(base.repo, base.revision, base.digest))))
     split, fingerprint = split_corpus(cfg, registry, corpus, tokenizer)  # keyed: only the hub can rebuild it
-    # The hub evaluates every push: on its GPU when it has one (`train.device`).
-    workbench = HubWorkbench(
-        model.to(pick_device(cfg.train.device)), cfg.lora, split.heldout, pad_id=tokenizer.pad_token_id,
-        batch_size=cfg.train.eval_batch_size, max_blocks=cfg.gate.max_eval_blocks, seed=cfg.seed,
-        resolved_config=config_to_dict(cfg),
-    )
+    workbench = build_workbench(cfg, model, tokenizer.pad_token_id, split.heldout)
     # Parents' losses come from the held-out set in use: evaluated again when the split changed.
     refresh_parent_losses(registry, store, workbench.evaluate, fingerprint, clock, base.version)
     seed_adapters(cfg, registry, store, workbench, language_sizes(corpus), base, clock)
@@ -97,6 +92,15 @@ def open_hub(cfg: FedemConfig, hub_path: Path, clock: Callable[[], float] = time
         gate=cfg.gate, clock=clock,
     )
     return Hub(hub_path, registry, store, workbench, coordinator, cfg, corpus, split)
+
+
+def build_workbench(cfg: FedemConfig, model: Any, pad_id: int, heldout: Any) -> HubWorkbench:
+    """The blind evaluator of pushes on ``model`` (a base): on the hub's GPU when it has one (`train.device`)."""
+    return HubWorkbench(
+        model.to(pick_device(cfg.train.device)), cfg.lora, heldout, pad_id=pad_id,
+        batch_size=cfg.train.eval_batch_size, max_blocks=cfg.gate.max_eval_blocks, seed=cfg.seed,
+        resolved_config=config_to_dict(cfg),
+    )
 
 
 def seed_base(cfg: FedemConfig, registry: Registry, store: ArtifactStore, corpus: Any, clock: Callable[[], float]):

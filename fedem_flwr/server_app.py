@@ -11,6 +11,7 @@ import logging
 from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
+from fedem_flwr.base_keeper import BaseKeeper
 from fedem_flwr.bootstrap import open_hub
 from fedem_flwr.config import load_run_config
 from fedem_flwr.hub.paths import HubWriterLock, resolve_hub_path
@@ -29,12 +30,14 @@ def main(grid: Grid, context: Context) -> None:
     hub_path = resolve_hub_path(cfg.hub.path, require_absolute=True)
     with HubWriterLock(hub_path):
         hub = open_hub(cfg, hub_path)
+        keeper = BaseKeeper(hub)
         strategy = RelayStrategy(
             hub.coordinator, cfg.relay, hub.workbench.spec, max_steps=cfg.train.max_steps,
-            training_rows=hub.training_rows,
+            training_rows=hub.training_rows, between_turns=keeper.turn,
         )
         result = strategy.start(grid)
+        base = hub.registry.latest_checkpoint()
     print(
         f"fedem relay finished ({result.stopped_by}): {result.accepted} accepted, {result.rejected} rejected, "
-        f"{result.leases} leases in {result.seconds:.0f} s. Inspect with: fedem --hub {hub_path} status"
+        f"{result.leases} leases in {result.seconds:.0f} s; base v{base.version} ({base.source}). Inspect with: fedem --hub {hub_path} status"
     )

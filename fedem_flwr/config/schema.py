@@ -280,7 +280,7 @@ class GateConfig:
     margin: float = field(default=0.0, metadata={"help": "Required held-out loss gain on own languages."})
     tolerance: float = field(default=0.05, metadata={"help": "Allowed loss increase on other languages."})
     check_others: bool = field(
-        default=False, metadata={"help": "Also hold every other language within `tolerance` of the parent."}
+        default=True, metadata={"help": "Also hold every other language within `tolerance` of the parent."}
     )
     weighting: str = field(
         default="tokens", metadata={"help": "Own-language loss: `tokens` (held-out token weighted) or `mean`."}

@@ -301,6 +301,12 @@ class RelayCoordinator:
         log.info("Lease %d on %r ended: %s", token, lease.adapter, reason)
         return PushOutcome("rejected", reason, lease.adapter, token)
 
+    def refresh_adapter(self, name: str) -> None:
+        """A new version was recorded outside a push (a rebase after a merge): a free adapter is offered
+        with it from now on."""
+        if self.book.is_free(name):
+            self.pool.put(self._info(name, self.registry.latest_adapter_version(name).version))
+
     def node_gone(self, holder: str) -> list[Lease]:
         ended = self.book.expire_holder(holder, self.clock(), reason="node-gone")
         self._flush()

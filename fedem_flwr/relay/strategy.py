@@ -98,6 +98,7 @@ class RelayStrategy(Strategy):
         clock: Callable[[], float] = time.time,
         sleep: Callable[[float], None] = time.sleep,
         training_rows: Optional[TrainingRows] = None,
+        between_turns: Optional[Callable[[bool], None]] = None,
     ) -> None:
         self.coordinator = coordinator
         self.relay = relay
@@ -108,6 +109,7 @@ class RelayStrategy(Strategy):
         self.nodes = NodeTable(relay.backoff_s, relay.backoff_max_s)
         self.pending: dict[str, _Pending] = {}
         self.training_rows = training_rows
+        self.between_turns = between_turns  # the hub's own work (merges, CPT); told whether replies came
         self.simulation = False  # set from the Grid in ``start``
         self._rows: dict[tuple[int, int], dict[str, list[str]]] = {}
 
@@ -172,7 +174,9 @@ class RelayStrategy(Strategy):
             result.leases += len(assignments)
             trains = [self._train_message(a, free[a.lease.holder]) for a in assignments]
             self._push(grid, self._profile_queries(now) + [t for t in trains if t is not None])
-            self._pull(grid, result)
+            handled = self._pull(grid, result)
+            if self.between_turns is not None:
+                self.between_turns(handled > 0)
 
             stop = self._stop_reason(result, now - started, 0.0 if live else now - last_seen_node)
             if stop:
@@ -296,13 +300,16 @@ class RelayStrategy(Strategy):
             self._rows[node.partition] = {"text": list(rows["text"]), "language": list(rows["language"])}
         return self._rows[node.partition]
 
-    def _pull(self, grid: Grid, result: RelayResult) -> None:
+    def _pull(self, grid: Grid, result: RelayResult) -> int:
+        """Handle every reply that has arrived; returns how many."""
         if not self.pending:
-            return
+            return 0
+        handled = 0
         for reply in grid.pull_messages(list(self.pending)):
             pending = self.pending.pop(reply.metadata.reply_to_message_id, None)
             if pending is None:
                 continue  # a second answer for an id already handled
+            handled += 1
             node = self.nodes.get(pending.node_id)
             if node is not None:
                 node.busy = False
@@ -315,6 +322,7 @@ class RelayStrategy(Strategy):
                 if is_hub_fault(err):
                     raise
                 self._contain(err, pending, node, result)
+        return handled
 
     def _contain(self, err: Exception, pending: _Pending, node: Optional[NodeState], result: RelayResult) -> None:
         """An unexpected error while handling one reply: log it, end that lease with the reason, go on."""

@@ -1,0 +1,181 @@
+"""The base improves during a relay: merges of accepted adapters and CPT checkpoints, each published
+only through the base gate, on the in-process Grid with the real ClientApp, model, data and hub."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from fedem_flwr.base_keeper import BaseKeeper
+from fedem_flwr.bootstrap import open_hub
+from fedem_flwr.client_app import app as client_app
+from fedem_flwr.config import load_run_config
+from fedem_flwr.hub.store import ArtifactRef
+from fedem_flwr.model.factory import load_base
+from fedem_flwr.relay.policies import NodeProfile
+from fedem_flwr.relay.strategy import RelayStrategy
+from fedem_flwr.testing.fake_grid import InProcessGrid
+from fedem_flwr.training.evaluate import evaluate
+
+OVERRIDES = (
+    "data.languages=[hi,ta,mr,de] train.max_steps=8 train.batch_size=4 train.progress=false "
+    "relay.lease_ttl_s=600 relay.poll_interval_s=0.001 relay.no_node_grace_s=0 relay.max_wall_s=300 "
+    "cpt.slice_s=0.5 cpt.checkpoint_every=15 cpt.lr=1e-3 cpt.warmup_steps=2 cpt.batch_size=4"
+)
+
+
+def _hub(tmp_path, extra=""):
+    run_config = {"overrides": f"{OVERRIDES} {extra}", "hub": str(tmp_path / "hub")}
+    cfg = load_run_config(run_config)
+    return open_hub(cfg, tmp_path / "hub"), run_config
+
+
+def _relay(hub, run_config, tmp_path, keeper=None, nodes=2):
+    node_configs = {
+        100 + i: {"partition-id": i, "num-partitions": nodes, "cache-dir": str(tmp_path / f"cache-{i}")}
+        for i in range(nodes)
+    }
+    grid = InProcessGrid(client_app, node_configs, run_config)
+    strategy = RelayStrategy(hub.coordinator, hub.cfg.relay, hub.workbench.spec, max_steps=hub.cfg.train.max_steps,
+                             training_rows=hub.training_rows,
+                             between_turns=keeper.turn if keeper is not None else None)
+    return strategy.start(grid)
+
+
+def _losses_of(hub, version):
+    row = hub.registry.checkpoint(version)
+    model, _ = load_base(str(hub.store.get(ArtifactRef(row.repo, row.revision, row.digest))))
+    wb = hub.workbench
+    return {lang: r["loss"] for lang, r in evaluate(model, wb.heldout, pad_id=wb.pad_id).items()}
+
+
+def _state(hub, adapter, version):
+    from fedem_flwr.model.adapter_spec import load_adapter_file
+
+    row = next(v for v in hub.registry.adapter_versions(adapter) if v.version == version)
+    return load_adapter_file(hub.store.get(ArtifactRef(row.repo, row.revision, row.digest)) / "adapter_model.safetensors")
+
+
+@pytest.fixture(scope="module")
+def merged(tmp_path_factory):
+    tmp_path = tmp_path_factory.mktemp("merged")
+    hub, run_config = _hub(tmp_path, "relay.max_accepted=7 merge.every_accepted=3")
+    keeper = BaseKeeper(hub)
+    result = _relay(hub, run_config, tmp_path, keeper)
+    return hub, keeper, result
+
+
+def test_merges_publish_new_bases_that_beat_v0_on_every_language(merged):
+    hub, _, result = merged
+    bases = hub.registry.checkpoints()
+    assert result.accepted == 7
+    assert [b.source for b in bases][:2] == ["init", "merge"]
+    assert all(b.parent == b.version - 1 for b in bases[1:])  # one lineage
+    first, newest = _losses_of(hub, 0), _losses_of(hub, bases[-1].version)
+    assert set(newest) == set(first) == {"hi", "ta", "mr", "de"}
+    assert all(newest[lang] < first[lang] for lang in first), (first, newest)
+    merge = bases[1]
+    assert merge.metrics["merge"]["method"] == "sum"
+    absorbed = hub.registry.absorbed(merge.version)
+    assert absorbed and all(a.method == "sum" and a.weight == 1.0 for a in absorbed)
+
+
+def test_an_absorbed_adapter_restarts_from_a_zero_delta_on_the_new_base(merged):
+    hub, _, _ = merged
+    merge = hub.registry.checkpoints()[1]
+    for row in hub.registry.absorbed(merge.version):
+        versions = hub.registry.adapter_versions(row.adapter)
+        rebase = next(v for v in versions if v.kind == "rebase" and v.base_version == merge.version)
+        assert rebase.parent_version == row.adapter_version
+        state = _state(hub, row.adapter, rebase.version)
+        lora_b = [v for k, v in state.items() if "lora_B" in k]
+        assert lora_b and all(int(t.count_nonzero()) == 0 for t in lora_b)
+
+
+def test_every_adapter_is_evaluated_on_the_newest_base_and_pushes_are_judged_there(merged):
+    hub, _, _ = merged
+    newest = hub.registry.latest_checkpoint().version
+    for adapter in hub.registry.adapters():
+        current = hub.registry.latest_adapter_version(adapter.name)
+        assert hub.registry.parent_losses(adapter.name, current.version, newest), adapter.name
+    judged = {c.judged_base_version for c in hub.registry.contributions()}
+    assert judged >= {0, 1}
+    for c in hub.registry.contributions():
+        if c.adapter_version is not None:
+            version = next(v for v in hub.registry.adapter_versions(c.adapter) if v.version == c.adapter_version)
+            assert version.base_version == c.judged_base_version
+
+
+def test_a_merge_the_gate_refuses_is_recorded_and_nothing_changes(tmp_path):
+    hub, run_config = _hub(tmp_path, "relay.max_accepted=2 merge.every_accepted=null merge.margin=50")
+    _relay(hub, run_config, tmp_path)
+    keeper = BaseKeeper(hub)
+
+    assert keeper.merge("requested") is None
+
+    assert [b.version for b in hub.registry.checkpoints()] == [0]
+    (attempt,) = hub.registry.base_attempts()
+    assert attempt.source == "merge" and "requested" in attempt.reason and "margin" in attempt.reason
+    assert all(v.kind != "rebase" for v in hub.registry.adapter_versions())
+
+
+def test_a_leased_adapter_waits_and_a_push_on_an_older_base_is_judged_on_the_newest(tmp_path):
+    hub, run_config = _hub(tmp_path, "relay.max_accepted=3 merge.every_accepted=null")
+    _relay(hub, run_config, tmp_path)
+    keeper = BaseKeeper(hub)
+    pushed = [a.name for a in hub.registry.adapters()
+              if hub.registry.latest_adapter_version(a.name).kind == "push"]
+    held = pushed[0]
+    (assignment,) = hub.coordinator.assign([NodeProfile("sim:9", (held,))])
+    assert assignment.lease.adapter == held and assignment.lease.base_version == 0
+
+    new = keeper.merge("requested")
+
+    assert new is not None and new.version == 1
+    assert held not in {a.adapter for a in hub.registry.absorbed(1)}
+    assert hub.registry.latest_adapter_version(held).kind == "push"  # carried, not rebased
+    assert hub.registry.parent_losses(held, hub.registry.latest_adapter_version(held).version, 1)
+    # The push comes back trained on base v0: judged on v1 against its parent's losses there.
+    parent = _state(hub, held, hub.registry.latest_adapter_version(held).version)
+    nudged = {k: v + 1e-3 * torch.ones_like(v) if "lora_B" in k else v for k, v in parent.items()}
+    outcome = hub.coordinator.receive_push(holder="sim:9", token=assignment.lease.token, adapter=held,
+                                           base_version=0, state=nudged)
+    (contribution,) = [c for c in hub.registry.contributions() if c.lease_token == assignment.lease.token]
+    assert (contribution.base_version, contribution.judged_base_version) == (0, 1)
+    assert outcome.decision in ("accepted", "rejected") and not hub.registry.leases(active_only=True)
+
+
+def test_cpt_checkpoints_pass_the_gate_and_resume_after_a_restart(tmp_path):
+    hub, _ = _hub(tmp_path, "cpt.enabled=true")
+    keeper = BaseKeeper(hub)
+    for _ in range(60):
+        keeper.turn(busy=False)
+        if len(hub.registry.checkpoints()) > 1:
+            break
+    cpt_base = hub.registry.latest_checkpoint()
+    assert cpt_base.source == "cpt" and cpt_base.parent == 0
+    assert cpt_base.metrics["cpt"]["steps"] == 15 and cpt_base.metrics["cpt"]["tokens"] > 0
+    first = _losses_of(hub, 0)
+    assert all(cpt_base.metrics["heldout"][lang] < first[lang] for lang in first)
+    for adapter in hub.registry.adapters():  # every fresh adapter is evaluated on the new base
+        assert hub.registry.parent_losses(adapter.name, 0, cpt_base.version)
+
+    again = BaseKeeper(open_hub(hub.cfg, hub.path))
+    again.turn(busy=False)
+    assert again._pretrainer.resumed and again._pretrainer.step > 15
+
+
+def test_a_failing_merge_is_recorded_and_the_relay_goes_on(tmp_path, monkeypatch):
+    hub, run_config = _hub(tmp_path, "relay.max_accepted=2 merge.every_accepted=1")
+    keeper = BaseKeeper(hub)
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("merged weights fell over")
+
+    monkeypatch.setattr("fedem_flwr.base_keeper.merge_adapters", broken)
+    result = _relay(hub, run_config, tmp_path, keeper)
+
+    assert result.accepted == 2
+    attempts = hub.registry.base_attempts()
+    assert attempts and all("RuntimeError: merged weights fell over" in a.reason for a in attempts)
+    assert [b.version for b in hub.registry.checkpoints()] == [0]
