@@ -10,7 +10,8 @@ only on turns that handled no reply, and every ``cpt.checkpoint_every`` steps it
 gate. What is not published is recorded as a base attempt with its reason.
 
 After a publication the hub adopts the new base: the workbench judges on it; every adapter's current
-version is evaluated on it before its next push is judged; each absorbed adapter continues from a zero
+version is evaluated on it before its next push is judged (a zero-delta version scores the base itself;
+a trained one is evaluated when next judged or merged, so adopting a base costs the relay nothing); each absorbed adapter continues from a zero
 delta (a ``rebase`` version, PEFT's own initialisation ``B = 0``), so its accepted work is never applied
 twice; CPT continues from it with its optimizer state; and new leases carry it. A failure in a merge or a
 CPT slice is recorded and the relay goes on; only faults of the hub itself stop the run.
@@ -62,6 +63,7 @@ class BaseKeeper:
         self._last_merge_at = self._base().created
         self._bare: dict[int, Losses] = {}  # held-out losses of each bare base version, by version
         self._pretrainer: Optional[ContinuousPretrainer] = None
+        self._next_slice_at = 0.0  # `cpt.pause_s` after the end of the last slice
         self._tokenizer: Any = None
         # What `fedem status` shows as "next merge / next CPT checkpoint".
         hub.registry.put_setting("merge", asdict(self.cfg.merge), updated=clock())
@@ -70,15 +72,17 @@ class BaseKeeper:
     # -- the relay loop's hook ------------------------------------------------------------------------
 
     def turn(self, busy: bool) -> None:
-        """Merge when one is due; else, on a turn that handled no reply, run one CPT slice."""
+        """Merge when one is due; else, on a turn that handled no reply and ``cpt.pause_s`` after the
+        last slice, run one CPT slice."""
         source = "merge"
         try:
             reason = self._merge_reason()
             if reason:
                 self.merge(reason)
-            elif self.cfg.cpt.enabled and not busy:
+            elif self.cfg.cpt.enabled and not busy and time.monotonic() >= self._next_slice_at:
                 source = "cpt"
                 self.pretrain()
+                self._next_slice_at = time.monotonic() + self.cfg.cpt.pause_s
         except Exception as err:  # a failed merge or slice is recorded; the relay goes on
             if is_hub_fault(err):
                 raise
@@ -205,6 +209,7 @@ class BaseKeeper:
         hub.workbench = hub.coordinator.workbench = workbench
         base_ref = ArtifactRef(hub.store.repo_id(base.repo), base.revision, base.digest)
         now = self.clock()
+        carried = 0
         for adapter in registry.adapters():
             current = registry.latest_adapter_version(adapter.name)
             if adapter.name in absorbed:
@@ -214,14 +219,15 @@ class BaseKeeper:
                                           base_version=base.version, parent_version=current.version, kind="rebase",
                                           metrics={"heldout": dict(losses)}, created=now)
                 hub.coordinator.refresh_adapter(adapter.name)
+            elif current.kind != "push":
+                # A fresh or rebased version is a zero delta (B = 0): on the new base it scores the base itself.
+                registry.put_evaluation(adapter.name, current.version, base.version, dict(losses), now)
             else:
-                state = self._adapter_state(adapter.name, current.version)
-                registry.put_evaluation(adapter.name, current.version, base.version,
-                                        self._finite(workbench.evaluate(state)), now)
+                carried += 1  # evaluated on the new base when it is next judged or merged (see the coordinator)
         if self._pretrainer is not None and base.source != "cpt":
             self._pretrainer.load_weights(weights)  # CPT continues from the newest base, same run
-        log.info("Base v%d adopted: %d adapter(s) rebased, %d re-evaluated", base.version, len(absorbed),
-                 len(registry.adapters()) - len(absorbed))
+        log.info("Base v%d adopted: %d adapter(s) rebased, %d carried over (evaluated on it before their next "
+                 "judgement)", base.version, len(absorbed), carried)
 
     # -- helpers --------------------------------------------------------------------------------------
 

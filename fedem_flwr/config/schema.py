@@ -180,6 +180,11 @@ class CptConfig:
     slice_s: float = field(
         default=2.0, metadata={"help": "Seconds a slice may take; it starts no step that would end later."}
     )
+    pause_s: float = field(
+        default=0.0,
+        metadata={"help": "Seconds of relay between two slices: caps CPT's share of the hub's time (a hub whose "
+                          "CPU also serves its nodes, as in a simulation, needs some)."},
+    )
     checkpoint_every: int = field(
         default=200, metadata={"help": "Optimizer steps between checkpoints (gated, then published as a base)."}
     )
@@ -211,7 +216,7 @@ class CptConfig:
             if value is None or not math.isfinite(value):
                 raise ConfigError(f"`cpt.{key}` is {value!r}; it must be a finite number > 0.")
             _positive("cpt", key, value)
-        for key in ("warmup_steps", "weight_decay", "grad_clip"):
+        for key in ("warmup_steps", "weight_decay", "grad_clip", "pause_s"):
             _positive("cpt", key, getattr(self, key), allow_zero=True)
         if not 0.0 <= self.min_lr_ratio <= 1.0:
             raise ConfigError(f"`cpt.min_lr_ratio` is {self.min_lr_ratio!r}; it must be in [0, 1].")
