@@ -14,6 +14,7 @@ reset before each case through ``/proc/self/clear_refs``; elsewhere it is the pr
 
     python benchmarks/merge.py                                  # seshu-tiny and seshu-130m, 2 threads
     python benchmarks/merge.py --models seshu-tiny --methods sum cat svd ties_svd dare_ties_svd
+    python benchmarks/merge.py --models seshu-130m --max-eval-blocks 4   # CPU: 4 blocks a language
     python benchmarks/merge.py --save merge.json
     python benchmarks/merge.py --baseline merge.json            # compare seconds with a saved run
 """
@@ -79,7 +80,8 @@ def run_model(args: dict[str, Any]) -> list[dict[str, Any]]:
     tokenizer = build_byte_tokenizer()
     split = heldout_split(load_corpus(cfg.data), cfg.data.heldout_fraction, cfg.data.min_heldout_blocks,
                           cfg.data.block_size, tokenizer, key=b"merge benchmark: held-out split key")
-    heldout = {lang: blocks[: cfg.gate.max_eval_blocks] for lang, blocks in split.heldout.items()}
+    max_blocks = args["max_eval_blocks"] or cfg.gate.max_eval_blocks
+    heldout = {lang: blocks[:max_blocks] for lang, blocks in split.heldout.items()}
     pad = tokenizer.pad_token_id
     base = build_model(cfg.model, tokenizer, seed=0)
     wrapped = attach_lora(base, cfg.lora, seed=0)  # in place: PEFT's own key names for the random adapters
@@ -92,7 +94,7 @@ def run_model(args: dict[str, Any]) -> list[dict[str, Any]]:
 
     common = {"model": args["model"], "params": count_parameters(base), "threads": args["threads"],
               "languages": len(heldout), "blocks": sum(len(b) for b in heldout.values()),
-              "max_eval_blocks": cfg.gate.max_eval_blocks}
+              "max_eval_blocks": max_blocks}
     rows = []
 
     def record(case: str, seconds: float, peak: float, **extra: Any) -> None:
@@ -127,11 +129,11 @@ def run_model(args: dict[str, Any]) -> list[dict[str, Any]]:
         return rows
 
     bench = HubWorkbench(base, cfg.lora, split.heldout, pad_id=pad, batch_size=cfg.train.eval_batch_size,
-                         max_blocks=cfg.gate.max_eval_blocks, seed=0)
+                         max_blocks=max_blocks, seed=0)
     push = random_state(99)
     for case, languages in (("judge-own", [OWN]), ("judge-all", None)):
         _, seconds, peak = _measure(lambda languages=languages: bench.evaluate(push, languages))
-        record(case, seconds, peak)
+        record(case, seconds, peak, own_blocks=len(heldout[OWN]))
     return rows
 
 
@@ -140,12 +142,12 @@ def _child(args: dict[str, Any], timeout: float) -> list[dict[str, Any]]:
     env = {**os.environ, "TRANSFORMERS_VERBOSITY": "error", "TOKENIZERS_PARALLELISM": "false",
            "HF_DATASETS_DISABLE_PROGRESS_BARS": "1"}
     try:
-        done = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
+        # stderr passes through: each case prints its time there as it ends
+        done = subprocess.run(cmd, stdout=subprocess.PIPE, text=True, timeout=timeout, env=env)
     except subprocess.TimeoutExpired:
         return [{"model": args["model"], "case": "all", "status": f"timeout>{timeout:.0f}s"}]
     if done.returncode != 0:
-        last = (done.stderr.strip().splitlines() or ["no output"])[-1]
-        return [{"model": args["model"], "case": "all", "status": f"error: {last[:160]}"}]
+        return [{"model": args["model"], "case": "all", "status": f"error: exit {done.returncode} (see stderr)"}]
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
@@ -159,7 +161,8 @@ def print_table(rows: list[dict[str, Any]], baseline: Optional[list[dict[str, An
         ok = r.get("status") == "ok"
         line = [r["model"], f"{r['params']:,}" if ok else "-", r["case"], str(r.get("threads", "-")),
                 f"{r['seconds']:.3f}" if ok else r["status"], f"{r['peak_mb']:,.0f}" if ok else "-",
-                f"{r['blocks']} in {r['languages']} langs" if ok and r["case"] in ("gate", "judge-all") else "-"]
+                f"{r['blocks']} in {r['languages']} langs" if ok and r["case"] in ("gate", "judge-all")
+                else f"{r['own_blocks']} ({OWN})" if ok and r["case"] == "judge-own" else "-"]
         if baseline is not None:
             prev = old.get((r["model"], r["case"]))
             line.append(f"x{r['seconds'] / prev['seconds']:.2f}" if ok and prev else "n/a")
@@ -177,6 +180,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser.add_argument("--methods", nargs="+", default=["sum"], help="merge methods to time (merge.method values)")
     parser.add_argument("--cases", nargs="+", default=list(CASES), choices=CASES, help="which parts to run")
     parser.add_argument("--adapters", type=int, default=8, help="random adapters merged at once")
+    parser.add_argument("--max-eval-blocks", type=int, default=0,
+                        help="held-out blocks per language evaluated (default: gate.max_eval_blocks)")
     parser.add_argument("--threads", type=int, default=2, help="torch CPU threads")
     parser.add_argument("--timeout", type=float, default=1800.0, help="seconds per model, then 'timeout'")
     parser.add_argument("--save", type=Path, help="write the results as JSON")
@@ -191,7 +196,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     rows = []
     for model in args.models:
         rows += _child({"model": model, "methods": args.methods, "adapters": args.adapters,
-                        "threads": args.threads, "cases": args.cases}, args.timeout)
+                        "threads": args.threads, "cases": args.cases,
+                        "max_eval_blocks": args.max_eval_blocks}, args.timeout)
     print_table(rows, baseline)
     if args.save:
         meta = {"python": platform.python_version(), "machine": platform.machine(), "cpus": os.cpu_count(),

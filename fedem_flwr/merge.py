@@ -174,7 +174,9 @@ def merge_adapters(
     used_seed = None
     if method == "dare_ties_svd":
         used_seed = secrets.randbits(63) if seed is None else int(seed)
-    with torch.no_grad(), torch.random.fork_rng(devices=[]):  # PEFT's init and DARE's draw: not the caller's RNG
+    # PEFT's init and DARE's draw use a forked RNG (CPU and the model's CUDA devices), not the caller's.
+    devices = sorted({p.device.index or 0 for p in base_model.parameters() if p.device.type == "cuda"})
+    with torch.no_grad(), torch.random.fork_rng(devices=devices):
         if used_seed is not None:
             torch.manual_seed(used_seed)
         if method in ("cat", "svd"):

@@ -135,7 +135,9 @@ def test_dare_is_reproducible_with_its_recorded_seed_and_ties_trims(base):
         return result, dict(result.model.named_parameters())[weight].detach()
 
     # Execute
+    rng = torch.get_rng_state()
     dare, first = merged("dare_ties_svd", seed=7)
+    assert torch.equal(torch.get_rng_state(), rng)  # the draw left the caller's RNG as it was
     _, again = merged("dare_ties_svd", seed=7)
     _, other = merged("dare_ties_svd", seed=8)
     drawn, fresh = merged("dare_ties_svd")

@@ -104,16 +104,16 @@ def test_a_base_worse_on_one_language_beyond_tolerance_is_refused_naming_it():
 
 def test_an_unchanged_or_worse_base_is_refused_and_the_worse_languages_named():
     same = decide_base(dict(BASE), BASE)
-    assert same == Decision(False, "loss 2.667 -> 2.667 over 3 languages (+0.000); needs < -0.000 (margin 0.000)", 0.0)
+    assert same == Decision(False, "loss 2.667 -> 2.667 over 3 languages (+0.000); needs a lower loss", 0.0)
     worse = decide_base({"hi": 3.2, "te": 3.0, "en": 2.0}, BASE, tolerance=0.1)
     assert not worse.accepted
-    assert worse.reason.endswith("(margin 0.000); worse beyond tolerance 0.100 on hi 3.000 -> 3.200 (+0.200)")
+    assert worse.reason.endswith("needs a lower loss; worse beyond tolerance 0.100 on hi 3.000 -> 3.200 (+0.200)")
 
 
 def test_the_margin_and_token_weights_apply_over_all_languages():
     candidate = {"hi": 2.8, "te": 3.0, "en": 2.0}
     assert decide_base(candidate, BASE, margin=0.05).accepted            # plain mean -0.067
-    assert not decide_base(candidate, BASE, margin=0.1).accepted
+    assert decide_base(candidate, BASE, margin=0.1).reason.endswith("(-0.067); needs < -0.100 (margin 0.100)")
     weights = {"hi": 10, "te": 10, "en": 980}                              # weighted -0.002
     assert not decide_base(candidate, BASE, margin=0.01, weights=weights).accepted
     assert decide_base(candidate, BASE, weights=weights).delta == pytest.approx(-0.002)

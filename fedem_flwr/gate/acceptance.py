@@ -117,7 +117,8 @@ def decide_base(
     if not after < before - margin:
         worse = _worse(candidate, current, languages, tolerance)
         also = f"; worse beyond tolerance {tolerance:.3f} on {', '.join(worse)}" if worse else ""
-        return Decision(False, f"{summary}; needs < {-margin:+.3f} (margin {margin:.3f}){also}", delta)
+        need = f"needs < {-margin:+.3f} (margin {margin:.3f})" if margin else "needs a lower loss"
+        return Decision(False, f"{summary}; {need}{also}", delta)
     return _check_others(candidate, current, languages, tolerance, summary, delta, what="every language")
 
 
