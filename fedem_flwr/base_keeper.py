@@ -14,7 +14,9 @@ version is evaluated on it before its next push is judged (a zero-delta version 
 a trained one is evaluated when next judged or merged, so adopting a base costs the relay nothing); each absorbed adapter continues from a zero
 delta (a ``rebase`` version, PEFT's own initialisation ``B = 0``), so its accepted work is never applied
 twice; CPT continues from it with its optimizer state; and new leases carry it. A failure in a merge or a
-CPT slice is recorded and the relay goes on; only faults of the hub itself stop the run.
+CPT slice is recorded and the relay goes on; only faults of the hub itself stop the run. A merge is
+carried into the CPT run as the change it made (merged minus parent weights), so CPT keeps its own
+steps since its last checkpoint and continues from the newest base.
 """
 
 from __future__ import annotations
@@ -134,7 +136,7 @@ class BaseKeeper:
         metrics = {"heldout": losses, "merge": {"method": result.method, "seed": result.seed}}
         new = self._publish(result.model, tokenizer, base, "merge", metrics, absorbed)
         log.info("Published base v%d: merged %s into v%d (%s)", new.version, names, base.version, decision.reason)
-        self._adopt(new, result.model, losses, absorbed={a.name for a in result.absorbed})
+        self._adopt(new, result.model, losses, absorbed={a.name for a in result.absorbed}, parent=model)
         return new
 
     def _candidate(self, name: str, base: Checkpoint) -> Optional[Candidate]:
@@ -200,10 +202,13 @@ class BaseKeeper:
             return publish_base(self.hub.registry, self.hub.store, Path(tmp), parent=parent.version, source=source,
                                 metrics=metrics, created=self.clock(), absorbed=absorbed)
 
-    def _adopt(self, base: Checkpoint, model: torch.nn.Module, losses: Losses, absorbed: set[str]) -> None:
-        """Judge on ``base`` from now on: re-evaluate every adapter there, restart the absorbed ones."""
+    def _adopt(self, base: Checkpoint, model: torch.nn.Module, losses: Losses, absorbed: set[str],
+               parent: Optional[torch.nn.Module] = None) -> None:
+        """Judge on ``base`` from now on: re-evaluate every adapter there, restart the absorbed ones, and
+        carry a merge (``model`` minus its ``parent``) into the CPT run's weights."""
         hub, registry = self.hub, self.hub.registry
-        weights = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        if self._pretrainer is not None and parent is not None:
+            self._carry_merge(model, parent)
         self._bare[base.version] = dict(losses)
         workbench = build_workbench(self.cfg, model, self._pad_id(), hub.split.heldout)
         hub.workbench = hub.coordinator.workbench = workbench
@@ -224,10 +229,17 @@ class BaseKeeper:
                 registry.put_evaluation(adapter.name, current.version, base.version, dict(losses), now)
             else:
                 carried += 1  # evaluated on the new base when it is next judged or merged (see the coordinator)
-        if self._pretrainer is not None and base.source != "cpt":
-            self._pretrainer.load_weights(weights)  # CPT continues from the newest base, same run
         log.info("Base v%d adopted: %d adapter(s) rebased, %d carried over (evaluated on it before their next "
                  "judgement)", base.version, len(absorbed), carried)
+
+    def _carry_merge(self, merged: torch.nn.Module, parent: torch.nn.Module) -> None:
+        """CPT continues from the newest base, its own steps since its last checkpoint kept: the merge's
+        change (merged minus parent) is added to the CPT weights, optimizer state and all."""
+        before = parent.state_dict()
+        current = self._pretrainer.model.state_dict()
+        moved = {key: current[key] + (value - before[key]).to(current[key].device, current[key].dtype)
+                 for key, value in merged.state_dict().items()}
+        self._pretrainer.load_weights(moved)
 
     # -- helpers --------------------------------------------------------------------------------------
 
