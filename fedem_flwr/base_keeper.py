@@ -37,7 +37,7 @@ from fedem_flwr.bootstrap import Hub, build_workbench
 from fedem_flwr.config import config_to_dict
 from fedem_flwr.data.blocks import tokenize_blocks
 from fedem_flwr.errors import is_hub_fault, one_line
-from fedem_flwr.gate.acceptance import Decision, decide_base
+from fedem_flwr.gate.acceptance import decide_base
 from fedem_flwr.hub.lineage import publish_base, record_attempt, store_adapter_version
 from fedem_flwr.hub.merge_request import take_merge_request
 from fedem_flwr.hub.paths import cpt_state_path
@@ -66,6 +66,7 @@ class BaseKeeper:
         self._bare: dict[int, Losses] = {}  # held-out losses of each bare base version, by version
         self._pretrainer: Optional[ContinuousPretrainer] = None
         self._next_slice_at = 0.0  # `cpt.pause_s` after the end of the last slice
+        self._checkpointed_at = 0  # the CPT step of the last checkpoint (published or refused)
         self._tokenizer: Any = None
         # What `fedem status` shows as "next merge / next CPT checkpoint".
         hub.registry.put_setting("merge", asdict(self.cfg.merge), updated=clock())
@@ -125,7 +126,7 @@ class BaseKeeper:
         result = merge_adapters(model, adapters, self.cfg.lora, merge_cfg.method, seed=merge_cfg.seed,
                                 density=merge_cfg.density)
         losses = self._evaluate(result.model)
-        decision = self._gate(losses, bare)
+        decision = decide_base(losses, bare, merge_cfg.margin, merge_cfg.tolerance, weights=self._weights())
         names = ", ".join(f"{a.name} v{a.version}" for a in result.absorbed)
         if not decision.accepted:
             log.info("Merge of %s into base v%d refused: %s", names, base.version, decision.reason)
@@ -156,12 +157,29 @@ class BaseKeeper:
         """One slice of CPT; at a checkpoint, gate the weights and publish them as a base version."""
         cpt = self._pretrainer or self._start_pretrainer()
         cpt.run_slice(self.cfg.cpt.slice_s, clock=time.monotonic)
-        if not cpt.checkpoint_due():
+        if cpt.checkpoint_due():
+            self._checkpoint(cpt)
+
+    def finish(self) -> None:
+        """At the end of a run, gate (and publish) the CPT steps since the last checkpoint: the CPT
+        state persists, its weights live only in published bases, so a restart would lose them."""
+        cpt = self._pretrainer
+        if cpt is None or cpt.step <= self._checkpointed_at:
             return
+        try:
+            self._checkpoint(cpt)
+        except Exception as err:
+            if is_hub_fault(err):
+                raise
+            log.exception("The final CPT checkpoint failed; it is recorded")
+            record_attempt(self.hub.registry, source="cpt", parent=self._base().version,
+                           reason=f"error: {one_line(err)}", details={}, created=self.clock())
+
+    def _checkpoint(self, cpt: ContinuousPretrainer) -> None:
         base = self._base()
         bare = self.bare_losses(base)
         losses = self._evaluate(cpt.model)
-        decision = self._gate(losses, bare)
+        decision = decide_base(losses, bare, self.cfg.cpt.margin, self.cfg.cpt.tolerance, weights=self._weights())
         now = self.clock()
         if decision.accepted:
             metrics = {"heldout": losses, "cpt": {"steps": cpt.step, "tokens": cpt.tokens}}
@@ -176,6 +194,7 @@ class BaseKeeper:
                            details={"heldout": losses, "cpt": {"steps": cpt.step, "tokens": cpt.tokens}},
                            created=now)
         cpt.mark_checkpoint()
+        self._checkpointed_at = cpt.step
         cpt.save(info={"base_version": self._base().version})  # a kill now loses at most one interval
 
     def _start_pretrainer(self) -> ContinuousPretrainer:
@@ -186,14 +205,12 @@ class BaseKeeper:
             model, blocks, self.cfg.cpt, cpt_state_path(self.hub.path), pad_id=self._tokenizer.pad_token_id,
             seed=self.cfg.seed,
         )
+        self._checkpointed_at = self._pretrainer.step
         if self._pretrainer.resumed:
             log.info("CPT resumes at step %d (%d tokens so far)", self._pretrainer.step, self._pretrainer.tokens)
         return self._pretrainer
 
     # -- publishing and adopting a base ---------------------------------------------------------------
-
-    def _gate(self, losses: Losses, bare: Losses) -> Decision:
-        return decide_base(losses, bare, self.cfg.merge.margin, self.cfg.merge.tolerance, weights=self._weights())
 
     def _publish(self, model: torch.nn.Module, tokenizer: Any, parent: Checkpoint, source: str,
                  metrics: dict[str, Any], absorbed: Any) -> Checkpoint:

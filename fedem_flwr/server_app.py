@@ -36,6 +36,7 @@ def main(grid: Grid, context: Context) -> None:
             training_rows=hub.training_rows, between_turns=keeper.turn,
         )
         result = strategy.start(grid)
+        keeper.finish()
         base = hub.registry.latest_checkpoint()
     print(
         f"fedem relay finished ({result.stopped_by}): {result.accepted} accepted, {result.rejected} rejected, "

@@ -10,6 +10,7 @@ from fedem_flwr.base_keeper import BaseKeeper
 from fedem_flwr.bootstrap import open_hub
 from fedem_flwr.client_app import app as client_app
 from fedem_flwr.config import load_run_config
+from fedem_flwr.hub.registry import Registry
 from fedem_flwr.hub.store import ArtifactRef
 from fedem_flwr.model.factory import load_base
 from fedem_flwr.relay.policies import NodeProfile
@@ -163,9 +164,17 @@ def test_cpt_checkpoints_pass_the_gate_and_resume_after_a_restart(tmp_path):
     for adapter in hub.registry.adapters():  # every fresh adapter is evaluated on the new base
         assert hub.registry.parent_losses(adapter.name, 0, cpt_base.version)
 
+    keeper.turn(busy=False)  # steps past the checkpoint are gated when the run ends, not lost
+    steps = keeper._pretrainer.step
+    assert steps > 15
+    keeper.finish()
+    final = hub.registry.latest_checkpoint()
+    attempts = hub.registry.base_attempts(source="cpt")
+    assert final.metrics.get("cpt", {}).get("steps") == steps or attempts[-1].details["cpt"]["steps"] == steps
+
     again = BaseKeeper(open_hub(hub.cfg, hub.path))
     again.turn(busy=False)
-    assert again._pretrainer.resumed and again._pretrainer.step > 15
+    assert again._pretrainer.resumed and again._pretrainer.step > steps
 
 
 def test_a_failing_merge_is_recorded_and_the_relay_goes_on(tmp_path, monkeypatch):
@@ -182,3 +191,21 @@ def test_a_failing_merge_is_recorded_and_the_relay_goes_on(tmp_path, monkeypatch
     attempts = hub.registry.base_attempts()
     assert attempts and all("RuntimeError: merged weights fell over" in a.reason for a in attempts)
     assert [b.version for b in hub.registry.checkpoints()] == [0]
+
+
+def test_fedem_merge_now_merges_under_the_writer_lock_when_no_hub_runs(tmp_path):
+    from click.testing import CliRunner
+
+    from fedem_flwr.cli import cli
+
+    hub, run_config = _hub(tmp_path, "relay.max_accepted=2 merge.every_accepted=null")
+    _relay(hub, run_config, tmp_path)
+    hub.registry.close()
+
+    result = CliRunner().invoke(cli, ["--hub", str(hub.path), "merge", "--now", "--overrides", run_config["overrides"]])
+
+    assert result.exit_code == 0, result.output
+    assert result.output.strip() == "published base v1 (merge from v0)"
+    with Registry.open(hub.path / "registry.sqlite", readonly=True) as registry:
+        assert [b.source for b in registry.checkpoints()] == ["init", "merge"]
+        assert registry.absorbed(1)

@@ -17,7 +17,7 @@ import click
 from fedem_flwr import __version__
 from fedem_flwr.cli import render, views
 from fedem_flwr.errors import FedemError
-from fedem_flwr.hub.merge_request import request_merge
+from fedem_flwr.hub.merge_request import request_merge, take_merge_request
 from fedem_flwr.hub.paths import HubWriterLock, describe_holder, read_lock_holder, require_hub, resolve_hub_path
 from fedem_flwr.hub.registry import Registry
 
@@ -151,18 +151,26 @@ def checkpoints(hub: HubContext, as_json: bool, reveal: bool) -> None:
 
 
 @cli.command()
+@click.option("--now", "at_once", is_flag=True,
+              help="When no hub is running, merge here and now (with the hub's config) instead of queueing.")
+@click.option("--config-name", default="config", show_default=True, help="With --now: the hub's config in conf/.")
+@click.option("--overrides", default="", help="With --now: the Hydra overrides the hub runs with.")
 @json_option
 @pass_hub
-def merge(hub: HubContext, as_json: bool) -> None:
+def merge(hub: HubContext, at_once: bool, config_name: str, overrides: str, as_json: bool) -> None:
     """Ask the hub to merge the accepted adapters into a new base version now.
 
     Leaves a request in the hub folder (no lock, never blocks the hub): the running hub takes it at
-    its next loop turn, or at its next start when none is running. The merge is published only if it
-    passes its gate; `fedem checkpoints` shows the result, `fedem status` a request still waiting.
+    its next loop turn, or at its next start when none is running. With --now and no hub running, the
+    merge runs here under the hub's writer lock. The merge is published only if it passes its gate;
+    `fedem checkpoints` shows the result, `fedem status` a request still waiting.
 
-    Example: fedem --hub /srv/fedem merge
+    Example: fedem --hub /srv/fedem merge --now --config-name demo
     """
     path = require_hub(hub.path)
+    if at_once and read_lock_holder(path) is None:
+        click.echo(_merge_now(path, config_name, overrides))
+        return
     request, new = request_merge(path, time.time())
     writer = read_lock_holder(path)
     data = {"requested_at": views.iso(request["requested_at"]), "new": new,
@@ -174,6 +182,20 @@ def merge(hub: HubContext, as_json: bool) -> None:
     click.echo(f"merge requested at {when} UTC" if new else f"a merge request is already queued (since {when} UTC)")
     click.echo(f"queued: the running hub ({describe_holder(writer)}) takes it at its next loop turn" if writer
                else "queued: no hub is running; the hub takes it at its next start")
+
+
+def _merge_now(path: Path, config_name: str, overrides: str) -> str:
+    """Merge under the writer lock with the hub's own config (a changed setup is refused as at start)."""
+    from fedem_flwr.base_keeper import BaseKeeper  # torch and the models only for a merge here
+    from fedem_flwr.bootstrap import open_hub
+    from fedem_flwr.config import load_config, parse_overrides
+
+    with HubWriterLock(path):
+        take_merge_request(path)  # this merge answers any request left earlier
+        new = BaseKeeper(open_hub(load_config(parse_overrides(overrides), config_name), path)).merge("requested")
+    if new is None:
+        return "merge refused or nothing to absorb: see `fedem status` (refused attempts) for the reason"
+    return f"published base v{new.version} (merge from v{new.parent})"
 
 
 @cli.command()

@@ -180,6 +180,12 @@ class CptConfig:
     slice_s: float = field(
         default=2.0, metadata={"help": "Seconds a slice may take; it starts no step that would end later."}
     )
+    margin: float = field(
+        default=0.0, metadata={"help": "A checkpoint's token-weighted loss must beat the current base's by this."}
+    )
+    tolerance: float = field(
+        default=0.05, metadata={"help": "No language of a published checkpoint may be worse than the current base's by more."}
+    )
     pause_s: float = field(
         default=0.0,
         metadata={"help": "Seconds of relay between two slices: caps CPT's share of the hub's time (a hub whose "
@@ -216,7 +222,7 @@ class CptConfig:
             if value is None or not math.isfinite(value):
                 raise ConfigError(f"`cpt.{key}` is {value!r}; it must be a finite number > 0.")
             _positive("cpt", key, value)
-        for key in ("warmup_steps", "weight_decay", "grad_clip", "pause_s"):
+        for key in ("warmup_steps", "weight_decay", "grad_clip", "pause_s", "margin", "tolerance"):
             _positive("cpt", key, getattr(self, key), allow_zero=True)
         if not 0.0 <= self.min_lr_ratio <= 1.0:
             raise ConfigError(f"`cpt.min_lr_ratio` is {self.min_lr_ratio!r}; it must be in [0, 1].")
