@@ -106,7 +106,7 @@ class BaseKeeper:
 
     def merge(self, why: str) -> Optional[Checkpoint]:
         """Absorb what beats the bare base into a new base, published only through the base gate."""
-        registry, workbench, merge_cfg = self.hub.registry, self.hub.workbench, self.cfg.merge
+        registry, merge_cfg = self.hub.registry, self.cfg.merge
         now = self._last_merge_at = self.clock()
         base = self._base()
         bare = self.bare_losses(base)

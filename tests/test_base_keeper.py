@@ -209,3 +209,17 @@ def test_fedem_merge_now_merges_under_the_writer_lock_when_no_hub_runs(tmp_path)
     with Registry.open(hub.path / "registry.sqlite", readonly=True) as registry:
         assert [b.source for b in registry.checkpoints()] == ["init", "merge"]
         assert registry.absorbed(1)
+
+
+def test_every_published_base_loads_with_transformers_and_carries_its_card(merged):
+    from transformers import AutoModelForCausalLM
+
+    hub, _, _ = merged
+    for base in hub.registry.checkpoints()[1:]:
+        folder = hub.store.get(ArtifactRef(base.repo, base.revision, base.digest))
+        model = AutoModelForCausalLM.from_pretrained(str(folder))
+        assert sum(p.numel() for p in model.parameters()) > 0
+        card = (folder / "README.md").read_text()
+        assert base.source in card and "[More Information Needed]" not in card
+        for row in hub.registry.absorbed(base.version):
+            assert f"{row.adapter}" in card
