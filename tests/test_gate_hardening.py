@@ -125,12 +125,13 @@ def test_a_non_finite_loss_is_rejected_before_any_artifact(tmp_path, bad):
     outcome = _push(coordinator, lease, bad)
 
     assert not outcome.accepted
-    assert outcome.reason == f"non-finite-loss: held-out loss hi={bad}"
+    # the gate holds every held-out language (gate.check_others), so both are evaluated
+    assert outcome.reason == f"non-finite-loss: held-out loss hi={bad}, ta={bad}"
     assert coordinator.workbench.calls == {"evaluate": 1, "save": 0}
     assert store.revisions("t/adapter-hi") == ["v0"]
     (contribution,) = registry.contributions()
-    assert contribution.evaluation["heldout"] == {"hi": None}
-    assert contribution.evaluation["non_finite"] == ["hi"]
+    assert contribution.evaluation["heldout"] == {"hi": None, "ta": None}
+    assert contribution.evaluation["non_finite"] == ["hi", "ta"]
     stored = registry.lease(lease.token)
     assert (stored.state, stored.outcome) == ("released", "rejected")
     _goes_on(coordinator, registry)
