@@ -32,6 +32,8 @@ import time
 from pathlib import Path
 from typing import Any, Optional
 
+from baseline import regressions
+
 # name -> (unit, higher is better)
 METRICS = {
     "steps_per_s": ("steps/s", True),
@@ -159,19 +161,6 @@ def table(report: dict[str, Any], baseline: Optional[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
-def regressions(report: dict[str, Any], baseline: dict[str, Any], tolerance: float) -> list[str]:
-    """Metrics worse than the baseline by more than ``tolerance`` (a fraction)."""
-    found = []
-    for name, (_, higher_is_better) in METRICS.items():
-        old, new = baseline["results"].get(name), report["results"][name]
-        if not old:
-            continue
-        worse = (old - new) / old if higher_is_better else (new - old) / old
-        if worse > tolerance:
-            found.append(f"{name}: {new:,.3f} vs baseline {old:,.3f} ({worse:.0%} worse)")
-    return found
-
-
 def main(argv: Optional[list[str]] = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default="seshu-130m", help="config name under conf/model")
@@ -191,7 +180,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     if args.save:
         args.save.write_text(json.dumps(report, indent=2, sort_keys=True) + "\n")
     if baseline:
-        worse = regressions(report, baseline, args.tolerance)
+        worse = regressions(report["results"], baseline, METRICS, args.tolerance)
         for line in worse:
             print(f"REGRESSION {line}")
         return 1 if worse else 0

@@ -31,6 +31,8 @@ from typing import Any
 from fedem_flwr.hub.registry import Registry
 from fedem_flwr.relay.leases import Lease
 
+from baseline import regressions
+
 T0 = 1_700_000_000.0
 TTL = 10800.0
 LANGUAGES = tuple(f"l{i:02d}" for i in range(24))
@@ -184,19 +186,6 @@ def table(report: dict[str, Any], baseline: dict[str, Any] | None) -> str:
     return "\n".join(lines)
 
 
-def regressions(report: dict[str, Any], baseline: dict[str, Any], tolerance: float) -> list[str]:
-    """Metrics worse than the baseline by more than ``tolerance`` (a fraction)."""
-    found = []
-    for name, (_, higher_is_better) in METRICS.items():
-        old, new = baseline["results"].get(name), report["results"][name]
-        if not old:
-            continue
-        worse = (old - new) / old if higher_is_better else (new - old) / old
-        if worse > tolerance:
-            found.append(f"{name}: {new:,.1f} vs baseline {old:,.1f} ({worse:.0%} worse)")
-    return found
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--adapters", type=int, default=10_000)
@@ -218,7 +207,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.save:
         args.save.write_text(json.dumps(report, indent=2, sort_keys=True) + "\n")
     if baseline:
-        worse = regressions(report, baseline, args.tolerance)
+        worse = regressions(report["results"], baseline, METRICS, args.tolerance, fmt=",.1f")
         for line in worse:
             print(f"REGRESSION {line}")
         return 1 if worse else 0
