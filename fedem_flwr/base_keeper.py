@@ -79,7 +79,7 @@ class BaseKeeper:
         last slice, run one CPT slice."""
         source = "merge"
         try:
-            reason = self._merge_reason()
+            reason = self._merge_reason(busy)
             if reason:
                 self.merge(reason)
             elif self.cfg.cpt.enabled and not busy and time.monotonic() >= self._next_slice_at:
@@ -97,12 +97,18 @@ class BaseKeeper:
 
     # -- merging --------------------------------------------------------------------------------------
 
-    def _merge_reason(self) -> Optional[str]:
+    def _merge_reason(self, busy: bool) -> Optional[str]:
+        """Why a merge is due now, if it is. The registry is asked only when something may have
+        changed (replies handled, a request, the interval passed), not on every idle turn."""
+        requested = take_merge_request(self.hub.path) is not None
+        every_s = self.cfg.merge.every_s
+        now = self.clock()
+        if not (busy or requested or (every_s is not None and now - self._last_merge_at >= every_s)):
+            return None
         base = self._base()
         since = max(base.created, self._last_merge_at)
         accepted = self.hub.registry.accepted_since(base.version, since=since)
-        requested = take_merge_request(self.hub.path) is not None
-        return merge_due(accepted, self._last_merge_at, self.clock(), self.cfg.merge, requested)
+        return merge_due(accepted, self._last_merge_at, now, self.cfg.merge, requested)
 
     def merge(self, why: str) -> Optional[Checkpoint]:
         """Absorb what beats the bare base into a new base, published only through the base gate."""
