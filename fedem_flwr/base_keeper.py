@@ -44,9 +44,8 @@ from fedem_flwr.hub.paths import cpt_state_path
 from fedem_flwr.hub.records import Checkpoint
 from fedem_flwr.hub.store import ArtifactRef
 from fedem_flwr.merge import Candidate, WeightedAdapter, merge_adapters, merge_due, select_absorbed
-from fedem_flwr.model.adapter_spec import load_adapter_file
 from fedem_flwr.model.factory import load_base, save_base
-from fedem_flwr.model.lora import ADAPTER_WEIGHTS_FILE
+from fedem_flwr.model.lora import read_adapter_state
 from fedem_flwr.training.cpt import ContinuousPretrainer
 from fedem_flwr.training.evaluate import evaluate
 
@@ -286,12 +285,10 @@ class BaseKeeper:
         return self.hub.workbench.weights if self.cfg.gate.weighting == "tokens" else None
 
     def _adapter_state(self, name: str, version: int) -> dict[str, torch.Tensor]:
-        row = next(v for v in self.hub.registry.adapter_versions(name) if v.version == version)
-        folder = self.hub.store.get(ArtifactRef(row.repo, row.revision, row.digest))
-        return load_adapter_file(folder / ADAPTER_WEIGHTS_FILE)
+        return read_adapter_state(self.hub.store.get(self.hub.registry.adapter_version(name, version).ref))
 
     def _load(self, base: Checkpoint) -> tuple[torch.nn.Module, Any]:
-        return load_base(str(self.hub.store.get(ArtifactRef(base.repo, base.revision, base.digest))))
+        return load_base(str(self.hub.store.get(base.ref)))
 
     def _pad_id(self) -> int:
         return self.hub.workbench.pad_id

@@ -78,7 +78,7 @@ def open_hub(cfg: FedemConfig, hub_path: Path, clock: Callable[[], float] = time
     corpus = load_corpus(cfg.data)
 
     base = registry.latest_checkpoint() or seed_base(cfg, registry, store, corpus, clock)
-    model, tokenizer = load_base(str(store.get(ArtifactRef(base.repo, base.revision, base.digest))))
+    model, tokenizer = load_base(str(store.get(base.ref)))
     split, fingerprint = split_corpus(cfg, registry, corpus, tokenizer)  # keyed: only the hub can rebuild it
     workbench = build_workbench(cfg, model, tokenizer.pad_token_id, split.heldout)
     # Parents' losses come from the held-out set in use: evaluated again when the split changed.

@@ -30,9 +30,8 @@ from fedem_flwr.config import FedemConfig
 from fedem_flwr.data.blocks import HeldoutSplit, heldout_split
 from fedem_flwr.data.corpus import corpus_digest
 from fedem_flwr.hub.registry import Registry
-from fedem_flwr.hub.store import ArtifactRef, ArtifactStore
-from fedem_flwr.model.adapter_spec import load_adapter_file
-from fedem_flwr.model.lora import ADAPTER_WEIGHTS_FILE
+from fedem_flwr.hub.store import ArtifactStore
+from fedem_flwr.model.lora import read_adapter_state
 
 log = logging.getLogger(__name__)
 
@@ -89,8 +88,7 @@ def refresh_parent_losses(
     latest = registry.latest_adapter_versions()
     name = split_id(fingerprint)
     for adapter, version in latest.items():
-        folder = store.get(ArtifactRef(version.repo, version.revision, version.digest))
-        losses = evaluate(load_adapter_file(folder / ADAPTER_WEIGHTS_FILE))
+        losses = evaluate(read_adapter_state(store.get(version.ref)))
         registry.update_version_heldout(adapter, version.version, losses, split=name, updated=clock(),
                                         replaced_split=split_id(recorded) if recorded else None,
                                         base_version=base_version)

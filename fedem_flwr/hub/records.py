@@ -8,6 +8,8 @@ import sqlite3
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
+from fedem_flwr.hub.store import ArtifactRef
+
 CHECKPOINT_SOURCES = ("init", "merge", "cpt")
 DECISIONS = ("accepted", "rejected")
 # An adapter version is `fresh` (v0), an accepted `push`, or a `rebase`: an absorbed adapter restarting
@@ -40,6 +42,11 @@ class Checkpoint:
     digest: str
     metrics: dict[str, Any] = field(default_factory=dict)
 
+    @property
+    def ref(self) -> ArtifactRef:
+        """Where its files are stored, and what they must hash to."""
+        return ArtifactRef(self.repo, self.revision, self.digest)
+
 
 @dataclass(frozen=True)
 class Adapter:
@@ -66,6 +73,11 @@ class AdapterVersion:
     metrics: dict[str, Any]
     created: float
     kind: str = "push"
+
+    @property
+    def ref(self) -> ArtifactRef:
+        """Where its files are stored, and what they must hash to."""
+        return ArtifactRef(self.repo, self.revision, self.digest)
 
 
 @dataclass(frozen=True)

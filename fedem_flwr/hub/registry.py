@@ -202,6 +202,10 @@ class Registry(Database):
         return AdapterVersion(adapter, number, base_version, parent_version, digest, repo, revision,
                               dict(metrics or {}), created, kind)
 
+    def adapter_version(self, name: str, version: int) -> Optional[AdapterVersion]:
+        row = self._one("SELECT * FROM adapter_versions WHERE adapter = ? AND version = ?", (name, version))
+        return rec.adapter_version_from(row) if row else None
+
     def latest_adapter_version(self, name: str) -> Optional[AdapterVersion]:
         row = self._one("SELECT * FROM adapter_versions WHERE adapter = ? ORDER BY version DESC LIMIT 1",
                         (name,))

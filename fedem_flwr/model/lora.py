@@ -171,6 +171,13 @@ def read_adapter_config(folder: Path) -> "peft.LoraConfig":
         raise InvalidAdapter(f"{str(path)!r} is not a valid LoRA config: {err}") from err
 
 
+def read_adapter_state(folder: Path) -> dict[str, "torch.Tensor"]:
+    """The weights of a stored PEFT adapter folder (safetensors, checked as they load)."""
+    from fedem_flwr.model.adapter_spec import load_adapter_file
+
+    return load_adapter_file(Path(folder) / ADAPTER_WEIGHTS_FILE)
+
+
 def load_adapter(base_model: "PreTrainedModel", folder: Path, is_trainable: bool = False) -> "peft.PeftModel":
     """Wrap ``base_model`` (in place) with the adapter saved in ``folder``, validated before use.
 
@@ -179,11 +186,9 @@ def load_adapter(base_model: "PreTrainedModel", folder: Path, is_trainable: bool
     """
     import peft
 
-    from fedem_flwr.model.adapter_spec import load_adapter_file
-
     folder = Path(folder)
     config = read_adapter_config(folder)
-    state = load_adapter_file(folder / ADAPTER_WEIGHTS_FILE)
+    state = read_adapter_state(folder)
     config.inference_mode = not is_trainable
     # The task's PeftModel class, as PeftModel.from_pretrained picks it; keeps the config's base name.
     model_cls = peft.MODEL_TYPE_TO_PEFT_MODEL_MAPPING.get(config.task_type, peft.PeftModel)

@@ -152,7 +152,7 @@ class RelayCoordinator:
         base = self.registry.latest_checkpoint()
         if base is None:
             raise RuntimeError("the hub has no base checkpoint; seed it before relaying")
-        base_ref = ArtifactRef(base.repo, base.revision, base.digest)
+        base_ref = base.ref
         assignments = []
         for node, info in self.policy.assign(nodes, self.pool.free()):
             self.pool.take(info.name)
@@ -160,7 +160,7 @@ class RelayCoordinator:
             lease = self.book.acquire(info.name, node.node, base.version, version.version, now, self.lease_ttl_s)
             self._flush()
             self.last_served[info.name] = now
-            ref = ArtifactRef(version.repo, version.revision, version.digest)
+            ref = version.ref
             assignments.append(Assignment(lease, info, ref, base_ref))
             log.info(
                 "Leased %r v%d to %s (token %d, %.0f s)",
@@ -340,12 +340,10 @@ class RelayCoordinator:
         """The parent version's weights from the store (digest-verified); a store that cannot give them
         back is a fault of the hub, not of the push."""
         # torch is imported only once a push is judged: leases and fencing run without it.
-        from fedem_flwr.model.adapter_spec import load_adapter_file
-        from fedem_flwr.model.lora import ADAPTER_WEIGHTS_FILE
+        from fedem_flwr.model.lora import read_adapter_state
 
         try:
-            folder = self.store.get(ArtifactRef(parent.repo, parent.revision, parent.digest))
-            return load_adapter_file(folder / ADAPTER_WEIGHTS_FILE)
+            return read_adapter_state(self.store.get(parent.ref))
         except (StoreError, OSError, InvalidAdapter) as err:
             raise HubFault(f"cannot read {parent.repo}@{parent.revision}, the parent version of a push: "
                            f"{one_line(err)}") from err

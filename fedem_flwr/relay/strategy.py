@@ -27,7 +27,8 @@ from flwr.serverapp.strategy import Strategy
 
 from fedem_flwr.config import RelayConfig
 from fedem_flwr.errors import HubFault, InvalidAdapter, is_hub_fault, one_line
-from fedem_flwr.model.adapter_spec import AdapterSpec, load_adapter_file
+from fedem_flwr.model.adapter_spec import AdapterSpec
+from fedem_flwr.model.lora import read_adapter_state
 from fedem_flwr.relay import messages
 from fedem_flwr.relay.coordinator import Assignment, PushOutcome, RelayCoordinator
 from fedem_flwr.relay.leases import Lease
@@ -278,8 +279,7 @@ class RelayStrategy(Strategy):
             budget_s=max(1.0, ttl - self.relay.deadline_margin_s),
             max_steps=self.max_steps,
         )
-        folder = self.coordinator.store.get(assignment.adapter_ref)
-        state = load_adapter_file(folder / "adapter_model.safetensors")
+        state = read_adapter_state(self.coordinator.store.get(assignment.adapter_ref))
         send_base = assignment.base_ref.digest not in node.digests
         base_folder = self.coordinator.store.get(assignment.base_ref) if send_base else None
         message = messages.train_message(
