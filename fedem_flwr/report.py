@@ -74,13 +74,7 @@ def plot_hub(registry: Any, out: Path, title: str = "") -> Path:
             ax_time.step(times, range(1, len(times) + 1), where="post", color=colour, label=decision)
         ax_time.legend()
     ax_time.set(xlabel="minutes since the first lease", ylabel="contributions", title="relay progress")
-    if title:
-        fig.suptitle(title)
-    fig.tight_layout()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=110)
-    plt.close(fig)
-    return out
+    return _save(fig, out, title)
 
 
 def plot_bases(bases: list[dict[str, Any]], out: Path, title: str = "") -> Path:
@@ -101,6 +95,16 @@ def plot_bases(bases: list[dict[str, Any]], out: Path, title: str = "") -> Path:
     else:
         ax.text(0.5, 0.5, "no held-out loss recorded for any base version", ha="center", va="center",
                 transform=ax.transAxes)
+    return _save(fig, out, title)
+
+
+def _mean(losses: dict[str, float], languages: list[str]) -> float | None:
+    values = [losses[lang] for lang in languages if lang in losses]
+    return sum(values) / len(values) if values else None
+
+
+def _save(fig: Any, out: Path, title: str) -> Path:
+    """Title, lay out, write and close a figure: every report figure ends here."""
     if title:
         fig.suptitle(title)
     fig.tight_layout()
@@ -108,8 +112,3 @@ def plot_bases(bases: list[dict[str, Any]], out: Path, title: str = "") -> Path:
     fig.savefig(out, dpi=110)
     plt.close(fig)
     return out
-
-
-def _mean(losses: dict[str, float], languages: list[str]) -> float | None:
-    values = [losses[lang] for lang in languages if lang in losses]
-    return sum(values) / len(values) if values else None

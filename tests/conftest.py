@@ -24,6 +24,16 @@ def config():
 
 
 @pytest.fixture
+def fresh_db():
+    """An in-memory registry with a fixed secret."""
+    from fedem_flwr.hub.registry import Registry
+
+    registry = Registry.memory(secret=b"k" * 32)
+    yield registry
+    registry.close()
+
+
+@pytest.fixture
 def local_hub(tmp_path_factory):
     """A local Hugging Face Hub endpoint (`fedem_flwr.testing.hf_server`) for one test."""
     from fedem_flwr.testing.hf_server import serve_hub

@@ -85,3 +85,20 @@ def assert_consistent(coordinator: RelayCoordinator) -> None:
         for version in versions:
             store.get(ArtifactRef(version.repo, version.revision, version.digest))
         assert store.revisions(versions[0].repo) == [v.revision for v in versions]
+
+
+def seed_real_hub(tmp_path: Path, workbench, clock: FakeClock):
+    """A registry and store holding base v0 and adapter ``hi`` v0, saved and scored by ``workbench``
+    (a real ``HubWorkbench`` or one built on it)."""
+    registry = Registry.open(tmp_path / "registry.sqlite")
+    store = LocalStore(tmp_path / "store")
+    (tmp_path / "seed").mkdir()
+    (tmp_path / "seed" / "config.json").write_text("{}")
+    base = store.put("t/base", "v0", tmp_path / "seed", message="seed")
+    registry.add_checkpoint(None, "init", base.repo, base.revision, base.digest, {}, clock())
+    workbench.save(workbench.initial_state, tmp_path / "fresh", base)
+    ref = store.put("t/adapter-hi", "v0", tmp_path / "fresh", message="fresh")
+    registry.add_adapter("hi", ["hi"], "causal-lm", {}, clock())
+    registry.add_adapter_version("hi", 0, None, ref.repo, ref.revision, ref.digest,
+                                 {"heldout": workbench.evaluate(workbench.initial_state)}, clock())
+    return registry, store

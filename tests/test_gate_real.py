@@ -17,14 +17,13 @@ import torch
 from fedem_flwr.config import GateConfig, LoraConfig, ModelConfig, TrainConfig
 from fedem_flwr.data import tokenize_blocks
 from fedem_flwr.gate.evaluator import HubWorkbench
-from fedem_flwr.hub.registry import Registry
-from fedem_flwr.hub.store import ArtifactRef, LocalStore
+from fedem_flwr.hub.store import ArtifactRef
 from fedem_flwr.model import build_byte_tokenizer, build_model
 from fedem_flwr.model.lora import adapter_state, load_adapter
 from fedem_flwr.relay.coordinator import RelayCoordinator
 from fedem_flwr.relay.policies import NodeProfile, make_policy
 from fedem_flwr.training import train
-from relay_support import TTL, FakeClock, assert_consistent
+from relay_support import TTL, FakeClock, assert_consistent, seed_real_hub
 
 MODEL = ModelConfig()  # seshu-tiny
 HELDOUT = ["नमस्ते, आप कैसे हैं?", "मैं ठीक हूँ, धन्यवाद।", "आज मौसम अच्छा है।"]
@@ -38,19 +37,9 @@ def tokenizer():
 
 
 def _hub(tmp_path, tokenizer, clock):
-    registry = Registry.open(tmp_path / "registry.sqlite")
-    store = LocalStore(tmp_path / "store")
     workbench = HubWorkbench(build_model(MODEL, tokenizer, seed=0), LoraConfig(),
                              {"hi": tokenize_blocks(HELDOUT, tokenizer, 32)}, pad_id=tokenizer.pad_token_id, seed=0)
-    (tmp_path / "seed").mkdir()
-    (tmp_path / "seed" / "config.json").write_text("{}")
-    base = store.put("t/base", "v0", tmp_path / "seed", message="seed")
-    registry.add_checkpoint(None, "init", base.repo, base.revision, base.digest, {}, clock())
-    workbench.save(workbench.initial_state, tmp_path / "fresh", base)
-    ref = store.put("t/adapter-hi", "v0", tmp_path / "fresh", message="fresh")
-    registry.add_adapter("hi", ["hi"], "causal-lm", {}, clock())
-    registry.add_adapter_version("hi", 0, None, ref.repo, ref.revision, ref.digest,
-                                 {"heldout": workbench.evaluate(workbench.initial_state)}, clock())
+    registry, store = seed_real_hub(tmp_path, workbench, clock)
     coordinator = RelayCoordinator(registry, store, make_policy("language", random.Random(0)), workbench,
                                    lease_ttl_s=TTL, sweep_interval_s=10, gate=GateConfig(), clock=clock)
     coordinator.recover()

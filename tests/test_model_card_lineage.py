@@ -15,12 +15,11 @@ from fedem_flwr.gate.evaluator import HubWorkbench
 from fedem_flwr.hub.lineage import checkpoint_card, publish_base, record_attempt, store_adapter_version, version_card
 from fedem_flwr.hub.model_card import adapter_card, base_card
 from fedem_flwr.hub.records import Absorbed
-from fedem_flwr.hub.registry import Registry
-from fedem_flwr.hub.store import ArtifactRef, LocalStore
+from fedem_flwr.hub.store import ArtifactRef
 from fedem_flwr.model import build_byte_tokenizer, build_model
 from fedem_flwr.relay.coordinator import RelayCoordinator
 from fedem_flwr.relay.policies import NodeProfile, make_policy
-from relay_support import TTL, FakeClock
+from relay_support import TTL, FakeClock, seed_real_hub
 
 TEMPLATE = "[More Information Needed]"
 
@@ -42,18 +41,9 @@ def tiny():
 def hub(tmp_path, tiny, clock):
     """Base v0 and adapter hi v0 stored through the real workbench (PEFT's template README)."""
     tokenizer, model = tiny, build_model(ModelConfig(), tiny, seed=0)
-    registry, store = Registry.open(tmp_path / "registry.sqlite"), LocalStore(tmp_path / "store")
     blocks = {lang: torch.full((2, 8), 70) for lang in ("hi", "ta")}  # token weights of the gate
     workbench = ScoredWorkbench(model, LoraConfig(), blocks, pad_id=tokenizer.pad_token_id, seed=0)
-    (tmp_path / "seed").mkdir()
-    (tmp_path / "seed" / "config.json").write_text("{}")
-    base = store.put("t/base", "v0", tmp_path / "seed", message="seed")
-    registry.add_checkpoint(None, "init", base.repo, base.revision, base.digest, {}, clock())
-    workbench.save(workbench.initial_state, tmp_path / "fresh", base)
-    ref = store.put("t/adapter-hi", "v0", tmp_path / "fresh", message="fresh")
-    registry.add_adapter("hi", ["hi"], "causal-lm", {}, clock())
-    registry.add_adapter_version("hi", 0, None, ref.repo, ref.revision, ref.digest,
-                                 {"heldout": workbench.evaluate(workbench.initial_state)}, clock())
+    registry, store = seed_real_hub(tmp_path, workbench, clock)
     return registry, store, workbench
 
 

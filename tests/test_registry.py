@@ -26,13 +26,6 @@ T0 = 1_700_000_000.0
 
 
 @pytest.fixture
-def fresh_db():
-    registry = Registry.memory(secret=b"k" * 32)
-    yield registry
-    registry.close()
-
-
-@pytest.fixture
 def db_path(tmp_path):
     return tmp_path / "hub" / "registry.sqlite"
 

@@ -18,13 +18,6 @@ from fedem_flwr.relay.leases import Lease
 T0 = 1_700_000_000.0
 
 
-@pytest.fixture
-def fresh_db():
-    registry = Registry.memory(secret=b"k" * 32)
-    yield registry
-    registry.close()
-
-
 def seeded(registry: Registry, adapters=("hi", "te")) -> Registry:
     registry.add_checkpoint(None, "init", "fedem/base", None, "d-base0", {}, T0)
     for name in adapters:
