@@ -52,6 +52,7 @@ from fedem_flwr.training.evaluate import evaluate
 log = logging.getLogger(__name__)
 
 Losses = dict[str, float]
+CPT_RETRY_S, CPT_RETRY_MAX_S = 60.0, 3600.0  # the wait after a failed CPT slice, doubling, bounded
 
 
 class BaseKeeper:
@@ -66,6 +67,7 @@ class BaseKeeper:
         self._pretrainer: Optional[ContinuousPretrainer] = None
         self._next_slice_at = 0.0  # `cpt.pause_s` after the end of the last slice
         self._checkpointed_at = 0  # the CPT step of the last checkpoint (published or refused)
+        self._cpt_failures = 0  # failed slices in a row
         self._tokenizer: Any = None
         # What `fedem status` shows as "next merge / next CPT checkpoint".
         hub.registry.put_setting("merge", asdict(self.cfg.merge), updated=clock())
@@ -84,6 +86,7 @@ class BaseKeeper:
             elif self.cfg.cpt.enabled and not busy and time.monotonic() >= self._next_slice_at:
                 source = "cpt"
                 self.pretrain()
+                self._cpt_failures = 0
                 self._next_slice_at = time.monotonic() + self.cfg.cpt.pause_s
         except Exception as err:  # a failed merge or slice is recorded; the relay goes on
             if is_hub_fault(err):
@@ -92,7 +95,12 @@ class BaseKeeper:
             record_attempt(self.hub.registry, source=source, parent=self._base().version,
                            reason=f"error: {one_line(err)}", details={}, created=self.clock())
             if source == "cpt":
-                self._pretrainer = None  # the next slice resumes from the last saved state
+                # The next slice resumes from the last saved state, after a wait that doubles with each
+                # failure in a row: a lasting fault (a damaged state file) is not retried every turn.
+                self._pretrainer = None
+                self._cpt_failures += 1
+                wait = min(CPT_RETRY_MAX_S, CPT_RETRY_S * 2 ** (self._cpt_failures - 1))
+                self._next_slice_at = time.monotonic() + max(self.cfg.cpt.pause_s, wait)
 
     # -- merging --------------------------------------------------------------------------------------
 

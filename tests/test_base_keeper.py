@@ -223,3 +223,19 @@ def test_every_published_base_loads_with_transformers_and_carries_its_card(merge
         assert base.source in card and "[More Information Needed]" not in card
         for row in hub.registry.absorbed(base.version):
             assert f"{row.adapter}" in card
+
+
+def test_a_failing_cpt_slice_is_recorded_once_and_retried_after_a_wait(tmp_path, monkeypatch):
+    hub, _ = _hub(tmp_path, "cpt.enabled=true")
+    keeper = BaseKeeper(hub)
+
+    def damaged(*args, **kwargs):
+        raise RuntimeError("CPT state damaged")
+
+    monkeypatch.setattr("fedem_flwr.base_keeper.ContinuousPretrainer", damaged)
+    for _ in range(5):
+        keeper.turn(busy=False)
+
+    (attempt,) = hub.registry.base_attempts()
+    assert attempt.source == "cpt" and attempt.reason == "error: RuntimeError: CPT state damaged"
+    assert [b.version for b in hub.registry.checkpoints()] == [0]
