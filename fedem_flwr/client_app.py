@@ -6,6 +6,7 @@ from __future__ import annotations
 from flwr.app import Context, Message
 from flwr.clientapp import ClientApp
 
+from fedem_flwr import faults
 from fedem_flwr.config import load_run_config
 from fedem_flwr.contributor import BaseCache, profile, relay_train, training_data
 from fedem_flwr.logs import quiet_library_progress, use_flower_logging
@@ -42,4 +43,5 @@ def train_relay(message: Message, context: Context) -> Message:
         cfg, cache.use(instruction.base.digest), state, data, instruction.languages,
         budget_s=instruction.budget_s, max_steps=instruction.max_steps, seed=cfg.seed + instruction.token,
     )
-    return messages.train_reply(message, instruction, adapter_to_arrays(new_state), metrics)
+    reply = messages.train_reply(message, instruction, adapter_to_arrays(new_state), metrics)
+    return faults.misbehave(reply, message, faults.take_node_fault())

@@ -312,6 +312,13 @@ def report(hub: HubContext, out: Optional[Path], as_json: bool) -> None:
         click.echo(f"figures: {data['figure']}, {data['bases_figure']}")
 
 
+from fedem_flwr.cli.deploy import certs, connection, node_key_command  # noqa: E402 (commands of their own module)
+
+cli.add_command(certs)
+cli.add_command(node_key_command)
+cli.add_command(connection)
+
+
 def main() -> None:
     """Console-script entry point."""
     cli(prog_name="fedem")

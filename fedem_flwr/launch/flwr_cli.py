@@ -87,15 +87,18 @@ def write_run_config(flwr_home: Path, run_config: ScalarConfig) -> Path:
     return path
 
 
-def write_connection(flwr_home: Path, name: str, address: str) -> None:
-    """Add (or replace) an insecure SuperLink connection in `$FLWR_HOME/config.toml`, as default.
+def write_connection(flwr_home: Path, name: str, address: str, root_certificates: Path | None = None) -> None:
+    """Add (or replace) a SuperLink connection in `$FLWR_HOME/config.toml`, as default.
 
-    Everything else in the file (other connections, their options) is kept.
+    With `root_certificates` (the hub's CA certificate) `flwr` talks TLS and verifies the
+    SuperLink; without, the connection is insecure. Everything else in the file (other
+    connections, their options) is kept.
     """
     path = flwr_home / "config.toml"
     config = tomllib.loads(path.read_text(encoding="utf-8")) if path.exists() else {}
     superlink = config.setdefault("superlink", {})
-    superlink[name] = {"address": address, "insecure": True}
+    superlink[name] = ({"address": address, "root-certificates": str(Path(root_certificates).resolve())}
+                       if root_certificates else {"address": address, "insecure": True})
     superlink["default"] = name
     flwr_home.mkdir(parents=True, exist_ok=True)
     path.write_text(tomli_w.dumps(config), encoding="utf-8")
@@ -115,7 +118,8 @@ def flwr(
         raise FlowerProcessError(f"`flwr {' '.join(args)}` did not finish in {err.timeout:.0f} s") from err
 
 
-def _json_output(proc: subprocess.CompletedProcess, what: str) -> dict:
+def json_output(proc: subprocess.CompletedProcess, what: str) -> dict:
+    """The JSON a `flwr ... --format json` printed; FlowerProcessError with its message when it failed."""
     out = proc.stdout or ""
     start, end = out.find("{"), out.rfind("}")
     try:
@@ -157,7 +161,7 @@ def submit_run(
     it runs in the SuperLink's directory and environment, not the caller's.
     """
     args = _run_args(app_dir, flwr_home, connection, run_config, run_config_args, federation_config)
-    payload = _json_output(flwr([*args, "--format", "json"], flwr_home), "run")
+    payload = json_output(flwr([*args, "--format", "json"], flwr_home), "run")
     return int(payload["run-id"])
 
 
@@ -231,7 +235,7 @@ def _pump(stream: TextIO, lines: queue.Queue) -> None:
 def run_status(flwr_home: Path, connection: str, run_id: int) -> dict:
     """The run's row from `flwr ls --run-id ID --format json` (`status` e.g. `finished:failed`)."""
     proc = flwr(["ls", connection, "--run-id", str(run_id), "--format", "json"], flwr_home)
-    runs = _json_output(proc, "ls").get("runs", [])
+    runs = json_output(proc, "ls").get("runs", [])
     if not runs:
         raise FlowerProcessError(f"`flwr ls` knows no run {run_id}")
     return runs[0]
@@ -249,6 +253,18 @@ def stream_logs(
     except FlowerProcessError:
         return False
     return True
+
+
+def register_supernode(flwr_home: Path, connection: str, public_key: Path, name: str = "") -> int:
+    """`flwr supernode register KEY CONNECTION`: admit a contributor's key; the node id it will have.
+
+    The id is the node's for good: it comes back after every restart of that SuperNode.
+    """
+    args = ["supernode", "register", str(public_key), connection, "--format", "json"]
+    if name:
+        args += ["--name", name]
+    payload = json_output(flwr(args, flwr_home), "supernode register")
+    return int(payload["node-id"])
 
 
 def stop_run(flwr_home: Path, connection: str, run_id: int) -> None:

@@ -13,6 +13,7 @@ import contextlib
 import os
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import time
@@ -22,6 +23,7 @@ import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from fedem_flwr.deploy.credentials import ServerCredentials
 from fedem_flwr.errors import FlowerProcessError
 from fedem_flwr.pids import pid_alive
 
@@ -64,10 +66,11 @@ def free_ports(count: int = 1) -> list[int]:
         return [sock.getsockname()[1] for sock in socks]
 
 
-def http_ok(url: str, timeout: float = 0.5) -> bool:
-    """True when `url` answers 2xx."""
+def http_ok(url: str, timeout: float = 0.5, ca_cert: Path | None = None) -> bool:
+    """True when `url` answers 2xx (an https `url` verified against `ca_cert`)."""
+    context = ssl.create_default_context(cafile=str(ca_cert)) if ca_cert else None
     try:
-        with urllib.request.urlopen(url, timeout=timeout) as response:  # noqa: S310 (loopback)
+        with urllib.request.urlopen(url, timeout=timeout, context=context) as response:  # noqa: S310 (loopback)
             return 200 <= response.status < 300
     except (urllib.error.URLError, OSError):
         return False
@@ -207,8 +210,12 @@ class FlowerProcess:
         stop_tree(self.pid, timeout, self.popen, self.tag or None)
 
 
-def spawn(kind: str, argv: list[str], flwr_home: Path, port: int, cwd: Path) -> FlowerProcess:
+def spawn(
+    kind: str, argv: list[str], flwr_home: Path, port: int, cwd: Path, env: dict[str, str] | None = None,
+) -> FlowerProcess:
     """Start `argv` detached in its own session, its output appended to a log in `cwd`.
+
+    `env` adds to the environment of every Flower process (`flower_env`).
 
     Its environment carries a fresh random tag (`FEDEM_FLOWER_TAG`) that every process
     it spawns inherits: stopping it finds and ends exactly those, and nothing else.
@@ -218,7 +225,7 @@ def spawn(kind: str, argv: list[str], flwr_home: Path, port: int, cwd: Path) -> 
     tag = uuid.uuid4().hex
     with log_path.open("ab") as log:
         popen = subprocess.Popen(  # noqa: S603 (argv built here, no shell)
-            argv, cwd=cwd, env=flower_env(flwr_home, {TAG_VAR: tag}),
+            argv, cwd=cwd, env=flower_env(flwr_home, {**(env or {}), TAG_VAR: tag}),
             stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
         )
     return FlowerProcess(kind, popen.pid, port, flwr_home, log_path, tag, popen)
@@ -227,42 +234,59 @@ def spawn(kind: str, argv: list[str], flwr_home: Path, port: int, cwd: Path) -> 
 def start_superlink(
     flwr_home: Path, *, simulation: bool, port: int | None = None,
     isolation: str = "subprocess", start_timeout: float = 30.0,
+    tls: ServerCredentials | None = None, supernode_auth: bool = False,
 ) -> FlowerProcess:
-    """Start `flower-superlink --insecure` on loopback and wait until `/health` answers.
+    """Start `flower-superlink` on loopback and wait until it answers.
 
+    Without `tls` it runs `--insecure`; with it, HTTPS on its one port, and `supernode_auth`
+    then admits only SuperNodes whose public key was registered (`register_supernode`).
     Its state database and logs live in `flwr_home/superlink-<port>/`, which is also its
-    working directory: the ServerApp runs there, never in the caller's directory.
+    working directory: the ServerApp runs there, never in the caller's directory. Started
+    again with the same `port`, it reopens that database (nodes, registered keys, runs).
     """
+    if supernode_auth and tls is None:
+        raise FlowerProcessError("SuperNode authentication needs TLS: pass `tls` credentials")
     port = port or free_ports(1)[0]
     workdir = flwr_home / f"superlink-{port}"
     argv = [
-        flower_bin("flower-superlink"), "--insecure", "--isolation", isolation,
-        "--host", LOOPBACK, "--port", str(port),
+        flower_bin("flower-superlink"), *(tls.superlink_args() if tls else ["--insecure"]),
+        "--isolation", isolation, "--host", LOOPBACK, "--port", str(port),
         "--database", str(workdir / "state.db"),
         "--log-file", str(workdir / "superlink.log"),
     ]
+    if supernode_auth:
+        argv.append("--enable-supernode-auth")
     if simulation:
         argv.append("--simulation")
     proc = spawn("superlink", argv, flwr_home, port, workdir)
-    _wait_ready(proc, f"http://{proc.address}/health", start_timeout)
+    scheme = "https" if tls else "http"
+    _wait_ready(proc, f"{scheme}://{proc.address}/health", start_timeout, tls.ca_cert if tls else None)
     return proc
 
 
 def start_supernode(
     flwr_home: Path, superlink_address: str, node_config: str, *, port: int | None = None,
-    isolation: str = "subprocess",
+    isolation: str = "subprocess", root_certificates: Path | None = None,
+    private_key: Path | None = None, home: Path | None = None,
 ) -> FlowerProcess:
-    """Start `flower-supernode --insecure` against a SuperLink's Fleet API.
+    """Start `flower-supernode` against a SuperLink's Fleet API.
 
-    `port` is the SuperNode's own Runtime API port (its ClientApp connects there), so
-    each SuperNode on one host needs a different one. Each gets its own `FLWR_HOME`
-    (`flwr_home/supernode-<port>`, also its working directory): SuperNodes install every
-    app they run there. Returns once the process runs; it registers a moment later.
+    `root_certificates` (the hub's CA certificate) makes it connect over TLS, else it runs
+    `--insecure`; `private_key` is its OpenSSH key for SuperNode authentication. `port` is the
+    SuperNode's own Runtime API port (its ClientApp connects there), so each SuperNode on one
+    host needs a different one. Each gets its own `FLWR_HOME` (`home`, by default
+    `flwr_home/supernode-<port>`, also its working directory): SuperNodes install every app
+    they run there. Returns once the process runs; it registers a moment later.
     """
+    if private_key is not None and root_certificates is None:
+        raise FlowerProcessError("an authenticated SuperNode needs TLS: pass `root_certificates`")
     port = port or free_ports(1)[0]
-    home = flwr_home / f"supernode-{port}"
+    home = home or flwr_home / f"supernode-{port}"
+    security = ["--root-certificates", str(root_certificates)] if root_certificates else ["--insecure"]
+    if private_key is not None:
+        security += ["--auth-supernode-private-key", str(private_key)]
     argv = [
-        flower_bin("flower-supernode"), "--insecure", "--superlink", superlink_address,
+        flower_bin("flower-supernode"), *security, "--superlink", superlink_address,
         "--isolation", isolation, "--host", LOOPBACK, "--port", str(port),
     ]
     if node_config:
@@ -272,14 +296,14 @@ def start_supernode(
     return proc
 
 
-def _wait_ready(proc: FlowerProcess, health_url: str | None, timeout: float) -> None:
+def _wait_ready(proc: FlowerProcess, health_url: str | None, timeout: float, ca_cert: Path | None = None) -> None:
     deadline = time.monotonic() + timeout
     while True:
         if not proc.alive():
             raise FlowerProcessError(
                 f"`{proc.kind}` exited at start (port {proc.port}); its output:\n{proc.log_tail()}"
             )
-        if health_url is not None and http_ok(health_url):
+        if health_url is not None and http_ok(health_url, ca_cert=ca_cert):
             return
         if time.monotonic() >= deadline:
             if health_url is None:

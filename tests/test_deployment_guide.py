@@ -1,0 +1,256 @@
+"""The deployment guide, run as written on loopback: a real `flower-superlink` with TLS and SuperNode
+authentication, three real authenticated `flower-supernode`s with their own data, the app submitted
+with `flwr run`, and then the faults a hub on the internet meets, in sequence on that one deployment:
+
+a SuperNode with no registered key, a SuperNode killed with SIGKILL while it holds a lease (and
+restarted with its key: same identity), a reply after its lease expired, replies with another
+lease's token or a malformed or oversized adapter, the ServerApp killed and the run resubmitted,
+and the SuperLink restarted with its database and the run resubmitted. After each, no accepted
+contribution is lost and the lease table is consistent. Every process is stopped by pid.
+
+The tests of this module run in order and share the deployment; each leaves it running.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import shlex
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional, TypeVar
+
+import pytest
+from cryptography.hazmat.primitives import serialization
+
+from fedem_flwr.config import load_config
+from fedem_flwr.data.corpus import load_corpus
+from fedem_flwr.hub.paths import REGISTRY_FILE
+from fedem_flwr.hub.registry import Registry
+from fedem_flwr.launch import flwr_cli
+from fedem_flwr.launch.processes import FlowerProcess, descendants, free_ports, http_ok, pid_alive, stop_trees
+from fedem_flwr.relay.nodes import key_identity
+from fedem_flwr.testing.flower import SuperLink, node_ids, run_logs, wait_for_nodes
+from fedem_flwr.testing.guide import Guide, untested_steps
+
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
+
+APP_DIR = Path(__file__).resolve().parent.parent
+CONNECTION = "fedem-hub"
+LEASE_TTL_S = 60
+OVERRIDES = (
+    "data.languages=[hi,mr,ta] train.max_steps=4 train.batch_size=4 train.progress=false "
+    f"relay.lease_ttl_s={LEASE_TTL_S} relay.deadline_margin_s=20 relay.sweep_interval_s=2 "
+    "relay.backoff_s=2 relay.backoff_max_s=8 relay.no_node_grace_s=600 relay.max_wall_s=1200 "
+    "merge.every_accepted=null merge.every_s=null"
+)
+# Each node can train two of the three adapters, so every adapter has a second taker.
+CONTRIBUTORS = {"alice": ["hi", "mr"], "bob": ["ta", "hi"], "mallory": ["mr", "ta"]}
+T = TypeVar("T")
+
+
+@dataclass
+class Contributor:
+    name: str
+    languages: list[str]
+    key: Path
+    port: int
+    variables: dict[str, str]
+    faults: Path
+    process: Optional[FlowerProcess] = None
+
+    @property
+    def identity(self) -> str:
+        public = serialization.load_ssh_public_key(self.key.with_name(self.key.name + ".pub").read_bytes())
+        pem = public.public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
+        return key_identity(0, pem)
+
+
+@dataclass
+class Deployment:
+    guide: Guide
+    root: Path
+    hub: Path
+    link: Optional[FlowerProcess]
+    contributors: dict[str, Contributor]
+    runs: list[int] = field(default_factory=list)
+    others: list[FlowerProcess] = field(default_factory=list)
+
+    @property
+    def superlink(self) -> SuperLink:
+        return SuperLink(self.link, CONNECTION)
+
+    def start_superlink(self) -> None:
+        port = int(self.guide.variables["HUB_PORT"])
+        self.link = self.guide.start("superlink", "superlink", port, self.root / "hub" / "superlink")
+        ca = Path(self.guide.variables["HUB_DIR"]) / "certs" / "ca.crt"
+        wait_until(lambda: http_ok(f"https://127.0.0.1:{port}/health", ca_cert=ca), 60,
+                   lambda: f"the SuperLink to answer; its output:\n{self.link.log_tail()}")
+
+    def start_node(self, who: Contributor) -> None:
+        home = self.root / who.name / "flwr"
+        who.process = self.guide.start("supernode", "supernode", who.port, home, env={
+            **who.variables, "FLWR_HOME": str(home), "FEDEM_NODE_FAULTS": str(who.faults)})
+
+    def submit(self) -> int:
+        """The guide's `flwr run`, with this module's relay settings as one more run-config file."""
+        extra = shlex.quote(flwr_cli.config_args({"overrides": OVERRIDES}))
+        done = self.guide.run("run", cwd=APP_DIR, extra_args=f"--run-config {extra} --format json")
+        run_id = int(flwr_cli.json_output(done, "run")["run-id"])
+        self.runs.append(run_id)
+        return run_id
+
+    def status(self, run_id: int) -> str:
+        return flwr_cli.run_status(self.guide.flwr_home, CONNECTION, run_id)["status"]
+
+    def registry(self) -> Registry:
+        return Registry.open(self.hub, readonly=True)
+
+    def read(self, probe: Callable[[Registry], T]) -> Optional[T]:
+        """``probe(registry)`` on a fresh read-only view; None while the hub has no registry yet."""
+        if not (self.hub / REGISTRY_FILE).exists():
+            return None
+        with self.registry() as registry:
+            return probe(registry)
+
+    def wait_accepted(self, count: int, run_id: int, timeout: float) -> None:
+        wait_until(lambda: (self.read(lambda r: len(accepted(r))) or 0) >= count, timeout,
+                   lambda: f"{count} accepted contributions; logs:\n{run_logs(self.superlink, run_id)[-3000:]}")
+
+    def processes(self) -> list[FlowerProcess]:
+        return [p for p in [self.link, *(c.process for c in self.contributors.values()), *self.others] if p]
+
+
+def wait_until(probe: Callable[[], T], timeout: float, what: Callable[[], str] | str, poll: float = 1.0) -> T:
+    """``probe()``'s first truthy value within ``timeout`` seconds, else a failure naming ``what``."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = probe()
+        if value:
+            return value
+        if time.monotonic() >= deadline:
+            pytest.fail(f"waited {timeout:.0f} s for {what() if callable(what) else what}")
+        time.sleep(poll)
+
+
+def kill_tree(proc: FlowerProcess) -> None:
+    """SIGKILL a process and everything below it at once, as a machine losing power would."""
+    for pid in [proc.pid, *descendants(proc.pid)]:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    if proc.popen is not None:
+        proc.popen.wait(timeout=10)
+
+
+def write_contributor_data(folder: Path, languages: list[str]) -> Path:
+    """A contributor's own JSONL file (``text``, ``language``), cut from the demo corpus."""
+    corpus = load_corpus(load_config([f"data.languages=[{','.join(languages)}]"]).data)
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / "mine.jsonl"
+    with open(path, "w", encoding="utf-8") as out:
+        for row in corpus:
+            out.write(json.dumps({"text": row["text"], "language": row["language"]}, ensure_ascii=False) + "\n")
+    return path
+
+
+def accepted(registry: Registry) -> list:
+    return [c for c in registry.contributions() if c.decision == "accepted"]
+
+
+def latest_versions(registry: Registry) -> dict[str, int]:
+    return {a.name: registry.adapter_versions(a.name)[-1].version for a in registry.adapters()}
+
+
+def assert_hub_consistent(deployment: Deployment) -> None:
+    """At most one active lease per adapter and per holder, every accepted version stored whole
+    (`fedem verify`), versions contiguous: nothing accepted is lost."""
+    with deployment.registry() as registry:
+        active = registry.leases(active_only=True)
+        assert len({l.adapter for l in active}) == len(active)
+        assert len({l.holder for l in active}) == len(active)
+        for adapter in registry.adapters():
+            versions = [v.version for v in registry.adapter_versions(adapter.name)]
+            assert versions == list(range(len(versions)))
+        assert len(accepted(registry)) == sum(len(registry.adapter_versions(a.name)) - 1 for a in registry.adapters())
+    done = deployment.guide.run("status")  # the guide's `fedem status` reads it too
+    assert "leases" in done.stdout.lower()
+    verify = subprocess.run([sys.executable, "-m", "fedem_flwr.cli", "--hub", str(deployment.hub), "verify"],
+                            capture_output=True, text=True, timeout=120)
+    assert verify.returncode == 0, verify.stdout + verify.stderr
+
+
+@pytest.fixture(scope="module")
+def deployment(tmp_path_factory) -> Iterator[Deployment]:
+    root = tmp_path_factory.mktemp("deploy")
+    hub_port, *node_ports = free_ports(1 + len(CONTRIBUTORS))
+    hub_dir = root / "hub"
+    variables = {"HUB_DIR": str(hub_dir), "HUB_HOST": "127.0.0.1", "HUB_PORT": str(hub_port), "LISTEN": "127.0.0.1"}
+    guide = Guide(variables, root / "operator-flwr")
+    contributors = {}
+    for (name, languages), port in zip(CONTRIBUTORS.items(), node_ports):
+        folder = root / name
+        data = write_contributor_data(folder / "data", languages)
+        config = {"CA": str(hub_dir / "certs" / "ca.crt"), "NODE_KEY": str(folder / "supernode-key"),
+                  "DATA": str(data), "LANGUAGES": ",".join(languages), "CACHE": str(folder / "cache"),
+                  "NODE_PORT": str(port)}
+        contributors[name] = Contributor(name, languages, folder / "supernode-key", port, config, folder / "faults")
+        contributors[name].faults.write_text("")
+    deployment = Deployment(guide, root, hub_dir / "state", None, contributors)
+    try:
+        guide.run("certs")
+        deployment.start_superlink()
+        guide.run("connection")
+        for who in contributors.values():
+            # One key from ssh-keygen, as the guide offers, where it is installed.
+            step = "node-key-ssh" if who.name == "bob" and shutil.which("ssh-keygen") else "node-key"
+            guide.run(step, env=who.variables)
+            guide.run("register", env={"PUBLIC_KEY": f"{who.key}.pub"})
+            deployment.start_node(who)
+        wait_for_nodes(deployment.superlink, len(contributors), timeout=120)
+        yield deployment
+    finally:
+        procs = deployment.processes()
+        stop_trees([(p.pid, p.popen) for p in procs], tags=[p.tag for p in procs])
+    assert not any(pid_alive(p.pid) for p in procs)
+
+
+def test_unregistered_supernode_cannot_join(deployment):
+    # Prepare: Eve has a valid key and the hub's CA, but the operator never registered her key.
+    eve_dir = deployment.root / "eve"
+    eve = {**deployment.contributors["alice"].variables, "NODE_KEY": str(eve_dir / "supernode-key"),
+           "NODE_PORT": str(free_ports(1)[0]), "FLWR_HOME": str(eve_dir / "flwr")}
+    deployment.guide.run("node-key", env=eve)
+
+    # Execute
+    proc = deployment.guide.start("supernode", "supernode", int(eve["NODE_PORT"]), eve_dir / "flwr", env=eve)
+    deployment.others.append(proc)
+
+    # Assert: it gives up, and the SuperLink still lists only the three registered nodes.
+    wait_until(lambda: "Failed to activate SuperNode" in proc.log_tail(20000), 60,
+               lambda: f"Eve to be refused; her output:\n{proc.log_tail()}")
+    assert len(node_ids(deployment.superlink)) == len(deployment.contributors)
+
+
+def test_relay_runs_over_tls_with_authenticated_nodes(deployment):
+    # Execute
+    run_id = deployment.submit()
+
+    # Assert: contributions come back and are judged; every holder is one of the registered keys.
+    deployment.wait_accepted(3, run_id, timeout=300)
+    identities = {who.identity: who.name for who in deployment.contributors.values()}
+    with deployment.registry() as registry:
+        holders = {lease.holder for lease in registry.leases()}
+        assert holders <= set(identities), holders
+        assert set(registry.identities().values()) <= set(identities)
+    deployment.guide.run("ls")
+    assert_hub_consistent(deployment)
