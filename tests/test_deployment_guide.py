@@ -16,7 +16,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import re
 import shlex
 import shutil
 import signal
@@ -36,7 +35,15 @@ from fedem_flwr.data.corpus import load_corpus
 from fedem_flwr.hub.paths import REGISTRY_FILE
 from fedem_flwr.hub.registry import Registry
 from fedem_flwr.launch import flwr_cli
-from fedem_flwr.launch.processes import FlowerProcess, descendants, free_ports, http_ok, pid_alive, stop_trees
+from fedem_flwr.launch.processes import (
+    FlowerProcess,
+    cmdline,
+    descendants,
+    free_ports,
+    http_ok,
+    pid_alive,
+    stop_trees,
+)
 from fedem_flwr.relay.nodes import key_identity
 from fedem_flwr.testing.flower import SuperLink, node_ids, run_logs, wait_for_nodes
 from fedem_flwr.testing.guide import Guide, untested_steps
@@ -100,9 +107,9 @@ class Deployment:
         who.process = self.guide.start("supernode", "supernode", who.port, home, env={
             **who.variables, "FLWR_HOME": str(home), "FEDEM_NODE_FAULTS": str(who.faults)})
 
-    def submit(self) -> int:
-        """The guide's `flwr run`, with this module's relay settings as one more run-config file."""
-        extra = shlex.quote(flwr_cli.config_args({"overrides": OVERRIDES}))
+    def submit(self, more_overrides: str = "") -> int:
+        """The guide's `flwr run`, with this module's relay settings as one more run-config value."""
+        extra = shlex.quote(flwr_cli.config_args({"overrides": f"{OVERRIDES} {more_overrides}".strip()}))
         done = self.guide.run("run", cwd=APP_DIR, extra_args=f"--run-config {extra} --format json")
         run_id = int(flwr_cli.json_output(done, "run")["run-id"])
         self.runs.append(run_id)
@@ -246,7 +253,7 @@ def test_relay_runs_over_tls_with_authenticated_nodes(deployment):
     run_id = deployment.submit()
 
     # Assert: contributions come back and are judged; every holder is one of the registered keys.
-    deployment.wait_accepted(3, run_id, timeout=300)
+    deployment.wait_accepted(2, run_id, timeout=300)
     identities = {who.identity: who.name for who in deployment.contributors.values()}
     with deployment.registry() as registry:
         holders = {lease.holder for lease in registry.leases()}
@@ -254,3 +261,155 @@ def test_relay_runs_over_tls_with_authenticated_nodes(deployment):
         assert set(registry.identities().values()) <= set(identities)
     deployment.guide.run("ls")
     assert_hub_consistent(deployment)
+
+
+def holder_lease(deployment: Deployment, names: set[str]):
+    """An active lease held by one of ``names``, with that contributor (or None)."""
+    by_identity = {who.identity: who for who in deployment.contributors.values() if who.name in names}
+    leases = deployment.read(lambda r: r.leases(active_only=True)) or []
+    return next(((lease, by_identity[lease.holder]) for lease in leases if lease.holder in by_identity), None)
+
+
+def test_killed_supernode_lease_goes_to_a_live_node_from_the_last_accepted_version(deployment):
+    # Prepare: wait until Alice holds a lease.
+    lease, alice = wait_until(lambda: holder_lease(deployment, {"alice"}), 180, "a lease held by Alice")
+    last_accepted = deployment.read(lambda r: r.adapter_versions(lease.adapter)[-1].version)
+
+    # Execute: her machine dies.
+    kill_tree(alice.process)
+
+    # Assert: the lease ends (node gone or TTL) and the adapter goes to a live node from its last version.
+    ended = wait_until(lambda: next((l for l in deployment.read(lambda r: r.leases()) if l.token == lease.token
+                                     and not l.active), None), LEASE_TTL_S + 90, "Alice's lease to end")
+    assert ended.outcome in {"expired", "node-gone", "message-expired", "reply-after-ttl"}, ended.outcome
+    successor = wait_until(lambda: next((l for l in deployment.read(lambda r: r.leases()) if l.adapter == lease.adapter
+                                         and l.token > lease.token), None), 120, f"{lease.adapter!r} to be leased again")
+    assert successor.holder != alice.identity
+    assert successor.adapter_version == max(last_accepted, lease.adapter_version)
+    assert_hub_consistent(deployment)
+
+
+def test_restarted_supernode_keeps_its_identity(deployment):
+    # Prepare
+    alice = deployment.contributors["alice"]
+    before = deployment.read(lambda r: {l.token for l in r.leases() if l.holder == alice.identity})
+
+    # Execute: Alice starts her SuperNode again with the same key.
+    deployment.start_node(alice)
+
+    # Assert: her next lease is hers: same key, same identity, same history.
+    lease = wait_until(lambda: next((l for l in deployment.read(lambda r: r.leases())
+                                     if l.holder == alice.identity and l.token not in before), None),
+                       240, "a new lease for the restarted Alice")
+    assert lease.holder == alice.identity and before
+    wait_for_nodes(deployment.superlink, len(deployment.contributors), timeout=60)
+    assert len(node_ids(deployment.superlink)) == len(deployment.contributors)  # not a fourth node
+
+
+def test_late_reply_expires_the_lease_and_nothing_is_merged(deployment):
+    # Prepare: Bob's next reply waits until its message's TTL has passed.
+    bob = deployment.contributors["bob"]
+    ended_before = deployment.read(lambda r: {l.token for l in r.leases() if not l.active})
+    bob.faults.write_text("late\n")
+
+    # Execute
+    wait_until(lambda: bob.faults.read_text() == "", 240, "Bob to take the `late` fault")
+    lease = deployment.read(lambda r: next(l for l in reversed(r.leases()) if l.holder == bob.identity))
+    assert lease.token not in ended_before
+
+    # Assert: the lease ends as expired; no contribution is credited to it; the late reply is noted.
+    ended = wait_until(lambda: next((l for l in deployment.read(lambda r: r.leases())
+                                     if l.token == lease.token and not l.active), None), LEASE_TTL_S + 60,
+                       "Bob's lease to expire")
+    assert ended.outcome in {"expired", "reply-after-ttl", "message-expired"}, ended.outcome
+    # The SuperLink refuses the reply itself (the message's TTL is the lease's time); the hub notes
+    # what it reported, as the lease's outcome or, when its own deadline came first, in the log.
+    noted = f"Lease {lease.token} had already ended"
+    wait_until(lambda: ended.outcome != "expired" or noted in run_logs(deployment.superlink, deployment.runs[-1]),
+               60, "the late reply to be noted")
+    credited = deployment.read(lambda r: [c for c in r.contributions() if c.lease_token == lease.token])
+    assert all(c.decision != "accepted" for c in credited)
+    assert_hub_consistent(deployment)
+
+
+def test_hostile_replies_are_refused_and_the_hub_keeps_running(deployment):
+    # Prepare: Mallory's next three replies claim another lease's token, drop a tensor, inflate one.
+    mallory = deployment.contributors["mallory"]
+    first_id = deployment.read(lambda r: max((c.id for c in r.contributions()), default=0))
+    pseudonym = deployment.read(lambda r: r.pseudonym(mallory.identity))
+    mallory.faults.write_text("wrong-token\nmalformed-adapter\noversized-adapter\n")
+
+    # Execute
+    wait_until(lambda: mallory.faults.read_text() == "", 300, "Mallory to send her three hostile replies")
+    refused = wait_until(
+        lambda: (lambda rows: rows if len(rows) >= 3 else None)(deployment.read(
+            lambda r: [c for c in reversed(r.contributions()) if c.id > first_id and c.pseudonym == pseudonym
+                       and c.decision == "rejected"])), 60, "three rejected contributions from Mallory")
+
+    # Assert: each refused with its reason, and the hub still accepts honest work afterwards.
+    reasons = " | ".join(c.reason for c in refused[:3])
+    assert "claim-mismatch" in reasons and "token" in reasons, reasons
+    assert "missing" in reasons.lower() or "keys" in reasons.lower(), reasons
+    assert "bytes" in reasons, reasons
+    last = refused[2].id
+    wait_until(lambda: deployment.read(lambda r: any(c.id > last and c.decision == "accepted"
+                                                     for c in r.contributions())), 240,
+               "an accepted contribution after Mallory's")
+    assert deployment.status(deployment.runs[-1]).startswith("running")
+    assert_hub_consistent(deployment)
+
+
+def test_killed_serverapp_run_resubmitted_continues_from_last_accepted(deployment):
+    # Prepare
+    run_id = deployment.runs[-1]
+    serverapps = [pid for pid in descendants(deployment.link.pid) if any("flwr-serverapp" in part
+                                                                          for part in cmdline(pid))]
+    assert serverapps, "no ServerApp process under the SuperLink"
+
+    # Execute: the ServerApp dies mid-run; the operator submits the run again.
+    for pid in serverapps:
+        os.kill(pid, signal.SIGKILL)
+    wait_until(lambda: deployment.status(run_id).startswith("finished"), 120, "the killed run to be marked finished")
+    assert_hub_consistent(deployment)
+    versions = deployment.read(latest_versions)
+    tokens = deployment.read(lambda r: r.max_lease_token())
+    resubmitted = deployment.submit()
+
+    # Assert: leases left by the dead run end as `hub-restart`; new leases start from the last versions.
+    wait_until(lambda: deployment.read(lambda r: [l for l in r.leases() if l.token > tokens]), 180,
+               "a lease from the resubmitted run")
+    with deployment.registry() as registry:
+        for lease in registry.leases():
+            if lease.token <= tokens:
+                assert not lease.active
+            elif lease.adapter in versions:
+                assert lease.adapter_version >= versions[lease.adapter]
+        first_new = min(l.token for l in registry.leases() if l.token > tokens)
+        new = next(l for l in registry.leases() if l.token == first_new)
+        assert new.adapter_version == versions[new.adapter]
+    assert deployment.status(resubmitted).startswith("running")
+
+
+def test_superlink_restart_keeps_nodes_and_a_resubmitted_run_completes(deployment):
+    # Prepare
+    count = deployment.read(lambda r: len(accepted(r)))
+    deployment.guide.run("stop", env={"RUN_ID": str(deployment.runs[-1])})
+    wait_until(lambda: deployment.status(deployment.runs[-1]).startswith("finished"), 120, "the stopped run")
+
+    # Execute: the SuperLink restarts with its database; the nodes reconnect by themselves.
+    old = deployment.link
+    stop_trees([(old.pid, old.popen)], tags=[old.tag])
+    deployment.start_superlink()
+    wait_for_nodes(deployment.superlink, len(deployment.contributors), timeout=120)
+    run_id = deployment.submit("relay.max_accepted=2")
+    deployment.guide.run("log", env={"RUN_ID": str(run_id)}, timeout=400)  # streams until the run ends
+
+    # Assert: the run completes, with two more accepted contributions, and nothing is lost.
+    status = wait_until(lambda: (lambda s: s if s.startswith("finished") else None)(deployment.status(run_id)), 60,
+                        "the final run's status")
+    assert status == flwr_cli.COMPLETED, run_logs(deployment.superlink, run_id)[-4000:]
+    assert deployment.read(lambda r: len(accepted(r))) >= count + 2
+    assert_hub_consistent(deployment)
+    assert untested_steps(deployment.guide.ran) == []
+
+

@@ -423,7 +423,12 @@ class RelayStrategy(Strategy):
             return
         silent = {ErrorCode.MESSAGE_UNAVAILABLE: "message-expired", ErrorCode.REPLY_MESSAGE_UNAVAILABLE: "reply-after-ttl"}
         if code in silent:
-            self.coordinator.fail(token, silent[code])
+            if self.coordinator.fail(token, silent[code]) is None:
+                ended = self.coordinator.book.get(token)
+                log.info("Lease %d had already ended (%s) when the SuperLink reported %s; nothing of it is kept",
+                         token, ended.outcome if ended is not None else "unknown",
+                         "a reply after its deadline" if code == ErrorCode.REPLY_MESSAGE_UNAVAILABLE
+                         else "no reply before its deadline")
             if node is not None:
                 node.profile = None
             return
