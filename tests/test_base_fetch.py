@@ -35,15 +35,17 @@ TOKEN = "hf_read_only_token"
 
 
 def _app(envs: dict[int, dict[str, str]]) -> ClientApp:
-    """Node config: ``languages``, ``partition-id``, ``cache-dir`` (and ``base-fetch``); ``envs``
-    holds each node's environment (``HF_TOKEN``, ``HF_ENDPOINT``)."""
+    """Node config: ``languages``, ``partition-id``, ``cache-dir`` (and ``base-fetch``), ``claims``
+    (a base digest its profile lists without holding it); ``envs`` holds each node's environment
+    (``HF_TOKEN``, ``HF_ENDPOINT``)."""
     app = ClientApp()
 
     @app.query("profile")
     def profile(message: Message, context: Context) -> Message:
         config = context.node_config
+        digests = BaseCache.for_node(config).digests() + ([config["claims"]] if "claims" in config else [])
         answer = {"languages": [config["languages"]], "device": "cpu", "data-bytes": 100,
-                  "base-digests": BaseCache.for_node(config).digests(), "partition-id": config["partition-id"]}
+                  "base-digests": digests, "partition-id": config["partition-id"]}
         return messages.profile_reply(message, answer)
 
     @app.train("relay")
@@ -70,7 +72,8 @@ def _hf_store(local_hub, tmp_path, private=False):
                    cache_dir=tmp_path / "hub-cache", private=private, sleep=lambda s: None)
 
 
-def _relay(tmp_path, store=None, env=None, node_config=None, max_accepted=1, hub_caches_base=False, tamper=None):
+def _relay(tmp_path, store=None, env=None, node_config=None, max_accepted=1, hub_caches_base=False, tamper=None,
+           claims_base=False):
     """One node (``hi``, empty cache) relays until ``max_accepted``; returns the strategy, its
     result, the train messages pushed, the lease outcomes in order and the node's cache."""
     clock = FakeClock()
@@ -81,6 +84,8 @@ def _relay(tmp_path, store=None, env=None, node_config=None, max_accepted=1, hub
     if tamper is not None:
         tamper()
     config = {"partition-id": 0, "languages": "hi", "cache-dir": str(tmp_path / "node-cache"), **(node_config or {})}
+    if claims_base:
+        config["claims"] = base.digest
     grid = InProcessGrid(_app({10: env or {}}), {10: config}, {}, clock=clock)
     pushed = []
     push = grid.push_messages
@@ -114,6 +119,13 @@ def test_a_node_without_the_base_fetches_it_by_repo_and_revision_and_nothing_tra
     assert digest(cache.path(base.digest)) == base.digest
     assert dict(strategy.bases) == {"hf": 1}  # the second lease found it cached
     assert any(r.startswith(f"GET /{BASE_HF_REPO}/resolve/") for r in local_hub.requests)
+
+
+def test_a_node_that_lost_a_base_the_hub_thought_it_had_fetches_it_without_a_bounce(local_hub, tmp_path):
+    strategy, result, trains, outcomes, cache, base = _relay(tmp_path, _hf_store(local_hub, tmp_path), claims_base=True)
+
+    assert (_in_band(trains), outcomes) == ([False], ["accepted"])
+    assert cache.digests() == [base.digest] and not strategy.bases  # the hub did not know it was missing
 
 
 # -- (b) a private repo: the node's token, else in-band ------------------------------------------

@@ -305,6 +305,9 @@ class RelayStrategy(Strategy):
         base_folder = self.coordinator.store.get(assignment.base_ref) if via == IN_BAND else None
         if via == IN_BAND:
             self.bases[IN_BAND] += 1
+            log.info("Node %d gets base v%d in-band with lease %d", node.node_id, lease.base_version, lease.token)
+        elif via == HF:
+            log.info("Node %d is to fetch base v%d from %s (lease %d)", node.node_id, lease.base_version, hf, lease.token)
         message = messages.train_message(
             node.node_id, instruction, adapter_to_arrays(state), ttl=ttl, base_folder=base_folder,
             rows=self._node_rows(node),
@@ -404,6 +407,7 @@ class RelayStrategy(Strategy):
             return
         if pending.base_via == HF:
             self.bases[HF] += 1
+            log.info("Node %d fetched base v%d from the Hugging Face Hub", pending.node_id, lease.base_version)
         if parsed.status == messages.NO_DATA:
             self.coordinator.fail(lease.token, messages.NO_DATA)  # no contribution, no backoff
             return
@@ -430,7 +434,7 @@ class RelayStrategy(Strategy):
             self.bases[HF_FAILED] += 1
             self._hf_failed.add((pending.node_id, digest))
             log.warning("Node %d could not fetch base v%d from the Hugging Face Hub (%s); it gets the base in-band",
-                        pending.node_id, assignment.lease.base_version, parsed.detail or "no detail")
+                        pending.node_id, assignment.lease.base_version, " ".join(parsed.detail.split()) or "no detail")
         if node is not None:
             node.digests.discard(digest)  # the next lease carries the base
             if pending.base_via == IN_BAND:  # it was just sent: the node fails to keep it
