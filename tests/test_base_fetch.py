@@ -226,7 +226,8 @@ def test_a_token_goes_only_to_the_nodes_own_endpoint():
 
     assert endpoint_and_token(unnamed, {"HF_TOKEN": "t", "HF_ENDPOINT": mirror + "/"}) == (mirror, "t")
     assert endpoint_and_token(named, {"HF_TOKEN": "t", "HF_ENDPOINT": mirror}) == ("http://hub.example", False)
-    assert endpoint_and_token(named, {"HF_TOKEN": "t", "HF_ENDPOINT": "http://hub.example"}) == ("http://hub.example", "t")
+    assert endpoint_and_token(named, {"HF_TOKEN": "t", "HF_ENDPOINT": "http://hub.example"}) == (
+        "http://hub.example", "t")
     assert endpoint_and_token(unnamed, {}) == ("https://huggingface.co", False)
 
 
@@ -246,7 +247,8 @@ def _message(instruction):
     return messages.train_message(10, instruction, ArrayRecord({"w": torch.zeros(1)}), ttl=60)
 
 
-@pytest.mark.parametrize("base_hf", [None, HfLocation(BASE_HF_REPO, "v2"), HfLocation(BASE_HF_REPO, "v2", "https://hub.example/x")])
+@pytest.mark.parametrize(
+    "base_hf", [None, HfLocation(BASE_HF_REPO, "v2"), HfLocation(BASE_HF_REPO, "v2", "https://hub.example/x")])
 def test_the_hub_location_survives_the_wire(base_hf):
     assert messages.parse_train_instruction(_message(_instruction(base_hf))) == _instruction(base_hf)
 

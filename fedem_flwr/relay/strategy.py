@@ -307,7 +307,8 @@ class RelayStrategy(Strategy):
             self.bases[IN_BAND] += 1
             log.info("Node %d gets base v%d in-band with lease %d", node.node_id, lease.base_version, lease.token)
         elif via == HF:
-            log.info("Node %d is to fetch base v%d from %s (lease %d)", node.node_id, lease.base_version, hf, lease.token)
+            log.info("Node %d is to fetch base v%d from %s (lease %d)",
+                     node.node_id, lease.base_version, hf, lease.token)
         message = messages.train_message(
             node.node_id, instruction, adapter_to_arrays(state), ttl=ttl, base_folder=base_folder,
             rows=self._node_rows(node),
