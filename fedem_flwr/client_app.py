@@ -1,12 +1,16 @@
 """The ClientApp: relay fine-tuning of a leased adapter (``train.relay``) and the node profile
-(``query.profile``). Wiring only: the work is in ``fedem_flwr.contributor``."""
+(``query.profile``). Wiring only: the work is in ``fedem_flwr.contributor``; a missing base is
+fetched from the Hugging Face Hub when the message says where (``fedem_flwr.base_fetch``)."""
 
 from __future__ import annotations
+
+import time
 
 from flwr.app import Context, Message
 from flwr.clientapp import ClientApp
 
 from fedem_flwr import faults
+from fedem_flwr.base_fetch import ensure_base
 from fedem_flwr.config import load_run_config
 from fedem_flwr.contributor import BaseCache, profile, relay_train, training_data
 from fedem_flwr.logs import quiet_library_progress, use_flower_logging
@@ -29,19 +33,22 @@ def query_profile(message: Message, context: Context) -> Message:
 def train_relay(message: Message, context: Context) -> Message:
     cfg = load_run_config(context.run_config)
     instruction = messages.parse_train_instruction(message)
+    started = time.monotonic()
     cache = BaseCache.for_node(context.node_config)
     if messages.BASE_FILES in message.content:
         record = message.content[messages.BASE_FILES]
         cache.add(instruction.base.digest, lambda folder: messages.arrays_to_folder(record, folder))
-    if not cache.has(instruction.base.digest):
-        return messages.status_reply(message, instruction, messages.MISSING_BASE, f"not cached in {cache.root}")
+    missing = ensure_base(cache, instruction.base.digest, instruction.base_hf, context.node_config)
+    if missing:
+        return messages.status_reply(message, instruction, messages.MISSING_BASE, missing)
     data = training_data(cfg, context.node_config, messages.node_rows(message))
     if not set(instruction.languages) & set(data.languages):
         return messages.status_reply(message, instruction, messages.NO_DATA, f"rows in {','.join(data.languages)}")
     state = message.content["arrays"].to_torch_state_dict()
     new_state, metrics = relay_train(
         cfg, cache.use(instruction.base.digest), state, data, instruction.languages,
-        budget_s=instruction.budget_s, max_steps=instruction.max_steps, seed=cfg.seed + instruction.token,
+        budget_s=max(1.0, instruction.budget_s - (time.monotonic() - started)),  # a fetch spends the lease
+        max_steps=instruction.max_steps, seed=cfg.seed + instruction.token,
     )
     reply = messages.train_reply(message, instruction, adapter_to_arrays(new_state), metrics)
     return faults.misbehave(reply, message, faults.take_node_fault())

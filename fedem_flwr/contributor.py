@@ -7,6 +7,9 @@ Node config keys (``flower-supernode --node-config``):
 ``languages``  comma-separated language codes to train on, e.g. ``languages='hi,te'``
 ``cache-dir``  where base checkpoints are cached by digest (default: ``$FEDEM_CACHE``, else
                ``$XDG_CACHE_HOME/fedem``, else ``~/.cache/fedem``)
+``base-fetch`` ``hub`` (default): fetch a missing base from the Hugging Face Hub when the hub
+               publishes there (read token ``HF_TOKEN``, endpoint ``HF_ENDPOINT``), else take it
+               through Flower; ``inband``: always through Flower (``fedem_flwr.base_fetch``)
 
 In simulation Flower sets ``partition-id`` and ``num-partitions``: the node's profile then
 describes its partition of the configured corpus (public and deterministic), and it trains on the

@@ -46,11 +46,12 @@ class ScriptedWorkbench:
 
 
 def seeded_coordinator(tmp_path: Path, clock: FakeClock, policy: str = "language", loss: float = 4.0,
-                       extra: Optional[Mapping[str, torch.Tensor]] = None):
+                       extra: Optional[Mapping[str, torch.Tensor]] = None, store=None):
     """A hub with base v0 and adapters ``hi`` and ``ta`` at v0 (held-out loss ``loss``); ``extra``
-    tensors (e.g. a LoRA pair) are stored in every v0 beside ``w``."""
+    tensors (e.g. a LoRA pair) are stored in every v0 beside ``w``. ``store`` defaults to a
+    ``LocalStore`` under ``tmp_path``."""
     registry = Registry.open(tmp_path / "registry.sqlite")
-    store = LocalStore(tmp_path / "store")
+    store = store if store is not None else LocalStore(tmp_path / "store")
     workbench = ScriptedWorkbench()
     seed = tmp_path / "seed"
     seed.mkdir(exist_ok=True)

@@ -3,7 +3,13 @@
 Record keys follow Flower's (``"arrays"``, ``"metrics"``, ``"config"``); message kinds are named
 actions (``train.relay``, ``query.profile``). Base checkpoints travel, when a node lacks them, as
 their stored files byte for byte (``uint8`` arrays keyed by relative path), so the node can check
-the manifest digest exactly as the hub computed it.
+the manifest digest exactly as the hub computed it. When the hub's store is on a Hugging Face Hub,
+a train message also names the base's Hub repo (``base-hf-repo``, and ``base-hf-endpoint`` when it
+is not the default Hub) and carries no files the first time: the node fetches the base itself
+(``fedem_flwr.base_fetch``), and gets the in-band copy only after it answered ``missing-base``.
+
+What the hub sends is read on the node through ``parse_train_instruction``: a field of the wrong
+type or shape raises ``InvalidInstruction`` naming the field and the value.
 
 Everything a node sends is read through ``parse_profile_reply`` and ``parse_train_reply``: types,
 ranges and sizes are checked there, and what fails raises ``InvalidReply`` naming the field and the
@@ -23,6 +29,7 @@ from typing import Any, Optional
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 
+from fedem_flwr.base_fetch import BASE_REVISION, ENDPOINT, HF_REPO_ID, MAX_ENDPOINT_CHARS, HfLocation
 from fedem_flwr.errors import FedemError, InvalidAdapter
 from fedem_flwr.hub.store import ArtifactRef
 
@@ -55,6 +62,10 @@ class InvalidReply(FedemError, ValueError):
     """A node's reply breaks the wire format; the message names the field and the value."""
 
 
+class InvalidInstruction(FedemError, ValueError):
+    """A train message from the hub breaks the wire format; the message names the field and the value."""
+
+
 @dataclass(frozen=True)
 class TrainInstruction:
     """What a node is asked to do under one lease (parsed on the node)."""
@@ -67,6 +78,7 @@ class TrainInstruction:
     base_version: int
     budget_s: float
     max_steps: int
+    base_hf: Optional[HfLocation] = None  # where the node may fetch the base itself
 
 
 @dataclass(frozen=True)
@@ -130,6 +142,10 @@ def train_message(
             "max-steps": int(instruction.max_steps),
         }
     )
+    if instruction.base_hf is not None:
+        config["base-hf-repo"] = instruction.base_hf.repo_id
+        if instruction.base_hf.endpoint:
+            config["base-hf-endpoint"] = instruction.base_hf.endpoint
     content = RecordDict({"arrays": adapter, "config": config})
     if base_folder is not None:
         content[BASE_FILES] = folder_to_arrays(base_folder)
@@ -147,18 +163,39 @@ def node_rows(message: Message) -> Optional[dict[str, list[str]]]:
 
 
 def parse_train_instruction(message: Message) -> TrainInstruction:
+    """Read what the hub asks; the base's revision, digest and Hub location are checked, since the
+    node fetches and trusts by them, and a bad one raises ``InvalidInstruction``."""
     config = message.content["config"]
     languages = tuple(lang for lang in str(config["languages"]).split(",") if lang)
+    revision = _instruction_field(config, "base-revision", BASE_REVISION, "a base revision like 'v3'")
+    digest = _instruction_field(config, "base-digest", SHA256_HEX, "a sha256 hex digest")
+    base_hf = None
+    if "base-hf-repo" in config:
+        repo_id = _instruction_field(config, "base-hf-repo", HF_REPO_ID, "a Hugging Face repo id 'namespace/name'")
+        endpoint = ""
+        if "base-hf-endpoint" in config:
+            endpoint = _instruction_field(config, "base-hf-endpoint", ENDPOINT, "an http(s) URL", MAX_ENDPOINT_CHARS)
+        base_hf = HfLocation(repo_id, revision, endpoint)
+    elif "base-hf-endpoint" in config:
+        raise InvalidInstruction("train message has `base-hf-endpoint` but no `base-hf-repo`")
     return TrainInstruction(
         adapter=str(config["adapter"]),
         adapter_version=int(config["adapter-version"]),
         languages=languages,
         token=int(config["lease-token"]),
-        base=ArtifactRef(str(config["base-repo"]), str(config["base-revision"]), str(config["base-digest"])),
+        base=ArtifactRef(str(config["base-repo"]), revision, digest),
         base_version=int(config["base-version"]),
         budget_s=float(config["budget-s"]),
         max_steps=int(config["max-steps"]),
+        base_hf=base_hf,
     )
+
+
+def _instruction_field(config: ConfigRecord, key: str, pattern: re.Pattern, allowed: str, limit: int = 200) -> str:
+    value = config.get(key) if key in config else None
+    if not isinstance(value, str) or len(value) > limit or ".." in value or not pattern.match(value):
+        raise InvalidInstruction(f"train message `{key}` is {_show(value)}; it must be {allowed}")
+    return value
 
 
 # -- node -> hub -------------------------------------------------------------------------------

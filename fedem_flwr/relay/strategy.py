@@ -8,6 +8,13 @@ relays on at its own pace, and there are no rounds. Decisions live in ``RelayCoo
 Replies are routed by ``reply_to_message_id``, never by sender, because error replies come from
 the SuperLink itself (``src_node_id`` 1); an id is dropped at its first reply, since pulling it
 again answers "message unavailable" (code 3).
+
+Base checkpoints. A node that lacks the lease's base gets it in-band (its files in the train
+message), unless the store is on a Hugging Face Hub: then every train message names the base's Hub
+repo and the node fetches it itself (``fedem_flwr.base_fetch``); a node that answers
+``missing-base`` to that gets the in-band copy with its next lease. ``RelayStrategy.bases`` counts
+the ways: ``in-band`` (files sent), ``hf`` (a node without the base told to fetch it answered
+anything but ``missing-base``), ``hf-failed`` (a node's Hub fetch failed; the reply's detail is logged).
 """
 
 from __future__ import annotations
@@ -15,7 +22,7 @@ from __future__ import annotations
 import logging
 import sys
 import time
-from collections import deque
+from collections import Counter, deque
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Optional
@@ -25,6 +32,7 @@ from flwr.common.constant import ErrorCode
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
+from fedem_flwr.base_fetch import hf_location
 from fedem_flwr.config import RelayConfig
 from fedem_flwr.errors import HubFault, InvalidAdapter, is_hub_fault, one_line
 from fedem_flwr.model.adapter_spec import AdapterSpec
@@ -78,12 +86,18 @@ class RelayResult:
             self.rejected += 1
 
 
+# How a node that lacked a lease's base was to get it (``_Pending.base_via``).
+IN_BAND, HF = "in-band", "hf"
+HF_FAILED = "hf-failed"
+
+
 @dataclass
 class _Pending:
     kind: str
     node_id: int
     assignment: Optional[Assignment] = None
-    sent_base: bool = False
+    base_via: str = ""  # IN_BAND, HF, or "" when the hub thought the node had it
+    hf_named: bool = False  # the message named the base's Hub repo
 
 
 class RelayStrategy(Strategy):
@@ -113,6 +127,8 @@ class RelayStrategy(Strategy):
         self.between_turns = between_turns  # the hub's own work (merges, CPT); told whether replies came
         self.simulation = False  # set from the Grid in ``start``
         self._rows: dict[tuple[int, int], dict[str, list[str]]] = {}
+        self.bases: Counter[str] = Counter()  # how nodes got the bases they lacked (module docstring)
+        self._hf_failed: set[tuple[int, str]] = set()  # (node id, base digest) whose Hub fetch failed
 
     # -- Flower's round API: the relay has no rounds ------------------------------------------------
     # ``Strategy`` declares these abstract; the relay's work happens in ``start``, message by message.
@@ -269,6 +285,8 @@ class RelayStrategy(Strategy):
     def _build_train_message(self, assignment: Assignment, node: NodeState) -> tuple[Message, _Pending]:
         lease = assignment.lease
         ttl = lease.remaining(self.clock())
+        digest = assignment.base_ref.digest
+        hf = hf_location(self.coordinator.store, assignment.base_ref)
         instruction = messages.TrainInstruction(
             adapter=lease.adapter,
             adapter_version=lease.adapter_version,
@@ -278,18 +296,28 @@ class RelayStrategy(Strategy):
             base_version=lease.base_version,
             budget_s=max(1.0, ttl - self.relay.deadline_margin_s),
             max_steps=self.max_steps,
+            base_hf=hf,
         )
         state = read_adapter_state(self.coordinator.store.get(assignment.adapter_ref))
-        send_base = assignment.base_ref.digest not in node.digests
-        base_folder = self.coordinator.store.get(assignment.base_ref) if send_base else None
+        via = ""
+        if digest not in node.digests:
+            via = HF if hf is not None and (node.node_id, digest) not in self._hf_failed else IN_BAND
+        base_folder = self.coordinator.store.get(assignment.base_ref) if via == IN_BAND else None
+        if via == IN_BAND:
+            self.bases[IN_BAND] += 1
+            log.info("Node %d gets base v%d in-band with lease %d", node.node_id, lease.base_version, lease.token)
+        elif via == HF:
+            log.info("Node %d is to fetch base v%d from %s (lease %d)",
+                     node.node_id, lease.base_version, hf, lease.token)
         message = messages.train_message(
             node.node_id, instruction, adapter_to_arrays(state), ttl=ttl, base_folder=base_folder,
             rows=self._node_rows(node),
         )
         node.busy = True
-        # The node caches what it is sent; were it lost, its typed reply says so and it is sent again.
-        node.digests.add(assignment.base_ref.digest)
-        return message, _Pending("train", node.node_id, assignment, send_base)
+        # The node caches what it is sent or fetches; were it lost, its typed reply says so and it is
+        # sent again (in-band).
+        node.digests.add(digest)
+        return message, _Pending("train", node.node_id, assignment, via, hf is not None)
 
     def _node_rows(self, node: NodeState) -> Optional[dict[str, list[str]]]:
         """A simulated node's training rows, from the hub (it cannot tell which rows are held out)."""
@@ -375,15 +403,14 @@ class RelayStrategy(Strategy):
             self._back_off(node, mismatch)
             result.record(self.coordinator.reject_lease(lease.token, mismatch, metrics=parsed.metrics))
             return
+        if parsed.status == messages.MISSING_BASE:
+            self._on_missing_base(parsed, pending, node)
+            return
+        if pending.base_via == HF:
+            self.bases[HF] += 1
+            log.info("Node %d fetched base v%d from the Hugging Face Hub", pending.node_id, lease.base_version)
         if parsed.status == messages.NO_DATA:
             self.coordinator.fail(lease.token, messages.NO_DATA)  # no contribution, no backoff
-            return
-        if parsed.status == messages.MISSING_BASE:
-            if node is not None:
-                node.digests.discard(assignment.base_ref.digest)  # the next lease carries the base
-                if pending.sent_base:  # it was just sent: the node fails to keep it
-                    self._back_off(node, "lost the base it was sent")
-            self.coordinator.fail(lease.token, messages.MISSING_BASE)
             return
         state, invalid = None, None
         try:
@@ -398,6 +425,22 @@ class RelayStrategy(Strategy):
             node.profile = None  # its lease ended without a timely reply: ask it afresh
         elif node is not None:
             self.nodes.succeeded(node)
+
+    def _on_missing_base(self, parsed: messages.TrainReply, pending: _Pending, node: Optional[NodeState]) -> None:
+        """The node lacks the lease's base: its next lease carries it in-band. A node that was just
+        sent the files fails to keep them and backs off; one whose Hub fetch failed does not."""
+        assignment = pending.assignment
+        digest = assignment.base_ref.digest
+        if pending.hf_named and pending.base_via != IN_BAND:
+            self.bases[HF_FAILED] += 1
+            self._hf_failed.add((pending.node_id, digest))
+            log.warning("Node %d could not fetch base v%d from the Hugging Face Hub (%s); it gets the base in-band",
+                        pending.node_id, assignment.lease.base_version, " ".join(parsed.detail.split()) or "no detail")
+        if node is not None:
+            node.digests.discard(digest)  # the next lease carries the base
+            if pending.base_via == IN_BAND:  # it was just sent: the node fails to keep it
+                self._back_off(node, "lost the base it was sent")
+        self.coordinator.fail(assignment.lease.token, messages.MISSING_BASE)
 
     def _push_outcome(
         self, lease: Lease, state: Optional[Mapping[str, Any]], invalid: Optional[str],

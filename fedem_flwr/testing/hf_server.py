@@ -23,6 +23,10 @@ the environment variables AND patches those module constants for the duration of
 and restores both afterwards; it is what tests use (fixtures `local_hub`, `hf_env`). A fresh process
 started with `HF_ENDPOINT` set needs neither.
 
+Private repos. With `LocalHub.tokens` empty (the default) every repo is open to every client. Once
+it holds tokens, a request on a private repo without `Authorization: Bearer <one of them>` is
+answered as the Hub answers it: 401 with `X-Error-Code: RepoNotFound`.
+
 Faults. `LocalHub.fail(method, path_part, status, times)` answers matching requests with an error,
 e.g. to test retries. `upload_folder` retries a failed commit itself (5 times, 1-8 s apart), so
 fault tests go through `create_commit`, which does not. Uploads travel base64 inside the commit
@@ -186,8 +190,16 @@ class _Handler(BaseHTTPRequestHandler):
             "cardData": {},
         }
 
+    def _check_access(self, repo: Repo) -> None:
+        tokens = self.server.hub.tokens
+        sent = (self.headers.get("Authorization") or "").removeprefix("Bearer ").strip()
+        if repo.private and tokens and sent not in tokens:
+            raise HubError(401, f"Repository Not Found for {repo.id}: it is private and no valid token was sent",
+                           "RepoNotFound")
+
     def _repo_api(self, repo: Repo, rest: list[str], query: dict) -> None:
         store, method = self.server.store, self.command
+        self._check_access(repo)
         action, rev = (rest + ["", ""])[:2]
         if not rest and method == "GET":
             return self._json(self._info(repo, store.resolve(repo, "main")))
@@ -273,6 +285,7 @@ class _Handler(BaseHTTPRequestHandler):
         self._json({"success": True, "commitOid": commit.id, "commitUrl": url, "pullRequestUrl": None})
 
     def _resolve(self, repo: Repo, rev: str, path_segs: list[str]) -> None:
+        self._check_access(repo)
         commit = self.server.store.resolve(repo, rev)
         path = "/".join(path_segs)
         blob = commit.tree.get(path)
@@ -299,6 +312,7 @@ class LocalHub:
     store: RepoStore
     faults: list[list] = field(default_factory=list)
     requests: list[str] = field(default_factory=list)
+    tokens: set[str] = field(default_factory=set)  # when set, the only keys to private repos
 
     def fail(self, method: str, path_part: str, status: int = 503, times: int = 1) -> None:
         """Answer the next `times` requests `method` whose path contains `path_part` with `status`."""
