@@ -131,7 +131,7 @@ def overview_page(site: dict[str, Any]) -> str:
                           *(loss(heldout.get(lang)) for lang in languages), absorbed])
     adapter_rows = [[esc(a["name"]), f"v{a['version']}" if a["version"] is not None else "-",
                      esc(", ".join(a["languages"])), "-" if a["base_version"] is None else f"v{a['base_version']}",
-                     contributor_link(a["holder"]),
+                     contributor_link(a["holder"]) if a["holder"] in site["contributors"] else esc(a["holder"]),
                      (f'<time datetime="{esc(a["deadline"])}" data-deadline="{esc(a["deadline"])}">'
                       f'{esc(left(a["left_s"]))}</time>') if a["deadline"] else "-"]
                     for a in view["adapters"]]
