@@ -9,13 +9,16 @@ from typing import Any
 
 from fedem_flwr.hub.registry import Registry
 from fedem_flwr.site import render
-from fedem_flwr.site.data import PAGE_ROWS, pages, site_data
+from fedem_flwr.site.data import PAGE_ROWS, SHOWN_ROWS, pages, site_data
 
 ASSETS = ("site.css", "site.js")
 
 
-def build_site(registry: Registry, out: Path, now: float, chunk_rows: int = PAGE_ROWS) -> dict[str, Any]:
+def build_site(registry: Registry, out: Path, now: float, chunk_rows: int = PAGE_ROWS,
+               shown_rows: int = SHOWN_ROWS) -> dict[str, Any]:
     """Write the site of ``registry`` as of ``now`` into ``out``; returns what was written.
+
+    The ledger's rows go in data files of ``chunk_rows``; its page shows ``shown_rows`` at a time.
 
     Data files and contributor pages of an earlier build in ``out`` are replaced, so none is stale.
     """
@@ -31,7 +34,7 @@ def build_site(registry: Registry, out: Path, now: float, chunk_rows: int = PAGE
     for i, rows in enumerate(chunks):
         _write(out / "data" / f"ledger-{i:05d}.js", render.chunk_data(i, rows))
     _write(out / "data" / "ledger-meta.js",
-           render.script_data("FEDEM_LEDGER_META", render.ledger_meta(site, len(chunks), chunk_rows)))
+           render.script_data("FEDEM_LEDGER_META", render.ledger_meta(site, len(chunks), chunk_rows, shown_rows)))
     _write(out / "index.html", render.overview_page(site))
     _write(out / "progress.html", render.progress_page(site))
     _write(out / "ledger.html", render.ledger_page(site))

@@ -15,6 +15,7 @@ from fedem_flwr.cli.views import Names, adapters_view, checkpoints_view, contrib
 from fedem_flwr.hub.registry import Registry
 
 PAGE_ROWS = 1000  # ledger rows per data file the ledger page loads
+SHOWN_ROWS = 100  # ledger rows the page shows at a time
 CHART_POINTS = 400  # points per line a figure draws at most (tables and the ledger keep every row)
 # A ledger row is a list in this column order (the data files stay small at 100,000 rows).
 LEDGER_COLUMNS = ("id", "received", "contributor", "adapter", "lease", "decision", "version", "trained_on",

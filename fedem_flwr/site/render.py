@@ -234,10 +234,10 @@ def ledger_page(site: dict[str, Any]) -> str:
     return page("Ledger", "ledger.html", body, site["built"], scripts=["data/ledger-meta.js"])
 
 
-def ledger_meta(site: dict[str, Any], chunks: int, chunk_rows: int) -> dict[str, Any]:
+def ledger_meta(site: dict[str, Any], chunks: int, chunk_rows: int, shown_rows: int) -> dict[str, Any]:
     """What the ledger script needs before any data file: columns, the data files, the total."""
     return {"columns": list(LEDGER_COLUMNS), "chunk_rows": chunk_rows, "total": len(site["ledger"]),
-            "files": [f"data/ledger-{i:05d}.js" for i in range(chunks)], "page_rows": 100}
+            "files": [f"data/ledger-{i:05d}.js" for i in range(chunks)], "page_rows": shown_rows}
 
 
 def contributors_page(site: dict[str, Any]) -> str:
