@@ -14,7 +14,7 @@ from fedem_flwr.cli import cli
 from fedem_flwr.hub.registry import Registry
 from fedem_flwr.relay.leases import Lease
 from fedem_flwr.site import build_site, render
-from fedem_flwr.site.charts import line_chart, ticks
+from fedem_flwr.site.charts import line_chart, ticks, time_labels
 from fedem_flwr.site.data import LEDGER_COLUMNS, as_dict, pages, site_data, thin
 from test_cli import T0, invoke, pseudonyms
 from test_cli_lineage import lineage_hub  # noqa: F401 - the fixture
@@ -90,6 +90,7 @@ def test_a_chart_is_an_image_with_a_title_and_a_description():
     assert 'aria-labelledby="c1-title c1-desc"' in svg and "<title id=\"c1-title\">Loss &lt;by&gt; base</title>" in svg
     assert svg.count("<polyline") == 2 and ">v0<" in svg and ">v1<" in svg
     assert "nothing measured yet" in line_chart("c2", "t", "d", {}, "x", "y")
+    assert [time_labels(span)(T0) for span in (60, 86400, 30 * 86400)] == ["22:13:20", "11-14 22:13", "2023-11-14"]
 
 
 def test_the_site_shows_the_registry_and_never_an_identity(hub, tmp_path):

@@ -34,8 +34,10 @@ def integer_label(x: float) -> str:
     return f"v{int(x)}"
 
 
-def time_label(t: float) -> str:
-    return dt.datetime.fromtimestamp(t, dt.timezone.utc).strftime("%m-%d %H:%M")
+def time_labels(span_s: float) -> Callable[[float], str]:
+    """Tick labels for epoch seconds (UTC), as precise as a range of ``span_s`` seconds needs."""
+    pattern = "%H:%M:%S" if span_s < 3600 else "%m-%d %H:%M" if span_s < 7 * 86400 else "%Y-%m-%d"
+    return lambda t: dt.datetime.fromtimestamp(t, dt.timezone.utc).strftime(pattern)
 
 
 def line_chart(chart_id: str, title: str, description: str, series: dict[str, Sequence[tuple[float, float]]],

@@ -97,7 +97,8 @@ def contributors(rows: Iterable[Sequence[Any]], absorbing: dict[tuple[str, int],
 
 def absorbing_bases(registry: Registry, rows: Iterable[Sequence[Any]]) -> dict[tuple[str, int], Optional[int]]:
     """(adapter, version) of each accepted row -> the base version whose merge carried it (None: not yet)."""
-    keys = {(r[3], r[6]) for r in rows if r[5] == "accepted" and r[6] is not None}
+    keys = {(r["adapter"], r["version"]) for r in map(as_dict, rows) if r["decision"] == "accepted"
+            and r["version"] is not None}
     return {key: registry.absorbing_base(*key) for key in sorted(keys)}
 
 

@@ -182,13 +182,16 @@ def progress_page(site: dict[str, Any]) -> str:
     for name, a in prog["adapters"].items():
         langs = sorted(a["series"])
         shown = len(a["versions"])
+        times = [t for line in a["series"].values() for t, _ in line]
+        span = max(times) - min(times) if times else 0.0
         note = "" if shown == a["count"] else f" ({shown} of {a['count']} versions shown, evenly spaced)"
         parts += [f'<h3 id="adapter-{esc(name)}">Adapter {esc(name)}</h3><figure>',
                   charts.line_chart(f"chart-adapter-{_SAFE.sub('_', name)}",
                                     f"Held-out loss of adapter {name} per language over time",
                                     f"One line per language ({', '.join(langs) or 'none measured'}) over the "
                                     f"adapter's {a['count']} versions by date; the table below has the values{note}.",
-                                    a["series"], "date (UTC)", "held-out loss", charts.time_label, integer_x=False),
+                                    a["series"], "date (UTC)", "held-out loss", charts.time_labels(span),
+                                    integer_x=False),
                   f"<figcaption>Adapter {esc(name)} trains {esc(', '.join(a['languages']))}{esc(note)}."
                   "</figcaption></figure>",
                   table(f"Versions of adapter {name}{note}", ["version", "kind", "base", "date", *langs],
@@ -258,7 +261,8 @@ def contributor_page(site: dict[str, Any], pseudonym: str) -> str:
     rows = []
     for row in c["rows"]:
         r = as_dict(row)
-        rows.append([str(r["id"]), esc(when(r["received"])), esc(r["adapter"]), esc(r["lease"]), esc(r["decision"]),
+        rows.append([str(r["id"]), esc(when(r["received"])), esc(r["adapter"]), esc(r["lease"]),
+                     f'<span class="{esc(r["decision"])}">{esc(r["decision"])}</span>',
                      "-" if r["version"] is None else f"v{r['version']}", tokens(r["tokens"]), esc(losses(r["heldout"])),
                      esc(r["reason"])])
     body = (f"<h1>Contributor {esc(pseudonym)}</h1>"
