@@ -12,7 +12,6 @@ from click.testing import CliRunner
 
 from fedem_flwr.cli import cli
 from fedem_flwr.hub.registry import Registry
-from fedem_flwr.relay.leases import Lease
 from fedem_flwr.site import build_site, render
 from fedem_flwr.site.charts import line_chart, ticks, time_labels
 from fedem_flwr.site.data import LEDGER_COLUMNS, as_dict, pages, site_data, thin

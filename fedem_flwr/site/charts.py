@@ -68,7 +68,7 @@ def line_chart(chart_id: str, title: str, description: str, series: dict[str, Se
     def sy(y: float) -> float:
         return TOP + plot_h - (plot_h / 2 if y1 == y0 else (y - y0) / (y1 - y0) * plot_h)
 
-    parts = [head, f'<g class="axes" aria-hidden="true">']
+    parts = [head, '<g class="axes" aria-hidden="true">']
     for y in y_ticks:
         parts.append(f'<line class="grid" x1="{LEFT}" x2="{LEFT + plot_w}" y1="{sy(y):.1f}" y2="{sy(y):.1f}"/>'
                      f'<text x="{LEFT - 6}" y="{sy(y) + 4:.1f}" text-anchor="end">{y:g}</text>')
