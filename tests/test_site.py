@@ -128,6 +128,15 @@ def test_the_site_shows_the_registry_and_never_an_identity(hub, tmp_path):
                                                                                for c in contributions})
 
 
+def test_a_hub_with_no_contribution_yet_has_a_site(fresh_db, tmp_path):
+    fresh_db.add_checkpoint(None, "init", "fedem/base", None, "d0", {}, T0)
+    data = build_site(fresh_db, tmp_path / "site", NOW)
+    assert (data["contributions"], data["contributors"], data["ledger_files"], data["pages"]) == (0, 0, 1, 4)
+    index = (tmp_path / "site" / "index.html").read_text()
+    assert stat(index, "contributions") == "0" and "Adapters, their latest version and who holds them: none yet" in index
+    assert "nothing measured yet" in (tmp_path / "site" / "progress.html").read_text()
+
+
 def test_site_refuses_reveal_and_needs_out(hub, tmp_path):
     result = CliRunner().invoke(cli, ["--hub", str(hub), "site", "--out", str(tmp_path / "s"), "--reveal"])
     assert result.exit_code == 2 and "--reveal is refused for `fedem site`" in result.output
