@@ -258,30 +258,63 @@ def verify(ctx: click.Context, repair: bool, as_json: bool) -> None:
 @cli.command()
 @click.option("--to", "target", type=click.Choice(["hf"]), required=True, help="Where to publish.")
 @click.option("--repo-prefix", required=True, help="ORG/NAME under which the base and adapter repos are created.")
+@click.option("--site", "site_only", is_flag=True,
+              help="Publish the public ledger (`fedem site`) as the static Space ORG/NAME-site instead.")
 @click.option("--endpoint", default=None, help="Hub endpoint URL [default: HF_ENDPOINT, else huggingface.co].")
 @click.option("--token", default=None, help="Access token [default: HF_TOKEN or the saved login].")
 @click.option("--private/--public", default=None,
               help="Visibility of repos created [default: the hub's `hub.private`, else public].")
 @json_option
 @pass_hub
-def publish(hub: HubContext, target: str, repo_prefix: str, endpoint: Optional[str], token: Optional[str],
-            private: Optional[bool], as_json: bool) -> None:
-    """Push the hub's local artifacts (every version, as tags) to a Hugging Face Hub endpoint.
+def publish(hub: HubContext, target: str, repo_prefix: str, site_only: bool, endpoint: Optional[str],
+            token: Optional[str], private: Optional[bool], as_json: bool) -> None:
+    """Push the hub's local artifacts (every version, as tags) to a Hugging Face Hub endpoint; with
+    --site, the public ledger as a static Space instead.
 
     Example: fedem publish --to hf --repo-prefix my-org/seshu --private
     """
-    from fedem_flwr.hub.publish import publish_hub  # huggingface_hub only when publishing
-
     registry = hub.registry()
     if private is None:
         private = bool((registry.setting("store") or {}).get("private", False))
-    repos = publish_hub(hub.path, registry, repo_prefix, endpoint=endpoint, token=token, private=private)
+    if site_only:
+        from fedem_flwr.site.publish import publish_site  # huggingface_hub only when publishing
+
+        repos = [publish_site(registry, repo_prefix, time.time(), endpoint=endpoint, token=token, private=private)]
+    else:
+        from fedem_flwr.hub.publish import publish_hub  # huggingface_hub only when publishing
+
+        repos = publish_hub(hub.path, registry, repo_prefix, endpoint=endpoint, token=token, private=private)
     if as_json:
         click.echo(render.dumps({"target": target, "repos": repos}))
     else:
         click.echo(f"published {len(repos)} repo(s) to {target}:")
         for repo in repos:
             click.echo(f"  {repo}")
+
+
+@cli.command()
+@click.option("--out", "out", type=click.Path(file_okay=False, path_type=Path), required=True,
+              help="Folder to write the site into (its pages, data files and assets are replaced).")
+@reveal_option
+@json_option
+@pass_hub
+def site(hub: HubContext, out: Path, reveal: bool, as_json: bool) -> None:
+    """Write the public ledger: a static site of the lineage, progress, every contribution and a
+    page per contributor pseudonym, readable offline (open index.html) or from any static host.
+
+    Example: fedem site --out public/
+    """
+    if reveal:
+        raise click.UsageError("--reveal is refused for `fedem site`: the site is public and shows "
+                               "contributors only by pseudonym.")
+    from fedem_flwr.site import build_site
+
+    data = build_site(hub.registry(), out, time.time())
+    if as_json:
+        click.echo(render.dumps(data))
+    else:
+        click.echo(f"site of {data['contributions']} contribution(s) by {data['contributors']} contributor(s) "
+                   f"written to {out} (open {out / 'index.html'})")
 
 
 @cli.command()

@@ -1,0 +1,153 @@
+"""What the public ledger shows, as plain JSON-ready data read from the registry (HTML lives in ``render``).
+
+Everything here goes on a public page, so contributors appear only as pseudonyms: the views are
+built with ``Names(reveal=False)`` and no identity (``pk:``, ``sim:``, ``node:``) is read. Folder
+paths of the hub's machine are left out too. Times are ISO 8601 UTC strings; held-out losses are
+per language, as the hub measured them blind.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from typing import Any, Optional
+
+from fedem_flwr.cli.views import Names, adapters_view, checkpoints_view, contribution_view, iso
+from fedem_flwr.hub.registry import Registry
+
+PAGE_ROWS = 1000  # ledger rows per data file the ledger page loads
+SHOWN_ROWS = 100  # ledger rows the page shows at a time
+CHART_POINTS = 400  # points per line a figure draws at most (tables and the ledger keep every row)
+# A ledger row is a list in this column order (the data files stay small at 100,000 rows).
+LEDGER_COLUMNS = ("id", "received", "contributor", "adapter", "lease", "decision", "version", "trained_on",
+                  "judged_on", "tokens", "heldout", "reason")
+
+
+class NoPaths:
+    """A store view that names no folder: the site shows no path of the hub's machine."""
+
+    def path(self, repo: str, revision: str) -> None:
+        return None
+
+
+def tokens_of(evaluation: dict[str, Any]) -> Optional[float]:
+    """Tokens trained, as the node reported them (``evaluation.train.tokens``); None when absent."""
+    value = (evaluation.get("train") or {}).get("tokens")
+    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
+
+
+def ledger_row(view: dict[str, Any]) -> list[Any]:
+    """One contribution view (``views.contribution_view``) as a ledger row in ``LEDGER_COLUMNS`` order."""
+    evaluation = view["evaluation"] or {}
+    return [view["id"], view["received"], view["contributor"], view["adapter"], view["lease_token"],
+            view["decision"], view["adapter_version"], view["base_version"], view["judged_base_version"],
+            tokens_of(evaluation), dict(evaluation.get("heldout") or {}), view["reason"]]
+
+
+def as_dict(row: Sequence[Any]) -> dict[str, Any]:
+    return dict(zip(LEDGER_COLUMNS, row))
+
+
+def ledger(registry: Registry, names: Names) -> list[list[Any]]:
+    """Every contribution, oldest first, as ledger rows."""
+    return [ledger_row(contribution_view(c, names)) for c in reversed(registry.contributions())]
+
+
+def pages(rows: Sequence[Any], size: int = PAGE_ROWS) -> list[Sequence[Any]]:
+    """``rows`` cut into consecutive pages of at most ``size`` (one empty page when there are none)."""
+    if size < 1:
+        raise ValueError(f"`size` is {size!r}; a page holds at least one row.")
+    return [rows[i:i + size] for i in range(0, len(rows), size)] or [rows[:0]]
+
+
+def totals(rows: Iterable[Sequence[Any]]) -> dict[str, Any]:
+    """Contributors, contributions, accepted, rejected and node-reported tokens over ledger rows."""
+    people: set[str] = set()
+    out = {"contributors": 0, "contributions": 0, "accepted": 0, "rejected": 0, "tokens": 0.0}
+    for row in rows:
+        r = as_dict(row)
+        people.add(r["contributor"])
+        out["contributions"] += 1
+        out[r["decision"]] = out.get(r["decision"], 0) + 1
+        out["tokens"] += r["tokens"] or 0.0
+    out["contributors"] = len(people)
+    return out
+
+
+def contributors(rows: Iterable[Sequence[Any]], absorbing: dict[tuple[str, int], Optional[int]]) -> dict[str, Any]:
+    """pseudonym -> their ledger rows, counts, acceptance rate, tokens and the base versions that
+    absorbed their accepted work (``absorbing``: (adapter, version) -> base version or None)."""
+    out: dict[str, dict[str, Any]] = {}
+    for row in rows:
+        r = as_dict(row)
+        c = out.setdefault(r["contributor"], {"pseudonym": r["contributor"], "rows": [], "contributions": 0,
+                                              "accepted": 0, "tokens": 0.0, "absorbed_by": set()})
+        c["rows"].append(row)
+        c["contributions"] += 1
+        c["tokens"] += r["tokens"] or 0.0
+        if r["decision"] == "accepted":
+            c["accepted"] += 1
+            base = absorbing.get((r["adapter"], r["version"]))
+            if base is not None:
+                c["absorbed_by"].add(base)
+    for c in out.values():
+        c["acceptance"] = c["accepted"] / c["contributions"]
+        c["absorbed_by"] = sorted(c["absorbed_by"])
+    return dict(sorted(out.items()))
+
+
+def absorbing_bases(registry: Registry, rows: Iterable[Sequence[Any]]) -> dict[tuple[str, int], Optional[int]]:
+    """(adapter, version) of each accepted row -> the base version whose merge carried it (None: not yet)."""
+    keys = {(r["adapter"], r["version"]) for r in map(as_dict, rows) if r["decision"] == "accepted"
+            and r["version"] is not None}
+    return {key: registry.absorbing_base(*key) for key in sorted(keys)}
+
+
+def thin(points: Sequence[Any], most: int = CHART_POINTS) -> list[Any]:
+    """At most ``most`` of ``points``, evenly spaced, always keeping the first and the last."""
+    if len(points) <= most:
+        return list(points)
+    step = (len(points) - 1) / (most - 1)
+    return [points[round(i * step)] for i in range(most)]
+
+
+def overview(registry: Registry, names: Names, rows: Sequence[Sequence[Any]], now: float) -> dict[str, Any]:
+    """The lineage of base versions, the adapters now (version, holder, lease time left) and the totals."""
+    bases = [{k: v for k, v in b.items() if k != "path"} for b in checkpoints_view(registry, NoPaths(), names)]
+    deadlines = {lease.adapter: lease.deadline for lease in registry.leases(active_only=True)}
+    adapters = []
+    for a in adapters_view(registry, NoPaths(), names):
+        deadline = deadlines.get(a["name"])
+        adapters.append({"name": a["name"], "version": a["version"], "languages": a["languages"],
+                         "base_version": a["base_version"], "holder": a["holder"], "deadline": iso(deadline),
+                         "left_s": None if deadline is None else max(0.0, deadline - now)})
+    refused = [{"source": a.source, "parent": a.parent, "reason": a.reason, "created": iso(a.created)}
+               for a in registry.base_attempts()]
+    return {"bases": bases, "adapters": adapters, "refused": refused, "totals": totals(rows)}
+
+
+def progress(registry: Registry, bases: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """Held-out loss per language across base versions, and per adapter across its versions in time."""
+    by_base: dict[str, list[tuple[int, float]]] = {}
+    for b in bases:
+        for lang, loss in sorted((b["metrics"].get("heldout") or {}).items()):
+            by_base.setdefault(lang, []).append((b["version"], loss))
+    adapters = {}
+    for a in registry.adapters():
+        versions = [{"version": v.version, "kind": v.kind, "base_version": v.base_version, "created": iso(v.created),
+                     "t": v.created, "heldout": dict(v.metrics.get("heldout") or {})}
+                    for v in registry.adapter_versions(a.name)]
+        shown = thin(versions)
+        languages = sorted({lang for v in shown for lang in v["heldout"]})
+        series = {lang: [(v["t"], v["heldout"][lang]) for v in shown if lang in v["heldout"]] for lang in languages}
+        adapters[a.name] = {"languages": a.languages, "versions": shown, "count": len(versions), "series": series}
+    return {"bases": by_base, "adapters": adapters}
+
+
+def site_data(registry: Registry, now: float) -> dict[str, Any]:
+    """Everything the site shows, read in one snapshot of the registry."""
+    names = Names(registry, reveal=False)
+    with registry.snapshot():
+        rows = ledger(registry, names)
+        view = overview(registry, names, rows, now)
+        return {"built": iso(now), "overview": view, "progress": progress(registry, view["bases"]), "ledger": rows,
+                "contributors": contributors(rows, absorbing_bases(registry, rows))}
