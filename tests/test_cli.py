@@ -85,8 +85,8 @@ def test_every_command_has_help_and_the_group_a_version():
             assert "Example: fedem" in result.output, name
     assert runner.invoke(cli, ["--version"]).output == f"fedem, version {__version__}\n"
     assert "FEDEM_HUB" in runner.invoke(cli, ["-h"]).output
-    assert sorted(cli.commands) == ["adapters", "checkpoints", "contributions", "leases", "merge", "publish",
-                                    "report", "site", "status", "verify"]
+    assert sorted(cli.commands) == ["adapters", "certs", "checkpoints", "connection", "contributions", "leases",
+                                    "merge", "node-key", "publish", "report", "site", "status", "verify"]
 
 
 def test_status_json(hub):

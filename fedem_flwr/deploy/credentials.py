@@ -77,8 +77,9 @@ def server_credentials(
             f"{paths.server_cert} already exists; pass --force to issue a new server certificate "
             "(the CA is kept, so contributors' --root-certificates stay valid)"
         )
-    ca_key, ca_cert = _ca(folder, now())
     names = list(dict.fromkeys([*hosts, *ALWAYS_NAMED]))
+    alt_names = [_general_name(n) for n in names]
+    ca_key, ca_cert = _ca(folder, now())
     key = ec.generate_private_key(ec.SECP384R1())
     start = now()
     cert = (
@@ -89,7 +90,7 @@ def server_credentials(
         .serial_number(x509.random_serial_number())
         .not_valid_before(start - dt.timedelta(minutes=5))
         .not_valid_after(start + dt.timedelta(days=days))
-        .add_extension(x509.SubjectAlternativeName([_general_name(n) for n in names]), critical=False)
+        .add_extension(x509.SubjectAlternativeName(alt_names), critical=False)
         .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
         .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
         .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()), critical=False)

@@ -8,10 +8,10 @@ absorbs each adapter's newest version. Then `fedem site --out` runs as a user wo
 Chromium and its driver installed, the ledger is also opened headless from file:// and timed: the
 first page, and a filter by one contributor (which reads every data file).
 
-    python benchmarks/site.py                          # 100,000 contributions
-    python benchmarks/site.py --contributions 10000    # quicker
-    python benchmarks/site.py --save base.json         # keep the numbers
-    python benchmarks/site.py --baseline base.json     # compare; exit 1 on a regression
+    python benchmarks/site_build.py                          # 100,000 contributions
+    python benchmarks/site_build.py --contributions 10000    # quicker
+    python benchmarks/site_build.py --save base.json         # keep the numbers
+    python benchmarks/site_build.py --baseline base.json     # compare; exit 1 on a regression
 """
 
 from __future__ import annotations
