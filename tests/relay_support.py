@@ -103,3 +103,37 @@ def seed_real_hub(tmp_path: Path, workbench, clock: FakeClock):
     registry.add_adapter_version("hi", 0, None, ref.repo, ref.revision, ref.digest,
                                  {"heldout": workbench.evaluate(workbench.initial_state)}, clock())
     return registry, store
+
+
+# A real hub whose relay and CPT finish in seconds on a CPU (base keeper and site tests).
+KEEPER_OVERRIDES = (
+    "data.languages=[hi,ta,mr,de] train.max_steps=8 train.batch_size=4 train.progress=false "
+    "relay.lease_ttl_s=600 relay.poll_interval_s=0.001 relay.no_node_grace_s=0 relay.max_wall_s=300 "
+    "cpt.slice_s=0.5 cpt.checkpoint_every=15 cpt.lr=1e-3 cpt.warmup_steps=2 cpt.batch_size=4"
+)
+
+
+def open_real_hub(tmp_path: Path, overrides: str):
+    """A real hub in ``tmp_path/hub`` (tiny model, real workbench) and the run config that opened it."""
+    from fedem_flwr.bootstrap import open_hub
+    from fedem_flwr.config import load_run_config
+
+    run_config = {"overrides": overrides, "hub": str(tmp_path / "hub")}
+    return open_hub(load_run_config(run_config), tmp_path / "hub"), run_config
+
+
+def relay_in_process(hub, run_config, tmp_path: Path, keeper=None, nodes: int = 2):
+    """Relay ``hub`` with ``nodes`` simulated nodes running the real ClientApp on the in-process Grid."""
+    from fedem_flwr.client_app import app as client_app
+    from fedem_flwr.relay.strategy import RelayStrategy
+    from fedem_flwr.testing.fake_grid import InProcessGrid
+
+    node_configs = {
+        100 + i: {"partition-id": i, "num-partitions": nodes, "cache-dir": str(tmp_path / f"cache-{i}")}
+        for i in range(nodes)
+    }
+    grid = InProcessGrid(client_app, node_configs, run_config)
+    strategy = RelayStrategy(hub.coordinator, hub.cfg.relay, hub.workbench.spec, max_steps=hub.cfg.train.max_steps,
+                             training_rows=hub.training_rows,
+                             between_turns=keeper.turn if keeper is not None else None)
+    return strategy.start(grid)

@@ -8,39 +8,19 @@ import torch
 
 from fedem_flwr.base_keeper import BaseKeeper
 from fedem_flwr.bootstrap import open_hub
-from fedem_flwr.client_app import app as client_app
-from fedem_flwr.config import load_run_config
 from fedem_flwr.hub.registry import Registry
 from fedem_flwr.hub.store import ArtifactRef
 from fedem_flwr.model.factory import load_base
 from fedem_flwr.relay.policies import NodeProfile
-from fedem_flwr.relay.strategy import RelayStrategy
-from fedem_flwr.testing.fake_grid import InProcessGrid
 from fedem_flwr.training.evaluate import evaluate
-
-OVERRIDES = (
-    "data.languages=[hi,ta,mr,de] train.max_steps=8 train.batch_size=4 train.progress=false "
-    "relay.lease_ttl_s=600 relay.poll_interval_s=0.001 relay.no_node_grace_s=0 relay.max_wall_s=300 "
-    "cpt.slice_s=0.5 cpt.checkpoint_every=15 cpt.lr=1e-3 cpt.warmup_steps=2 cpt.batch_size=4"
-)
+from relay_support import KEEPER_OVERRIDES, open_real_hub, relay_in_process
 
 
 def _hub(tmp_path, extra=""):
-    run_config = {"overrides": f"{OVERRIDES} {extra}", "hub": str(tmp_path / "hub")}
-    cfg = load_run_config(run_config)
-    return open_hub(cfg, tmp_path / "hub"), run_config
+    return open_real_hub(tmp_path, f"{KEEPER_OVERRIDES} {extra}")
 
 
-def _relay(hub, run_config, tmp_path, keeper=None, nodes=2):
-    node_configs = {
-        100 + i: {"partition-id": i, "num-partitions": nodes, "cache-dir": str(tmp_path / f"cache-{i}")}
-        for i in range(nodes)
-    }
-    grid = InProcessGrid(client_app, node_configs, run_config)
-    strategy = RelayStrategy(hub.coordinator, hub.cfg.relay, hub.workbench.spec, max_steps=hub.cfg.train.max_steps,
-                             training_rows=hub.training_rows,
-                             between_turns=keeper.turn if keeper is not None else None)
-    return strategy.start(grid)
+_relay = relay_in_process
 
 
 def _losses_of(hub, version):

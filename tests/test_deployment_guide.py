@@ -13,7 +13,6 @@ The tests of this module run in order and share the deployment; each leaves it r
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shlex
@@ -52,15 +51,16 @@ pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
 
 APP_DIR = Path(__file__).resolve().parent.parent
 CONNECTION = "fedem-hub"
-LEASE_TTL_S = 60
+LEASE_TTL_S = 45
 OVERRIDES = (
     "data.languages=[hi,mr,ta] train.max_steps=4 train.batch_size=4 train.progress=false "
-    f"relay.lease_ttl_s={LEASE_TTL_S} relay.deadline_margin_s=20 relay.sweep_interval_s=2 "
+    f"relay.lease_ttl_s={LEASE_TTL_S} relay.deadline_margin_s=15 relay.sweep_interval_s=2 "
     "relay.backoff_s=2 relay.backoff_max_s=8 relay.no_node_grace_s=600 relay.max_wall_s=1200 "
     "merge.every_accepted=null merge.every_s=null"
 )
 # Each node can train two of the three adapters, so every adapter has a second taker.
 CONTRIBUTORS = {"alice": ["hi", "mr"], "bob": ["ta", "hi"], "mallory": ["mr", "ta"]}
+HOSTILE = "wrong-token\nmalformed-adapter\noversized-adapter\n"  # Mallory's three replies, in order
 T = TypeVar("T")
 
 
@@ -89,6 +89,7 @@ class Deployment:
     link: Optional[FlowerProcess]
     contributors: dict[str, Contributor]
     runs: list[int] = field(default_factory=list)
+    hostile_since: Optional[int] = None  # the last contribution id before Mallory's faults were queued
     others: list[FlowerProcess] = field(default_factory=list)
 
     @property
@@ -311,6 +312,9 @@ def test_late_reply_expires_the_lease_and_nothing_is_merged(deployment):
     bob = deployment.contributors["bob"]
     ended_before = deployment.read(lambda r: {l.token for l in r.leases() if not l.active})
     bob.faults.write_text("late\n")
+    deployment.hostile_since = deployment.read(lambda r: max((c.id for c in r.contributions()), default=0))
+    # Mallory turns hostile meanwhile (the next test checks her), so the two waits overlap.
+    deployment.contributors["mallory"].faults.write_text(HOSTILE)
 
     # Execute
     wait_until(lambda: bob.faults.read_text() == "", 240, "Bob to take the `late` fault")
@@ -335,9 +339,11 @@ def test_late_reply_expires_the_lease_and_nothing_is_merged(deployment):
 def test_hostile_replies_are_refused_and_the_hub_keeps_running(deployment):
     # Prepare: Mallory's next three replies claim another lease's token, drop a tensor, inflate one.
     mallory = deployment.contributors["mallory"]
-    first_id = deployment.read(lambda r: max((c.id for c in r.contributions()), default=0))
+    if deployment.hostile_since is None:  # queued by the test before, unless this one runs alone
+        deployment.hostile_since = deployment.read(lambda r: max((c.id for c in r.contributions()), default=0))
+        mallory.faults.write_text(HOSTILE)
+    first_id = deployment.hostile_since
     pseudonym = deployment.read(lambda r: r.pseudonym(mallory.identity))
-    mallory.faults.write_text("wrong-token\nmalformed-adapter\noversized-adapter\n")
 
     # Execute
     wait_until(lambda: mallory.faults.read_text() == "", 300, "Mallory to send her three hostile replies")
@@ -369,8 +375,8 @@ def test_killed_serverapp_run_resubmitted_continues_from_last_accepted(deploymen
     # Execute: the ServerApp dies mid-run; the operator submits the run again.
     for pid in serverapps:
         os.kill(pid, signal.SIGKILL)
-    wait_until(lambda: deployment.status(run_id).startswith("finished"), 120, "the killed run to be marked finished")
-    assert_hub_consistent(deployment)
+    wait_until(lambda: not any(pid_alive(pid) for pid in serverapps), 30, "the ServerApp to die")
+    assert_hub_consistent(deployment)  # Flower marks the run failed later (checked in the next test)
     versions = deployment.read(latest_versions)
     tokens = deployment.read(lambda r: r.max_lease_token())
     resubmitted = deployment.submit()
@@ -392,9 +398,11 @@ def test_killed_serverapp_run_resubmitted_continues_from_last_accepted(deploymen
 
 def test_superlink_restart_keeps_nodes_and_a_resubmitted_run_completes(deployment):
     # Prepare
+    killed, resubmitted = deployment.runs[-2:]
+    assert deployment.status(killed) == "finished:failed"
     count = deployment.read(lambda r: len(accepted(r)))
-    deployment.guide.run("stop", env={"RUN_ID": str(deployment.runs[-1])})
-    wait_until(lambda: deployment.status(deployment.runs[-1]).startswith("finished"), 120, "the stopped run")
+    deployment.guide.run("stop", env={"RUN_ID": str(resubmitted)})
+    wait_until(lambda: deployment.status(resubmitted).startswith("finished"), 120, "the stopped run")
 
     # Execute: the SuperLink restarts with its database; the nodes reconnect by themselves.
     old = deployment.link

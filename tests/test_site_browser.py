@@ -23,7 +23,7 @@ from click.testing import CliRunner
 from fedem_flwr.cli import cli
 from fedem_flwr.hub.registry import Registry
 from fedem_flwr.site import build_site, render
-from test_base_keeper import _hub, _relay
+from relay_support import KEEPER_OVERRIDES, open_real_hub, relay_in_process
 
 INSTALL = ("install Chromium and its driver (Debian: apt-get install chromium chromium-driver) and the dev extra "
            "(pip install -e '.[dev]': selenium, axe-selenium-python)")
@@ -69,11 +69,11 @@ def relayed(tmp_path_factory):
     secret.parent.mkdir()
     secret.write_text("5e" * 32 + "\n")
     secret.chmod(0o600)
-    hub, run_config = _hub(tmp_path, "relay.max_accepted=5 merge.every_accepted=2 gate.tolerance=0.12 "
-                                     "relay.max_wall_s=90")
+    hub, run_config = open_real_hub(tmp_path, f"{KEEPER_OVERRIDES} relay.max_accepted=5 merge.every_accepted=2 "
+                                               "gate.tolerance=0.12 relay.max_wall_s=90")
     from fedem_flwr.base_keeper import BaseKeeper
 
-    _relay(hub, run_config, tmp_path, BaseKeeper(hub))
+    relay_in_process(hub, run_config, tmp_path, BaseKeeper(hub))
     hub.registry.close()
     return tmp_path / "hub"
 
