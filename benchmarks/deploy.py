@@ -9,8 +9,11 @@ its adapter.
 
 Measured (the app in benchmarks/deploy_app: Flower's transport only, no training):
 
-- hop overhead: push -> the SuperNode pulls it -> its ClientApp decodes and re-encodes the payload
-  -> the reply is pulled by the ServerApp (polling every 50 ms), minus the time inside the ClientApp.
+- hop overhead: push -> the SuperNode pulls it -> its ClientApp (a new `flwr-clientapp` process per
+  message, as Flower's subprocess isolation runs it) decodes and re-encodes the payload -> the reply
+  is pulled by the ServerApp (polling every 50 ms), minus the time inside the ClientApp function.
+  The payload is `--arrays` tensors (48, as a LoRA on seshu-130m's in_proj): Flower moves each
+  Array as one object, so the tensor count costs as much as the bytes.
   Goal: a 1 MB hop adds at most the SuperNode's polling interval (3 s when idle in Flower 1.42) + 0.5 s.
 - first lease of a new node: from `flower-supernode` starting to it being online, plus one hop
   carrying the seshu-130m base in-band and its digest-checked write into the node's cache.
@@ -77,7 +80,8 @@ def kill_when_held(marker: Path, node_pid: int, killed: dict, deadline: float) -
             pass
 
 
-def measure(root: Path, sizes: list[float], repeats: int, with_base: bool, timeout: float) -> dict:
+def measure(root: Path, sizes: list[float], repeats: int, with_base: bool, timeout: float,
+            arrays: int = 48) -> dict:
     tls = server_credentials(root / "certs", ["localhost"])
     key = node_key(root / "node-key")
     home = root / "flwr"
@@ -97,7 +101,7 @@ def measure(root: Path, sizes: list[float], repeats: int, with_base: bool, timeo
         base = seshu_base(root / "base") if with_base else None
         marker, result_path, killed = root / "held", root / "result.json", {}
         run_config = {"result-path": str(result_path), "sizes-mb": ",".join(f"{s:g}" for s in sizes),
-                      "repeats": repeats, "base-path": str(base or ""), "cache-dir": str(root / "node-cache"),
+                      "repeats": repeats, "arrays": arrays, "base-path": str(base or ""), "cache-dir": str(root / "node-cache"),
                       "hold-marker": str(marker), "timeout": timeout}
         run_id = flwr_cli.submit_run(APP, home, "bench", run_config=run_config)
         killer = threading.Thread(target=kill_when_held,
@@ -135,6 +139,8 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sizes", default="1,50", help="Hop payloads in MB, comma-separated.")
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--arrays", type=int, default=48,
+                        help="Tensors per payload (48: a LoRA on seshu-130m's in_proj; 1: all in one Array).")
     parser.add_argument("--no-base", action="store_true", help="Skip the seshu-130m base transfer.")
     parser.add_argument("--timeout", type=float, default=600.0)
     parser.add_argument("--save", type=Path)
@@ -143,7 +149,7 @@ def main() -> int:
     args = parser.parse_args()
     sizes = [float(s) for s in args.sizes.split(",") if s]
     with tempfile.TemporaryDirectory(prefix="fedem-deploy-bench-") as tmp:
-        results = measure(Path(tmp), sizes, args.repeats, not args.no_base, args.timeout)
+        results = measure(Path(tmp), sizes, args.repeats, not args.no_base, args.timeout, args.arrays)
     for name, value in results.items():
         print(f"{name:24s} {value:10.3f}" if isinstance(value, float) else f"{name:24s} {value}")
     failed = []

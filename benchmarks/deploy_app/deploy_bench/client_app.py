@@ -6,9 +6,6 @@ from pathlib import Path
 from flwr.app import Array, ArrayRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from fedem_flwr.base_cache import BaseCache
-from fedem_flwr.relay.messages import BASE_FILES, arrays_to_folder
-
 app = ClientApp()
 
 
@@ -25,6 +22,9 @@ def echo(msg: Message, context: Context) -> Message:
 @app.query("base")
 def cache_base(msg: Message, context: Context) -> Message:
     """Write a base sent in-band into a node cache, digest checked, as a relay node does."""
+    from fedem_flwr.base_cache import BaseCache  # imported here: the echo hops time Flower alone
+    from fedem_flwr.relay.messages import BASE_FILES, arrays_to_folder
+
     started = time.perf_counter()
     config = msg.content["config"]
     cache = BaseCache(Path(str(config["cache-dir"])))

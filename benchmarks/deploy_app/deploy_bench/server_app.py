@@ -35,11 +35,12 @@ def _hop(grid: Grid, message: Message, deadline: float) -> tuple[float, Message]
     raise TimeoutError(f"no reply to {message.metadata.message_type}")
 
 
-def _payload(megabytes: float) -> ArrayRecord:
-    """Float32 arrays shaped like LoRA factors (rank 8 by 768), ``megabytes`` in all."""
-    count = max(1, round(megabytes * 1e6 / (8 * 768 * 4)))
+def _payload(megabytes: float, count: int) -> ArrayRecord:
+    """``megabytes`` of float32 in ``count`` arrays, as an adapter travels: one Array per tensor (Flower
+    moves each Array as one object, so the count matters as much as the size)."""
+    per_array = max(1, round(megabytes * 1e6 / 4 / count))
     rng = np.random.default_rng(0)
-    return ArrayRecord({f"lora_{i}": Array(rng.standard_normal((8, 768), dtype=np.float32)) for i in range(count)})
+    return ArrayRecord({f"lora_{i}": Array(rng.standard_normal(per_array, dtype=np.float32)) for i in range(count)})
 
 
 @app.main()
@@ -51,12 +52,12 @@ def main(grid: Grid, context: Context) -> None:
     result: dict = {"hops": [], "node-id": str(node)}
     for size in [float(s) for s in str(cfg["sizes-mb"]).split(",") if s]:
         for _ in range(int(cfg["repeats"])):
-            message = Message(RecordDict({"arrays": _payload(size)}), node, "train", ttl=timeout)
+            message = Message(RecordDict({"arrays": _payload(size, int(cfg["arrays"]))}), node, "train", ttl=timeout)
             seconds, reply = _hop(grid, message, deadline)
             if reply.has_error():
                 raise RuntimeError(f"hop of {size} MB failed: {reply.error}")
             client = float(reply.content["metrics"]["client-s"])
-            result["hops"].append({"mb": size, "seconds": seconds, "client_s": client, "overhead_s": seconds - client})
+            result["hops"].append({"mb": size, "arrays": len(message.content["arrays"]), "seconds": seconds, "client_s": client, "overhead_s": seconds - client})
     if cfg["base-path"]:
         base = Path(str(cfg["base-path"]))
         started = time.perf_counter()
