@@ -31,6 +31,7 @@ from cryptography.hazmat.primitives import serialization
 
 from fedem_flwr.config import load_config
 from fedem_flwr.data.corpus import load_corpus
+from fedem_flwr.errors import HubError
 from fedem_flwr.hub.paths import REGISTRY_FILE
 from fedem_flwr.hub.registry import Registry
 from fedem_flwr.launch import flwr_cli
@@ -126,7 +127,11 @@ class Deployment:
         """``probe(registry)`` on a fresh read-only view; None while the hub has no registry yet."""
         if not (self.hub / REGISTRY_FILE).exists():
             return None
-        with self.registry() as registry:
+        try:
+            registry = self.registry()
+        except HubError:  # the hub is creating its registry (schema not written yet)
+            return None
+        with registry:
             return probe(registry)
 
     def wait_accepted(self, count: int, run_id: int, timeout: float) -> None:

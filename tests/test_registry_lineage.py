@@ -278,3 +278,19 @@ def test_an_old_style_lease_push_still_records(fresh_db):
     cid = fresh_db.add_contribution(fresh_db.pseudonym("sim:1"), "hi", 1, T0 + 1, "d", {}, {}, "rejected", "x")
     (row,) = fresh_db.contributions()
     assert (row.id, row.base_version, row.judged_base_version) == (cid, None, None)
+
+
+def test_migrations_apply_all_or_none(tmp_path, monkeypatch):
+    # Prepare: a newest migration that fails halfway, as a crash mid-upgrade would.
+    broken = schema.Migration(schema.SCHEMA_VERSION + 1, "broken", "CREATE TABLE half (x INTEGER); SELECT nope")
+    monkeypatch.setattr(schema, "MIGRATIONS", (*schema.MIGRATIONS, broken))
+    monkeypatch.setattr(schema, "SCHEMA_VERSION", broken.version)
+    conn = sqlite3.connect(tmp_path / "r.sqlite", isolation_level=None)
+
+    # Execute
+    with pytest.raises(sqlite3.OperationalError):
+        schema.migrate(conn, "fresh", now=T0)
+
+    # Assert: nothing of any migration is left, so a reader never sees a schema in between.
+    assert schema.schema_version(conn) == 0
+    assert conn.execute("SELECT name FROM sqlite_master").fetchall() == []

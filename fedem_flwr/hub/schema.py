@@ -177,34 +177,38 @@ def check_version(conn: sqlite3.Connection, where: str, readonly: bool) -> int:
 
 
 def migrate(conn: sqlite3.Connection, where: str, now: float) -> list[int]:
-    """Apply the pending migrations, each in its own transaction; return the versions applied.
+    """Apply the pending migrations in one transaction; return the versions applied.
 
-    ``conn`` must be in autocommit mode (``isolation_level=None``). ``BEGIN IMMEDIATE`` takes the
-    write lock before the version is read again, so two processes cannot apply one migration twice.
+    All or none: a reader (``fedem status`` while the hub starts) sees the old schema or the newest,
+    never one in between, and a crash mid-upgrade leaves the old one. ``conn`` must be in autocommit
+    mode (``isolation_level=None``). ``BEGIN IMMEDIATE`` takes the write lock before the version is
+    read again, so two processes cannot apply one migration twice.
     """
+    if check_version(conn, where, readonly=False) >= SCHEMA_VERSION:
+        return []
     applied = []
-    for migration in MIGRATIONS:
-        if migration.version <= check_version(conn, where, readonly=False):
-            continue
-        conn.execute("BEGIN IMMEDIATE")
-        try:
-            current = check_version(conn, where, readonly=False)
-            if migration.version > current:
-                if migration.version != current + 1:
-                    raise HubError(f"registry {where}: migration {migration.version} follows {current}.")
-                conn.execute(
-                    "CREATE TABLE IF NOT EXISTS migrations "
-                    "(version INTEGER PRIMARY KEY, name TEXT NOT NULL, applied REAL NOT NULL)"
-                )
-                for statement in _statements(migration.sql):
-                    conn.execute(statement)
-                conn.execute("INSERT INTO migrations VALUES (?, ?, ?)", (migration.version, migration.name, now))
-                conn.execute(f"PRAGMA user_version = {int(migration.version)}")
-                applied.append(migration.version)
-            conn.execute("COMMIT")
-        except BaseException:
-            conn.execute("ROLLBACK")
-            raise
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        current = check_version(conn, where, readonly=False)
+        for migration in MIGRATIONS:
+            if migration.version <= current:
+                continue
+            if migration.version != current + 1:
+                raise HubError(f"registry {where}: migration {migration.version} follows {current}.")
+            conn.execute(
+                "CREATE TABLE IF NOT EXISTS migrations "
+                "(version INTEGER PRIMARY KEY, name TEXT NOT NULL, applied REAL NOT NULL)"
+            )
+            for statement in _statements(migration.sql):
+                conn.execute(statement)
+            conn.execute("INSERT INTO migrations VALUES (?, ?, ?)", (migration.version, migration.name, now))
+            conn.execute(f"PRAGMA user_version = {int(migration.version)}")
+            applied.append(migration.version)
+            current = migration.version
+        conn.execute("COMMIT")
+    except BaseException:
+        conn.execute("ROLLBACK")
+        raise
     return applied
 
 
