@@ -1,9 +1,9 @@
-"""Comparing a benchmark run with a saved baseline: shared by the scripts in this folder (each is run
-as ``python benchmarks/NAME.py``, which puts this folder on the import path)."""
+"""Comparing a benchmark run with a saved baseline, and printing its table: shared by the scripts in
+this folder (each is run as ``python benchmarks/NAME.py``, which puts this folder on the import path)."""
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 
@@ -20,3 +20,12 @@ def regressions(results: Mapping[str, float], baseline: Mapping[str, Any], metri
         if worse > tolerance:
             found.append(f"{name}: {new:{fmt}} vs baseline {old:{fmt}} ({worse:.0%} worse)")
     return found
+
+
+def print_aligned(lines: Sequence[Sequence[Any]]) -> None:
+    """``lines[0]`` as the header, a rule under it, every column as wide as its widest cell."""
+    widths = [max(len(str(line[i])) for line in lines) for i in range(len(lines[0]))]
+    for n, line in enumerate(lines):
+        print("  ".join(str(cell).ljust(w) for cell, w in zip(line, widths)))
+        if n == 0:
+            print("  ".join("-" * w for w in widths))

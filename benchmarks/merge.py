@@ -31,6 +31,8 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Optional
 
+from baseline import print_aligned  # this folder is on the path when run as a script
+
 MODELS = ("seshu-tiny", "seshu-130m")
 CASES = ("merge", "gate", "judge")
 OWN = "en"
@@ -167,11 +169,7 @@ def print_table(rows: list[dict[str, Any]], baseline: Optional[list[dict[str, An
             prev = old.get((r["model"], r["case"]))
             line.append(f"x{r['seconds'] / prev['seconds']:.2f}" if ok and prev else "n/a")
         lines.append(line)
-    widths = [max(len(str(line[i])) for line in lines) for i in range(len(header))]
-    for n, line in enumerate(lines):
-        print("  ".join(str(cell).ljust(w) for cell, w in zip(line, widths)))
-        if n == 0:
-            print("  ".join("-" * w for w in widths))
+    print_aligned(lines)
 
 
 def main(argv: Optional[list[str]] = None) -> int:

@@ -23,6 +23,8 @@ import time
 from pathlib import Path
 from typing import Any, Optional
 
+from baseline import print_aligned  # this folder is on the path when run as a script
+
 MODELS = ("seshu-tiny", "seshu-tiny-mamba1", "seshu-130m", "seshu-130m-mamba1")
 MODES = ("lora", "full")
 
@@ -138,11 +140,7 @@ def print_table(rows: list[dict[str, Any]], baseline: Optional[list[dict[str, An
             old = base.get(_key(r))
             line.append(f"x{r['tokens_per_s'] / old['tokens_per_s']:.2f}" if ok and old else "n/a")
         lines.append(line)
-    widths = [max(len(str(line[i])) for line in lines) for i in range(len(header))]
-    for n, line in enumerate(lines):
-        print("  ".join(str(cell).ljust(w) for cell, w in zip(line, widths)))
-        if n == 0:
-            print("  ".join("-" * w for w in widths))
+    print_aligned(lines)
 
 
 def main(argv: Optional[list[str]] = None) -> int:
