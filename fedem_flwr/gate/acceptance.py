@@ -51,16 +51,11 @@ def decide(
     tolerance: float = 0.0,
 ) -> Decision:
     """Accept ``candidate`` when its own-language loss beats ``parent``'s by ``margin`` (see module doc)."""
-    if not (math.isfinite(margin) and margin >= 0):
-        raise ConfigError(f"`gate.margin` is {margin!r}; it must be a finite number >= 0.")
-    if not (math.isfinite(tolerance) and tolerance >= 0):
-        raise ConfigError(f"`gate.tolerance` is {tolerance!r}; it must be a finite number >= 0.")
+    _check_settings("gate", margin, tolerance)
     own = list(dict.fromkeys(languages))
     if not own:
         return _reject("the adapter declares no languages")
-    missing = [lang for lang in own if lang not in candidate or lang not in parent]
-    if weights is not None:
-        missing += [lang for lang in own if lang not in missing and not weights.get(lang, 0) > 0]
+    missing = _missing(candidate, parent, own, weights)
     if missing:
         return _reject(f"no held-out data for languages {missing}")
     bad = _non_finite(candidate, parent, own, weights)
@@ -94,16 +89,11 @@ def decide_base(
     Languages are those of ``current``; each must have a candidate loss (and a weight > 0 when
     ``weights`` is given). ``delta`` is candidate minus current loss over all languages.
     """
-    if not (math.isfinite(margin) and margin >= 0):
-        raise ConfigError(f"`merge.margin` is {margin!r}; it must be a finite number >= 0.")
-    if not (math.isfinite(tolerance) and tolerance >= 0):
-        raise ConfigError(f"`merge.tolerance` is {tolerance!r}; it must be a finite number >= 0.")
+    _check_settings("merge", margin, tolerance)
     languages = sorted(current)
     if not languages:
         return _reject("the current base has no held-out losses to compare with")
-    missing = [lang for lang in languages if lang not in candidate]
-    if weights is not None:
-        missing += [lang for lang in languages if lang not in missing and not weights.get(lang, 0) > 0]
+    missing = _missing(candidate, current, languages, weights)
     if missing:
         return _reject(f"no held-out data for the candidate base on languages {missing}")
     bad = _non_finite(candidate, current, languages, weights)
@@ -120,6 +110,23 @@ def decide_base(
         need = f"needs < {-margin:+.3f} (margin {margin:.3f})" if margin else "needs a lower loss"
         return Decision(False, f"{summary}; {need}{also}", delta)
     return _check_others(candidate, current, languages, tolerance, summary, delta, what="every language")
+
+
+def _check_settings(group: str, margin: float, tolerance: float) -> None:
+    for key, value in (("margin", margin), ("tolerance", tolerance)):
+        if not (math.isfinite(value) and value >= 0):
+            raise ConfigError(f"`{group}.{key}` is {value!r}; it must be a finite number >= 0.")
+
+
+def _missing(
+    candidate: Mapping[str, float], reference: Mapping[str, float], languages: Sequence[str],
+    weights: Optional[Mapping[str, float]],
+) -> list[str]:
+    """Languages a comparison cannot use: no loss on either side, or (with ``weights``) no positive weight."""
+    missing = [lang for lang in languages if lang not in candidate or lang not in reference]
+    if weights is not None:
+        missing += [lang for lang in languages if lang not in missing and not weights.get(lang, 0) > 0]
+    return missing
 
 
 def _check_others(
