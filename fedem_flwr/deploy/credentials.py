@@ -81,20 +81,12 @@ def server_credentials(
     alt_names = [_general_name(n) for n in names]
     ca_key, ca_cert = _ca(folder, now())
     key = ec.generate_private_key(ec.SECP384R1())
-    start = now()
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, names[0])]))
-        .issuer_name(ca_cert.subject)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(start - dt.timedelta(minutes=5))
-        .not_valid_after(start + dt.timedelta(days=days))
-        .add_extension(x509.SubjectAlternativeName(alt_names), critical=False)
-        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-        .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
-        .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()), critical=False)
-        .sign(ca_key, hashes.SHA256())
+    cert = _sign(
+        x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, names[0])]), ca_cert.subject, key, ca_key, now(), days,
+        [(x509.SubjectAlternativeName(alt_names), False),
+         (x509.BasicConstraints(ca=False, path_length=None), True),
+         (x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), False),
+         (x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()), False)],
     )
     _write_private(paths.server_key, _pem_key(key))
     paths.server_cert.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
@@ -147,24 +139,34 @@ def _ca(folder: Path, start: dt.datetime) -> tuple[ec.EllipticCurvePrivateKey, x
         raise CredentialsError(f"{folder} holds only half a CA (ca.crt and ca.key go together)")
     key = ec.generate_private_key(ec.SECP384R1())
     name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "fedem hub CA")])
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(name)
-        .issuer_name(name)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(start - dt.timedelta(minutes=5))
-        .not_valid_after(start + dt.timedelta(days=CA_DAYS))
-        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
-        .add_extension(x509.KeyUsage(digital_signature=True, key_cert_sign=True, crl_sign=True,
-                                     content_commitment=False, key_encipherment=False, data_encipherment=False,
-                                     key_agreement=False, encipher_only=False, decipher_only=False), critical=True)
-        .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
-        .sign(key, hashes.SHA256())
-    )
+    usage = x509.KeyUsage(digital_signature=True, key_cert_sign=True, crl_sign=True, content_commitment=False,
+                          key_encipherment=False, data_encipherment=False, key_agreement=False,
+                          encipher_only=False, decipher_only=False)
+    cert = _sign(name, name, key, key, start, CA_DAYS,
+                 [(x509.BasicConstraints(ca=True, path_length=0), True), (usage, True),
+                  (x509.SubjectKeyIdentifier.from_public_key(key.public_key()), False)])
     _write_private(key_path, _pem_key(key))
     cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
     return key, cert
+
+
+def _sign(
+    subject: x509.Name, issuer: x509.Name, key: ec.EllipticCurvePrivateKey, signer: ec.EllipticCurvePrivateKey,
+    start: dt.datetime, days: int, extensions: list[tuple[x509.ExtensionType, bool]],
+) -> x509.Certificate:
+    """A certificate for ``key`` signed by ``signer``, valid from 5 minutes before ``start`` (clock skew)."""
+    builder = (
+        x509.CertificateBuilder()
+        .subject_name(subject)
+        .issuer_name(issuer)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(start - dt.timedelta(minutes=5))
+        .not_valid_after(start + dt.timedelta(days=days))
+    )
+    for extension, critical in extensions:
+        builder = builder.add_extension(extension, critical=critical)
+    return builder.sign(signer, hashes.SHA256())
 
 
 def _general_name(name: str) -> x509.GeneralName:
