@@ -25,8 +25,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import signal
 import statistics
 import sys
 import tempfile
@@ -39,7 +37,7 @@ from baseline import regressions  # noqa: E402
 
 from fedem_flwr.deploy.credentials import node_key, server_credentials  # noqa: E402
 from fedem_flwr.launch import flwr_cli  # noqa: E402
-from fedem_flwr.launch.processes import descendants, start_superlink, start_supernode  # noqa: E402
+from fedem_flwr.launch.processes import kill_tree, start_superlink, start_supernode  # noqa: E402
 from fedem_flwr.testing.flower import SuperLink, node_ids  # noqa: E402
 
 APP = Path(__file__).resolve().parent / "deploy_app"
@@ -73,11 +71,7 @@ def kill_when_held(marker: Path, node_pid: int, killed: dict, deadline: float) -
         return
     time.sleep(1.0)  # it holds the message for a moment, as a node holds a lease
     killed["at"] = time.time()
-    for pid in [node_pid, *descendants(node_pid)]:
-        try:
-            os.kill(pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
+    kill_tree(node_pid)
 
 
 def measure(root: Path, sizes: list[float], repeats: int, with_base: bool, timeout: float,

@@ -41,6 +41,7 @@ from fedem_flwr.launch.processes import (
     descendants,
     free_ports,
     http_ok,
+    kill_tree,
     pid_alive,
     stop_trees,
 )
@@ -152,17 +153,6 @@ def wait_until(probe: Callable[[], T], timeout: float, what: Callable[[], str] |
         if time.monotonic() >= deadline:
             pytest.fail(f"waited {timeout:.0f} s for {what() if callable(what) else what}")
         time.sleep(poll)
-
-
-def kill_tree(proc: FlowerProcess) -> None:
-    """SIGKILL a process and everything below it at once, as a machine losing power would."""
-    for pid in [proc.pid, *descendants(proc.pid)]:
-        try:
-            os.kill(pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-    if proc.popen is not None:
-        proc.popen.wait(timeout=10)
 
 
 def write_contributor_data(folder: Path, languages: list[str]) -> Path:
@@ -282,7 +272,7 @@ def test_killed_supernode_lease_goes_to_a_live_node_from_the_last_accepted_versi
     last_accepted = deployment.read(lambda r: r.adapter_versions(lease.adapter)[-1].version)
 
     # Execute: her machine dies.
-    kill_tree(alice.process)
+    kill_tree(alice.process.pid, alice.process.popen)
 
     # Assert: the lease ends (node gone or TTL) and the adapter goes to a live node from its last version.
     ended = wait_until(lambda: next((l for l in deployment.read(lambda r: r.leases()) if l.token == lease.token
@@ -372,7 +362,6 @@ def test_hostile_replies_are_refused_and_the_hub_keeps_running(deployment):
 
 def test_killed_serverapp_run_resubmitted_continues_from_last_accepted(deployment):
     # Prepare
-    run_id = deployment.runs[-1]
     serverapps = [pid for pid in descendants(deployment.link.pid) if any("flwr-serverapp" in part
                                                                           for part in cmdline(pid))]
     assert serverapps, "no ServerApp process under the SuperLink"

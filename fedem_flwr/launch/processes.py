@@ -160,6 +160,14 @@ def stop_trees(
     _wait_gone(left, 5.0, popens)
 
 
+def kill_tree(pid: int, popen: subprocess.Popen | None = None) -> None:
+    """SIGKILL `pid` and everything below it at once, as a machine losing power would (fault tests)."""
+    for target in [pid, *descendants(pid)]:
+        _signal(target, signal.SIGKILL)
+    if popen is not None:
+        popen.wait(timeout=10)
+
+
 def _signal(pid: int, sig: signal.Signals) -> None:
     with contextlib.suppress(ProcessLookupError):
         os.kill(pid, sig)
