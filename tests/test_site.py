@@ -153,6 +153,21 @@ def test_a_rebuild_replaces_the_ledger_files(hub, tmp_path):
     assert sorted(p.name for p in (out / "data").iterdir()) == ["ledger-00000.js", "ledger-meta.js"]
 
 
+def test_a_folder_with_other_files_is_refused_and_left_alone(hub, tmp_path):
+    # Prepare: a folder of the user's own, with a `data` folder a build would replace.
+    out = tmp_path / "mine"
+    (out / "data").mkdir(parents=True)
+    (out / "data" / "notes.txt").write_text("keep me")
+
+    # Execute
+    result = CliRunner().invoke(cli, ["--hub", str(hub), "site", "--out", str(out)])
+
+    # Assert
+    assert result.exit_code == 1 and "not empty" in result.output
+    assert (out / "data" / "notes.txt").read_text() == "keep me"
+    assert sorted(p.name for p in out.iterdir()) == ["data"]
+
+
 def test_formats_match_the_ledger_script():
     assert render.losses({"te": 4.5, "hi": None}) == "hi -, te 4.500"
     assert (render.tokens(4095.6), render.rate(2 / 3), render.left(3725), render.left(65)) == ("4,096", "67%",

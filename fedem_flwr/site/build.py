@@ -7,11 +7,17 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
+from fedem_flwr.errors import FedemError
 from fedem_flwr.hub.registry import Registry
 from fedem_flwr.site import render
 from fedem_flwr.site.data import PAGE_ROWS, SHOWN_ROWS, pages, site_data
 
 ASSETS = ("site.css", "site.js")
+MARKER = ".fedem-site"  # marks a folder as a site this module wrote, so a rebuild may replace its files
+
+
+class NotASiteFolder(FedemError, ValueError):
+    """``--out`` names a folder that holds other files: a build would replace some of them."""
 
 
 def build_site(registry: Registry, out: Path, now: float, chunk_rows: int = PAGE_ROWS,
@@ -22,12 +28,18 @@ def build_site(registry: Registry, out: Path, now: float, chunk_rows: int = PAGE
 
     Data files and contributor pages of an earlier build in ``out`` are replaced, so none is stale.
     """
-    site = site_data(registry, now)
     out = Path(out)
+    if out.is_dir() and any(out.iterdir()) and not (out / MARKER).exists():
+        raise NotASiteFolder(
+            f"{out} is not empty and holds no site written by `fedem site`; a build replaces its data/ and "
+            "contributors/ folders, so choose an empty or new folder"
+        )
+    site = site_data(registry, now)
     for stale in ("data", "contributors"):
         shutil.rmtree(out / stale, ignore_errors=True)
     for folder in ("assets", "data", "contributors"):
         (out / folder).mkdir(parents=True, exist_ok=True)
+    (out / MARKER).write_text("written by `fedem site`; a rebuild replaces this folder's pages\n")
     for name in ASSETS:
         (out / "assets" / name).write_bytes(resources.files("fedem_flwr.site").joinpath("assets", name).read_bytes())
     chunks = pages(site["ledger"], chunk_rows)
