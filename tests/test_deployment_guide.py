@@ -290,6 +290,11 @@ def test_restarted_supernode_keeps_its_identity(deployment):
     alice = deployment.contributors["alice"]
     before = deployment.read(lambda r: {l.token for l in r.leases() if l.holder == alice.identity})
 
+    # Flower refuses to activate a node whose earlier run it still counts online (for two heartbeat
+    # intervals after a crash, about a minute): Alice restarts once the SuperLink shows her gone.
+    wait_until(lambda: len(node_ids(deployment.superlink)) < len(deployment.contributors), 150,
+               "the SuperLink to mark the killed Alice offline")
+
     # Execute: Alice starts her SuperNode again with the same key.
     deployment.start_node(alice)
 
