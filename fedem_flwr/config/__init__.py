@@ -15,12 +15,13 @@ from fedem_flwr.config.schema import (
     LoraConfig,
     ModelConfig,
     RelayConfig,
+    SimConfig,
     TokenizerConfig,
     TrainConfig,
 )
 
 __all__ = [
     "CptConfig", "DataConfig", "FedemConfig", "GateConfig", "HubConfig", "LoraConfig", "ModelConfig",
-    "RelayConfig", "TokenizerConfig", "TrainConfig", "config_to_dict",
+    "RelayConfig", "SimConfig", "TokenizerConfig", "TrainConfig", "config_to_dict",
     "load_config", "load_run_config", "parse_overrides",
 ]

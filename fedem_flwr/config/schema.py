@@ -393,6 +393,83 @@ class HubConfig:
             raise ConfigError("`hub.repo_prefix` must not be empty.")
 
 
+SIM_METHODS = ("relay", "fedavg-language", "fedavg-global")
+
+
+@dataclass
+class SimConfig:
+    """What a `flwr run` simulation simulates: its clock, its virtual contributors, its method and
+    its token budget (``fedem_flwr.simulation``). Ignored on a real SuperLink."""
+
+    method: str = field(
+        default="relay",
+        metadata={"help": "`relay`, `fedavg-language` (Flower's FedAvg per language adapter) or `fedavg-global` "
+                          "(one adapter, as FlowerTune)."},
+    )
+    clock: str = field(
+        default="real", metadata={"help": "`real`, or `virtual`: training takes simulated time and waiting none."}
+    )
+    max_tokens: Optional[int] = field(
+        default=None, metadata={"help": "Stop once this many tokens were trained, wasted work included; null = no budget."}
+    )
+    max_jump_s: float = field(
+        default=300.0, metadata={"help": "Longest step of the virtual clock when no event is due sooner."}
+    )
+    speed: float = field(
+        default=0.01, metadata={"help": "Median optimizer steps per simulated second of a contributor."}
+    )
+    speed_sigma: float = field(
+        default=0.5, metadata={"help": "Spread of speeds across contributors (sigma of a log-normal); 0 = all alike."}
+    )
+    jitter_sigma: float = field(
+        default=0.2, metadata={"help": "Spread of one lease's duration around the contributor's speed (log-normal)."}
+    )
+    availability: str = field(
+        default="always", metadata={"help": "`always`, or `daily`: online for part of every `period_s`, at its own hour."}
+    )
+    online_fraction: float = field(
+        default=0.5, metadata={"help": "Mean share of each period a `daily` contributor is online."}
+    )
+    period_s: float = 86400.0
+    vanish_prob: float = field(
+        default=0.0, metadata={"help": "Chance that a contributor vanishes mid-lease (offline until its next window)."}
+    )
+    away_s: float = field(
+        default=3600.0, metadata={"help": "How long a vanished `always` contributor stays away."}
+    )
+    heartbeat_s: float = field(
+        default=60.0, metadata={"help": "Simulated seconds before the SuperLink reports a silent node gone."}
+    )
+    message_ttl_s: float = field(
+        default=3600.0, metadata={"help": "Flower's TTL of a message in real seconds under a virtual clock (a safety bound)."}
+    )
+    fedavg_fraction: float = field(
+        default=1.0, metadata={"help": "Share of the online contributors FedAvg samples each round."}
+    )
+
+    def __post_init__(self) -> None:
+        _choice("sim", "method", self.method, SIM_METHODS)
+        _choice("sim", "clock", self.clock, ("real", "virtual"))
+        _choice("sim", "availability", self.availability, ("always", "daily"))
+        _positive("sim", "max_tokens", self.max_tokens)
+        for key in ("max_jump_s", "speed", "period_s", "away_s", "heartbeat_s", "message_ttl_s"):
+            value = getattr(self, key)
+            if value is None or not math.isfinite(value):
+                raise ConfigError(f"`sim.{key}` is {value!r}; it must be a finite number > 0.")
+            _positive("sim", key, value)
+        for key in ("speed_sigma", "jitter_sigma"):
+            value = getattr(self, key)
+            if not (math.isfinite(value) and 0.0 <= value <= 3.0):
+                raise ConfigError(f"`sim.{key}` is {value!r}; it must be in [0, 3].")
+        _fraction("sim", "vanish_prob", self.vanish_prob)
+        for key in ("online_fraction", "fedavg_fraction"):
+            value = getattr(self, key)
+            if not 0.0 < value <= 1.0:
+                raise ConfigError(f"`sim.{key}` is {value!r}; it must be in (0, 1].")
+        if self.method != "relay" and self.clock != "virtual":
+            raise ConfigError(f"`sim.method={self.method}` runs on the virtual clock only: set `sim.clock=virtual`.")
+
+
 @dataclass
 class FedemConfig:
     seed: int = 0
@@ -406,3 +483,4 @@ class FedemConfig:
     merge: MergeConfig = field(default_factory=MergeConfig)
     hub: HubConfig = field(default_factory=HubConfig)
     cpt: CptConfig = field(default_factory=CptConfig)
+    sim: SimConfig = field(default_factory=SimConfig)

@@ -1,0 +1,98 @@
+"""Virtual contributors: how fast each one trains, when it is online, and whether it vanishes
+mid-lease -- seeded by the run's seed and the contributor's partition, so the hub (its simulated
+fleet) and the node (its ClientApp) draw the same contributor without telling each other.
+
+Pure logic: no Flower, no torch. Speeds are optimizer steps per simulated second, log-normal
+across contributors around ``sim.speed``; each lease's duration varies around the contributor's own
+speed (``sim.jitter_sigma``), so a contributor that plans to finish just in time is sometimes late.
+A ``daily`` contributor is online for its share of every period, starting at its own hour (time
+zones); a vanished one is away until its next window opens (``daily``) or for ``sim.away_s``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import random
+from dataclasses import dataclass
+from typing import Optional
+
+from fedem_flwr.config import SimConfig
+
+
+def _rng(*parts: object) -> random.Random:
+    """A generator seeded from ``parts`` alone (not from Python's salted ``hash``)."""
+    digest = hashlib.sha256("\x00".join(str(p) for p in parts).encode("utf-8")).digest()
+    return random.Random(int.from_bytes(digest[:8], "big"))
+
+
+@dataclass(frozen=True)
+class LeasePlan:
+    """What one lease will cost a contributor, in steps and simulated seconds.
+
+    ``steps`` are those it plans (what fits its budget at its speed); ``duration_s`` is when its
+    reply would arrive. A vanishing contributor trains ``steps_done`` of them and is silent from
+    ``vanish_at_s`` on; the others train all of them."""
+
+    steps: int
+    duration_s: float
+    vanish_at_s: Optional[float] = None
+    steps_done: int = 0
+
+    @property
+    def vanishes(self) -> bool:
+        return self.vanish_at_s is not None
+
+
+@dataclass(frozen=True)
+class VirtualContributor:
+    partition_id: int
+    speed: float  # optimizer steps per simulated second
+    online_fraction: float
+    phase_s: float  # when its window opens within each period
+    cfg: SimConfig
+    seed: int
+
+    def plan(self, token: int, budget_s: float, max_steps: int) -> LeasePlan:
+        """The lease ``token``'s plan: as many steps as fit ``budget_s`` (at least one), then the
+        draw of this lease's pace and of vanishing, both seeded by the lease."""
+        steps = max(1, min(int(max_steps), int(math.floor(budget_s * self.speed))))
+        rng = _rng("lease", self.seed, self.partition_id, token)
+        pace = math.exp(rng.gauss(0.0, self.cfg.jitter_sigma)) if self.cfg.jitter_sigma else 1.0
+        duration = steps / self.speed * pace
+        if rng.random() < self.cfg.vanish_prob:
+            share = rng.random()
+            return LeasePlan(steps, duration, vanish_at_s=duration * share, steps_done=int(steps * share))
+        return LeasePlan(steps, duration, steps_done=steps)
+
+    def online(self, t: float) -> bool:
+        """Whether it is online at simulated time ``t`` (seconds since the start)."""
+        if self.cfg.availability == "always":
+            return True
+        return (t - self.phase_s) % self.cfg.period_s < self.online_fraction * self.cfg.period_s
+
+    def next_change(self, t: float) -> float:
+        """The first time after ``t`` at which ``online`` changes (``inf`` when it never does)."""
+        if self.cfg.availability == "always":
+            return math.inf
+        period, window = self.cfg.period_s, self.online_fraction * self.cfg.period_s
+        into = (t - self.phase_s) % period
+        if window >= period:
+            return math.inf
+        return t + (window - into if into < window else period - into)
+
+    def back_after_vanishing(self, t: float) -> float:
+        """When a contributor that vanished at ``t`` is online again."""
+        if self.cfg.availability == "always":
+            return t + self.cfg.away_s
+        period = self.cfg.period_s
+        return t + (period - (t - self.phase_s) % period)  # its next window opens
+
+
+def virtual_contributor(cfg: SimConfig, seed: int, partition_id: int) -> VirtualContributor:
+    """Contributor ``partition_id`` of a run seeded ``seed``: the same on the hub and on the node."""
+    rng = _rng("contributor", seed, partition_id)
+    speed = cfg.speed * math.exp(rng.gauss(0.0, cfg.speed_sigma)) if cfg.speed_sigma else cfg.speed
+    # Online shares spread around the mean, within (5%, 100%].
+    share = min(1.0, max(0.05, rng.gauss(cfg.online_fraction, 0.15))) if cfg.online_fraction < 1 else 1.0
+    return VirtualContributor(partition_id, speed, share, rng.uniform(0.0, cfg.period_s), cfg, seed)

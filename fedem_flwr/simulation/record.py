@@ -1,0 +1,130 @@
+"""What a simulation leaves in its hub folder for the sweep and the report to read: ``sim/trace.csv``
+(one row per event worth plotting) and ``sim/result.json`` (the cell's final numbers).
+
+Every method writes the same two files, so a relay, a FedAvg run and a centralized baseline are
+read back, tabulated and plotted by the same code.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+import time
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+SIM_DIR = "sim"
+TRACE_FILE = "trace.csv"
+RESULT_FILE = "result.json"
+
+TRACE_COLUMNS = ("sim_s", "wall_s", "tokens", "tokens_wasted", "bytes_moved", "leases_active", "online",
+                 "accepted", "rejected", "loss_mean", "losses")
+
+
+def sim_dir(hub: Path) -> Path:
+    return Path(hub) / SIM_DIR
+
+
+def mean_loss(losses: Mapping[str, float]) -> float:
+    """The plain mean over languages (each language counts once, whatever its size)."""
+    values = [float(v) for v in losses.values() if math.isfinite(float(v))]
+    return sum(values) / len(values) if values else math.nan
+
+
+@dataclass
+class Counters:
+    """What a simulated federation spent so far. ``tokens`` counts every token trained, wasted
+    ones included; ``tokens_wasted`` those whose work never reached the hub in time (vanished,
+    expired, late) -- rejected work was judged, so it is spent, not wasted."""
+
+    tokens: int = 0
+    tokens_wasted: int = 0
+    bytes_moved: int = 0
+    accepted: int = 0
+    rejected: int = 0
+    leases: int = 0
+    expired: int = 0
+
+
+@dataclass
+class TraceRow:
+    sim_s: float
+    wall_s: float
+    counters: Counters
+    leases_active: int = 0
+    online: int = 0
+    losses: dict[str, float] = field(default_factory=dict)
+
+    def as_csv(self) -> dict[str, Any]:
+        return {
+            "sim_s": f"{self.sim_s:.1f}", "wall_s": f"{self.wall_s:.2f}", "tokens": self.counters.tokens,
+            "tokens_wasted": self.counters.tokens_wasted, "bytes_moved": self.counters.bytes_moved,
+            "leases_active": self.leases_active, "online": self.online, "accepted": self.counters.accepted,
+            "rejected": self.counters.rejected,
+            "loss_mean": f"{mean_loss(self.losses):.6f}" if self.losses else "",
+            "losses": json.dumps({k: round(float(v), 6) for k, v in sorted(self.losses.items())}) if self.losses else "",
+        }
+
+
+class Trace:
+    """Appends rows to ``<hub>/sim/trace.csv`` (a new file per run), flushed row by row so a
+    crashed run still leaves its curve."""
+
+    def __init__(self, hub: Path) -> None:
+        path = sim_dir(hub) / TRACE_FILE
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self.path = path
+        self._file = open(path, "w", newline="", encoding="utf-8")
+        self._writer = csv.DictWriter(self._file, fieldnames=TRACE_COLUMNS)
+        self._writer.writeheader()
+        self.started = time.monotonic()
+
+    def row(self, sim_s: float, counters: Counters, *, leases_active: int = 0, online: int = 0,
+            losses: Optional[Mapping[str, float]] = None) -> None:
+        row = TraceRow(sim_s, time.monotonic() - self.started, counters, leases_active, online, dict(losses or {}))
+        self._writer.writerow(row.as_csv())
+        self._file.flush()
+
+    def close(self) -> None:
+        self._file.close()
+
+
+def read_trace(hub: Path) -> list[dict[str, Any]]:
+    """The rows of a trace with numbers as numbers and ``losses`` as a dict."""
+    path = sim_dir(hub) / TRACE_FILE
+    rows = []
+    with open(path, newline="", encoding="utf-8") as handle:
+        for raw in csv.DictReader(handle):
+            row: dict[str, Any] = {k: (float(v) if v not in ("", None) else math.nan)
+                                   for k, v in raw.items() if k != "losses"}
+            row["losses"] = json.loads(raw["losses"]) if raw.get("losses") else {}
+            rows.append(row)
+    return rows
+
+
+def write_result(hub: Path, *, method: str, losses: Mapping[str, float], counters: Counters,
+                 sim_seconds: Optional[float], wall_seconds: float, extra: Optional[Mapping[str, Any]] = None) -> Path:
+    """``<hub>/sim/result.json``, written whole then renamed, so a reader never sees half of it."""
+    result = {
+        "method": method,
+        "losses": {k: float(v) for k, v in sorted(losses.items())},
+        "loss_mean": mean_loss(losses),
+        **asdict(counters),
+        "sim_seconds": sim_seconds,
+        "wall_seconds": wall_seconds,
+        **dict(extra or {}),
+    }
+    path = sim_dir(hub) / RESULT_FILE
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(f".{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(result, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+    os.replace(tmp, path)
+    return path
+
+
+def read_result(hub: Path) -> dict[str, Any]:
+    return json.loads((sim_dir(hub) / RESULT_FILE).read_text(encoding="utf-8"))
