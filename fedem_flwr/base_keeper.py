@@ -58,10 +58,16 @@ CPT_RETRY_S, CPT_RETRY_MAX_S = 60.0, 3600.0  # the wait after a failed CPT slice
 class BaseKeeper:
     """Merges and CPT for one ServerApp run; ``turn`` is called once per relay loop turn."""
 
-    def __init__(self, hub: Hub, clock: Callable[[], float] = time.time) -> None:
+    def __init__(self, hub: Hub, clock: Callable[[], float] = time.time, *,
+                 cpt_steps_per_s: Optional[float] = None) -> None:
         self.hub = hub
         self.cfg = hub.cfg
         self.clock = clock
+        # On a virtual clock CPT trains at this pace of simulated time instead of for `cpt.slice_s` real
+        # seconds: each slice catches up on the simulated time since the last one.
+        self.cpt_steps_per_s = cpt_steps_per_s
+        self._cpt_caught_up_at = clock()
+        self.cpt_tokens = 0  # tokens CPT trained in this run (a simulation's token budget counts them)
         self._last_merge_at = self._base().created
         self._bare: dict[int, Losses] = {}  # held-out losses of each bare base version, by version
         self._pretrainer: Optional[ContinuousPretrainer] = None
@@ -83,11 +89,11 @@ class BaseKeeper:
             reason = self._merge_reason(busy)
             if reason:
                 self.merge(reason)
-            elif self.cfg.cpt.enabled and not busy and time.monotonic() >= self._next_slice_at:
+            elif self.cfg.cpt.enabled and not busy and self.clock() >= self._next_slice_at:
                 source = "cpt"
                 self.pretrain()
                 self._cpt_failures = 0
-                self._next_slice_at = time.monotonic() + self.cfg.cpt.pause_s
+                self._next_slice_at = self.clock() + self.cfg.cpt.pause_s
         except Exception as err:  # a failed merge or slice is recorded; the relay goes on
             if is_hub_fault(err):
                 raise
@@ -100,7 +106,7 @@ class BaseKeeper:
                 self._pretrainer = None
                 self._cpt_failures += 1
                 wait = min(CPT_RETRY_MAX_S, CPT_RETRY_S * 2 ** (self._cpt_failures - 1))
-                self._next_slice_at = time.monotonic() + max(self.cfg.cpt.pause_s, wait)
+                self._next_slice_at = self.clock() + max(self.cfg.cpt.pause_s, wait)
 
     # -- merging --------------------------------------------------------------------------------------
 
@@ -169,7 +175,15 @@ class BaseKeeper:
     def pretrain(self) -> None:
         """One slice of CPT; at a checkpoint, gate the weights and publish them as a base version."""
         cpt = self._pretrainer or self._start_pretrainer()
-        cpt.run_slice(self.cfg.cpt.slice_s, clock=time.monotonic)
+        tokens_before = cpt.tokens
+        if self.cpt_steps_per_s is None:
+            cpt.run_slice(self.cfg.cpt.slice_s, clock=time.monotonic)
+        else:
+            due = int((self.clock() - self._cpt_caught_up_at) * self.cpt_steps_per_s)
+            if due > 0:
+                cpt.run_slice(math.inf, clock=time.monotonic, max_steps=due)
+                self._cpt_caught_up_at += due / self.cpt_steps_per_s
+        self.cpt_tokens += cpt.tokens - tokens_before
         if cpt.checkpoint_due():
             self._checkpoint(cpt)
 

@@ -4,6 +4,7 @@ fetched from the Hugging Face Hub when the message says where (``fedem_flwr.base
 
 from __future__ import annotations
 
+import math
 import time
 
 from flwr.app import Context, Message
@@ -15,6 +16,7 @@ from fedem_flwr.config import load_run_config
 from fedem_flwr.contributor import BaseCache, profile, relay_train, training_data
 from fedem_flwr.logs import quiet_library_progress, use_flower_logging
 from fedem_flwr.relay import messages
+from fedem_flwr.simulation.virtual_grid import read_plan
 from fedem_flwr.wire import adapter_to_arrays
 
 app = ClientApp()
@@ -44,11 +46,17 @@ def train_relay(message: Message, context: Context) -> Message:
     data = training_data(cfg, context.node_config, messages.node_rows(message))
     if not set(instruction.languages) & set(data.languages):
         return messages.status_reply(message, instruction, messages.NO_DATA, f"rows in {','.join(data.languages)}")
+    plan = read_plan(message)  # in a simulation on the virtual clock: the steps to train, in simulated time
+    if plan is not None and plan.steps == 0:  # vanished before its first step
+        return messages.train_reply(message, instruction, message.content["arrays"], plan.metrics(tokens=0))
     state = message.content["arrays"].to_torch_state_dict()
     new_state, metrics = relay_train(
         cfg, cache.use(instruction.base.digest), state, data, instruction.languages,
-        budget_s=max(1.0, instruction.budget_s - (time.monotonic() - started)),  # a fetch spends the lease
-        max_steps=instruction.max_steps, seed=cfg.seed + instruction.token,
+        budget_s=(max(1.0, instruction.budget_s - (time.monotonic() - started))  # a fetch spends the lease
+                  if plan is None else math.inf),
+        max_steps=instruction.max_steps if plan is None else plan.steps, seed=cfg.seed + instruction.token,
     )
+    if plan is not None:
+        metrics.update(plan.metrics(tokens=metrics["tokens"]))
     reply = messages.train_reply(message, instruction, adapter_to_arrays(new_state), metrics)
     return faults.misbehave(reply, message, faults.take_node_fault())

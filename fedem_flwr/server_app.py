@@ -14,9 +14,11 @@ from flwr.serverapp import Grid, ServerApp
 from fedem_flwr.base_keeper import BaseKeeper
 from fedem_flwr.bootstrap import open_hub
 from fedem_flwr.config import load_run_config
+from fedem_flwr.errors import ConfigError
 from fedem_flwr.hub.paths import HubWriterLock, resolve_hub_path
 from fedem_flwr.logs import quiet_library_progress, use_flower_logging
-from fedem_flwr.relay.strategy import RelayStrategy
+from fedem_flwr.relay.strategy import RelayStrategy, is_simulation_grid
+from fedem_flwr.simulation.run import run_simulation
 
 log = logging.getLogger(__name__)
 app = ServerApp()
@@ -28,6 +30,13 @@ def main(grid: Grid, context: Context) -> None:
     quiet_library_progress()
     cfg = load_run_config(context.run_config)
     hub_path = resolve_hub_path(cfg.hub.path, require_absolute=True)
+    if cfg.sim.clock == "virtual":
+        if not is_simulation_grid(grid):
+            raise ConfigError("`sim.clock=virtual` is for simulations; a SuperLink's federation runs in real time.")
+        with HubWriterLock(hub_path):
+            run_simulation(grid, cfg, hub_path)
+        print(f"fedem simulation ({cfg.sim.method}) finished; result in {hub_path}/sim/result.json")
+        return
     with HubWriterLock(hub_path):
         hub = open_hub(cfg, hub_path)
         keeper = BaseKeeper(hub)

@@ -446,13 +446,16 @@ class SimConfig:
     fedavg_fraction: float = field(
         default=1.0, metadata={"help": "Share of the online contributors FedAvg samples each round."}
     )
+    hub_cpt_speed: float = field(
+        default=0.05, metadata={"help": "CPT optimizer steps the hub runs per simulated second (virtual clock)."}
+    )
 
     def __post_init__(self) -> None:
         _choice("sim", "method", self.method, SIM_METHODS)
         _choice("sim", "clock", self.clock, ("real", "virtual"))
         _choice("sim", "availability", self.availability, ("always", "daily"))
         _positive("sim", "max_tokens", self.max_tokens)
-        for key in ("max_jump_s", "speed", "period_s", "away_s", "heartbeat_s", "message_ttl_s"):
+        for key in ("max_jump_s", "speed", "period_s", "away_s", "heartbeat_s", "message_ttl_s", "hub_cpt_speed"):
             value = getattr(self, key)
             if value is None or not math.isfinite(value):
                 raise ConfigError(f"`sim.{key}` is {value!r}; it must be a finite number > 0.")

@@ -114,6 +114,7 @@ class RelayStrategy(Strategy):
         sleep: Callable[[float], None] = time.sleep,
         training_rows: Optional[TrainingRows] = None,
         between_turns: Optional[Callable[[bool], None]] = None,
+        stop_when: Optional[Callable[[], str]] = None,
     ) -> None:
         self.coordinator = coordinator
         self.relay = relay
@@ -125,6 +126,7 @@ class RelayStrategy(Strategy):
         self.pending: dict[str, _Pending] = {}
         self.training_rows = training_rows
         self.between_turns = between_turns  # the hub's own work (merges, CPT); told whether replies came
+        self.stop_when = stop_when  # another stop condition (a simulation's token budget): a reason, or ""
         self.simulation = False  # set from the Grid in ``start``
         self._rows: dict[tuple[int, int], dict[str, list[str]]] = {}
         self.bases: Counter[str] = Counter()  # how nodes got the bases they lacked (module docstring)
@@ -211,7 +213,7 @@ class RelayStrategy(Strategy):
             return f"wall-clock limit of {self.relay.max_wall_s:.0f} s"
         if without_nodes > 0 and without_nodes >= self.relay.no_node_grace_s and not self.pending:
             return f"no node for {without_nodes:.0f} s"
-        return ""
+        return self.stop_when() if self.stop_when is not None else ""
 
     def _drain(self, grid: Grid, result: RelayResult) -> None:
         """Issue no more leases; judge the trains in flight that come back within ``drain_s``."""

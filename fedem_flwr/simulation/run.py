@@ -1,0 +1,118 @@
+"""One simulated federation on the virtual clock, as the ServerApp runs it (``sim.clock=virtual``).
+
+The hub opens as in deployment, on the virtual clock; then the method runs on the ``VirtualGrid``:
+the relay (its Strategy, coordinator and base keeper, unchanged) or a FedAvg baseline. Either way
+the run leaves ``sim/trace.csv`` and ``sim/result.json`` in the hub folder (``record``).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+from flwr.serverapp import Grid
+
+from fedem_flwr.base_keeper import BaseKeeper
+from fedem_flwr.bootstrap import Hub, open_hub
+from fedem_flwr.config import FedemConfig
+from fedem_flwr.model.lora import read_adapter_state
+from fedem_flwr.relay.strategy import RelayStrategy
+from fedem_flwr.simulation.clock import VirtualClock
+from fedem_flwr.simulation.evaluation import final_losses
+from fedem_flwr.simulation.record import Counters, Trace, write_result
+from fedem_flwr.simulation.virtual_grid import VirtualGrid
+
+log = logging.getLogger(__name__)
+
+
+def run_simulation(grid: Grid, cfg: FedemConfig, hub_path: Path) -> dict[str, Any]:
+    """Run ``cfg.sim.method`` on the virtual clock over Flower's simulation ``grid``; returns the result."""
+    clock = VirtualClock()
+    vgrid = VirtualGrid(grid, clock, cfg.sim, cfg.seed, max_steps=cfg.train.max_steps)
+    hub = open_hub(cfg, hub_path, clock=clock)
+    trace = Trace(hub_path)
+    started = time.monotonic()
+    try:
+        if cfg.sim.method == "relay":
+            losses, extra = _relay(hub, vgrid, clock, trace)
+        else:
+            from fedem_flwr.simulation.fedavg import run_fedavg
+
+            outcome = run_fedavg(vgrid, hub, cfg, clock, trace)
+            losses, extra = outcome["losses"], {k: v for k, v in outcome.items() if k != "losses"}
+    finally:
+        trace.close()
+    counters = vgrid.counters
+    result_path = write_result(hub_path, method=cfg.sim.method, losses=losses, counters=counters,
+                               sim_seconds=clock.elapsed, wall_seconds=time.monotonic() - started, extra=extra)
+    log.info("Simulation of %s done: %.0f simulated s in %.0f s; %d tokens (%d wasted); result in %s",
+             cfg.sim.method, clock.elapsed, time.monotonic() - started, counters.tokens, counters.tokens_wasted,
+             result_path)
+    return {"losses": losses, **extra}
+
+
+def _relay(hub: Hub, vgrid: VirtualGrid, clock: VirtualClock, trace: Trace) -> tuple[dict[str, float], dict]:
+    cfg = hub.cfg
+    keeper = BaseKeeper(hub, clock=clock, cpt_steps_per_s=cfg.sim.hub_cpt_speed)
+    counters = vgrid.counters
+
+    def spent() -> int:
+        return counters.tokens + keeper.cpt_tokens
+
+    def between_turns(busy: bool) -> None:
+        keeper.turn(busy)
+        if busy:
+            _trace_row(hub, vgrid, trace, spent())
+
+    def budget_spent() -> str:
+        budget = cfg.sim.max_tokens
+        return f"token budget of {budget} spent" if budget is not None and spent() >= budget else ""
+
+    strategy = RelayStrategy(
+        hub.coordinator, cfg.relay, hub.workbench.spec, max_steps=cfg.train.max_steps, clock=clock,
+        sleep=vgrid.advance, training_rows=hub.training_rows, between_turns=between_turns, stop_when=budget_spent,
+    )
+    result = strategy.start(vgrid)
+    keeper.finish()
+    counters.accepted, counters.rejected = result.accepted, result.rejected
+    counters.tokens += keeper.cpt_tokens
+    losses = relay_final_losses(hub)
+    _trace_row(hub, vgrid, trace, counters.tokens, losses)
+    return losses, {"stopped_by": result.stopped_by, "cpt_tokens": keeper.cpt_tokens,
+                    "base_version": hub.registry.latest_checkpoint().version}
+
+
+def current_losses(hub: Hub) -> dict[str, float]:
+    """Each language's held-out loss as last judged: its adapter's latest version on its base."""
+    languages = {adapter.name: adapter.languages for adapter in hub.registry.adapters()}
+    losses: dict[str, float] = {}
+    for name, version in hub.registry.latest_adapter_versions().items():
+        heldout = version.metrics.get("heldout", {})
+        for language in languages.get(name, ()):
+            if language in heldout:
+                losses[language] = float(heldout[language])
+    return losses
+
+
+def relay_final_losses(hub: Hub) -> dict[str, float]:
+    """Each language's adapter, at its latest version, on the latest base: evaluated now, as every
+    method's final numbers are."""
+    base = hub.registry.latest_checkpoint()
+    states = {}
+    for adapter in hub.registry.adapters():
+        version = hub.registry.latest_adapter_version(adapter.name)
+        state = read_adapter_state(hub.store.get(version.ref))
+        for language in adapter.languages:
+            states[language] = state
+    return final_losses(hub, states, base_folder=hub.store.get(base.ref))
+
+
+def _trace_row(hub: Hub, vgrid: VirtualGrid, trace: Trace, tokens: int, losses: dict | None = None) -> None:
+    counts = hub.registry.contribution_counts()
+    snapshot = Counters(**{**vgrid.counters.__dict__, "tokens": tokens,
+                           "accepted": counts.get("accepted", 0),
+                           "rejected": sum(n for decision, n in counts.items() if decision != "accepted")})
+    trace.row(vgrid.clock.elapsed, snapshot, leases_active=vgrid.leases_active, online=vgrid.online_count(),
+              losses=losses if losses is not None else current_losses(hub))

@@ -1,0 +1,301 @@
+"""The Grid of a simulation on the virtual clock: Flower's simulation Grid, with simulated time.
+
+Real training still happens on Flower's simulation engine; only waiting is simulated. When a train
+message is pushed, the node's ``VirtualContributor`` plans the lease (steps that fit its budget at
+its speed, this lease's pace, whether it vanishes), the plan travels with the message (``sim-plan``)
+so the ClientApp trains exactly those steps, and the reply is due at the plan's completion time. The
+clock moves (``advance``, the Strategy's ``sleep``) to the next event -- a reply due, a message
+deadline, a contributor going on- or offline -- once every reply due by then has really arrived;
+replies due later keep training on the engine meanwhile. So replies are handled in the order of
+their simulated completion and every decision the hub takes (TTLs, sweeps, backoff, merges, CPT)
+runs on the same simulated time as in deployment.
+
+What a deployment's SuperLink would do is done here in simulated time:
+- a reply due after its message's (simulated) TTL becomes error 3 at the deadline (the SuperLink
+  drops it), its tokens wasted;
+- a contributor that vanished is silent: error 5 (node gone) ``sim.heartbeat_s`` after it vanished,
+  or error 3 at the deadline if that comes first, and it is away until ``back_after_vanishing``;
+- a contributor outside its online window is not listed by ``get_nodes`` (it finishes a lease it
+  already holds: its machine stays on for the work it accepted).
+Flower's own message TTL is set to ``sim.message_ttl_s`` real seconds, a safety bound only.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
+from typing import Any, Optional
+
+from flwr.app import ArrayRecord, ConfigRecord, Error, Message, MetricRecord, RecordDict
+from flwr.common.constant import SUPERLINK_NODE_ID, ErrorCode
+from flwr.serverapp import Grid
+
+from fedem_flwr.config import SimConfig
+from fedem_flwr.relay import messages
+from fedem_flwr.simulation.clock import VirtualClock
+from fedem_flwr.simulation.contributors import LeasePlan, VirtualContributor, virtual_contributor
+from fedem_flwr.simulation.record import Counters
+
+log = logging.getLogger(__name__)
+
+SIM_PLAN = "sim-plan"
+VANISHED_METRIC = "sim-vanished"
+POLL_S = 0.02  # real seconds between pulls while waiting for a reply that is due
+
+
+def error_reply(message: Message, code: int, reason: str) -> Message:
+    """An error reply to ``message`` as the SuperLink sends it (from node 1)."""
+    reply = Message(Error(code, reason), reply_to=message)
+    reply.metadata.__dict__["_src_node_id"] = SUPERLINK_NODE_ID
+    return reply
+
+
+def attach_plan(message: Message, plan: LeasePlan) -> None:
+    message.content[SIM_PLAN] = ConfigRecord({"steps": int(plan.steps_done if plan.vanishes else plan.steps),
+                                              "vanish": int(plan.vanishes)})
+
+
+@dataclass(frozen=True)
+class NodePlan:
+    """What a simulated node is told to do: train ``steps``, then reply -- as vanished when ``vanish``."""
+
+    steps: int
+    vanish: bool
+
+    def metrics(self, tokens: float) -> dict[str, float]:
+        """The reply's metrics that the simulation reads: tokens trained, and whether it vanished."""
+        return {"tokens": float(tokens), VANISHED_METRIC: float(self.vanish)}
+
+
+def read_plan(message: Message) -> Optional[NodePlan]:
+    """The plan a simulated node is to follow, or None outside a simulation on the virtual clock."""
+    if SIM_PLAN not in message.content:
+        return None
+    record = message.content[SIM_PLAN]
+    return NodePlan(int(record["steps"]), bool(record["vanish"]))
+
+
+def array_bytes(record: Any) -> int:
+    if not isinstance(record, ArrayRecord):
+        return 0
+    return sum(len(array.data) for array in record.values())
+
+
+@dataclass
+class _InFlight:
+    message: Message
+    node_id: int
+    pushed_at: float
+    deadline: float
+    due: float
+    plan: Optional[LeasePlan] = None
+    reply: Optional[Message] = None
+
+
+class VirtualGrid(Grid):
+    """Wraps the simulation runtime's Grid; the relay Strategy and FedAvg use it as any Grid."""
+
+    simulation = True
+
+    def __init__(self, grid: Grid, clock: VirtualClock, cfg: SimConfig, seed: int, *, max_steps: int,
+                 sleep: Callable[[float], None] = time.sleep) -> None:
+        self.inner = grid
+        self.clock = clock
+        self.cfg = cfg
+        self.seed = seed
+        self.max_steps = max_steps
+        self.real_sleep = sleep
+        self.counters = Counters()
+        self.partitions: dict[int, int] = {}  # node id -> partition id, learnt from profile replies
+        self.away_until: dict[int, float] = {}  # node id -> simulated time it is back
+        self.in_flight: dict[str, _InFlight] = {}
+        self._contributors: dict[int, VirtualContributor] = {}
+        self._draws = 0  # numbers plans of messages that carry no lease token
+
+    # -- Grid ----------------------------------------------------------------------------------------
+
+    def set_run(self, run: Any) -> None:
+        self.inner.set_run(run)
+
+    @property
+    def run(self) -> Any:
+        return self.inner.run
+
+    def create_message(self, content: RecordDict, message_type: str, dst_node_id: int, group_id: str,
+                       ttl: Optional[float] = None) -> Message:
+        return self.inner.create_message(content, message_type, dst_node_id, group_id, ttl)
+
+    def get_node_ids(self) -> Iterable[int]:
+        return [info.node_id for info in self.get_nodes()]
+
+    def get_nodes(self) -> Iterable[Any]:
+        return [info for info in self.inner.get_nodes() if self.online(info.node_id)]
+
+    def push_messages(self, batch: Iterable[Message]) -> Iterable[str]:
+        batch = list(batch)
+        now = self.clock()
+        entries = []
+        for message in batch:
+            meta = message.metadata
+            ttl = meta.ttl if meta.ttl and math.isfinite(meta.ttl) else self.cfg.message_ttl_s
+            entry = _InFlight(message, meta.dst_node_id, now, now + ttl, now)
+            if message.metadata.message_type.startswith("train"):
+                entry.plan = self._plan(message)
+                if entry.plan is not None:
+                    attach_plan(message, entry.plan)
+                    entry.due = min(entry.deadline, now + self._heard_after(entry.plan))
+                    self.counters.leases += 1
+            meta.ttl = self.cfg.message_ttl_s  # Flower's TTL: real seconds, a safety bound
+            self.counters.bytes_moved += sum(array_bytes(r) for r in message.content.values())
+            entries.append(entry)
+        ids = list(self.inner.push_messages(batch))
+        for message_id, entry in zip(ids, entries):
+            self.in_flight[message_id] = entry
+        return ids
+
+    def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
+        """The replies due by now, in the order of their simulated arrival."""
+        self._collect()
+        now = self.clock()
+        ready = sorted(
+            ((entry.due, message_id) for message_id in message_ids
+             if (entry := self.in_flight.get(message_id)) is not None and entry.reply is not None and entry.due <= now),
+        )
+        return [self._release(message_id) for _, message_id in ready]
+
+    def send_and_receive(self, messages: Iterable[Message], *, timeout: Optional[float] = None) -> Iterable[Message]:
+        """Push, then let simulated time run until every reply is in (a synchronous round's wait)."""
+        ids = list(self.push_messages(messages))
+        replies: list[Message] = []
+        while ids:
+            replies.extend(self.pull_messages(ids))
+            handled = {reply.metadata.reply_to_message_id for reply in replies}
+            ids = [message_id for message_id in ids if message_id not in handled]
+            if ids:
+                self.advance()
+        return replies
+
+    # -- simulated time ------------------------------------------------------------------------------
+
+    def advance(self, _poll_s: float = 0.0) -> None:
+        """The Strategy's ``sleep``: move to the next event once every reply due by then has arrived."""
+        now = self.clock()
+        target = now + self.cfg.max_jump_s
+        dues = [entry.due for entry in self.in_flight.values()]
+        if dues:
+            target = min(target, min(dues))
+        elapsed = now - self.clock.start
+        for node_id in self.partitions:
+            target = min(target, self.clock.start + self._contributor(node_id).next_change(elapsed))
+        for back in self.away_until.values():
+            if back > now:
+                target = min(target, back)
+        target = max(now, target)
+        while any(entry.reply is None and entry.due <= target for entry in self.in_flight.values()):
+            self._collect()
+            if any(entry.reply is None and entry.due <= target for entry in self.in_flight.values()):
+                self.real_sleep(POLL_S)
+        self.clock.advance_to(target)
+
+    def online(self, node_id: int) -> bool:
+        now = self.clock()
+        if self.away_until.get(node_id, -math.inf) > now:
+            return False
+        if node_id not in self.partitions:
+            return True  # not profiled yet: listed, so that it is asked who it is
+        return self._contributor(node_id).online(now - self.clock.start)
+
+    @property
+    def leases_active(self) -> int:
+        return sum(1 for entry in self.in_flight.values() if entry.plan is not None)
+
+    def online_count(self) -> int:
+        return len(self.get_node_ids())
+
+    # -- inside --------------------------------------------------------------------------------------
+
+    def _contributor(self, node_id: int) -> VirtualContributor:
+        partition = self.partitions[node_id]
+        if partition not in self._contributors:
+            self._contributors[partition] = virtual_contributor(self.cfg, self.seed, partition)
+        return self._contributors[partition]
+
+    def _plan(self, message: Message) -> Optional[LeasePlan]:
+        node_id = message.metadata.dst_node_id
+        if node_id not in self.partitions:
+            log.warning("Train message to node %d, whose partition is unknown: it trains in no simulated time", node_id)
+            return None
+        config = message.content.get("config")
+        budget, max_steps, token = math.inf, self.max_steps, None
+        if isinstance(config, ConfigRecord):
+            budget = float(config.get("budget-s", budget))
+            max_steps = int(config.get("max-steps", max_steps))
+            token = config.get("lease-token")
+        if token is None:
+            self._draws += 1
+            token = f"draw-{self._draws}"
+        return self._contributor(node_id).plan(token, budget, max_steps)
+
+    def _heard_after(self, plan: LeasePlan) -> float:
+        """Simulated seconds from push to what the hub hears: the reply, or the SuperLink's report
+        that the node is gone."""
+        return plan.vanish_at_s + self.cfg.heartbeat_s if plan.vanishes else plan.duration_s
+
+    def _collect(self) -> None:
+        """Pull every real reply that has arrived; count what it trained."""
+        waiting = [message_id for message_id, entry in self.in_flight.items() if entry.reply is None]
+        if not waiting:
+            return
+        for reply in self.inner.pull_messages(waiting):
+            entry = self.in_flight.get(reply.metadata.reply_to_message_id)
+            if entry is None or entry.reply is not None:
+                continue
+            entry.reply = reply
+            self._on_arrival(entry, reply)
+
+    def _on_arrival(self, entry: _InFlight, reply: Message) -> None:
+        if reply.metadata.message_type == messages.PROFILE and not reply.has_error():
+            self._learn_partition(entry.node_id, reply)
+
+    def _count(self, entry: _InFlight, reply: Message, heard: bool) -> None:
+        """What a train reply cost, counted when it is due in simulated time: its tokens, wasted
+        unless the hub hears the reply in time; its arrays' bytes when it does."""
+        metrics = reply.content.get("metrics") if not reply.has_error() else None
+        tokens = int(metrics.get("tokens", 0)) if isinstance(metrics, MetricRecord) else 0
+        self.counters.tokens += tokens
+        if heard:
+            self.counters.bytes_moved += sum(array_bytes(r) for r in reply.content.values())
+        else:
+            self.counters.tokens_wasted += tokens
+            self.counters.expired += 1
+
+    def _learn_partition(self, node_id: int, reply: Message) -> None:
+        try:
+            parsed = messages.parse_profile_reply(reply)
+        except messages.InvalidReply:
+            return
+        if parsed.partition_id is not None:
+            self.partitions[node_id] = parsed.partition_id
+
+    def _release(self, message_id: str) -> Message:
+        """The reply the hub sees: the node's, or the SuperLink's error when it came too late or the
+        node vanished."""
+        entry = self.in_flight.pop(message_id)
+        reply = entry.reply
+        if entry.plan is None or reply.has_error():
+            return reply
+        plan = entry.plan
+        late = entry.pushed_at + plan.duration_s > entry.deadline
+        self._count(entry, reply, heard=not (plan.vanishes or late))
+        if plan.vanishes:
+            vanished_at = entry.pushed_at + plan.vanish_at_s - self.clock.start
+            self.away_until[entry.node_id] = self.clock.start + self._contributor(entry.node_id).back_after_vanishing(
+                vanished_at)
+            if entry.due < entry.deadline:  # the SuperLink reports the silent node gone
+                return error_reply(entry.message, ErrorCode.NODE_UNAVAILABLE, "node went silent (simulated)")
+        if plan.vanishes or late:
+            return error_reply(entry.message, ErrorCode.MESSAGE_UNAVAILABLE, "no reply before the TTL (simulated)")
+        return reply
