@@ -56,7 +56,8 @@ class VirtualContributor:
     def plan(self, token: int, budget_s: float, max_steps: int) -> LeasePlan:
         """The lease ``token``'s plan: as many steps as fit ``budget_s`` (at least one), then the
         draw of this lease's pace and of vanishing, both seeded by the lease."""
-        steps = max(1, min(int(max_steps), int(math.floor(budget_s * self.speed))))
+        fit = budget_s * self.speed
+        steps = max(1, int(max_steps) if not math.isfinite(fit) else min(int(max_steps), int(math.floor(fit))))
         rng = _rng("lease", self.seed, self.partition_id, token)
         pace = math.exp(rng.gauss(0.0, self.cfg.jitter_sigma)) if self.cfg.jitter_sigma else 1.0
         duration = steps / self.speed * pace
@@ -76,10 +77,15 @@ class VirtualContributor:
         if self.cfg.availability == "always":
             return math.inf
         period, window = self.cfg.period_s, self.online_fraction * self.cfg.period_s
-        into = (t - self.phase_s) % period
         if window >= period:
             return math.inf
-        return t + (window - into if into < window else period - into)
+        into = (t - self.phase_s) % period
+        eps = 1e-9 * period  # a time that rounds onto a boundary counts as past it
+        if into < window - eps:
+            return t + (window - into)
+        if into < period - eps:
+            return t + (period - into)
+        return t + (period - into) + window
 
     def back_after_vanishing(self, t: float) -> float:
         """When a contributor that vanished at ``t`` is online again."""

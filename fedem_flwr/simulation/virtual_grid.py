@@ -189,7 +189,9 @@ class VirtualGrid(Grid):
             target = min(target, min(dues))
         elapsed = now - self.clock.start
         for node_id in self.partitions:
-            target = min(target, self.clock.start + self._contributor(node_id).next_change(elapsed))
+            change = self.clock.start + self._contributor(node_id).next_change(elapsed)
+            if change > now:
+                target = min(target, change)
         for back in self.away_until.values():
             if back > now:
                 target = min(target, back)

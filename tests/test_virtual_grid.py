@@ -1,0 +1,132 @@
+"""The VirtualGrid: simulated completion order, simulated TTLs, vanishing nodes and availability,
+on the in-process Grid with a real (small) ClientApp that follows the plan it is sent."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+from flwr.app import ConfigRecord, Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+from flwr.common.constant import ErrorCode
+
+from fedem_flwr.config import SimConfig
+from fedem_flwr.relay import messages
+from fedem_flwr.simulation.clock import VirtualClock
+from fedem_flwr.simulation.contributors import virtual_contributor
+from fedem_flwr.simulation.virtual_grid import VirtualGrid, read_plan
+from fedem_flwr.testing.fake_grid import InProcessGrid
+
+TOKENS_PER_STEP = 100
+app = ClientApp()
+
+
+@app.query("profile")
+def _profile(message: Message, context) -> Message:
+    return messages.profile_reply(message, {
+        "languages": ["hi"], "device": "cpu", "data-bytes": 10, "base-digests": [],
+        "partition-id": int(context.node_config["partition-id"]), "num-partitions": 8,
+    })
+
+
+@app.train("relay")
+def _train(message: Message, context) -> Message:
+    plan = read_plan(message)
+    return Message(RecordDict({"metrics": MetricRecord(plan.metrics(tokens=TOKENS_PER_STEP * plan.steps))}),
+                   reply_to=message)
+
+
+def _grid(cfg: SimConfig, nodes: int = 4) -> VirtualGrid:
+    inner = InProcessGrid(app, {10 + p: {"partition-id": p} for p in range(nodes)}, {})
+    return VirtualGrid(inner, VirtualClock(start=1000.0), cfg, seed=0, max_steps=10)
+
+
+def _profile_all(grid: VirtualGrid) -> None:
+    ids = grid.push_messages([messages.profile_message(n, ttl=60) for n in grid.get_node_ids()])
+    assert len(list(grid.pull_messages(ids))) == len(ids)  # due at once: no simulated time passes
+    assert grid.clock.elapsed == 0
+
+
+def _train(node_id: int, token: int, ttl: float, budget: float = 1e9) -> Message:
+    return Message(RecordDict({"config": ConfigRecord({"lease-token": token, "budget-s": budget, "max-steps": 10})}),
+                   dst_node_id=node_id, message_type=messages.TRAIN, ttl=ttl)
+
+
+def _run_until_replied(grid: VirtualGrid, ids: list[str]) -> list[tuple[float, Message]]:
+    seen = []
+    while ids:
+        grid.advance()
+        for reply in grid.pull_messages(ids):
+            seen.append((grid.clock.elapsed, reply))
+            ids.remove(reply.metadata.reply_to_message_id)
+    return seen
+
+
+def test_replies_come_in_simulated_completion_order_and_hours_pass_in_no_real_time():
+    cfg = SimConfig(speed=0.001, speed_sigma=0.8, jitter_sigma=0.0)
+    grid = _grid(cfg)
+    _profile_all(grid)
+    nodes = sorted(grid.get_node_ids())
+    started = time.monotonic()
+    ids = list(grid.push_messages([_train(n, token=i, ttl=10 * 3600) for i, n in enumerate(nodes)]))
+    seen = _run_until_replied(grid, list(ids))
+    assert time.monotonic() - started < 5
+    durations = {10 + p: 10 / virtual_contributor(cfg, 0, p).speed for p in range(4)}
+    expected = sorted(nodes, key=durations.get)
+    assert [reply.metadata.src_node_id for _, reply in seen] == expected
+    assert [t for t, _ in seen] == pytest.approx(sorted(durations.values()))
+    assert grid.clock.elapsed > 3600  # hours of simulated training
+    assert grid.counters.tokens == 4 * 10 * TOKENS_PER_STEP and grid.counters.tokens_wasted == 0
+
+
+def test_a_reply_due_after_its_ttl_is_an_expired_message_at_the_deadline_and_its_work_is_wasted():
+    cfg = SimConfig(speed=0.01, speed_sigma=0.0, jitter_sigma=0.0)  # 10 steps take 1000 s
+    grid = _grid(cfg, nodes=1)
+    _profile_all(grid)
+    ids = list(grid.push_messages([_train(10, token=1, ttl=600)]))
+    [(when, reply)] = _run_until_replied(grid, ids)
+    assert when == pytest.approx(600)
+    assert reply.has_error() and reply.error.code == ErrorCode.MESSAGE_UNAVAILABLE
+    assert grid.counters.tokens == grid.counters.tokens_wasted == 10 * TOKENS_PER_STEP
+    assert grid.counters.expired == 1
+
+
+def test_a_vanished_node_is_reported_gone_after_the_heartbeat_and_stays_away():
+    cfg = SimConfig(speed=0.01, speed_sigma=0.0, jitter_sigma=0.0, vanish_prob=0.99, heartbeat_s=60, away_s=5000)
+    grid = _grid(cfg, nodes=1)
+    _profile_all(grid)
+    plan = virtual_contributor(cfg, 0, 0).plan(1, 1e9, 10)
+    assert plan.vanishes
+    [(when, reply)] = _run_until_replied(grid, list(grid.push_messages([_train(10, token=1, ttl=3 * 3600)])))
+    assert when == pytest.approx(plan.vanish_at_s + 60)
+    assert reply.has_error() and reply.error.code == ErrorCode.NODE_UNAVAILABLE
+    assert grid.counters.tokens_wasted == plan.steps_done * TOKENS_PER_STEP
+    assert list(grid.get_node_ids()) == []  # away
+    while not list(grid.get_node_ids()):
+        grid.advance()
+    assert grid.clock.elapsed == pytest.approx(plan.vanish_at_s + 5000)
+
+
+def test_only_contributors_inside_their_daily_window_are_listed():
+    cfg = SimConfig(availability="daily", online_fraction=0.3, period_s=1000.0, max_jump_s=50.0)
+    grid = _grid(cfg, nodes=8)
+    _profile_all(grid)
+    people = {10 + p: virtual_contributor(cfg, 0, p) for p in range(8)}
+    for _ in range(40):
+        t = grid.clock.elapsed
+        assert sorted(grid.get_node_ids()) == sorted(n for n, who in people.items() if who.online(t))
+        grid.advance()
+    assert grid.clock.elapsed >= 1000  # a whole day went by in steps of at most max_jump_s
+
+
+def test_send_and_receive_waits_in_simulated_time_for_the_slowest_reply():
+    cfg = SimConfig(speed=0.01, speed_sigma=0.5, jitter_sigma=0.0)
+    grid = _grid(cfg)
+    _profile_all(grid)
+    nodes = sorted(grid.get_node_ids())
+    messages_ = [Message(RecordDict({"config": ConfigRecord({})}), dst_node_id=n, message_type="train", ttl=1e6)
+                 for n in nodes]
+    replies = list(grid.send_and_receive(messages_))
+    assert len(replies) == 4
+    slowest = max(10 / virtual_contributor(cfg, 0, p).speed for p in range(4))
+    assert grid.clock.elapsed == pytest.approx(slowest)
