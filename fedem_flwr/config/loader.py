@@ -10,6 +10,7 @@ wheel maps it into the package (``fedem_flwr/conf``) at build time. ``config_dir
 
 from __future__ import annotations
 
+import copy
 import json
 import shlex
 import os
@@ -71,7 +72,24 @@ def _find_config_dir(explicit: str) -> Path:
 
 
 def load_run_config(run_config: Mapping[str, RunConfigValue]) -> FedemConfig:
-    """Build the config from a Flower run config: ``config-name`` and space-separated ``overrides``."""
+    """Build the config from a Flower run config: ``config-name`` and space-separated ``overrides``.
+
+    Composed once per run config in a process (a Hydra compose takes most of a second, and a
+    ClientApp reads the run config with every message); each caller gets its own copy."""
+    key = (str(config_dir()), *sorted((str(k), repr(v)) for k, v in run_config.items()))
+    with _compose_lock:
+        cached = _run_configs.get(key)
+    if cached is None:
+        cached = _compose_run_config(run_config)
+        with _compose_lock:
+            _run_configs[key] = cached
+    return copy.deepcopy(cached)
+
+
+_run_configs: dict[tuple, FedemConfig] = {}
+
+
+def _compose_run_config(run_config: Mapping[str, RunConfigValue]) -> FedemConfig:
     known = {"config-name", "overrides", "hub"}
     unknown = sorted(set(run_config) - known)
     if unknown:

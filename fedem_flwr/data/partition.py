@@ -22,6 +22,8 @@ Every node computes the same partitioning from the same corpus and seed.
 from __future__ import annotations
 
 import heapq
+from collections import OrderedDict
+
 import datasets
 import numpy as np
 from flwr_datasets.partitioner import (
@@ -49,7 +51,7 @@ def partition(
     """Partition ``partition_id`` of ``num_partitions`` of ``ds`` under ``scheme``."""
     if not 0 <= partition_id < max(num_partitions, 1):
         raise DataError(f"partition_id is {partition_id}; it must be in [0, {num_partitions}).")
-    return _load(_partitioner(ds, scheme, num_partitions, seed, alpha), partition_id, alpha)
+    return _load(_cached_partitioner(ds, scheme, num_partitions, seed, alpha), partition_id, alpha)
 
 
 def partitions(
@@ -101,6 +103,24 @@ def _nodes_per_language(sizes: dict[str, int], rows: dict[str, int], num_nodes: 
         best = max(open_langs, key=lambda lang: (sizes[lang] / counts[lang], lang))
         counts[best] += 1
     return counts
+
+
+_PARTITIONERS: "OrderedDict[tuple, Partitioner]" = OrderedDict()
+_PARTITIONERS_KEPT = 4
+
+
+def _cached_partitioner(ds: datasets.Dataset, scheme: str, num_partitions: int, seed: int, alpha: float) -> Partitioner:
+    """One partitioner per corpus and scheme in a process: a simulation asks for each of its nodes'
+    partitions (the hub once per node, each node for its profile), and building the partitioner is
+    most of the cost (about a second for the demo corpus)."""
+    key = (ds._fingerprint, scheme, num_partitions, seed, alpha)
+    if key in _PARTITIONERS:
+        _PARTITIONERS.move_to_end(key)
+        return _PARTITIONERS[key]
+    partitioner = _PARTITIONERS[key] = _partitioner(ds, scheme, num_partitions, seed, alpha)
+    while len(_PARTITIONERS) > _PARTITIONERS_KEPT:
+        _PARTITIONERS.popitem(last=False)
+    return partitioner
 
 
 def _partitioner(ds: datasets.Dataset, scheme: str, num_partitions: int, seed: int, alpha: float) -> Partitioner:
