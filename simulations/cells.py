@@ -15,6 +15,7 @@ holds out the same rows. A cell is started from an empty hub, so a run cut short
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -22,7 +23,7 @@ import shlex
 import shutil
 import time
 import traceback
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any, Optional
 
@@ -153,6 +154,22 @@ def effective_ray_address(ray_address: Optional[str]) -> Optional[str]:
     return ray_address or os.environ.get("RAY_ADDRESS") or None
 
 
+@contextlib.contextmanager
+def ray_environment(address: Optional[str]) -> Iterator[None]:
+    """``RAY_ADDRESS`` set while a SuperLink starts: the simulation process it starts inherits it,
+    and its ``ray.init()`` joins that cluster. Restored afterwards."""
+    before = os.environ.get("RAY_ADDRESS")
+    if address:
+        os.environ["RAY_ADDRESS"] = address
+    try:
+        yield
+    finally:
+        if before is None:
+            os.environ.pop("RAY_ADDRESS", None)
+        else:
+            os.environ["RAY_ADDRESS"] = before
+
+
 def federation_config(cell: Mapping[str, Any], cell_cpus: int = 1, ray_address: Optional[str] = None) -> str:
     """Flower's simulation size for ``cell``. Without a cluster each cell's own Ray gets
     ``cell_cpus`` CPUs (one actor each); on a cluster Ray refuses ``num_cpus``, so none is passed."""
@@ -168,14 +185,11 @@ def run_federated(cell: Mapping[str, Any], cell_dir: Path, hub: Path, *, cell_cp
     from fedem_flwr.launch.local import run_app, stop_superlink
 
     address = effective_ray_address(ray_address)
-    if address:
-        # ray.init() in the simulation process (started by the SuperLink, with this environment) joins it.
-        os.environ["RAY_ADDRESS"] = address
     flwr_home = Path(cell_dir).resolve() / "flwr"
     stop_superlink(flwr_home)  # one a killed sweep left behind
     shutil.rmtree(flwr_home, ignore_errors=True)
     overrides = " ".join(shlex.quote(o) for o in [*hydra_overrides(cell), "train.progress=false"])
-    with open(Path(cell_dir) / LOG_FILE, "w", encoding="utf-8") as log_file:
+    with open(Path(cell_dir) / LOG_FILE, "w", encoding="utf-8") as log_file, ray_environment(address):
         outcome = run_app(
             APP_DIR, flwr_home=flwr_home, federation_config=federation_config(cell, cell_cpus, address),
             run_config={"hub": str(hub), "overrides": overrides}, timeout=timeout,

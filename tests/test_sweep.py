@@ -231,3 +231,15 @@ def test_cli_dry_run_lists_the_cells(tmp_path, capsys):
     lines = capsys.readouterr().out.splitlines()
     assert len(lines) == 3  # relay x merge on/off at seed 3, local-only at seed 3
     assert all(" todo " in line and '"seed": 3' in line for line in lines)
+
+
+def test_a_cell_on_a_ray_cluster_passes_no_cpu_count_to_ray(monkeypatch):
+    from simulations.cells import federation_config
+
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    cell = {"method": "relay", "contributors": 7}
+    assert federation_config(cell, cell_cpus=2) == "num-supernodes=7 client-resources-num-cpus=1 init-args-num-cpus=2"
+    # ray.init refuses num_cpus when it connects to a cluster
+    assert federation_config(cell, ray_address="10.0.0.1:6379") == "num-supernodes=7 client-resources-num-cpus=1"
+    monkeypatch.setenv("RAY_ADDRESS", "10.0.0.1:6379")
+    assert "init-args" not in federation_config(cell)
