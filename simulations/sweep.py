@@ -267,7 +267,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     jobs = args.jobs or (1 if args.ray_address else default_jobs(args.cell_cpus))
     counts = run_sweep(cells, args.out, jobs=jobs, cell_cpus=args.cell_cpus, ray_address=args.ray_address,
                        timeout=args.timeout)
-    print(f"{len(cells)} cells: {counts['ok']} run, {counts['skipped']} already done, {counts['failed']} failed; "
+    print(f"{len(cells)} cells: {counts['ok']} ok, {counts['skipped']} already done, {counts['failed']} failed; "
           f"table: {args.out / RESULTS_FILE}")
     if not args.no_report:
         from simulations.report import write_report
