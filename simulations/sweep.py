@@ -244,7 +244,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     dims.add_argument("--cpt", help="relay: on, off")
     dims.add_argument("--overrides", action="append",
                       help="Hydra overrides for every cell, e.g. 'train.max_steps=10'; repeat for alternatives.")
-    dims.add_argument("--set", action="append", metavar="KEY=V1,V2", help="any Hydra key as a dimension")
+    dims.add_argument("--set", action="append", metavar="KEY=V1,V2",
+                      help="any Hydra key as a dimension (a list value needs a grid file or --overrides)")
     parser.add_argument("--jobs", type=int, help="cells at once (default: cores / --cell-cpus)")
     parser.add_argument("--cell-cpus", type=int, default=1, help="CPUs of each cell's own Ray (default 1)")
     parser.add_argument("--ray-address", help="join this Ray cluster (HOST:PORT of `ray start --head`)")
