@@ -119,7 +119,9 @@ def results_rows(out: Path) -> list[dict[str, Any]]:
                 if name == "losses":
                     row.update({f"loss.{lang}": loss for lang, loss in value.items()})
                 elif name != "method":
-                    row[name] = json.dumps(value, sort_keys=True) if isinstance(value, (dict, list)) else value
+                    # a result named like a setting (a baseline's own `contributors`) keeps its own column
+                    column = f"result_{name}" if name in row else name
+                    row[column] = json.dumps(value, sort_keys=True) if isinstance(value, (dict, list)) else value
         rows.append(row)
     return rows
 

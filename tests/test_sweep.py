@@ -48,7 +48,8 @@ def cheap_cell(cell, cell_dir, hub, **_):
     trace.close()
     counters = Counters(tokens=300 + seed, tokens_wasted=10 * seed, bytes_moved=1000, accepted=2 + seed, rejected=1)
     write_result(hub, method=cell["method"], losses={"en": 1.0 + seed, "hi": 2.0}, counters=counters,
-                 sim_seconds=7200.0 if fed else None, wall_seconds=1.5, extra={"pid": os.getpid()})
+                 sim_seconds=7200.0 if fed else None, wall_seconds=1.5,
+                 extra={"pid": os.getpid(), "contributors": 1, "initial_losses": {"en": 5.0}})
     return read_result(hub)
 
 
@@ -178,6 +179,8 @@ def test_results_table_merges_sweeps_into_one_row_per_cell(tmp_path):
     relay = next(r for r in rows if r["method"] == "relay")
     assert (relay["policy"], relay["loss.en"], relay["tokens"], relay["accepted"]) == ("random", "1.0", "300", "2")
     assert next(r for r in rows if r["method"] == "centralized")["policy"] == ""
+    # a result named like a setting does not overwrite it; a nested one is JSON
+    assert (relay["contributors"], relay["result_contributors"], relay["initial_losses"]) == ("20", "1", '{"en": 5.0}')
 
 
 def test_parallel_cells_run_at_once_in_several_processes(tmp_path):
