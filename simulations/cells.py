@@ -211,9 +211,11 @@ def run_baseline_cell(cell: Mapping[str, Any], cell_dir: Path, hub: Path, *, cel
     import torch
 
     from fedem_flwr.config import load_config
+    from fedem_flwr.logs import quiet_library_progress
     from fedem_flwr.simulation.baselines import run_baseline
 
     torch.set_num_threads(max(1, int(cell_cpus)))
+    quiet_library_progress()  # the sweep's own bar is the one to watch
     cell = normalize(cell)
     cfg = load_config([*hydra_overrides(cell), f"hub.path={json.dumps(str(hub))}"])
     returned = run_baseline(cell["method"], cfg, hub, cell["contributors"])
