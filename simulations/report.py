@@ -108,8 +108,11 @@ def tables(rows: Sequence[Mapping[str, str]]) -> str:
     return "\n".join(lines) + "\n"
 
 
+Curve = tuple[list[float], list[float]]
+
+
 def curves(out: Path, members: Sequence[Mapping[str, str]], x: str, y: str,
-           ratio_of: Optional[str] = None) -> list[tuple[list[float], list[float]]]:
+           ratio_of: Optional[str] = None) -> list[Curve]:
     """(x, y) of each member's trace (y divided by ``ratio_of`` if given), rows where both are
     finite, sorted by x."""
     found = []
@@ -140,7 +143,7 @@ def _interp(xs: Sequence[float], ys: Sequence[float], at: float) -> float:
     return ys[-1]
 
 
-def band(found: Sequence[tuple[list[float], list[float]]]) -> Optional[tuple[list[float], list[float], list[float], list[float]]]:
+def band(found: Sequence[Curve]) -> Optional[tuple[list[float], list[float], list[float], list[float]]]:
     """Mean, min and max over seeds on a common x grid (up to the longest curve; a seed counts where
     its curve reaches); None without points."""
     if not found:

@@ -7,7 +7,6 @@ from __future__ import annotations
 import csv
 import hashlib
 import json
-import math
 import os
 import statistics
 import time
@@ -77,7 +76,8 @@ def test_grid_is_the_product_of_its_lists_and_baselines_ignore_relay_dimensions(
     # Assert: relay 2 seeds x 2 policies x 2 merge; centralized once per seed
     assert sum(c["method"] == "relay" for c in cells) == 8
     assert [c for c in cells if c["method"] == "centralized"] == [
-        {"method": "centralized", "seed": 0, "contributors": 20}, {"method": "centralized", "seed": 1, "contributors": 20}]
+        {"method": "centralized", "seed": 0, "contributors": 20},
+        {"method": "centralized", "seed": 1, "contributors": 20}]
     assert len({cell_key(c) for c in cells}) == len(cells)
     # a list of grids is their union, duplicates once
     assert len(expand([grid, {"method": "centralized", "seed": 0}])) == 10
@@ -90,7 +90,8 @@ def test_cell_key_is_the_hash_of_the_canonical_cell():
     # order, stated defaults and dimensions that do not apply leave it unchanged
     assert cell_key(dict(reversed(list(cell.items())))) == cell_key(cell)
     assert cell_key({**cell, "contributors": 20, "clock": "virtual"}) == cell_key(cell)
-    assert cell_key({"method": "local-only", "policy": "random", "relay.drain_s": 5}) == cell_key({"method": "local-only"})
+    assert cell_key({"method": "local-only", "policy": "random", "relay.drain_s": 5}) == cell_key(
+        {"method": "local-only"})
     assert cell_key({**cell, "seed": 3}) != cell_key(cell)
     # stable across versions, so an old sweep folder resumes
     assert cell_key({"method": "centralized", "seed": 0}) == "88c97c62fd2c"

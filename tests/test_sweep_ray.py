@@ -50,7 +50,8 @@ def test_a_federated_cell_runs_on_an_existing_ray_cluster(ray_head, tmp_path):
     address, folder = ray_head
     env_before = os.environ.get("RAY_ADDRESS")
     drivers_before = set(folder.glob("session_*/logs/python-core-driver-*"))
-    cell = {"method": "relay", "clock": "real", "contributors": 2, "overrides": "relay.max_accepted=2 train.max_steps=3 data.languages=[hi,de]"}
+    cell = {"method": "relay", "clock": "real", "contributors": 2,
+            "overrides": "relay.max_accepted=2 train.max_steps=3 data.languages=[hi,de]"}
 
     # Execute
     status = run_cell(cell, tmp_path / "cell", ray_address=address, timeout=240)
