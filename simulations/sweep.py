@@ -163,7 +163,8 @@ def run_sweep(cells: Sequence[Mapping[str, Any]], out: Path, *, jobs: int = 1, c
     ``<out>/results.csv`` up to date after each. Returns counts: ``skipped``, ``ok``, ``failed``."""
     out = Path(out)
     (out / CELLS_DIR).mkdir(parents=True, exist_ok=True)
-    todo = [dict(c) for c in cells if not has_result(cell_dir(out, c))]
+    cells = list({cell_key(c): normalize(c) for c in cells}.values())  # one folder, one run
+    todo = [c for c in cells if not has_result(cell_dir(out, c))]
     counts = {"skipped": len(cells) - len(todo), "ok": 0, "failed": 0}
     options = {"runners": runners, "cell_cpus": cell_cpus, "ray_address": ray_address, "timeout": timeout}
     bar = tqdm(total=len(cells), initial=counts["skipped"], desc="cells", unit="cell", disable=not progress)

@@ -138,8 +138,8 @@ def test_second_run_runs_nothing_and_an_interrupted_cell_reruns_from_an_empty_hu
     (cut / "hub" / "junk").write_text("half a run")
     (cut / "cell.json").write_text(json.dumps(cells[0]))
 
-    # Execute
-    first = run_sweep(cells, tmp_path, runners=CHEAP, progress=False)
+    # Execute (a cell given twice runs once)
+    first = run_sweep([*cells, dict(reversed(list(cells[1].items())))], tmp_path, runners=CHEAP, progress=False)
     second = run_sweep(cells, tmp_path, runners=CHEAP, progress=False)
 
     # Assert
