@@ -13,7 +13,7 @@ import hmac
 import os
 import secrets
 from pathlib import Path
-from typing import Union
+from typing import Optional, Union
 
 from fedem_flwr.errors import HubError
 
@@ -32,8 +32,9 @@ def pseudonym_of(identity: str, secret: bytes) -> str:
     return PREFIX + digest[:DIGITS]
 
 
-def load_or_create_secret(path: Union[str, os.PathLike]) -> bytes:
-    """Read the secret at ``path``; create it (random, mode 0600) on first use.
+def load_or_create_secret(path: Union[str, os.PathLike], secret: Optional[bytes] = None) -> bytes:
+    """Read the secret at ``path``; create it (mode 0600) on first use: random, or ``secret`` (a
+    simulation study gives every cell of a seed the same one, hence the same held-out split).
 
     Creation writes a temporary file and hard-links it into place, which fails if another process
     won the race: then its secret is read. The secret is never rewritten, since every pseudonym
@@ -49,7 +50,7 @@ def load_or_create_secret(path: Union[str, os.PathLike]) -> bytes:
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     try:
         with os.fdopen(fd, "w") as handle:
-            handle.write(secrets.token_hex(_SECRET_BYTES) + "\n")
+            handle.write((secret.hex() if secret is not None else secrets.token_hex(_SECRET_BYTES)) + "\n")
             handle.flush()
             os.fsync(handle.fileno())
         try:

@@ -1,0 +1,2 @@
+"""Policy research on simulated federations: sweeps of cells (``sweep``, ``cells``) and their
+report (``report``)."""
