@@ -15,6 +15,7 @@ from fedem_flwr.config import load_run_config
 from fedem_flwr.contributor import BaseCache, profile, relay_train, training_data
 from fedem_flwr.logs import quiet_library_progress, use_flower_logging
 from fedem_flwr.relay import messages
+from fedem_flwr.simulation.fedavg_client import fedavg_train
 from fedem_flwr.wire import adapter_to_arrays
 
 app = ClientApp()
@@ -52,3 +53,9 @@ def train_relay(message: Message, context: Context) -> Message:
     )
     reply = messages.train_reply(message, instruction, adapter_to_arrays(new_state), metrics)
     return faults.misbehave(reply, message, faults.take_node_fault())
+
+
+@app.train()
+def train_fedavg(message: Message, context: Context) -> Message:
+    """Flower's plain ``train`` (the FedAvg baselines): arrays and ``num-examples`` back, as FlowerTune."""
+    return fedavg_train(message, context)
