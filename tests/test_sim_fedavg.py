@@ -7,7 +7,7 @@ from collections import Counter
 
 import numpy as np
 import pytest
-from flwr.app import Context, Message
+from flwr.app import ConfigRecord, Context, Message
 from flwr.clientapp import ClientApp
 
 from fedem_flwr.bootstrap import open_hub
@@ -19,7 +19,7 @@ from fedem_flwr.hub.registry import Registry
 from fedem_flwr.relay import messages
 from fedem_flwr.simulation.clock import VirtualClock
 from fedem_flwr.simulation.fedavg import run_fedavg
-from fedem_flwr.simulation.fedavg_client import fedavg_train
+from fedem_flwr.simulation.fedavg_client import SIM_PLAN, fedavg_train
 from fedem_flwr.simulation.record import read_result, read_trace
 from fedem_flwr.testing.fake_grid import InProcessGrid
 
@@ -31,11 +31,21 @@ ROUND = NODES * 4 * STEP_TOKENS  # the most a round of every node trains
 
 
 class RecordingGrid(InProcessGrid):
-    """Keeps every train message pushed and every reply handed back, round by round."""
+    """Keeps every train message pushed and every reply handed back, round by round; ``plans``
+    maps a node to the ``sim-plan`` its first train message gets (as a virtual grid attaches one)."""
 
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
         self.rounds: list[tuple[list[Message], list[Message]]] = []
+        self.plans: dict[int, dict[str, int]] = {}
+
+    def push_messages(self, messages):
+        messages = list(messages)
+        for message in messages:
+            plan = self.plans.pop(message.metadata.dst_node_id, None) if message.metadata.message_type == "train" else None
+            if plan is not None:
+                message.content[SIM_PLAN] = ConfigRecord(plan)
+        return super().push_messages(messages)
 
     def send_and_receive(self, messages, *, timeout=None):
         messages = list(messages)
@@ -143,7 +153,8 @@ def language_run(tmp_path_factory):
     holdings = _holdings(hub)
     shared = next(lang for lang in sorted(hub.workbench.heldout) if sum(lang in h for h in holdings.values()) > 1)
     others = sorted(nid for nid, held in holdings.items() if shared not in held)
-    faults.update(raises=others[0], malformed=others[1])
+    faults.update(raises=others[0], malformed=others[1], vanishes=others[2])
+    grid.plans[others[2]] = {"steps": 2, "vanish": 1}
     return hub, cfg, grid, run_fedavg(grid, hub, cfg, VirtualClock(0.0)), holdings, shared, faults
 
 
@@ -177,7 +188,7 @@ def test_failed_and_malformed_replies_are_dropped_and_the_run_goes_on(language_r
     assert result["stopped_by"] == f"token budget {cfg.sim.max_tokens}" and result["rounds"] >= 2
     first_sent, first_replies = grid.rounds[0]
     assert sum(r.has_error() for r in first_replies) == 1
-    assert result["accepted"] == sum(len(s) for s, _ in grid.rounds) - 2
+    assert result["accepted"] == sum(len(s) for s, _ in grid.rounds) - 3  # and one vanished
     fresh = _fresh_losses(hub)
     for language, loss in result["losses"].items():
         assert loss < fresh[language], (language, loss, fresh[language])
@@ -186,3 +197,15 @@ def test_failed_and_malformed_replies_are_dropped_and_the_run_goes_on(language_r
     with_base = Counter(m.metadata.dst_node_id for s, _ in grid.rounds for m in s if messages.BASE_FILES in m.content)
     assert with_base == {nid: 2 if nid == faults["raises"] else 1 for nid in grid.nodes}
     assert read_result(hub.path)["method"] == "fedavg-language"
+
+
+def test_a_vanished_node_trains_its_planned_steps_for_nothing(language_run):
+    _, _, grid, result, _, _, faults = language_run
+    sent, replies = grid.rounds[0]
+    by_id = {m.metadata.message_id: m for m in sent}
+    (vanished,) = [r for r in replies if not r.has_error() and r.content["metrics"]["vanished"] == 1]
+    assert by_id[vanished.metadata.reply_to_message_id].metadata.dst_node_id == faults["vanishes"]
+    assert vanished.content["metrics"]["steps"] == 2  # the plan's steps, not train.max_steps
+    assert result["tokens_wasted"] == vanished.content["metrics"]["tokens"] > 0
+    later = [r for _, rs in grid.rounds[1:] for r in rs if not r.has_error()]
+    assert all(r.content["metrics"]["vanished"] == 0 for r in later)
