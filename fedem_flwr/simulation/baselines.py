@@ -26,6 +26,7 @@ import logging
 import math
 import sys
 import time
+import zlib
 from dataclasses import dataclass, replace
 from pathlib import Path
 from statistics import mean
@@ -175,7 +176,7 @@ def _segment(job: _Job, model: torch.nn.Module, cfg: FedemConfig, pad_id: int, s
 
 def hash_key(*parts: str) -> int:
     """A small stable integer from ``parts`` (Python's ``hash`` of a str is salted per process)."""
-    return sum((i + 1) * ord(c) for i, c in enumerate("/".join(parts))) % 100_003
+    return zlib.crc32("/".join(parts).encode("utf-8")) % 100_003
 
 
 def _job_losses(hub: Hub, jobs: list[_Job], base_folder: Path) -> list[Optional[float]]:

@@ -89,12 +89,15 @@ def run_fedavg(
     write ``<hub>/sim/trace.csv`` (when ``trace`` is None) and ``<hub>/sim/result.json``, and return
     the result.
 
-    Tokens and bytes are counted here from the replies, unless ``grid.counters`` is ``counters``
-    (a grid that counts them itself); accepted and rejected replies are always counted here."""
+    Tokens (trained and wasted) and bytes are counted here from the messages, unless
+    ``grid.counters`` is ``counters`` (a grid that counts them itself); accepted and rejected
+    replies are always counted here. Trace rows: ``sim_s`` since the virtual clock's start,
+    ``leases_active`` the round's train messages."""
     method = cfg.sim.method
     if method not in METHODS:
         raise ValueError(f"`sim.method` is {method!r}; run_fedavg runs {', '.join(METHODS)}")
-    started, t0 = time.monotonic(), clock()
+    started = time.monotonic()
+    t0 = clock.start if isinstance(clock, VirtualClock) else clock()  # simulated time counts from the clock's start
     counters = counters if counters is not None else Counters()
     counting = getattr(grid, "counters", None) is not counters
     own_trace = trace is None
@@ -165,7 +168,7 @@ def run_fedavg(
                 if counting:
                     counters.bytes_moved += sum(_array_bytes(r.content) for _, r in got if not r.has_error())
             losses.update(_evaluate(workbench, arrays, groups, updated))
-            trace.row(clock() - t0, counters, online=len(online), losses=losses)
+            trace.row(clock() - t0, counters, leases_active=len(sent), online=len(online), losses=losses)
             log.info("FedAvg round %d (%s): %d sent, %d replies, %d tokens so far", server_round, method,
                      len(sent), len(replies), counters.tokens)
     finally:
@@ -221,11 +224,14 @@ def _train_message(message: Message, key: str, node: _Node, langs: Sequence[str]
 
 def _route(batch: Sequence[tuple[str, int, Message]], replies: Sequence[Message]) -> dict[str, list[tuple[int, Message]]]:
     """Replies by strategy key, with the node each message went to, matched on the message they
-    answer (error replies come from the SuperLink, not from the node)."""
+    answer (error replies come from the SuperLink, not from the node); a grid that pushed copies
+    of the messages leaves their ids unknown here: then the reply's group (the key) and sender."""
     by_id = {message.metadata.message_id: (key, nid) for key, nid, message in batch}
     routed: dict[str, list[tuple[int, Message]]] = {key: [] for key, _, _ in batch}
     for reply in replies:
         target = by_id.get(reply.metadata.reply_to_message_id)
+        if target is None and reply.metadata.group_id in routed:
+            target = (reply.metadata.group_id, reply.metadata.src_node_id)
         if target is None:
             log.warning("Dropped a reply to an unknown message %r", reply.metadata.reply_to_message_id)
             continue
@@ -251,7 +257,8 @@ def _accept(nid: int, reply: Message, spec, counters: Counters, counting: bool, 
     if counting:
         counters.tokens += int(metrics["tokens"])
     if metrics["vanished"]:
-        counters.tokens_wasted += int(metrics["tokens"])
+        if counting:
+            counters.tokens_wasted += int(metrics["tokens"])
         log.info("Node %d vanished after %d steps: its work is lost", nid, int(metrics["steps"]))
         return False
     try:
