@@ -209,3 +209,30 @@ def test_a_vanished_node_trains_its_planned_steps_for_nothing(language_run):
     assert result["tokens_wasted"] == vanished.content["metrics"]["tokens"] > 0
     later = [r for _, rs in grid.rounds[1:] for r in rs if not r.has_error()]
     assert all(r.content["metrics"]["vanished"] == 0 for r in later)
+
+
+def test_a_run_whose_replies_all_fail_or_that_has_no_node_ends(tmp_path):
+    broken = ClientApp()
+
+    @broken.query("profile")
+    def profile(message: Message, context: Context) -> Message:
+        pid = int(context.node_config["partition-id"])
+        return messages.profile_reply(message, {"languages": ["hi"], "device": "cpu", "data-bytes": 1,
+                                                "base-digests": [], "partition-id": pid, "num-partitions": 2})
+
+    @broken.train()
+    def train(message: Message, context: Context) -> Message:
+        raise RuntimeError("out of disk")
+
+    run_config = {"overrides": "data.languages=[hi,ta] sim.method=fedavg-language sim.clock=virtual "
+                               "relay.no_node_grace_s=0", "hub": str(tmp_path / "hub")}
+    cfg = load_run_config(run_config)
+    hub = open_hub(cfg, tmp_path / "hub")
+    grid = RecordingGrid(broken, {100 + i: {"partition-id": i, "num-partitions": 2} for i in range(2)}, run_config)
+    result = run_fedavg(grid, hub, cfg, VirtualClock(0.0))
+    assert result["stopped_by"] == "no reply accepted in 10 rounds"
+    assert (result["rounds"], result["rejected"], result["accepted"], result["tokens"]) == (10, 20, 0, 0)
+    for node_id in list(grid.nodes):
+        grid.kill(node_id)
+    result = run_fedavg(grid, hub, cfg, VirtualClock(0.0))
+    assert (result["stopped_by"], result["rounds"]) == ("no node holding a language online", 0)

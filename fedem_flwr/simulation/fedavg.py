@@ -51,6 +51,7 @@ log = logging.getLogger(__name__)
 METHODS = ("fedavg-global", "fedavg-language")
 GLOBAL = "global"  # the key of fedavg-global's one adapter
 MAX_ROUNDS = 10_000
+MAX_FRUITLESS_ROUNDS = 10  # rounds in a row without one accepted reply end the run (a broken ClientApp)
 
 
 class BadReply(FedemError, ValueError):
@@ -120,7 +121,7 @@ def run_fedavg(
     budget = cfg.sim.max_tokens
     trace.row(clock() - t0, counters, losses=losses)
 
-    server_round, idle_since, stopped_by = 0, None, f"{max_rounds} rounds"
+    server_round, idle_since, stopped_by, fruitless = 0, None, f"{max_rounds} rounds", 0
     tokens_per_step = [float(cfg.train.batch_size * cfg.train.grad_accum * cfg.data.block_size)]  # then measured
     try:
         while server_round < max_rounds:
@@ -158,6 +159,7 @@ def run_fedavg(
             by_key = _route(batch, replies)
             updated = []
             _measure(tokens_per_step, [r for got in by_key.values() for _, r in got])
+            accepted_before = counters.accepted
             for key, got in by_key.items():
                 good = [reply for nid, reply in got if _accept(nid, reply, workbench.spec, counters, counting, nodes)]
                 if good:
@@ -171,6 +173,10 @@ def run_fedavg(
             trace.row(clock() - t0, counters, leases_active=len(sent), online=len(online), losses=losses)
             log.info("FedAvg round %d (%s): %d sent, %d replies, %d tokens so far", server_round, method,
                      len(sent), len(replies), counters.tokens)
+            fruitless = 0 if counters.accepted > accepted_before else fruitless + 1
+            if fruitless >= MAX_FRUITLESS_ROUNDS:
+                stopped_by = f"no reply accepted in {fruitless} rounds"
+                break
     finally:
         if own_trace:
             trace.close()
@@ -324,9 +330,11 @@ def _array_bytes(content: RecordDict) -> int:
 
 def _give_up(idle_s: float, cfg: FedemConfig) -> bool:
     """No node to train: wait up to a whole availability period (a ``daily`` fleet comes back
-    within one), else ``relay.no_node_grace_s``."""
-    limit = cfg.sim.period_s if cfg.sim.availability == "daily" else cfg.relay.no_node_grace_s
-    return idle_s >= limit
+    within one), else ``relay.no_node_grace_s`` (or ``sim.away_s`` when nodes vanish)."""
+    if cfg.sim.availability == "daily":
+        return idle_s >= cfg.sim.period_s
+    away = cfg.sim.away_s if cfg.sim.vanish_prob > 0 else 0.0  # every node may have vanished at once
+    return idle_s >= max(cfg.relay.no_node_grace_s, away)
 
 
 def _wait(clock: Callable[[], float], cfg: FedemConfig) -> None:
