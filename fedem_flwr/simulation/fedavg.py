@@ -141,8 +141,10 @@ def run_fedavg(
                     node = nodes[message.metadata.dst_node_id]
                     batch.append((key, node.node_id, _train_message(
                         message, key, node, langs, base.digest, base_folder, hub, rows_cache, cfg)))
-            if budget is not None and batch:
-                _fit_last_round(batch, budget - counters.tokens, tokens_per_step, cfg)
+            if budget is not None and batch and not _fit_last_round(batch, budget - counters.tokens,
+                                                                   tokens_per_step, cfg):
+                stopped_by = f"token budget {budget}"  # what is left is under half a step a node
+                break
             if not batch:
                 idle_since = clock() if idle_since is None else idle_since
                 if _give_up(clock() - idle_since, cfg):
@@ -302,15 +304,16 @@ def _evaluate(workbench, arrays: Mapping[str, ArrayRecord], groups: Mapping[str,
 
 
 def _fit_last_round(batch: Sequence[tuple[str, int, Message]], left: int, tokens_per_step: list[float],
-                    cfg: FedemConfig) -> None:
+                    cfg: FedemConfig) -> bool:
     """When a full round would overshoot what is left of the budget, ask each node for fewer
-    steps (``max-steps``), so the run ends near the budget rather than up to a round past it."""
-    full = len(batch) * cfg.train.max_steps * tokens_per_step[0]
-    if full <= left:
-        return
-    steps = max(1, min(cfg.train.max_steps, round(left / (len(batch) * tokens_per_step[0]))))
+    steps (``max-steps``: the nearest count, so the run ends within about half a step a node of
+    the budget); False when that is no step at all."""
+    if len(batch) * cfg.train.max_steps * tokens_per_step[0] <= left:
+        return True
+    steps = min(cfg.train.max_steps, round(left / (len(batch) * tokens_per_step[0])))
     for _, _, message in batch:
         message.content["config"]["max-steps"] = steps
+    return steps > 0
 
 
 def _measure(tokens_per_step: list[float], replies: Iterable[Message]) -> None:
