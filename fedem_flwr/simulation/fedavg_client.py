@@ -64,9 +64,11 @@ def fedavg_train(message: Message, context: Context) -> Message:
         plan = message.content[SIM_PLAN]
         steps, vanish = min(steps, int(plan["steps"])), bool(plan["vanish"])
     server_round = int(config.get("server-round", 0))
+    # Simulated node ids are new every run; partitions are not, so seeded runs repeat their batches.
+    who = int(context.node_config.get("partition-id", context.node_id)) % 7919
     state, metrics = relay_train(
         cfg, cache.use(digest), message.content["arrays"].to_torch_state_dict(), data, wanted,
-        budget_s=math.inf, max_steps=max(1, steps), seed=cfg.seed + 7919 * server_round + context.node_id % 7919,
+        budget_s=math.inf, max_steps=max(1, steps), seed=cfg.seed + 7919 * server_round + who,
     )
     record = MetricRecord({
         "num-examples": int(metrics["own-language-rows"]),
