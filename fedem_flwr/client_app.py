@@ -16,6 +16,7 @@ from fedem_flwr.config import load_run_config
 from fedem_flwr.contributor import BaseCache, profile, relay_train, training_data
 from fedem_flwr.logs import quiet_library_progress, use_flower_logging
 from fedem_flwr.relay import messages
+from fedem_flwr.simulation.fedavg_client import fedavg_train
 from fedem_flwr.simulation.virtual_grid import read_plan
 from fedem_flwr.wire import adapter_to_arrays
 
@@ -60,3 +61,9 @@ def train_relay(message: Message, context: Context) -> Message:
         metrics.update(plan.metrics(tokens=metrics["tokens"]))
     reply = messages.train_reply(message, instruction, adapter_to_arrays(new_state), metrics)
     return faults.misbehave(reply, message, faults.take_node_fault())
+
+
+@app.train()
+def train_fedavg(message: Message, context: Context) -> Message:
+    """Flower's plain ``train`` (the FedAvg baselines): arrays and ``num-examples`` back, as FlowerTune."""
+    return fedavg_train(message, context)

@@ -1,0 +1,227 @@
+"""Two non-federated references for a simulated federation, at the same token budget
+(``sim.max_tokens``, every token trained counted) and on the same hub: base v0, held-out split,
+per-partition training rows and blind evaluator, all from ``open_hub``.
+
+``centralized``  one LoRA per language trained on all of that language's training rows, the budget
+                 split equally over the languages that have adapters: the upper bound.
+``local-only``   each of N contributors (partition p of N) trains alone, from a fresh adapter, one
+                 adapter per language it holds, on budget / N tokens split over its languages; a
+                 language's loss is the mean over the contributors holding it (base v0's fresh
+                 adapter when none does).
+
+Training runs in segments of ``train.max_steps`` steps, a fresh optimizer each, exactly as one
+lease or one FedAvg round trains on a node; segments of all adapters take turns, so the trace
+(evaluated about every tenth of the budget) shows every language progressing together. A
+segment's steps are cut to what is left of its adapter's budget, so each adapter ends within about half a
+step's tokens of its share. No Flower here: the references run in-process.
+
+    python -m fedem_flwr.simulation.baselines --method centralized --hub DIR --contributors 20 \\
+        --overrides "sim.max_tokens=200000 data.languages=[hi,ta]"
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import math
+import sys
+import time
+import zlib
+from dataclasses import dataclass, replace
+from pathlib import Path
+from statistics import mean
+from typing import Any, Optional
+
+import torch
+from tqdm.auto import tqdm
+
+from fedem_flwr.bootstrap import Hub, open_hub
+from fedem_flwr.config import FedemConfig, load_run_config
+from fedem_flwr.data.blocks import tokenize_blocks, without
+from fedem_flwr.data.corpus import select_languages
+from fedem_flwr.errors import ConfigError
+from fedem_flwr.logs import quiet_library_progress
+from fedem_flwr.model.lora import adapter_state, load_adapter_state
+from fedem_flwr.simulation.evaluation import base_folder_of, final_losses, workbench_on
+from fedem_flwr.simulation.record import Counters, Trace, read_result, write_result
+from fedem_flwr.training.finetune import train
+
+log = logging.getLogger(__name__)
+
+METHODS = ("centralized", "local-only")
+EVALUATIONS = 10  # trace rows over the budget
+
+
+@dataclass
+class _Job:
+    """One adapter trained alone: its language, its blocks, its budget and how far it got."""
+
+    owner: str  # "all" (centralized) or the contributor's partition
+    language: str
+    blocks: torch.Tensor
+    budget: int
+    state: dict[str, torch.Tensor]
+    tokens: int = 0
+    segments: int = 0
+
+    @property
+    def done(self) -> bool:
+        return self.tokens >= self.budget
+
+
+def run_baseline(method: str, cfg: FedemConfig, hub_path: Path, num_contributors: int = 1,
+                 progress: Optional[bool] = None) -> dict[str, Any]:
+    """Run ``method`` on the hub at ``hub_path`` (opened or seeded with ``cfg``), write
+    ``<hub>/sim/trace.csv`` and ``<hub>/sim/result.json``, and return the result."""
+    if method not in METHODS:
+        raise ConfigError(f"baseline `method` is {method!r}; allowed: {', '.join(METHODS)}")
+    if cfg.sim.max_tokens is None:
+        raise ConfigError("a baseline needs a token budget: set `sim.max_tokens`.")
+    if num_contributors < 1:
+        raise ConfigError(f"`num_contributors` is {num_contributors}; it must be at least 1.")
+    started = time.monotonic()
+    hub = open_hub(cfg, Path(hub_path))
+    base_folder = base_folder_of(hub, 0)
+    workbench = workbench_on(hub, base_folder)
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(str(base_folder))
+    languages = sorted({lang for adapter in hub.registry.adapters() for lang in adapter.languages})
+    jobs = _jobs(method, hub, languages, num_contributors, tokenizer, workbench.initial_state)
+    initial = final_losses(hub, dict.fromkeys(languages, workbench.initial_state), base_folder)
+
+    counters = Counters()
+    trace = Trace(hub.path)
+    trace.row(math.nan, counters, losses=initial)
+    show = sys.stderr.isatty() if progress is None else progress
+    bar = tqdm(total=cfg.sim.max_tokens, disable=not show, unit="tok", unit_scale=True, desc=method, leave=False)
+    step_cap = cfg.train.batch_size * cfg.train.grad_accum * cfg.data.block_size
+    every = max(1, cfg.sim.max_tokens // EVALUATIONS)
+    next_eval = every
+    try:
+        while True:
+            pending = [job for job in jobs if not job.done]
+            if not pending:
+                break
+            job = min(pending, key=lambda j: (j.tokens / j.budget, j.owner, j.language))  # the furthest behind
+            spent = _segment(job, workbench.model, cfg, tokenizer.pad_token_id, step_cap)
+            counters.tokens += spent
+            bar.update(spent)
+            if counters.tokens >= next_eval and any(not j.done for j in jobs):
+                trace.row(math.nan, counters,
+                          losses=_losses(jobs, _job_losses(hub, jobs, base_folder), languages, initial))
+                next_eval = (counters.tokens // every + 1) * every
+        job_losses = _job_losses(hub, jobs, base_folder)
+        losses = _losses(jobs, job_losses, languages, initial)
+        trace.row(math.nan, counters, losses=losses)
+    finally:
+        bar.close()
+        trace.close()
+    extra = {"contributors": num_contributors if method == "local-only" else 1, "budget_tokens": cfg.sim.max_tokens,
+             "adapters_trained": len(jobs), "segments": sum(j.segments for j in jobs), "initial_losses": initial}
+    if method == "local-only":
+        extra["per_contributor"] = _per_contributor(jobs, job_losses)
+    write_result(hub.path, method=method, losses=losses, counters=counters, sim_seconds=None,
+                 wall_seconds=time.monotonic() - started, extra=extra)
+    log.info("%s: %d tokens over %d adapters, mean held-out loss %.4f", method, counters.tokens, len(jobs),
+             mean(losses.values()) if losses else math.nan)
+    return read_result(hub.path)
+
+
+def _jobs(method: str, hub: Hub, languages: list[str], num_contributors: int, tokenizer: Any,
+          initial: dict[str, torch.Tensor]) -> list[_Job]:
+    """The adapters a method trains: one per language (centralized), one per (contributor, language
+    it holds) (local-only), each with its share of the budget."""
+    budget = int(hub.cfg.sim.max_tokens)
+    block_size = hub.cfg.data.block_size
+    jobs: list[_Job] = []
+    if method == "centralized":
+        rows = without(hub.corpus, hub.split.withheld)  # the whole corpus less the held-out rows
+        share = budget // len(languages) if languages else 0
+        for language in languages:
+            blocks = tokenize_blocks(select_languages(rows, [language])["text"], tokenizer, block_size)
+            if len(blocks):
+                jobs.append(_Job("all", language, blocks, share, dict(initial)))
+        return jobs
+    per_contributor = budget // num_contributors
+    for pid in range(num_contributors):
+        rows = hub.training_rows(pid, num_contributors)
+        held = [lang for lang in languages if lang in set(rows["language"])]
+        for language in held:
+            blocks = tokenize_blocks(select_languages(rows, [language])["text"], tokenizer, block_size)
+            if len(blocks):
+                jobs.append(_Job(f"p{pid}", language, blocks, per_contributor // len(held), dict(initial)))
+    return jobs
+
+
+def _segment(job: _Job, model: torch.nn.Module, cfg: FedemConfig, pad_id: int, step_cap: int) -> int:
+    """Train ``job`` for one segment (at most ``train.max_steps`` steps, fewer when its budget ends
+    sooner); returns the tokens trained."""
+    tokens_per_step = min(step_cap, max(1, int((job.blocks != pad_id).sum()) * step_cap // job.blocks.numel()))
+    left = job.budget - job.tokens
+    # Nearest, not ceiling: over many adapters, overshoots and shortfalls of under half a step cancel.
+    steps = min(cfg.train.max_steps, (left + tokens_per_step // 2) // tokens_per_step)
+    if steps == 0:
+        job.budget = job.tokens  # less than half a step left: this adapter is done
+        return 0
+    load_adapter_state(model, job.state)
+    # A new seed a segment: each segment walks other batches, as each new lease does.
+    result = train(model, job.blocks, replace(cfg.train, max_steps=steps), pad_id=pad_id,
+                   seed=cfg.seed + 1009 * job.segments + hash_key(job.owner, job.language), progress=False)
+    job.state = adapter_state(model)
+    job.tokens += result.tokens
+    job.segments += 1
+    return result.tokens
+
+
+def hash_key(*parts: str) -> int:
+    """A small stable integer from ``parts`` (Python's ``hash`` of a str is salted per process)."""
+    return zlib.crc32("/".join(parts).encode("utf-8")) % 100_003
+
+
+def _job_losses(hub: Hub, jobs: list[_Job], base_folder: Path) -> list[Optional[float]]:
+    """Each adapter's held-out loss on its own language."""
+    return [final_losses(hub, {job.language: job.state}, base_folder).get(job.language) for job in jobs]
+
+
+def _losses(jobs: list[_Job], job_losses: list[Optional[float]], languages: list[str],
+            initial: dict[str, float]) -> dict[str, float]:
+    """Each language's loss: its one adapter's, or the mean over the contributors holding it."""
+    by_language: dict[str, list[float]] = {}
+    for job, loss in zip(jobs, job_losses):
+        if loss is not None:
+            by_language.setdefault(job.language, []).append(loss)
+    return {lang: mean(by_language[lang]) if lang in by_language else initial[lang]
+            for lang in languages if lang in initial}
+
+
+def _per_contributor(jobs: list[_Job], job_losses: list[Optional[float]]) -> dict[str, dict[str, Any]]:
+    """Each local-only contributor's tokens and its own adapters' losses (what the means are of)."""
+    out: dict[str, dict[str, Any]] = {}
+    for job, loss in zip(jobs, job_losses):
+        entry = out.setdefault(job.owner, {"tokens": 0, "losses": {}})
+        entry["tokens"] += job.tokens
+        if loss is not None:
+            entry["losses"][job.language] = loss
+    return out
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--method", choices=METHODS, required=True)
+    parser.add_argument("--hub", type=Path, required=True, help="the hub folder (seeded when empty)")
+    parser.add_argument("--contributors", type=int, default=20, help="simulated contributors (local-only)")
+    parser.add_argument("--overrides", default="", help="Hydra overrides, e.g. 'sim.max_tokens=200000'")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
+    quiet_library_progress()
+    hub = args.hub.resolve()
+    cfg = load_run_config({"overrides": args.overrides, "hub": str(hub)})
+    result = run_baseline(args.method, cfg, hub, args.contributors)
+    print(" ".join(f"{k}={v:.4f}" for k, v in sorted(result["losses"].items())), f"tokens={result['tokens']}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

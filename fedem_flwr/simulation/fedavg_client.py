@@ -1,0 +1,80 @@
+"""The node's side of the FedAvg baselines: Flower's plain ``train`` message, answered as FlowerTune
+does (the trained arrays and a MetricRecord with ``num-examples``).
+
+What the hub's FedAvg sends (``fedem_flwr.simulation.fedavg``):
+
+``arrays``          the global (or one language's) LoRA adapter
+``config``          ``server-round`` (FedAvg's), ``base-digest`` (the base to train on),
+                    ``languages`` (comma-separated; empty: all the rows sent) and, in a last
+                    round cut to the token budget, ``max-steps`` (else ``train.max_steps``)
+``base-files``      the base checkpoint's files, only to a node that does not cache it yet
+``node-rows``       the node's training rows (a simulated node cannot tell which rows are held out)
+``sim-plan``        optional, from a simulation's virtual grid: ``steps`` to train (at most), and ``vanish``
+                    (1: train them, then answer ``vanished`` = 1 as a node that went silent)
+
+The reply's metrics: ``num-examples`` (rows trained on: FedAvg's weight), ``tokens``, ``steps``,
+``train-loss`` and ``vanished``, the same keys in every reply, as FedAvg's aggregation requires.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+
+from flwr.app import Context, Message, MetricRecord, RecordDict
+
+from fedem_flwr.base_cache import BaseCache
+from fedem_flwr.config import FedemConfig, load_run_config
+from fedem_flwr.contributor import relay_train, training_data
+from fedem_flwr.errors import BaseUnavailable
+from fedem_flwr.relay import messages
+from fedem_flwr.wire import adapter_to_arrays
+
+SIM_PLAN = "sim-plan"
+METRIC_KEYS = ("num-examples", "steps", "tokens", "train-loss", "vanished")
+
+
+_configs: dict[str, FedemConfig] = {}
+
+
+def run_config(context: Context) -> FedemConfig:
+    """The run's config, composed once per process (composing takes about a second; a FedAvg
+    node answers a message every round)."""
+    key = json.dumps(dict(context.run_config), sort_keys=True, default=str)
+    if key not in _configs:
+        _configs[key] = load_run_config(context.run_config)
+    return _configs[key]
+
+
+def fedavg_train(message: Message, context: Context) -> Message:
+    """Train the received adapter on this node's rows of the asked languages and send it back."""
+    cfg = run_config(context)
+    config = message.content["config"]
+    digest = str(config["base-digest"])
+    cache = BaseCache.for_node(context.node_config)
+    if messages.BASE_FILES in message.content:
+        record = message.content[messages.BASE_FILES]
+        cache.add(digest, lambda folder: messages.arrays_to_folder(record, folder))
+    if not cache.has(digest):
+        raise BaseUnavailable(f"base `{digest[:12]}` is not cached on this node and the message carries no `base-files`")
+    data = training_data(cfg, context.node_config, messages.node_rows(message))
+    wanted = tuple(lang for lang in str(config.get("languages", "")).split(",") if lang) or data.languages
+    steps, vanish = int(config.get("max-steps", cfg.train.max_steps)), False
+    if SIM_PLAN in message.content:
+        plan = message.content[SIM_PLAN]
+        steps, vanish = min(steps, int(plan["steps"])), bool(plan["vanish"])
+    server_round = int(config.get("server-round", 0))
+    # Simulated node ids are new every run; partitions are not, so seeded runs repeat their batches.
+    who = int(context.node_config.get("partition-id", context.node_id)) % 7919
+    state, metrics = relay_train(
+        cfg, cache.use(digest), message.content["arrays"].to_torch_state_dict(), data, wanted,
+        budget_s=math.inf, max_steps=max(1, steps), seed=cfg.seed + 7919 * server_round + who,
+    )
+    record = MetricRecord({
+        "num-examples": int(metrics["own-language-rows"]),
+        "steps": int(metrics["steps"]),
+        "tokens": int(metrics["tokens"]),
+        "train-loss": float(metrics["loss-last"]),
+        "vanished": int(vanish),
+    })
+    return Message(RecordDict({"arrays": adapter_to_arrays(state), "metrics": record}), reply_to=message)
