@@ -19,7 +19,8 @@ from fedem_flwr.hub.registry import Registry
 from fedem_flwr.relay import messages
 from fedem_flwr.simulation.clock import VirtualClock
 from fedem_flwr.simulation.fedavg import run_fedavg
-from fedem_flwr.simulation.fedavg_client import SIM_PLAN, fedavg_train
+from fedem_flwr.simulation.fedavg_client import fedavg_train
+from fedem_flwr.simulation.virtual_grid import SIM_PLAN
 from fedem_flwr.simulation.record import read_result, read_trace
 from fedem_flwr.testing.fake_grid import InProcessGrid
 

@@ -226,8 +226,10 @@ def _train_message(message: Message, key: str, node: _Node, langs: Sequence[str]
             rows = select_languages(rows, mine) if mine else rows.select([])
             rows_cache[cache_key] = {"text": list(rows["text"]), "language": list(rows["language"])}
         content[messages.NODE_ROWS] = ConfigRecord(rows_cache[cache_key])
+    # A round waits for a node as long as a relay lease lasts: on the virtual clock a reply due later
+    # is dropped by the (simulated) SuperLink, as a relay lease expires.
     return Message(content, dst_node_id=node.node_id, message_type=MessageType.TRAIN,
-                   ttl=cfg.sim.message_ttl_s, group_id=key)
+                   ttl=cfg.relay.lease_ttl_s, group_id=key)
 
 
 def _route(batch: Sequence[tuple[str, int, Message]], replies: Sequence[Message]) -> dict[str, list[tuple[int, Message]]]:

@@ -18,37 +18,24 @@ The reply's metrics: ``num-examples`` (rows trained on: FedAvg's weight), ``toke
 
 from __future__ import annotations
 
-import json
 import math
 
 from flwr.app import Context, Message, MetricRecord, RecordDict
 
 from fedem_flwr.base_cache import BaseCache
-from fedem_flwr.config import FedemConfig, load_run_config
+from fedem_flwr.config import load_run_config
 from fedem_flwr.contributor import relay_train, training_data
 from fedem_flwr.errors import BaseUnavailable
 from fedem_flwr.relay import messages
+from fedem_flwr.simulation.virtual_grid import read_plan
 from fedem_flwr.wire import adapter_to_arrays
 
-SIM_PLAN = "sim-plan"
 METRIC_KEYS = ("num-examples", "steps", "tokens", "train-loss", "vanished")
-
-
-_configs: dict[str, FedemConfig] = {}
-
-
-def run_config(context: Context) -> FedemConfig:
-    """The run's config, composed once per process (composing takes about a second; a FedAvg
-    node answers a message every round)."""
-    key = json.dumps(dict(context.run_config), sort_keys=True, default=str)
-    if key not in _configs:
-        _configs[key] = load_run_config(context.run_config)
-    return _configs[key]
 
 
 def fedavg_train(message: Message, context: Context) -> Message:
     """Train the received adapter on this node's rows of the asked languages and send it back."""
-    cfg = run_config(context)
+    cfg = load_run_config(context.run_config)
     config = message.content["config"]
     digest = str(config["base-digest"])
     cache = BaseCache.for_node(context.node_config)
@@ -60,9 +47,9 @@ def fedavg_train(message: Message, context: Context) -> Message:
     data = training_data(cfg, context.node_config, messages.node_rows(message))
     wanted = tuple(lang for lang in str(config.get("languages", "")).split(",") if lang) or data.languages
     steps, vanish = int(config.get("max-steps", cfg.train.max_steps)), False
-    if SIM_PLAN in message.content:
-        plan = message.content[SIM_PLAN]
-        steps, vanish = min(steps, int(plan["steps"])), bool(plan["vanish"])
+    plan = read_plan(message)
+    if plan is not None:
+        steps, vanish = min(steps, plan.steps), plan.vanish
     server_round = int(config.get("server-round", 0))
     # Simulated node ids are new every run; partitions are not, so seeded runs repeat their batches.
     who = int(context.node_config.get("partition-id", context.node_id)) % 7919

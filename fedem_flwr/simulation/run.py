@@ -10,7 +10,8 @@ from __future__ import annotations
 import logging
 import time
 from pathlib import Path
-from typing import Any
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 from flwr.serverapp import Grid
 
@@ -25,6 +26,7 @@ from fedem_flwr.simulation.record import Counters, Trace, write_result
 from fedem_flwr.simulation.virtual_grid import VirtualGrid
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 
 def run_simulation(grid: Grid, cfg: FedemConfig, hub_path: Path) -> dict[str, Any]:
@@ -40,11 +42,15 @@ def run_simulation(grid: Grid, cfg: FedemConfig, hub_path: Path) -> dict[str, An
         else:
             from fedem_flwr.simulation.fedavg import run_fedavg
 
-            outcome = run_fedavg(vgrid, hub, cfg, clock, trace)
-            losses, extra = outcome["losses"], {k: v for k, v in outcome.items() if k != "losses"}
+            outcome = run_fedavg(vgrid, hub, cfg, clock, trace, counters=vgrid.counters)
+            losses = outcome["losses"]
+            extra = {key: outcome[key] for key in ("rounds", "stopped_by", "budget_tokens", "initial_losses",
+                                                   "fedavg_fraction")}
     finally:
         trace.close()
     counters = vgrid.counters
+    extra["timing"] = {"waiting_for_nodes_s": round(vgrid.waiting_s, 2), "node_training_s": round(vgrid.node_train_s, 2),
+                       **{key: round(value, 2) for key, value in extra.get("timing", {}).items()}}
     result_path = write_result(hub_path, method=cfg.sim.method, losses=losses, counters=counters,
                                sim_seconds=clock.elapsed, wall_seconds=time.monotonic() - started, extra=extra)
     log.info("Simulation of %s done: %.0f simulated s in %.0f s; %d tokens (%d wasted); result in %s",
@@ -57,6 +63,7 @@ def _relay(hub: Hub, vgrid: VirtualGrid, clock: VirtualClock, trace: Trace) -> t
     cfg = hub.cfg
     keeper = BaseKeeper(hub, clock=clock, cpt_steps_per_s=cfg.sim.hub_cpt_speed)
     counters = vgrid.counters
+    initial = current_losses(hub)
 
     def spent() -> int:
         return counters.tokens + keeper.cpt_tokens
@@ -70,18 +77,39 @@ def _relay(hub: Hub, vgrid: VirtualGrid, clock: VirtualClock, trace: Trace) -> t
         budget = cfg.sim.max_tokens
         return f"token budget of {budget} spent" if budget is not None and spent() >= budget else ""
 
+    timing: dict[str, float] = {}
+    hub.workbench.evaluate = _timed(hub.workbench.evaluate, timing, "evaluation_s")
+    hub.coordinator.receive_push = _timed(hub.coordinator.receive_push, timing, "judging_s")
     strategy = RelayStrategy(
         hub.coordinator, cfg.relay, hub.workbench.spec, max_steps=cfg.train.max_steps, clock=clock,
-        sleep=vgrid.advance, training_rows=hub.training_rows, between_turns=between_turns, stop_when=budget_spent,
+        sleep=vgrid.advance, training_rows=hub.training_rows,
+        between_turns=_timed(between_turns, timing, "base_keeper_s"), stop_when=budget_spent,
     )
+    relay_started = time.monotonic()
     result = strategy.start(vgrid)
+    timing["relay_s"] = time.monotonic() - relay_started
     keeper.finish()
     counters.accepted, counters.rejected = result.accepted, result.rejected
     counters.tokens += keeper.cpt_tokens
     losses = relay_final_losses(hub)
     _trace_row(hub, vgrid, trace, counters.tokens, losses)
-    return losses, {"stopped_by": result.stopped_by, "cpt_tokens": keeper.cpt_tokens,
+    timing["final_evaluation_s"] = time.monotonic() - relay_started - timing["relay_s"]
+    return losses, {"stopped_by": result.stopped_by, "cpt_tokens": keeper.cpt_tokens, "timing": timing,
+                    "initial_losses": initial, "budget_tokens": cfg.sim.max_tokens,
                     "base_version": hub.registry.latest_checkpoint().version}
+
+
+def _timed(call: Callable[..., T], timing: dict[str, float], key: str) -> Callable[..., T]:
+    """``call``, adding its real seconds to ``timing[key]``: where a simulation's wall time goes."""
+
+    def timed(*args: Any, **kwargs: Any) -> T:
+        started = time.monotonic()
+        try:
+            return call(*args, **kwargs)
+        finally:
+            timing[key] = timing.get(key, 0.0) + time.monotonic() - started
+
+    return timed
 
 
 def current_losses(hub: Hub) -> dict[str, float]:

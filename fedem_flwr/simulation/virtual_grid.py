@@ -109,6 +109,8 @@ class VirtualGrid(Grid):
         self.max_steps = max_steps
         self.real_sleep = sleep
         self.counters = Counters()
+        self.waiting_s = 0.0  # real seconds the hub waited for a reply that was due
+        self.node_train_s = 0.0  # real seconds the nodes reported training (metric ``seconds``)
         self.partitions: dict[int, int] = {}  # node id -> partition id, learnt from profile replies
         self.away_until: dict[int, float] = {}  # node id -> simulated time it is back
         self.in_flight: dict[str, _InFlight] = {}
@@ -196,10 +198,12 @@ class VirtualGrid(Grid):
             if back > now:
                 target = min(target, back)
         target = max(now, target)
+        started = time.monotonic()
         while any(entry.reply is None and entry.due <= target for entry in self.in_flight.values()):
             self._collect()
             if any(entry.reply is None and entry.due <= target for entry in self.in_flight.values()):
                 self.real_sleep(POLL_S)
+        self.waiting_s += time.monotonic() - started
         self.clock.advance_to(target)
 
     def online(self, node_id: int) -> bool:
@@ -268,6 +272,7 @@ class VirtualGrid(Grid):
         metrics = reply.content.get("metrics") if not reply.has_error() else None
         tokens = int(metrics.get("tokens", 0)) if isinstance(metrics, MetricRecord) else 0
         self.counters.tokens += tokens
+        self.node_train_s += float(metrics.get("seconds", 0.0)) if isinstance(metrics, MetricRecord) else 0.0
         if heard:
             self.counters.bytes_moved += sum(array_bytes(r) for r in reply.content.values())
         else:
