@@ -6,7 +6,7 @@
 
 Each size runs the whole app on Flower's simulation engine as a sweep cell does (the ServerApp's
 relay with the blind gate on each contribution's own languages, ClientApps really fine-tuning the
-tiny model on Ray actors of one CPU each), until ``--accepted`` contributions were accepted. A
+tiny model on one Ray actor per core), until ``--accepted`` contributions were accepted. A
 contribution is a judged push (accepted or rejected). The relay's rate is taken over the relay
 loop alone; the run's rate also pays for the SuperLink, Ray and the hub's start and the final
 evaluation. Where the time goes comes from the run's ``sim/result.json``: the nodes' training
@@ -40,7 +40,7 @@ def measure(contributors: int, args: argparse.Namespace, out: Path) -> dict:
     overrides = (f"relay.max_accepted={args.accepted} train.max_steps={args.steps} gate.check_others=false "
                  f"merge.every_accepted=null merge.every_s=null {args.overrides}")
     cell = {"method": "relay", "contributors": contributors, "seed": args.seed, "overrides": overrides}
-    status = run_cell(cell, out / f"n{contributors}")
+    status = run_cell(cell, out / f"n{contributors}", cell_cpus=args.cpus)
     if status["status"] != "ok":
         raise SystemExit(f"{contributors} contributors: {status['reason']} (in {out / f'n{contributors}'})")
     timing = status["timing"]
@@ -72,6 +72,7 @@ def main() -> None:
     parser.add_argument("--accepted", type=int, default=40, help="accepted contributions per run")
     parser.add_argument("--steps", type=int, default=10, help="optimizer steps per lease")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--cpus", type=int, default=os.cpu_count() or 1, help="Ray CPUs: one ClientApp actor each")
     parser.add_argument("--overrides", default="", help="more Hydra overrides for every run")
     parser.add_argument("--out", type=Path, help="keep the runs here (default: a temporary folder)")
     parser.add_argument("--save", type=Path, help="write the numbers as a JSON baseline")

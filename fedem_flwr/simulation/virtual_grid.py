@@ -43,7 +43,7 @@ log = logging.getLogger(__name__)
 
 SIM_PLAN = "sim-plan"
 VANISHED_METRIC = "sim-vanished"
-POLL_S = 0.02  # real seconds between pulls while waiting for a reply that is due
+POLL_S, MAX_POLL_S = 0.02, 0.2  # real seconds between pulls while waiting for a reply that is due
 
 
 def error_reply(message: Message, code: int, reason: str) -> Message:
@@ -198,11 +198,12 @@ class VirtualGrid(Grid):
             if back > now:
                 target = min(target, back)
         target = max(now, target)
-        started = time.monotonic()
+        started, pause = time.monotonic(), POLL_S
         while any(entry.reply is None and entry.due <= target for entry in self.in_flight.values()):
             self._collect()
             if any(entry.reply is None and entry.due <= target for entry in self.in_flight.values()):
-                self.real_sleep(POLL_S)
+                self.real_sleep(pause)
+                pause = min(MAX_POLL_S, pause * 2)  # each pull costs the SuperLink too
         self.waiting_s += time.monotonic() - started
         self.clock.advance_to(target)
 
