@@ -1,11 +1,12 @@
 """The relay's two performance goals, in one entry point.
 
     python benchmarks/relay.py scheduler [--adapters 10000 --nodes 1000 ...]   # target: < 2 ms a lease
-    python benchmarks/relay.py simulation [--supernodes 50 --max-accepted 20 ...]
+    python benchmarks/relay.py simulation [--contributors 20,100 --accepted 40 ...]
 
 ``scheduler`` is ``relay_scheduler.py`` (lease acquire + push check + release + policy choice,
-in memory and persisted in SQLite); ``simulation`` is ``relay_simulation.py`` (contributions per
-minute of a `flwr run` simulation of the whole app). Each takes ``--save``/``--baseline``.
+in memory and persisted in SQLite); ``simulation`` is ``simulation.py`` (contributions per minute
+of a `flwr run` simulation of the whole app on the virtual clock, and where the time goes). Each
+takes ``--save``/``--baseline``.
 """
 
 from __future__ import annotations
@@ -16,9 +17,9 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import relay_scheduler  # noqa: E402
-import relay_simulation  # noqa: E402
+import simulation  # noqa: E402
 
-COMMANDS = {"scheduler": relay_scheduler.main, "simulation": relay_simulation.main}
+COMMANDS = {"scheduler": relay_scheduler.main, "simulation": simulation.main}
 
 
 def main() -> int:
