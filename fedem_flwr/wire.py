@@ -14,7 +14,7 @@ from collections.abc import Mapping
 
 import numpy as np
 import torch
-from flwr.app import Array, ArrayRecord
+from flwr.app import Array, ArrayRecord, RecordDict
 from flwr.common.constant import SType
 
 from fedem_flwr.errors import InvalidAdapter
@@ -59,3 +59,9 @@ def arrays_to_adapter(record: ArrayRecord, spec: AdapterSpec) -> dict[str, torch
     check_keys(record.keys(), spec)
     state = {key: _decode(key, record[key], shape) for key, shape in spec.shapes.items()}
     return validate_adapter_state(state, spec)
+
+
+def content_bytes(content: RecordDict) -> int:
+    """Bytes of the arrays a message carries (every ``ArrayRecord`` in it): what a simulation counts
+    as moved."""
+    return sum(len(array.data) for record in content.array_records.values() for array in record.values())

@@ -44,7 +44,7 @@ from fedem_flwr.simulation.clock import VirtualClock
 from fedem_flwr.simulation.evaluation import base_folder_of, final_losses, workbench_on
 from fedem_flwr.simulation.fedavg_client import METRIC_KEYS
 from fedem_flwr.simulation.record import Counters, Trace, read_result, write_result
-from fedem_flwr.wire import adapter_to_arrays, arrays_to_adapter
+from fedem_flwr.wire import adapter_to_arrays, arrays_to_adapter, content_bytes
 
 log = logging.getLogger(__name__)
 
@@ -157,7 +157,7 @@ def run_fedavg(
             sent = [m for _, _, m in batch]
             replies = list(grid.send_and_receive(sent, timeout=cfg.sim.message_ttl_s))
             if counting:
-                counters.bytes_moved += sum(_array_bytes(m.content) for m in sent)
+                counters.bytes_moved += sum(content_bytes(m.content) for m in sent)
             by_key = _route(batch, replies)
             updated = []
             _measure(tokens_per_step, [r for got in by_key.values() for _, r in got])
@@ -170,7 +170,7 @@ def run_fedavg(
                         arrays[key] = aggregated
                         updated.append(key)
                 if counting:
-                    counters.bytes_moved += sum(_array_bytes(r.content) for _, r in got if not r.has_error())
+                    counters.bytes_moved += sum(content_bytes(r.content) for _, r in got if not r.has_error())
             losses.update(_evaluate(workbench, arrays, groups, updated))
             trace.row(clock() - t0, counters, leases_active=len(sent), online=len(online), losses=losses)
             log.info("FedAvg round %d (%s): %d sent, %d replies, %d tokens so far", server_round, method,
@@ -327,10 +327,6 @@ def _measure(tokens_per_step: list[float], replies: Iterable[Message]) -> None:
             steps, tokens = steps + float(record["steps"]), tokens + float(record["tokens"])
     if steps > 0 and tokens > 0:
         tokens_per_step[0] = tokens / steps
-
-
-def _array_bytes(content: RecordDict) -> int:
-    return sum(len(array.data) for record in content.array_records.values() for array in record.values())
 
 
 def _give_up(idle_s: float, cfg: FedemConfig) -> bool:

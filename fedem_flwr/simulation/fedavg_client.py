@@ -50,18 +50,20 @@ def fedavg_train(message: Message, context: Context) -> Message:
     plan = read_plan(message)
     if plan is not None:
         steps, vanish = min(steps, plan.steps), plan.vanish
+    if steps <= 0:  # vanished before its first step (or asked for none): the adapter goes back untouched
+        return _reply(message, message.content["arrays"], examples=1, steps=0, tokens=0, loss=0.0, vanish=vanish)
     server_round = int(config.get("server-round", 0))
     # Simulated node ids are new every run; partitions are not, so seeded runs repeat their batches.
     who = int(context.node_config.get("partition-id", context.node_id)) % 7919
     state, metrics = relay_train(
         cfg, cache.use(digest), message.content["arrays"].to_torch_state_dict(), data, wanted,
-        budget_s=math.inf, max_steps=max(1, steps), seed=cfg.seed + 7919 * server_round + who,
+        budget_s=math.inf, max_steps=steps, seed=cfg.seed + 7919 * server_round + who,
     )
-    record = MetricRecord({
-        "num-examples": int(metrics["own-language-rows"]),
-        "steps": int(metrics["steps"]),
-        "tokens": int(metrics["tokens"]),
-        "train-loss": float(metrics["loss-last"]),
-        "vanished": int(vanish),
-    })
-    return Message(RecordDict({"arrays": adapter_to_arrays(state), "metrics": record}), reply_to=message)
+    return _reply(message, adapter_to_arrays(state), examples=int(metrics["own-language-rows"]), steps=int(metrics["steps"]),
+                  tokens=int(metrics["tokens"]), loss=float(metrics["loss-last"]), vanish=vanish)
+
+
+def _reply(message: Message, arrays, *, examples: int, steps: int, tokens: int, loss: float, vanish: bool) -> Message:
+    record = MetricRecord({"num-examples": examples, "steps": steps, "tokens": tokens, "train-loss": loss,
+                           "vanished": int(vanish)})
+    return Message(RecordDict({"arrays": arrays, "metrics": record}), reply_to=message)

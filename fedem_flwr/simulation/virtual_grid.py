@@ -29,7 +29,7 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any, Optional
 
-from flwr.app import ArrayRecord, ConfigRecord, Error, Message, MetricRecord, RecordDict
+from flwr.app import ConfigRecord, Error, Message, MetricRecord, RecordDict
 from flwr.common.constant import SUPERLINK_NODE_ID, ErrorCode
 from flwr.serverapp import Grid
 
@@ -38,6 +38,7 @@ from fedem_flwr.relay import messages
 from fedem_flwr.simulation.clock import VirtualClock
 from fedem_flwr.simulation.contributors import LeasePlan, VirtualContributor, virtual_contributor
 from fedem_flwr.simulation.record import Counters
+from fedem_flwr.wire import content_bytes
 
 log = logging.getLogger(__name__)
 
@@ -76,12 +77,6 @@ def read_plan(message: Message) -> Optional[NodePlan]:
         return None
     record = message.content[SIM_PLAN]
     return NodePlan(int(record["steps"]), bool(record["vanish"]))
-
-
-def array_bytes(record: Any) -> int:
-    if not isinstance(record, ArrayRecord):
-        return 0
-    return sum(len(array.data) for array in record.values())
 
 
 @dataclass
@@ -151,7 +146,7 @@ class VirtualGrid(Grid):
                     entry.due = min(entry.deadline, now + self._heard_after(entry.plan))
                     self.counters.leases += 1
             meta.ttl = self.cfg.message_ttl_s  # Flower's TTL: real seconds, a safety bound
-            self.counters.bytes_moved += sum(array_bytes(r) for r in message.content.values())
+            self.counters.bytes_moved += content_bytes(message.content)
             entries.append(entry)
         ids = list(self.inner.push_messages(batch))
         for message_id, entry in zip(ids, entries):
@@ -275,7 +270,7 @@ class VirtualGrid(Grid):
         self.counters.tokens += tokens
         self.node_train_s += float(metrics.get("seconds", 0.0)) if isinstance(metrics, MetricRecord) else 0.0
         if heard:
-            self.counters.bytes_moved += sum(array_bytes(r) for r in reply.content.values())
+            self.counters.bytes_moved += content_bytes(reply.content)
         else:
             self.counters.tokens_wasted += tokens
             self.counters.expired += 1
