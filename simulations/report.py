@@ -55,10 +55,13 @@ def setting_columns(rows: Sequence[Mapping[str, str]]) -> list[str]:
 
 
 def group_by(rows: Sequence[Mapping[str, str]]) -> tuple[list[str], dict[tuple, list[Mapping[str, str]]]]:
-    """Group the rows by method and every other setting that takes two values or more (a setting
-    only some methods have does not split them), seeds pooled."""
+    """Group the rows by method and every other setting that takes two values or more within one
+    method (unset, the config's default, counts as a value there; a setting only some methods have
+    does not split the others), seeds pooled."""
     settings = [n for n in setting_columns(rows) if n not in ("method", "seed")]
-    varying = [n for n in settings if len({row.get(n, "") for row in rows} - {""}) > 1]
+    methods = {row["method"] for row in rows}
+    varying = [n for n in settings
+               if any(len({row.get(n, "") for row in rows if row["method"] == method}) > 1 for method in methods)]
     groups: dict[tuple, list[Mapping[str, str]]] = {}
     for row in rows:
         groups.setdefault((row["method"], *(row.get(n, "") for n in varying)), []).append(row)

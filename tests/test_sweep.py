@@ -17,6 +17,7 @@ import pytest
 from fedem_flwr.hub.paths import secret_path
 from fedem_flwr.simulation.record import Counters, Trace, read_result, write_result
 from simulations import cells as cells_mod
+from simulations import report
 from simulations.cells import CellError, cell_key, fresh_hub, hydra_overrides, normalize, run_cell, study_secret
 from simulations.report import write_report
 from simulations.sweep import expand, main, run_sweep
@@ -247,3 +248,12 @@ def test_a_cell_on_a_ray_cluster_passes_no_cpu_count_to_ray(monkeypatch):
     assert federation_config(cell, ray_address="10.0.0.1:6379") == "num-supernodes=7 client-resources-num-cpus=1"
     monkeypatch.setenv("RAY_ADDRESS", "10.0.0.1:6379")
     assert "init-args" not in federation_config(cell)
+
+
+def test_a_setting_some_cells_of_a_method_leave_at_its_default_splits_that_method_only():
+    rows = [{"method": "relay", "seed": "0", "merge": ""}, {"method": "relay", "seed": "0", "merge": "False"},
+            {"method": "relay", "seed": "1", "merge": ""}, {"method": "centralized", "seed": "0", "merge": ""}]
+    varying, groups = report.group_by(rows)
+    assert varying == ["merge"]
+    assert {report.label(varying, key): len(members) for key, members in groups.items()} == {
+        "relay": 2, "relay, merge=False": 1, "centralized": 1}
