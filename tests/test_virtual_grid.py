@@ -130,3 +130,20 @@ def test_send_and_receive_waits_in_simulated_time_for_the_slowest_reply():
     assert len(replies) == 4
     slowest = max(10 / virtual_contributor(cfg, 0, p).speed for p in range(4))
     assert grid.clock.elapsed == pytest.approx(slowest)
+
+
+@pytest.mark.parametrize("tokens", [float("nan"), -5.0, float("inf")])
+def test_a_reply_with_an_unusable_token_count_counts_none_and_ends_nothing(tokens):
+    bad = ClientApp()
+    bad.query("profile")(_profile)
+
+    @bad.train("relay")
+    def _lying(message: Message, context) -> Message:
+        return Message(RecordDict({"metrics": MetricRecord({"tokens": tokens})}), reply_to=message)
+
+    cfg = SimConfig(speed=0.01, speed_sigma=0.0, jitter_sigma=0.0)
+    inner = InProcessGrid(bad, {10: {"partition-id": 0}}, {})
+    grid = VirtualGrid(inner, VirtualClock(start=0.0), cfg, seed=0, max_steps=10)
+    _profile_all(grid)
+    [(_, reply)] = _run_until_replied(grid, list(grid.push_messages([_train(10, token=1, ttl=1e6)])))
+    assert not reply.has_error() and grid.counters.tokens == 0

@@ -266,9 +266,9 @@ class VirtualGrid(Grid):
         """What a train reply cost, counted when it is due in simulated time: its tokens, wasted
         unless the hub hears the reply in time; its arrays' bytes when it does."""
         metrics = reply.content.get("metrics") if not reply.has_error() else None
-        tokens = int(metrics.get("tokens", 0)) if isinstance(metrics, MetricRecord) else 0
+        tokens = int(_count_metric(metrics, "tokens"))
         self.counters.tokens += tokens
-        self.node_train_s += float(metrics.get("seconds", 0.0)) if isinstance(metrics, MetricRecord) else 0.0
+        self.node_train_s += _count_metric(metrics, "seconds")
         if heard:
             self.counters.bytes_moved += content_bytes(reply.content)
         else:
@@ -302,3 +302,10 @@ class VirtualGrid(Grid):
         if plan.vanishes or late:
             return error_reply(entry.message, ErrorCode.MESSAGE_UNAVAILABLE, "no reply before the TTL (simulated)")
         return reply
+
+
+def _count_metric(metrics: Any, key: str) -> float:
+    """A count a node reported (``tokens``, ``seconds``), or 0 when it sent none or no usable one:
+    what a node says is read, never trusted to be well formed."""
+    value = metrics.get(key, 0.0) if isinstance(metrics, MetricRecord) else 0.0
+    return float(value) if isinstance(value, (int, float)) and math.isfinite(value) and value >= 0 else 0.0
