@@ -38,9 +38,7 @@ def train_relay(message: Message, context: Context) -> Message:
     instruction = messages.parse_train_instruction(message)
     started = time.monotonic()
     cache = BaseCache.for_node(context.node_config)
-    if messages.BASE_FILES in message.content:
-        record = message.content[messages.BASE_FILES]
-        cache.add(instruction.base.digest, lambda folder: messages.arrays_to_folder(record, folder))
+    messages.keep_sent_base(message, cache, instruction.base.digest)
     missing = ensure_base(cache, instruction.base.digest, instruction.base_hf, context.node_config)
     if missing:
         return messages.status_reply(message, instruction, messages.MISSING_BASE, missing)

@@ -29,6 +29,7 @@ from typing import Any, Optional
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 
+from fedem_flwr.base_cache import BaseCache
 from fedem_flwr.base_fetch import BASE_REVISION, ENDPOINT, HF_REPO_ID, MAX_ENDPOINT_CHARS, HfLocation
 from fedem_flwr.errors import FedemError, InvalidAdapter
 from fedem_flwr.hub.store import ArtifactRef
@@ -152,6 +153,14 @@ def train_message(
     if rows is not None:
         content[NODE_ROWS] = ConfigRecord({"text": list(rows["text"]), "language": list(rows["language"])})
     return Message(content, dst_node_id=node_id, message_type=TRAIN, ttl=ttl)
+
+
+def keep_sent_base(message: Message, cache: BaseCache, digest: str) -> None:
+    """Cache the base files a train message carries (``base-files``), if any, checked against
+    ``digest`` as the cache checks every base it adds."""
+    if BASE_FILES in message.content:
+        record = message.content[BASE_FILES]
+        cache.add(digest, lambda folder: arrays_to_folder(record, folder))
 
 
 def node_rows(message: Message) -> Optional[dict[str, list[str]]]:

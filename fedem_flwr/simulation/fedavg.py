@@ -85,6 +85,7 @@ def run_fedavg(
     counters: Optional[Counters] = None,
     *,
     max_rounds: int = MAX_ROUNDS,
+    more: Optional[Callable[[], Mapping[str, Any]]] = None,
 ) -> dict[str, Any]:
     """Run ``cfg.sim.method`` over ``grid`` until ``sim.max_tokens`` tokens or ``max_rounds`` rounds,
     write ``<hub>/sim/trace.csv`` (when ``trace`` is None) and ``<hub>/sim/result.json``, and return
@@ -93,7 +94,8 @@ def run_fedavg(
     Tokens (trained and wasted) and bytes are counted here from the messages, unless
     ``grid.counters`` is ``counters`` (a grid that counts them itself); accepted and rejected
     replies are always counted here. Trace rows: ``sim_s`` since the virtual clock's start,
-    ``leases_active`` the round's train messages."""
+    ``leases_active`` the round's train messages. ``more()`` gives more fields for the result, asked
+    for when the run ends (a simulation's timing)."""
     method = cfg.sim.method
     if method not in METHODS:
         raise ValueError(f"`sim.method` is {method!r}; run_fedavg runs {', '.join(METHODS)}")
@@ -188,7 +190,8 @@ def run_fedavg(
     write_result(hub.path, method=method, losses=final, counters=counters, sim_seconds=clock() - t0,
                  wall_seconds=time.monotonic() - started,
                  extra={"rounds": server_round, "stopped_by": stopped_by, "budget_tokens": budget,
-                        "initial_losses": initial, "fedavg_fraction": cfg.sim.fedavg_fraction})
+                        "initial_losses": initial, "fedavg_fraction": cfg.sim.fedavg_fraction,
+                        **(more() if more is not None else {})})
     return read_result(hub.path)
 
 

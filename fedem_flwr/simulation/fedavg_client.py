@@ -23,6 +23,7 @@ import math
 from flwr.app import Context, Message, MetricRecord, RecordDict
 
 from fedem_flwr.base_cache import BaseCache
+from fedem_flwr.base_fetch import ensure_base
 from fedem_flwr.config import load_run_config
 from fedem_flwr.contributor import relay_train, training_data
 from fedem_flwr.errors import BaseUnavailable
@@ -39,11 +40,10 @@ def fedavg_train(message: Message, context: Context) -> Message:
     config = message.content["config"]
     digest = str(config["base-digest"])
     cache = BaseCache.for_node(context.node_config)
-    if messages.BASE_FILES in message.content:
-        record = message.content[messages.BASE_FILES]
-        cache.add(digest, lambda folder: messages.arrays_to_folder(record, folder))
-    if not cache.has(digest):
-        raise BaseUnavailable(f"base `{digest[:12]}` is not cached on this node and the message carries no `base-files`")
+    messages.keep_sent_base(message, cache, digest)
+    missing = ensure_base(cache, digest, None, context.node_config)
+    if missing:
+        raise BaseUnavailable(missing)
     data = training_data(cfg, context.node_config, messages.node_rows(message))
     wanted = tuple(lang for lang in str(config.get("languages", "")).split(",") if lang) or data.languages
     steps, vanish = int(config.get("max-steps", cfg.train.max_steps)), False

@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import replace
 from pathlib import Path
-from collections.abc import Callable
 from typing import Any, TypeVar
 
 from flwr.serverapp import Grid
@@ -22,7 +24,7 @@ from fedem_flwr.model.lora import read_adapter_state
 from fedem_flwr.relay.strategy import RelayStrategy
 from fedem_flwr.simulation.clock import VirtualClock
 from fedem_flwr.simulation.evaluation import final_losses
-from fedem_flwr.simulation.record import Counters, Trace, write_result
+from fedem_flwr.simulation.record import Trace, read_result, write_result
 from fedem_flwr.simulation.virtual_grid import VirtualGrid
 
 log = logging.getLogger(__name__)
@@ -30,7 +32,8 @@ T = TypeVar("T")
 
 
 def run_simulation(grid: Grid, cfg: FedemConfig, hub_path: Path) -> dict[str, Any]:
-    """Run ``cfg.sim.method`` on the virtual clock over Flower's simulation ``grid``; returns the result."""
+    """Run ``cfg.sim.method`` on the virtual clock over Flower's simulation ``grid``; returns the
+    result it wrote (``sim/result.json``)."""
     clock = VirtualClock()
     vgrid = VirtualGrid(grid, clock, cfg.sim, cfg.seed, max_steps=cfg.train.max_steps)
     hub = open_hub(cfg, hub_path, clock=clock)
@@ -38,28 +41,20 @@ def run_simulation(grid: Grid, cfg: FedemConfig, hub_path: Path) -> dict[str, An
     started = time.monotonic()
     try:
         if cfg.sim.method == "relay":
-            losses, extra = _relay(hub, vgrid, clock, trace)
+            result = _relay(hub, vgrid, clock, trace, started)
         else:
             from fedem_flwr.simulation.fedavg import run_fedavg
 
-            outcome = run_fedavg(vgrid, hub, cfg, clock, trace, counters=vgrid.counters)
-            losses = outcome["losses"]
-            extra = {key: outcome[key] for key in ("rounds", "stopped_by", "budget_tokens", "initial_losses",
-                                                   "fedavg_fraction")}
+            result = run_fedavg(vgrid, hub, cfg, clock, trace, counters=vgrid.counters,
+                                more=lambda: {"timing": vgrid.timing()})
     finally:
         trace.close()
-    counters = vgrid.counters
-    extra["timing"] = {"waiting_for_nodes_s": round(vgrid.waiting_s, 2), "node_training_s": round(vgrid.node_train_s, 2),
-                       **{key: round(value, 2) for key, value in extra.get("timing", {}).items()}}
-    result_path = write_result(hub_path, method=cfg.sim.method, losses=losses, counters=counters,
-                               sim_seconds=clock.elapsed, wall_seconds=time.monotonic() - started, extra=extra)
-    log.info("Simulation of %s done: %.0f simulated s in %.0f s; %d tokens (%d wasted); result in %s",
-             cfg.sim.method, clock.elapsed, time.monotonic() - started, counters.tokens, counters.tokens_wasted,
-             result_path)
-    return {"losses": losses, **extra}
+    log.info("Simulation of %s done: %.0f simulated s in %.0f s; %d tokens (%d wasted)",
+             cfg.sim.method, clock.elapsed, time.monotonic() - started, result["tokens"], result["tokens_wasted"])
+    return result
 
 
-def _relay(hub: Hub, vgrid: VirtualGrid, clock: VirtualClock, trace: Trace) -> tuple[dict[str, float], dict]:
+def _relay(hub: Hub, vgrid: VirtualGrid, clock: VirtualClock, trace: Trace, started: float) -> dict[str, Any]:
     cfg = hub.cfg
     keeper = BaseKeeper(hub, clock=clock, cpt_steps_per_s=cfg.sim.hub_cpt_speed)
     counters = vgrid.counters
@@ -78,15 +73,14 @@ def _relay(hub: Hub, vgrid: VirtualGrid, clock: VirtualClock, trace: Trace) -> t
         return f"token budget of {budget} spent" if budget is not None and spent() >= budget else ""
 
     timing: dict[str, float] = {}
-    hub.workbench.evaluate = _timed(hub.workbench.evaluate, timing, "evaluation_s")
-    hub.coordinator.receive_push = _timed(hub.coordinator.receive_push, timing, "judging_s")
     strategy = RelayStrategy(
         hub.coordinator, cfg.relay, hub.workbench.spec, max_steps=cfg.train.max_steps, clock=clock,
         sleep=vgrid.advance, training_rows=hub.training_rows,
         between_turns=_timed(between_turns, timing, "base_keeper_s"), stop_when=budget_spent,
     )
     relay_started = time.monotonic()
-    result = strategy.start(vgrid)
+    with _timing_calls(hub.coordinator, "receive_push", timing, "judging_s"):
+        result = strategy.start(vgrid)
     timing["relay_s"] = time.monotonic() - relay_started
     keeper.finish()
     counters.accepted, counters.rejected = result.accepted, result.rejected
@@ -94,9 +88,12 @@ def _relay(hub: Hub, vgrid: VirtualGrid, clock: VirtualClock, trace: Trace) -> t
     losses = relay_final_losses(hub)
     _trace_row(hub, vgrid, trace, counters.tokens, losses)
     timing["final_evaluation_s"] = time.monotonic() - relay_started - timing["relay_s"]
-    return losses, {"stopped_by": result.stopped_by, "cpt_tokens": keeper.cpt_tokens, "timing": timing,
-                    "initial_losses": initial, "budget_tokens": cfg.sim.max_tokens,
-                    "base_version": hub.registry.latest_checkpoint().version}
+    write_result(hub.path, method="relay", losses=losses, counters=counters, sim_seconds=clock.elapsed,
+                 wall_seconds=time.monotonic() - started,
+                 extra={"stopped_by": result.stopped_by, "cpt_tokens": keeper.cpt_tokens, "initial_losses": initial,
+                        "budget_tokens": cfg.sim.max_tokens, "base_version": hub.registry.latest_checkpoint().version,
+                        "timing": {**vgrid.timing(), **{key: round(value, 2) for key, value in timing.items()}}})
+    return read_result(hub.path)
 
 
 def _timed(call: Callable[..., T], timing: dict[str, float], key: str) -> Callable[..., T]:
@@ -110,6 +107,16 @@ def _timed(call: Callable[..., T], timing: dict[str, float], key: str) -> Callab
             timing[key] = timing.get(key, 0.0) + time.monotonic() - started
 
     return timed
+
+
+@contextmanager
+def _timing_calls(owner: Any, method: str, timing: dict[str, float], key: str) -> Iterator[None]:
+    """Time ``owner.method`` while the block runs (an instance attribute shadows it), then undo that."""
+    setattr(owner, method, _timed(getattr(owner, method), timing, key))
+    try:
+        yield
+    finally:
+        delattr(owner, method)
 
 
 def current_losses(hub: Hub) -> dict[str, float]:
@@ -139,8 +146,7 @@ def relay_final_losses(hub: Hub) -> dict[str, float]:
 
 def _trace_row(hub: Hub, vgrid: VirtualGrid, trace: Trace, tokens: int, losses: dict | None = None) -> None:
     counts = hub.registry.contribution_counts()
-    snapshot = Counters(**{**vgrid.counters.__dict__, "tokens": tokens,
-                           "accepted": counts.get("accepted", 0),
-                           "rejected": sum(n for decision, n in counts.items() if decision != "accepted")})
+    snapshot = replace(vgrid.counters, tokens=tokens, accepted=counts.get("accepted", 0),
+                       rejected=sum(n for decision, n in counts.items() if decision != "accepted"))
     trace.row(vgrid.clock.elapsed, snapshot, leases_active=vgrid.leases_active, online=vgrid.online_count(),
               losses=losses if losses is not None else current_losses(hub))

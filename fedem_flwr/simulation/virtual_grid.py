@@ -210,6 +210,10 @@ class VirtualGrid(Grid):
             return True  # not profiled yet: listed, so that it is asked who it is
         return self._contributor(node_id).online(now - self.clock.start)
 
+    def timing(self) -> dict[str, float]:
+        """Where real time went, as the grid saw it (rounded seconds)."""
+        return {"waiting_for_nodes_s": round(self.waiting_s, 2), "node_training_s": round(self.node_train_s, 2)}
+
     @property
     def leases_active(self) -> int:
         return sum(1 for entry in self.in_flight.values() if entry.plan is not None)
