@@ -147,3 +147,16 @@ def test_a_reply_with_an_unusable_token_count_counts_none_and_ends_nothing(token
     _profile_all(grid)
     [(_, reply)] = _run_until_replied(grid, list(grid.push_messages([_train(10, token=1, ttl=1e6)])))
     assert not reply.has_error() and grid.counters.tokens == 0
+
+
+def test_an_idle_fedavg_waits_for_the_next_contributor_to_come_online_not_a_whole_jump():
+    from fedem_flwr.config import load_config
+    from fedem_flwr.simulation.fedavg import _wait
+
+    cfg = SimConfig(availability="daily", online_fraction=0.2, period_s=1000.0, max_jump_s=10_000.0)
+    grid = _grid(cfg, nodes=3)
+    _profile_all(grid)
+    people = [virtual_contributor(cfg, 0, p) for p in range(3)]
+    first = min(who.next_change(0.0) for who in people)
+    _wait(grid, grid.clock, load_config([]))
+    assert grid.clock.elapsed == pytest.approx(first) and first < cfg.max_jump_s

@@ -152,7 +152,7 @@ def run_fedavg(
                 if _give_up(clock() - idle_since, cfg):
                     stopped_by = "no node holding a language online"
                     break
-                _wait(clock, cfg)
+                _wait(grid, clock, cfg)
                 continue
             idle_since = None
             server_round += 1
@@ -341,9 +341,13 @@ def _give_up(idle_s: float, cfg: FedemConfig) -> bool:
     return idle_s >= max(cfg.relay.no_node_grace_s, away)
 
 
-def _wait(clock: Callable[[], float], cfg: FedemConfig) -> None:
-    """Let time pass while no node is there: a virtual clock jumps, a real one sleeps."""
-    if isinstance(clock, VirtualClock):
+def _wait(grid: Grid, clock: Callable[[], float], cfg: FedemConfig) -> None:
+    """Let time pass while no node is there: a simulation's grid moves its clock to the next event
+    (a contributor coming online), a bare virtual clock jumps, a real one sleeps."""
+    advance = getattr(grid, "advance", None)
+    if advance is not None:
+        advance()
+    elif isinstance(clock, VirtualClock):
         clock.advance_to(clock() + cfg.sim.max_jump_s)
     else:
         time.sleep(cfg.relay.poll_interval_s)
