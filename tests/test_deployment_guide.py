@@ -28,6 +28,7 @@ from typing import Optional, TypeVar
 
 import pytest
 from cryptography.hazmat.primitives import serialization
+from flwr.common.constant import HEARTBEAT_DEFAULT_INTERVAL, HEARTBEAT_PATIENCE
 
 from fedem_flwr.config import load_config
 from fedem_flwr.data.corpus import load_corpus
@@ -63,6 +64,9 @@ OVERRIDES = (
 # Each node can train two of the three adapters, so every adapter has a second taker.
 CONTRIBUTORS = {"alice": ["hi", "mr"], "bob": ["ta", "hi"], "mallory": ["mr", "ta"]}
 HOSTILE = "wrong-token\nmalformed-adapter\noversized-adapter\n"  # Mallory's three replies, in order
+# How long to wait for Flower to mark a run failed after its ServerApp died: it does once the
+# run's heartbeats have stopped for HEARTBEAT_PATIENCE intervals; twice that, for a loaded machine.
+SERVERAPP_GONE_S = 2 * HEARTBEAT_PATIENCE * HEARTBEAT_DEFAULT_INTERVAL + 60
 T = TypeVar("T")
 
 
@@ -120,6 +124,15 @@ class Deployment:
 
     def status(self, run_id: int) -> str:
         return flwr_cli.run_status(self.guide.flwr_home, CONNECTION, run_id)["status"]
+
+    def finished_status(self, run_id: int, timeout: float) -> str:
+        """The run's status once Flower reads it `finished:*`, polled; a failure naming the last
+        status seen (and the run's logs) if that takes longer than ``timeout`` seconds."""
+        status = flwr_cli.settled_status(self.guide.flwr_home, CONNECTION, run_id, timeout)["status"]
+        if not status.startswith("finished"):
+            pytest.fail(f"run {run_id} still `{status}` after {timeout:.0f} s; logs:\n"
+                        f"{run_logs(self.superlink, run_id)[-3000:]}")
+        return status
 
     def registry(self) -> Registry:
         return Registry.open(self.hub, readonly=True)
@@ -398,10 +411,12 @@ def test_killed_serverapp_run_resubmitted_continues_from_last_accepted(deploymen
 def test_superlink_restart_keeps_nodes_and_a_resubmitted_run_completes(deployment):
     # Prepare
     killed, resubmitted = deployment.runs[-2:]
-    assert deployment.status(killed) == "finished:failed"
+    # Flower marks a run whose ServerApp died failed once its heartbeats stop for
+    # HEARTBEAT_PATIENCE intervals (about a minute): wait for it, whatever the machine's load.
+    assert deployment.finished_status(killed, timeout=SERVERAPP_GONE_S) == "finished:failed"
     count = deployment.read(lambda r: len(accepted(r)))
     deployment.guide.run("stop", env={"RUN_ID": str(resubmitted)})
-    wait_until(lambda: deployment.status(resubmitted).startswith("finished"), 120, "the stopped run")
+    deployment.finished_status(resubmitted, timeout=120)
 
     # Execute: the SuperLink restarts with its database; the nodes reconnect by themselves.
     old = deployment.link
@@ -412,8 +427,7 @@ def test_superlink_restart_keeps_nodes_and_a_resubmitted_run_completes(deploymen
     deployment.guide.run("log", env={"RUN_ID": str(run_id)}, timeout=400)  # streams until the run ends
 
     # Assert: the run completes, with two more accepted contributions, and nothing is lost.
-    status = wait_until(lambda: (lambda s: s if s.startswith("finished") else None)(deployment.status(run_id)), 60,
-                        "the final run's status")
+    status = deployment.finished_status(run_id, timeout=60)
     assert status == flwr_cli.COMPLETED, run_logs(deployment.superlink, run_id)[-4000:]
     assert deployment.read(lambda r: len(accepted(r))) >= count + 2
     assert_hub_consistent(deployment)
