@@ -21,7 +21,7 @@ $(STAMP): pyproject.toml setup.py
 setup: $(STAMP)
 
 run: setup
-	$(BIN)/python -m fedem_flwr.launch run . --federation-config "$(FEDERATION)" \
+	$(BIN)/fedem run . --federation-config "$(FEDERATION)" \
 		--run-config 'config-name="demo" hub="$(HUB)"'
 	$(BIN)/fedem --hub "$(HUB)" status
 	$(BIN)/fedem --hub "$(HUB)" report

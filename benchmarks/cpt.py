@@ -70,16 +70,16 @@ def _folder_mb(folder: Path) -> float:
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
-    import torch
-
-    from fedem_flwr.config import load_config
-    from fedem_flwr.data import load_corpus, tokenize_blocks
-    from fedem_flwr.model import build_byte_tokenizer, build_model, count_parameters
-    from fedem_flwr.model.factory import save_base
-    from fedem_flwr.training.cpt import ContinuousPretrainer
-
     import datasets
+    import torch
     import transformers
+
+    from fedem_flwr.config.loader import load_config
+    from fedem_flwr.data.blocks import tokenize_blocks
+    from fedem_flwr.data.corpus import load_corpus
+    from fedem_flwr.model.factory import build_model, count_parameters, save_base
+    from fedem_flwr.model.tokenizer import build_byte_tokenizer
+    from fedem_flwr.training.cpt import ContinuousPretrainer
 
     datasets.disable_progress_bars()
     transformers.utils.logging.disable_progress_bar()

@@ -73,8 +73,10 @@ def _build(model_key: str, path: str, mode: str, args, tokenizer):
     import peft
     import torch
 
-    from fedem_flwr.config import LoraConfig, load_config
-    from fedem_flwr.model import attach_lora, build_model, count_parameters, kernel_path
+    from fedem_flwr.config.loader import load_config
+    from fedem_flwr.config.schema import LoraConfig
+    from fedem_flwr.model.factory import build_model, count_parameters, kernel_path
+    from fedem_flwr.model.lora import attach_lora
 
     if model_key == "llama":
         from transformers import LlamaForCausalLM
@@ -166,7 +168,7 @@ def child(args) -> int:
         sys.meta_path.insert(0, _BlockKernels())
     import torch
 
-    from fedem_flwr.model import build_byte_tokenizer
+    from fedem_flwr.model.tokenizer import build_byte_tokenizer
 
     torch.backends.cuda.matmul.allow_tf32 = True  # as a trainer would: tf32 for any fp32 matmul left
     device = torch.device(args.device)
@@ -215,12 +217,11 @@ def llama_intermediate_size(target: int, vocab: int, width: int = 768, layers: i
 def parameter_counts() -> dict[str, Any]:
     """Parameter counts of the two Mamba shapes (built on the meta device: no memory, no time)."""
     import torch
-
-    from fedem_flwr.config import load_config
-    from fedem_flwr.model import build_byte_tokenizer, count_parameters
-    from fedem_flwr.model.factory import model_config
-
     from transformers import LlamaForCausalLM, Mamba2ForCausalLM, MambaForCausalLM
+
+    from fedem_flwr.config.loader import load_config
+    from fedem_flwr.model.factory import count_parameters, model_config
+    from fedem_flwr.model.tokenizer import build_byte_tokenizer
 
     tokenizer = build_byte_tokenizer()
     counts = {}

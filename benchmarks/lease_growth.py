@@ -80,7 +80,7 @@ class Run:
         i = self.served % CYCLING
         lease = self.book.acquire(f"a{i}", f"node:{i}", 0, 0, self.now, TTL)
         self.persist()
-        self.book.check_push(lease.token, lease.holder, lease.adapter, 0, self.now + 1)
+        self.book.check_push(lease.token, self.now + 1)
         self.book.release(lease.token, self.now + 1, "rejected")
         self.persist()
         self.first_token = self.first_token or lease.token
@@ -92,7 +92,7 @@ class Run:
         through the registry; ``unknown-token`` for the book alone, which keeps no ended lease)."""
         started = time.perf_counter()
         try:
-            self.book.check_push(self.first_token, "node:0", "a0", 0, self.now)
+            self.book.check_push(self.first_token, self.now)
         except PushRejected:
             pass
         return (time.perf_counter() - started) * 1e6

@@ -68,14 +68,16 @@ def run_model(args: dict[str, Any]) -> list[dict[str, Any]]:
     """Every case for one model; runs inside the child process."""
     import torch
 
-    from fedem_flwr.config import load_config
-    from fedem_flwr.data import heldout_split, load_corpus
+    from fedem_flwr.config.loader import load_config
+    from fedem_flwr.data.blocks import heldout_split
+    from fedem_flwr.data.corpus import load_corpus
     from fedem_flwr.gate.acceptance import decide_base
     from fedem_flwr.gate.evaluator import HubWorkbench
-    from fedem_flwr.merge import WeightedAdapter, merge_adapters
-    from fedem_flwr.model import build_byte_tokenizer, build_model, count_parameters
+    from fedem_flwr.gate.loss import evaluate
+    from fedem_flwr.lineage.merge import WeightedAdapter, merge_adapters
+    from fedem_flwr.model.factory import build_model, count_parameters
     from fedem_flwr.model.lora import adapter_state, attach_lora
-    from fedem_flwr.training import evaluate
+    from fedem_flwr.model.tokenizer import build_byte_tokenizer
 
     torch.set_num_threads(args["threads"])
     cfg = load_config([f"model={args['model']}"])

@@ -28,10 +28,10 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from fedem_flwr.hub.registry import Registry
-from fedem_flwr.relay.leases import Lease
-
 from baseline import regressions
+
+from fedem_flwr.hub.records import Lease
+from fedem_flwr.hub.registry import Registry
 
 T0 = 1_700_000_000.0
 TTL = 10800.0

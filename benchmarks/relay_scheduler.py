@@ -110,7 +110,7 @@ def run(policy_name: str, n_adapters: int, n_nodes: int, n_leases: int, seed: in
         now += 1.0
         t0 = clock()
         lease = book.lease_of(node.node)
-        book.check_push(lease.token, node.node, lease.adapter, lease.base_version, now)
+        book.check_push(lease.token, now)
         book.release(lease.token, now, "accepted")
         t1 = clock()
         free.put(AdapterInfo(lease.adapter, (LANGUAGES[int(lease.adapter[1:]) % len(LANGUAGES)],),

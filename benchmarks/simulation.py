@@ -29,6 +29,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the repository's `simulations` package
 
 from baseline import print_aligned, regressions  # noqa: E402
+
 from simulations.cells import run_cell  # noqa: E402
 
 GOAL_PER_MINUTE = 30.0

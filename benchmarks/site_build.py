@@ -25,9 +25,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from click.testing import CliRunner
-
 from baseline import regressions
+from click.testing import CliRunner
 
 from fedem_flwr.cli import cli
 from fedem_flwr.hub.registry import Registry

@@ -46,8 +46,11 @@ def run_case(case: dict[str, Any]) -> dict[str, Any]:
     """Build the model, time ``steps`` training steps after ``warmup``; runs inside the child process."""
     import torch
 
-    from fedem_flwr.config import LoraConfig, load_config
-    from fedem_flwr.model import attach_lora, build_byte_tokenizer, build_model, count_parameters, kernel_path
+    from fedem_flwr.config.loader import load_config
+    from fedem_flwr.config.schema import LoraConfig
+    from fedem_flwr.model.factory import build_model, count_parameters, kernel_path
+    from fedem_flwr.model.lora import attach_lora
+    from fedem_flwr.model.tokenizer import build_byte_tokenizer
 
     torch.set_num_threads(case["threads"])
     device = torch.device(case["device"])

@@ -1,6 +1,6 @@
 """The ClientApp: relay fine-tuning of a leased adapter (``train.relay``) and the node profile
-(``query.profile``). Wiring only: the work is in ``fedem_flwr.contributor``; a missing base is
-fetched from the Hugging Face Hub when the message says where (``fedem_flwr.base_fetch``)."""
+(``query.profile``). Wiring only: the work is in ``fedem_flwr.node.contributor``; a missing base is
+fetched from the Hugging Face Hub when the message says where (``fedem_flwr.node.fetch``)."""
 
 from __future__ import annotations
 
@@ -10,15 +10,15 @@ import time
 from flwr.app import Context, Message
 from flwr.clientapp import ClientApp
 
-from fedem_flwr import faults
-from fedem_flwr.base_fetch import ensure_base
-from fedem_flwr.config import load_run_config
-from fedem_flwr.contributor import BaseCache, profile, relay_train, training_data
+from fedem_flwr.config.loader import load_run_config
 from fedem_flwr.logs import quiet_library_progress, use_flower_logging
-from fedem_flwr.relay import messages
+from fedem_flwr.model.lora import lora_spec
+from fedem_flwr.node.contributor import BaseCache, profile, relay_train, training_data
+from fedem_flwr.node.fetch import ensure_base
+from fedem_flwr.protocol import faults, messages
+from fedem_flwr.protocol.wire import adapter_to_arrays, arrays_to_adapter
 from fedem_flwr.simulation.fedavg_client import fedavg_train
 from fedem_flwr.simulation.virtual_grid import read_plan
-from fedem_flwr.wire import adapter_to_arrays
 
 app = ClientApp()
 use_flower_logging()
@@ -48,9 +48,10 @@ def train_relay(message: Message, context: Context) -> Message:
     plan = read_plan(message)  # in a simulation on the virtual clock: the steps to train, in simulated time
     if plan is not None and plan.steps == 0:  # vanished before its first step
         return messages.train_reply(message, instruction, message.content["arrays"], plan.metrics(tokens=0))
-    state = message.content["arrays"].to_torch_state_dict()
+    base = cache.use(instruction.base.digest)
+    state = arrays_to_adapter(message.content["arrays"], lora_spec(base, cfg.lora))  # the layout of its own LoRA
     new_state, metrics = relay_train(
-        cfg, cache.use(instruction.base.digest), state, data, instruction.languages,
+        cfg, base, state, data, instruction.languages,
         budget_s=(max(1.0, instruction.budget_s - (time.monotonic() - started))  # a fetch spends the lease
                   if plan is None else math.inf),
         max_steps=instruction.max_steps if plan is None else plan.steps, seed=cfg.seed + instruction.token,

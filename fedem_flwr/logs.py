@@ -9,6 +9,9 @@ import logging
 import warnings
 
 PACKAGE_LOGGER = "fedem_flwr"
+# Flower's own logger (``flwr.supercore.logger.FLOWER_LOGGER``), taken by name: this module stays free
+# of Flower, so the CLI can use it; the apps that call ``use_flower_logging`` have imported Flower.
+FLOWER_LOGGER_NAME = "flwr"
 # Libraries whose deprecation and future warnings are hidden from a run's log; fedem's own stay.
 QUIET_LIBRARIES = ("transformers", "peft", "datasets", "huggingface_hub", "torch", "flwr", "typer", "click",
                    "ray", "hydra", "omegaconf", "safetensors", "tokenizers", "pydantic")
@@ -17,11 +20,9 @@ _DEPRECATIONS = (DeprecationWarning, PendingDeprecationWarning, FutureWarning)
 
 def use_flower_logging(level: int = logging.INFO) -> logging.Logger:
     """Idempotent: handlers are attached once per process."""
-    from flwr.supercore.logger import FLOWER_LOGGER
-
     logger = logging.getLogger(PACKAGE_LOGGER)
     logger.setLevel(level)
-    for handler in FLOWER_LOGGER.handlers:
+    for handler in logging.getLogger(FLOWER_LOGGER_NAME).handlers:
         if handler not in logger.handlers:
             logger.addHandler(handler)
     logger.propagate = False

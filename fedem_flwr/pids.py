@@ -1,10 +1,10 @@
-"""Whether a process id names a live process: shared by the hub's writer lock and the launcher."""
+"""Whether a process still runs: shared by the hub's writer lock and the launcher."""
 
 from __future__ import annotations
 
-import os
-from pathlib import Path
 from typing import Any
+
+import psutil
 
 
 def pid_alive(pid: Any) -> bool:
@@ -12,18 +12,16 @@ def pid_alive(pid: Any) -> bool:
     if not isinstance(pid, int) or isinstance(pid, bool) or pid <= 0:
         return False
     try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except (OSError, IndexError):
-        return _signal_alive(pid)
-    return state != "Z"
-
-
-def _signal_alive(pid: int) -> bool:
-    # Where /proc is missing: signal 0 checks existence without touching the process.
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
+        return process_alive(psutil.Process(pid))
+    except psutil.NoSuchProcess:
         return False
-    except PermissionError:
+
+
+def process_alive(proc: psutil.Process) -> bool:
+    """True while ``proc`` runs: this very process, not a later one that reuses its pid; a zombie has ended."""
+    try:
+        return proc.is_running() and proc.status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:  # ZombieProcess included
+        return False
+    except psutil.AccessDenied:  # another user's process: it exists
         return True
-    return True

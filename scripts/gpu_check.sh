@@ -146,7 +146,7 @@ try:
 except Exception as err:  # noqa: BLE001
     print(f"no: a kernel launch failed ({err}); built for another GPU architecture?")
     raise SystemExit
-from fedem_flwr.model import kernels_available
+from fedem_flwr.model.factory import kernels_available
 print("yes" if kernels_available("mamba2") and kernels_available("mamba") else "no: transformers did not bind them")
 EOF
 )"
@@ -161,7 +161,7 @@ for name in ("hydra", "omegaconf", "einops", "pytest", "safetensors", "tokenizer
     except Exception as err:  # noqa: BLE001
         missing.append(f"{name} ({type(err).__name__})")
 print("gpu_check: modules missing:", ", ".join(missing) or "none")
-for module in ("fedem_flwr.config", "fedem_flwr.model", "fedem_flwr.training"):
+for module in ("fedem_flwr.config.loader", "fedem_flwr.model.factory", "fedem_flwr.model.lora", "fedem_flwr.training.finetune"):
     try:
         importlib.import_module(module)
         print(f"gpu_check: import {module}: ok")

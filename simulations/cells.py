@@ -38,6 +38,9 @@ BASELINES = ("centralized", "local-only")
 FEDERATED = ("relay", "fedavg-language", "fedavg-global")
 METHODS = BASELINES + FEDERATED
 
+# A sweep's folder: <out>/results.csv and one <out>/cells/<key>/ folder a cell, laid out as below.
+RESULTS_FILE = "results.csv"
+CELLS_DIR = "cells"
 CELL_FILE = "cell.json"
 STATUS_FILE = "status.json"
 LOG_FILE = "flwr.log"
@@ -210,7 +213,7 @@ def run_baseline_cell(cell: Mapping[str, Any], cell_dir: Path, hub: Path, *, cel
     """Run a baseline in this process on the config the cell's overrides compose."""
     import torch
 
-    from fedem_flwr.config import load_config
+    from fedem_flwr.config.loader import load_config
     from fedem_flwr.logs import quiet_library_progress
     from fedem_flwr.simulation.baselines import run_baseline
 

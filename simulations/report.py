@@ -1,7 +1,7 @@
 """The report of a sweep: a Markdown table per method (and every other setting that varies), mean
 ± standard deviation over seeds, and plots of its traces.
 
-    python -m simulations.report runs/sweep
+    fedem sim report runs/sweep
 
 Reads ``<out>/results.csv`` and the traces of its cells (``cells/<key>/hub/sim/trace.csv``) and
 writes ``<out>/report.md`` with ``loss_vs_tokens.png``, ``loss_vs_sim_time.png`` and
@@ -10,7 +10,6 @@ writes ``<out>/report.md`` with ``loss_vs_tokens.png``, ``loss_vs_sim_time.png``
 
 from __future__ import annotations
 
-import argparse
 import csv
 import math
 import statistics
@@ -24,8 +23,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 from fedem_flwr.simulation.record import read_trace  # noqa: E402
-from simulations.cells import DIMENSIONS, HUB_DIR  # noqa: E402
-from simulations.sweep import CELLS_DIR, RESULTS_FILE  # noqa: E402
+from simulations.cells import CELLS_DIR, DIMENSIONS, HUB_DIR, RESULTS_FILE  # noqa: E402
 
 REPORT_FILE = "report.md"
 # (column, heading, digits) of the main table
@@ -223,14 +221,3 @@ def write_report(out: Path) -> Path:
     report = out / REPORT_FILE
     report.write_text("\n".join(text), encoding="utf-8")
     return report
-
-
-def main(argv: Optional[list[str]] = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("out", type=Path, help="the sweep's --out folder")
-    args = parser.parse_args(argv)
-    print(write_report(args.out))
-
-
-if __name__ == "__main__":
-    main()

@@ -1,21 +1,20 @@
 """Run a grid of simulated federations and baselines, several cells at once, resumably.
 
-    python -m simulations.sweep --method relay,fedavg-language,centralized --seed 0,1,2 \\
+    fedem sim sweep --method relay,fedavg-language,centralized --seed 0,1,2 \\
         --contributors 20 --max-tokens 200000 --overrides "train.max_steps=10" --out runs/sweep
-    python -m simulations.sweep --grid grid.yaml --out runs/sweep --jobs 2
-    python -m simulations.sweep --grid grid.yaml --out runs/sweep --ray-address HEAD_IP:6379
+    fedem sim sweep --grid grid.yaml --out runs/sweep --jobs 2
+    fedem sim sweep --grid grid.yaml --out runs/sweep --ray-address HEAD_IP:6379
 
 The grid is the cartesian product of its dimensions (a list is a dimension, a scalar a fixed
 setting; options on the command line replace the grid file's). Each cell runs in
 ``<out>/cells/<key>/``, keyed by the hash of its settings; a cell that already has its result is
 not run again, so rerunning the same command resumes a sweep. ``<out>/results.csv`` holds one row
 per cell of ``<out>`` (settings, status, result, ``loss.<lang>`` columns) and ``<out>/report.md``
-with its plots summarises it (``python -m simulations.report``).
+with its plots summarises it (``fedem sim report``).
 """
 
 from __future__ import annotations
 
-import argparse
 import csv
 import itertools
 import json
@@ -30,10 +29,13 @@ from typing import Any, Optional
 import yaml
 from tqdm import tqdm
 
+from fedem_flwr.simulation.record import read_result
 from simulations.cells import (
     CELL_FILE,
+    CELLS_DIR,
     DIMENSIONS,
     HUB_DIR,
+    RESULTS_FILE,
     STATUS_FILE,
     CellError,
     Runner,
@@ -43,13 +45,15 @@ from simulations.cells import (
     run_cell,
     write_status,
 )
-from fedem_flwr.simulation.record import read_result
 
-RESULTS_FILE = "results.csv"
-CELLS_DIR = "cells"
 STATUS_COLUMNS = ("key", "status", "reason", "cell_wall_s")
 RESULT_COLUMNS = ("loss_mean", "tokens", "tokens_wasted", "bytes_moved", "accepted", "rejected", "leases",
                   "expired", "sim_seconds", "wall_seconds")
+
+
+# The named dimensions the command line takes, and how each parses its comma-separated values.
+OPTION_KINDS: dict[str, Any] = {"method": str, "seed": int, "contributors": int, "max_tokens": int, "clock": str,
+                                "policy": str, "lease_ttl_s": float, "vanish_prob": float, "merge": bool, "cpt": bool}
 
 
 def expand(grid: Mapping[str, Any] | Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
@@ -70,7 +74,10 @@ def expand(grid: Mapping[str, Any] | Sequence[Mapping[str, Any]]) -> list[dict[s
 
 def load_grid(path: Path) -> Any:
     """A grid file: YAML or JSON, a mapping of dimensions or a list of them."""
-    grid = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
+    try:
+        grid = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
+    except yaml.YAMLError as err:
+        raise CellError(f"grid file {str(path)!r} is not valid YAML: {err}") from err
     if not isinstance(grid, (dict, list)):
         raise CellError(f"grid file {str(path)!r} holds {type(grid).__name__}; it must hold a mapping of dimensions.")
     return grid
@@ -201,28 +208,31 @@ def run_sweep(cells: Sequence[Mapping[str, Any]], out: Path, *, jobs: int = 1, c
     return counts
 
 
-def grid_from_args(args: argparse.Namespace) -> Any:
-    """The grid file's mapping(s) with the command line's dimensions laid over each."""
-    grid = load_grid(args.grid) if args.grid else {}
-    given = {
-        "method": _values(args.method) if args.method else None,
-        "seed": _values(args.seed, int) if args.seed else None,
-        "contributors": _values(args.contributors, int) if args.contributors else None,
-        "max_tokens": _values(args.max_tokens, int) if args.max_tokens else None,
-        "clock": _values(args.clock) if args.clock else None,
-        "policy": _values(args.policy) if args.policy else None,
-        "lease_ttl_s": _values(args.lease_ttl_s, float) if args.lease_ttl_s else None,
-        "vanish_prob": _values(args.vanish_prob, float) if args.vanish_prob else None,
-        "merge": _values(args.merge, bool) if args.merge else None,
-        "cpt": _values(args.cpt, bool) if args.cpt else None,
-        "overrides": args.overrides or None,
-    }
-    for item in args.set or []:
+def grid_from_options(grid_file: Optional[Path], dimensions: Mapping[str, Optional[str]],
+                      settings: Sequence[str] = (), overrides: Sequence[str] = ()) -> list[dict[str, Any]]:
+    """The grid file's mapping(s) with the command line's dimensions laid over each.
+
+    ``dimensions`` maps a named dimension to its comma-separated values (None: not given);
+    ``settings`` are ``KEY=V1,V2`` with a Hydra key; one ``overrides`` string applies to every cell,
+    several are alternatives (a dimension).
+    """
+    grid = load_grid(grid_file) if grid_file else {}
+    given: dict[str, Any] = {}
+    for name, text in dimensions.items():
+        if name not in OPTION_KINDS:
+            raise CellError(f"unknown dimension `{name}`; the command line takes {sorted(OPTION_KINDS)}.")
+        try:
+            if text:
+                given[name] = _values(text, OPTION_KINDS[name])
+        except ValueError as err:
+            raise CellError(f"`--{name.replace('_', '-')} {text}`: {err}") from err
+    if overrides:
+        given["overrides"] = overrides[0] if len(overrides) == 1 else list(overrides)
+    for item in settings:
         key, sep, text = item.partition("=")
         if not sep or "." not in key:
             raise CellError(f"`--set {item}` must read KEY=V1,V2 with a Hydra key such as train.max_steps.")
         given[key] = _values(text, Any)
-    given = {k: v for k, v in given.items() if v is not None}
     grids = grid if isinstance(grid, list) else [grid]
     merged = [{**g, **given} for g in grids]
     if not all("method" in g for g in merged):
@@ -230,55 +240,6 @@ def grid_from_args(args: argparse.Namespace) -> Any:
     return merged
 
 
-def main(argv: Optional[list[str]] = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--grid", type=Path, help="YAML/JSON grid file (a mapping of dimensions, or a list of them).")
-    parser.add_argument("--out", type=Path, default=Path("runs/sweep"))
-    dims = parser.add_argument_group("dimensions (comma-separated values; each replaces the grid file's)")
-    dims.add_argument("--method", help="centralized, local-only, fedavg-language, fedavg-global, relay")
-    dims.add_argument("--seed")
-    dims.add_argument("--contributors")
-    dims.add_argument("--max-tokens", help="token budget (every token trained, wasted ones included)")
-    dims.add_argument("--clock", help="virtual (default) or real; federated methods only")
-    dims.add_argument("--policy", help="relay: random, round-robin, least-recent, language")
-    dims.add_argument("--lease-ttl-s", help="relay: lease time to live, simulated seconds")
-    dims.add_argument("--vanish-prob", help="federated: chance a contributor vanishes mid-lease")
-    dims.add_argument("--merge", help="relay: on, off")
-    dims.add_argument("--cpt", help="relay: on, off")
-    dims.add_argument("--overrides", action="append",
-                      help="Hydra overrides for every cell, e.g. 'train.max_steps=10'; repeat for alternatives.")
-    dims.add_argument("--set", action="append", metavar="KEY=V1,V2",
-                      help="any Hydra key as a dimension (a list value needs a grid file or --overrides)")
-    parser.add_argument("--jobs", type=int, help="cells at once (default: cores / --cell-cpus)")
-    parser.add_argument("--cell-cpus", type=int, default=1, help="CPUs of each cell's own Ray (default 1)")
-    parser.add_argument("--ray-address", help="join this Ray cluster (HOST:PORT of `ray start --head`)")
-    parser.add_argument("--timeout", type=float, help="seconds a federated cell may run before it is stopped")
-    parser.add_argument("--dry-run", action="store_true", help="list the cells and whether each is done")
-    parser.add_argument("--no-report", action="store_true")
-    args = parser.parse_args(argv)
-    if args.overrides and len(args.overrides) == 1:
-        args.overrides = args.overrides[0]
-
-    try:
-        cells = expand(grid_from_args(args))
-    except (CellError, ValueError, OSError, yaml.YAMLError) as err:
-        parser.error(str(err))
-    if args.dry_run:
-        for cell in cells:
-            state = "done" if has_result(cell_dir(args.out, cell)) else "todo"
-            print(f"{cell_key(cell)}  {state}  {json.dumps(cell, sort_keys=True)}")
-        return 0
-    jobs = args.jobs or (1 if args.ray_address else default_jobs(args.cell_cpus))
-    counts = run_sweep(cells, args.out, jobs=jobs, cell_cpus=args.cell_cpus, ray_address=args.ray_address,
-                       timeout=args.timeout)
-    print(f"{len(cells)} cells: {counts['ok']} ok, {counts['skipped']} already done, {counts['failed']} failed; "
-          f"table: {args.out / RESULTS_FILE}")
-    if not args.no_report:
-        from simulations.report import write_report
-
-        print(f"report: {write_report(args.out)}")
-    return 1 if counts["failed"] else 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
+def describe(cells: Sequence[Mapping[str, Any]], out: Path) -> list[dict[str, Any]]:
+    """Each cell's key, whether ``out`` already holds its result, and its settings (a dry run)."""
+    return [{"key": cell_key(cell), "done": has_result(cell_dir(out, cell)), "cell": dict(cell)} for cell in cells]

@@ -18,9 +18,17 @@ torch.set_num_threads(1)
 @pytest.fixture
 def config():
     """The embedded default configuration (tiny model, demo corpus)."""
-    from fedem_flwr.config import load_config
+    from fedem_flwr.config.loader import load_config
 
     return load_config()
+
+
+@pytest.fixture(scope="session")
+def tokenizer():
+    """The byte-level tokenizer (built locally, no download), shared by every test that needs one."""
+    from fedem_flwr.model.tokenizer import build_byte_tokenizer
+
+    return build_byte_tokenizer()
 
 
 @pytest.fixture
@@ -35,8 +43,8 @@ def fresh_db():
 
 @pytest.fixture
 def local_hub(tmp_path_factory):
-    """A local Hugging Face Hub endpoint (`fedem_flwr.testing.hf_server`) for one test."""
-    from fedem_flwr.testing.hf_server import serve_hub
+    """A local Hugging Face Hub endpoint (`tests.support.hf_server`) for one test."""
+    from tests.support.hf_server import serve_hub
 
     with serve_hub(tmp_path_factory.mktemp("hub-blobs")) as hub:
         yield hub
@@ -45,7 +53,7 @@ def local_hub(tmp_path_factory):
 @pytest.fixture
 def hf_env(local_hub, tmp_path_factory):
     """transformers, PEFT and datasets pointed at `local_hub`, with a fresh temporary HF_HOME."""
-    from fedem_flwr.testing.hf_server import hub_environment
+    from tests.support.hf_server import hub_environment
 
     with hub_environment(local_hub.endpoint, tmp_path_factory.mktemp("hf-home")):
         yield local_hub

@@ -14,11 +14,11 @@ from pathlib import Path
 
 import torch
 
-from fedem_flwr.bootstrap import open_hub
 from fedem_flwr.client_app import app as client_app
-from fedem_flwr.config import load_run_config
+from fedem_flwr.config.loader import load_run_config
+from fedem_flwr.relay.bootstrap import open_hub
 from fedem_flwr.relay.strategy import RelayStrategy
-from fedem_flwr.testing.fake_grid import InProcessGrid
+from tests.support.fake_grid import InProcessGrid
 
 OVERRIDES = (
     "data.languages=[hi] train.max_steps=8 train.batch_size=4 train.progress=false relay.lease_ttl_s=600 "

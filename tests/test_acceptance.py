@@ -7,7 +7,7 @@ import math
 import pytest
 
 from fedem_flwr.errors import ConfigError
-from fedem_flwr.gate import Decision, decide
+from fedem_flwr.gate.acceptance import Decision, decide
 
 PARENT = {"hi": 3.4, "te": 3.424, "en": 2.0, "fr": 2.5}
 

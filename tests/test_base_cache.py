@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from fedem_flwr.base_cache import BaseCache
 from fedem_flwr.errors import ConfigError
 from fedem_flwr.hub.manifest import DigestMismatch, digest
+from fedem_flwr.node.cache import BaseCache
 
 
 class Clock:
@@ -106,6 +106,6 @@ def test_cache_max_bases_comes_from_the_node_config(tmp_path):
 
 
 def test_contributor_still_exports_the_base_cache():
-    from fedem_flwr import contributor
+    from fedem_flwr.node import contributor
 
     assert contributor.BaseCache is BaseCache

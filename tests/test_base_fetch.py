@@ -13,25 +13,27 @@ import logging
 
 import pytest
 import torch
-from flwr.app import ArrayRecord, Context, Message
+from flwr.app import Context, Message
 from flwr.clientapp import ClientApp
 
-from fedem_flwr.base_cache import BaseCache
-from fedem_flwr.base_fetch import HfLocation, endpoint_and_token, ensure_base, fetch_mode, hf_location
-from fedem_flwr.config import RelayConfig
+from fedem_flwr.config.schema import RelayConfig
 from fedem_flwr.errors import ConfigError
 from fedem_flwr.hub.hf_store import HfStore
 from fedem_flwr.hub.manifest import digest
 from fedem_flwr.hub.store import ArtifactRef
 from fedem_flwr.model.adapter_spec import AdapterSpec
-from fedem_flwr.relay import messages
+from fedem_flwr.node.cache import BaseCache
+from fedem_flwr.node.fetch import HfLocation, endpoint_and_token, ensure_base, fetch_mode, hf_location
+from fedem_flwr.protocol import messages
+from fedem_flwr.protocol.wire import adapter_to_arrays, arrays_to_adapter
 from fedem_flwr.relay.strategy import RelayStrategy
-from fedem_flwr.testing.fake_grid import InProcessGrid
-from relay_support import FakeClock, seeded_coordinator
+from tests.support.fake_grid import InProcessGrid
+from tests.support.relay import FakeClock, seeded_coordinator
 
 PREFIX = "org/fedem"
 BASE_HF_REPO = "org/fedem-base"  # the store's `t/base` under the prefix
 TOKEN = "hf_read_only_token"
+SPEC = AdapterSpec.from_state({"w": torch.zeros(1)})  # the scripted adapter: one weight
 
 
 def _app(envs: dict[int, dict[str, str]]) -> ClientApp:
@@ -60,9 +62,9 @@ def _app(envs: dict[int, dict[str, str]]) -> ClientApp:
         if missing:
             return messages.status_reply(message, instruction, messages.MISSING_BASE, missing)
         assert digest(cache.use(instruction.base.digest)) == instruction.base.digest
-        state = message.content["arrays"].to_torch_state_dict()
+        state = arrays_to_adapter(message.content["arrays"], SPEC)
         state["w"] = state["w"] - 0.25
-        return messages.train_reply(message, instruction, ArrayRecord(state), {"steps": 1.0})
+        return messages.train_reply(message, instruction, adapter_to_arrays(state), {"steps": 1.0})
 
     return app
 
@@ -92,7 +94,7 @@ def _relay(tmp_path, store=None, env=None, node_config=None, max_accepted=1, hub
     grid.push_messages = lambda batch: push(pushed.extend(batch) or batch)
     relay = RelayConfig(lease_ttl_s=100, sweep_interval_s=10, poll_interval_s=1, no_node_grace_s=5,
                         deadline_margin_s=10, max_wall_s=60.0, max_accepted=max_accepted)
-    strategy = RelayStrategy(coordinator, relay, AdapterSpec.from_state({"w": torch.zeros(1)}), max_steps=1,
+    strategy = RelayStrategy(coordinator, relay, SPEC, max_steps=1,
                              clock=clock, sleep=clock.sleep)
     result = strategy.start(grid)
     trains = [m for m in pushed if m.metadata.message_type == messages.TRAIN]
@@ -244,7 +246,7 @@ def _instruction(base_hf):
 
 def _message(instruction):
     InProcessGrid(ClientApp(), {}, {})  # sets the task identity a Message needs
-    return messages.train_message(10, instruction, ArrayRecord({"w": torch.zeros(1)}), ttl=60)
+    return messages.train_message(10, instruction, adapter_to_arrays({"w": torch.zeros(1)}), ttl=60)
 
 
 @pytest.mark.parametrize(
@@ -285,9 +287,9 @@ def test_an_endpoint_without_a_repo_is_refused():
 
 
 def test_the_real_client_app_fetches_the_hubs_base_from_the_hub(hf_env, tmp_path):
-    from fedem_flwr.bootstrap import open_hub
     from fedem_flwr.client_app import app as client_app
-    from fedem_flwr.config import load_run_config
+    from fedem_flwr.config.loader import load_run_config
+    from fedem_flwr.relay.bootstrap import open_hub
 
     overrides = ("hub.store=hf data.languages=[hi] train.max_steps=4 train.batch_size=4 train.progress=false "
                  "relay.lease_ttl_s=600 relay.poll_interval_s=0.001 relay.no_node_grace_s=0 relay.max_wall_s=300 "

@@ -6,15 +6,16 @@ import json
 import sqlite3
 from pathlib import Path
 
+import click
 import pytest
 from click.testing import CliRunner
 
 from fedem_flwr import __version__
 from fedem_flwr.cli import cli
 from fedem_flwr.hub.paths import HubWriterLock
+from fedem_flwr.hub.records import Lease
 from fedem_flwr.hub.registry import Registry
-from fedem_flwr.hub.store import open_store
-from fedem_flwr.relay.leases import Lease
+from fedem_flwr.hub.stores import open_store
 
 T0 = 1_700_000_000.0  # 2023-11-14T22:13:20+00:00
 ISO0 = "2023-11-14T22:13:20+00:00"
@@ -76,17 +77,27 @@ def as_json(hub: Path, *args: str):
     return json.loads(invoke(hub, *args, "--json").output)
 
 
+def commands(group: click.Group, path: tuple[str, ...] = ()):
+    """Every command and subcommand of ``group``, as its argument path."""
+    for name, command in group.commands.items():
+        yield (*path, name)
+        if isinstance(command, click.Group):
+            yield from commands(command, (*path, name))
+
+
 def test_every_command_has_help_and_the_group_a_version():
     runner = CliRunner()
-    for name in cli.commands:
+    for path in commands(cli):
         for flag in ("--help", "-h"):
-            result = runner.invoke(cli, [name, flag])
-            assert result.exit_code == 0, name
-            assert "Example: fedem" in result.output, name
+            result = runner.invoke(cli, [*path, flag])
+            assert result.exit_code == 0, path
+            assert "Example: fedem" in result.output, path
     assert runner.invoke(cli, ["--version"]).output == f"fedem, version {__version__}\n"
     assert "FEDEM_HUB" in runner.invoke(cli, ["-h"]).output
-    assert sorted(cli.commands) == ["adapters", "certs", "checkpoints", "connection", "contributions", "leases",
-                                    "merge", "node-key", "publish", "report", "site", "status", "verify"]
+    assert sorted(" ".join(path) for path in commands(cli)) == [
+        "adapters", "certs", "checkpoints", "connection", "contributions", "leases", "merge", "node-key", "publish",
+        "report", "run", "sim", "sim baseline", "sim report", "sim sweep", "site", "status", "superlink",
+        "superlink status", "superlink stop", "verify"]
 
 
 def test_status_json(hub):
@@ -282,9 +293,9 @@ def test_status_and_verify_read_a_hugging_face_hub_store_from_the_recorded_setti
     with no HF_ENDPOINT in its environment; `hub.private=true` made the repos private."""
     from huggingface_hub import HfApi
 
-    from fedem_flwr.bootstrap import open_hub
-    from fedem_flwr.config import load_config
-    from fedem_flwr.testing.hf_server import hub_environment
+    from fedem_flwr.config.loader import load_config
+    from fedem_flwr.relay.bootstrap import open_hub
+    from tests.support.hf_server import hub_environment
 
     overrides = ["data.languages=[hi]", "hub.store=hf", "hub.repo_prefix=org/seshu", "hub.private=true"]
     with hub_environment(local_hub.endpoint, tmp_path / "hf-home"):
@@ -302,7 +313,7 @@ def test_status_and_verify_read_a_hugging_face_hub_store_from_the_recorded_setti
 
 
 def test_publish_to_a_local_hub_endpoint(hub, tmp_path):
-    from fedem_flwr.testing.hf_server import hub_environment, serve_hub
+    from tests.support.hf_server import hub_environment, serve_hub
 
     with serve_hub(tmp_path / "remote") as remote, hub_environment(remote.endpoint, tmp_path / "hf-home"):
         result = invoke(hub, "publish", "--to", "hf", "--repo-prefix", "org/seshu", "--endpoint", remote.endpoint,
@@ -324,3 +335,60 @@ def test_report_writes_a_figure_and_a_summary(hub, tmp_path):
     assert data["adapters"] == {}  # no held-out metrics recorded in this hub
     assert (out / "relay.png").stat().st_size > 10_000
     assert json.loads((out / "summary.json").read_text()) == data
+
+
+# ---- fedem run, fedem superlink, fedem sim: what needs no Flower process ---------------------
+
+
+def test_run_refuses_a_folder_that_is_not_a_flower_app(tmp_path):
+    result = CliRunner().invoke(cli, ["run", str(tmp_path)])
+
+    assert result.exit_code == 1
+    assert result.output == f"Error: `{tmp_path.resolve()}` holds no pyproject.toml: not a Flower app\n"
+
+
+def test_superlink_status_and_stop_when_none_runs(tmp_path):
+    runner = CliRunner()
+    home = tmp_path / "flwr"
+
+    status = runner.invoke(cli, ["superlink", "status", "--flwr-home", str(home)])
+    as_json = runner.invoke(cli, ["superlink", "status", "--flwr-home", str(home), "--json"])
+    stop = runner.invoke(cli, ["superlink", "stop", str(tmp_path)])
+
+    assert status.output == f"No kept SuperLink runs for FLWR_HOME={home.resolve()}.\n"
+    assert (as_json.exit_code, as_json.output) == (0, "null\n")
+    assert (stop.exit_code, stop.output) == (0, f"No SuperLink runs for FLWR_HOME={(tmp_path / '.flwr').resolve()}.\n")
+
+
+@pytest.mark.parametrize("args", [["sim", "sweep", "--method", "relay", "--dry-run"], ["sim", "report", "."]])
+def test_sim_outside_a_checkout_says_to_run_it_from_one(tmp_path, monkeypatch, args):
+    monkeypatch.chdir(tmp_path)
+
+    result = CliRunner().invoke(cli, args)
+
+    assert result.exit_code == 1
+    assert result.output.startswith("Error: `fedem sim` runs from a checkout of the fedem-flwr repository")
+    assert f"{tmp_path.resolve()} holds no simulations/" in result.output
+
+
+def test_sim_report_needs_a_sweep_folder(tmp_path, monkeypatch):
+    monkeypatch.chdir(Path(__file__).resolve().parents[1])
+
+    result = CliRunner().invoke(cli, ["sim", "report", str(tmp_path)])
+
+    assert result.exit_code == 1
+    assert result.output == f"Error: {tmp_path} holds no results.csv: run `fedem sim sweep --out {tmp_path}` first.\n"
+
+
+def test_sim_baseline_needs_a_hub_named_for_it():
+    result = CliRunner().invoke(cli, ["sim", "baseline", "--method", "centralized"], env={"FEDEM_HUB": None})
+
+    assert result.exit_code == 2
+    assert "a baseline writes into its own hub folder" in result.output
+
+
+def test_sim_baseline_offers_the_baselines_of_the_package():
+    from fedem_flwr.cli.sim import BASELINES
+    from fedem_flwr.simulation.baselines import METHODS
+
+    assert BASELINES == METHODS

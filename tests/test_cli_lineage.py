@@ -8,13 +8,13 @@ import json
 from pathlib import Path
 
 import pytest
+from test_cli import T0, as_json, invoke, make_hub, pseudonyms, put
 
 from fedem_flwr.hub.merge_request import merge_request_path, pending_merge_request, take_merge_request
 from fedem_flwr.hub.paths import HubWriterLock
+from fedem_flwr.hub.records import Lease
 from fedem_flwr.hub.registry import Registry
-from fedem_flwr.hub.store import open_store
-from fedem_flwr.relay.leases import Lease
-from test_cli import T0, as_json, invoke, make_hub, pseudonyms, put
+from fedem_flwr.hub.stores import open_store
 
 
 def iso(t: float) -> str:

@@ -2,7 +2,7 @@
 
 import pytest
 
-from fedem_flwr.config import load_config, load_run_config, parse_overrides
+from fedem_flwr.config.loader import load_config, load_run_config, parse_overrides
 from fedem_flwr.errors import ConfigError
 
 

@@ -16,8 +16,8 @@ import pytest
 REPO = Path(__file__).resolve().parent.parent
 
 PROBE = (
-    "import json, fedem_flwr; from fedem_flwr.config import load_config; "
-    "from fedem_flwr.config.loader import config_dir; cfg = load_config(['lora.r=4']); "
+    "import json, fedem_flwr; "
+    "from fedem_flwr.config.loader import config_dir, load_config; cfg = load_config(['lora.r=4']); "
     "print(json.dumps({'package': fedem_flwr.__file__, 'conf': str(config_dir()), "
     "'model': cfg.model.name, 'r': cfg.lora.r}))"
 )
@@ -34,6 +34,7 @@ def _probe(path_entry: Path | None, cwd: Path) -> dict:
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
+@pytest.mark.slow  # starts a process
 def test_checkout_and_editable_install_read_conf_at_the_repository_root(tmp_path):
     found = _probe(None, cwd=tmp_path)  # the installed (editable) package, from an unrelated folder
     assert Path(found["conf"]) == REPO / "conf"
@@ -41,6 +42,7 @@ def test_checkout_and_editable_install_read_conf_at_the_repository_root(tmp_path
     assert _probe(REPO, cwd=tmp_path)["conf"] == str(REPO / "conf")
 
 
+@pytest.mark.slow  # starts a process
 def test_a_plain_wheel_carries_the_config_tree_inside_the_package(tmp_path):
     subprocess.run([sys.executable, "-m", "pip", "wheel", "--quiet", "--no-deps", "--no-build-isolation",
                     "-w", str(tmp_path), str(REPO)], check=True, capture_output=True, timeout=300)
@@ -56,6 +58,7 @@ def test_a_plain_wheel_carries_the_config_tree_inside_the_package(tmp_path):
     assert found["model"] == "seshu-tiny"
 
 
+@pytest.mark.slow  # starts a process
 def test_an_installed_flower_app_bundle_finds_conf_beside_the_package(tmp_path):
     from flwr.cli.install import install_from_fab
 
@@ -71,7 +74,7 @@ def test_an_installed_flower_app_bundle_finds_conf_beside_the_package(tmp_path):
 
 
 def test_an_explicit_config_tree_wins_and_a_missing_one_is_named(tmp_path, monkeypatch):
-    from fedem_flwr.config import load_config
+    from fedem_flwr.config.loader import load_config
     from fedem_flwr.errors import ConfigError
 
     monkeypatch.setenv("FEDEM_CONF_DIR", str(tmp_path / "nowhere"))

@@ -16,26 +16,22 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from fedem_flwr.config import load_config
+from fedem_flwr import durable
+from fedem_flwr.config.loader import load_config
 from fedem_flwr.config.schema import CptConfig, ModelConfig
-from fedem_flwr.data import tokenize_blocks
+from fedem_flwr.data.blocks import tokenize_blocks
 from fedem_flwr.errors import ConfigError, TrainingError
-from fedem_flwr.model import build_byte_tokenizer, build_model
+from fedem_flwr.model.factory import build_model
 from fedem_flwr.training import cpt_state
 from fedem_flwr.training.cpt import PROBE_EVERY, ContinuousPretrainer
 from fedem_flwr.training.cpt_state import CptStateError, read_state
-from relay_support import FakeClock
+from tests.support.relay import FakeClock
 
 ROOT = Path(__file__).resolve().parent.parent
 SMALL = ModelConfig(hidden_size=32, num_hidden_layers=1, state_size=8, head_dim=16, chunk_size=16)
 CPT = CptConfig(lr=3e-3, warmup_steps=2, max_steps=100, batch_size=4, checkpoint_every=1000, weight_decay=0.1,
                 precision="fp32", device="cpu")
 TEXTS = ["hello world, how are you today?", "नमस्ते, आप कैसे हैं?", "నమస్తే, మీరు ఎలా ఉన్నారు?", "你好，你好吗？"]
-
-
-@pytest.fixture(scope="module")
-def tokenizer():
-    return build_byte_tokenizer()
 
 
 @pytest.fixture(scope="module")
@@ -227,11 +223,11 @@ def test_an_interrupted_save_leaves_the_previous_state(tokenizer, blocks, tmp_pa
             raise Killed  # the process dies after the tensors file, before state.json
         real_replace(src, dst)
 
-    monkeypatch.setattr(cpt_state.os, "replace", die_before_commit)
+    monkeypatch.setattr(durable.os, "replace", die_before_commit)
     # Execute
     with pytest.raises(Killed):
         cpt.save()
-    monkeypatch.setattr(cpt_state.os, "replace", real_replace)
+    monkeypatch.setattr(durable.os, "replace", real_replace)
     # Assert: the committed state is still step 2's and verifies; the orphan goes at the next save.
     assert read_state(tmp_path / "cpt").record["step"] == 2
     assert len(list((tmp_path / "cpt").glob("tensors-*"))) == 2
@@ -260,7 +256,8 @@ RUN_SCRIPT = textwrap.dedent("""
     torch.set_num_threads(1)
     from safetensors.torch import load_file
     from fedem_flwr.config.schema import CptConfig, ModelConfig
-    from fedem_flwr.model import build_byte_tokenizer, build_model
+    from fedem_flwr.model.tokenizer import build_byte_tokenizer
+    from fedem_flwr.model.factory import build_model
     from fedem_flwr.training.cpt import PROBE_EVERY, ContinuousPretrainer
 
     def say(event, cpt):
@@ -281,6 +278,7 @@ RUN_SCRIPT = textwrap.dedent("""
 """)
 
 
+@pytest.mark.slow  # a real process, killed mid-run
 def test_kill_9_during_cpt_then_resume_continues_from_the_last_save(tokenizer, blocks, tmp_path):
     # Prepare: a real process running CPT slices on the same base and blocks, saving every 3 steps.
     cfg = dataclasses.replace(CPT, checkpoint_every=3)

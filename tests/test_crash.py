@@ -68,9 +68,9 @@ def test_a_hub_killed_between_artifact_write_and_registry_commit_advances_after_
 
 def test_an_orphan_base_checkpoint_does_not_block_the_first_start(tmp_path):
     """A first start that stored base v0 and died before recording it: the next start replaces it."""
-    from fedem_flwr.bootstrap import open_hub
-    from fedem_flwr.config import load_config
+    from fedem_flwr.config.loader import load_config
     from fedem_flwr.hub.store import base_repo
+    from fedem_flwr.relay.bootstrap import open_hub
 
     # Prepare: other content under fedem/base@v0, no registry row
     hub = tmp_path / "hub"

@@ -9,31 +9,16 @@ import pytest
 import torch
 
 from fedem_flwr.config.schema import DataConfig
-from fedem_flwr.data import (
-    corpus_digest,
-    heldout_split,
-    labels_for,
-    language_sizes,
-    load_corpus,
-    partition,
-    partitions,
-    tokenize_blocks,
-    without,
-)
-from fedem_flwr.data.labels import IGNORE_INDEX
-from fedem_flwr.data.corpus import column
+from fedem_flwr.data.blocks import heldout_split, tokenize_blocks, without
+from fedem_flwr.data.corpus import column, corpus_digest, language_sizes, load_corpus
+from fedem_flwr.data.labels import IGNORE_INDEX, labels_for
+from fedem_flwr.data.partition import partition, partitions
 from fedem_flwr.errors import ConfigError, DataError
-from fedem_flwr.model import build_byte_tokenizer
 
 datasets.disable_progress_bars()
 
 TEN = ["en", "fa", "hi", "te", "bn", "ta", "zh", "ja", "fr", "th"]
 KEY = bytes(range(32))  # a hub derives its key from its secret; any 16+ bytes do here
-
-
-@pytest.fixture(scope="module")
-def tokenizer():
-    return build_byte_tokenizer()
 
 
 @pytest.fixture(scope="module")

@@ -17,10 +17,10 @@ from flwr.cli.supernode.register import try_load_public_key
 
 from fedem_flwr.cli import cli
 from fedem_flwr.deploy.credentials import CredentialsError, certificate_names, node_key, server_credentials
-from fedem_flwr.faults import NODE_FAULTS_ENV, take_node_fault
 from fedem_flwr.launch.flwr_cli import write_connection
+from fedem_flwr.protocol.faults import NODE_FAULTS_ENV, take_node_fault
 from fedem_flwr.relay.nodes import key_identity
-from fedem_flwr.testing.guide import GUIDE, Guide, guide_steps, untested_steps
+from tests.support.guide import GUIDE, Guide, guide_steps, untested_steps
 
 try:
     import tomllib
@@ -164,6 +164,7 @@ def test_node_faults_are_taken_one_per_reply_in_order(tmp_path, monkeypatch):
     assert take_node_fault() is None
 
 
+@pytest.mark.slow  # starts a process
 def test_fedem_runs_as_a_module():
     done = subprocess.run([sys.executable, "-m", "fedem_flwr.cli", "--help"], capture_output=True, text=True,
                           timeout=120)

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from fedem_flwr.launch import processes
-from fedem_flwr.testing.flower import (
+from tests.support.flower import (
     local_superlink,
     run_logs,
     submit_run,

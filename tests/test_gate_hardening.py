@@ -2,7 +2,9 @@
 
 The workbench is scripted (held-out loss = ``w[0]``), so each scenario is a plain registry + store +
 coordinator, run in milliseconds. Every test checks that the relay goes on afterwards, that no
-accepted version is lost and that the lease table agrees with the lease book.
+accepted version is lost and that the lease table agrees with the coordinator's leases. A reply's
+metrics are checked once, where it is parsed (``messages.parse_metrics``); the coordinator records
+what the parse kept and dropped.
 """
 
 from __future__ import annotations
@@ -12,11 +14,12 @@ import math
 import pytest
 import torch
 
-from fedem_flwr.config import GateConfig
+from fedem_flwr.config.schema import GateConfig
 from fedem_flwr.errors import ConfigError, HubFault
 from fedem_flwr.hub.store import ArtifactRef
+from fedem_flwr.protocol.messages import parse_metrics
 from fedem_flwr.relay.policies import NodeProfile
-from relay_support import FakeClock, ScriptedWorkbench, assert_consistent, seeded_coordinator
+from tests.support.relay import TTL, FakeClock, ScriptedWorkbench, assert_consistent, seeded_coordinator
 
 PAIR = ("m.lora_A.weight", "m.lora_B.weight")
 
@@ -43,10 +46,8 @@ class SpyWorkbench(ScriptedWorkbench):
 
 def _hub(tmp_path, fault=None, extra=None, gate=None):
     clock = FakeClock()
-    coordinator, registry, store = seeded_coordinator(tmp_path, clock, extra=extra)
-    coordinator.workbench = SpyWorkbench(fault)
-    if gate is not None:
-        coordinator.gate = gate
+    coordinator, registry, store = seeded_coordinator(tmp_path, clock, extra=extra, workbench=SpyWorkbench(fault),
+                                                      gate=gate)
     coordinator.recover()
     return coordinator, registry, store, clock
 
@@ -57,29 +58,32 @@ def _lease(coordinator, node="sim:0"):
 
 
 def _push(coordinator, lease, loss, extra=None, **kw):
-    args = dict(holder=lease.holder, token=lease.token, adapter=lease.adapter, base_version=lease.base_version,
-                state={"w": torch.tensor([loss]), **(extra or {})})
-    args.update(kw)
-    return coordinator.receive_push(**args)
+    return coordinator.receive_push(lease.token, {"w": torch.tensor([loss]), **(extra or {})}, **kw)
 
 
-def _goes_on(coordinator, registry, loss=2.0, extra=None):
+def _goes_on(coordinator, registry, store, loss=2.0, extra=None):
     """The adapter is free again and a better push becomes the next version."""
     before = registry.latest_adapter_version("hi").version
     outcome = _push(coordinator, _lease(coordinator, node="sim:7"), loss, extra)
     assert outcome.accepted and outcome.version == before + 1
-    assert_consistent(coordinator)
+    assert_consistent(coordinator, registry, store)
 
 
 # -- non-finite numbers ---------------------------------------------------------------------------
 
+def _parsed(metrics):
+    """A reply's metrics as the protocol hands them on: kept and dropped by name."""
+    kept, dropped = parse_metrics(metrics)
+    return dict(metrics=kept, dropped_metrics=dropped)
+
+
 @pytest.mark.parametrize("bad", [math.nan, math.inf, -math.inf])
 def test_non_finite_metrics_are_dropped_and_named(tmp_path, bad):
-    coordinator, registry, _, _ = _hub(tmp_path)
+    coordinator, registry, store, _ = _hub(tmp_path)
     lease = _lease(coordinator)
 
     # An honest node that trained zero steps reports `loss-first=nan`.
-    outcome = _push(coordinator, lease, 3.5, metrics={"loss-first": bad, "loss-last": 3.25, "steps": 3})
+    outcome = _push(coordinator, lease, 3.5, **_parsed({"loss-first": bad, "loss-last": 3.25, "steps": 3}))
 
     assert outcome.accepted and outcome.version == 1
     (contribution,) = registry.contributions()
@@ -87,34 +91,38 @@ def test_non_finite_metrics_are_dropped_and_named(tmp_path, bad):
     assert contribution.evaluation["train"] == {"loss-last": 3.25, "steps": 3}
     assert registry.latest_adapter_version("hi").metrics["train"] == {"loss-last": 3.25, "steps": 3}
     assert registry.lease(lease.token).outcome == "accepted"
-    assert_consistent(coordinator)  # the artifact has its registry row: no orphan
-    _goes_on(coordinator, registry)
+    assert_consistent(coordinator, registry, store)  # the artifact has its registry row: no orphan
+    _goes_on(coordinator, registry, store)
 
 
-def test_metrics_the_wire_dropped_are_recorded_with_the_contribution(tmp_path):
+def test_metrics_the_parse_dropped_are_recorded_with_the_contribution(tmp_path):
     coordinator, registry, _, _ = _hub(tmp_path)
-
     metrics = {"steps": 3, "note": "text", "x": math.nan, "flag": True, "big": 2**70, "lr": 1e-3}
-    outcome = _push(coordinator, _lease(coordinator), 3.5, metrics=metrics, dropped_metrics=("languages",))
 
+    parsed = _parsed(metrics)
+    outcome = _push(coordinator, _lease(coordinator), 3.5, **parsed)
+
+    assert parsed == {"metrics": {"lr": 1e-3, "steps": 3.0}, "dropped_metrics": ("big", "flag", "note", "x")}
     assert outcome.accepted
     (contribution,) = registry.contributions()
-    assert contribution.validation["dropped_metrics"] == ["big", "flag", "languages", "note", "x"]
+    assert contribution.validation["dropped_metrics"] == ["big", "flag", "note", "x"]
     assert contribution.evaluation["train"] == {"steps": 3, "lr": 1e-3}
 
 
 def test_non_finite_metrics_on_a_fenced_rejection_are_recorded(tmp_path):
-    coordinator, registry, _, _ = _hub(tmp_path)
+    coordinator, registry, store, clock = _hub(tmp_path)
     lease = _lease(coordinator)
+    clock.now += TTL  # at the deadline: late
 
-    outcome = _push(coordinator, lease, 3.5, holder="sim:9", metrics={"loss-first": math.nan})
+    outcome = _push(coordinator, lease, 3.5, **_parsed({"loss-first": math.nan}))
 
-    assert outcome.reason.startswith("wrong-holder")
+    assert outcome.reason == f"expired: token {lease.token} pushed at {clock.now:.3f}, 0.000 s after its deadline"
     (contribution,) = registry.contributions()
+    assert (contribution.lease_token, contribution.decision) == (lease.token, "rejected")
     assert contribution.validation["dropped_metrics"] == ["loss-first"]
-    assert registry.lease(lease.token).state == "active"  # the holder may still push
-    assert _push(coordinator, lease, 3.5).accepted
-    assert_consistent(coordinator)
+    assert registry.lease(lease.token).state == "expired"
+    assert_consistent(coordinator, registry, store)
+    _goes_on(coordinator, registry, store)
 
 
 @pytest.mark.parametrize("bad", [math.nan, math.inf])
@@ -134,14 +142,14 @@ def test_a_non_finite_loss_is_rejected_before_any_artifact(tmp_path, bad):
     assert contribution.evaluation["non_finite"] == ["hi", "ta"]
     stored = registry.lease(lease.token)
     assert (stored.state, stored.outcome) == ("released", "rejected")
-    _goes_on(coordinator, registry)
+    _goes_on(coordinator, registry, store)
 
 
 # -- no credit without work -----------------------------------------------------------------------
 
 @pytest.mark.parametrize("change", [0.0, 5e-7, -1e-6])
 def test_an_unchanged_push_is_rejected_before_evaluation(tmp_path, change):
-    coordinator, registry, _, _ = _hub(tmp_path)
+    coordinator, registry, store, _ = _hub(tmp_path)
     lease = _lease(coordinator)
 
     outcome = _push(coordinator, lease, 4.0 + change)  # v0 holds w = 4.0
@@ -152,7 +160,7 @@ def test_an_unchanged_push_is_rejected_before_evaluation(tmp_path, change):
     assert registry.latest_adapter_version("hi").version == 0
     assert registry.lease(lease.token).outcome == "rejected"
     assert [c.reason for c in registry.contributions()] == [outcome.reason]
-    _goes_on(coordinator, registry)
+    _goes_on(coordinator, registry, store)
 
 
 def test_a_change_just_above_min_change_is_judged(tmp_path):
@@ -168,7 +176,7 @@ def _pair(a: float, b: float):
 
 
 def test_a_degenerate_lora_pair_is_rejected_before_evaluation(tmp_path):
-    coordinator, registry, _, _ = _hub(tmp_path, extra=_pair(0.5, 0.0))  # v0: A random-like, B = 0
+    coordinator, registry, store, _ = _hub(tmp_path, extra=_pair(0.5, 0.0))  # v0: A random-like, B = 0
     lease = _lease(coordinator)
 
     outcome = _push(coordinator, lease, 1.0, extra=_pair(0.0, 0.0))
@@ -178,7 +186,7 @@ def test_a_degenerate_lora_pair_is_rejected_before_evaluation(tmp_path):
     assert coordinator.workbench.calls["evaluate"] == 0
     assert registry.latest_adapter_version("hi").version == 0
     # A zero A with a non-zero B is a normal pair: it learns again.
-    _goes_on(coordinator, registry, extra=_pair(0.0, 0.25))
+    _goes_on(coordinator, registry, store, extra=_pair(0.0, 0.25))
 
 
 def test_min_change_is_validated():
@@ -207,7 +215,7 @@ def test_an_error_while_judging_ends_that_lease_only(tmp_path, fault, caplog):
     assert contribution.evaluation["train"] == {"steps": 2}
     assert store.revisions("t/adapter-hi") == ["v0"]
     coordinator.workbench.fault = None
-    _goes_on(coordinator, registry)
+    _goes_on(coordinator, registry, store)
 
 
 def test_a_registry_that_cannot_be_written_stops_the_run(tmp_path):

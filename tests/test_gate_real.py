@@ -14,26 +14,23 @@ import random
 import pytest
 import torch
 
-from fedem_flwr.config import GateConfig, LoraConfig, ModelConfig, TrainConfig
-from fedem_flwr.data import tokenize_blocks
+from fedem_flwr.config.schema import GateConfig, LoraConfig, ModelConfig, TrainConfig
+from fedem_flwr.data.blocks import tokenize_blocks
 from fedem_flwr.gate.evaluator import HubWorkbench
 from fedem_flwr.hub.store import ArtifactRef
-from fedem_flwr.model import build_byte_tokenizer, build_model
+from fedem_flwr.model.factory import build_model
 from fedem_flwr.model.lora import adapter_state, load_adapter
 from fedem_flwr.relay.coordinator import RelayCoordinator
 from fedem_flwr.relay.policies import NodeProfile, make_policy
-from fedem_flwr.training import train
-from relay_support import TTL, FakeClock, assert_consistent, seed_real_hub
+from fedem_flwr.training.finetune import train
+from tests.support.relay import TTL, FakeClock, assert_consistent, seed_real_hub
+
+pytestmark = pytest.mark.slow  # trains real adapters and judges them on a real hub
 
 MODEL = ModelConfig()  # seshu-tiny
 HELDOUT = ["नमस्ते, आप कैसे हैं?", "मैं ठीक हूँ, धन्यवाद।", "आज मौसम अच्छा है।"]
 TRAINING = ["यह एक किताब है।", "मुझे हिंदी पढ़ना पसंद है।", "हम कल बाज़ार जाएंगे।", "वह स्कूल जाता है।",
             "पानी ठंडा है।"] * 4
-
-
-@pytest.fixture(scope="module")
-def tokenizer():
-    return build_byte_tokenizer()
 
 
 def _hub(tmp_path, tokenizer, clock):
@@ -49,8 +46,7 @@ def _hub(tmp_path, tokenizer, clock):
 def _push(coordinator, state, node="sim:0"):
     (assignment,) = coordinator.assign([NodeProfile(node, ("hi",))])
     lease = assignment.lease
-    return coordinator.receive_push(holder=lease.holder, token=lease.token, adapter=lease.adapter,
-                                    base_version=lease.base_version, state=state)
+    return coordinator.receive_push(lease.token, state)
 
 
 def _trained(registry, store, tokenizer, seed, steps=8):
@@ -92,7 +88,7 @@ def test_no_credit_without_work_and_the_adapter_keeps_improving(tmp_path, tokeni
     assert losses[0] > losses[1] > losses[2]
     assert [v.version for v in registry.adapter_versions("hi")] == [0, 1, 2]
     assert [lease.outcome for lease in registry.leases()] == ["rejected"] * 3 + ["accepted"] * 2
-    assert_consistent(coordinator)
+    assert_consistent(coordinator, registry, store)
 
 
 TAMIL = ["வணக்கம், நீங்கள் எப்படி இருக்கிறீர்கள்?", "நான் நன்றாக இருக்கிறேன், நன்றி.", "இன்று வானிலை நன்றாக உள்ளது."]
@@ -147,4 +143,4 @@ def test_the_gate_rejects_a_flipped_and_a_hostile_adapter_and_accepts_the_traine
     assert not harmful.accepted and "worse beyond tolerance" in harmful.reason and "ta " in harmful.reason
     assert accepted.accepted, accepted.reason
     assert [v.version for v in registry.adapter_versions("hi")] == [0, 1]
-    assert_consistent(coordinator)
+    assert_consistent(coordinator, registry, store)

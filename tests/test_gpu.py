@@ -32,17 +32,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from fedem_flwr.config import LoraConfig, TrainConfig, load_config
-from fedem_flwr.model import (
-    SAFE_TARGETS,
-    adapter_state,
-    attach_lora,
-    build_byte_tokenizer,
-    build_model,
-    kernel_path,
-    kernels_available,
-    load_adapter_state,
-)
+from fedem_flwr.config.loader import load_config
+from fedem_flwr.config.schema import SAFE_TARGETS, LoraConfig, TrainConfig
+from fedem_flwr.model.factory import build_model, kernel_path, kernels_available
+from fedem_flwr.model.lora import attach_lora
+from fedem_flwr.model.tokenizer import build_byte_tokenizer
 
 pytestmark = pytest.mark.gpu
 
@@ -109,11 +103,6 @@ def _relative_l2(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 # ----------------------------------------------------------------------------- fixtures
-@pytest.fixture(scope="module")
-def tokenizer():
-    return build_byte_tokenizer()
-
-
 @pytest.fixture(scope="module")
 def kernels():
     """The fused kernels must import here; skip (or fail, with FEDEM_REQUIRE_KERNELS=1) otherwise."""
@@ -200,8 +189,9 @@ def test_kernels_never_forces_the_pytorch_path_in_a_fresh_process(kernels):
     # A fresh process: `never` must hold even before transformers' Mamba modules are imported.
     code = (
         "import torch\n"
-        "from fedem_flwr.config import ModelConfig\n"
-        "from fedem_flwr.model import build_byte_tokenizer, build_model, kernel_path\n"
+        "from fedem_flwr.config.schema import ModelConfig\n"
+        "from fedem_flwr.model.factory import build_model, kernel_path\n"
+        "from fedem_flwr.model.tokenizer import build_byte_tokenizer\n"
         "model = build_model(ModelConfig(kernels='never'), build_byte_tokenizer()).cuda().train()\n"
         "model(input_ids=torch.randint(4, 260, (1, 64), device='cuda')).logits.sum().backward()\n"
         "print(kernel_path(model))\n"
@@ -220,9 +210,11 @@ class NoKernels:  # a CPU node has no kernel packages
             raise ModuleNotFoundError(name)
 sys.meta_path.insert(0, NoKernels())
 from safetensors.torch import load_file
-from fedem_flwr.config import load_config
-from fedem_flwr.model import build_byte_tokenizer, build_model, load_adapter
-from fedem_flwr.training import evaluate
+from fedem_flwr.config.loader import load_config
+from fedem_flwr.model.tokenizer import build_byte_tokenizer
+from fedem_flwr.model.factory import build_model
+from fedem_flwr.model.lora import load_adapter
+from fedem_flwr.gate.loss import evaluate
 tokenizer = build_byte_tokenizer()
 heldout = load_file(sys.argv[2])
 base = build_model(load_config(["model=seshu-130m"]).model, tokenizer, seed=0)
@@ -236,8 +228,9 @@ print(json.dumps({"base_loss": base_loss, "loss": loss}))
 def test_adapter_trained_on_gpu_gives_the_same_heldout_loss_on_a_cpu_node(tokenizer, tmp_path, record):
     from safetensors.torch import save_file
 
-    from fedem_flwr.model import save_adapter
-    from fedem_flwr.training import evaluate, train
+    from fedem_flwr.gate.loss import evaluate
+    from fedem_flwr.model.lora import save_adapter
+    from fedem_flwr.training.finetune import train
 
     # Prepare
     lora = LoraConfig(target_modules=["in_proj"])
@@ -266,7 +259,7 @@ def test_adapter_trained_on_gpu_gives_the_same_heldout_loss_on_a_cpu_node(tokeni
 def test_cpu_evaluation_and_training_work_in_a_process_with_kernels_bound(tokenizer, kernels):
     # The hub may evaluate on its CPU on a GPU machine: transformers has bound the CUDA kernels for
     # the whole process, and a CPU model must still take the PyTorch path.
-    from fedem_flwr.training import evaluate
+    from fedem_flwr.gate.loss import evaluate
 
     model = attach_lora(build_model(_model_config("mamba2", "auto"), tokenizer, seed=0), LoraConfig())
     blocks = _tokens(2, 128, seed=7)
@@ -303,7 +296,7 @@ def test_cuda_model_runs_the_kernels_and_its_cpu_copy_the_reference_in_one_proce
 
 
 def test_bf16_training_keeps_lora_weights_fp32_and_releases_memory(tokenizer, record):
-    from fedem_flwr.training import train
+    from fedem_flwr.training.finetune import train
 
     # Prepare
     model = attach_lora(build_model(_model_config("mamba2", "auto"), tokenizer), LoraConfig()).to("cuda")
@@ -325,7 +318,7 @@ def test_bf16_training_keeps_lora_weights_fp32_and_releases_memory(tokenizer, re
 
 @pytest.mark.parametrize("auto_batch_size", [False, True])
 def test_out_of_memory_mid_training_retries_with_a_smaller_micro_batch(tokenizer, auto_batch_size, record):
-    from fedem_flwr.training import train
+    from fedem_flwr.training.finetune import train
 
     # Prepare: measure what one micro-batch of 2 x 1024 costs, then cap this process's GPU memory
     # so that a micro-batch of 16 cannot fit but 2 can: a real CUDA out-of-memory, not a simulated one.
@@ -361,7 +354,7 @@ def test_out_of_memory_mid_training_retries_with_a_smaller_micro_batch(tokenizer
 
 
 def test_gradient_checkpointing_lowers_peak_memory_on_the_fused_path(tokenizer, kernels, record):
-    from fedem_flwr.training import train
+    from fedem_flwr.training.finetune import train
 
     peaks = {}
     for checkpointing in (False, True):

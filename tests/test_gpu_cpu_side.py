@@ -41,55 +41,83 @@ _FAKE_FILES = {
     ),
 }
 
+# Trains one step in training mode: "ok", or the error (the stand-ins raise FAKE_CALLED when reached).
+TRAIN_STEP = """
+def train_step(model):
+    x = torch.randint(4, 260, (1, 32))
+    try:
+        model.train()(input_ids=x, labels=x).loss.backward()
+        return "ok"
+    except RuntimeError as err:
+        return str(err)
+
+def as_if_on_cuda():
+    # No GPU here: make the factory's routing see every tensor as a CUDA one
+    factory._on_cuda = lambda args, kwargs: True
+"""
+
 # Scenario 1: a fresh process asks for `never` before anything has imported transformers' Mamba code.
 NEVER_FIRST = """
 import json, sys, torch
-from fedem_flwr.config import ModelConfig
-from fedem_flwr.model import build_byte_tokenizer, build_model, kernels_available
-from fedem_flwr.model.factory import _ops_use_kernels
-out = {"available": kernels_available(), "imported_by_probe": "mamba_ssm" in sys.modules}
-model = build_model(ModelConfig(kernels="never"), build_byte_tokenizer()).train()
+from fedem_flwr.config.schema import ModelConfig
+from fedem_flwr.model import factory
+from fedem_flwr.model.tokenizer import build_byte_tokenizer
+""" + TRAIN_STEP + """
+out = {"available": factory.kernels_available(), "imported_by_probe": "mamba_ssm" in sys.modules}
+model = factory.build_model(ModelConfig(kernels="never"), build_byte_tokenizer())
 out["kernels_imported"] = "mamba_ssm" in sys.modules and "causal_conv1d" in sys.modules
-out["bound_after_never"] = _ops_use_kernels("mamba2")
-x = torch.randint(4, 260, (1, 32))
-try:
-    model(input_ids=x, labels=x).loss.backward()
-    out["never_train"] = "ok"
-except RuntimeError as err:
-    out["never_train"] = str(err)
+out["cpu_train"] = train_step(model)
+as_if_on_cuda()
+out["cuda_train"] = train_step(model)
 print(json.dumps(out))
 """
 
-# Scenario 2: `auto` and `require` on a CPU where the kernel packages import.
+# Scenario 2: `auto`, `require`, then `never`, on a CPU where the kernel packages import.
 AUTO_ON_CPU = """
-import json, torch
-from fedem_flwr.config import ModelConfig
+import json, sys, torch
+from fedem_flwr.config.schema import ModelConfig
 from fedem_flwr.errors import KernelsUnavailable
-from fedem_flwr.model import build_byte_tokenizer, build_model, kernel_path
-from fedem_flwr.model.factory import _ops_use_kernels
+from fedem_flwr.model import factory
+from fedem_flwr.model.tokenizer import build_byte_tokenizer
+""" + TRAIN_STEP + """
 tokenizer = build_byte_tokenizer()
-model = build_model(ModelConfig(), tokenizer)
-out = {"bound": _ops_use_kernels("mamba2"), "path": kernel_path(model)}
+model = factory.build_model(ModelConfig(), tokenizer)
+out = {"imported": "mamba_ssm" in sys.modules and "causal_conv1d" in sys.modules,
+       "path": factory.kernel_path(model)}
 try:
-    build_model(ModelConfig(kernels="require"), tokenizer)
+    factory.build_model(ModelConfig(kernels="require"), tokenizer)
     out["require"] = None
 except KernelsUnavailable as err:
     out["require"] = str(err)
 x = torch.randint(4, 260, (1, 32))
-for mode in ("eval", "train"):
-    getattr(model, mode)()
-    try:
-        loss = model(input_ids=x, labels=x).loss
-        if mode == "train":
-            loss.backward()
-        out[mode] = "ok"
-    except RuntimeError as err:
-        out[mode] = str(err)
+try:
+    with torch.no_grad():
+        model.eval()(input_ids=x, labels=x)
+    out["eval"] = "ok"
+except RuntimeError as err:
+    out["eval"] = str(err)
+out["train"] = train_step(model)
+as_if_on_cuda()
+out["cuda_train"] = train_step(model)
+factory.build_model(ModelConfig(kernels="never"), tokenizer)
+out["cuda_train_after_never"] = train_step(model)
 print(json.dumps(out))
 """
 
 
-# Scenario 3: a GPU machine that carries neither `datasets` nor flwr-datasets trains and evaluates.
+# Scenario 3: a GPU machine as transformers' own checks see it (CUDA, both packages installed); whether
+# the packages then import decides. Nothing here touches a device.
+AS_ON_A_GPU_MACHINE = """
+import json, torch
+torch.cuda.is_available = lambda: True
+from transformers.utils import import_utils
+for check in ("is_mamba_2_ssm_available", "is_mamba_ssm_available", "is_causal_conv1d_available"):
+    setattr(import_utils, check, lambda: True)
+from fedem_flwr.model.factory import kernels_available
+print(json.dumps({"mamba2": kernels_available("mamba2"), "mamba": kernels_available("mamba")}))
+"""
+
+# Scenario 4: a GPU machine that carries neither `datasets` nor flwr-datasets trains and evaluates.
 WITHOUT_DATASETS = """
 import json, sys
 class NoDatasets:
@@ -98,10 +126,13 @@ class NoDatasets:
             raise ModuleNotFoundError(f"No module named {name!r}")
 sys.meta_path.insert(0, NoDatasets())
 import torch
-import fedem_flwr.training, fedem_flwr.training.finetune, fedem_flwr.training.evaluate, fedem_flwr.data.labels
-from fedem_flwr.config import LoraConfig, ModelConfig, TrainConfig
-from fedem_flwr.model import attach_lora, build_byte_tokenizer, build_model
-from fedem_flwr.training import evaluate, train
+import fedem_flwr.training, fedem_flwr.training.finetune, fedem_flwr.gate.loss, fedem_flwr.data.labels
+from fedem_flwr.config.schema import LoraConfig, ModelConfig, TrainConfig
+from fedem_flwr.model.lora import attach_lora
+from fedem_flwr.model.tokenizer import build_byte_tokenizer
+from fedem_flwr.model.factory import build_model
+from fedem_flwr.gate.loss import evaluate
+from fedem_flwr.training.finetune import train
 tokenizer = build_byte_tokenizer()
 model = attach_lora(build_model(ModelConfig(), tokenizer), LoraConfig())
 blocks = torch.randint(4, 260, (4, 32), generator=torch.Generator().manual_seed(0))
@@ -112,7 +143,7 @@ print(json.dumps({"steps": result.steps, "loss": loss,
                   "imported": sorted(n for n in ("datasets", "flwr_datasets") if n in sys.modules)}))
 """
 
-# Scenario 4: two virtual clients asking for half a GPU each share one logical GPU, at the same time.
+# Scenario 5: two virtual clients asking for half a GPU each share one logical GPU, at the same time.
 GPU_FRACTIONS = """
 import json, os, sys, time
 from flwr.app import ConfigRecord, Context, Message, RecordDict
@@ -171,6 +202,16 @@ def fake_kernels(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
+def broken_kernels(tmp_path_factory) -> Path:
+    """Installed but not importable, as a wheel built against another torch is."""
+    root = tmp_path_factory.mktemp("broken-kernels")
+    for name in ("mamba_ssm", "causal_conv1d"):
+        (root / name).mkdir()
+        (root / name / "__init__.py").write_text(f"raise ImportError('{name}: undefined symbol')\n", encoding="utf-8")
+    return root
+
+
+@pytest.fixture(scope="module")
 def never_first(fake_kernels) -> dict:
     return _run(NEVER_FIRST, fake_kernels)
 
@@ -180,35 +221,59 @@ def auto_on_cpu(fake_kernels) -> dict:
     return _run(AUTO_ON_CPU, fake_kernels)
 
 
+@pytest.mark.slow  # starts a process
 def test_probe_reports_no_kernels_on_cpu_without_importing_them(never_first):
     assert never_first["available"] is False
     assert never_first["imported_by_probe"] is False
 
 
+@pytest.mark.slow  # starts a process
 def test_cpu_model_reports_pytorch_even_where_transformers_bound_kernels(auto_on_cpu):
-    assert auto_on_cpu["bound"] is True  # the stand-ins imported: this is the machine we mean
+    assert auto_on_cpu["imported"] is True  # the stand-ins imported: this is the machine we mean
     assert auto_on_cpu["path"] == "pytorch"
 
 
+@pytest.mark.slow  # starts a process
 def test_require_on_cpu_is_a_clear_error_even_where_kernels_import(auto_on_cpu):
     message = auto_on_cpu["require"]
 
     assert message is not None and "`model.kernels`" in message and "CUDA is not available" in message
 
 
-def test_never_keeps_kernels_out_of_a_fresh_process(never_first):
-    # The stand-ins did import with transformers' Mamba module, yet no op stays bound to them
-    assert never_first["kernels_imported"] is True
-    assert never_first["bound_after_never"] is False
-    assert never_first["never_train"] == "ok"
-
-
+@pytest.mark.slow  # starts a process
 @pytest.mark.parametrize("mode", ["eval", "train"])
 def test_cpu_model_never_calls_gpu_kernels(auto_on_cpu, mode):
     # The stand-ins raise when called: "ok" means every op took the PyTorch reference
     assert auto_on_cpu[mode] == "ok"
 
 
+@pytest.mark.slow  # starts a process
+def test_cuda_tensors_reach_the_bound_kernels(auto_on_cpu):
+    # The same model, its tensors seen as CUDA ones: transformers' bound stand-ins run (and raise)
+    assert auto_on_cpu["cuda_train"] == FAKE_CALLED
+
+
+@pytest.mark.slow  # starts a process
+def test_never_keeps_kernels_out_of_a_fresh_process(never_first):
+    # The stand-ins did import with transformers' Mamba module, yet not even CUDA tensors reach them
+    assert never_first["kernels_imported"] is True
+    assert never_first["cpu_train"] == "ok" and never_first["cuda_train"] == "ok"
+
+
+@pytest.mark.slow  # starts a process
+def test_never_after_auto_holds_the_pytorch_path_for_the_process(auto_on_cpu):
+    assert auto_on_cpu["cuda_train_after_never"] == "ok"
+
+
+@pytest.mark.slow  # starts a process
+@pytest.mark.parametrize(("packages", "expected"), [("fake_kernels", True), ("broken_kernels", False)])
+def test_kernels_are_available_where_transformers_finds_them_and_they_import(request, packages, expected):
+    out = _run(AS_ON_A_GPU_MACHINE, request.getfixturevalue(packages))
+
+    assert out == {"mamba2": expected, "mamba": expected}
+
+
+@pytest.mark.slow  # starts a process
 def test_training_and_evaluation_run_without_datasets_installed():
     # Execute: `datasets` and flwr-datasets cannot import in this process
     out = _run(WITHOUT_DATASETS, None)
@@ -217,15 +282,6 @@ def test_training_and_evaluation_run_without_datasets_installed():
     assert out["imported"] == []
     assert out["steps"] == 1 and out["loss"] > 0
 
-
-def test_lazy_exports_stay_functions_once_their_same_named_submodules_load():
-    # The import system binds a loaded submodule over the package attribute of the same name
-    code = ("import json, fedem_flwr.data.partition, fedem_flwr.training.evaluate\n"
-            "from fedem_flwr.data import partition\n"
-            "from fedem_flwr.training import evaluate\n"
-            "print(json.dumps([type(partition).__name__, type(evaluate).__name__]))\n")
-
-    assert _run(code, None) == ["function", "function"]
 
 @pytest.mark.slow
 def test_half_gpu_clients_share_one_logical_gpu_in_simulation():

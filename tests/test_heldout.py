@@ -9,15 +9,16 @@ import logging
 
 import pytest
 
-from fedem_flwr.bootstrap import open_hub
-from fedem_flwr.config import load_config
+from fedem_flwr.config.loader import load_config
 from fedem_flwr.data.blocks import heldout_split
 from fedem_flwr.data.corpus import column
-from fedem_flwr.heldout import KEY_PURPOSE, SETTING, split_id
 from fedem_flwr.hub.paths import secret_path
 from fedem_flwr.hub.store import ArtifactRef
-from fedem_flwr.model import build_byte_tokenizer
+from fedem_flwr.lineage.heldout import KEY_PURPOSE, SETTING, split_id
 from fedem_flwr.model.adapter_spec import load_adapter_file
+from fedem_flwr.model.tokenizer import build_byte_tokenizer
+from fedem_flwr.relay.bootstrap import open_hub
+from fedem_flwr.relay.keeper import BaseKeeper
 
 LANGUAGES = "data.languages=[hi,ta,mr,de]"
 
@@ -99,7 +100,7 @@ def test_a_changed_fraction_re_evaluates_the_parent_losses(tmp_path, caplog):
     first.registry.close()
 
     # Execute: the operator changes data.heldout_fraction
-    with caplog.at_level(logging.INFO, logger="fedem_flwr.heldout"):
+    with caplog.at_level(logging.INFO, logger="fedem_flwr.lineage.heldout"):
         hub = _open(tmp_path / "hub", "data.heldout_fraction=0.25")
 
     # Assert: the new fingerprint is recorded and every parent's losses come from the new held-out set
@@ -119,11 +120,18 @@ def test_a_changed_fraction_re_evaluates_the_parent_losses(tmp_path, caplog):
         assert new.metrics["heldout-replaced"] == [
             {"heldout": old.metrics["heldout"], "split": split_id(old_fingerprint), "until": pytest.approx(
                 new.metrics["heldout-replaced"][0]["until"])}]
+    # Base v0 keeps the losses it was published with, named by their split; the base gate measures it
+    # again on the held-out set in use rather than compare with losses on other texts.
+    v0 = hub.registry.checkpoint(0)
+    assert v0.metrics["heldout-split"] == split_id(old_fingerprint) != hub.split_id == split_id(fingerprint)
+    bare = BaseKeeper(hub).bare_losses(v0)
+    assert bare == pytest.approx(hub.workbench.evaluate(hub.workbench.initial_state))
+    assert bare != v0.metrics["heldout"]
     hub.registry.close()
 
     # Execute: opened again unchanged, nothing is evaluated again
     caplog.clear()
-    with caplog.at_level(logging.INFO, logger="fedem_flwr.heldout"):
+    with caplog.at_level(logging.INFO, logger="fedem_flwr.lineage.heldout"):
         same = _open(tmp_path / "hub", "data.heldout_fraction=0.25")
     assert "re-evaluated" not in caplog.text
     assert same.registry.latest_adapter_versions() == after

@@ -15,7 +15,7 @@ from huggingface_hub.errors import (
     RevisionNotFoundError,
 )
 
-from fedem_flwr.testing.hf_server import hub_environment, serve_hub
+from tests.support.hf_server import hub_environment, serve_hub
 
 TINY = dict(vocab_size=260, hidden_size=32, num_hidden_layers=1, num_heads=4, head_dim=16, expand=2,
             state_size=8, n_groups=1)

@@ -9,13 +9,14 @@ from pathlib import Path
 
 import pytest
 from huggingface_hub import HfApi, ModelCard
+from huggingface_hub.errors import HfHubHTTPError
 
 from fedem_flwr.errors import ConfigError, DigestMismatch, HubUnreachable, RevisionExists, RevisionNotFound
 from fedem_flwr.hub.hf_store import HfStore, hf_repo_id
 from fedem_flwr.hub.manifest import digest, manifest
 from fedem_flwr.hub.model_card import adapter_card
 from fedem_flwr.hub.store import ArtifactRef, LocalStore, Problem, adapter_repo, base_repo
-from fedem_flwr.testing.hf_server import hub_environment
+from tests.support.hf_server import hub_environment
 
 REPO = adapter_repo("fedem", "hi")
 
@@ -110,6 +111,53 @@ def test_an_unreachable_endpoint_is_reported_quickly_after_bounded_backoff(tmp_p
     assert sleeps == [0.5, 1.0, 0.5, 1.0]
     assert "3 times" in str(err.value)
     assert time.monotonic() - started < 5
+
+
+@pytest.mark.parametrize("status", [408, 429, 500, 502, 503, 504])
+def test_a_transient_answer_is_tried_again_after_a_backoff(local_hub, tmp_path, status):
+    sleeps: list[float] = []
+    store = HfStore("org/proj", endpoint=local_hub.endpoint, cache_dir=tmp_path / "cache", sleep=sleeps.append)
+    store.put(REPO, "v0", artifact(tmp_path / "a"), "m")
+    local_hub.fail("GET", "/refs", status=status, times=2)  # the third and last try gets through
+
+    assert store.revisions(REPO) == ["v0"] and sleeps == [0.5, 1.0]
+
+
+@pytest.mark.parametrize("status", [400, 403, 422])
+def test_a_final_answer_is_raised_at_once(local_hub, tmp_path, status):
+    sleeps: list[float] = []
+    store = HfStore("org/proj", endpoint=local_hub.endpoint, cache_dir=tmp_path / "cache", sleep=sleeps.append)
+    store.put(REPO, "v0", artifact(tmp_path / "a"), "m")
+    local_hub.fail("GET", "/refs", status=status, times=1)
+
+    with pytest.raises(HfHubHTTPError) as err:
+        store.revisions(REPO)
+
+    assert err.value.response.status_code == status and sleeps == []
+
+
+def test_a_missing_revision_is_not_tried_again(local_hub, tmp_path):
+    sleeps: list[float] = []
+    store = HfStore("org/proj", endpoint=local_hub.endpoint, cache_dir=tmp_path / "cache", sleep=sleeps.append)
+    store.put(REPO, "v0", artifact(tmp_path / "a"), "m")
+
+    with pytest.raises(RevisionNotFound):
+        store.get(ArtifactRef(REPO, "v9", "0" * 64))
+
+    assert sleeps == []
+
+
+def test_the_last_transient_failure_is_named_in_hub_unreachable(local_hub, tmp_path):
+    store = HfStore("org/proj", endpoint=local_hub.endpoint, cache_dir=tmp_path / "cache", tries=2,
+                    sleep=lambda s: None)
+    store.put(REPO, "v0", artifact(tmp_path / "a"), "m")
+    local_hub.fail("GET", "/refs", status=429, times=2)
+
+    with pytest.raises(HubUnreachable, match=r"listing refs of org/proj-adapter-hi failed 2 times \(HfHubHTTPError: "
+                                             r"429") as err:
+        store.revisions(REPO)
+
+    assert err.value.__cause__.response.status_code == 429
 
 
 def test_a_failed_upload_leaves_no_tag_and_a_retry_completes(hf_store, local_hub, tmp_path):

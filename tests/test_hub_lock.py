@@ -8,11 +8,13 @@ import socket
 import subprocess
 import sys
 import textwrap
+import time
 from pathlib import Path
 
+import psutil
 import pytest
 
-from fedem_flwr.config import load_config, load_run_config
+from fedem_flwr.config.loader import load_config, load_run_config
 from fedem_flwr.errors import ConfigError, HubLocked, HubNotFound
 from fedem_flwr.hub.paths import (
     HubWriterLock,
@@ -23,6 +25,7 @@ from fedem_flwr.hub.paths import (
 )
 from fedem_flwr.hub.pseudonym import load_or_create_secret
 from fedem_flwr.hub.registry import Registry
+from fedem_flwr.pids import pid_alive
 
 
 def test_explicit_beats_env_beats_default(tmp_path):
@@ -67,6 +70,7 @@ HOLDER = textwrap.dedent("""
 """)
 
 
+@pytest.mark.slow  # starts a process
 def test_second_writer_fails_naming_the_holder_until_it_dies(tmp_path):
     # Prepare: another process holds the lock
     hub = tmp_path / "hub"
@@ -91,6 +95,33 @@ def test_second_writer_fails_naming_the_holder_until_it_dies(tmp_path):
     with HubWriterLock(hub) as lock:
         assert lock.held and read_lock_holder(hub)["pid"] == os.getpid()
     assert read_lock_holder(hub) is None
+
+
+@pytest.mark.slow  # starts a process
+def test_a_dead_writer_not_yet_reaped_is_no_holder(tmp_path):
+    # Prepare: the writer is killed, and its parent (this test) has not reaped it: a zombie
+    hub = tmp_path / "hub"
+    proc = subprocess.Popen([sys.executable, "-c", HOLDER, str(hub)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout.readline().strip() == "locked"
+        assert pid_alive(proc.pid) and read_lock_holder(hub)["pid"] == proc.pid
+        os.kill(proc.pid, signal.SIGKILL)
+        deadline = time.monotonic() + 30
+        while psutil.Process(proc.pid).status() != psutil.STATUS_ZOMBIE:
+            assert time.monotonic() < deadline, "the killed writer never became a zombie"
+            time.sleep(0.01)
+
+        # Execute / Assert
+        assert not pid_alive(proc.pid)
+        assert read_lock_holder(hub) is None
+    finally:
+        proc.kill()
+        proc.wait(timeout=30)
+
+
+@pytest.mark.parametrize("pid", [None, "12", True, 0, -1, 2**40])
+def test_what_is_not_a_pid_is_not_alive(pid):
+    assert not pid_alive(pid)
 
 
 def test_lock_is_exclusive_within_one_process_too(tmp_path):

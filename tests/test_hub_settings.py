@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import pytest
 
-from fedem_flwr.bootstrap import open_hub
-from fedem_flwr.config import load_config
+from fedem_flwr.config.loader import load_config
 from fedem_flwr.errors import ConfigError
 from fedem_flwr.hub.registry import Registry
 from fedem_flwr.hub.settings import check_and_record
 from fedem_flwr.hub.store import LocalStore
+from fedem_flwr.relay.bootstrap import open_hub
 
 BASE = ["data.languages=[hi,ta]"]
 

@@ -1,6 +1,6 @@
 """The launcher: a real local simulation run of the echo app, its status, and cleanup.
 
-Slow tests run `python -m fedem_flwr.launch` as a user would, in a separate process with
+Slow tests run `fedem run` / `fedem superlink` as a user would, in a separate process with
 its own working directory and HOME, and check what it left behind: the result file, the
 exit status, no Flower process still running, nothing written to the user's home.
 """
@@ -9,11 +9,13 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
 
+import psutil
 import pytest
 
 from fedem_flwr.errors import FlowerProcessError
@@ -38,25 +40,19 @@ SIMULATION = "num-supernodes=2 client-resources-num-cpus=1"
 
 def flower_processes(flwr_home: Path) -> list[int]:
     """Pids of live processes whose environment names this FLWR_HOME."""
-    marker = f"FLWR_HOME={flwr_home}".encode()
-    found = []
-    for environ in Path("/proc").glob("[0-9]*/environ"):
-        try:
-            if marker in environ.read_bytes().split(b"\0") and processes.pid_alive(int(environ.parent.name)):
-                found.append(int(environ.parent.name))
-        except (OSError, ValueError):
-            continue
-    return found
+    return [proc.pid for proc in psutil.process_iter(["environ"])
+            if (proc.info["environ"] or {}).get("FLWR_HOME") == str(flwr_home) and processes.pid_alive(proc.pid)]
 
 
-def launch(tmp_path: Path, *args: str) -> subprocess.CompletedProcess:
-    """`python -m fedem_flwr.launch ARGS` from an unrelated directory with a fresh HOME."""
+def fedem(tmp_path: Path, *args: str) -> subprocess.CompletedProcess:
+    """`fedem ARGS` (the console script beside this interpreter) from an unrelated directory with a fresh HOME."""
     caller = tmp_path / "caller"
     caller.mkdir(exist_ok=True)
     env = {**os.environ, "HOME": str(tmp_path / "user-home")}
     env.pop("FLWR_HOME", None)
+    env.pop("FEDEM_HUB", None)
     return subprocess.run(
-        [sys.executable, "-m", "fedem_flwr.launch", *args], cwd=caller, env=env,
+        [str(Path(sys.executable).parent / "fedem"), *args], cwd=caller, env=env,
         capture_output=True, text=True, timeout=240,
     )
 
@@ -144,9 +140,30 @@ def test_stop_ends_a_process_its_children_and_its_orphans(tmp_path):
     # Execute
     proc.stop(timeout=2.0)
 
-    # Assert
+    # Assert: all gone, and the root's exit status kept by its Popen
     assert processes.tagged([proc.tag]) == []
     assert not any(processes.pid_alive(pid) for pid in family)
+    assert proc.popen.returncode == -signal.SIGTERM
+
+
+def test_kill_tree_kills_a_process_and_its_children_at_once(tmp_path):
+    # Prepare: a shell and its child
+    proc = processes.spawn("sleeper", ["bash", "-c", "sleep 60 & wait"], tmp_path, 0, tmp_path)
+    children = []
+    deadline = time.monotonic() + 10
+    while len(children) != 1:
+        assert time.monotonic() < deadline, "the shell never started its child"
+        time.sleep(0.01)
+        children = processes.descendants(proc.pid)
+
+    # Execute
+    processes.kill_tree(proc.pid, proc.popen)
+
+    # Assert: SIGKILL, with no chance to clean up
+    assert proc.popen.returncode == -signal.SIGKILL
+    while processes.pid_alive(children[0]):
+        assert time.monotonic() < deadline + 10, "the child outlived kill_tree"
+        time.sleep(0.01)
 
 
 def test_settled_status_polls_until_finished_and_gives_up_after_timeout(monkeypatch):
@@ -181,8 +198,8 @@ def test_launcher_runs_echo_app_in_simulation_and_cleans_up(tmp_path):
     run_config = f'result-path="{result}" expected-nodes=2'
 
     # Execute
-    proc = launch(tmp_path, "run", str(ECHO_APP), "--flwr-home", str(home),
-                  "--federation-config", SIMULATION, "--run-config", run_config)
+    proc = fedem(tmp_path, "run", str(ECHO_APP), "--flwr-home", str(home),
+                 "--federation-config", SIMULATION, "--run-config", run_config)
 
     # Assert: exit status and reported status
     assert proc.returncode == 0, proc.stdout + proc.stderr
@@ -208,8 +225,8 @@ def test_launcher_exits_non_zero_when_serverapp_fails_and_stops_kept_superlink(t
     run_config = f'result-path="{tmp_path / "never.json"}" fail=true'
 
     # Execute
-    proc = launch(tmp_path, "run", str(ECHO_APP), "--flwr-home", str(home),
-                  "--federation-config", SIMULATION, "--run-config", run_config, "--keep-superlink")
+    proc = fedem(tmp_path, "run", str(ECHO_APP), "--flwr-home", str(home),
+                 "--federation-config", SIMULATION, "--run-config", run_config, "--keep-superlink")
 
     # Assert: Flower's own `flwr run --stream` exits 0 here; the launcher must not
     assert proc.returncode == 1, proc.stdout + proc.stderr
@@ -220,11 +237,11 @@ def test_launcher_exits_non_zero_when_serverapp_fails_and_stops_kept_superlink(t
     # Assert: the kept SuperLink is found again (and would be reused), then stopped by pid
     kept = running_superlink(home)
     assert kept is not None and f"pid {kept.pid}" in proc.stdout
-    listed = launch(tmp_path, "status", "--flwr-home", str(home))
+    listed = fedem(tmp_path, "superlink", "status", "--flwr-home", str(home), "--json")
     assert json.loads(listed.stdout) == {"pid": kept.pid, "address": kept.address}
     again, reused = ensure_superlink(home)
     assert reused and again.pid == kept.pid
-    stopped = launch(tmp_path, "stop", "--flwr-home", str(home))
+    stopped = fedem(tmp_path, "superlink", "stop", "--flwr-home", str(home))
     assert stopped.returncode == 0 and f"pid {kept.pid}" in stopped.stdout
     assert flower_processes(home.resolve()) == []
 
@@ -237,8 +254,8 @@ def test_launcher_stops_a_run_that_exceeds_its_timeout(tmp_path):
     run_config = f'result-path="{tmp_path / "late.json"}" expected-nodes=3 timeout=120.0'
 
     # Execute
-    proc = launch(tmp_path, "run", str(ECHO_APP), "--flwr-home", str(home), "--timeout", "40",
-                  "--federation-config", SIMULATION, "--run-config", run_config)
+    proc = fedem(tmp_path, "run", str(ECHO_APP), "--flwr-home", str(home), "--timeout", "40",
+                 "--federation-config", SIMULATION, "--run-config", run_config)
 
     # Assert
     assert proc.returncode == 1, proc.stdout + proc.stderr
@@ -263,7 +280,7 @@ def test_stop_ends_the_superlink_a_plain_flwr_command_left_running(tmp_path):
     assert len(left) == 1 and processes.http_ok(f"http://127.0.0.1:{http_port}/health")
 
     # Execute
-    stopped = launch(tmp_path, "stop", "--flwr-home", str(home))
+    stopped = fedem(tmp_path, "superlink", "stop", "--flwr-home", str(home))
 
     # Assert
     assert stopped.returncode == 0 and f"pid {left[0]}" in stopped.stdout

@@ -13,7 +13,7 @@ from fedem_flwr.hub.registry import Registry
 from fedem_flwr.relay.coordinator import RelayCoordinator
 from fedem_flwr.relay.leases import DuplicatePush, LeaseBook, LeaseExpired, Superseded
 from fedem_flwr.relay.policies import NodeProfile, make_policy
-from relay_support import FakeClock, seeded_coordinator
+from tests.support.relay import FakeClock, seeded_coordinator
 
 T0 = 1_000_000.0
 TTL = 100.0
@@ -24,7 +24,7 @@ def serve(book: LeaseBook, count: int, start: float, persist=lambda lease: None)
     now = start
     for i in range(count):
         lease = book.acquire(f"a{i % 8}", f"node:{i % 8}", 0, 0, now, TTL)
-        book.check_push(lease.token, lease.holder, lease.adapter, 0, now + 1)
+        book.check_push(lease.token, now + 1)
         book.release(lease.token, now + 1, "rejected")
         for change in book.pop_changes():
             persist(change)
@@ -92,13 +92,13 @@ def test_ended_tokens_keep_their_precise_reason_after_a_restart():
 
     # Assert: the registry's rows give each old token its own reason, not "unknown-token"
     with pytest.raises(DuplicatePush):
-        restarted.check_push(released.token, "node:1", "hi", 0, now)
+        restarted.check_push(released.token, now)
     with pytest.raises(Superseded, match=f"replaced by token {stale.token}"):
-        restarted.check_push(expired.token, "node:2", "ta", 0, now)
+        restarted.check_push(expired.token, now)
     with pytest.raises(LeaseExpired, match="client-error"):
-        restarted.check_push(stale.token, "node:3", "ta", 0, now)
+        restarted.check_push(stale.token, now)
     with pytest.raises(LeaseExpired, match=r"\(expired\)"):
-        restarted.check_push(lonely.token, "node:4", "hi", 0, now)
+        restarted.check_push(lonely.token, now)
     assert restarted.active() == [] and restarted.next_token == lonely.token + 1
 
 
@@ -118,15 +118,13 @@ def test_coordinator_after_restart_calls_a_second_push_a_duplicate(tmp_path):
     coordinator, registry, store = seeded_coordinator(tmp_path, clock)
     (assignment,) = coordinator.assign([NodeProfile("node:1", ("hi",))])
     lease = assignment.lease
-    first = coordinator.receive_push(holder="node:1", token=lease.token, adapter=lease.adapter,
-                                     base_version=0, state={"w": torch.tensor([3.0])})
+    first = coordinator.receive_push(lease.token, {"w": torch.tensor([3.0])})
     assert first.accepted
 
     # Execute: the hub restarts and the same reply arrives again
     restarted = RelayCoordinator(registry, store, make_policy("language", random.Random(0)),
                                  coordinator.workbench, lease_ttl_s=TTL, sweep_interval_s=10, clock=clock)
-    again = restarted.receive_push(holder="node:1", token=lease.token, adapter=lease.adapter,
-                                   base_version=0, state={"w": torch.tensor([2.0])})
+    again = restarted.receive_push(lease.token, {"w": torch.tensor([2.0])})
 
     # Assert: rejected as a duplicate, and no second version
     assert (again.decision, again.reason.split(":")[0]) == ("rejected", "duplicate")

@@ -8,15 +8,14 @@ import pytest
 import torch
 from peft import PeftModel
 
-from fedem_flwr.config import LoraConfig, ModelConfig, load_config
+from fedem_flwr.config.loader import load_config
+from fedem_flwr.config.schema import SAFE_TARGETS, LoraConfig, ModelConfig, check_targets
 from fedem_flwr.errors import ConfigError, InvalidAdapter, UnsafeLoraTarget
-from fedem_flwr.model import build_byte_tokenizer, build_model, count_parameters
 from fedem_flwr.model.adapter_spec import AdapterSpec, load_adapter_file, validate_adapter_state
+from fedem_flwr.model.factory import build_model, count_parameters
 from fedem_flwr.model.lora import (
-    SAFE_TARGETS,
     adapter_state,
     attach_lora,
-    check_targets,
     load_adapter,
     load_adapter_state,
     peft_config,
@@ -24,11 +23,6 @@ from fedem_flwr.model.lora import (
 )
 
 ALL_SAFE = LoraConfig(target_modules=list(SAFE_TARGETS))
-
-
-@pytest.fixture(scope="module")
-def tokenizer():
-    return build_byte_tokenizer()
 
 
 MODELS = {"seshu-tiny": ModelConfig(), "seshu-tiny-mamba1": load_config(["model=seshu-tiny-mamba1"]).model}
@@ -209,10 +203,10 @@ def test_load_adapter_without_safetensors_is_refused(tokenizer, tmp_path):
         load_adapter(tiny(tokenizer), folder)
 
 
-def test_spec_from_model_matches_state(tokenizer):
+def test_spec_from_a_models_state_matches_it(tokenizer):
     model = attach_lora(tiny(tokenizer), LoraConfig(r=4))
 
-    spec = AdapterSpec.from_model(model)
+    spec = AdapterSpec.from_state(adapter_state(model))
 
     assert spec.shapes["base_model.model.backbone.layers.1.mixer.in_proj.lora_B.weight"] == (296, 4)
     assert spec.max_bytes == spec.nbytes == 4 * count_parameters(model, trainable_only=True)

@@ -10,14 +10,16 @@ import datasets
 import pytest
 import torch
 
-from fedem_flwr.config import LoraConfig, TrainConfig, load_config
-from fedem_flwr.data import heldout_split, load_corpus, tokenize_blocks
-from fedem_flwr.data.corpus import column
+from fedem_flwr.config.loader import load_config
+from fedem_flwr.config.schema import SAFE_TARGETS, LoraConfig, TrainConfig
+from fedem_flwr.data.blocks import heldout_split, tokenize_blocks
+from fedem_flwr.data.corpus import column, load_corpus
 from fedem_flwr.gate.acceptance import decide_base
-from fedem_flwr.merge import MergeError, WeightedAdapter, lora_deltas, merge_adapters
-from fedem_flwr.model import build_byte_tokenizer, build_model
-from fedem_flwr.model.lora import SAFE_TARGETS, adapter_state, attach_lora
-from fedem_flwr.training import evaluate, train
+from fedem_flwr.gate.loss import evaluate
+from fedem_flwr.lineage.merge import MergeError, WeightedAdapter, lora_deltas, merge_adapters
+from fedem_flwr.model.factory import build_model
+from fedem_flwr.model.lora import adapter_state, attach_lora
+from fedem_flwr.training.finetune import train
 
 datasets.disable_progress_bars()
 
@@ -25,11 +27,6 @@ IN_PROJ = LoraConfig()
 ALL_SAFE = LoraConfig(target_modules=list(SAFE_TARGETS))
 LANGUAGES = ("en", "ja", "es", "ko")  # two trained adapters (en, ja) and two languages neither trained on
 TRAIN = TrainConfig(max_steps=30, batch_size=8, warmup_steps=3, progress=False, device="cpu")
-
-
-@pytest.fixture(scope="module")
-def tokenizer():
-    return build_byte_tokenizer()
 
 
 @pytest.fixture(scope="module")

@@ -10,11 +10,11 @@ from pathlib import Path
 
 import pytest
 
-from fedem_flwr.config import load_config
+from fedem_flwr.config.loader import load_config
 from fedem_flwr.config.schema import MergeConfig
 from fedem_flwr.errors import ConfigError
 from fedem_flwr.gate.acceptance import Decision, decide_base
-from fedem_flwr.merge import Candidate, merge_due, select_absorbed
+from fedem_flwr.lineage.policy import Candidate, merge_due, select_absorbed
 
 BASE = {"hi": 3.0, "te": 3.0, "en": 2.0}
 
@@ -167,8 +167,9 @@ def test_merge_defaults_and_weights_compose():
     assert (cfg.weight("lang-hi"), cfg.weight("lang-te"), cfg.every_s, cfg.method) == (0.5, 1.0, None, "dare_ties_svd")
 
 
+@pytest.mark.slow  # starts a process
 def test_the_merge_policy_imports_no_torch():
-    code = "import sys, fedem_flwr.merge; assert 'torch' not in sys.modules, 'torch imported'"
+    code = "import sys, fedem_flwr.lineage.merge; assert 'torch' not in sys.modules, 'torch imported'"
     root = Path(__file__).resolve().parent.parent
     done = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done.stderr

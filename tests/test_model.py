@@ -9,10 +9,10 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, Mamba2ForCausalLM, MambaForCausalLM
 
-from fedem_flwr.config import ModelConfig, load_config
+from fedem_flwr.config.loader import load_config
+from fedem_flwr.config.schema import ModelConfig
 from fedem_flwr.errors import ConfigError, KernelsUnavailable, ModelNotFound
-from fedem_flwr.model import (
-    build_byte_tokenizer,
+from fedem_flwr.model.factory import (
     build_model,
     count_parameters,
     kernel_path,
@@ -20,13 +20,9 @@ from fedem_flwr.model import (
     load_base,
     save_base,
 )
+from fedem_flwr.model.tokenizer import build_byte_tokenizer
 
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-
-
-@pytest.fixture(scope="module")
-def tokenizer():
-    return build_byte_tokenizer()
 
 
 def test_seshu_tiny_is_mamba2_with_byte_vocab(tokenizer):
@@ -182,7 +178,10 @@ def test_kernel_path_on_cuda_matches_availability(tokenizer):
 
 
 @needs_cuda
-def test_kernels_never_runs_the_pytorch_path_on_cuda(tokenizer):
+def test_kernels_never_runs_the_pytorch_path_on_cuda(tokenizer, monkeypatch):
+    from fedem_flwr.model import factory
+
+    monkeypatch.setattr(factory, "_pytorch_only", set())  # `never` holds for the process: not past this test
     model = build_model(ModelConfig(kernels="never"), tokenizer).cuda()
     ids = torch.randint(4, 260, (2, 32), device="cuda")
 
@@ -193,40 +192,31 @@ def test_kernels_never_runs_the_pytorch_path_on_cuda(tokenizer):
     assert torch.isfinite(loss)
 
 
-def test_kernel_detection_reads_how_transformers_resolved_an_op():
-    # transformers' own decorator, pointed at a package that imports (json) and one that does not.
-    from transformers.integrations import use_kernel_func_from_hub_with_fallback
-
-    from fedem_flwr.model.factory import _uses_kernel
-
-    @use_kernel_func_from_hub_with_fallback("dumps", "json")
-    def resolved(obj):
-        return "reference"
-
-    @use_kernel_func_from_hub_with_fallback("dumps", "fedem_no_such_kernel_package")
-    def fallback(obj):
-        return "reference"
-
-    assert _uses_kernel(resolved) is True and resolved([1]) == "[1]"
-    assert _uses_kernel(fallback) is False and fallback([1]) == "reference"
-    assert _uses_kernel(fallback.__wrapped__) is False
+def test_kernels_available_names_an_unknown_architecture():
+    with pytest.raises(ConfigError, match="`model.arch` is 'mamba3'"):
+        kernels_available("mamba3")
 
 
-def test_a_bound_op_sends_cpu_tensors_to_the_pytorch_reference():
+def test_a_routed_op_runs_the_kernel_for_cuda_tensors_and_the_reference_otherwise(monkeypatch):
     # transformers' decorator binding json.dumps as the "kernel"; the reference names one keyword only
     from transformers.integrations import use_kernel_func_from_hub_with_fallback
 
-    from fedem_flwr.model.factory import _by_device, _uses_kernel
+    from fedem_flwr.model import factory
 
     @use_kernel_func_from_hub_with_fallback("dumps", "json")
     def op(x, scale=1, **kwargs):
-        return ("reference", float(x.sum()) * scale, sorted(kwargs))
+        return ("reference", sum(x) * scale, sorted(kwargs))
 
     # Execute
-    dispatch = _by_device(op)
+    dispatch = factory._by_device(op, "mamba2")
 
-    # Assert: still reported as bound, yet a CPU tensor runs the reference with the keywords it names
-    assert _uses_kernel(dispatch) is True and dispatch.__wrapped__ is op.__wrapped__
-    assert dispatch(torch.ones(3), scale=2, dt_limit=(0, 1)) == ("reference", 6.0, [])
-    with pytest.raises(ValueError, match="`op` on the CPU cannot keep packed sequences apart"):
-        dispatch(torch.ones(3), seq_idx=torch.zeros(3))
+    # Assert: off CUDA the reference runs, with the keywords it names, and refuses packed sequences
+    assert dispatch.__wrapped__ is op.__wrapped__
+    assert dispatch([1, 2], scale=2, dt_limit=(0, 1)) == ("reference", 6, [])
+    with pytest.raises(ValueError, match="`op` on the PyTorch path cannot keep packed sequences apart"):
+        dispatch([1], seq_idx=[0])
+    # Assert: on CUDA transformers' op runs its kernel, unless `never` holds the architecture
+    monkeypatch.setattr(factory, "_on_cuda", lambda args, kwargs: True)
+    assert dispatch([1, 2], scale=2) == "[1, 2]"
+    monkeypatch.setattr(factory, "_pytorch_only", {"mamba2"})
+    assert dispatch([1, 2], scale=2) == ("reference", 6, [])

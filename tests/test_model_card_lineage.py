@@ -10,16 +10,17 @@ import pytest
 import torch
 from huggingface_hub import ModelCard
 
-from fedem_flwr.config import GateConfig, LoraConfig, ModelConfig
+from fedem_flwr.config.schema import GateConfig, LoraConfig, ModelConfig
 from fedem_flwr.gate.evaluator import HubWorkbench
 from fedem_flwr.hub.lineage import checkpoint_card, publish_base, record_attempt, store_adapter_version, version_card
 from fedem_flwr.hub.model_card import adapter_card, base_card
 from fedem_flwr.hub.records import Absorbed
 from fedem_flwr.hub.store import ArtifactRef
-from fedem_flwr.model import build_byte_tokenizer, build_model
+from fedem_flwr.model.factory import build_model
+from fedem_flwr.model.tokenizer import build_byte_tokenizer
 from fedem_flwr.relay.coordinator import RelayCoordinator
 from fedem_flwr.relay.policies import NodeProfile, make_policy
-from relay_support import TTL, FakeClock, seed_real_hub
+from tests.support.relay import TTL, FakeClock, seed_real_hub
 
 TEMPLATE = "[More Information Needed]"
 
@@ -64,8 +65,7 @@ def test_an_accepted_push_is_stored_with_its_filled_card(tmp_path, tiny):
     for node, by in (("sim:1", 1e-4), ("sim:2", 2e-4)):
         (assignment,) = coordinator.assign([NodeProfile(node, ("hi",))])
         lease = assignment.lease
-        outcomes.append(coordinator.receive_push(holder=node, token=lease.token, adapter="hi", base_version=0,
-                                                 state=moved(workbench.initial_state, by)))
+        outcomes.append(coordinator.receive_push(lease.token, moved(workbench.initial_state, by)))
         clock.sleep(5)
 
     # Assert
@@ -181,8 +181,8 @@ def _adapter_folder(folder, workbench, store):
 
 
 def test_a_seeded_hub_stores_base_v0_and_every_fresh_adapter_with_its_card(tmp_path):
-    from fedem_flwr.bootstrap import open_hub
-    from fedem_flwr.config import load_config
+    from fedem_flwr.config.loader import load_config
+    from fedem_flwr.relay.bootstrap import open_hub
 
     hub = open_hub(load_config(["data.languages=[hi,ta]"]), tmp_path / "hub")
     try:

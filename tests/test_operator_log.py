@@ -9,6 +9,10 @@ import sys
 import textwrap
 from pathlib import Path
 
+import pytest
+
+pytestmark = pytest.mark.slow  # builds and trains models in a subprocess
+
 ROOT = Path(__file__).parents[1]
 
 SCRIPT = textwrap.dedent(
@@ -18,7 +22,7 @@ SCRIPT = textwrap.dedent(
     from fedem_flwr.logs import quiet_library_progress, use_flower_logging
     use_flower_logging()
     quiet_library_progress()
-    from fedem_flwr.config import load_config
+    from fedem_flwr.config.loader import load_config
     from fedem_flwr.model.factory import build_model
     from fedem_flwr.model.lora import attach_lora
     from fedem_flwr.model.tokenizer import load_tokenizer

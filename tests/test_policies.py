@@ -8,7 +8,6 @@ import pytest
 
 from fedem_flwr.config.schema import RelayConfig
 from fedem_flwr.errors import ConfigError
-from fedem_flwr.relay.pool import AdapterPool
 from fedem_flwr.relay.policies import (
     FALLBACK_NAMES,
     POLICY_NAMES,
@@ -21,6 +20,7 @@ from fedem_flwr.relay.policies import (
     RoundRobinPolicy,
     make_policy,
 )
+from fedem_flwr.relay.pool import AdapterPool
 
 
 def adapter(name: str, last_served=None, languages=None) -> AdapterInfo:

@@ -18,9 +18,9 @@ import pytest
 
 from fedem_flwr.errors import HubError, HubNotFound, RegistryConflict, SchemaTooNew
 from fedem_flwr.hub.pseudonym import pseudonym_of
+from fedem_flwr.hub.records import Lease
 from fedem_flwr.hub.registry import Registry
 from fedem_flwr.hub.schema import SCHEMA_VERSION
-from fedem_flwr.relay.leases import Lease
 
 T0 = 1_700_000_000.0
 
@@ -305,7 +305,7 @@ def test_not_a_database_is_a_clear_error(db_path):
 WRITER = textwrap.dedent("""
     import sys, time
     from fedem_flwr.hub.registry import Registry
-    from fedem_flwr.relay.leases import Lease
+    from fedem_flwr.hub.records import Lease
     reg = Registry.open(sys.argv[1])
     reg.add_checkpoint(None, "init", "fedem/base", None, "d0", {}, 0.0)
     for name in ("a", "b"):
@@ -331,6 +331,7 @@ WRITER = textwrap.dedent("""
 """)
 
 
+@pytest.mark.slow  # starts a process
 def test_sigkill_mid_run_leaves_whole_transactions_only(db_path):
     # Prepare
     db_path.parent.mkdir(parents=True)

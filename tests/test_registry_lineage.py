@@ -11,9 +11,8 @@ import pytest
 
 from fedem_flwr.errors import RegistryConflict
 from fedem_flwr.hub import schema
-from fedem_flwr.hub.records import Absorbed, BaseAttempt, Evaluation
+from fedem_flwr.hub.records import Absorbed, BaseAttempt, Evaluation, Lease
 from fedem_flwr.hub.registry import Registry
-from fedem_flwr.relay.leases import Lease
 
 T0 = 1_700_000_000.0
 

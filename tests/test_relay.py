@@ -5,16 +5,16 @@ from __future__ import annotations
 import pytest
 from flwr.app import Context, RecordDict
 
-from fedem_flwr.bootstrap import open_hub
 from fedem_flwr.client_app import app as client_app
-from fedem_flwr.config import load_run_config
+from fedem_flwr.config.loader import load_run_config
 from fedem_flwr.errors import DataError
 from fedem_flwr.hub.store import ArtifactRef
 from fedem_flwr.model.adapter_spec import load_adapter_file
-from fedem_flwr.relay import messages
+from fedem_flwr.protocol import messages
+from fedem_flwr.protocol.wire import adapter_to_arrays
+from fedem_flwr.relay.bootstrap import open_hub
 from fedem_flwr.relay.strategy import RelayStrategy
-from fedem_flwr.testing.fake_grid import InProcessGrid
-from fedem_flwr.wire import adapter_to_arrays
+from tests.support.fake_grid import InProcessGrid
 
 OVERRIDES = (
     "data.languages=[hi,ta,mr,de] train.max_steps=8 train.batch_size=4 train.progress=false "
@@ -71,6 +71,18 @@ def test_leases_never_overlap_and_all_end(relayed):
             assert earlier.ended is not None and earlier.ended <= later.issued
 
 
+def test_base_v0_carries_its_held_out_losses_so_every_curve_starts_there(relayed):
+    hub, _, _ = relayed
+    v0 = hub.registry.checkpoint(0)
+    bare = hub.workbench.evaluate(hub.workbench.initial_state)  # a fresh LoRA (B = 0) scores the base itself
+
+    assert sorted(v0.metrics["heldout"]) == sorted(hub.workbench.heldout) == ["de", "hi", "mr", "ta"]
+    assert v0.metrics["heldout"] == pytest.approx(bare)
+    assert v0.metrics["heldout-split"] == hub.split_id
+    for adapter in hub.registry.adapters():  # each fresh v0 was scored on base v0 with the same losses
+        assert hub.registry.adapter_version(adapter.name, 0).metrics["heldout"] == v0.metrics["heldout"]
+
+
 def test_base_travels_once_per_node_then_comes_from_its_cache(relayed):
     _, grid, _ = relayed
     assert sum(1 for m in grid.delivered if "base-files" in m.content) == 2
@@ -103,7 +115,7 @@ def test_client_app_answers_typed_replies_when_it_cannot_train(relayed, tmp_path
                                          base_folder=base_folder, rows=rows)
         message.metadata.__dict__["_message_id"] = "m"
         reply = client_app(message, Context(7, 100, node_config, RecordDict(), run_config))
-        return messages.parse_train_reply(reply)
+        return messages.parse_train_reply(reply, instruction)
 
     # the base is neither cached nor sent
     assert ask().status == messages.MISSING_BASE

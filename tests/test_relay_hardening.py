@@ -13,20 +13,24 @@ import sqlite3
 
 import pytest
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 from flwr.superlink.grid import InMemoryGrid
 
-from fedem_flwr.config import RelayConfig
+from fedem_flwr.config.schema import RelayConfig
 from fedem_flwr.errors import ConfigError, HubFault
+from fedem_flwr.hub.store import ArtifactRef
 from fedem_flwr.model.adapter_spec import AdapterSpec
-from fedem_flwr.relay import messages
+from fedem_flwr.protocol import messages
+from fedem_flwr.protocol.wire import adapter_to_arrays, arrays_to_adapter
 from fedem_flwr.relay.coordinator import PushOutcome
 from fedem_flwr.relay.strategy import HISTORY_LIMIT, RelayResult, RelayStrategy, is_simulation_grid
-from fedem_flwr.testing.fake_grid import InProcessGrid
-from relay_support import FakeClock, ScriptedWorkbench, seeded_coordinator
+from tests.support.fake_grid import InProcessGrid
+from tests.support.relay import FakeClock, ScriptedWorkbench, seeded_coordinator
 
 GOOD_PROFILE = {"device": "cpu", "data-bytes": 100, "base-digests": []}
+SPEC = AdapterSpec.from_state({"w": torch.zeros(1)})  # the scripted adapter: one weight
+START = FakeClock().now  # every run starts here; the relay polls every second (`poll_interval_s=1`)
 
 
 def _scripted_app(clock: FakeClock) -> ClientApp:
@@ -65,12 +69,12 @@ def _scripted_app(clock: FakeClock) -> ClientApp:
             return messages.status_reply(message, instruction, messages.MISSING_BASE, "not cached")
         if behaviour == "slow":
             clock.now += instruction.budget_s + 120  # well past the lease
-        state = message.content["arrays"].to_torch_state_dict()
+        state = arrays_to_adapter(message.content["arrays"], SPEC)
         state["w"] = state["w"] - 0.25
         metrics = {"steps": 1.0}
         if behaviour == "nan-metrics":
             metrics.update({"loss-first": float("nan"), "loss-last": float("inf"), "tokens": 8.0})
-        reply = messages.train_reply(message, instruction, ArrayRecord(state), metrics)
+        reply = messages.train_reply(message, instruction, adapter_to_arrays(state), metrics)
         if behaviour == "many-metrics":
             reply.content["metrics"] = MetricRecord({f"m{i:03d}": float(i) for i in range(100)})
         return reply
@@ -79,14 +83,11 @@ def _scripted_app(clock: FakeClock) -> ClientApp:
 
 
 def _strategy(tmp_path, clock, workbench=None, **relay):
-    coordinator, registry, store = seeded_coordinator(tmp_path, clock)
-    if workbench is not None:
-        coordinator.workbench = workbench
+    coordinator, registry, store = seeded_coordinator(tmp_path, clock, workbench=workbench)
     settings = dict(lease_ttl_s=100, sweep_interval_s=10, poll_interval_s=1, no_node_grace_s=5,
                     deadline_margin_s=10, max_wall_s=60.0, backoff_s=4, backoff_max_s=16)
     settings.update(relay)
-    strategy = RelayStrategy(coordinator, RelayConfig(**settings), AdapterSpec.from_state({"w": torch.zeros(1)}),
-                             max_steps=1, clock=clock, sleep=clock.sleep)
+    strategy = RelayStrategy(coordinator, RelayConfig(**settings), SPEC, max_steps=1, clock=clock, sleep=clock.sleep)
     return strategy, registry, store
 
 
@@ -178,9 +179,13 @@ def test_malformed_profile_gets_no_lease_and_is_asked_again_with_backoff(tmp_pat
     assert result.accepted > 0  # the honest node relays on
     assert all(lease.holder == "sim:1" for lease in registry.leases())
     queries = _sent(grid, 10, messages.PROFILE)
-    assert 3 <= len(queries) <= 6  # at 0, 4, 12, 28, 44, 60 s: asked again, ever less often
+    assert len(queries) == 6  # at 0, 4, 12, 28, 44, 60 s: asked again, ever less often (backoff 4 s to 16 s)
     warnings = [r.getMessage() for r in caplog.records if "malformed profile" in r.getMessage()]
     assert len(warnings) == len(queries)
+    # a simulated node that never named its partition has no identity but its node id: no pseudonym is
+    # registered for it
+    assert all(w.startswith("Node 10 (identity not yet known) backs off") for w in warnings)
+    assert set(registry.identities().values()) == {"sim:1"}
     _assert_no_version_lost(registry, result)
     _assert_lease_table_consistent(registry)
 
@@ -199,6 +204,37 @@ def test_profile_reply_is_parsed_into_checked_deduplicated_fields():
     with pytest.raises(messages.InvalidReply, match=r"`partition-id` is 4; it must be below `num-partitions` 4"):
         messages.parse_profile_reply(messages.profile_reply(query, {**answer, "partition-id": 4}))
     assert grid.simulation
+
+
+CLAIMS = {
+    "token": ({"token": 57}, "claim-mismatch: token 57 claimed, lease 7"),
+    "adapter": ({"adapter": "ta"}, "claim-mismatch: adapter 'ta' claimed, lease 7 is on 'hi'"),
+    "base version": ({"base_version": 3}, "claim-mismatch: base version 3 claimed, lease 7 is on 0"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(CLAIMS))
+def test_a_train_reply_is_checked_against_the_instruction_it_answers(case):
+    InProcessGrid(ClientApp(), {}, {})  # sets the task identity messages need
+    base = ArtifactRef("t/base", "v0", "a" * 64)
+    sent = messages.TrainInstruction("hi", 0, ("hi",), 7, base, 0, 60.0, 1)
+    message = messages.train_message(10, sent, adapter_to_arrays({"w": torch.zeros(1)}), ttl=60)
+    message.metadata.__dict__["_message_id"] = "m"
+    change, reason = CLAIMS[case]
+    claimed = messages.TrainInstruction(**{**sent.__dict__, **change})
+    metrics = {"steps": 2.0, "loss-first": math.nan}
+
+    honest = messages.parse_train_reply(messages.train_reply(message, sent, adapter_to_arrays({"w": torch.ones(1)}),
+                                                             metrics), sent)
+    with pytest.raises(messages.ClaimMismatch) as mismatch:
+        messages.parse_train_reply(messages.train_reply(message, claimed, adapter_to_arrays({"w": torch.ones(1)}),
+                                                        metrics), sent)
+
+    assert (honest.token, honest.adapter, honest.base_version, honest.status) == (7, "hi", 0, messages.OK)
+    assert (honest.metrics, honest.dropped_metrics) == ({"steps": 2.0}, ("loss-first",))
+    assert str(mismatch.value) == reason
+    # what the rejection records: the metrics as parsed
+    assert (mismatch.value.metrics, mismatch.value.dropped_metrics) == ({"steps": 2.0}, ("loss-first",))
 
 
 def test_partition_id_is_no_identity_on_a_superlink(tmp_path):
@@ -246,23 +282,30 @@ def test_node_without_data_for_the_lease_ends_it_without_contribution_or_backoff
     leases = registry.leases()
     assert leases and all(lease.outcome == messages.NO_DATA for lease in leases)
     assert not registry.contributions() and result.accepted == result.rejected == 0
-    assert len(leases) >= 9  # leased again at once: one lease every two polls, no backoff
+    # leased again at once: one lease a poll from the first lease at 1 s to the stop at 20 s, no backoff
+    assert [lease.issued - START for lease in leases] == [float(s) for s in range(1, 21)]
     _assert_lease_table_consistent(registry)
 
 
-def test_node_missing_the_base_gets_it_with_its_next_lease_only(tmp_path):
+def test_node_missing_the_base_gets_it_with_its_next_lease_only(tmp_path, caplog):
     clock = FakeClock()
     strategy, registry, store = _strategy(tmp_path, clock, max_accepted=3)
     digest = registry.latest_checkpoint().digest
     # the node claims the base in its profile but does not hold it
     nodes = {10: {"partition-id": 0, "languages": "hi", "behaviour": "needs-base", "has-base": [digest]}}
     grid = InProcessGrid(_scripted_app(clock), nodes, {}, clock=clock)
-    result = strategy.start(grid)
+    with caplog.at_level(logging.INFO, logger="fedem_flwr.relay.strategy"):
+        result = strategy.start(grid)
 
     trains = _sent(grid, 10, messages.TRAIN)
     assert [messages.BASE_FILES in m.content for m in trains] == [False, True, False, False]
     first, *rest = sorted(registry.leases(), key=lambda lease: lease.token)
     assert first.outcome == messages.MISSING_BASE and [lease.outcome for lease in rest] == ["accepted"] * 3
+    # the log names the node by its pseudonym; its Flower node id only where Flower's own logs are matched
+    alias = registry.pseudonym("sim:0")
+    lines = [r.getMessage() for r in caplog.records]
+    assert f"Node {alias} gets base v0 in-band with lease {rest[0].token}" in lines
+    assert f"Node {alias} (node id 10): languages hi, cpu, 0 KB of text" in lines
     _assert_no_version_lost(registry, result)
     _assert_lease_table_consistent(registry)
 
@@ -272,10 +315,8 @@ def test_failing_node_backs_off_and_gets_the_base_once(tmp_path):
     result, registry, grid = _run(tmp_path, nodes, max_wall_s=100)
 
     crashed = sorted((lease for lease in registry.leases() if lease.holder == "sim:0"), key=lambda x: x.issued)
-    # leases at about 0, 4, 12, 28, 44, 60, 76, 92 s: 4 s doubling to at most 16 s, not one a poll
-    assert 6 <= len(crashed) <= 9
-    gaps = [later.issued - earlier.issued for earlier, later in zip(crashed, crashed[1:])]
-    assert gaps == sorted(gaps) and max(gaps) <= 16 + 2 and min(gaps) >= 4
+    # the first lease at 1 s, then 4 s doubling to at most 16 s between leases, not one a poll
+    assert [lease.issued - START for lease in crashed] == [1.0, 5.0, 13.0, 29.0, 45.0, 61.0, 77.0, 93.0]
     trains = [m for m in grid.pushed if m.metadata.dst_node_id == 10 and m.metadata.message_type == messages.TRAIN]
     assert len(trains) == len(crashed) and sum(messages.BASE_FILES in m.content for m in trains) == 1
     assert result.accepted > 0
@@ -288,7 +329,9 @@ def test_malformed_train_reply_is_recorded_and_its_node_backs_off(tmp_path):
                                max_wall_s=30)
 
     contributions = registry.contributions()
-    assert 2 <= len(contributions) <= 4 and result.rejected == len(contributions)  # at 0, 4, 12, 28 s
+    # pushed at 1 s, then after backing off 4, 8 and 16 s; the next would come after the stop at 30 s
+    assert sorted(c.received - START for c in contributions) == [1.0, 5.0, 13.0, 29.0]
+    assert result.rejected == len(contributions)
     assert {c.reason for c in contributions} == {
         "invalid-adapter: malformed train reply: train reply `lease-token` is 'seven'; "
         "it must be a non-negative integer"
@@ -302,9 +345,8 @@ def test_a_success_resets_the_backoff(tmp_path):
 
     leases = sorted(registry.leases(), key=lambda lease: lease.token)
     assert [lease.outcome.split(":")[0] for lease in leases] == ["client-error"] * 2 + ["accepted"] * 4
-    gaps = [later.issued - earlier.issued for earlier, later in zip(leases, leases[1:])]
-    assert gaps[0] >= 4 and gaps[1] >= 8  # backing off after each failure
-    assert max(gaps[2:]) <= 2  # after a success it is leased again at once
+    # backing off 4 s, then 8 s, after each failure; after a success it is leased again the next poll
+    assert [lease.issued - START for lease in leases] == [1.0, 5.0, 13.0, 14.0, 15.0, 16.0]
     _assert_no_version_lost(registry, result)
 
 
@@ -313,10 +355,8 @@ def test_lease_ended_without_a_reply_needs_a_fresh_profile(tmp_path):
                                   max_wall_s=600)
 
     kinds = [m.metadata.message_type for m in grid.delivered if m.metadata.dst_node_id == 10]
-    assert kinds.count(messages.TRAIN) >= 2
-    # every train message after the first follows a fresh profile query
-    assert all(kinds[i - 1] == messages.PROFILE for i, kind in enumerate(kinds) if kind == messages.TRAIN)
-    assert kinds.count(messages.PROFILE) - kinds.count(messages.TRAIN) in (0, 1)  # one asked as the run ends
+    # every train message follows a fresh profile query, and one more is asked as the run ends
+    assert kinds == [messages.PROFILE, messages.TRAIN] * 3 + [messages.PROFILE]
     _assert_lease_table_consistent(registry)
 
 

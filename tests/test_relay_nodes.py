@@ -52,6 +52,15 @@ def test_backoff_doubles_to_its_bound_and_a_success_resets_it():
     assert table.back_off(node, now=0.0) == 2
 
 
+def test_a_simulated_node_has_no_settled_identity_before_its_profile():
+    table = NodeTable(backoff_s=1, backoff_max_s=1)
+    table.refresh({1: b""}, settled=False)  # a simulated node: its profile's partition will name it
+    table.refresh({1: b"", 2: b"key"})  # a node on a SuperLink: its key names it from the start
+
+    assert (table.get(1).identity, table.get(1).settled) == ("node:1", False)
+    assert (table.get(2).identity, table.get(2).settled) == (key_identity(2, b"key"), True)
+
+
 def test_a_node_with_a_message_in_flight_stays_until_it_is_answered():
     table = NodeTable(backoff_s=1, backoff_max_s=1)
     table.refresh({1: b"", 2: b""})

@@ -8,15 +8,18 @@ from __future__ import annotations
 
 import pytest
 import torch
-from flwr.app import ArrayRecord, Context, Message
+from flwr.app import Context, Message
 from flwr.clientapp import ClientApp
 
-from fedem_flwr.config import RelayConfig
+from fedem_flwr.config.schema import RelayConfig
 from fedem_flwr.model.adapter_spec import AdapterSpec
-from fedem_flwr.relay import messages
+from fedem_flwr.protocol import messages
+from fedem_flwr.protocol.wire import adapter_to_arrays, arrays_to_adapter
 from fedem_flwr.relay.strategy import RelayStrategy
-from fedem_flwr.testing.fake_grid import InProcessGrid
-from relay_support import FakeClock, seeded_coordinator
+from tests.support.fake_grid import InProcessGrid
+from tests.support.relay import FakeClock, seeded_coordinator
+
+SPEC = AdapterSpec.from_state({"w": torch.zeros(1)})  # the scripted adapter: one weight
 
 
 def _stub_app(clock: FakeClock) -> ClientApp:
@@ -33,7 +36,7 @@ def _stub_app(clock: FakeClock) -> ClientApp:
     @app.train("relay")
     def train(message: Message, context: Context) -> Message:
         instruction = messages.parse_train_instruction(message)
-        state = message.content["arrays"].to_torch_state_dict()
+        state = arrays_to_adapter(message.content["arrays"], SPEC)
         behaviour = context.node_config.get("behaviour", "improve")
         if behaviour == "crash":
             raise RuntimeError("out of patience")
@@ -45,7 +48,7 @@ def _stub_app(clock: FakeClock) -> ClientApp:
             instruction = messages.TrainInstruction(**{**instruction.__dict__, "token": instruction.token + 50})
         else:
             state["w"] = state["w"] - 0.25
-        return messages.train_reply(message, instruction, ArrayRecord(state), {"steps": 1.0})
+        return messages.train_reply(message, instruction, adapter_to_arrays(state), {"steps": 1.0})
 
     return app
 
@@ -61,7 +64,7 @@ def _run(tmp_path, behaviours, max_accepted=None, max_wall_s=60.0, kill_after_le
     grid = InProcessGrid(_stub_app(clock), node_configs, {}, clock=clock, latency=latency)
     relay = RelayConfig(lease_ttl_s=100, sweep_interval_s=10, poll_interval_s=1, no_node_grace_s=5,
                         deadline_margin_s=10, max_accepted=max_accepted, max_wall_s=max_wall_s, drain_s=drain_s)
-    strategy = RelayStrategy(coordinator, relay, AdapterSpec.from_state({"w": torch.zeros(1)}), max_steps=1,
+    strategy = RelayStrategy(coordinator, relay, SPEC, max_steps=1,
                              clock=clock, sleep=clock.sleep)
     if kill_after_lease is not None:
         push = grid.push_messages

@@ -7,13 +7,15 @@ from statistics import mean
 
 import pytest
 
-from fedem_flwr.bootstrap import open_hub
-from fedem_flwr.config import load_run_config
+from fedem_flwr.config.loader import load_run_config
 from fedem_flwr.errors import ConfigError
 from fedem_flwr.hub.paths import registry_path
 from fedem_flwr.hub.registry import Registry
+from fedem_flwr.relay.bootstrap import open_hub
 from fedem_flwr.simulation.baselines import run_baseline
 from fedem_flwr.simulation.record import read_result, read_trace
+
+pytestmark = pytest.mark.slow  # centralized and local-only runs that train real adapters
 
 BUDGET = 16_000
 CONTRIBUTORS = 6

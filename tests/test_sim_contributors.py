@@ -7,7 +7,7 @@ import statistics
 
 import pytest
 
-from fedem_flwr.config import SimConfig
+from fedem_flwr.config.schema import SimConfig
 from fedem_flwr.errors import ConfigError
 from fedem_flwr.simulation.contributors import virtual_contributor
 

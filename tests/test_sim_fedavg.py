@@ -10,19 +10,21 @@ import pytest
 from flwr.app import ConfigRecord, Context, Message
 from flwr.clientapp import ClientApp
 
-from fedem_flwr.bootstrap import open_hub
 from fedem_flwr.client_app import app as client_app
 from fedem_flwr.client_app import query_profile
-from fedem_flwr.config import load_run_config
+from fedem_flwr.config.loader import load_run_config
 from fedem_flwr.hub.paths import registry_path
 from fedem_flwr.hub.registry import Registry
-from fedem_flwr.relay import messages
+from fedem_flwr.protocol import messages
+from fedem_flwr.relay.bootstrap import open_hub
 from fedem_flwr.simulation.clock import VirtualClock
 from fedem_flwr.simulation.fedavg import run_fedavg
 from fedem_flwr.simulation.fedavg_client import fedavg_train
-from fedem_flwr.simulation.virtual_grid import SIM_PLAN
 from fedem_flwr.simulation.record import read_result, read_trace
-from fedem_flwr.testing.fake_grid import InProcessGrid
+from fedem_flwr.simulation.virtual_grid import SIM_PLAN
+from tests.support.fake_grid import InProcessGrid
+
+pytestmark = pytest.mark.slow  # FedAvg rounds that train real adapters
 
 NODES = 6
 OVERRIDES = ("data.languages=[hi,ta,mr,de] train.max_steps=4 train.batch_size=4 train.progress=false "

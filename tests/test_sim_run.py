@@ -4,21 +4,22 @@ VirtualGrid."""
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 
 import pytest
 from flwr.app import Context, RecordDict
 
 from fedem_flwr.client_app import app as client_app
-from fedem_flwr.config import load_run_config
+from fedem_flwr.config.loader import load_run_config
 from fedem_flwr.errors import ConfigError
 from fedem_flwr.hub.paths import registry_path
 from fedem_flwr.hub.registry import Registry
 from fedem_flwr.server_app import main as server_main
 from fedem_flwr.simulation.record import read_result, read_trace
 from fedem_flwr.simulation.run import run_simulation
-from fedem_flwr.testing.fake_grid import InProcessGrid
+from tests.support.fake_grid import InProcessGrid
+
+pytestmark = pytest.mark.slow  # whole simulations, each training real adapters for many leases
 
 NODES = 6
 STEPS, BATCH, BLOCK = 4, 4, 128
@@ -39,13 +40,11 @@ def _simulate(tmp_path: Path, overrides: str, nodes: int = NODES) -> tuple[dict,
 
 def test_a_relay_of_three_hour_leases_runs_simulated_hours_in_seconds_and_spends_its_budget(tmp_path):
     budget = 12 * LEASE_TOKENS
-    started = time.monotonic()
     # Slow contributors (4 steps take about 45 simulated minutes) who sometimes vanish.
     result, hub = _simulate(tmp_path, f"sim.max_tokens={budget} sim.speed=0.0015 sim.vanish_prob=0.25 "
                                       "relay.lease_ttl_s=10800 relay.sweep_interval_s=300")
-    wall = time.monotonic() - started
     assert result["method"] == "relay" and result["stopped_by"].startswith("token budget")
-    assert result["sim_seconds"] > 3 * 3600 and wall < 120
+    assert result["sim_seconds"] > 3 * 3600
     assert budget <= result["tokens"] < budget + NODES * LEASE_TOKENS
     assert result["accepted"] > 0 and result["expired"] > 0  # someone vanished: wasted, reported gone
     assert 0 < result["tokens_wasted"] < result["tokens"]
@@ -65,15 +64,17 @@ def test_a_relay_of_three_hour_leases_runs_simulated_hours_in_seconds_and_spends
     assert trace[-1]["tokens"] == result["tokens"] and trace[-1]["loss_mean"] == pytest.approx(result["loss_mean"])
 
 
-def test_merges_and_cpt_run_on_simulated_time_and_cpt_tokens_count_against_the_budget(tmp_path):
-    result, hub = _simulate(tmp_path, f"sim.max_tokens={16 * LEASE_TOKENS} merge.every_accepted=3 merge.tolerance=1.0 "
-                                      "cpt.enabled=true cpt.batch_size=2 cpt.checkpoint_every=6 cpt.tolerance=1.0 "
-                                      "sim.hub_cpt_speed=0.01 gate.tolerance=1.0")
+def test_merges_and_cpt_publish_on_simulated_time_and_cpt_tokens_count_against_the_budget(tmp_path):
+    # A merge every 3 accepted pushes and a CPT checkpoint every 6 steps, at the gates' own tolerances.
+    result, hub = _simulate(tmp_path, f"sim.max_tokens={16 * LEASE_TOKENS} merge.every_accepted=3 "
+                                      "cpt.enabled=true cpt.batch_size=2 cpt.checkpoint_every=6 sim.hub_cpt_speed=0.01")
     assert result["cpt_tokens"] > 0
-    assert result["base_version"] > 0  # a merge or a CPT checkpoint was published
     with Registry.open(registry_path(hub), readonly=True) as registry:
-        sources = {checkpoint.source for checkpoint in registry.checkpoints()}
-    assert "merge" in sources or "cpt" in sources
+        checkpoints = registry.checkpoints()
+    sources = [checkpoint.source for checkpoint in checkpoints]
+    assert sources[0] == "init" and {"merge", "cpt"} <= set(sources), sources
+    assert result["base_version"] == checkpoints[-1].version == len(checkpoints) - 1
+    assert all(checkpoint.parent == checkpoint.version - 1 for checkpoint in checkpoints[1:])  # one lineage
     # CPT paced by simulated time: about hub_cpt_speed steps a simulated second, never more.
     assert result["cpt_tokens"] <= 0.01 * result["sim_seconds"] * 2 * BLOCK + 2 * BLOCK
 

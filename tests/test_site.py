@@ -5,18 +5,20 @@ from __future__ import annotations
 
 import json
 import re
+from html.parser import HTMLParser
 from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
+from test_cli import T0, invoke, pseudonyms
+from test_cli_lineage import lineage_hub  # noqa: F401 - the fixture
 
 from fedem_flwr.cli import cli
 from fedem_flwr.hub.registry import Registry
-from fedem_flwr.site import build_site, render
+from fedem_flwr.site import render
+from fedem_flwr.site.build import build_site
 from fedem_flwr.site.charts import line_chart, ticks, time_labels
 from fedem_flwr.site.data import LEDGER_COLUMNS, as_dict, pages, site_data, thin
-from test_cli import T0, invoke, pseudonyms
-from test_cli_lineage import lineage_hub  # noqa: F401 - the fixture
 
 NOW = T0 + 1500  # lease 2 (te, node:7) has its deadline at T0 + 10860
 
@@ -83,12 +85,12 @@ def test_ticks_cover_the_range_with_round_steps():
 
 
 def test_a_chart_is_an_image_with_a_title_and_a_description():
-    svg = line_chart("c1", "Loss <by> base", "two lines", {"hi": [(0, 4.0), (1, 3.5)], "te": [(1, 4.2)]},
-                     "base version", "held-out loss")
+    svg = render.svg(line_chart("c1", "Loss <by> base", "two lines", {"hi": [(0, 4.0), (1, 3.5)], "te": [(1, 4.2)]},
+                                "base version", "held-out loss"))
     assert svg.startswith('<svg id="c1" class="chart"') and 'role="img"' in svg
     assert 'aria-labelledby="c1-title c1-desc"' in svg and "<title id=\"c1-title\">Loss &lt;by&gt; base</title>" in svg
     assert svg.count("<polyline") == 2 and ">v0<" in svg and ">v1<" in svg
-    assert "nothing measured yet" in line_chart("c2", "t", "d", {}, "x", "y")
+    assert "nothing measured yet" in render.svg(line_chart("c2", "t", "d", {}, "x", "y"))
     assert [time_labels(span)(T0) for span in (60, 86400, 30 * 86400)] == ["22:13:20", "11-14 22:13", "2023-11-14"]
 
 
@@ -166,6 +168,84 @@ def test_a_folder_with_other_files_is_refused_and_left_alone(hub, tmp_path):
     assert result.exit_code == 1 and "not empty" in result.output
     assert (out / "data" / "notes.txt").read_text() == "keep me"
     assert sorted(p.name for p in out.iterdir()) == ["data"]
+
+
+class Tags(HTMLParser):
+    """Every element of a page, with its attributes and whether it holds text (for inline scripts)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.tags: list[tuple[str, dict[str, str]]] = []
+        self.script_text = ""
+        self._in_script = False
+
+    def handle_starttag(self, tag, attrs):
+        self.tags.append((tag, dict(attrs)))
+        self._in_script = tag == "script"
+
+    def handle_endtag(self, tag):
+        self._in_script = False
+
+    def handle_data(self, data):
+        if self._in_script:
+            self.script_text += data
+
+
+SCRIPT, IMG = "<script>alert(1)</script>", '"><img src=x onerror=alert(2)>'
+
+
+def test_names_from_the_catalog_come_out_escaped(fresh_db, tmp_path):
+    """An operator's catalog names adapters and languages (a stranger cannot): hostile ones stay text."""
+    # Prepare: an adapter and a language named to break out of the markup, on every page that shows them
+    fresh_db.add_checkpoint(None, "init", "fedem/base", "v0", "d0", {"heldout": {SCRIPT: 5.0}}, T0)
+    fresh_db.add_adapter(IMG, [SCRIPT], "causal-lm", {}, T0)
+    fresh_db.add_adapter_version(IMG, 0, None, "fedem/adapter", "v0", "a0", {"heldout": {SCRIPT: 4.0}}, T0)
+    fresh_db.add_adapter_version(IMG, 0, 0, "fedem/adapter", "v1", "a1", {"heldout": {SCRIPT: 3.5}}, T0 + 60)
+    fresh_db.add_contribution(fresh_db.pseudonym("sim:1"), IMG, None, T0 + 60, "a1", {"ok": True},
+                              {"heldout": {SCRIPT: 3.5}}, "accepted", f"better on {SCRIPT}", 1)
+
+    # Execute
+    build_site(fresh_db, tmp_path / "site", NOW)
+
+    # Assert: no element but the pages' own, every script from a file, the names shown as text
+    pages = {p.relative_to(tmp_path / "site").as_posix(): p.read_text() for p in (tmp_path / "site").rglob("*.html")}
+    assert len(pages) == 5
+    for name, text in pages.items():
+        parsed = Tags()
+        parsed.feed(text)
+        assert not [tag for tag, _ in parsed.tags if tag == "img"], name
+        assert all("src" in attrs for tag, attrs in parsed.tags if tag == "script") and not parsed.script_text.strip()
+        assert SCRIPT not in text and "<img" not in text, name
+    escaped_script, escaped_img = "&lt;script&gt;alert(1)&lt;/script&gt;", "&#34;&gt;&lt;img src=x onerror=alert(2)&gt;"
+    assert f'<th scope="col" data-type="number">{escaped_script}</th>' in pages["index.html"]
+    assert f"<td>{escaped_img}</td><td>v1</td><td>{escaped_script}</td>" in pages["index.html"]
+    assert f"<h3 id=\"adapter-{escaped_img}\">Adapter {escaped_img}</h3>" in pages["progress.html"]
+    assert f'<option value="{escaped_img}">{escaped_img}</option>' in pages["ledger.html"]
+    contributor = next(text for name, text in pages.items() if name.startswith("contributors/"))
+    assert f"<td>{escaped_img}</td>" in contributor and f"<td>better on {escaped_script}</td>" in contributor
+    assert f">{escaped_script}</text>" in pages["progress.html"]  # the charts' legends
+
+
+@pytest.mark.parametrize("v0", [{"hi": 5.5, "te": 5.8}, {}])
+def test_base_v0_is_drawn_when_measured_and_left_out_when_not(fresh_db, v0):
+    # Prepare: v0 with or without the held-out losses the hub records for its seed
+    fresh_db.add_checkpoint(None, "init", "fedem/base", "v0", "d0", {"heldout": v0}, T0)
+    fresh_db.add_checkpoint(0, "merge", "fedem/base", "v1", "d1", {"heldout": {"hi": 4.0, "te": 4.5}}, T0 + 60)
+
+    # Execute
+    site = site_data(fresh_db, NOW)
+    page = render.progress_page(site)
+
+    # Assert: the chart's lines, its x axis and its description start at the first measured version
+    figure = page[page.index('<svg id="chart-bases"'):page.index("</svg>")]
+    if v0:
+        assert site["progress"]["bases"] == {"hi": [(0, 5.5), (1, 4.0)], "te": [(0, 5.8), (1, 4.5)]}
+        assert "over base versions v0 to v1;" in figure and ">v0</text>" in figure
+    else:
+        assert site["progress"]["bases"] == {"hi": [(1, 4.0)], "te": [(1, 4.5)]}
+        assert "over base version v1;" in figure and ">v0</text>" not in figure and ">v1</text>" in figure
+    # the table lists every base version, "-" where none was measured
+    assert "<td>v0</td><td>init</td><td>" + ("5.500" if v0 else "-") in re.sub(r">\s+<", "><", page)
 
 
 def test_formats_match_the_ledger_script():

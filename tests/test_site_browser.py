@@ -22,8 +22,9 @@ from click.testing import CliRunner
 
 from fedem_flwr.cli import cli
 from fedem_flwr.hub.registry import Registry
-from fedem_flwr.site import build_site, render
-from relay_support import KEEPER_OVERRIDES, open_real_hub, relay_in_process
+from fedem_flwr.site import render
+from fedem_flwr.site.build import build_site
+from tests.support.relay import KEEPER_OVERRIDES, open_real_hub, relay_in_process
 
 INSTALL = ("install Chromium and its driver (Debian: apt-get install chromium chromium-driver) and the dev extra "
            "(pip install -e '.[dev]': selenium, axe-selenium-python)")
@@ -71,7 +72,7 @@ def relayed(tmp_path_factory):
     secret.chmod(0o600)
     hub, run_config = open_real_hub(tmp_path, f"{KEEPER_OVERRIDES} relay.max_accepted=5 merge.every_accepted=2 "
                                                "gate.tolerance=0.12 relay.max_wall_s=90")
-    from fedem_flwr.base_keeper import BaseKeeper
+    from fedem_flwr.relay.keeper import BaseKeeper
 
     relay_in_process(hub, run_config, tmp_path, BaseKeeper(hub))
     hub.registry.close()

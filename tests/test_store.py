@@ -22,8 +22,8 @@ from fedem_flwr.hub.store import (
     Problem,
     adapter_repo,
     base_repo,
-    open_store,
 )
+from fedem_flwr.hub.stores import open_store
 
 REPO = adapter_repo("fedem", "hi")
 
@@ -215,6 +215,7 @@ def _put_and_die_at(tmp_path: Path, call: str) -> None:
     assert proc.returncode == -signal.SIGKILL, proc.stderr.decode()
 
 
+@pytest.mark.slow  # starts a process
 def test_a_crash_before_the_rename_leaves_only_a_temporary_folder(tmp_path):
     # Prepare
     store = LocalStore(tmp_path / "store")
@@ -231,6 +232,7 @@ def test_a_crash_before_the_rename_leaves_only_a_temporary_folder(tmp_path):
     assert store.put(REPO, "v1", tmp_path / "new", "retry").digest == digest(tmp_path / "new")
 
 
+@pytest.mark.slow  # starts a process
 def test_a_crash_after_the_rename_leaves_an_unrecorded_revision_that_a_retry_adopts(tmp_path):
     store = LocalStore(tmp_path / "store")
     store.put(REPO, "v0", make_artifact(tmp_path / "a"), "m")
@@ -265,6 +267,7 @@ def test_an_orphan_revision_is_replaced_when_the_caller_knows_the_registry_lacks
     assert store.verify_all() == []  # the orphan's copy moved aside is gone too
 
 
+@pytest.mark.slow  # starts a process
 def test_an_unrecorded_orphan_folder_is_replaced_too(tmp_path):
     store = LocalStore(tmp_path / "store")
     store.put(REPO, "v0", make_artifact(tmp_path / "a"), "m")
@@ -295,6 +298,7 @@ def test_repair_removes_orphans_and_debris_and_keeps_what_the_registry_lists(tmp
     assert store.local_path(REPO, "main").name == "v0"
 
 
+@pytest.mark.slow  # starts a process
 def test_repair_keeps_an_unrecorded_folder_the_registry_lists(tmp_path):
     store = LocalStore(tmp_path / "store")
     v0 = store.put(REPO, "v0", make_artifact(tmp_path / "a"), "m")

@@ -13,16 +13,19 @@ import time
 from pathlib import Path
 
 import pytest
+from click.testing import CliRunner
 
+from fedem_flwr.cli import cli
 from fedem_flwr.hub.paths import secret_path
 from fedem_flwr.simulation.record import Counters, Trace, read_result, write_result
 from simulations import cells as cells_mod
 from simulations import report
 from simulations.cells import CellError, cell_key, fresh_hub, hydra_overrides, normalize, run_cell, study_secret
 from simulations.report import write_report
-from simulations.sweep import expand, main, run_sweep
+from simulations.sweep import expand, run_sweep
 
 RUNS_LOG = "runs.log"
+CHECKOUT = Path(__file__).resolve().parents[1]
 
 
 def cheap_cell(cell, cell_dir, hub, **_):
@@ -108,7 +111,7 @@ def test_bad_cells_are_refused_with_the_key_and_value():
 
 
 def test_overrides_compose_into_the_config_the_cell_describes():
-    from fedem_flwr.config import load_config
+    from fedem_flwr.config.loader import load_config
 
     cell = {"method": "relay", "seed": 4, "policy": "random", "lease_ttl_s": 600, "merge": False, "cpt": True,
             "vanish_prob": 0.1, "max_tokens": 5000, "overrides": "train.max_steps=3"}
@@ -227,15 +230,54 @@ def test_report_tables_mean_and_spread_over_seeds_and_draws_the_plots(tmp_path):
         assert (tmp_path / name).stat().st_size > 1000 and f"({name})" in report
 
 
-def test_cli_dry_run_lists_the_cells(tmp_path, capsys):
+def sim(*args: str, code: int = 0):
+    """`fedem sim ARGS` from the checkout's top folder."""
+    result = CliRunner().invoke(cli, ["sim", *args])
+    assert result.exit_code == code, result.output
+    return result
+
+
+def test_cli_dry_run_lists_the_cells(tmp_path, monkeypatch):
+    monkeypatch.chdir(CHECKOUT)
     grid = tmp_path / "grid.yaml"
     grid.write_text("method: [relay, local-only]\nseed: [0, 1]\npolicy: random\n")
+    args = ["sweep", "--grid", str(grid), "--seed", "3", "--merge", "on,off", "--out", str(tmp_path), "--dry-run"]
 
-    assert main(["--grid", str(grid), "--seed", "3", "--merge", "on,off", "--out", str(tmp_path), "--dry-run"]) == 0
+    lines = sim(*args).output.splitlines()
+    listed = json.loads(sim(*args, "--json").output)
 
-    lines = capsys.readouterr().out.splitlines()
     assert len(lines) == 3  # relay x merge on/off at seed 3, local-only at seed 3
     assert all(" todo " in line and '"seed": 3' in line for line in lines)
+    assert [(c["cell"]["method"], c["cell"].get("merge"), c["done"]) for c in listed] == [
+        ("relay", True, False), ("relay", False, False), ("local-only", None, False)]
+
+
+def test_cli_refuses_a_bad_grid_as_a_usage_error(tmp_path, monkeypatch):
+    monkeypatch.chdir(CHECKOUT)
+    (tmp_path / "grid.yaml").write_text("method: [relay\n")
+
+    assert "no `method`" in sim("sweep", "--seed", "1", "--dry-run", code=2).output
+    assert "`--seed x`: invalid literal for int()" in sim("sweep", "--method", "relay", "--seed", "x", "--dry-run",
+                                                          code=2).output
+    assert "is not valid YAML" in sim("sweep", "--grid", str(tmp_path / "grid.yaml"), "--dry-run", code=2).output
+    assert "`--set x=1` must read KEY=V1,V2" in sim("sweep", "--method", "relay", "--set", "x=1", "--dry-run",
+                                                    code=2).output
+
+
+def test_cli_sweep_runs_the_cells_and_writes_the_report(tmp_path, monkeypatch):
+    # Prepare: the cheap cell function stands in for every method
+    monkeypatch.chdir(CHECKOUT)
+    monkeypatch.setattr(cells_mod, "RUNNERS", CHEAP)
+
+    # Execute
+    result = sim("sweep", "--method", "centralized,relay", "--seed", "0,1", "--jobs", "1", "--out", str(tmp_path))
+
+    # Assert
+    assert result.stdout.splitlines()[-2:] == [
+        f"4 cells: 4 ok, 0 already done, 0 failed; table: {tmp_path / 'results.csv'}",
+        f"report: {tmp_path / 'report.md'}"]
+    assert len(_rows(tmp_path)) == 4 and (tmp_path / "report.md").is_file()
+    assert sim("report", str(tmp_path)).output == f"{tmp_path / 'report.md'}\n"
 
 
 def test_a_cell_on_a_ray_cluster_passes_no_cpu_count_to_ray(monkeypatch):

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 from transformers import AutoTokenizer
 
-from fedem_flwr.config import TokenizerConfig
+from fedem_flwr.config.schema import TokenizerConfig
 from fedem_flwr.errors import ConfigError, ModelNotFound
 from fedem_flwr.model.tokenizer import BYTE_VOCAB_SIZE, build_byte_tokenizer, load_tokenizer
 

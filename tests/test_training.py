@@ -12,32 +12,20 @@ import pytest
 import torch
 
 from fedem_flwr.config.schema import LoraConfig, ModelConfig, TrainConfig
-from fedem_flwr.data import heldout_split, load_corpus, tokenize_blocks
-from fedem_flwr.data.corpus import column
+from fedem_flwr.data.blocks import heldout_split, tokenize_blocks
+from fedem_flwr.data.corpus import column, load_corpus
 from fedem_flwr.errors import ConfigError, DataError, TrainingError
-from fedem_flwr.model import build_byte_tokenizer, build_model
+from fedem_flwr.gate.loss import evaluate, mean_loss
+from fedem_flwr.model.factory import build_model
 from fedem_flwr.model.lora import attach_lora
-from fedem_flwr.training import (
-    evaluate,
-    is_out_of_memory,
-    lr_at,
-    mean_loss,
-    pick_device,
-    pick_precision,
-    shrink_micro_batch,
-    train,
-)
+from fedem_flwr.training.device import pick_device, pick_precision
+from fedem_flwr.training.finetune import is_out_of_memory, lr_at, shrink_micro_batch, train
 
 datasets.disable_progress_bars()
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 
 SMALL = ModelConfig(hidden_size=32, num_hidden_layers=1, state_size=8, head_dim=16, chunk_size=16)
 QUICK = TrainConfig(max_steps=3, batch_size=4, warmup_steps=1, progress=False, device="cpu")
-
-
-@pytest.fixture(scope="module")
-def tokenizer():
-    return build_byte_tokenizer()
 
 
 @pytest.fixture(scope="module")
@@ -77,6 +65,7 @@ class StepClock:
 
 
 # -- the acceptance check: 50 steps lower held-out loss -------------------------------------------
+@pytest.mark.slow  # fifty real optimizer steps
 def test_fifty_lora_steps_on_the_demo_corpus_lower_heldout_loss(config, tokenizer, pad_id):
     # Prepare: the embedded defaults (seshu-tiny, LoRA on in_proj, chatterbot-corpus, train/default)
     corpus = load_corpus(config.data)

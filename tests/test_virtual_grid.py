@@ -10,12 +10,12 @@ from flwr.app import ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 from flwr.common.constant import ErrorCode
 
-from fedem_flwr.config import SimConfig
-from fedem_flwr.relay import messages
+from fedem_flwr.config.schema import SimConfig
+from fedem_flwr.protocol import messages
 from fedem_flwr.simulation.clock import VirtualClock
 from fedem_flwr.simulation.contributors import virtual_contributor
 from fedem_flwr.simulation.virtual_grid import VirtualGrid, read_plan
-from fedem_flwr.testing.fake_grid import InProcessGrid
+from tests.support.fake_grid import InProcessGrid
 
 TOKENS_PER_STEP = 100
 app = ClientApp()
@@ -150,7 +150,7 @@ def test_a_reply_with_an_unusable_token_count_counts_none_and_ends_nothing(token
 
 
 def test_an_idle_fedavg_waits_for_the_next_contributor_to_come_online_not_a_whole_jump():
-    from fedem_flwr.config import load_config
+    from fedem_flwr.config.loader import load_config
     from fedem_flwr.simulation.fedavg import _wait
 
     cfg = SimConfig(availability="daily", online_fraction=0.2, period_s=1000.0, max_jump_s=10_000.0)

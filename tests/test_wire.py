@@ -1,4 +1,4 @@
-"""Adapter <-> ArrayRecord: exact float32 round trip, and every malformed record refused with its reason."""
+"""Adapter <-> one packed float32 Array: exact round trip, the node's own layout, every malformed record refused."""
 
 from __future__ import annotations
 
@@ -8,10 +8,15 @@ import numpy as np
 import pytest
 import torch
 from flwr.app import Array, ArrayRecord
+from numpy.lib import format as npy
 
+from fedem_flwr.config.loader import load_config
+from fedem_flwr.config.schema import LoraConfig
 from fedem_flwr.errors import InvalidAdapter
 from fedem_flwr.model.adapter_spec import AdapterSpec, load_adapter_file, validate_adapter_state
-from fedem_flwr.wire import adapter_to_arrays, arrays_to_adapter
+from fedem_flwr.model.factory import build_model, save_base
+from fedem_flwr.model.lora import adapter_state, attach_lora, load_adapter_state, lora_spec
+from fedem_flwr.protocol.wire import ADAPTER_KEY, adapter_to_arrays, arrays_to_adapter
 
 A, B = "base_model.model.backbone.layers.0.mixer.in_proj.lora_A.weight", "base_model.model.lm_head.lora_B.weight"
 
@@ -27,10 +32,18 @@ def spec(state):
     return AdapterSpec.from_state(state)
 
 
-def with_array(state, key, ndarray):
+def packed(record):
+    return record[ADAPTER_KEY]
+
+
+def with_packed(state, ndarray):
     record = adapter_to_arrays(state)
-    record[key] = Array(ndarray)
+    record[ADAPTER_KEY] = Array(ndarray)
     return record
+
+
+def flat(state):
+    return np.concatenate([state[k].numpy().reshape(-1) for k in sorted(state)])
 
 
 def test_round_trip_is_exact(state, spec):
@@ -38,10 +51,19 @@ def test_round_trip_is_exact(state, spec):
 
     back = arrays_to_adapter(record, spec)
 
-    assert list(record.keys()) == sorted(state)
-    assert all(record[k].dtype == "float32" for k in record)
+    assert list(record.keys()) == [ADAPTER_KEY]
+    assert (packed(record).dtype, packed(record).shape) == ("float32", (4 * 8 + 10 * 4,))
+    np.testing.assert_array_equal(packed(record).numpy(), flat(state))  # sorted key order: A, then B
     assert back.keys() == state.keys()
     assert all(torch.equal(back[k], state[k]) for k in state)
+
+
+def test_unpacked_tensors_own_their_memory(state, spec):
+    from safetensors.torch import save
+
+    back = arrays_to_adapter(adapter_to_arrays(state), spec)
+
+    assert save(back)  # safetensors refuses tensors that share storage
 
 
 def test_bfloat16_state_travels_as_float32(state, spec):
@@ -53,35 +75,64 @@ def test_bfloat16_state_travels_as_float32(state, spec):
     assert torch.equal(back[A], bf16[A].float())
 
 
-def test_missing_and_extra_keys_are_named(state, spec):
-    record = adapter_to_arrays(state)
-    del record[B]
-    record["base_model.model.backbone.layers.0.mixer.out_proj.lora_A.weight"] = Array(np.zeros((4, 8), np.float32))
+def test_non_tensor_value_is_refused_when_packing(state):
+    with pytest.raises(InvalidAdapter, match=f"{A!r} holds a list, not a tensor"):
+        adapter_to_arrays({**state, A: [[0.0] * 8] * 4})
 
-    with pytest.raises(InvalidAdapter, match=r"missing key\(s\) '.*lm_head.lora_B.weight'.*unexpected.*out_proj"):
+
+def test_extra_key_is_named(state, spec):
+    record = adapter_to_arrays(state)
+    record["extra"] = Array(np.zeros(3, np.float32))
+
+    with pytest.raises(InvalidAdapter, match=r"unexpected key\(s\) 'extra'; an adapter travels as the one packed"):
         arrays_to_adapter(record, spec)
 
 
-def test_wrong_shape_names_expected_and_got(state, spec):
-    record = with_array(state, A, np.zeros((4, 9), np.float32))
+def test_one_array_per_tensor_is_refused(state, spec):
+    record = ArrayRecord({k: Array(v.numpy()) for k, v in state.items()})
 
-    with pytest.raises(InvalidAdapter, match=r"shape \(4, 9\); expected \(4, 8\)"):
+    with pytest.raises(InvalidAdapter, match=rf"missing key 'adapter'; unexpected key\(s\) {A!r}, {B!r}"):
+        arrays_to_adapter(record, spec)
+
+
+def test_empty_record_is_refused(spec):
+    with pytest.raises(InvalidAdapter, match="missing key 'adapter'"):
+        arrays_to_adapter(ArrayRecord({}), spec)
+
+
+@pytest.mark.parametrize("values", [71, 73, 36, 72 * 2])
+def test_wrong_size_is_refused_before_decoding(state, spec, values):
+    record = with_packed(state, np.zeros(values, np.float32))
+
+    with pytest.raises(InvalidAdapter, match=rf"'adapter' carries {128 + 4 * values} bytes; expected exactly 416: "):
+        arrays_to_adapter(record, spec)
+
+
+def test_values_of_another_layout_are_refused(state, spec):
+    record = with_packed(state, flat(state).reshape(8, 9))  # the right bytes, not a flat vector
+
+    with pytest.raises(InvalidAdapter, match=r"shape \(8, 9\); expected \(72,\)"):
         arrays_to_adapter(record, spec)
 
 
 def test_wrong_dtype_is_refused(state, spec):
-    record = with_array(state, A, np.zeros((4, 8), np.float64))
+    record = with_packed(state, np.zeros(72 // 2, np.float64))  # the same bytes as the float32 adapter
 
-    with pytest.raises(InvalidAdapter, match=f"{A!r} has dtype float64"):
+    with pytest.raises(InvalidAdapter, match="'adapter' has dtype float64; expected float32"):
         arrays_to_adapter(record, spec)
 
 
-def test_nan_and_inf_are_counted(state, spec):
-    bad = state[B].numpy().copy()
-    bad[0, 0], bad[1, 1] = np.nan, np.inf
+def test_float64_of_the_right_count_is_refused_by_its_size(state, spec):
+    with pytest.raises(InvalidAdapter, match="carries 704 bytes"):
+        arrays_to_adapter(with_packed(state, flat(state).astype(np.float64)), spec)
+
+
+def test_nan_and_inf_are_counted_and_their_key_named(state, spec):
+    bad = flat(state)
+    bad[4 * 8], bad[4 * 8 + 5] = np.nan, np.inf  # the first values of B
 
     with pytest.raises(InvalidAdapter, match=f"{B!r} has 2 non-finite"):
-        arrays_to_adapter(with_array(state, B, bad), spec)
+        arrays_to_adapter(with_packed(state, bad), spec)
 
 
 def test_size_bound(state):
@@ -93,19 +144,30 @@ def test_size_bound(state):
 
 def test_truncated_array_bytes_are_refused(state, spec):
     record = adapter_to_arrays(state)
-    good = record[A]
-    record[A] = Array(dtype=good.dtype, shape=good.shape, stype=good.stype, data=good.data[:-7])
+    good = packed(record)
+    record[ADAPTER_KEY] = Array(dtype=good.dtype, shape=good.shape, stype=good.stype, data=good.data[:-7])
 
-    with pytest.raises(InvalidAdapter, match=f"{A!r} does not decode"):
+    with pytest.raises(InvalidAdapter, match="'adapter' carries 409 bytes; expected exactly 416"):
+        arrays_to_adapter(record, spec)
+
+
+def test_a_header_that_lies_about_its_values_does_not_decode(state, spec):
+    header = io.BytesIO()
+    npy.write_array_header_1_0(header, {"descr": "<f4", "fortran_order": False, "shape": (100,)})
+    data = header.getvalue() + flat(state).tobytes()  # exactly the expected size, but 100 values claimed
+    record = adapter_to_arrays(state)
+    record[ADAPTER_KEY] = Array(dtype="float32", shape=(72,), stype=packed(record).stype, data=data)
+
+    with pytest.raises(InvalidAdapter, match="'adapter' does not decode as a NumPy array"):
         arrays_to_adapter(record, spec)
 
 
 def test_oversized_array_bytes_are_refused_before_decoding(state, spec):
     record = adapter_to_arrays(state)
-    good = record[A]
-    record[A] = Array(dtype=good.dtype, shape=good.shape, stype=good.stype, data=good.data + bytes(10_000))
+    good = packed(record)
+    record[ADAPTER_KEY] = Array(dtype=good.dtype, shape=good.shape, stype=good.stype, data=good.data + bytes(10_000))
 
-    with pytest.raises(InvalidAdapter, match="bytes; at most"):
+    with pytest.raises(InvalidAdapter, match="carries 10416 bytes"):
         arrays_to_adapter(record, spec)
 
 
@@ -120,24 +182,55 @@ class _Payload:
 
 
 def test_pickled_object_array_is_never_unpickled(state, spec, tmp_path):
-    marker = tmp_path / "unpickled"
+    live = tmp_path / "live"
     buffer = io.BytesIO()
-    np.save(buffer, np.array([_Payload(marker)] * 32, dtype=object).reshape(4, 8), allow_pickle=True)
+    np.save(buffer, np.array([_Payload(tmp_path / "unpickled")], dtype=object), allow_pickle=True)
+    data = buffer.getvalue() + bytes(416 - len(buffer.getvalue()))  # padded to the size a float32 adapter has
     record = adapter_to_arrays(state)
-    record[A] = Array(dtype="float32", shape=(4, 8), stype=record[A].stype, data=buffer.getvalue())
+    record[ADAPTER_KEY] = Array(dtype="float32", shape=(72,), stype=packed(record).stype, data=data)
 
     with pytest.raises(InvalidAdapter, match="does not decode"):
         arrays_to_adapter(record, spec)
-    assert not marker.exists()
+    assert not (tmp_path / "unpickled").exists()
+    control = io.BytesIO()
+    np.save(control, np.array([_Payload(live)], dtype=object), allow_pickle=True)
+    np.load(io.BytesIO(control.getvalue()), allow_pickle=True)
+    assert live.exists()  # the payload is live: only allow_pickle=False kept it out
 
 
 def test_foreign_serialisation_type_is_refused(state, spec):
     record = adapter_to_arrays(state)
-    good = record[A]
-    record[A] = Array(dtype=good.dtype, shape=good.shape, stype="torch.pickle", data=good.data)
+    good = packed(record)
+    record[ADAPTER_KEY] = Array(dtype=good.dtype, shape=good.shape, stype="torch.pickle", data=good.data)
 
     with pytest.raises(InvalidAdapter, match="serialisation 'torch.pickle'"):
         arrays_to_adapter(record, spec)
+
+
+@pytest.mark.parametrize(("arch", "targets"), [("seshu-tiny", ["in_proj"]),
+                                              ("seshu-tiny", ["in_proj", "embeddings", "lm_head"]),
+                                              ("seshu-tiny-mamba1", ["in_proj"])])
+def test_a_real_lora_travels_and_the_node_derives_the_hubs_spec(tokenizer, tmp_path, arch, targets):
+    # Prepare: a tiny base as the hub saves it, and its LoRA as the hub hands it out.
+    lora, model_cfg = LoraConfig(target_modules=targets), load_config([f"model={arch}"]).model
+    base = save_base(build_model(model_cfg, tokenizer), tokenizer, tmp_path / "base")
+    model = attach_lora(build_model(model_cfg, tokenizer), lora, seed=1)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "lora_B" in name:
+                param.normal_()  # PEFT starts B at zero; a real hop carries trained values
+    sent = adapter_state(model)
+
+    # Execute: the node unpacks with the spec of its own LoRA on that base.
+    node_spec = lora_spec(base, lora)
+    received = arrays_to_adapter(adapter_to_arrays(sent), node_spec)
+
+    # Assert
+    assert node_spec == AdapterSpec.from_state(sent)  # what the hub validates against (HubWorkbench.spec)
+    assert list(received) == sorted(sent) and all(torch.equal(received[k], sent[k]) for k in sent)
+    node_model = attach_lora(build_model(model_cfg, tokenizer), lora, seed=2)
+    load_adapter_state(node_model, received)
+    assert all(torch.equal(v, sent[k]) for k, v in adapter_state(node_model).items())
 
 
 def test_not_a_record_is_refused(state, spec):

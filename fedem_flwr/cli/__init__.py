@@ -1,5 +1,6 @@
 """``fedem``: look into a hub's state (read-only, never blocks the running hub), publish it, or leave
-the running hub a merge request (a file in the hub folder, no lock).
+the running hub a merge request (a file in the hub folder, no lock); run the app on a local simulation
+(``fedem run``, ``fedem superlink``) and study simulated federations (``fedem sim``).
 
 The hub folder is ``--hub DIR``, else ``$FEDEM_HUB``, else ``$XDG_DATA_HOME/fedem/hub``
 (``~/.local/share/fedem/hub``). Every listing takes ``--json``; holders and contributors are shown
@@ -15,8 +16,9 @@ from typing import Any, Optional
 import click
 
 from fedem_flwr import __version__
-from fedem_flwr.cli import render, views
+from fedem_flwr.cli import render
 from fedem_flwr.errors import FedemError
+from fedem_flwr.hub import views
 from fedem_flwr.hub.merge_request import request_merge, take_merge_request
 from fedem_flwr.hub.paths import HubWriterLock, describe_holder, read_lock_holder, require_hub, resolve_hub_path
 from fedem_flwr.hub.registry import Registry
@@ -75,7 +77,8 @@ def emit(data: Any, as_json: bool, *tables: Any) -> None:
 @click.pass_context
 def cli(ctx: click.Context, hub: Optional[Path]) -> None:
     """Inspect the state of a fedem-flwr hub: base checkpoints, adapters, leases, contributions;
-    ask it for a merge.
+    ask it for a merge. Run the app on a local simulation (run, superlink) and study simulated
+    federations (sim).
 
     Example: fedem --hub /srv/fedem status
     """
@@ -186,9 +189,9 @@ def merge(hub: HubContext, at_once: bool, config_name: str, overrides: str, as_j
 
 def _merge_now(path: Path, config_name: str, overrides: str) -> str:
     """Merge under the writer lock with the hub's own config (a changed setup is refused as at start)."""
-    from fedem_flwr.base_keeper import BaseKeeper  # torch and the models only for a merge here
-    from fedem_flwr.bootstrap import open_hub
-    from fedem_flwr.config import load_config, parse_overrides
+    from fedem_flwr.config.loader import load_config, parse_overrides
+    from fedem_flwr.relay.bootstrap import open_hub
+    from fedem_flwr.relay.keeper import BaseKeeper  # torch and the models only for a merge here
 
     with HubWriterLock(path):
         take_merge_request(path)  # this merge answers any request left earlier
@@ -307,7 +310,7 @@ def site(hub: HubContext, out: Path, reveal: bool, as_json: bool) -> None:
     if reveal:
         raise click.UsageError("--reveal is refused for `fedem site`: the site is public and shows "
                                "contributors only by pseudonym.")
-    from fedem_flwr.site import build_site
+    from fedem_flwr.site.build import build_site
 
     data = build_site(hub.registry(), out, time.time())
     if as_json:
@@ -328,13 +331,13 @@ def report(hub: HubContext, out: Optional[Path], as_json: bool) -> None:
 
     Example: fedem report --out runs/policy-language
     """
-    from fedem_flwr.report import plot_bases, plot_hub, summary  # matplotlib only when plotting
+    from fedem_flwr.cli.report import plot_bases, plot_hub, summary  # matplotlib only when plotting
 
     registry = hub.registry()
     out = out or hub.path / "report"
     data = summary(registry)
-    data["figure"] = str(plot_hub(registry, out / "relay.png", title=str(hub.path)))
-    data["bases_figure"] = str(plot_bases(data["bases"], out / "bases.png", title=str(hub.path)))
+    data["figure"] = str(plot_hub(registry, out / "relay.png"))
+    data["bases_figure"] = str(plot_bases(data["bases"], out / "bases.png"))
     (out / "summary.json").write_text(render.dumps(data) + "\n")
     if as_json:
         click.echo(render.dumps(data))
@@ -345,11 +348,13 @@ def report(hub: HubContext, out: Optional[Path], as_json: bool) -> None:
         click.echo(f"figures: {data['figure']}, {data['bases_figure']}")
 
 
-from fedem_flwr.cli.deploy import certs, connection, node_key_command  # noqa: E402 (commands of their own module)
+# Commands of their own modules: credentials, local Flower runs, simulations.
+from fedem_flwr.cli.deploy import certs, connection, node_key_command  # noqa: E402
+from fedem_flwr.cli.run import run_command, superlink  # noqa: E402
+from fedem_flwr.cli.sim import sim  # noqa: E402
 
-cli.add_command(certs)
-cli.add_command(node_key_command)
-cli.add_command(connection)
+for command in (certs, node_key_command, connection, run_command, superlink, sim):
+    cli.add_command(command)
 
 
 def main() -> None:

@@ -12,8 +12,8 @@ from __future__ import annotations
 
 import copy
 import json
-import shlex
 import os
+import shlex
 import threading
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict

@@ -7,10 +7,11 @@ from __future__ import annotations
 
 import math
 import os
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
-from fedem_flwr.errors import ConfigError
+from fedem_flwr.errors import ConfigError, UnsafeLoraTarget
 
 
 def _choice(section: str, key: str, value: Any, allowed: tuple[str, ...]) -> None:
@@ -122,6 +123,34 @@ class DataConfig:
         _positive("data", "min_language_bytes", self.min_language_bytes, allow_zero=True)
 
 
+# LoRA targets that train on every execution path (DESIGN 7).
+SAFE_TARGETS = ("in_proj", "embeddings", "lm_head")
+
+_WHY = (
+    "the fused Mamba kernels read x_proj/dt_proj/out_proj weights directly (LoRA there gets no "
+    "gradient), PEFT refuses out_proj/conv1d on Mamba models, and adapters relay between CPU and GPU "
+    "nodes, so every target must train on both paths"
+)
+
+
+def check_targets(targets: Iterable[str]) -> None:
+    """Refuse any LoRA target outside ``SAFE_TARGETS`` (exact module names, no regex)."""
+    if isinstance(targets, str):
+        raise UnsafeLoraTarget(
+            f"`lora.target_modules` is the string {targets!r}; give a list of names from {list(SAFE_TARGETS)}."
+        )
+    targets = list(targets)
+    if not targets:
+        raise UnsafeLoraTarget(f"`lora.target_modules` is empty; name at least one of {list(SAFE_TARGETS)}.")
+    for target in targets:
+        if target not in SAFE_TARGETS:
+            raise UnsafeLoraTarget(
+                f"`lora.target_modules` contains {target!r}, which is not safe on every execution path; "
+                f"allowed: {list(SAFE_TARGETS)}. Why: {_WHY}."
+            )
+
+
+
 @dataclass
 class LoraConfig:
     r: int = 8
@@ -133,8 +162,6 @@ class LoraConfig:
         _positive("lora", "r", self.r)
         _positive("lora", "alpha", self.alpha)
         _fraction("lora", "dropout", self.dropout)
-        from fedem_flwr.model.lora import check_targets  # light import: no torch, no peft
-
         check_targets(self.target_modules)
 
 

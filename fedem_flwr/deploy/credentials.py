@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import datetime as dt
 import ipaddress
-import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,6 +27,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
+from fedem_flwr.durable import atomic_write
 from fedem_flwr.errors import FedemError
 
 ALWAYS_NAMED = ("127.0.0.1", "localhost")
@@ -185,8 +185,5 @@ def _pem_key(key: ec.EllipticCurvePrivateKey) -> bytes:
 
 def _write_private(path: Path, data: bytes) -> None:
     """Created with mode 0600 from the start, so a key is never readable by others, even briefly."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "wb") as out:
+    with atomic_write(path, permissions=0o600) as out:
         out.write(data)
-    os.replace(tmp, path)

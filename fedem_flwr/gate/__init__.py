@@ -1,5 +1,2 @@
-"""Evaluation gate: whether a pushed adapter version is accepted (no Flower, no registry)."""
-
-from fedem_flwr.gate.acceptance import Decision, decide
-
-__all__ = ["Decision", "decide"]
+"""Everything that judges: the loss of a model on held-out blocks, the hub's blind workbench, and the
+acceptance rules for an adapter push and for a new base version (the rules import no torch)."""

@@ -12,10 +12,10 @@ from typing import Any, Optional
 
 import torch
 
-from fedem_flwr.config import LoraConfig
+from fedem_flwr.config.schema import LoraConfig
+from fedem_flwr.gate.loss import evaluate
 from fedem_flwr.model.adapter_spec import AdapterSpec
 from fedem_flwr.model.lora import adapter_state, attach_lora, load_adapter_state, save_adapter
-from fedem_flwr.training.evaluate import evaluate
 
 
 class HubWorkbench:

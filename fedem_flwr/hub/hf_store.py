@@ -17,10 +17,13 @@ an orphan: `put(..., replace_orphan=True)` commits the new content and moves the
 `repair` deletes orphan tags (their commits stay in `main`'s history, and `main` holds an orphan's
 files until the next version is put).
 
-Failures. Connection errors, timeouts and 502/503/504 answers are retried `tries` times with
-exponential backoff (`sleep` is injectable, so tests take milliseconds), then raise
-`HubUnreachable` naming the endpoint. With `HF_HUB_OFFLINE=1` nothing is sent: `get` serves the
-local cache (`cache_dir`) and names the revision that is not cached; `put` refuses.
+Failures. Connection errors, timeouts and 408, 429, 500, 502, 503 and 504 answers (the set
+huggingface_hub's own `http_backoff` retries) are tried `tries` times in all, waiting `backoff_s` and
+then twice as long each time (tenacity; `sleep` is injectable, so tests take milliseconds), then raise
+`HubUnreachable` naming the endpoint. Other answers (401, 403, 404, a missing revision) are final at
+once. `http_backoff` itself retries one HTTP request and most `HfApi` calls do not use it, so the
+retries wrap each whole call here. With `HF_HUB_OFFLINE=1` nothing is sent: `get` serves the local
+cache (`cache_dir`) and names the revision that is not cached; `put` refuses.
 """
 
 from __future__ import annotations
@@ -50,16 +53,17 @@ from huggingface_hub.errors import (
     RevisionNotFoundError,
 )
 from huggingface_hub.utils import validate_repo_id
+from tenacity import RetryCallState, RetryError, Retrying, retry_if_exception, stop_after_attempt, wait_exponential
 
 from fedem_flwr.errors import ConfigError, DigestMismatch, HubUnreachable, RevisionExists, RevisionNotFound
 from fedem_flwr.faults import kill_point
 from fedem_flwr.hub.manifest import digest_of, manifest, verify_folder
-from fedem_flwr.hub.store import ArtifactRef, Problem, revision_sort_key, against_registry, check_revision, copy_tree
+from fedem_flwr.hub.store import ArtifactRef, Problem, against_registry, check_revision, copy_tree, revision_sort_key
 
 T = TypeVar("T")
 DIGEST_LINE = "fedem-digest: "
 _DIGEST = re.compile(r"^fedem-digest: ([0-9a-f]{64})$", re.MULTILINE)
-_TRANSIENT_STATUS = (502, 503, 504)
+_TRANSIENT_STATUS = frozenset({408, 429, 500, 502, 503, 504})  # as huggingface_hub's http_backoff retries
 _NOT_ARTIFACT = [".gitattributes"]
 
 log = logging.getLogger(__name__)
@@ -115,27 +119,21 @@ class HfStore:
         """Run `fn`, retrying transient failures with exponential backoff, then `HubUnreachable`."""
         if self.offline:
             raise HubUnreachable(f"HF_HUB_OFFLINE is set: {what} on {self.endpoint} is not allowed")
-        last: Exception | None = None
-        for attempt in range(self.tries):
-            try:
-                return fn()
-            except OfflineModeIsEnabled as err:
-                raise HubUnreachable(f"HF_HUB_OFFLINE is set: {what} on {self.endpoint} is not allowed") from err
-            except (httpx.TransportError, LocalEntryNotFoundError) as err:
-                # snapshot_download turns a connection error into LocalEntryNotFoundError when not cached
-                if isinstance(err, LocalEntryNotFoundError) and not _is_transport(err):
-                    raise
-                last = err
-            except HfHubHTTPError as err:
-                if err.response is None or err.response.status_code not in _TRANSIENT_STATUS:
-                    raise
-                last = err
-            if attempt + 1 < self.tries:
-                self.sleep(self.backoff_s * 2**attempt)
-        raise HubUnreachable(
-            f"Hugging Face Hub endpoint {self.endpoint} unreachable: {what} failed {self.tries} times "
-            f"({type(last).__name__}: {str(last).splitlines()[0] if str(last) else ''})"
-        ) from last
+
+        def say_retry(state: RetryCallState) -> None:
+            log.warning("%s on %s failed (%s), try %d of %d; again in %.1f s", what, self.endpoint,
+                        _summary(state.outcome.exception()), state.attempt_number, self.tries, state.upcoming_sleep)
+
+        retrying = Retrying(stop=stop_after_attempt(self.tries), wait=wait_exponential(multiplier=self.backoff_s),
+                            retry=retry_if_exception(_is_transient), sleep=self.sleep, before_sleep=say_retry)
+        try:
+            return retrying(fn)
+        except OfflineModeIsEnabled as err:
+            raise HubUnreachable(f"HF_HUB_OFFLINE is set: {what} on {self.endpoint} is not allowed") from err
+        except RetryError as err:
+            last = err.last_attempt.exception()
+            raise HubUnreachable(f"Hugging Face Hub endpoint {self.endpoint} unreachable: {what} failed "
+                                 f"{self.tries} times ({_summary(last)})") from last
 
     def _tags(self, rid: str) -> dict[str, str]:
         try:
@@ -295,12 +293,19 @@ class HfStore:
         return removed
 
 
-def _is_transport(err: BaseException) -> bool:
-    """Whether a connection problem is somewhere in `err`'s cause chain."""
-    seen = 0
-    cur: Any = err
-    while cur is not None and seen < 10:
-        if isinstance(cur, (httpx.TransportError, HfHubHTTPError)):
-            return True
-        cur, seen = cur.__cause__ or cur.__context__, seen + 1
+def _is_transient(err: BaseException) -> bool:
+    """Worth another try: no connection or a timeout, or a transient answer. `snapshot_download` reports
+    those as `LocalEntryNotFoundError` when the revision is not cached, with the failure as its cause."""
+    if isinstance(err, httpx.TransportError):
+        return True
+    if isinstance(err, HfHubHTTPError):
+        return err.response is not None and err.response.status_code in _TRANSIENT_STATUS
+    if isinstance(err, LocalEntryNotFoundError):
+        return err.__cause__ is not None and _is_transient(err.__cause__)
     return False
+
+
+def _summary(err: Optional[BaseException]) -> str:
+    """`Type: first line of the message`, for a log line or an error message."""
+    text = str(err).splitlines()[0] if err is not None and str(err) else ""
+    return f"{type(err).__name__}: {text}"

@@ -17,6 +17,8 @@ import uuid
 from pathlib import Path
 from typing import Any, Optional, Union
 
+from fedem_flwr.durable import atomic_write
+
 MERGE_REQUEST_FILE = "merge-request.json"
 
 
@@ -26,19 +28,12 @@ def merge_request_path(hub: Union[str, os.PathLike]) -> Path:
 
 def request_merge(hub: Union[str, os.PathLike], now: float) -> tuple[dict[str, Any], bool]:
     """Leave a merge request; returns it and whether it is new (False: one was already waiting)."""
-    final = merge_request_path(hub)
-    tmp = final.with_name(f".{MERGE_REQUEST_FILE}.{uuid.uuid4().hex[:8]}")
     request = {"requested_at": float(now)}
-    with open(tmp, "w", encoding="utf-8") as out:
-        out.write(json.dumps(request, sort_keys=True) + "\n")
-        out.flush()
-        os.fsync(out.fileno())
     try:
-        os.link(tmp, final)  # fails if a request is already waiting: the first one is kept
-    except FileExistsError:
+        with atomic_write(merge_request_path(hub), "w", overwrite=False) as out:
+            out.write(json.dumps(request, sort_keys=True) + "\n")
+    except FileExistsError:  # a request is already waiting: the first one is kept
         return pending_merge_request(hub) or request, False
-    finally:
-        tmp.unlink(missing_ok=True)
     return request, True
 
 

@@ -15,6 +15,7 @@ import secrets
 from pathlib import Path
 from typing import Optional, Union
 
+from fedem_flwr.durable import atomic_write
 from fedem_flwr.errors import HubError
 
 PREFIX = "c-"
@@ -36,9 +37,9 @@ def load_or_create_secret(path: Union[str, os.PathLike], secret: Optional[bytes]
     """Read the secret at ``path``; create it (mode 0600) on first use: random, or ``secret`` (a
     simulation study gives every cell of a seed the same one, hence the same held-out split).
 
-    Creation writes a temporary file and hard-links it into place, which fails if another process
-    won the race: then its secret is read. The secret is never rewritten, since every pseudonym
-    recorded so far depends on it.
+    Creation writes a temporary file and hard-links it into place (``atomic_write(overwrite=False)``),
+    which fails if another process won the race: then its secret is read. The secret is never
+    rewritten, since every pseudonym recorded so far depends on it.
     """
     path = Path(path)
     try:
@@ -46,19 +47,11 @@ def load_or_create_secret(path: Union[str, os.PathLike], secret: Optional[bytes]
     except FileNotFoundError:
         pass
     path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     try:
-        with os.fdopen(fd, "w") as handle:
+        with atomic_write(path, "w", permissions=0o600, overwrite=False) as handle:
             handle.write((secret.hex() if secret is not None else secrets.token_hex(_SECRET_BYTES)) + "\n")
-            handle.flush()
-            os.fsync(handle.fileno())
-        try:
-            os.link(tmp, path)
-        except FileExistsError:
-            pass
-    finally:
-        tmp.unlink(missing_ok=True)
+    except FileExistsError:
+        pass  # another process created it first: its secret is the one
     return _read_secret(path)
 
 

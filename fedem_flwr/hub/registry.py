@@ -29,9 +29,16 @@ from fedem_flwr.errors import RegistryConflict
 from fedem_flwr.hub import records as rec
 from fedem_flwr.hub.database import Database
 from fedem_flwr.hub.pseudonym import pseudonym_of
-from fedem_flwr.hub.records import (Absorbed, Adapter, AdapterVersion, BaseAttempt, Checkpoint, Contribution,
-                                    Evaluation)
-from fedem_flwr.relay.leases import Lease
+from fedem_flwr.hub.records import (
+    Absorbed,
+    Adapter,
+    AdapterVersion,
+    BaseAttempt,
+    Checkpoint,
+    Contribution,
+    Evaluation,
+    Lease,
+)
 
 _LEASE_KEYS = ("adapter", "holder", "base_version", "adapter_version", "issued")
 

@@ -20,7 +20,7 @@ meaning is refused, naming each difference. Allowed, and recorded as the new val
   the hub's held-out rows.
 - ``data.min_language_bytes``: which languages get a new adapter; existing adapters stay.
 - ``data.heldout_fraction``, ``data.min_heldout_blocks``: which rows the hub holds out. The split is
-  fingerprinted (``fedem_flwr.heldout``): when it changes, every adapter's current losses are
+  fingerprinted (``fedem_flwr.lineage.heldout``): when it changes, every adapter's current losses are
   re-evaluated on the new held-out set before the gate compares anything with them.
 - ``hub.private``: the visibility of Hub repos created from now on.
 

@@ -12,8 +12,8 @@ base checkpoints, `{prefix}/adapter-{name}` the versions of one adapter. A versi
 
 so `transformers.AutoModelForCausalLM.from_pretrained(store.local_path(repo, "v3"))` and
 `peft.PeftModel.from_pretrained(base, store.local_path(repo, "v1"))` load a revision folder directly.
-`put` copies into `.tmp/`, fsyncs, hashes the copy, renames it into place (atomic on one file
-system), then records it in `refs.json` (written to a temporary file and renamed): a crash leaves a
+`put` copies into `.tmp/`, hashes the copy, fsyncs it and renames it into place (atomic on one file
+system), then records it in `refs.json` (written by `durable.atomic_write`): a crash leaves a
 temporary folder, or a revision folder `refs.json` does not list, never half a revision. One writer
 at a time (the hub's writer lock); readers need no lock.
 
@@ -38,10 +38,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional, Protocol, runtime_checkable
 
+from fedem_flwr.durable import atomic_write, rename_into_place
 from fedem_flwr.errors import ConfigError, RevisionExists, RevisionNotFound
 from fedem_flwr.faults import kill_point
 from fedem_flwr.hub.manifest import Entry, diff, digest_of, manifest, verify_folder
-from fedem_flwr.hub.paths import hf_cache_path, store_path
 
 _PART = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 _VERSION = re.compile(r"^v(\d+)$")
@@ -130,24 +130,15 @@ class ArtifactStore(Protocol):
         ...
 
 
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def copy_tree(src: Path, dst: Path) -> None:
-    """Copy the files under `src` (links followed) into the new folder `dst`, fsyncing each."""
+    """Copy the files under `src` (links followed) into the new folder `dst`; `rename_into_place`
+    makes a copy durable when it is put in place, a staging copy never pays for it."""
     dst.mkdir(parents=True)
     for dirpath, _dirs, files in os.walk(src, followlinks=True):
         out = dst / Path(dirpath).relative_to(src)
         out.mkdir(exist_ok=True)
         for name in files:
             shutil.copyfile(Path(dirpath) / name, out / name)
-            _fsync(out / name)
-        _fsync(out)
 
 
 class LocalStore:
@@ -223,11 +214,10 @@ class LocalStore:
             entries = manifest(tmp)
             final.parent.mkdir(parents=True, exist_ok=True)
             orphan = self._discard(repo, revision)
-            os.rename(tmp, final)  # atomic: the revision appears whole or not at all
+            rename_into_place(tmp, final)  # atomic: the revision appears whole or not at all
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
-        _fsync(final.parent)
         ref = self._record(repo, revision, entries, message, refs)
         if orphan is not None:
             shutil.rmtree(orphan, ignore_errors=True)
@@ -281,14 +271,8 @@ class LocalStore:
 
     def _write_refs(self, repo: str, refs: dict) -> None:
         refs["main"] = max(refs["revisions"], key=revision_sort_key) if refs["revisions"] else None
-        path = self.root / repo / REFS_FILE
-        tmp = path.with_name(f".{REFS_FILE}.{uuid.uuid4().hex[:8]}")
-        with open(tmp, "w", encoding="utf-8") as f:
+        with atomic_write(self.root / repo / REFS_FILE, "w") as f:
             json.dump(refs, f, indent=1, sort_keys=True)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-        _fsync(path.parent)
 
     def remove(self, repo: str, revision: str) -> None:
         """Delete a stored revision: unlisted first, then its folder moved into `.tmp/` and deleted,
@@ -386,15 +370,3 @@ def revision_sort_key(revision: str) -> tuple[int, int, str]:
     """Sort key: other names first, then `v{n}` by n (so `v10` follows `v9`)."""
     n = version_of(revision)
     return (1, n, "") if n is not None else (0, 0, revision)
-
-
-def open_store(hub_path: Path, kind: str = "local", **kw: Any) -> ArtifactStore:
-    """The hub's store: `local` under `hub_path/store`, or `hf` (`HfStore(**kw)`: repo_prefix, endpoint, token)."""
-    if kind == "local":
-        return LocalStore(store_path(hub_path))
-    if kind == "hf":
-        from fedem_flwr.hub.hf_store import HfStore  # huggingface_hub only when asked for
-
-        kw.setdefault("cache_dir", hf_cache_path(hub_path))
-        return HfStore(**kw)
-    raise ConfigError(f"`hub.store` is {kind!r}; expected `local` or `hf`")

@@ -26,10 +26,10 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import TextIO
 
+import tomli_w
+
 from fedem_flwr.errors import FlowerProcessError, RunFailed
 from fedem_flwr.launch.processes import flower_bin, flower_env
-
-import tomli_w
 
 try:
     import tomllib

@@ -6,7 +6,7 @@ the SuperLink runs on a free loopback port with an isolated `FLWR_HOME` (default
 telemetry, and is stopped by pid when the run ends. The run's final status comes from
 `flwr ls`, because `flwr run --stream` exits 0 even when the ServerApp crashed.
 A SuperLink kept with `keep_superlink` is recorded in `$FLWR_HOME/superlink.json`;
-the next launch with the same home reuses it, and `stop_superlink` (the CLI's `stop`)
+the next launch with the same home reuses it, and `stop_superlink` (`fedem superlink stop`)
 ends it, as well as one that a plain `flwr run` auto-started with that `FLWR_HOME`.
 
 The ServerApp (and, in simulation, every ClientApp) runs in the SuperLink's working
@@ -24,6 +24,8 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+
+import psutil
 
 from fedem_flwr.errors import FlowerProcessError
 from fedem_flwr.launch import flwr_cli
@@ -99,10 +101,10 @@ def flower_local_superlinks(flwr_home: Path) -> list[int]:
     """
     log_file = str(Path(flwr_home).resolve() / "local-superlink" / "superlink.log")
     found = []
-    for entry in Path("/proc").glob("[0-9]*"):
-        argv = cmdline(int(entry.name))
+    for proc in psutil.process_iter(["cmdline"]):
+        argv = proc.info["cmdline"] or []  # None: gone, a zombie, or not ours to read
         if log_file in argv and any(Path(arg).name == "flower-superlink" for arg in argv):
-            found.append(int(entry.name))
+            found.append(proc.pid)
     return found
 
 

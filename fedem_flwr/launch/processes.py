@@ -20,12 +20,15 @@ import time
 import urllib.error
 import urllib.request
 import uuid
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import psutil
+
 from fedem_flwr.deploy.credentials import ServerCredentials
 from fedem_flwr.errors import FlowerProcessError
-from fedem_flwr.pids import pid_alive
+from fedem_flwr.pids import pid_alive, process_alive
 
 LOOPBACK = "127.0.0.1"
 TAG_VAR = "FEDEM_FLOWER_TAG"
@@ -79,28 +82,14 @@ def http_ok(url: str, timeout: float = 0.5, ca_cert: Path | None = None) -> bool
 def cmdline(pid: int) -> list[str]:
     """The command line of `pid` ([] when it is gone or unreadable)."""
     try:
-        raw = Path(f"/proc/{pid}/cmdline").read_bytes()
-    except OSError:
+        return psutil.Process(pid).cmdline()
+    except psutil.Error:
         return []
-    return [part.decode(errors="replace") for part in raw.split(b"\0") if part]
 
 
 def descendants(pid: int) -> list[int]:
-    """All live descendants of `pid`, parents before children (read from /proc)."""
-    children: dict[int, list[int]] = {}
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            text = stat.read_text()
-        except OSError:
-            continue
-        fields = text.rsplit(")", 1)[1].split()
-        children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
-    found, queue = [], list(children.get(pid, []))
-    while queue:
-        child = queue.pop(0)
-        found.append(child)
-        queue.extend(children.get(child, []))
-    return found
+    """All descendants of `pid`, parents before children."""
+    return [child.pid for child in _children(pid)]
 
 
 def tagged(tags: list[str]) -> list[int]:
@@ -109,17 +98,7 @@ def tagged(tags: list[str]) -> list[int]:
     Descendants inherit the tag, so this finds what a process tree left behind after its
     parent died (e.g. Ray workers of a stopped simulation, re-parented to init).
     """
-    if not tags:
-        return []
-    marks = {f"{TAG_VAR}={tag}".encode() for tag in tags}
-    found = []
-    for environ in Path("/proc").glob("[0-9]*/environ"):
-        try:
-            if marks & set(environ.read_bytes().split(b"\0")):
-                found.append(int(environ.parent.name))
-        except (OSError, ValueError):
-            continue
-    return [pid for pid in found if pid != os.getpid() and pid_alive(pid)]
+    return [proc.pid for proc in _tagged(tags)]
 
 
 def stop_tree(pid: int, timeout: float = 10.0, popen: subprocess.Popen | None = None,
@@ -139,48 +118,88 @@ def stop_trees(
     below the roots, or carrying one of `tags`, gets its own SIGTERM and later SIGKILL.
     """
     tags = tags or []
-    pids = [pid for pid, _ in roots]
     popens = [popen for _, popen in roots if popen is not None]
+    tops = [proc for pid, _ in roots if (proc := _process(pid)) is not None]
 
-    def family() -> list[int]:
-        below = {p for pid in pids for p in descendants(pid)} | set(tagged(tags))
-        return sorted(below - set(pids))
+    def family() -> set[psutil.Process]:
+        # Found before the roots go: once a root has died, its children belong to init.
+        below = {child for top in tops for child in _children(top.pid)} | set(_tagged(tags))
+        return below - set(tops)
 
     known = family()
-    for pid in pids:
-        _signal(pid, signal.SIGTERM)
-    _wait_gone(pids, timeout, popens)
-    stragglers = sorted(set(known + family()))
-    for child in stragglers:
-        _signal(child, signal.SIGTERM)
+    _signal(tops, signal.SIGTERM)
+    _wait_gone(tops, timeout, popens)
+    stragglers = known | family()
+    _signal(stragglers, signal.SIGTERM)
     _wait_gone(stragglers, timeout / 2, popens)
-    left = [p for p in {*pids, *stragglers, *family()} if pid_alive(p)]
-    for pid in left:
-        _signal(pid, signal.SIGKILL)
+    left = _wait_gone([*tops, *stragglers, *family()], 0.0, popens)
+    _signal(left, signal.SIGKILL)
     _wait_gone(left, 5.0, popens)
 
 
 def kill_tree(pid: int, popen: subprocess.Popen | None = None) -> None:
     """SIGKILL `pid` and everything below it at once, as a machine losing power would (fault tests)."""
-    for target in [pid, *descendants(pid)]:
-        _signal(target, signal.SIGKILL)
+    root = _process(pid)
+    family = [root, *_children(pid)] if root is not None else []
+    _signal(family, signal.SIGKILL)
     if popen is not None:
         popen.wait(timeout=10)
 
 
-def _signal(pid: int, sig: signal.Signals) -> None:
-    with contextlib.suppress(ProcessLookupError):
-        os.kill(pid, sig)
+def _process(pid: int) -> psutil.Process | None:
+    try:
+        return psutil.Process(pid)
+    except psutil.NoSuchProcess:
+        return None
 
 
-def _wait_gone(pids: list[int], timeout: float, popens: list[subprocess.Popen]) -> None:
+def _children(pid: int) -> list[psutil.Process]:
+    try:
+        return psutil.Process(pid).children(recursive=True)
+    except psutil.NoSuchProcess:
+        return []
+
+
+def _tagged(tags: list[str]) -> list[psutil.Process]:
+    if not tags:
+        return []
+    found = []
+    # An environment we may not read (another user's process, a zombie) is None here.
+    for proc in psutil.process_iter(["environ"]):
+        environ = proc.info["environ"] or {}
+        if environ.get(TAG_VAR) in tags and proc.pid != os.getpid() and process_alive(proc):
+            found.append(proc)
+    return found
+
+
+def _signal(procs: Iterable[psutil.Process], sig: signal.Signals) -> None:
+    for proc in procs:
+        with contextlib.suppress(psutil.NoSuchProcess):  # gone, or its pid taken by another process
+            proc.send_signal(sig)
+
+
+def _wait_gone(procs: Iterable[psutil.Process], timeout: float,
+               popens: list[subprocess.Popen]) -> list[psutil.Process]:
+    """Wait up to `timeout` s for `procs` to end; return those still running.
+
+    psutil reaps our own children as they end, and their exit status goes to their Popen. A
+    zombie that is not ours has ended too (psutil would wait on it until its parent reaps it).
+    """
+    ours = {popen.pid: popen for popen in popens}
+
+    def reaped(proc: psutil.Process) -> None:
+        popen = ours.get(proc.pid)
+        if popen is not None and popen.returncode is None and proc.returncode is not None:
+            popen.returncode = proc.returncode
+
     deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        for popen in popens:
-            popen.poll()  # reap our own children so they do not linger as zombies
-        if not any(pid_alive(p) for p in pids):
-            return
-        time.sleep(0.05)
+    alive = list(procs)
+    while True:
+        _, alive = psutil.wait_procs(alive, timeout=min(0.2, max(0.0, deadline - time.monotonic())),
+                                     callback=reaped)
+        alive = [proc for proc in alive if process_alive(proc)]
+        if not alive or time.monotonic() >= deadline:
+            return alive
 
 
 @dataclass

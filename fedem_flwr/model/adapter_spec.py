@@ -18,7 +18,7 @@ import torch
 from fedem_flwr.errors import InvalidAdapter
 
 if TYPE_CHECKING:
-    import peft
+    pass
 
 DTYPE = "float32"
 _BYTES_PER_VALUE = 4
@@ -47,12 +47,6 @@ class AdapterSpec:
     @classmethod
     def from_state(cls, state: Mapping[str, torch.Tensor], max_bytes: Optional[int] = None) -> "AdapterSpec":
         return cls({key: tuple(value.shape) for key, value in state.items()}, max_bytes=max_bytes)
-
-    @classmethod
-    def from_model(cls, peft_model: "peft.PeftModel", max_bytes: Optional[int] = None) -> "AdapterSpec":
-        from fedem_flwr.model.lora import adapter_state
-
-        return cls.from_state(adapter_state(peft_model), max_bytes=max_bytes)
 
     def to_dict(self) -> dict[str, Any]:
         """Plain JSON-able form, for storing beside an adapter."""

@@ -3,13 +3,18 @@
 Checkpoints are plain transformers models (``AutoModelForCausalLM.from_pretrained`` loads them), each
 saved with its tokenizer and resolved config. Remote code never runs (``trust_remote_code=False``).
 
-Execution path: transformers resolves each Mamba op once, when its modeling module is imported: the
-mamba-ssm / causal-conv1d implementation when those packages import, else a PyTorch reference. For
-Mamba-2 the fused training op is mamba-ssm's Triton SSD kernel (with causal-conv1d's CUDA conv
-inside); it still needs ``import mamba_ssm`` (its compiled extension), so there is no separate
-Triton-only path. The kernels have no CPU code and transformers binds them for the whole process
-without a device check, so the factory rewraps each bound op to pick by device (``_by_device``): a
-model on the CPU is always on the PyTorch path, even beside a CUDA model that runs the kernels.
+Execution path: transformers resolves each Mamba op once, when its modeling module is imported
+(``use_kernel_func_from_hub_with_fallback``): the mamba-ssm / causal-conv1d implementation when that
+package imports, else its PyTorch reference, kept as the op's ``__wrapped__``. For Mamba-2 the fused
+training op is mamba-ssm's Triton SSD kernel (with causal-conv1d's CUDA conv inside); it still needs
+``import mamba_ssm`` (its compiled extension), so there is no separate Triton-only path. Whether the
+kernels can run is transformers' own check (``is_mamba_2_ssm_available`` / ``is_mamba_ssm_available``
+and ``is_causal_conv1d_available``: CUDA and the packages installed) plus the packages having imported.
+
+What stays ours: the kernels have no CPU code and transformers binds them for the whole process without
+a device check, so once a kernel package imported the factory routes each op by device (``_by_device``):
+a model on the CPU is always on the PyTorch path, even beside a CUDA model that runs the kernels. The
+same routing holds ``model.kernels=never`` (the PyTorch path for the rest of the process).
 
 Without the kernels transformers warns once per op that it falls back to PyTorch, which a CPU user
 cannot act on; the factory drops those warnings and says it once per architecture, at info level,
@@ -20,14 +25,13 @@ from __future__ import annotations
 
 import functools
 import importlib
-import importlib.util
 import inspect
 import json
 import logging
 import re
 import sys
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Optional
+from typing import TYPE_CHECKING, Any, Callable, Optional
 
 import torch
 
@@ -44,15 +48,16 @@ FEDEM_CONFIG_FILE = "fedem_config.json"
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 REPO_ID_PATTERN = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
 
-# The transformers module of each architecture and the ops that make its fused training path.
-_KERNEL_OPS = {
-    "mamba2": ("transformers.models.mamba2.modeling_mamba2",
-               ("mamba2_split_conv1d_scan_combined", "causal_conv1d_fn")),
-    "mamba": ("transformers.models.mamba.modeling_mamba", ("mamba_inner_fn", "causal_conv1d_fn")),
+# Each architecture's transformers module and transformers' check that its mamba-ssm kernels can run.
+_ARCHS = {
+    "mamba2": ("transformers.models.mamba2.modeling_mamba2", "is_mamba_2_ssm_available"),
+    "mamba": ("transformers.models.mamba.modeling_mamba", "is_mamba_ssm_available"),
 }
 _KERNEL_PACKAGES = ("mamba_ssm", "causal_conv1d")
+# transformers' fallback warning, filtered by its text: transformers offers no switch to turn it off.
 _FALLBACK_WARNING = "is falling back to its reference PyTorch implementation"
 _FALLBACK_LOGGER = "transformers.integrations.hub_kernels"
+_pytorch_only: set[str] = set()  # architectures under `model.kernels=never`, for the rest of the process
 _told_path: set[str] = set()
 
 
@@ -60,44 +65,24 @@ def _drop_fallback_warning(record: logging.LogRecord) -> bool:
     return _FALLBACK_WARNING not in record.getMessage()
 
 
-def _say_kernel_path(arch: str, module: Any) -> None:
-    """Once per architecture and process: an info line when its ops run on the PyTorch path."""
+def _say_kernel_path(arch: str) -> None:
+    """Once per architecture and process: an info line when it runs its PyTorch path here."""
     fallback_log = logging.getLogger(_FALLBACK_LOGGER)  # transformers' own loggers are plain `logging` ones
     if _drop_fallback_warning not in fallback_log.filters:
         fallback_log.addFilter(_drop_fallback_warning)
-    if arch in _told_path:
+    if arch in _told_path or arch in _pytorch_only:
         return
     _told_path.add(arch)
-    if not all(_uses_kernel(getattr(module, op, None)) for op in _KERNEL_OPS[arch][1]):
+    if not kernels_available(arch):
         log.info("%s runs its PyTorch path here: correct, but slower than the fused kernels. On a CUDA GPU, "
                  "install them with `pip install 'fedem-flwr[gpu]'` (mamba-ssm, causal-conv1d).", arch)
 
 
-def _kernel_flag(op: Any) -> Optional[bool]:
-    """For one of transformers' kernel-or-reference ops, whether it resolved to a package kernel;
-    None for any other callable."""
-    code, closure = getattr(op, "__code__", None), getattr(op, "__closure__", None)
-    if code is None or not closure or "is_new_implementation" not in code.co_freevars:
-        return None
-    return bool(closure[code.co_freevars.index("is_new_implementation")].cell_contents)
-
-
-def _uses_kernel(op: Any) -> bool:
-    """Whether transformers resolved ``op`` to a package kernel rather than its PyTorch reference."""
-    if hasattr(op, "kernel_op"):
-        return _uses_kernel(op.kernel_op)  # our device dispatch: CUDA tensors go to this op
-    flag = _kernel_flag(op)
-    if flag is not None:
-        return flag
-    if not hasattr(op, "__wrapped__"):
-        return False  # a plain function: the PyTorch reference itself
-    # A wrapper of unknown layout: the kernel can only be in use if its package imported.
-    return all(name in sys.modules for name in _KERNEL_PACKAGES)
-
-
-def _is_bound_kernel_op(op: Any) -> bool:
-    """One of transformers' kernel-or-reference ops, resolved to a package kernel."""
-    return _kernel_flag(op) is True
+def _kernels_imported(every: bool = True) -> bool:
+    """Whether the kernel packages imported (``every``: both, else any). transformers binds an op to its
+    package exactly when that package imports, at the first import of the Mamba module."""
+    check = all if every else any
+    return check(name in sys.modules for name in _KERNEL_PACKAGES)
 
 
 def _on_cuda(args: tuple, kwargs: dict) -> bool:
@@ -108,8 +93,9 @@ def _on_cuda(args: tuple, kwargs: dict) -> bool:
     return False
 
 
-def _by_device(op: Any) -> Any:
-    """``op``, bound to a kernel, for CUDA tensors; transformers' PyTorch reference for any other.
+def _by_device(op: Callable[..., Any], arch: str) -> Callable[..., Any]:
+    """``op`` (transformers' kernel-or-reference op) for CUDA tensors, unless ``arch`` is held to the
+    PyTorch path; its PyTorch reference for any other.
 
     transformers keeps the reference as ``op.__wrapped__`` and, without the kernel, calls it with
     only the keyword arguments it names, refusing packed sequences it cannot keep apart; so does this.
@@ -119,80 +105,78 @@ def _by_device(op: Any) -> Any:
 
     @functools.wraps(reference)
     def by_device(*args: Any, **kwargs: Any) -> Any:
-        if _on_cuda(args, kwargs):
+        if arch not in _pytorch_only and _on_cuda(args, kwargs):
             return op(*args, **kwargs)
         if kwargs.get("cu_seqlens") is not None or kwargs.get("seq_idx") is not None:
-            raise ValueError(f"`{reference.__name__}` on the CPU cannot keep packed sequences apart "
+            raise ValueError(f"`{reference.__name__}` on the PyTorch path cannot keep packed sequences apart "
                              "(`cu_seqlens` / `seq_idx` need the CUDA kernels).")
         return reference(*args, **{key: value for key, value in kwargs.items() if key in accepted})
 
-    by_device.kernel_op = op
+    by_device.kernel_op = op  # type: ignore[attr-defined]
     return by_device
 
 
 def _kernel_module(arch: str) -> Any:
-    """transformers' Mamba module of ``arch``, imported, with each op it bound to a kernel made to
-    pick by device (idempotent): the kernels have no device check of their own."""
-    module = importlib.import_module(_KERNEL_OPS[arch][0])  # binds the kernels if their packages import
+    """transformers' Mamba module of ``arch``, imported (which binds the kernels whose packages import),
+    with its ops routed by device once a kernel package imported (idempotent).
+
+    The one reach into transformers: its modeling module calls each op by module-global name and
+    binds it at import with no device check and no switch back, so routing means replacing those
+    globals. Its ops are the module's own functions that keep a reference as ``__wrapped__``.
+    """
+    module = importlib.import_module(_ARCHS[arch][0])
+    if not _kernels_imported(every=False):
+        return module  # nothing bound: transformers' ops are its PyTorch references
     for name, op in list(vars(module).items()):
-        if _is_bound_kernel_op(op):
-            setattr(module, name, _by_device(op))
-    _say_kernel_path(arch, module)
+        if (inspect.isfunction(op) and op.__module__ == module.__name__ and hasattr(op, "__wrapped__")
+                and not hasattr(op, "kernel_op")):
+            setattr(module, name, _by_device(op, arch))
     return module
 
 
-def _ops_use_kernels(arch: str) -> bool:
-    module = _kernel_module(arch)
-    return all(_uses_kernel(getattr(module, op, None)) for op in _KERNEL_OPS[arch][1])
-
-
 def kernels_available(arch: str = "mamba2") -> bool:
-    """True when the fused kernels can run here: CUDA present and transformers resolved them.
+    """True when the fused kernels can run here: CUDA, mamba-ssm and causal-conv1d installed (transformers'
+    own checks) and imported, so transformers bound them.
 
-    Never imports mamba-ssm on a machine without CUDA (its import needs the compiled CUDA extension).
+    Never looks for mamba-ssm on a machine without CUDA: transformers' checks look the package up (and
+    import it when it has no metadata) before they ask for CUDA, so CUDA is asked first.
     """
-    if arch not in _KERNEL_OPS:
-        raise ConfigError(f"`model.arch` is {arch!r}; allowed: {', '.join(map(repr, _KERNEL_OPS))}.")
+    if arch not in _ARCHS:
+        raise ConfigError(f"`model.arch` is {arch!r}; allowed: {', '.join(map(repr, _ARCHS))}.")
     if not torch.cuda.is_available():
         return False
-    if any(importlib.util.find_spec(name) is None for name in _KERNEL_PACKAGES):
+    from transformers.utils import import_utils
+
+    if not (getattr(import_utils, _ARCHS[arch][1])() and import_utils.is_causal_conv1d_available()):
         return False
-    return _ops_use_kernels(arch)
+    _kernel_module(arch)  # the import that binds them, if they import
+    return _kernels_imported()
 
 
 def kernel_path(model: "PreTrainedModel") -> str:
     """``"fused"`` when ``model``'s training forward runs the mamba-ssm kernels, else ``"pytorch"``."""
     arch = getattr(model.config, "model_type", None)
     param = next(iter(model.parameters()), None)
-    if arch not in _KERNEL_OPS or param is None or param.device.type != "cuda":
+    if arch not in _ARCHS or arch in _pytorch_only or param is None or param.device.type != "cuda":
         return "pytorch"
-    return "fused" if _ops_use_kernels(arch) else "pytorch"
-
-
-def _disable_kernels(arch: str) -> None:
-    """Point transformers' Mamba ops back at their PyTorch references, for the whole process.
-
-    The module is imported first: its import is what binds the kernels, so returning early while it
-    is not imported yet would let the next model build bind them after all.
-    """
-    module = importlib.import_module(_KERNEL_OPS[arch][0])
-    replaced = [name for name, op in list(vars(module).items())
-                if _is_bound_kernel_op(op) or hasattr(op, "kernel_op")]
-    for name in replaced:
-        setattr(module, name, getattr(module, name).__wrapped__)  # both wrappers keep the reference there
-    if replaced:
-        log.warning("model.kernels=never: %s ops use their PyTorch reference in this process", arch)
+    return "fused" if kernels_available(arch) else "pytorch"
 
 
 def _apply_kernel_policy(cfg: "ModelConfig") -> None:
-    if cfg.kernels == "require" and not kernels_available(cfg.arch):
-        reason = "CUDA is not available" if not torch.cuda.is_available() else (
-            "mamba-ssm and causal-conv1d do not both import (install the `gpu` extra)")
+    """``never`` holds ``cfg.arch`` to the PyTorch path for the rest of the process; ``require`` refuses
+    to build a model the kernels cannot run; every policy routes the ops by device."""
+    if cfg.kernels == "require" and (cfg.arch in _pytorch_only or not kernels_available(cfg.arch)):
+        reason = ("`model.kernels=never` already holds this process to the PyTorch path"
+                  if cfg.arch in _pytorch_only else "CUDA is not available" if not torch.cuda.is_available()
+                  else "mamba-ssm and causal-conv1d do not both import (install the `gpu` extra)")
         raise KernelsUnavailable(f"`model.kernels` is 'require' but {reason}; set `model.kernels=auto`.")
-    if cfg.kernels == "never":
-        _disable_kernels(cfg.arch)
-    else:
-        _kernel_module(cfg.arch)
+    held = cfg.kernels == "never" and cfg.arch not in _pytorch_only
+    if held:
+        _pytorch_only.add(cfg.arch)
+    _kernel_module(cfg.arch)  # its import binds the kernels whose packages import; the routing holds `never`
+    if held and _kernels_imported(every=False):
+        log.warning("model.kernels=never: %s ops use their PyTorch reference in this process", cfg.arch)
+    _say_kernel_path(cfg.arch)
 
 
 def model_config(cfg: "ModelConfig", tokenizer: "PreTrainedTokenizerBase") -> Any:
@@ -264,8 +248,9 @@ def load_base(path_or_repo: str, revision: Optional[str] = None) -> tuple["PreTr
     except (OSError, ValueError) as err:
         where = f"{source!r}" + (f" at revision {revision!r}" if revision else "")
         raise ModelNotFound(f"cannot load base model {where}: {err}") from err
-    if model.config.model_type in _KERNEL_OPS:
+    if model.config.model_type in _ARCHS:
         _kernel_module(model.config.model_type)  # a CPU copy of it must not reach the kernels
+        _say_kernel_path(model.config.model_type)
     return model, tokenizer
 
 

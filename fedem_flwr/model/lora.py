@@ -13,11 +13,14 @@ are never copied into an adapter (PEFT would by default, when they are targeted)
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Optional
 
-from fedem_flwr.errors import ConfigError, InvalidAdapter, UnsafeLoraTarget
+from fedem_flwr.config.schema import check_targets
+from fedem_flwr.errors import ConfigError, InvalidAdapter
+from fedem_flwr.model.adapter_spec import AdapterSpec, load_adapter_file, validate_adapter_state
+from fedem_flwr.model.factory import is_repo_id, write_resolved_config
 
 if TYPE_CHECKING:
     import peft
@@ -26,33 +29,8 @@ if TYPE_CHECKING:
 
     from fedem_flwr.config.schema import LoraConfig
 
-SAFE_TARGETS = ("in_proj", "embeddings", "lm_head")
 ADAPTER_CONFIG_FILE = "adapter_config.json"
 ADAPTER_WEIGHTS_FILE = "adapter_model.safetensors"
-
-_WHY = (
-    "the fused Mamba kernels read x_proj/dt_proj/out_proj weights directly (LoRA there gets no "
-    "gradient), PEFT refuses out_proj/conv1d on Mamba models, and adapters relay between CPU and GPU "
-    "nodes, so every target must train on both paths"
-)
-
-
-def check_targets(targets: Iterable[str]) -> None:
-    """Refuse any LoRA target outside ``SAFE_TARGETS`` (exact module names, no regex)."""
-    if isinstance(targets, str):
-        raise UnsafeLoraTarget(
-            f"`lora.target_modules` is the string {targets!r}; give a list of names from {list(SAFE_TARGETS)}."
-        )
-    targets = list(targets)
-    if not targets:
-        raise UnsafeLoraTarget(f"`lora.target_modules` is empty; name at least one of {list(SAFE_TARGETS)}.")
-    for target in targets:
-        if target not in SAFE_TARGETS:
-            raise UnsafeLoraTarget(
-                f"`lora.target_modules` contains {target!r}, which is not safe on every execution path; "
-                f"allowed: {list(SAFE_TARGETS)}. Why: {_WHY}."
-            )
-
 
 def peft_config(cfg: "LoraConfig") -> "peft.LoraConfig":
     """The PEFT config for ``cfg``, with the target modules spelled out."""
@@ -86,22 +64,39 @@ def attach_lora(model: "PreTrainedModel", cfg: "LoraConfig", seed: Optional[int]
         return peft.get_peft_model(model, peft_config(cfg))
 
 
+def _saved_state(peft_model: "peft.PeftModel") -> dict[str, "torch.Tensor"]:
+    """The adapter's tensors under PEFT's saved key names, the base's embedding matrices left out."""
+    from peft import get_peft_model_state_dict
+
+    return get_peft_model_state_dict(peft_model, save_embedding_layers=False)
+
+
 def adapter_state(peft_model: "peft.PeftModel") -> dict[str, "torch.Tensor"]:
     """The adapter weights under PEFT's saved key names: float32, on the CPU, contiguous copies."""
     import torch
-    from peft import get_peft_model_state_dict
 
-    state = get_peft_model_state_dict(peft_model, save_embedding_layers=False)
-    return {key: value.detach().to("cpu", torch.float32).contiguous().clone() for key, value in sorted(state.items())}
+    return {key: value.detach().to("cpu", torch.float32).contiguous().clone()
+            for key, value in sorted(_saved_state(peft_model).items())}
+
+
+def lora_spec(base_folder: Path, lora: "LoraConfig") -> AdapterSpec:
+    """The spec of a LoRA ``lora`` on the base in ``base_folder``: the layout a node unpacks a received
+    adapter by. Built on the meta device, so no weight is read (the fine-tune loads the base itself);
+    the hub derives the same spec from the same base and LoRA config (``HubWorkbench.spec``)."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.from_pretrained(str(base_folder), trust_remote_code=False)
+    with torch.random.fork_rng(devices=[]), torch.device("meta"):  # no weights, and the caller's RNG untouched
+        model = attach_lora(AutoModelForCausalLM.from_config(config), lora)
+    return AdapterSpec({key: tuple(value.shape) for key, value in _saved_state(model).items()})
 
 
 def load_adapter_state(peft_model: "peft.PeftModel", state: Mapping[str, "torch.Tensor"]) -> None:
     """Load ``state`` (validated against the model's own adapter spec) into the active adapter."""
     from peft import set_peft_model_state_dict
 
-    from fedem_flwr.model.adapter_spec import AdapterSpec, validate_adapter_state
-
-    checked = validate_adapter_state(state, AdapterSpec.from_model(peft_model))
+    checked = validate_adapter_state(state, AdapterSpec.from_state(adapter_state(peft_model)))
     result = set_peft_model_state_dict(peft_model, checked)
     # Any adapter key PEFT did not place is a bug in the key naming, not a user error.
     unexpected = [key for key in getattr(result, "unexpected_keys", []) if "lora_" in key]
@@ -109,8 +104,6 @@ def load_adapter_state(peft_model: "peft.PeftModel", state: Mapping[str, "torch.
 
 
 def _check_base_repo(base_repo: str) -> None:
-    from fedem_flwr.model.factory import is_repo_id
-
     if not is_repo_id(base_repo or ""):
         raise ConfigError(
             f"`base_repo` is {base_repo!r}; an adapter names its base by a repo id that resolves elsewhere "
@@ -127,8 +120,6 @@ def save_adapter(
 ) -> Path:
     """Write a standard PEFT folder whose config names the base as ``base_repo`` at ``base_revision``."""
     from huggingface_hub import ModelCard
-
-    from fedem_flwr.model.factory import write_resolved_config
 
     _check_base_repo(base_repo)
     folder = Path(folder)
@@ -173,8 +164,6 @@ def read_adapter_config(folder: Path) -> "peft.LoraConfig":
 
 def read_adapter_state(folder: Path) -> dict[str, "torch.Tensor"]:
     """The weights of a stored PEFT adapter folder (safetensors, checked as they load)."""
-    from fedem_flwr.model.adapter_spec import load_adapter_file
-
     return load_adapter_file(Path(folder) / ADAPTER_WEIGHTS_FILE)
 
 

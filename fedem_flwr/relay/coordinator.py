@@ -3,6 +3,11 @@
 The relay Strategy translates Grid messages into calls on a ``RelayCoordinator``; everything that
 decides or persists lives here, so the whole relay can be driven by tests without a Flower runtime.
 Every state change is persisted in one registry transaction together with the lease it touches.
+
+The coordinator owns the registry, the store, the lease book and the workbench: others ask it
+(``train_payload``, ``pseudonym``, ``lease``, ``leased_adapters``, ``adopt_base``) and never reach
+into them. What a node sent arrives checked (``protocol.messages`` parses every reply, claims and
+metrics included): a push names only the hub's own lease token, and is trusted as parsed.
 """
 
 from __future__ import annotations
@@ -16,13 +21,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional, Protocol
 
-from fedem_flwr.config import GateConfig
+from fedem_flwr.config.schema import GateConfig
 from fedem_flwr.errors import HubFault, InvalidAdapter, StoreError, is_hub_fault, one_line
 from fedem_flwr.gate.acceptance import Decision, decide
 from fedem_flwr.gate.novelty import no_work
-from fedem_flwr.hub.records import revision_name
+from fedem_flwr.hub.records import Lease, revision_name
 from fedem_flwr.hub.store import ArtifactRef, ArtifactStore
-from fedem_flwr.relay.leases import Lease, LeaseBook, PushRejected, SweepSchedule
+from fedem_flwr.node.fetch import HfLocation, hf_location
+from fedem_flwr.relay.leases import LeaseBook, PushRejected, SweepSchedule
 from fedem_flwr.relay.policies import AdapterInfo, NodeProfile, Policy
 from fedem_flwr.relay.pool import AdapterPool
 
@@ -61,6 +67,15 @@ class Assignment:
 
 
 @dataclass(frozen=True)
+class TrainPayload:
+    """What a train message carries beside the lease's terms: the adapter version leased, and where a
+    node may fetch the base itself (None unless the store is on a Hugging Face Hub)."""
+
+    state: dict[str, Any]
+    base_hf: Optional[HfLocation]
+
+
+@dataclass(frozen=True)
 class PushOutcome:
     """What became of a push: ``accepted`` ones produced ``version``."""
 
@@ -91,30 +106,65 @@ class RelayCoordinator:
         gate: Optional[GateConfig] = None,
         clock: Callable[[], float],
     ) -> None:
-        self.registry = registry
-        self.store = store
+        self._registry = registry
+        self._store = store
+        self._workbench = workbench
         self.policy = policy
-        self.workbench = workbench
         self.lease_ttl_s = lease_ttl_s
         self.gate = gate or GateConfig()
         self.clock = clock
-        self.book = LeaseBook(registry.leases(active_only=True), next_token=registry.max_lease_token() + 1,
-                              lookup=registry.lease, latest=registry.latest_lease_tokens())
+        self._book = LeaseBook(registry.leases(active_only=True), next_token=registry.max_lease_token() + 1,
+                               lookup=registry.lease, latest=registry.latest_lease_tokens())
         self.schedule = SweepSchedule(sweep_interval_s)
         self.last_served = registry.last_leased()
         self.languages = {adapter.name: tuple(adapter.languages) for adapter in registry.adapters()}
         latest = registry.latest_adapter_versions()
         self.pool = AdapterPool(
             self._info(name, latest[name].version) for name in self.languages
-            if name in latest and self.book.is_free(name)
+            if name in latest and self._book.is_free(name)
         )
+
+    # -- what others ask -------------------------------------------------------------------------
+
+    @property
+    def workbench(self) -> AdapterWorkbench:
+        """The blind evaluator on the base pushes are judged on now (``adopt_base`` replaces it)."""
+        return self._workbench
+
+    def adopt_base(self, workbench: AdapterWorkbench) -> None:
+        """Judge on a newly published base from now on: ``workbench`` holds it."""
+        self._workbench = workbench
+
+    def pseudonym(self, identity: str) -> str:
+        """The pseudonym the registry gives a node identity: how logs and records name a node."""
+        return self._registry.pseudonym(identity)
+
+    def lease(self, token: int) -> Optional[Lease]:
+        """The lease of ``token`` as the book knows it (active or ended), or None if never issued."""
+        return self._book.get(token)
+
+    def leased_adapters(self) -> set[str]:
+        """The adapters under an active lease now."""
+        return {lease.adapter for lease in self._book.active()}
+
+    def train_payload(self, assignment: Assignment) -> TrainPayload:
+        """The adapter weights a new lease starts from, and where a node may fetch its base itself."""
+        # torch is imported only once a lease is issued: leases and fencing run without it.
+        from fedem_flwr.model.lora import read_adapter_state
+
+        return TrainPayload(read_adapter_state(self._store.get(assignment.adapter_ref)),
+                            hf_location(self._store, assignment.base_ref))
+
+    def base_folder(self, assignment: Assignment) -> Path:
+        """The stored files of the lease's base, to send in-band to a node that lacks them."""
+        return self._store.get(assignment.base_ref)
 
     # -- lifecycle -------------------------------------------------------------------------------
 
     def recover(self) -> list[Lease]:
         """Expire leases left active by an earlier run: their holders are gone with it."""
         now = self.clock()
-        ended = self.book.expire_all(now, reason="hub-restart")
+        ended = self._book.expire_all(now, reason="hub-restart")
         self._flush()
         self.schedule.mark(now)
         if ended:
@@ -131,10 +181,10 @@ class RelayCoordinator:
 
     def sweep(self, now: Optional[float] = None) -> list[Lease]:
         now = self.clock() if now is None else now
-        expired = self.book.sweep(now)
+        expired = self._book.sweep(now)
         self._flush()
         for lease in expired:
-            log.info("Lease %d on %r expired (holder %s)", lease.token, lease.adapter, self.registry.pseudonym(lease.holder))
+            log.info("Lease %d on %r expired (holder %s)", lease.token, lease.adapter, self.pseudonym(lease.holder))
         return expired
 
     # -- leasing ---------------------------------------------------------------------------------
@@ -146,25 +196,25 @@ class RelayCoordinator:
         """Lease adapters to the free nodes the policy picks; nodes holding a lease are skipped."""
         now = self.clock()
         self.sweep(now)  # any access after a deadline expires the lease first
-        nodes = [n for n in free_nodes if self.book.node_free(n.node)]
+        nodes = [n for n in free_nodes if self._book.node_free(n.node)]
         if not nodes:
             return []
-        base = self.registry.latest_checkpoint()
+        base = self._registry.latest_checkpoint()
         if base is None:
             raise RuntimeError("the hub has no base checkpoint; seed it before relaying")
         base_ref = base.ref
         assignments = []
         for node, info in self.policy.assign(nodes, self.pool.free()):
             self.pool.take(info.name)
-            version = self.registry.latest_adapter_version(info.name)
-            lease = self.book.acquire(info.name, node.node, base.version, version.version, now, self.lease_ttl_s)
+            version = self._registry.latest_adapter_version(info.name)
+            lease = self._book.acquire(info.name, node.node, base.version, version.version, now, self.lease_ttl_s)
             self._flush()
             self.last_served[info.name] = now
             ref = version.ref
             assignments.append(Assignment(lease, info, ref, base_ref))
             log.info(
                 "Leased %r v%d to %s (token %d, %.0f s)",
-                info.name, version.version, self.registry.pseudonym(node.node), lease.token, self.lease_ttl_s,
+                info.name, version.version, self.pseudonym(node.node), lease.token, self.lease_ttl_s,
             )
         return assignments
 
@@ -172,44 +222,45 @@ class RelayCoordinator:
 
     def receive_push(
         self,
-        *,
-        holder: str,
         token: int,
-        adapter: str,
-        base_version: int,
         state: Optional[Mapping[str, Any]],
+        *,
         invalid_reason: Optional[str] = None,
         metrics: Optional[Mapping[str, float]] = None,
         dropped_metrics: Sequence[str] = (),
     ) -> PushOutcome:
-        """Fence, validate, check for work, evaluate blind, decide, and persist the outcome of one push.
+        """Fence, check for work, evaluate blind, decide, and persist the outcome of one push.
 
-        ``state`` is None when the wire checks failed (``invalid_reason`` says why): a valid lease
-        still ends, and the push is recorded as rejected. ``dropped_metrics`` names the metrics the
-        wire layer already dropped; non-finite or non-numeric ``metrics`` are dropped here too, and
-        every dropped name is recorded with the contribution.
+        ``token`` is the hub's own lease of the message the push answers (its holder, adapter and base
+        are the lease's): what the reply claimed was checked against it when it was parsed. The fence
+        is the lease's state: still active and before its deadline, else ``expired``, ``superseded``,
+        ``duplicate`` or ``unknown-token``. ``state`` is None when the wire checks failed
+        (``invalid_reason`` says why): a valid lease still ends, and the push is recorded as rejected.
+        ``metrics`` are the reply's as parsed (finite numbers) and ``dropped_metrics`` names those the
+        parse dropped; both are recorded with the contribution as they are.
 
         Nothing a node sends ends the run: an unexpected error while judging one push ends its lease
         (outcome ``hub-error``) and is recorded as a rejection. Only a fault of the hub itself (the
         registry cannot be written, the store cannot be read or written) raises ``HubFault``.
         """
         try:
-            return self._receive(holder, token, adapter, base_version, state, invalid_reason, metrics,
-                                 dropped_metrics)
+            return self._receive(token, state, invalid_reason, dict(metrics or {}), tuple(dropped_metrics))
         except Exception as err:
             if is_hub_fault(err) and not isinstance(err, HubFault):
-                raise HubFault(f"the hub cannot go on (push for {adapter!r}, lease {token}): {one_line(err)}") from err
+                leased = self._book.get(token)
+                push = f"push for {leased.adapter!r}, lease {token}" if leased else f"push under lease {token}"
+                raise HubFault(f"the hub cannot go on ({push}): {one_line(err)}") from err
             raise
 
-    def _receive(self, holder, token, adapter, base_version, state, invalid_reason, metrics, dropped) -> PushOutcome:
+    def _receive(self, token: int, state: Optional[Mapping[str, Any]], invalid_reason: Optional[str],
+                 metrics: dict[str, float], dropped: tuple[str, ...]) -> PushOutcome:
         now = self.clock()
-        kept, dropped = _finite_metrics(metrics, dropped)
-        received = _Received(self.registry.pseudonym(holder), now, state_digest(state) if state is not None else "-",
-                             kept, dropped)
+        digest = state_digest(state) if state is not None else "-"
         try:
-            lease = self.book.check_push(token, holder, adapter, base_version, now)
+            lease = self._fence(token, now)
         except PushRejected as rejected:
-            return self._reject_unfenced(rejected, received, adapter, token)
+            return self._reject_unfenced(rejected, token, now, digest, metrics, dropped)
+        received = _Received(self._registry.pseudonym(lease.holder), now, digest, metrics, dropped)
 
         if state is None:
             return self._conclude(lease, received, "rejected", f"invalid-adapter: {invalid_reason}", {})
@@ -220,15 +271,22 @@ class RelayCoordinator:
                 raise
             return self._contain(lease, received, err)
 
+    def _fence(self, token: int, now: float) -> Lease:
+        """The active lease of ``token`` if a push may still end it, else a ``PushRejected``.
+
+        Only the lease's state and deadline are checked here: the reply's claims were checked when it
+        was parsed."""
+        return self._book.check_push(token, now)
+
     def _judge(self, lease: Lease, received: "_Received", state: Mapping[str, Any]) -> PushOutcome:
         """No credit without work (before evaluation), then blind evaluation and the gate.
 
         A push is judged on the current base, whatever base its lease started on: the workbench holds
         the newest base, and the parent's losses come from that same base (evaluations belong to a
         pair of adapter version and base version), so like is compared with like."""
-        base = self.registry.latest_checkpoint()
-        parent = self.registry.latest_adapter_version(lease.adapter)
-        languages = self.registry.adapter(lease.adapter).languages
+        base = self._registry.latest_checkpoint()
+        parent = self._registry.latest_adapter_version(lease.adapter)
+        languages = self._registry.adapter(lease.adapter).languages
         parent_state = self._parent_weights(parent)
         idle = no_work(state, parent_state, self.gate.min_change, revision_name(parent.version))
         if idle:
@@ -236,7 +294,7 @@ class RelayCoordinator:
 
         scope = None if self.gate.check_others else languages
         reference = self._parent_losses(parent, base.version, parent_state, scope)
-        losses = self.workbench.evaluate(state, scope)
+        losses = self._workbench.evaluate(state, scope)
         bad = [lang for lang in sorted(losses) if not math.isfinite(losses[lang])]
         if bad:  # huge weights: nothing to compare, and nothing to keep
             reason = "non-finite-loss: held-out loss " + ", ".join(f"{lang}={losses[lang]}" for lang in bad)
@@ -251,13 +309,13 @@ class RelayCoordinator:
                        languages: Optional[Sequence[str]]) -> HeldoutLosses:
         """The parent's held-out losses on ``base_version``, evaluated there first when missing (or
         missing a language the gate now compares)."""
-        recorded = self.registry.parent_losses(parent.adapter, parent.version, base_version) or {}
-        wanted = set(self.workbench.heldout if languages is None else languages) & set(self.workbench.heldout)
+        recorded = self._registry.parent_losses(parent.adapter, parent.version, base_version) or {}
+        wanted = set(self._workbench.heldout if languages is None else languages) & set(self._workbench.heldout)
         if wanted <= set(recorded):
             return recorded
-        losses = {**recorded, **self.workbench.evaluate(parent_state, languages)}
+        losses = {**recorded, **self._workbench.evaluate(parent_state, languages)}
         finite = {lang: loss for lang, loss in losses.items() if math.isfinite(loss)}
-        self.registry.put_evaluation(parent.adapter, parent.version, base_version, finite, self.clock())
+        self._registry.put_evaluation(parent.adapter, parent.version, base_version, finite, self.clock())
         return finite
 
     def _contain(self, lease: Lease, received: "_Received", err: Exception) -> PushOutcome:
@@ -265,38 +323,39 @@ class RelayCoordinator:
         reason = f"hub-error: {one_line(err)}"
         log.error("Push for %r (lease %d) could not be judged; its lease ends and the relay goes on",
                   lease.adapter, lease.token, exc_info=err)
-        current = self.book.get(lease.token)
-        with self.registry.atomic():
+        current = self._book.get(lease.token)
+        with self._registry.atomic():
             self._record(received, lease.adapter, lease.token, "rejected", reason, None, {})
             if current is not None and current.active:
-                self.book.release(lease.token, received.at, outcome="hub-error")
+                self._book.release(lease.token, received.at, outcome="hub-error")
             self._flush()
         return PushOutcome("rejected", reason, lease.adapter, lease.token)
 
     def fail(self, token: int, reason: str) -> Optional[Lease]:
         """End a lease whose train message failed (client error, expired message)."""
-        lease = self.book.get(token)
+        lease = self._book.get(token)
         if lease is None or not lease.active:
             return None
-        ended = self.book.expire(token, self.clock(), reason=reason)
+        ended = self._book.expire(token, self.clock(), reason=reason)
         self._flush()
         log.info("Lease %d on %r ended: %s", token, lease.adapter, reason)
         return ended
 
     def reject_lease(
-        self, token: int, reason: str, metrics: Optional[Mapping[str, float]] = None
+        self, token: int, reason: str, *, metrics: Optional[Mapping[str, float]] = None,
+        dropped_metrics: Sequence[str] = (),
     ) -> Optional[PushOutcome]:
         """End an active lease at once because its reply cannot be judged (its claims contradict the
-        lease, or handling it failed); record a rejected contribution with ``reason``. The lease's
-        outcome is the reason's code (the part before the first colon)."""
-        lease = self.book.get(token)
+        lease, or handling it failed); record a rejected contribution with ``reason`` and the reply's
+        parsed ``metrics``. The lease's outcome is the reason's code (the part before the first colon)."""
+        lease = self._book.get(token)
         if lease is None or not lease.active:
             return None
-        kept, dropped = _finite_metrics(metrics, ())
-        received = _Received(self.registry.pseudonym(lease.holder), self.clock(), "-", kept, dropped)
-        with self.registry.atomic():
+        received = _Received(self._registry.pseudonym(lease.holder), self.clock(), "-", dict(metrics or {}),
+                             tuple(dropped_metrics))
+        with self._registry.atomic():
             self._record(received, lease.adapter, token, "rejected", reason, None, {})
-            self.book.expire(token, received.at, reason=reason.split(":", 1)[0])
+            self._book.expire(token, received.at, reason=reason.split(":", 1)[0])
             self._flush()
         log.info("Lease %d on %r ended: %s", token, lease.adapter, reason)
         return PushOutcome("rejected", reason, lease.adapter, token)
@@ -304,34 +363,35 @@ class RelayCoordinator:
     def refresh_adapter(self, name: str) -> None:
         """A new version was recorded outside a push (a rebase after a merge): a free adapter is offered
         with it from now on."""
-        if self.book.is_free(name):
-            self.pool.put(self._info(name, self.registry.latest_adapter_version(name).version))
+        if self._book.is_free(name):
+            self.pool.put(self._info(name, self._registry.latest_adapter_version(name).version))
 
     def node_gone(self, holder: str) -> list[Lease]:
-        ended = self.book.expire_holder(holder, self.clock(), reason="node-gone")
+        ended = self._book.expire_holder(holder, self.clock(), reason="node-gone")
         self._flush()
         return ended
 
     # -- internals -------------------------------------------------------------------------------
 
-    def _reject_unfenced(self, rejected: PushRejected, received: "_Received", adapter: str, token: int) -> PushOutcome:
-        """A push that fails the fencing checks is recorded against the adapter it names (or the one
-        its token leased); nothing of it is evaluated or kept."""
+    def _reject_unfenced(self, rejected: PushRejected, token: int, now: float, digest: str,
+                         metrics: dict[str, float], dropped: tuple[str, ...]) -> PushOutcome:
+        """A push that fails the fence is recorded against the adapter its token leased (a token never
+        issued names none: dropped with a warning); nothing of it is evaluated or kept."""
         self._flush()  # a late push expired its lease just now: persist that
         known = rejected.lease
-        name = adapter if self.registry.adapter(adapter) is not None else (known.adapter if known else None)
         reason = str(rejected)  # "<reason code>: <details>"
-        if name is None:
-            log.warning("Push naming unknown adapter %r dropped: %s", adapter, reason)
-        else:
-            with self.registry.atomic():
-                self._record(received, name, token if known else None, "rejected", reason, None, {})
-        return PushOutcome("rejected", reason, adapter, token)
+        if known is None:
+            log.warning("Push under unknown lease token %d dropped: %s", token, reason)
+            return PushOutcome("rejected", reason, "", token)
+        received = _Received(self._registry.pseudonym(known.holder), now, digest, metrics, dropped)
+        with self._registry.atomic():
+            self._record(received, known.adapter, token, "rejected", reason, None, {})
+        return PushOutcome("rejected", reason, known.adapter, token)
 
     def _decide(self, losses: HeldoutLosses, parent: HeldoutLosses, languages: Sequence[str]) -> Decision:
         """Better on its own languages by the margin; with ``check_others``, no worse than the
         tolerance on every other language the hub holds out."""
-        weights = self.workbench.weights if self.gate.weighting == "tokens" else None
+        weights = self._workbench.weights if self.gate.weighting == "tokens" else None
         others = [lang for lang in losses if lang not in languages] if self.gate.check_others else None
         return decide(losses, parent, languages, self.gate.margin, weights=weights, others=others,
                       tolerance=self.gate.tolerance)
@@ -343,7 +403,7 @@ class RelayCoordinator:
         from fedem_flwr.model.lora import read_adapter_state
 
         try:
-            return read_adapter_state(self.store.get(parent.ref))
+            return read_adapter_state(self._store.get(parent.ref))
         except (StoreError, OSError, InvalidAdapter) as err:
             raise HubFault(f"cannot read {parent.repo}@{parent.revision}, the parent version of a push: "
                            f"{one_line(err)}") from err
@@ -356,17 +416,17 @@ class RelayCoordinator:
 
         The workbench's own errors are the push's (contained); a store that cannot write is the hub's.
         """
-        base_ref = ArtifactRef(self.store.repo_id(base.repo), base.revision, base.digest)
+        base_ref = ArtifactRef(self._store.repo_id(base.repo), base.revision, base.digest)
         version = parent.version + 1
         from fedem_flwr.hub.lineage import write_adapter_card  # huggingface_hub's cards: only once a version is written
 
         with tempfile.TemporaryDirectory(prefix="fedem-adapter-") as tmp:
-            self.workbench.save(state, Path(tmp), base_ref)
-            write_adapter_card(Path(tmp), self.registry, self.store, repo=parent.repo, adapter=lease.adapter,
+            self._workbench.save(state, Path(tmp), base_ref)
+            write_adapter_card(Path(tmp), self._registry, self._store, repo=parent.repo, adapter=lease.adapter,
                                version=version, base_version=base.version, parent_version=parent.version,
                                kind="push", heldout=losses, contributor=contributor)
             try:
-                return self.store.put(
+                return self._store.put(
                     parent.repo, revision_name(version), Path(tmp),
                     message=f"{lease.adapter} v{version} (lease {lease.token})",
                     replace_orphan=True,  # `version` is past the registry's latest: what is stored there is an orphan
@@ -382,9 +442,9 @@ class RelayCoordinator:
 
         ``judged`` is the base the push was judged on; a new version belongs to that base."""
         version = None
-        with self.registry.atomic():
+        with self._registry.atomic():
             if ref is not None:
-                row = self.registry.add_adapter_version(
+                row = self._registry.add_adapter_version(
                     adapter=lease.adapter, base_version=judged, parent_version=parent.version,
                     repo=ref.repo, revision=ref.revision, digest=ref.digest,
                     metrics={"heldout": dict(losses), "train": dict(received.metrics)}, created=received.at,
@@ -392,7 +452,7 @@ class RelayCoordinator:
                 version = row.version
             self._record(received, lease.adapter, lease.token, decision, reason, version, losses,
                          trained_on=lease.base_version, judged_on=judged)
-            self.book.release(lease.token, received.at, outcome=decision)
+            self._book.release(lease.token, received.at, outcome=decision)
             self._flush()
         return PushOutcome(decision, reason, lease.adapter, lease.token, version, dict(losses))
 
@@ -411,7 +471,7 @@ class RelayCoordinator:
         non_finite = sorted(lang for lang, loss in heldout.items() if loss is None)
         if non_finite:
             evaluation["non_finite"] = non_finite
-        self.registry.add_contribution(
+        self._registry.add_contribution(
             pseudonym=received.pseudonym,
             adapter=adapter,
             lease_token=token,
@@ -429,15 +489,15 @@ class RelayCoordinator:
 
     def _flush(self) -> None:
         """Persist every lease the book created or changed, in one transaction."""
-        changes = self.book.pop_changes()
+        changes = self._book.pop_changes()
         if not changes:
             return
-        with self.registry.atomic():
+        with self._registry.atomic():
             for lease in changes:
-                self.registry.save_lease(lease)
+                self._registry.save_lease(lease)
         for lease in changes:
-            if not lease.active and self.book.is_free(lease.adapter):
-                latest = self.registry.latest_adapter_version(lease.adapter)
+            if not lease.active and self._book.is_free(lease.adapter):
+                latest = self._registry.latest_adapter_version(lease.adapter)
                 self.pool.put(self._info(lease.adapter, latest.version))
 
 
@@ -448,28 +508,8 @@ class _Received:
     pseudonym: str
     at: float
     digest: str
-    metrics: dict[str, float]  # finite numbers only
-    dropped: tuple[str, ...]  # metric names dropped as invalid, by the wire layer or here
-
-
-def _finite_metrics(metrics: Optional[Mapping[str, Any]], dropped: Sequence[str]) -> tuple[dict, tuple[str, ...]]:
-    """Keep the finite numbers of ``metrics``; name every other key beside those already ``dropped``."""
-    kept, names = {}, {str(name) for name in dropped}
-    for key, value in (metrics or {}).items():
-        if isinstance(key, str) and _finite_number(value):
-            kept[key] = value
-        else:
-            names.add(str(key))
-    return kept, tuple(sorted(names))
-
-
-def _finite_number(value: Any) -> bool:
-    """A float that is finite, or an int in the signed 64-bit range a metric record can carry."""
-    if isinstance(value, bool):
-        return False
-    if isinstance(value, int):
-        return -(2**63) <= value < 2**63
-    return isinstance(value, float) and math.isfinite(value)
+    metrics: dict[str, float]  # finite numbers, as the protocol parsed them
+    dropped: tuple[str, ...]  # metric names the protocol dropped as invalid
 
 
 def state_digest(state: Mapping[str, Any]) -> str:

@@ -6,9 +6,15 @@ A lease hands one adapter to one node until a deadline. Invariants, always:
   time);
 - fencing tokens strictly increase and are never reused, also across restarts (the registry passes
   its max token + 1 as ``next_token``);
-- a push is valid only with the current token of an active lease, from its holder, for the adapter
-  and base version leased. Anything else raises a ``PushRejected`` subclass whose ``reason`` is a
-  machine-readable code, recorded with the contribution.
+- a push ends a lease only under the token of an active lease, before its deadline. Anything else
+  (a token never issued, one already pushed, one whose adapter was leased again since, a late push)
+  raises a ``PushRejected`` subclass whose ``reason`` is a machine-readable code (``REJECT_REASONS``),
+  recorded with the contribution.
+
+The book judges a push by its token alone, on that lease's state and deadline. The push's claims are
+checked where the reply is parsed (``protocol.messages.parse_train_reply``): its lease token, adapter
+and base version against the instruction it answers, matched by message id, and the pusher is the
+node that instruction was sent to. A reply whose claims differ from its lease never reaches the book.
 
 Expiry is exact: a lease is due when ``now >= deadline`` (a push arriving exactly at the deadline is
 late). Due leases expire at the periodic ``sweep`` and also on any access after the deadline
@@ -29,42 +35,15 @@ rebuilds the book from the persisted rows.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from typing import Optional
 
 from fedem_flwr.errors import FedemError
+from fedem_flwr.hub.records import Lease
 
 STATES = ("active", "released", "expired")
 EXPIRED = "expired"
 HUB_RESTART = "hub-restart"
-
-
-@dataclass(frozen=True)
-class Lease:
-    """One adapter handed to one node until ``deadline`` (epoch seconds from the injected clock)."""
-
-    token: int
-    adapter: str
-    holder: str
-    base_version: int
-    adapter_version: int
-    issued: float
-    deadline: float
-    state: str = "active"
-    ended: Optional[float] = None
-    outcome: Optional[str] = None
-
-    @property
-    def active(self) -> bool:
-        return self.state == "active"
-
-    def remaining(self, now: float) -> float:
-        """Seconds left before the deadline (0 once due or ended); a train message's ``ttl``."""
-        return max(0.0, self.deadline - now) if self.active else 0.0
-
-    def is_due(self, now: float) -> bool:
-        """An active lease expires exactly at its deadline: ``now >= deadline``."""
-        return self.active and now >= self.deadline
 
 
 class LeaseError(FedemError):
@@ -117,28 +96,7 @@ class Superseded(PushRejected):
     reason = "superseded"
 
 
-class WrongAdapter(PushRejected):
-    """The push names another adapter than the one leased."""
-
-    reason = "wrong-adapter"
-
-
-class WrongHolder(PushRejected):
-    """The push comes from another node than the lease holder."""
-
-    reason = "wrong-holder"
-
-
-class WrongBase(PushRejected):
-    """The push was trained on another base version than the one leased."""
-
-    reason = "wrong-base"
-
-
-REJECT_REASONS = tuple(
-    cls.reason
-    for cls in (UnknownToken, LeaseExpired, DuplicatePush, Superseded, WrongAdapter, WrongHolder, WrongBase)
-)
+REJECT_REASONS = tuple(cls.reason for cls in (UnknownToken, LeaseExpired, DuplicatePush, Superseded))
 
 
 class LeaseBook:
@@ -247,18 +205,20 @@ class LeaseBook:
         self._changes.append(lease)
         return lease
 
-    def check_push(self, token: int, holder: str, adapter: str, base_version: int, now: float) -> Lease:
-        """Validate a push; return its active lease unchanged, or raise a ``PushRejected`` subclass.
+    def check_push(self, token: int, now: float) -> Lease:
+        """May a push under ``token`` end its lease at ``now``? Return the active lease unchanged, or
+        raise a ``PushRejected`` subclass.
 
-        Checks in order: token known; an overdue active lease expires here (``expired``); an ended
-        lease: ``duplicate`` if released, ``superseded`` if the adapter was leased again since, else
-        ``expired``; then ``wrong-holder``, ``wrong-adapter``, ``wrong-base`` against the lease.
+        Only the lease's state and deadline are judged (the push's claims were checked when its reply
+        was parsed). In order: token known (``unknown-token``); an overdue active lease expires here
+        (``expired``); an ended lease: ``duplicate`` if released, ``superseded`` if the adapter was
+        leased again since, else ``expired``.
         """
         lease = self._active.get(token)
         if lease is None:
             ended = self.get(token)
             if ended is None or ended.active:  # an active lease the book does not hold is none of its own
-                raise UnknownToken(f"token {token} from {holder!r} for adapter {adapter!r} was never issued")
+                raise UnknownToken(f"token {token} was never issued")
             if ended.state == "released":
                 raise DuplicatePush(f"token {token} was already pushed and released at {ended.ended}", ended)
             newest = self._latest.get(ended.adapter, token)
@@ -269,14 +229,6 @@ class LeaseBook:
             lease = self._end(lease, "expired", now, EXPIRED)
             raise LeaseExpired(
                 f"token {token} pushed at {now:.3f}, {now - lease.deadline:.3f} s after its deadline", lease
-            )
-        if holder != lease.holder:
-            raise WrongHolder(f"token {token} is held by {lease.holder!r}, pushed by {holder!r}", lease)
-        if adapter != lease.adapter:
-            raise WrongAdapter(f"token {token} leases adapter {lease.adapter!r}, push names {adapter!r}", lease)
-        if base_version != lease.base_version:
-            raise WrongBase(
-                f"token {token} leased on base version {lease.base_version}, push trained on {base_version}", lease
             )
         return lease
 

@@ -2,7 +2,8 @@
 
 A node is known by its public key (``pk:<sha256 of the key>``) or else its node id (``node:<id>``),
 never by anything it reports; only on Flower's simulation runtime may its profile's ``partition-id``
-name it (``sim:<partition-id>``, set by the Strategy). Two live nodes on one identity never share
+name it (``sim:<partition-id>``, set by the Strategy): until then a simulated node's identity is not
+``settled`` (Flower gives it a new node id every run). Two live nodes on one identity never share
 it: the first one seen keeps it and the other gets no lease while the first is here.
 
 A node that failed (a client error, an invalid push, a malformed reply) waits before its next lease
@@ -26,6 +27,7 @@ class NodeState:
 
     node_id: int
     identity: str
+    settled: bool = True  # False while a simulated node's identity waits for its profile's partition
     profile: Optional[NodeProfile] = None
     partition: Optional[tuple[int, int]] = None  # (partition-id, num-partitions), simulation only
     digests: set[str] = field(default_factory=set)  # bases the hub believes it holds
@@ -60,12 +62,13 @@ class NodeTable:
     def get(self, node_id: int) -> Optional[NodeState]:
         return self._nodes.get(node_id)
 
-    def refresh(self, live: Mapping[int, bytes]) -> None:
-        """``live`` maps each live node id to its public key (b"" without one). New nodes are added;
-        nodes that left are dropped once no message to them is in flight."""
+    def refresh(self, live: Mapping[int, bytes], settled: bool = True) -> None:
+        """``live`` maps each live node id to its public key (b"" without one). New nodes are added
+        (``settled``: whether that identity is final); nodes that left are dropped once no message to
+        them is in flight."""
         for node_id, key in live.items():
             if node_id not in self._nodes:
-                self._nodes[node_id] = NodeState(node_id, key_identity(node_id, key))
+                self._nodes[node_id] = NodeState(node_id, key_identity(node_id, key), settled)
         for node_id in [n for n, node in self._nodes.items() if n not in live and not node.busy]:
             del self._nodes[node_id]
 

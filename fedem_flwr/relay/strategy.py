@@ -11,10 +11,15 @@ again answers "message unavailable" (code 3).
 
 Base checkpoints. A node that lacks the lease's base gets it in-band (its files in the train
 message), unless the store is on a Hugging Face Hub: then every train message names the base's Hub
-repo and the node fetches it itself (``fedem_flwr.base_fetch``); a node that answers
+repo and the node fetches it itself (``fedem_flwr.node.fetch``); a node that answers
 ``missing-base`` to that gets the in-band copy with its next lease. ``RelayStrategy.bases`` counts
 the ways: ``in-band`` (files sent), ``hf`` (a node without the base told to fetch it answered
 anything but ``missing-base``), ``hf-failed`` (a node's Hub fetch failed; the reply's detail is logged).
+
+Every reply is checked once, by ``protocol.messages`` as it is parsed (its claims against the
+instruction it answers, its metrics); the coordinator trusts what passes. Logs name a node by its
+pseudonym; its Flower node id stands beside it where an operator matches Flower's own logs (failures,
+the profile that binds the two).
 """
 
 from __future__ import annotations
@@ -23,7 +28,7 @@ import logging
 import sys
 import time
 from collections import Counter, deque
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
@@ -32,17 +37,14 @@ from flwr.common.constant import ErrorCode
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
-from fedem_flwr.base_fetch import hf_location
-from fedem_flwr.config import RelayConfig
+from fedem_flwr.config.schema import RelayConfig
 from fedem_flwr.errors import HubFault, InvalidAdapter, is_hub_fault, one_line
 from fedem_flwr.model.adapter_spec import AdapterSpec
-from fedem_flwr.model.lora import read_adapter_state
-from fedem_flwr.relay import messages
+from fedem_flwr.protocol import messages
+from fedem_flwr.protocol.wire import adapter_to_arrays, arrays_to_adapter
 from fedem_flwr.relay.coordinator import Assignment, PushOutcome, RelayCoordinator
-from fedem_flwr.relay.leases import Lease
 from fedem_flwr.relay.nodes import NodeState, NodeTable
 from fedem_flwr.relay.policies import NodeProfile
-from fedem_flwr.wire import adapter_to_arrays, arrays_to_adapter
 
 log = logging.getLogger(__name__)
 
@@ -96,6 +98,7 @@ class _Pending:
     kind: str
     node_id: int
     assignment: Optional[Assignment] = None
+    instruction: Optional[messages.TrainInstruction] = None  # what the train message asked
     base_via: str = ""  # IN_BAND, HF, or "" when the hub thought the node had it
     hf_named: bool = False  # the message named the base's Hub repo
 
@@ -234,10 +237,18 @@ class RelayStrategy(Strategy):
     # -- nodes ------------------------------------------------------------------------------------
 
     def _refresh_nodes(self, grid: Grid) -> list[int]:
-        """Track the live nodes; the node list can be empty for a moment right after start."""
+        """Track the live nodes; the node list can be empty for a moment right after start. A
+        simulated node's identity is settled by its profile (``_on_profile``)."""
         live = {info.node_id: bytes(getattr(info, "public_key", b"")) for info in grid.get_nodes()}
-        self.nodes.refresh(live)
+        self.nodes.refresh(live, settled=not self.simulation)
         return list(live)
+
+    def _who(self, node_id: int, node: Optional[NodeState]) -> str:
+        """A node as a log line names it: its pseudonym, beside the node id Flower's own logs show. A
+        simulated node whose profile has not yet named its partition has no identity but that id."""
+        if node is None or not node.settled:
+            return f"{node_id} (identity not yet known)"
+        return f"{self.coordinator.pseudonym(node.identity)} (node id {node_id})"
 
     def _profile_queries(self, now: float) -> list[tuple[Message, _Pending]]:
         ttl = max(PROFILE_TTL_S, self.relay.no_node_grace_s)
@@ -251,7 +262,7 @@ class RelayStrategy(Strategy):
         def refused(node: NodeState, owner: int) -> None:
             log.warning(
                 "Node %d is %s, as live node %d is: it gets no lease while that node is here",
-                node.node_id, self.coordinator.registry.pseudonym(node.identity), owner,
+                node.node_id, self.coordinator.pseudonym(node.identity), owner,
             )
 
         return self.nodes.free(now, refused)
@@ -260,7 +271,8 @@ class RelayStrategy(Strategy):
         """The node failed: no lease (nor profile query) before an exponential, bounded wait."""
         if node is not None:
             delay = self.nodes.back_off(node, self.clock())
-            log.warning("Node %d backs off %.0f s after %d failure(s): %s", node.node_id, delay, node.failures, why)
+            log.warning("Node %s backs off %.0f s after %d failure(s): %s",
+                        self._who(node.node_id, node), delay, node.failures, why)
 
     # -- messages ---------------------------------------------------------------------------------
 
@@ -288,7 +300,8 @@ class RelayStrategy(Strategy):
         lease = assignment.lease
         ttl = lease.remaining(self.clock())
         digest = assignment.base_ref.digest
-        hf = hf_location(self.coordinator.store, assignment.base_ref)
+        payload = self.coordinator.train_payload(assignment)
+        hf = payload.base_hf
         instruction = messages.TrainInstruction(
             adapter=lease.adapter,
             adapter_version=lease.adapter_version,
@@ -300,26 +313,26 @@ class RelayStrategy(Strategy):
             max_steps=self.max_steps,
             base_hf=hf,
         )
-        state = read_adapter_state(self.coordinator.store.get(assignment.adapter_ref))
         via = ""
         if digest not in node.digests:
             via = HF if hf is not None and (node.node_id, digest) not in self._hf_failed else IN_BAND
-        base_folder = self.coordinator.store.get(assignment.base_ref) if via == IN_BAND else None
+        base_folder = self.coordinator.base_folder(assignment) if via == IN_BAND else None
         if via == IN_BAND:
             self.bases[IN_BAND] += 1
-            log.info("Node %d gets base v%d in-band with lease %d", node.node_id, lease.base_version, lease.token)
+            log.info("Node %s gets base v%d in-band with lease %d",
+                     self.coordinator.pseudonym(lease.holder), lease.base_version, lease.token)
         elif via == HF:
-            log.info("Node %d is to fetch base v%d from %s (lease %d)",
-                     node.node_id, lease.base_version, hf, lease.token)
+            log.info("Node %s is to fetch base v%d from %s (lease %d)",
+                     self.coordinator.pseudonym(lease.holder), lease.base_version, hf, lease.token)
         message = messages.train_message(
-            node.node_id, instruction, adapter_to_arrays(state), ttl=ttl, base_folder=base_folder,
+            node.node_id, instruction, adapter_to_arrays(payload.state), ttl=ttl, base_folder=base_folder,
             rows=self._node_rows(node),
         )
         node.busy = True
         # The node caches what it is sent or fetches; were it lost, its typed reply says so and it is
         # sent again (in-band).
         node.digests.add(digest)
-        return message, _Pending("train", node.node_id, assignment, via, hf is not None)
+        return message, _Pending("train", node.node_id, assignment, instruction, via, hf is not None)
 
     def _node_rows(self, node: NodeState) -> Optional[dict[str, list[str]]]:
         """A simulated node's training rows, from the hub (it cannot tell which rows are held out)."""
@@ -356,7 +369,8 @@ class RelayStrategy(Strategy):
 
     def _contain(self, err: Exception, pending: _Pending, node: Optional[NodeState], result: RelayResult) -> None:
         """An unexpected error while handling one reply: log it, end that lease with the reason, go on."""
-        log.exception("Handling a %s reply from node %d failed; the relay goes on", pending.kind, pending.node_id)
+        log.exception("Handling a %s reply from %s failed; the relay goes on", pending.kind,
+                      self._who(pending.node_id, node))
         self._back_off(node, one_line(err))
         if pending.assignment is not None:
             result.record(self.coordinator.reject_lease(pending.assignment.lease.token, f"hub-error: {one_line(err)}"))
@@ -374,7 +388,7 @@ class RelayStrategy(Strategy):
             return
         if self.simulation and parsed.partition_id is not None:
             # Simulated nodes get a new random id and key every run; their partition is stable.
-            node.identity = f"sim:{parsed.partition_id}"
+            node.identity, node.settled = f"sim:{parsed.partition_id}", True
             if parsed.num_partitions is not None:
                 node.partition = (parsed.partition_id, parsed.num_partitions)
         node.digests = set(parsed.base_digests)
@@ -383,34 +397,36 @@ class RelayStrategy(Strategy):
         )
         log.info(
             "Node %s: languages %s, %s, %.0f KB of text",
-            self.coordinator.registry.pseudonym(node.identity), ",".join(node.profile.languages) or "-",
+            self._who(node.node_id, node), ",".join(node.profile.languages) or "-",
             node.profile.device, node.profile.data_size / 1000,
         )
 
     def _on_train_reply(self, reply: Message, pending: _Pending, node: Optional[NodeState], result: RelayResult) -> None:
-        """Judge a reply against the hub's own lease for the message it answers, never its claims."""
-        assignment = pending.assignment
-        lease = assignment.lease
+        """Judge a reply as the hub's own lease of the message it answers: the parse has checked its
+        claims against that message, and what passes is trusted."""
+        lease = pending.assignment.lease
         if reply.has_error():
             self._on_train_error(reply, lease.token, node, result)
             return
         try:
-            parsed = messages.parse_train_reply(reply)
+            parsed = messages.parse_train_reply(reply, pending.instruction)
+        except messages.ClaimMismatch as err:
+            self._back_off(node, str(err))
+            result.record(self.coordinator.reject_lease(lease.token, str(err), metrics=err.metrics,
+                                                        dropped_metrics=err.dropped_metrics))
+            return
         except messages.InvalidReply as err:
             self._back_off(node, str(err))
-            result.record(self._push_outcome(lease, None, f"malformed train reply: {err}"))
-            return
-        mismatch = claim_mismatch(parsed, lease)
-        if mismatch:
-            self._back_off(node, mismatch)
-            result.record(self.coordinator.reject_lease(lease.token, mismatch, metrics=parsed.metrics))
+            result.record(self.coordinator.receive_push(lease.token, None,
+                                                        invalid_reason=f"malformed train reply: {err}"))
             return
         if parsed.status == messages.MISSING_BASE:
             self._on_missing_base(parsed, pending, node)
             return
         if pending.base_via == HF:
             self.bases[HF] += 1
-            log.info("Node %d fetched base v%d from the Hugging Face Hub", pending.node_id, lease.base_version)
+            log.info("Node %s fetched base v%d from the Hugging Face Hub",
+                     self.coordinator.pseudonym(lease.holder), lease.base_version)
         if parsed.status == messages.NO_DATA:
             self.coordinator.fail(lease.token, messages.NO_DATA)  # no contribution, no backoff
             return
@@ -419,7 +435,8 @@ class RelayStrategy(Strategy):
             state = arrays_to_adapter(parsed.arrays, self.spec)
         except InvalidAdapter as err:
             invalid = str(err)
-        outcome = self._push_outcome(lease, state, invalid, parsed)
+        outcome = self.coordinator.receive_push(lease.token, state, invalid_reason=invalid, metrics=parsed.metrics,
+                                                dropped_metrics=parsed.dropped_metrics)
         result.record(outcome)
         if invalid is not None:
             self._back_off(node, f"invalid adapter: {invalid}")
@@ -436,25 +453,14 @@ class RelayStrategy(Strategy):
         if pending.hf_named and pending.base_via != IN_BAND:
             self.bases[HF_FAILED] += 1
             self._hf_failed.add((pending.node_id, digest))
-            log.warning("Node %d could not fetch base v%d from the Hugging Face Hub (%s); it gets the base in-band",
-                        pending.node_id, assignment.lease.base_version, " ".join(parsed.detail.split()) or "no detail")
+            log.warning("Node %s could not fetch base v%d from the Hugging Face Hub (%s); it gets the base in-band",
+                        self.coordinator.pseudonym(assignment.lease.holder), assignment.lease.base_version,
+                        " ".join(parsed.detail.split()) or "no detail")
         if node is not None:
             node.digests.discard(digest)  # the next lease carries the base
             if pending.base_via == IN_BAND:  # it was just sent: the node fails to keep it
                 self._back_off(node, "lost the base it was sent")
         self.coordinator.fail(assignment.lease.token, messages.MISSING_BASE)
-
-    def _push_outcome(
-        self, lease: Lease, state: Optional[Mapping[str, Any]], invalid: Optional[str],
-        parsed: Optional[messages.TrainReply] = None,
-    ) -> PushOutcome:
-        """Hand the push to the coordinator with the lease's own holder, token, adapter and base."""
-        return self.coordinator.receive_push(
-            holder=lease.holder, token=lease.token, adapter=lease.adapter, base_version=lease.base_version,
-            state=state, invalid_reason=invalid,
-            metrics=parsed.metrics if parsed is not None else None,
-            dropped_metrics=parsed.dropped_metrics if parsed is not None else (),
-        )
 
     def _on_train_error(self, reply: Message, token: int, node: Optional[NodeState], result: RelayResult) -> None:
         """An error reply from the SuperLink: the lease ends. A node that never answered must answer a
@@ -469,7 +475,7 @@ class RelayStrategy(Strategy):
         silent = {ErrorCode.MESSAGE_UNAVAILABLE: "message-expired", ErrorCode.REPLY_MESSAGE_UNAVAILABLE: "reply-after-ttl"}
         if code in silent:
             if self.coordinator.fail(token, silent[code]) is None:
-                ended = self.coordinator.book.get(token)
+                ended = self.coordinator.lease(token)
                 log.info("Lease %d had already ended (%s) when the SuperLink reported %s; nothing of it is kept",
                          token, ended.outcome if ended is not None else "unknown",
                          "a reply after its deadline" if code == ErrorCode.REPLY_MESSAGE_UNAVAILABLE
@@ -482,14 +488,3 @@ class RelayStrategy(Strategy):
         self.coordinator.fail(token, reason)
         self._back_off(node, reason)
 
-
-def claim_mismatch(reply: messages.TrainReply, lease: Lease) -> str:
-    """What a reply claims (token, adapter, base version) against the lease of the message it
-    answers: the first difference as a reason, or "" when they agree."""
-    if reply.token != lease.token:
-        return f"claim-mismatch: token {reply.token} claimed, lease {lease.token}"
-    if reply.adapter != lease.adapter:
-        return f"claim-mismatch: adapter {reply.adapter!r} claimed, lease {lease.token} is on {lease.adapter!r}"
-    if reply.base_version != lease.base_version:
-        return f"claim-mismatch: base version {reply.base_version} claimed, lease {lease.token} is on {lease.base_version}"
-    return ""

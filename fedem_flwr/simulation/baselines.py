@@ -15,13 +15,12 @@ lease or one FedAvg round trains on a node; segments of all adapters take turns,
 segment's steps are cut to what is left of its adapter's budget, so each adapter ends within about half a
 step's tokens of its share. No Flower here: the references run in-process.
 
-    python -m fedem_flwr.simulation.baselines --method centralized --hub DIR --contributors 20 \\
+    fedem --hub DIR sim baseline --method centralized --contributors 20 \\
         --overrides "sim.max_tokens=200000 data.languages=[hi,ta]"
 """
 
 from __future__ import annotations
 
-import argparse
 import logging
 import math
 import sys
@@ -35,13 +34,12 @@ from typing import Any, Optional
 import torch
 from tqdm.auto import tqdm
 
-from fedem_flwr.bootstrap import Hub, open_hub
-from fedem_flwr.config import FedemConfig, load_run_config
+from fedem_flwr.config.schema import FedemConfig
 from fedem_flwr.data.blocks import tokenize_blocks, without
 from fedem_flwr.data.corpus import select_languages
 from fedem_flwr.errors import ConfigError
-from fedem_flwr.logs import quiet_library_progress
 from fedem_flwr.model.lora import adapter_state, load_adapter_state
+from fedem_flwr.relay.bootstrap import Hub, open_hub
 from fedem_flwr.simulation.evaluation import base_folder_of, final_losses, workbench_on
 from fedem_flwr.simulation.record import Counters, Trace, read_result, write_result
 from fedem_flwr.training.finetune import train
@@ -204,24 +202,3 @@ def _per_contributor(jobs: list[_Job], job_losses: list[Optional[float]]) -> dic
         if loss is not None:
             entry["losses"][job.language] = loss
     return out
-
-
-def main(argv: Optional[list[str]] = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--method", choices=METHODS, required=True)
-    parser.add_argument("--hub", type=Path, required=True, help="the hub folder (seeded when empty)")
-    parser.add_argument("--contributors", type=int, default=20, help="simulated contributors (local-only)")
-    parser.add_argument("--overrides", default="", help="Hydra overrides, e.g. 'sim.max_tokens=200000'")
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
-    quiet_library_progress()
-    hub = args.hub.resolve()
-    cfg = load_run_config({"overrides": args.overrides, "hub": str(hub)})
-    result = run_baseline(args.method, cfg, hub, args.contributors)
-    print(" ".join(f"{k}={v:.4f}" for k, v in sorted(result["losses"].items())), f"tokens={result['tokens']}")
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

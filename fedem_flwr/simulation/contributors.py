@@ -17,7 +17,7 @@ import random
 from dataclasses import dataclass
 from typing import Optional
 
-from fedem_flwr.config import SimConfig
+from fedem_flwr.config.schema import SimConfig
 
 
 def _rng(*parts: object) -> random.Random:

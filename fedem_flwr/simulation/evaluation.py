@@ -13,9 +13,9 @@ from typing import Optional
 
 import torch
 
-from fedem_flwr.bootstrap import Hub, build_workbench
 from fedem_flwr.gate.evaluator import HubWorkbench
 from fedem_flwr.model.factory import load_base
+from fedem_flwr.relay.bootstrap import Hub, build_workbench
 
 _workbenches: dict[tuple[int, str], HubWorkbench] = {}
 

@@ -35,16 +35,16 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, RecordDict
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 
-from fedem_flwr.bootstrap import Hub
-from fedem_flwr.config import FedemConfig
+from fedem_flwr.config.schema import FedemConfig
 from fedem_flwr.data.corpus import select_languages
 from fedem_flwr.errors import FedemError
-from fedem_flwr.relay import messages
+from fedem_flwr.protocol import messages
+from fedem_flwr.protocol.wire import adapter_to_arrays, arrays_to_adapter, content_bytes
+from fedem_flwr.relay.bootstrap import Hub
 from fedem_flwr.simulation.clock import VirtualClock
 from fedem_flwr.simulation.evaluation import base_folder_of, final_losses, workbench_on
 from fedem_flwr.simulation.fedavg_client import METRIC_KEYS
 from fedem_flwr.simulation.record import Counters, Trace, read_result, write_result
-from fedem_flwr.wire import adapter_to_arrays, arrays_to_adapter, content_bytes
 
 log = logging.getLogger(__name__)
 

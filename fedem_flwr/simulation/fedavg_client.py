@@ -22,14 +22,15 @@ import math
 
 from flwr.app import Context, Message, MetricRecord, RecordDict
 
-from fedem_flwr.base_cache import BaseCache
-from fedem_flwr.base_fetch import ensure_base
-from fedem_flwr.config import load_run_config
-from fedem_flwr.contributor import relay_train, training_data
+from fedem_flwr.config.loader import load_run_config
 from fedem_flwr.errors import BaseUnavailable
-from fedem_flwr.relay import messages
+from fedem_flwr.model.lora import lora_spec
+from fedem_flwr.node.cache import BaseCache
+from fedem_flwr.node.contributor import relay_train, training_data
+from fedem_flwr.node.fetch import ensure_base
+from fedem_flwr.protocol import messages
+from fedem_flwr.protocol.wire import adapter_to_arrays, arrays_to_adapter
 from fedem_flwr.simulation.virtual_grid import read_plan
-from fedem_flwr.wire import adapter_to_arrays
 
 METRIC_KEYS = ("num-examples", "steps", "tokens", "train-loss", "vanished")
 
@@ -55,8 +56,9 @@ def fedavg_train(message: Message, context: Context) -> Message:
     server_round = int(config.get("server-round", 0))
     # Simulated node ids are new every run; partitions are not, so seeded runs repeat their batches.
     who = int(context.node_config.get("partition-id", context.node_id)) % 7919
+    base = cache.use(digest)
     state, metrics = relay_train(
-        cfg, cache.use(digest), message.content["arrays"].to_torch_state_dict(), data, wanted,
+        cfg, base, arrays_to_adapter(message.content["arrays"], lora_spec(base, cfg.lora)), data, wanted,
         budget_s=math.inf, max_steps=steps, seed=cfg.seed + 7919 * server_round + who,
     )
     return _reply(message, adapter_to_arrays(state), examples=int(metrics["own-language-rows"]), steps=int(metrics["steps"]),

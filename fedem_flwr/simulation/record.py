@@ -10,12 +10,13 @@ from __future__ import annotations
 import csv
 import json
 import math
-import os
 import time
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Optional
+
+from fedem_flwr.durable import atomic_write
 
 SIM_DIR = "sim"
 TRACE_FILE = "trace.csv"
@@ -120,9 +121,8 @@ def write_result(hub: Path, *, method: str, losses: Mapping[str, float], counter
     }
     path = sim_dir(hub) / RESULT_FILE
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(f".{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(result, indent=2, sort_keys=True) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
+    with atomic_write(path, "w") as out:
+        out.write(json.dumps(result, indent=2, sort_keys=True) + "\n")
     return path
 
 

@@ -17,10 +17,10 @@ from typing import Any, TypeVar
 
 from flwr.serverapp import Grid
 
-from fedem_flwr.base_keeper import BaseKeeper
-from fedem_flwr.bootstrap import Hub, open_hub
-from fedem_flwr.config import FedemConfig
+from fedem_flwr.config.schema import FedemConfig
 from fedem_flwr.model.lora import read_adapter_state
+from fedem_flwr.relay.bootstrap import Hub, open_hub
+from fedem_flwr.relay.keeper import BaseKeeper
 from fedem_flwr.relay.strategy import RelayStrategy
 from fedem_flwr.simulation.clock import VirtualClock
 from fedem_flwr.simulation.evaluation import final_losses

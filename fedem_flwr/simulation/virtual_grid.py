@@ -25,7 +25,7 @@ from __future__ import annotations
 import logging
 import math
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any, Optional
 
@@ -33,12 +33,12 @@ from flwr.app import ConfigRecord, Error, Message, MetricRecord, RecordDict
 from flwr.common.constant import SUPERLINK_NODE_ID, ErrorCode
 from flwr.serverapp import Grid
 
-from fedem_flwr.config import SimConfig
-from fedem_flwr.relay import messages
+from fedem_flwr.config.schema import SimConfig
+from fedem_flwr.protocol import messages
+from fedem_flwr.protocol.wire import content_bytes
 from fedem_flwr.simulation.clock import VirtualClock
 from fedem_flwr.simulation.contributors import LeasePlan, VirtualContributor, virtual_contributor
 from fedem_flwr.simulation.record import Counters
-from fedem_flwr.wire import content_bytes
 
 log = logging.getLogger(__name__)
 

@@ -1,16 +1,97 @@
-"""Line charts as inline SVG: no plotting library, readable offline, described for screen readers."""
+"""Line charts as plain geometry (pixel coordinates, tick labels, line styles) that the ``chart.html``
+template draws as inline SVG: no plotting library, readable offline, described for screen readers.
+
+Both axes hold every point with a margin of ``MARGIN`` of the data's span on each side, so no line
+or marker sits on (or beyond) an axis. Series are told apart by colour, then dash pattern, with a
+marker shape each (see ``style``): 24 colours keep 23 languages distinct without repeating one.
+"""
 
 from __future__ import annotations
 
 import datetime as dt
-import html
 import math
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
 WIDTH, HEIGHT = 720, 320
 LEFT, RIGHT, TOP, BOTTOM = 64, 150, 16, 48  # margins: the legend sits on the right
-COLOURS = ("#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f", "#bcbd22", "#17becf",
-           "#ff7f0e")
+MARGIN = 0.05  # of the data's span, kept free at both ends of each axis
+MARKED = 60  # a line of more points is drawn without markers (they would merge into a band)
+# 24 colours picked greedily for the largest smallest CIEDE2000 difference between any two (Glasbey's
+# method), among colours with at least 3:1 contrast against the white page (WCAG's non-text contrast).
+PALETTE = ("#1f77b4", "#d62728", "#69a500", "#f03cff", "#1e4b2d", "#692d69", "#c3872d", "#5a3c1e", "#00a596",
+           "#968796", "#001eff", "#78785a", "#ff4b87", "#004b5a", "#5a5a69", "#870f2d", "#8787ff", "#007800",
+           "#96695a", "#ff5a00", "#c30f78", "#785ab4", "#4b7878", "#965a00")
+DASHES = ("", "6 3", "2 3")  # SVG stroke-dasharray: solid, dashed, dotted
+# Marker outlines as SVG path steps from the point, each about 6 px across.
+MARKERS = {"circle": "m-3,0a3,3 0 1,0 6,0a3,3 0 1,0 -6,0z", "square": "m-2.7,-2.7h5.4v5.4h-5.4z",
+           "triangle": "m0,-3.6l3.2,5.6h-6.4z", "diamond": "m0,-3.8l3.8,3.8l-3.8,3.8l-3.8,-3.8z",
+           "triangle-down": "m0,3.6l3.2,-5.6h-6.4z"}
+
+
+@dataclass(frozen=True)
+class Style:
+    """How one series is drawn: stroke colour, SVG dash pattern ("" is solid), marker shape."""
+
+    colour: str
+    dash: str
+    marker: str
+
+
+def style(index: int) -> Style:
+    """The ``index``-th series' style: the first 24 differ in colour, the next 24 repeat the colours
+    dashed, then dotted, so (colour, dash) stays unique for 72 series; markers cycle every 5, so even
+    neighbours of similar colour differ in shape."""
+    shapes = tuple(MARKERS)
+    return Style(PALETTE[index % len(PALETTE)], DASHES[index // len(PALETTE) % len(DASHES)],
+                 shapes[index % len(shapes)])
+
+
+@dataclass(frozen=True)
+class Axis:
+    """A data range ``[low, high]`` and the values labelled on it, all within the range."""
+
+    low: float
+    high: float
+    ticks: tuple[float, ...]
+
+
+@dataclass(frozen=True)
+class Tick:
+    at: float  # pixel position along its axis
+    label: str
+
+
+@dataclass(frozen=True)
+class Line:
+    name: str
+    style: Style
+    points: str  # "x,y x,y ...": the polyline
+    marks: tuple[str, ...]  # an SVG path per point (none past MARKED points)
+    legend_y: float  # baseline of its legend entry
+    legend_mark: str
+
+
+@dataclass(frozen=True)
+class Chart:
+    """Everything ``chart.html`` draws; ``lines`` is empty when nothing was measured."""
+
+    id: str
+    title: str
+    description: str
+    width: int
+    height: int
+    lines: tuple[Line, ...] = ()
+    x: Axis | None = None
+    y: Axis | None = None
+    left: float = LEFT
+    right: float = WIDTH - RIGHT
+    top: float = TOP
+    bottom: float = HEIGHT - BOTTOM
+    x_ticks: tuple[Tick, ...] = ()
+    y_ticks: tuple[Tick, ...] = ()
+    x_label: str = ""
+    y_label: str = ""
 
 
 def ticks(low: float, high: float, count: int = 5) -> list[float]:
@@ -30,6 +111,25 @@ def ticks(low: float, high: float, count: int = 5) -> list[float]:
     return out if out[-1] >= high - step * 1e-9 else out + [round(value, 12)]
 
 
+def axis(values: Sequence[float], count: int = 5, integer: bool = False) -> Axis:
+    """The range of ``values`` widened by ``MARGIN`` of their span at each end (a single value: of
+    its size, or of 1 at zero), labelled with about ``count`` round values inside it (three at least);
+    ``integer`` labels every whole number when there are at most 13. A single value is its only label,
+    whatever its unit (a time, a version)."""
+    low, high = min(values), max(values)
+    pad = (high - low or abs(high) or 1.0) * MARGIN
+    start, end = round(low - pad, 12), round(high + pad, 12)
+    if high == low:
+        marks = [low]
+    elif integer and high - low <= 12:
+        marks = [float(v) for v in range(math.ceil(low), math.floor(high) + 1)]
+    else:
+        marks = [t for t in ticks(start, end, count) if start <= t <= end]
+        if len(marks) < 3:  # the round step came out coarse: the next finer one labels three or more
+            marks = [t for t in ticks(start, end, 2 * count) if start <= t <= end]
+    return Axis(start, end, tuple(marks))
+
+
 def integer_label(x: float) -> str:
     return f"v{int(x)}"
 
@@ -42,52 +142,30 @@ def time_labels(span_s: float) -> Callable[[float], str]:
 
 def line_chart(chart_id: str, title: str, description: str, series: dict[str, Sequence[tuple[float, float]]],
                x_label: str, y_label: str, x_format: Callable[[float], str] = integer_label,
-               integer_x: bool = True) -> str:
-    """One SVG with a line (and markers) per series; ``title`` and ``description`` name it for
-    assistive technology (``role="img"``), the table beside it carries the numbers."""
-    esc = html.escape
+               integer_x: bool = True) -> Chart:
+    """A line (and markers) per series; ``title`` and ``description`` name the figure for assistive
+    technology (``role="img"``), the table beside it carries the numbers."""
     height = max(HEIGHT, TOP + 24 + 18 * len(series))  # room for every legend entry
-    head = (f'<svg id="{chart_id}" class="chart" viewBox="0 0 {WIDTH} {height}" role="img" '
-            f'aria-labelledby="{chart_id}-title {chart_id}-desc" xmlns="http://www.w3.org/2000/svg">'
-            f'<title id="{chart_id}-title">{esc(title)}</title><desc id="{chart_id}-desc">{esc(description)}</desc>')
     points = [p for line in series.values() for p in line]
     if not points:
-        return (head + f'<text x="{WIDTH / 2}" y="{height / 2}" text-anchor="middle">nothing measured yet</text>'
-                "</svg>")
-    xs, ys = [p[0] for p in points], [p[1] for p in points]
-    x_ticks = ([float(v) for v in range(int(min(xs)), int(max(xs)) + 1)] if integer_x and max(xs) - min(xs) <= 12
-               else ticks(min(xs), max(xs), 6))
-    y_ticks = ticks(min(ys), max(ys))
-    x0, x1 = min(x_ticks[0], min(xs)), max(x_ticks[-1], max(xs))
-    y0, y1 = min(y_ticks[0], min(ys)), max(y_ticks[-1], max(ys))
-    plot_w, plot_h = WIDTH - LEFT - RIGHT, height - TOP - BOTTOM
+        return Chart(chart_id, title, description, WIDTH, height)
+    x = axis([p[0] for p in points], 6, integer=integer_x)
+    y = axis([p[1] for p in points])
+    right, bottom = WIDTH - RIGHT, height - BOTTOM
 
-    def sx(x: float) -> float:
-        return LEFT + (plot_w / 2 if x1 == x0 else (x - x0) / (x1 - x0) * plot_w)
+    def sx(v: float) -> float:
+        return round(LEFT + (v - x.low) / (x.high - x.low) * (right - LEFT), 1)
 
-    def sy(y: float) -> float:
-        return TOP + plot_h - (plot_h / 2 if y1 == y0 else (y - y0) / (y1 - y0) * plot_h)
+    def sy(v: float) -> float:
+        return round(bottom - (v - y.low) / (y.high - y.low) * (bottom - TOP), 1)
 
-    parts = [head, '<g class="axes" aria-hidden="true">']
-    for y in y_ticks:
-        parts.append(f'<line class="grid" x1="{LEFT}" x2="{LEFT + plot_w}" y1="{sy(y):.1f}" y2="{sy(y):.1f}"/>'
-                     f'<text x="{LEFT - 6}" y="{sy(y) + 4:.1f}" text-anchor="end">{y:g}</text>')
-    for x in x_ticks:
-        parts.append(f'<text x="{sx(x):.1f}" y="{TOP + plot_h + 18}" text-anchor="middle">{esc(x_format(x))}</text>')
-    parts.append(f'<line class="axis" x1="{LEFT}" x2="{LEFT + plot_w}" y1="{TOP + plot_h}" y2="{TOP + plot_h}"/>'
-                 f'<line class="axis" x1="{LEFT}" x2="{LEFT}" y1="{TOP}" y2="{TOP + plot_h}"/>'
-                 f'<text x="{LEFT + plot_w / 2}" y="{height - 8}" text-anchor="middle">{esc(x_label)}</text>'
-                 f'<text transform="translate(14 {TOP + plot_h / 2}) rotate(-90)" text-anchor="middle">'
-                 f'{esc(y_label)}</text></g>')
+    lines = []
     for i, (name, line) in enumerate(series.items()):
-        colour = COLOURS[i % len(COLOURS)]
-        coords = " ".join(f"{sx(x):.1f},{sy(y):.1f}" for x, y in line)
-        marks = "".join(f'<circle cx="{sx(x):.1f}" cy="{sy(y):.1f}" r="3"/>' for x, y in line) if len(line) <= 60 else ""
+        look = style(i)
         legend_y = TOP + 14 + 18 * i
-        parts.append(f'<g class="series" fill="{colour}" stroke="{colour}" aria-hidden="true">'
-                     f'<polyline fill="none" stroke-width="2" points="{coords}"/>{marks}'
-                     f'<line x1="{WIDTH - RIGHT + 12}" x2="{WIDTH - RIGHT + 32}" y1="{legend_y - 4}" '
-                     f'y2="{legend_y - 4}" stroke-width="3"/>'
-                     f'<text x="{WIDTH - RIGHT + 38}" y="{legend_y}" stroke="none" fill="#222">{esc(name)}</text></g>')
-    parts.append("</svg>")
-    return "".join(parts)
+        marks = tuple(f"M{sx(a)},{sy(b)}{MARKERS[look.marker]}" for a, b in line) if len(line) <= MARKED else ()
+        lines.append(Line(name, look, " ".join(f"{sx(a)},{sy(b)}" for a, b in line), marks, legend_y,
+                          f"M{right + 22},{legend_y - 4}{MARKERS[look.marker]}"))
+    return Chart(chart_id, title, description, WIDTH, height, tuple(lines), x, y, LEFT, right, TOP, bottom,
+                 tuple(Tick(sx(v), x_format(v)) for v in x.ticks), tuple(Tick(sy(v), f"{v:g}") for v in y.ticks),
+                 x_label, y_label)

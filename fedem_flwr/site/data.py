@@ -11,8 +11,8 @@ from __future__ import annotations
 from collections.abc import Iterable, Sequence
 from typing import Any, Optional
 
-from fedem_flwr.cli.views import Names, adapters_view, checkpoints_view, contribution_view, iso
 from fedem_flwr.hub.registry import Registry
+from fedem_flwr.hub.views import Names, adapters_view, checkpoints_view, contribution_view, iso
 
 PAGE_ROWS = 1000  # ledger rows per data file the ledger page loads
 SHOWN_ROWS = 100  # ledger rows the page shows at a time

@@ -6,19 +6,19 @@ Layout of the state folder (the hub's ``cpt/``, see ``hub.paths.cpt_state_path``
                                                sha256 of the tensors file it goes with
     tensors-<step>-<sha256 prefix>.safetensors optimizer moments and steps by parameter name, RNG states
 
-A save writes the tensors file under a temporary name, fsyncs and hashes it and renames it into place, then
-writes ``state.json`` the same way. ``state.json`` changes in one rename, so a kill at any moment
-leaves the previous state or the new one, never a mix: until the rename it names the previous
-tensors file, which is still there. Files the current ``state.json`` does not name (an older save, a
-save killed before its commit) are removed by the next save. Reading checks the tensors file's
-size and sha256 against the record before using it.
+A save writes the tensors file under a temporary name, hashes it, fsyncs it and renames it into place
+(``durable.rename_into_place``), then writes ``state.json`` with ``durable.atomic_write``.
+``state.json`` changes in one rename, so a kill at any moment leaves the previous state or the new
+one, never a mix: until the rename it names the previous tensors file, which is still there. Files
+the current ``state.json`` does not name (an older save, a save killed before its commit) are
+removed by the next save. Reading checks the tensors file's size and sha256 against the record
+before using it.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-import os
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,12 +27,12 @@ from typing import Any, Optional
 import torch
 from safetensors.torch import load_file, save_file
 
+from fedem_flwr.durable import TMP_SUFFIX, atomic_write, rename_into_place
 from fedem_flwr.errors import TrainingError
 
 FORMAT = 1
 STATE_FILE = "state.json"
 TENSORS_PREFIX = "tensors-"
-TMP_SUFFIX = ".tmp"
 
 
 class CptStateError(TrainingError):
@@ -52,19 +52,20 @@ def write_state(folder: Path, scalars: dict[str, Any], tensors: dict[str, torch.
     folder = Path(folder)
     folder.mkdir(mode=0o700, parents=True, exist_ok=True)
     # save_file writes straight to the file: serializing to bytes first took 4x longer at 130M parameters.
+    # Its final name holds its digest, known only once written: hence a temporary name, then rename_into_place.
     tmp = folder / f".{TENSORS_PREFIX}{uuid.uuid4().hex[:8]}{TMP_SUFFIX}"
     try:
         save_file({k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}, str(tmp))
-        _fsync_file(tmp)
         digest, size = _sha256(tmp), tmp.stat().st_size
         name = f"{TENSORS_PREFIX}{int(scalars['step']):09d}-{digest[:16]}.safetensors"
-        os.replace(tmp, folder / name)
+        rename_into_place(tmp, folder / name)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
     record = {**scalars, "format": FORMAT, "tensors_file": name, "tensors_sha256": digest, "tensors_bytes": size}
     text = (json.dumps(record, sort_keys=True, indent=1) + "\n").encode("utf-8")
-    _write_atomically(folder / STATE_FILE, text)  # the commit point (it fsyncs the folder, both renames)
+    with atomic_write(folder / STATE_FILE) as handle:  # the commit point
+        handle.write(text)
     _remove_stale(folder, keep=name)
     return size + len(text)
 
@@ -97,31 +98,6 @@ def read_state(folder: Path) -> Optional[SavedState]:
             f"{record.get('tensors_bytes')} bytes and {record.get('tensors_sha256')}."
         )
     return SavedState(record, load_file(str(tensors_path)))
-
-
-def _write_atomically(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}{TMP_SUFFIX}")
-    try:
-        with open(tmp, "wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    _fsync_dir(path.parent)  # the rename itself must reach the disk before the next step relies on it
-
-
-def _fsync_file(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-_fsync_dir = _fsync_file  # a folder is fsynced through a read-only descriptor too
 
 
 def _sha256(path: Path) -> str:

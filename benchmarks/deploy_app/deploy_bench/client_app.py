@@ -1,9 +1,10 @@
 """ClientApp: echo an adapter-sized payload, cache a base sent in-band, or hold a message until killed."""
 
+import os
 import time
 from pathlib import Path
 
-from flwr.app import Array, ArrayRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 app = ClientApp()
@@ -11,19 +12,24 @@ app = ClientApp()
 
 @app.train()
 def echo(msg: Message, context: Context) -> Message:
-    """Send the payload back as a relay node sends its adapter; report the time spent here."""
+    """Send the payload back as a relay node sends its adapter; report the time spent here and this
+    process's id (a new ``flwr-clientapp`` per message, or one that lives on)."""
     started = time.perf_counter()
-    received = {key: array.numpy() for key, array in msg.content["arrays"].items()}  # decoded, as an adapter
-    arrays = ArrayRecord({key: Array(value) for key, value in received.items()})
-    return Message(RecordDict({"arrays": arrays, "metrics": MetricRecord({"client-s": time.perf_counter() - started})}),
-                   reply_to=msg)
+    from deploy_bench.payload import from_record, payload_spec, to_record  # torch's import: the node's time
+
+    config = msg.content["config"]
+    wire = str(config["wire"])
+    spec = payload_spec(float(config["mb"]), int(config["arrays"]))  # the layout both sides derive
+    arrays = to_record(from_record(msg.content["arrays"], spec, wire), wire)
+    metrics = MetricRecord({"client-s": time.perf_counter() - started, "pid": os.getpid()})
+    return Message(RecordDict({"arrays": arrays, "metrics": metrics}), reply_to=msg)
 
 
 @app.query("base")
 def cache_base(msg: Message, context: Context) -> Message:
     """Write a base sent in-band into a node cache, digest checked, as a relay node does."""
-    from fedem_flwr.base_cache import BaseCache  # imported here: the echo hops time Flower alone
-    from fedem_flwr.relay.messages import BASE_FILES, arrays_to_folder
+    from fedem_flwr.node.cache import BaseCache  # imported here: the echo hops time Flower alone
+    from fedem_flwr.protocol.messages import BASE_FILES, arrays_to_folder
 
     started = time.perf_counter()
     config = msg.content["config"]

@@ -4,12 +4,12 @@ import json
 import time
 from pathlib import Path
 
-import numpy as np
-from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, RecordDict
+from flwr.app import ConfigRecord, Context, Message, RecordDict
 from flwr.serverapp import Grid, ServerApp
 
+from deploy_bench.payload import from_record, payload_spec, payload_state, to_record
 from fedem_flwr.hub.manifest import digest
-from fedem_flwr.relay.messages import BASE_FILES, folder_to_arrays
+from fedem_flwr.protocol.messages import BASE_FILES, folder_to_arrays
 
 app = ServerApp()
 
@@ -35,14 +35,6 @@ def _hop(grid: Grid, message: Message, deadline: float) -> tuple[float, Message]
     raise TimeoutError(f"no reply to {message.metadata.message_type}")
 
 
-def _payload(megabytes: float, count: int) -> ArrayRecord:
-    """``megabytes`` of float32 in ``count`` arrays, as an adapter travels: one Array per tensor (Flower
-    moves each Array as one object, so the count matters as much as the size)."""
-    per_array = max(1, round(megabytes * 1e6 / 4 / count))
-    rng = np.random.default_rng(0)
-    return ArrayRecord({f"lora_{i}": Array(rng.standard_normal(per_array, dtype=np.float32)) for i in range(count)})
-
-
 @app.main()
 def main(grid: Grid, context: Context) -> None:
     cfg = context.run_config
@@ -50,14 +42,21 @@ def main(grid: Grid, context: Context) -> None:
     deadline = time.monotonic() + timeout
     node = _one_node(grid, deadline)
     result: dict = {"hops": [], "node-id": str(node)}
+    wire, count = str(cfg["wire"]), int(cfg["arrays"])
     for size in [float(s) for s in str(cfg["sizes-mb"]).split(",") if s]:
+        spec = payload_spec(size, count)
+        state = payload_state(spec)
         for _ in range(int(cfg["repeats"])):
-            message = Message(RecordDict({"arrays": _payload(size, int(cfg["arrays"]))}), node, "train", ttl=timeout)
-            seconds, reply = _hop(grid, message, deadline)
+            content = RecordDict({"arrays": to_record(state, wire),
+                                  "config": ConfigRecord({"wire": wire, "mb": size, "arrays": count})})
+            seconds, reply = _hop(grid, Message(content, node, "train", ttl=timeout), deadline)
             if reply.has_error():
                 raise RuntimeError(f"hop of {size} MB failed: {reply.error}")
+            from_record(reply.content["arrays"], spec, wire)  # the hub reads it back as it reads a push
             client = float(reply.content["metrics"]["client-s"])
-            result["hops"].append({"mb": size, "arrays": len(message.content["arrays"]), "seconds": seconds, "client_s": client, "overhead_s": seconds - client})
+            result["hops"].append({"mb": size, "wire": wire, "tensors": count, "arrays": len(content["arrays"]),
+                                   "seconds": seconds, "client_s": client, "overhead_s": seconds - client,
+                                   "client_pid": int(reply.content["metrics"]["pid"])})
     if cfg["base-path"]:
         base = Path(str(cfg["base-path"]))
         started = time.perf_counter()

@@ -1,34 +1,41 @@
 """Open the hub for relaying: seed the base checkpoint and the adapter pool when empty, and build
 the coordinator with its blind-evaluation workbench. No Flower here: the ServerApp, simulations and
 tests all start the hub the same way.
+
+The seed (base v0) is recorded with its held-out losses, as every published base is, so every curve
+of held-out loss over base versions starts at v0; they are measured on the hub's keyed held-out split,
+which needs the seed's tokenizer, so v0's registry row is added once its files are stored and measured.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 import random
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 import datasets
 
-from fedem_flwr.config import FedemConfig, config_to_dict
+from fedem_flwr.config.loader import config_to_dict
+from fedem_flwr.config.schema import FedemConfig
 from fedem_flwr.data.blocks import HeldoutSplit, without
 from fedem_flwr.data.corpus import language_sizes, load_corpus
 from fedem_flwr.data.partition import partition
 from fedem_flwr.gate.evaluator import HubWorkbench
-from fedem_flwr.heldout import refresh_parent_losses, split_corpus
 from fedem_flwr.hub.lineage import write_adapter_card
 from fedem_flwr.hub.model_card import base_card, write_card
 from fedem_flwr.hub.paths import registry_path
-from fedem_flwr.hub.records import revision_name
+from fedem_flwr.hub.records import Checkpoint, revision_name
 from fedem_flwr.hub.registry import Registry
 from fedem_flwr.hub.settings import check_and_record
-from fedem_flwr.hub.store import ArtifactRef, ArtifactStore, adapter_repo, base_repo, open_store
+from fedem_flwr.hub.store import ArtifactRef, ArtifactStore, adapter_repo, base_repo
+from fedem_flwr.hub.stores import open_store
+from fedem_flwr.lineage.heldout import refresh_parent_losses, split_corpus, split_id
 from fedem_flwr.model.factory import build_model, load_base, save_base
 from fedem_flwr.model.tokenizer import load_tokenizer
 from fedem_flwr.relay.coordinator import RelayCoordinator
@@ -45,12 +52,17 @@ class Hub:
     path: Path
     registry: Registry
     store: ArtifactStore
-    workbench: HubWorkbench
     coordinator: RelayCoordinator
     cfg: FedemConfig
     corpus: datasets.Dataset
     split: HeldoutSplit
+    split_id: str  # names the held-out split in use (``lineage.heldout.split_id``)
     _rows: dict[tuple[int, int], datasets.Dataset] = field(default_factory=dict, init=False, repr=False)
+
+    @property
+    def workbench(self) -> HubWorkbench:
+        """The blind evaluator on the newest base: the coordinator's, which adopts each new base."""
+        return self.coordinator.workbench
 
     def training_rows(self, partition_id: int, num_partitions: int) -> datasets.Dataset:
         """The rows simulated node ``partition_id`` of ``num_partitions`` trains on (``text``, ``language``).
@@ -77,13 +89,18 @@ def open_hub(cfg: FedemConfig, hub_path: Path, clock: Callable[[], float] = time
     check_and_record(registry, cfg, store, hub_path, now=clock())
     corpus = load_corpus(cfg.data)
 
-    base = registry.latest_checkpoint() or seed_base(cfg, registry, store, corpus, clock)
-    model, tokenizer = load_base(str(store.get(base.ref)))
+    base = registry.latest_checkpoint()
+    seed = seed_base(cfg, store, corpus) if base is None else base.ref
+    model, tokenizer = load_base(str(store.get(seed)))
     split, fingerprint = split_corpus(cfg, registry, corpus, tokenizer)  # keyed: only the hub can rebuild it
     workbench = build_workbench(cfg, model, tokenizer.pad_token_id, split.heldout)
+    bare = None  # the base's own held-out losses (a fresh LoRA has B = 0), when measured here
+    if base is None:
+        bare = workbench.evaluate(workbench.initial_state)
+        base = record_seed(cfg, registry, seed, bare, split_id(fingerprint), clock)
     # Parents' losses come from the held-out set in use: evaluated again when the split changed.
     refresh_parent_losses(registry, store, workbench.evaluate, fingerprint, clock, base.version)
-    seed_adapters(cfg, registry, store, workbench, language_sizes(corpus), base, clock)
+    seed_adapters(cfg, registry, store, workbench, language_sizes(corpus), base, clock, bare=bare)
 
     rng = random.Random(cfg.seed)
     coordinator = RelayCoordinator(
@@ -91,7 +108,7 @@ def open_hub(cfg: FedemConfig, hub_path: Path, clock: Callable[[], float] = time
         lease_ttl_s=cfg.relay.lease_ttl_s, sweep_interval_s=cfg.relay.sweep_interval_s,
         gate=cfg.gate, clock=clock,
     )
-    return Hub(hub_path, registry, store, workbench, coordinator, cfg, corpus, split)
+    return Hub(hub_path, registry, store, coordinator, cfg, corpus, split, split_id(fingerprint))
 
 
 def build_workbench(cfg: FedemConfig, model: Any, pad_id: int, heldout: Any) -> HubWorkbench:
@@ -103,19 +120,29 @@ def build_workbench(cfg: FedemConfig, model: Any, pad_id: int, heldout: Any) -> 
     )
 
 
-def seed_base(cfg: FedemConfig, registry: Registry, store: ArtifactStore, corpus: Any, clock: Callable[[], float]):
-    """Base version 0: built from the model config (or loaded from ``model.pretrained``)."""
+def seed_base(cfg: FedemConfig, store: ArtifactStore, corpus: Any) -> ArtifactRef:
+    """The files of base version 0: built from the model config (or loaded from ``model.pretrained``).
+
+    Stored before its registry row (``record_seed``): a crash between the two leaves an orphan that
+    the next seeding replaces."""
     tokenizer = load_tokenizer(cfg.tokenizer, corpus["text"] if cfg.tokenizer.bpe_merges else None)
     model = build_model(cfg.model, tokenizer, seed=cfg.seed)
     repo = base_repo(cfg.hub.repo_prefix)
     with tempfile.TemporaryDirectory(prefix="fedem-base-") as tmp:
         save_base(model, tokenizer, Path(tmp), config_to_dict(cfg))
         write_card(Path(tmp), base_card(store.repo_id(repo), 0, None, "init"))
-        ref = store.put(repo, revision_name(0), Path(tmp), message=f"{cfg.model.name}: initial base checkpoint",
-                        replace_orphan=True)  # seeding: the registry has no checkpoint
+        return store.put(repo, revision_name(0), Path(tmp), message=f"{cfg.model.name}: initial base checkpoint",
+                         replace_orphan=True)  # seeding: the registry has no checkpoint
+
+
+def record_seed(cfg: FedemConfig, registry: Registry, ref: ArtifactRef, losses: Mapping[str, float], split: str,
+                clock: Callable[[], float]) -> Checkpoint:
+    """Record the stored seed as base version 0 with its held-out ``losses`` (the finite ones) and the
+    held-out ``split`` they were measured on."""
+    heldout = {lang: float(loss) for lang, loss in losses.items() if math.isfinite(loss)}
     row = registry.add_checkpoint(
         parent=None, source="init", repo=ref.repo, revision=ref.revision, digest=ref.digest,
-        metrics={}, created=clock(),
+        metrics={"heldout": heldout, "heldout-split": split}, created=clock(),
     )
     log.info("Seeded base checkpoint v%d (%s) at %s@%s", row.version, cfg.model.name, ref.repo, ref.revision)
     return row
@@ -129,8 +156,11 @@ def seed_adapters(
     sizes: dict[str, int],
     base: Any,
     clock: Callable[[], float],
+    *,
+    bare: Optional[Mapping[str, float]] = None,
 ) -> list[str]:
-    """One adapter per language with enough text and held-out data; version 0 is a fresh LoRA."""
+    """One adapter per language with enough text and held-out data; version 0 is a fresh LoRA, which
+    scores the base itself (``bare``: those losses, when already measured)."""
     existing = {a.name for a in registry.adapters()}
     languages = sorted(
         lang for lang, size in sizes.items()
@@ -138,7 +168,7 @@ def seed_adapters(
     )
     if not languages:
         return []
-    losses = workbench.evaluate(workbench.initial_state)
+    losses = dict(bare) if bare is not None else workbench.evaluate(workbench.initial_state)
     base_ref = ArtifactRef(store.repo_id(base.repo), base.revision, base.digest)
     for language in languages:
         repo = adapter_repo(cfg.hub.repo_prefix, language)

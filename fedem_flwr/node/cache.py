@@ -8,9 +8,10 @@ Node config keys (``flower-supernode --node-config``):
 ``cache-max-bases``  how many base checkpoints to keep (a positive integer, default 2); the least
                      recently used go first, never the one in use
 
-A base is written into a temporary folder, checked against its digest and renamed into place, so a
-reader never sees half a base. Recency is the folder's modification time, set on every use; an
-evicted base is renamed away before it is deleted, for the same reason.
+A base is written into a temporary folder, checked against its digest, fsynced and renamed into place,
+so a reader never sees half a base, even after a crash of the machine. Recency is the folder's
+modification time, set on every use; an evicted base is renamed away before it is deleted, so a
+reader never sees half a base then either.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Union
 
+from fedem_flwr.durable import rename_into_place
 from fedem_flwr.errors import ConfigError
 from fedem_flwr.hub.manifest import DigestMismatch, digest
 
@@ -114,7 +116,7 @@ class BaseCache:
             got = digest(tmp)
             if got != base_digest:
                 raise DigestMismatch(f"base checkpoint received with digest {got}, expected {base_digest}")
-            os.replace(tmp, target)
+            rename_into_place(tmp, target)
         except FileExistsError:
             pass  # another process on this machine cached it first
         except OSError:

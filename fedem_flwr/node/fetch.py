@@ -41,9 +41,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional, Union
 
-from fedem_flwr.base_cache import BaseCache, NodeConfig
 from fedem_flwr.errors import BaseUnavailable, ConfigError, DigestMismatch, one_line
 from fedem_flwr.hub.store import ArtifactRef
+from fedem_flwr.node.cache import BaseCache, NodeConfig
 
 log = logging.getLogger(__name__)
 

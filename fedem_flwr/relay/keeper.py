@@ -33,21 +33,22 @@ from typing import Any, Optional
 
 import torch
 
-from fedem_flwr.bootstrap import Hub, build_workbench
-from fedem_flwr.config import config_to_dict
+from fedem_flwr.config.loader import config_to_dict
 from fedem_flwr.data.blocks import tokenize_blocks
 from fedem_flwr.errors import is_hub_fault, one_line
 from fedem_flwr.gate.acceptance import decide_base
+from fedem_flwr.gate.loss import evaluate
 from fedem_flwr.hub.lineage import publish_base, record_attempt, store_adapter_version
 from fedem_flwr.hub.merge_request import take_merge_request
 from fedem_flwr.hub.paths import cpt_state_path
 from fedem_flwr.hub.records import Checkpoint
 from fedem_flwr.hub.store import ArtifactRef
-from fedem_flwr.merge import Candidate, WeightedAdapter, merge_adapters, merge_due, select_absorbed
+from fedem_flwr.lineage.merge import WeightedAdapter, merge_adapters
+from fedem_flwr.lineage.policy import Candidate, merge_due, select_absorbed
 from fedem_flwr.model.factory import load_base, save_base
 from fedem_flwr.model.lora import read_adapter_state
+from fedem_flwr.relay.bootstrap import Hub, build_workbench
 from fedem_flwr.training.cpt import ContinuousPretrainer
-from fedem_flwr.training.evaluate import evaluate
 
 log = logging.getLogger(__name__)
 
@@ -129,7 +130,7 @@ class BaseKeeper:
         now = self._last_merge_at = self.clock()
         base = self._base()
         bare = self.bare_losses(base)
-        leased = {lease.adapter for lease in self.hub.coordinator.book.active()}
+        leased = self.hub.coordinator.leased_adapters()
         candidates = [self._candidate(name, base) for name in sorted(a.name for a in registry.adapters())]
         selection = select_absorbed([c for c in candidates if c is not None], leased, bare,
                                     token_weights=self._weights())
@@ -255,7 +256,7 @@ class BaseKeeper:
             self._carry_merge(model, parent)
         self._bare[base.version] = dict(losses)
         workbench = build_workbench(self.cfg, model, self._pad_id(), hub.split.heldout)
-        hub.workbench = hub.coordinator.workbench = workbench
+        hub.coordinator.adopt_base(workbench)
         base_ref = ArtifactRef(hub.store.repo_id(base.repo), base.revision, base.digest)
         now = self.clock()
         carried = 0
@@ -288,10 +289,12 @@ class BaseKeeper:
     # -- helpers --------------------------------------------------------------------------------------
 
     def bare_losses(self, base: Checkpoint) -> Losses:
-        """Held-out loss per language of ``base`` itself (the workbench's fresh LoRA has ``B = 0``)."""
+        """Held-out loss per language of ``base`` itself (the workbench's fresh LoRA has ``B = 0``): as
+        recorded with it, unless they were measured on another held-out split than the one in use."""
         if base.version not in self._bare:
             recorded = base.metrics.get("heldout") or {}
-            if set(self.hub.workbench.heldout) <= set(recorded):
+            here = base.metrics.get("heldout-split", self.hub.split_id) == self.hub.split_id
+            if here and set(self.hub.workbench.heldout) <= set(recorded):
                 self._bare[base.version] = dict(recorded)
             else:
                 self._bare[base.version] = self._finite(self.hub.workbench.evaluate(self.hub.workbench.initial_state))

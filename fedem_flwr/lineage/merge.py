@@ -23,14 +23,7 @@ API (torch; no registry, store or Flower):
   matrices separately, and ``sum(w_i B_i) @ sum(w_i A_i)`` is not ``sum(w_i B_i @ A_i)``: it holds
   cross terms between adapters that no contributor trained (1.7-3.1 off in the logits on seshu-tiny).
 
-Pure policy (no torch; clock and inputs as arguments):
-
-- ``select_absorbed(candidates, leased, base_losses, token_weights=) -> Selection``: which adapters a
-  merge absorbs: those not under lease whose current version beats the bare current base on their
-  own languages, by the gate's own-language rule (``fedem_flwr.gate.acceptance.decide``), strictly.
-- ``merge_due(accepted_since, last_merge_at, now, cfg, requested=) -> reason or None``.
-
-Whether a merged model is published is the base gate's call: ``gate.acceptance.decide_base``.
+When to merge and what a merge absorbs is pure policy, in ``lineage.policy``. Whether a merged model is published is the base gate's call: ``gate.acceptance.decide_base``.
 """
 
 from __future__ import annotations
@@ -38,19 +31,18 @@ from __future__ import annotations
 import copy
 import math
 import secrets
-from collections.abc import Collection, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, Any, Optional
 
 from fedem_flwr.config.schema import MERGE_METHODS
 from fedem_flwr.errors import FedemError
-from fedem_flwr.gate.acceptance import decide
 
 if TYPE_CHECKING:
     import torch
     from transformers import PreTrainedModel
 
-    from fedem_flwr.config.schema import LoraConfig, MergeConfig
+    from fedem_flwr.config.schema import LoraConfig
 
 _PREFIX = "base_model.model."
 _SUFFIXES = {  # adapter key suffix -> (factor, embedding form)
@@ -269,72 +261,3 @@ def _merge_with_peft(base_model: "PreTrainedModel", adapters: Sequence[WeightedA
         svd_rank=lora_cfg.r * len(adapters) if method == "svd" else None,
     )
     return model.merge_and_unload(adapter_names=["merged"])
-
-
-# -- policy (pure: no torch) -----------------------------------------------------------------------
-@dataclass(frozen=True)
-class Candidate:
-    """An adapter's current version and its held-out losses on the current base."""
-
-    name: str
-    version: int
-    languages: tuple[str, ...]
-    losses: Mapping[str, float]
-
-
-@dataclass(frozen=True)
-class Selection:
-    """The adapters a merge absorbs, and each skipped adapter's name with its reason."""
-
-    absorbed: tuple[Candidate, ...]
-    skipped: tuple[tuple[str, str], ...]
-
-
-def select_absorbed(
-    candidates: Sequence[Candidate],
-    leased: Collection[str],
-    base_losses: Mapping[str, float],
-    *,
-    token_weights: Optional[Mapping[str, float]] = None,
-) -> Selection:
-    """Adapters not in ``leased`` whose losses beat ``base_losses`` (the bare base) on their own languages.
-
-    "Beat" is the gate's own-language comparison (token-weighted with ``token_weights``, else a plain
-    mean), strictly lower: an adapter equal to the base has nothing to give. A leased adapter waits for
-    the next merge, so accepted work is never applied twice.
-    """
-    absorbed, skipped = [], []
-    for candidate in candidates:
-        if candidate.name in leased:
-            skipped.append((candidate.name, "under lease; waits for the next merge"))
-            continue
-        verdict = decide(candidate.losses, base_losses, candidate.languages, weights=token_weights)
-        if verdict.accepted and verdict.delta < 0:
-            absorbed.append(candidate)
-        else:
-            skipped.append((candidate.name, f"does not beat the base: {verdict.reason}"))
-    return Selection(tuple(absorbed), tuple(skipped))
-
-
-def merge_due(
-    accepted_since: int,
-    last_merge_at: Optional[float],
-    now: float,
-    cfg: "MergeConfig",
-    requested: bool = False,
-) -> Optional[str]:
-    """Why a merge is due now (``"requested"``, ``"every_accepted"``, ``"every_s"``), or None.
-
-    ``accepted_since`` counts accepted contributions since the later of the current base and the last
-    merge attempt, so a refused merge is not retried before new work arrives; ``last_merge_at`` is
-    that moment (None: never). Without accepted work only a request starts a merge.
-    """
-    if requested:
-        return "requested"
-    if accepted_since <= 0:
-        return None
-    if cfg.every_accepted is not None and accepted_since >= cfg.every_accepted:
-        return "every_accepted"
-    if cfg.every_s is not None and (last_merge_at is None or now - last_merge_at >= cfg.every_s):
-        return "every_s"
-    return None

@@ -49,8 +49,8 @@ from pathlib import Path
 from typing import Iterator
 from urllib.parse import parse_qs, unquote, urlsplit
 
-from fedem_flwr.testing.hf_env import hub_environment
-from fedem_flwr.testing.hf_repos import Commit, HubError, Repo, RepoStore
+from tests.support.hf_env import hub_environment
+from tests.support.hf_repos import Commit, HubError, Repo, RepoStore
 
 __all__ = ["LocalHub", "hub_environment", "serve_hub"]
 

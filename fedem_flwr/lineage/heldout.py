@@ -26,7 +26,7 @@ from typing import Any, Optional
 
 import datasets
 
-from fedem_flwr.config import FedemConfig
+from fedem_flwr.config.schema import FedemConfig
 from fedem_flwr.data.blocks import HeldoutSplit, heldout_split
 from fedem_flwr.data.corpus import corpus_digest
 from fedem_flwr.hub.registry import Registry

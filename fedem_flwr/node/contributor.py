@@ -9,7 +9,7 @@ Node config keys (``flower-supernode --node-config``):
                ``$XDG_CACHE_HOME/fedem``, else ``~/.cache/fedem``)
 ``base-fetch`` ``hub`` (default): fetch a missing base from the Hugging Face Hub when the hub
                publishes there (read token ``HF_TOKEN``, endpoint ``HF_ENDPOINT``), else take it
-               through Flower; ``inband``: always through Flower (``fedem_flwr.base_fetch``)
+               through Flower; ``inband``: always through Flower (``fedem_flwr.node.fetch``)
 
 In simulation Flower sets ``partition-id`` and ``num-partitions``: the node's profile then
 describes its partition of the configured corpus (public and deterministic), and it trains on the
@@ -29,14 +29,14 @@ from typing import Any, Optional
 import datasets
 import torch
 
-from fedem_flwr.base_cache import BaseCache, NodeConfig
-from fedem_flwr.config import FedemConfig
+from fedem_flwr.config.schema import FedemConfig
 from fedem_flwr.data.blocks import tokenize_blocks
 from fedem_flwr.data.corpus import language_sizes, load_corpus, select_languages
 from fedem_flwr.data.partition import partition
 from fedem_flwr.errors import ConfigError, DataError
 from fedem_flwr.model.factory import kernel_path, load_base
 from fedem_flwr.model.lora import adapter_state, attach_lora, load_adapter_state
+from fedem_flwr.node.cache import BaseCache, NodeConfig
 from fedem_flwr.training.device import pick_device
 from fedem_flwr.training.finetune import train
 

@@ -6,15 +6,17 @@ their stored files byte for byte (``uint8`` arrays keyed by relative path), so t
 the manifest digest exactly as the hub computed it. When the hub's store is on a Hugging Face Hub,
 a train message also names the base's Hub repo (``base-hf-repo``, and ``base-hf-endpoint`` when it
 is not the default Hub) and carries no files the first time: the node fetches the base itself
-(``fedem_flwr.base_fetch``), and gets the in-band copy only after it answered ``missing-base``.
+(``fedem_flwr.node.fetch``), and gets the in-band copy only after it answered ``missing-base``.
 
 What the hub sends is read on the node through ``parse_train_instruction``: a field of the wrong
 type or shape raises ``InvalidInstruction`` naming the field and the value.
 
-Everything a node sends is read through ``parse_profile_reply`` and ``parse_train_reply``: types,
-ranges and sizes are checked there, and what fails raises ``InvalidReply`` naming the field and the
-value, so the hub records a reason and goes on. A node that cannot train a lease answers a typed
-status (``no-data``, ``missing-base``) instead of raising.
+Everything a node sends is read through ``parse_profile_reply`` and ``parse_train_reply``, the one
+place a reply is checked: types, ranges and sizes, the metrics kept (finite numbers under plain
+keys), and a train reply's claims against the instruction it answers. What fails raises
+``InvalidReply`` (``ClaimMismatch`` for claims) naming the field and the value, so the hub records a
+reason and goes on; what passes is trusted inside the hub. A node that cannot train a lease answers a
+typed status (``no-data``, ``missing-base``) instead of raising.
 """
 
 from __future__ import annotations
@@ -29,10 +31,10 @@ from typing import Any, Optional
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 
-from fedem_flwr.base_cache import BaseCache
-from fedem_flwr.base_fetch import BASE_REVISION, ENDPOINT, HF_REPO_ID, MAX_ENDPOINT_CHARS, HfLocation
 from fedem_flwr.errors import FedemError, InvalidAdapter
 from fedem_flwr.hub.store import ArtifactRef
+from fedem_flwr.node.cache import BaseCache
+from fedem_flwr.node.fetch import BASE_REVISION, ENDPOINT, HF_REPO_ID, MAX_ENDPOINT_CHARS, HfLocation
 
 TRAIN = "train.relay"
 PROFILE = "query.profile"
@@ -63,6 +65,15 @@ class InvalidReply(FedemError, ValueError):
     """A node's reply breaks the wire format; the message names the field and the value."""
 
 
+class ClaimMismatch(InvalidReply):
+    """A train reply claims another lease token, adapter or base version than its instruction named."""
+
+    def __init__(self, message: str, metrics: Mapping[str, float], dropped_metrics: tuple[str, ...]) -> None:
+        super().__init__(message)
+        self.metrics = dict(metrics)  # what the reply reported, as parsed: recorded with the rejection
+        self.dropped_metrics = dropped_metrics
+
+
 class InvalidInstruction(FedemError, ValueError):
     """A train message from the hub breaks the wire format; the message names the field and the value."""
 
@@ -84,9 +95,9 @@ class TrainInstruction:
 
 @dataclass(frozen=True)
 class TrainReply:
-    """What a node sent back for one lease: its claims (token, adapter, base version), a status, and
-    with ``ok`` the adapter; metrics that were not finite numbers or over the bound are named in
-    ``dropped_metrics``."""
+    """What a node sent back for one lease, checked: its claims (token, adapter, base version) are the
+    instruction's, a status, and with ``ok`` the adapter; ``metrics`` are finite numbers under plain
+    keys, and those that were not (or over the bound) are named in ``dropped_metrics``."""
 
     token: int
     adapter: str
@@ -238,8 +249,9 @@ def _claims(instruction: TrainInstruction, status: str) -> ConfigRecord:
     )
 
 
-def parse_train_reply(message: Message) -> TrainReply:
-    """Read a reply's claims, status, adapter and metrics; a malformed one raises ``InvalidReply``."""
+def parse_train_reply(message: Message, sent: TrainInstruction) -> TrainReply:
+    """Read a reply's claims, status, adapter and metrics; a malformed one raises ``InvalidReply``, one
+    whose claims differ from the instruction ``sent`` (the message it answers) ``ClaimMismatch``."""
     config = _config(message, "train reply")
     token = _int(config, "lease-token", "train reply")
     adapter = _text(config, "adapter", "train reply", 200)
@@ -253,6 +265,9 @@ def parse_train_reply(message: Message) -> TrainReply:
     metrics = message.content.get("metrics") if status == OK else None
     kept, dropped = parse_metrics(metrics if isinstance(metrics, MetricRecord) else MetricRecord({}))
     detail = config.get("detail", "")
+    mismatch = _claim_mismatch(token, adapter, base_version, sent)
+    if mismatch:
+        raise ClaimMismatch(mismatch, kept, dropped)
     return TrainReply(
         token=token,
         adapter=adapter,
@@ -265,6 +280,17 @@ def parse_train_reply(message: Message) -> TrainReply:
     )
 
 
+def _claim_mismatch(token: int, adapter: str, base_version: int, sent: TrainInstruction) -> str:
+    """The first claim that differs from the instruction ``sent``, as a ``claim-mismatch`` reason, or ""."""
+    if token != sent.token:
+        return f"claim-mismatch: token {token} claimed, lease {sent.token}"
+    if adapter != sent.adapter:
+        return f"claim-mismatch: adapter {adapter!r} claimed, lease {sent.token} is on {sent.adapter!r}"
+    if base_version != sent.base_version:
+        return f"claim-mismatch: base version {base_version} claimed, lease {sent.token} is on {sent.base_version}"
+    return ""
+
+
 def parse_metrics(record: Mapping[str, Any]) -> tuple[dict[str, float], tuple[str, ...]]:
     """Keep at most ``MAX_METRICS`` finite numbers under short plain keys (sorted by key); name the
     rest. Dropped names are cut to ``MAX_METRIC_KEY_CHARS`` and listed at most ``MAX_METRICS`` times."""
@@ -272,15 +298,23 @@ def parse_metrics(record: Mapping[str, Any]) -> tuple[dict[str, float], tuple[st
     dropped: list[str] = []
     for key in sorted(record, key=str):
         value = record[key]
-        number = isinstance(value, (int, float)) and not isinstance(value, bool)
         good_key = isinstance(key, str) and len(key) <= MAX_METRIC_KEY_CHARS and METRIC_KEY.match(key)
-        if good_key and number and math.isfinite(value) and len(kept) < MAX_METRICS:
+        if good_key and _finite_number(value) and len(kept) < MAX_METRICS:
             kept[key] = float(value)
         else:
             dropped.append(str(key)[:MAX_METRIC_KEY_CHARS])
     if len(dropped) > MAX_METRICS:
         dropped = dropped[:MAX_METRICS] + [f"...{len(dropped) - MAX_METRICS} more"]
     return kept, tuple(dropped)
+
+
+def _finite_number(value: Any) -> bool:
+    """A finite float, or an int in the signed 64-bit range a metric record can carry (not a bool)."""
+    if isinstance(value, bool):
+        return False
+    if isinstance(value, int):
+        return -(2**63) <= value < 2**63
+    return isinstance(value, float) and math.isfinite(value)
 
 
 def profile_reply(message: Message, profile: Mapping[str, Any]) -> Message:

@@ -46,6 +46,9 @@ def _patches(endpoint: str, home: Path, offline: bool) -> list[tuple[str, str, o
         (ds, "HF_HUB_OFFLINE", offline),
         (ds, "HF_DATASETS_OFFLINE", offline),
     ]
+    # transformers keeps one HfApi, made with the endpoint current at its first use: drop it, so the
+    # next use makes one for `endpoint` (the saved one comes back afterwards).
+    out.append(("transformers.utils.hub", "_hf_api", None))
     return out
 
 

@@ -11,6 +11,7 @@ from typing import Optional
 import torch
 from safetensors.torch import save_file
 
+from fedem_flwr.config.schema import GateConfig
 from fedem_flwr.hub.registry import Registry
 from fedem_flwr.hub.store import ArtifactRef, LocalStore
 from fedem_flwr.relay.coordinator import RelayCoordinator
@@ -46,13 +47,15 @@ class ScriptedWorkbench:
 
 
 def seeded_coordinator(tmp_path: Path, clock: FakeClock, policy: str = "language", loss: float = 4.0,
-                       extra: Optional[Mapping[str, torch.Tensor]] = None, store=None):
+                       extra: Optional[Mapping[str, torch.Tensor]] = None, store=None, workbench=None,
+                       gate: Optional[GateConfig] = None):
     """A hub with base v0 and adapters ``hi`` and ``ta`` at v0 (held-out loss ``loss``); ``extra``
     tensors (e.g. a LoRA pair) are stored in every v0 beside ``w``. ``store`` defaults to a
-    ``LocalStore`` under ``tmp_path``."""
+    ``LocalStore`` under ``tmp_path``; the coordinator judges with ``workbench`` (default: the scripted
+    one that seeded the hub) under ``gate``."""
     registry = Registry.open(tmp_path / "registry.sqlite")
     store = store if store is not None else LocalStore(tmp_path / "store")
-    workbench = ScriptedWorkbench()
+    seeding = ScriptedWorkbench()
     seed = tmp_path / "seed"
     seed.mkdir(exist_ok=True)
     (seed / "config.json").write_text("{}")
@@ -61,25 +64,25 @@ def seeded_coordinator(tmp_path: Path, clock: FakeClock, policy: str = "language
     for name in LANGUAGES:
         folder = tmp_path / f"fresh-{name}"
         folder.mkdir()
-        workbench.save({"w": torch.tensor([loss]), **(extra or {})}, folder, base)
+        seeding.save({"w": torch.tensor([loss]), **(extra or {})}, folder, base)
         ref = store.put(f"t/adapter-{name}", "v0", folder, message="fresh")
         registry.add_adapter(name, [name], "causal-lm", {}, clock())
         registry.add_adapter_version(name, 0, None, ref.repo, ref.revision, ref.digest,
-                                     {"heldout": workbench.evaluate({"w": torch.tensor([loss])})}, clock())
+                                     {"heldout": seeding.evaluate({"w": torch.tensor([loss])})}, clock())
     coordinator = RelayCoordinator(
-        registry, store, make_policy(policy, random.Random(0)), workbench,
-        lease_ttl_s=TTL, sweep_interval_s=10, clock=clock,
+        registry, store, make_policy(policy, random.Random(0)), workbench if workbench is not None else seeding,
+        lease_ttl_s=TTL, sweep_interval_s=10, gate=gate, clock=clock,
     )
     return coordinator, registry, store
 
 
-def assert_consistent(coordinator: RelayCoordinator) -> None:
-    """The lease table agrees with the lease book, and every adapter's stored revisions are exactly
-    its recorded versions, each readable with its digest (no accepted version lost, no orphan)."""
-    registry, store = coordinator.registry, coordinator.store
-    assert [l.token for l in registry.leases(active_only=True)] == [l.token for l in coordinator.book.active()]
+def assert_consistent(coordinator: RelayCoordinator, registry: Registry, store) -> None:
+    """The lease table agrees with the coordinator's leases, and every adapter's stored revisions are
+    exactly its recorded versions, each readable with its digest (no accepted version lost, no orphan)."""
+    active = registry.leases(active_only=True)
+    assert coordinator.leased_adapters() == {lease.adapter for lease in active}
     for lease in registry.leases():
-        assert coordinator.book.get(lease.token) in (None, lease)
+        assert coordinator.lease(lease.token) == lease
     for adapter in registry.adapters():
         versions = registry.adapter_versions(adapter.name)
         assert [v.version for v in versions] == list(range(len(versions)))
@@ -115,8 +118,8 @@ KEEPER_OVERRIDES = (
 
 def open_real_hub(tmp_path: Path, overrides: str):
     """A real hub in ``tmp_path/hub`` (tiny model, real workbench) and the run config that opened it."""
-    from fedem_flwr.bootstrap import open_hub
-    from fedem_flwr.config import load_run_config
+    from fedem_flwr.config.loader import load_run_config
+    from fedem_flwr.relay.bootstrap import open_hub
 
     run_config = {"overrides": overrides, "hub": str(tmp_path / "hub")}
     return open_hub(load_run_config(run_config), tmp_path / "hub"), run_config
@@ -126,7 +129,7 @@ def relay_in_process(hub, run_config, tmp_path: Path, keeper=None, nodes: int = 
     """Relay ``hub`` with ``nodes`` simulated nodes running the real ClientApp on the in-process Grid."""
     from fedem_flwr.client_app import app as client_app
     from fedem_flwr.relay.strategy import RelayStrategy
-    from fedem_flwr.testing.fake_grid import InProcessGrid
+    from tests.support.fake_grid import InProcessGrid
 
     node_configs = {
         100 + i: {"partition-id": i, "num-partitions": nodes, "cache-dir": str(tmp_path / f"cache-{i}")}

@@ -1,0 +1,89 @@
+"""When the hub merges and which adapters a merge absorbs: pure policy (no torch; the clock and
+every input are arguments), so it is tested in milliseconds.
+
+- ``select_absorbed(candidates, leased, base_losses, token_weights=) -> Selection``: which adapters a
+  merge absorbs: those not under lease whose current version beats the bare current base on their
+  own languages, by the gate's own-language rule (``fedem_flwr.gate.acceptance.decide``), strictly.
+- ``merge_due(accepted_since, last_merge_at, now, cfg, requested=) -> reason or None``.
+
+The arithmetic of a merge is in ``lineage.merge``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Collection, Mapping, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Optional
+
+from fedem_flwr.gate.acceptance import decide
+
+if TYPE_CHECKING:
+    from fedem_flwr.config.schema import MergeConfig
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """An adapter's current version and its held-out losses on the current base."""
+
+    name: str
+    version: int
+    languages: tuple[str, ...]
+    losses: Mapping[str, float]
+
+
+@dataclass(frozen=True)
+class Selection:
+    """The adapters a merge absorbs, and each skipped adapter's name with its reason."""
+
+    absorbed: tuple[Candidate, ...]
+    skipped: tuple[tuple[str, str], ...]
+
+
+def select_absorbed(
+    candidates: Sequence[Candidate],
+    leased: Collection[str],
+    base_losses: Mapping[str, float],
+    *,
+    token_weights: Optional[Mapping[str, float]] = None,
+) -> Selection:
+    """Adapters not in ``leased`` whose losses beat ``base_losses`` (the bare base) on their own languages.
+
+    "Beat" is the gate's own-language comparison (token-weighted with ``token_weights``, else a plain
+    mean), strictly lower: an adapter equal to the base has nothing to give. A leased adapter waits for
+    the next merge, so accepted work is never applied twice.
+    """
+    absorbed, skipped = [], []
+    for candidate in candidates:
+        if candidate.name in leased:
+            skipped.append((candidate.name, "under lease; waits for the next merge"))
+            continue
+        verdict = decide(candidate.losses, base_losses, candidate.languages, weights=token_weights)
+        if verdict.accepted and verdict.delta < 0:
+            absorbed.append(candidate)
+        else:
+            skipped.append((candidate.name, f"does not beat the base: {verdict.reason}"))
+    return Selection(tuple(absorbed), tuple(skipped))
+
+
+def merge_due(
+    accepted_since: int,
+    last_merge_at: Optional[float],
+    now: float,
+    cfg: "MergeConfig",
+    requested: bool = False,
+) -> Optional[str]:
+    """Why a merge is due now (``"requested"``, ``"every_accepted"``, ``"every_s"``), or None.
+
+    ``accepted_since`` counts accepted contributions since the later of the current base and the last
+    merge attempt, so a refused merge is not retried before new work arrives; ``last_merge_at`` is
+    that moment (None: never). Without accepted work only a request starts a merge.
+    """
+    if requested:
+        return "requested"
+    if accepted_since <= 0:
+        return None
+    if cfg.every_accepted is not None and accepted_since >= cfg.every_accepted:
+        return "every_accepted"
+    if cfg.every_s is not None and (last_merge_at is None or now - last_merge_at >= cfg.every_s):
+        return "every_s"
+    return None
