@@ -16,6 +16,7 @@ from fedem_flwr.hub.merge_request import pending_merge_request
 from fedem_flwr.hub.paths import read_lock_holder
 from fedem_flwr.hub.records import Absorbed, AdapterVersion, Checkpoint, Contribution, Lease
 from fedem_flwr.hub.registry import Registry
+from fedem_flwr.hub.stores import open_store
 
 RECENT = 5
 UNKNOWN = "unknown"  # a threshold the hub has not recorded (its `merge` / `cpt` setting is absent)
@@ -44,8 +45,6 @@ class StoreView:
     @property
     def store(self) -> Any:
         if self._store is None:
-            from fedem_flwr.hub.stores import open_store
-
             kind = self.setting.get("kind", "local")
             options = {}
             if kind != "local":

@@ -24,6 +24,7 @@ from fedem_flwr.relay.keeper import BaseKeeper
 from fedem_flwr.relay.strategy import RelayStrategy
 from fedem_flwr.simulation.clock import VirtualClock
 from fedem_flwr.simulation.evaluation import final_losses
+from fedem_flwr.simulation.fedavg import run_fedavg
 from fedem_flwr.simulation.record import Trace, read_result, write_result
 from fedem_flwr.simulation.virtual_grid import VirtualGrid
 
@@ -43,8 +44,6 @@ def run_simulation(grid: Grid, cfg: FedemConfig, hub_path: Path) -> dict[str, An
         if cfg.sim.method == "relay":
             result = _relay(hub, vgrid, clock, trace, started)
         else:
-            from fedem_flwr.simulation.fedavg import run_fedavg
-
             result = run_fedavg(vgrid, hub, cfg, clock, trace, counters=vgrid.counters,
                                 more=lambda: {"timing": vgrid.timing()})
     finally:
