@@ -11,12 +11,13 @@ from flwr.app import Context, Message
 from flwr.clientapp import ClientApp
 
 from fedem_flwr.config.loader import load_run_config
-from fedem_flwr.logs import quiet_library_progress, use_flower_logging
+from fedem_flwr.logs import use_flower_logging
 from fedem_flwr.model.lora import lora_spec
 from fedem_flwr.node.contributor import BaseCache, profile, relay_train, training_data
 from fedem_flwr.node.fetch import ensure_base
 from fedem_flwr.protocol import faults, messages
 from fedem_flwr.protocol.wire import adapter_to_arrays, arrays_to_adapter
+from fedem_flwr.quiet import quiet_library_progress
 from fedem_flwr.simulation.fedavg_client import fedavg_train
 from fedem_flwr.simulation.virtual_grid import read_plan
 

@@ -14,7 +14,8 @@ from flwr.serverapp import Grid, ServerApp
 from fedem_flwr.config.loader import load_run_config
 from fedem_flwr.errors import ConfigError
 from fedem_flwr.hub.paths import HubWriterLock, resolve_hub_path
-from fedem_flwr.logs import quiet_library_progress, use_flower_logging
+from fedem_flwr.logs import use_flower_logging
+from fedem_flwr.quiet import quiet_library_progress
 from fedem_flwr.relay.bootstrap import open_hub
 from fedem_flwr.relay.keeper import BaseKeeper
 from fedem_flwr.relay.strategy import RelayStrategy, is_simulation_grid

@@ -214,7 +214,7 @@ def run_baseline_cell(cell: Mapping[str, Any], cell_dir: Path, hub: Path, *, cel
     import torch
 
     from fedem_flwr.config.loader import load_config
-    from fedem_flwr.logs import quiet_library_progress
+    from fedem_flwr.quiet import quiet_library_progress
     from fedem_flwr.simulation.baselines import run_baseline
 
     torch.set_num_threads(max(1, int(cell_cpus)))

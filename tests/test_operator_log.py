@@ -19,7 +19,8 @@ SCRIPT = textwrap.dedent(
     """
     import torch
     torch.set_num_threads(1)
-    from fedem_flwr.logs import quiet_library_progress, use_flower_logging
+    from fedem_flwr.logs import use_flower_logging
+    from fedem_flwr.quiet import quiet_library_progress
     use_flower_logging()
     quiet_library_progress()
     from fedem_flwr.config.loader import load_config

@@ -156,7 +156,7 @@ def baseline(ctx: click.Context, method: str, contributors: int, overrides: str)
         raise click.UsageError("a baseline writes into its own hub folder: name it, as in "
                                "`fedem --hub DIR sim baseline ...` (or set FEDEM_HUB).")
     from fedem_flwr.config.loader import load_run_config
-    from fedem_flwr.logs import quiet_library_progress
+    from fedem_flwr.quiet import quiet_library_progress
     from fedem_flwr.simulation.baselines import run_baseline  # torch only to train
 
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
