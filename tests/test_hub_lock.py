@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
@@ -9,6 +10,7 @@ import subprocess
 import sys
 import textwrap
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import psutil
@@ -70,13 +72,23 @@ HOLDER = textwrap.dedent("""
 """)
 
 
+@contextlib.contextmanager
+def lock_holder(hub: Path) -> Iterator[subprocess.Popen]:
+    """Another process holding ``hub``'s writer lock until it is killed (and always reaped here)."""
+    proc = subprocess.Popen([sys.executable, "-c", HOLDER, str(hub)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout.readline().strip() == "locked"
+        yield proc
+    finally:
+        proc.kill()
+        proc.wait(timeout=30)
+
+
 @pytest.mark.slow  # starts a process
 def test_second_writer_fails_naming_the_holder_until_it_dies(tmp_path):
     # Prepare: another process holds the lock
     hub = tmp_path / "hub"
-    proc = subprocess.Popen([sys.executable, "-c", HOLDER, str(hub)], stdout=subprocess.PIPE, text=True)
-    try:
-        assert proc.stdout.readline().strip() == "locked"
+    with lock_holder(hub) as proc:
         # Execute / Assert
         with pytest.raises(HubLocked, match=rf"locked by another writer \(pid {proc.pid} on host "
                                             rf"{socket.gethostname()} since \d{{4}}-"):
@@ -88,9 +100,6 @@ def test_second_writer_fails_naming_the_holder_until_it_dies(tmp_path):
             assert reader.latest_checkpoint().version == 0
         os.kill(proc.pid, signal.SIGKILL)  # the kernel drops an flock with its holder
         proc.wait(timeout=30)
-    finally:
-        proc.kill()
-        proc.wait(timeout=30)
     assert read_lock_holder(hub) is None  # a dead pid on this host is no holder
     with HubWriterLock(hub) as lock:
         assert lock.held and read_lock_holder(hub)["pid"] == os.getpid()
@@ -101,9 +110,7 @@ def test_second_writer_fails_naming_the_holder_until_it_dies(tmp_path):
 def test_a_dead_writer_not_yet_reaped_is_no_holder(tmp_path):
     # Prepare: the writer is killed, and its parent (this test) has not reaped it: a zombie
     hub = tmp_path / "hub"
-    proc = subprocess.Popen([sys.executable, "-c", HOLDER, str(hub)], stdout=subprocess.PIPE, text=True)
-    try:
-        assert proc.stdout.readline().strip() == "locked"
+    with lock_holder(hub) as proc:
         assert pid_alive(proc.pid) and read_lock_holder(hub)["pid"] == proc.pid
         os.kill(proc.pid, signal.SIGKILL)
         deadline = time.monotonic() + 30
@@ -114,9 +121,6 @@ def test_a_dead_writer_not_yet_reaped_is_no_holder(tmp_path):
         # Execute / Assert
         assert not pid_alive(proc.pid)
         assert read_lock_holder(hub) is None
-    finally:
-        proc.kill()
-        proc.wait(timeout=30)
 
 
 @pytest.mark.parametrize("pid", [None, "12", True, 0, -1, 2**40])
