@@ -99,6 +99,11 @@ class DataConfig:
     dirichlet_alpha: float = 0.5
     block_size: int = 128
     heldout_fraction: float = 0.1
+    test_fraction: float = field(
+        default=0.0,
+        metadata={"help": "Share of each language's text kept out of everything a run does (training, gate, "
+                          "merges, CPT), for a study's final numbers; 0 = none (a real hub)."},
+    )
     min_heldout_blocks: int = 2
     min_language_bytes: int = field(
         default=4096, metadata={"help": "Languages with less text get no adapter of their own."}
@@ -114,6 +119,12 @@ class DataConfig:
         _positive("data", "dirichlet_alpha", self.dirichlet_alpha)
         _positive("data", "block_size", self.block_size)
         _fraction("data", "heldout_fraction", self.heldout_fraction)
+        _fraction("data", "test_fraction", self.test_fraction)
+        if self.heldout_fraction + self.test_fraction >= 1.0:
+            raise ConfigError(
+                f"`data.heldout_fraction` + `data.test_fraction` is {self.heldout_fraction + self.test_fraction!r}; "
+                "it must leave some text to train on (below 1)."
+            )
         if self.block_size < 2:
             raise ConfigError(f"`data.block_size` is {self.block_size!r}; a block needs at least 2 tokens.")
         if self.min_heldout_blocks < 2:
@@ -165,6 +176,9 @@ class LoraConfig:
         check_targets(self.target_modules)
 
 
+CARRY_MODES = ("none", "schedule", "moments")
+
+
 @dataclass
 class TrainConfig:
     max_steps: int = field(default=50, metadata={"help": "Optimizer steps; also the cosine schedule's length."})
@@ -186,9 +200,32 @@ class TrainConfig:
     )
     eval_batch_size: int = 16
     progress: bool = True
+    carry: str = field(
+        default="none",
+        metadata={"help": "What of the optimizer travels with a relayed adapter across hops: `none` (a fresh "
+                          "AdamW and schedule per lease), `schedule` (one schedule over the adapter's total steps) "
+                          "or `moments` (the schedule and AdamW's moments)."},
+    )
+    horizon_steps: Optional[int] = field(
+        default=None,
+        metadata={"help": "With `carry` schedule/moments (and in FedAvg's rounds): cosine to `min_lr_ratio` over "
+                          "this many total steps of the adapter; null = constant after the warmup."},
+    )
+    rebase_moments: str = field(
+        default="reset",
+        metadata={"help": "A re-projected adapter's AdamW moments on a new base: `reset` (zero) or `prune` "
+                          "(keep the largest 1%, as ReLoRA)."},
+    )
+    rebase_warmup_steps: int = field(
+        default=5, metadata={"help": "Steps of re-warmup after a new base re-projected the adapter (carry=moments)."}
+    )
 
     def __post_init__(self) -> None:
         _choice("train", "precision", self.precision, ("auto", "fp32", "bf16", "fp16"))
+        _choice("train", "carry", self.carry, CARRY_MODES)
+        _choice("train", "rebase_moments", self.rebase_moments, ("reset", "prune"))
+        _positive("train", "horizon_steps", self.horizon_steps)
+        _positive("train", "rebase_warmup_steps", self.rebase_warmup_steps, allow_zero=True)
         for key in ("max_steps", "batch_size", "grad_accum", "lr", "eval_batch_size"):
             _positive("train", key, getattr(self, key))
         _positive("train", "max_seconds", self.max_seconds)
@@ -270,7 +307,9 @@ class RelayConfig:
     lease_ttl_s: float = 10800.0
     sweep_interval_s: float = 300.0
     policy: str = field(
-        default="language", metadata={"help": "`random`, `round-robin`, `least-recent` or `language`."}
+        default="language",
+        metadata={"help": "`random`, `round-robin`, `least-recent`, `language` or `fair` (language affinity, "
+                          "then the adapter furthest behind its share of tokens)."},
     )
     policy_fallback: str = field(
         default="least-recent",
@@ -294,7 +333,7 @@ class RelayConfig:
     )
 
     def __post_init__(self) -> None:
-        _choice("relay", "policy", self.policy, ("random", "round-robin", "least-recent", "language"))
+        _choice("relay", "policy", self.policy, ("random", "round-robin", "least-recent", "language", "fair"))
         _choice("relay", "policy_fallback", self.policy_fallback, ("random", "round-robin", "least-recent"))
         for key in ("lease_ttl_s", "sweep_interval_s", "poll_interval_s", "max_accepted", "max_wall_s", "backoff_s",
                     "backoff_max_s"):
@@ -318,7 +357,9 @@ class GateConfig:
     margin: float = field(default=0.0, metadata={"help": "Required held-out loss gain on own languages."})
     tolerance: float = field(default=0.05, metadata={"help": "Allowed loss increase on other languages."})
     check_others: bool = field(
-        default=True, metadata={"help": "Also hold every other language within `tolerance` of the parent."}
+        default=False,
+        metadata={"help": "Also hold every other language within `tolerance` of the parent (off: an adapter serves "
+                          "its own languages; the merge gate judges what a merge does to the others)."},
     )
     weighting: str = field(
         default="tokens", metadata={"help": "Own-language loss: `tokens` (held-out token weighted) or `mean`."}
@@ -343,7 +384,7 @@ class GateConfig:
 
 # PEFT combination types that mix lora_A and lora_B separately instead of the deltas B @ A.
 _AB_SEPARATE = ("linear", "ties", "dare_ties", "dare_linear", "magnitude_prune")
-MERGE_METHODS = ("sum", "cat", "svd", "ties_svd", "dare_ties_svd")
+MERGE_METHODS = ("sum", "mean", "cat", "svd", "ties_svd", "dare_ties_svd")
 
 
 @dataclass
@@ -356,13 +397,24 @@ class MergeConfig:
     )
     method: str = field(
         default="sum",
-        metadata={"help": "`sum` (each delta added), `cat`, `svd` (PEFT, exact), `ties_svd`, `dare_ties_svd`."},
+        metadata={"help": "`sum` (each delta added), `mean` (`scale` times the weighted mean of the deltas), "
+                          "`cat`, `svd` (PEFT, exact), `ties_svd`, `dare_ties_svd`."},
+    )
+    scale: float = field(
+        default=1.0, metadata={"help": "`mean`: the merged delta is scale * sum(w_i * delta_i), weights summing to 1."}
+    )
+    rebase: str = field(
+        default="zero",
+        metadata={"help": "What an absorbed adapter continues from on the new base: `zero` (a fresh LoRA) or "
+                          "`residual` (its delta minus the merged one, truncated to its rank by SVD)."},
     )
     margin: float = field(
         default=0.0, metadata={"help": "Loss gain over all languages a merged base needs over the current one."}
     )
     tolerance: float = field(
-        default=0.05, metadata={"help": "Allowed loss increase of a merged base on any one language."}
+        default=0.05,
+        metadata={"help": "Allowed loss increase on any one language: of the merged base alone (rebase `zero`), or "
+                          "of each absorbed language's adapted model (rebase `residual`)."},
     )
     density: float = field(default=0.5, metadata={"help": "Fraction of each delta kept by `ties_svd` / `dare_ties_svd`."})
     seed: Optional[int] = field(
@@ -380,6 +432,9 @@ class MergeConfig:
                 f"learned; allowed: {', '.join(repr(m) for m in MERGE_METHODS)}."
             )
         _choice("merge", "method", self.method, MERGE_METHODS)
+        _choice("merge", "rebase", self.rebase, ("zero", "residual"))
+        if not (math.isfinite(self.scale) and self.scale > 0):
+            raise ConfigError(f"`merge.scale` is {self.scale!r}; it must be a finite number > 0.")
         _positive("merge", "every_accepted", self.every_accepted)
         _positive("merge", "every_s", self.every_s)
         for key in ("margin", "tolerance"):
