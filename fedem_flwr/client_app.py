@@ -16,7 +16,7 @@ from fedem_flwr.model.lora import lora_spec
 from fedem_flwr.node.contributor import BaseCache, profile, relay_train, training_data
 from fedem_flwr.node.fetch import ensure_base
 from fedem_flwr.protocol import faults, messages
-from fedem_flwr.protocol.wire import adapter_to_arrays, arrays_to_adapter
+from fedem_flwr.protocol.wire import adapter_to_arrays, arrays_to_adapter, arrays_to_optimizer, optimizer_record
 from fedem_flwr.quiet import quiet_library_progress
 from fedem_flwr.simulation.fedavg_client import fedavg_train
 from fedem_flwr.simulation.virtual_grid import read_plan
@@ -48,18 +48,25 @@ def train_relay(message: Message, context: Context) -> Message:
         return messages.status_reply(message, instruction, messages.NO_DATA, f"rows in {','.join(data.languages)}")
     plan = read_plan(message)  # in a simulation on the virtual clock: the steps to train, in simulated time
     if plan is not None and plan.steps == 0:  # vanished before its first step
-        return messages.train_reply(message, instruction, message.content["arrays"], plan.metrics(tokens=0))
+        return messages.train_reply(message, instruction, message.content["arrays"], plan.metrics(tokens=0),
+                                    instruction.optimizer)
     base = cache.use(instruction.base.digest)
-    state = arrays_to_adapter(message.content["arrays"], lora_spec(base, cfg.lora))  # the layout of its own LoRA
-    new_state, metrics = relay_train(
+    spec = lora_spec(base, cfg.lora)  # the layout of its own LoRA
+    state = arrays_to_adapter(message.content["arrays"], spec)
+    sent = instruction.optimizer if cfg.train.carry != "none" else None  # the adapter's run, to continue
+    optimizer = None if sent is None else arrays_to_optimizer(sent.arrays, spec, step=sent.step,
+                                                              warmup_from=sent.warmup_from, carry=cfg.train.carry)
+    new_state, metrics, new_optimizer = relay_train(
         cfg, base, state, data, instruction.languages,
         budget_s=(max(1.0, instruction.budget_s - (time.monotonic() - started))  # a fetch spends the lease
                   if plan is None else math.inf),
         max_steps=instruction.max_steps if plan is None else plan.steps, seed=cfg.seed + instruction.token,
+        optimizer=optimizer,
     )
     if plan is not None:
         metrics.update(plan.metrics(tokens=metrics["tokens"]))
-    reply = messages.train_reply(message, instruction, adapter_to_arrays(new_state), metrics)
+    carried = optimizer_record(new_optimizer) if sent is not None and new_optimizer is not None else None
+    reply = messages.train_reply(message, instruction, adapter_to_arrays(new_state), metrics, carried)
     return faults.misbehave(reply, message, faults.take_node_fault())
 
 

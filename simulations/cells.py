@@ -1,7 +1,9 @@
 """One cell of a sweep: a method on one configuration and seed, run in its own folder.
 
 A cell is a flat dict of its dimensions (see ``DIMENSIONS``); keys with a dot are Hydra keys
-(``train.max_steps: 10``). Its key is a short hash of its canonical JSON, so the same settings
+(``train.max_steps: 10``). ``arm`` sets nothing: it names the cell's setting, and the report groups
+cells by method and arm instead of by every setting that varies (a study's arms differ in long
+override strings). Its key is a short hash of its canonical JSON, so the same settings
 always land in the same folder ``<out>/cells/<key>/``::
 
     cell.json      the cell's settings (its key included)
@@ -60,6 +62,7 @@ DIMENSIONS: dict[str, tuple[Optional[str], tuple[str, ...]]] = {
     "merge": (None, ("relay",)),  # off: merge.every_accepted=null merge.every_s=null
     "cpt": ("cpt.enabled", ("relay",)),
     "overrides": (None, METHODS),  # more Hydra overrides, one shell-style string
+    "arm": (None, METHODS),  # a name for the cell's setting in the report (sets nothing)
 }
 # Hydra groups that only some methods read; other dotted keys apply to every method.
 GROUP_METHODS = {"relay": ("relay",), "merge": ("relay",), "cpt": ("relay",), "sim": FEDERATED}

@@ -47,8 +47,9 @@ from simulations.cells import (
 )
 
 STATUS_COLUMNS = ("key", "status", "reason", "cell_wall_s")
-RESULT_COLUMNS = ("loss_mean", "tokens", "tokens_wasted", "bytes_moved", "accepted", "rejected", "leases",
-                  "expired", "sim_seconds", "wall_seconds")
+RESULT_COLUMNS = ("final_split", "loss_mean", "base_loss_mean", "heldout_loss_mean", "tokens", "tokens_wasted",
+                  "bytes_moved", "accepted", "rejected", "merge_attempts", "merge_published", "leases", "expired",
+                  "sim_seconds", "wall_seconds")
 
 
 # The named dimensions the command line takes, and how each parses its comma-separated values.
@@ -73,11 +74,19 @@ def expand(grid: Mapping[str, Any] | Sequence[Mapping[str, Any]]) -> list[dict[s
 
 
 def load_grid(path: Path) -> Any:
-    """A grid file: YAML or JSON, a mapping of dimensions or a list of them."""
+    """A grid file: YAML or JSON, a mapping of dimensions or a list of them; or a mapping whose
+    ``grids`` holds that list beside ``x-...`` keys, which only hold YAML anchors (shared settings
+    defined once, merged into the grids with ``<<: *name``) and are otherwise ignored."""
     try:
         grid = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
     except yaml.YAMLError as err:
         raise CellError(f"grid file {str(path)!r} is not valid YAML: {err}") from err
+    if isinstance(grid, dict) and "grids" in grid:
+        other = sorted(k for k in grid if k != "grids" and not str(k).startswith("x-"))
+        if other or not isinstance(grid["grids"], list):
+            raise CellError(f"grid file {str(path)!r} has `grids`: it must be a list of grids, beside only `x-...` "
+                            f"keys (anchors){'; found ' + ', '.join(map(str, other)) if other else ''}.")
+        grid = grid["grids"]
     if not isinstance(grid, (dict, list)):
         raise CellError(f"grid file {str(path)!r} holds {type(grid).__name__}; it must hold a mapping of dimensions.")
     return grid

@@ -51,7 +51,7 @@ def merged(tmp_path_factory):
 def test_merges_publish_new_bases_that_beat_v0_on_every_language(merged):
     hub, _, result = merged
     bases = hub.registry.checkpoints()
-    assert result.accepted == 7
+    assert result.accepted >= 7  # the pushes in flight when the 7th was accepted are judged too
     assert [b.source for b in bases][:2] == ["init", "merge"]
     assert all(b.parent == b.version - 1 for b in bases[1:])  # one lineage
     first, newest = _losses_of(hub, 0), _losses_of(hub, bases[-1].version)

@@ -343,3 +343,79 @@ def test_corpus_digest_changes_with_the_text_not_the_order(small):
 def test_heldout_needs_two_blocks_at_least(small, tokenizer):
     with pytest.raises(ConfigError, match="data.min_heldout_blocks"):
         heldout_split(small, 0.1, 1, 128, tokenizer, KEY)
+
+
+# -- the test split --------------------------------------------------------------------------------
+
+def _digest(blocks_by_language: dict) -> str:
+    import hashlib
+
+    digest = hashlib.sha256()
+    for lang in sorted(blocks_by_language):
+        digest.update(lang.encode())
+        digest.update(blocks_by_language[lang].numpy().tobytes())
+    return digest.hexdigest()
+
+
+def test_without_a_test_fraction_the_heldout_set_is_the_one_drawn_before_test_splits(small, tokenizer):
+    # Execute
+    split = heldout_split(small, 0.1, 2, 64, tokenizer, KEY)
+    explicit = heldout_split(small, 0.1, 2, 64, tokenizer, KEY, test_fraction=0.0)
+
+    # Assert: bit for bit the held-out blocks of this corpus, key and tokenizer drawn before test
+    # splits existed (the digest was taken with that code), and no test set
+    assert _digest(split.heldout) == "0591f216160cc6fa1706880d25129dcb17f383eafa83245a86bcf6aef0b985ab"
+    assert _digest(explicit.heldout) == _digest(split.heldout) and explicit.withheld == split.withheld
+    assert split.test == {} and explicit.test == {}
+
+
+def test_the_test_split_is_disjoint_from_heldout_and_training_rows_and_withheld(small, tokenizer):
+    # Execute
+    split = heldout_split(small, 0.1, 2, 64, tokenizer, KEY, test_fraction=0.1)
+    plain = heldout_split(small, 0.1, 2, 64, tokenizer, KEY)
+
+    # Assert: test, held-out and training rows of a language are disjoint and together its corpus
+    trained, every = by_language(split.train), by_language(small)
+    assert {"hi", "bn", "ta", "zh", "fr"} <= split.test.keys() and split.test.keys() <= split.heldout.keys()
+    for lang in split.test:
+        test_docs, held_docs = documents(split.test[lang], tokenizer), documents(split.heldout[lang], tokenizer)
+        assert set(test_docs).isdisjoint(held_docs) and set(test_docs).isdisjoint(trained[lang])
+        assert set(held_docs).isdisjoint(trained[lang])
+        assert sorted(test_docs + held_docs + trained[lang]) == sorted(every[lang])
+        withheld = {text for language, text in split.withheld if language == lang}
+        assert withheld == set(test_docs) | set(held_docs)  # no node, CPT or baseline trains on test rows
+        # About a tenth of the text each (the last row drawn may pass the share)
+        size = sum(len(t.encode()) for t in every[lang])
+        assert 0.1 * size <= sum(len(t.encode()) for t in test_docs) < 0.1 * size + max(map(len, map(str.encode, every[lang])))
+    assert all(b.dtype == torch.int64 and b.shape[1] == 64 and b.shape[0] >= 2 for b in split.test.values())
+    # One lottery, test first: at equal fractions the test rows are exactly the rows held out without
+    # a test split, and the held-out rows are the next tickets.
+    assert split.test.keys() == plain.heldout.keys()
+    assert all(torch.equal(split.test[lang], plain.heldout[lang]) for lang in split.test)
+
+
+def test_the_test_split_is_keyed_and_the_same_for_any_row_order(small, tokenizer):
+    split = heldout_split(small, 0.1, 2, 64, tokenizer, KEY, test_fraction=0.1)
+    shuffled = heldout_split(small.shuffle(seed=5), 0.1, 2, 64, tokenizer, KEY, test_fraction=0.1)
+    other = heldout_split(small, 0.1, 2, 64, tokenizer, bytes(32), test_fraction=0.1)
+
+    assert _digest(split.test) == _digest(shuffled.test) and split.withheld == shuffled.withheld
+    assert _digest(split.test) != _digest(other.test)
+    assert not torch.equal(split.test["zh"][:2], other.test["zh"][:2])
+
+
+def test_a_language_with_too_little_test_text_trains_on_it(small, tokenizer):
+    te = small.filter(lambda row: row["language"] == "te")  # 576 bytes
+
+    split = heldout_split(te, 0.1, 2, 128, tokenizer, KEY, test_fraction=0.1)
+    named = heldout_split(te, 0.1, 2, 128, tokenizer, KEY, heldout_languages=["te"], test_fraction=0.1)
+
+    assert split.test == {} and split.heldout == {} and len(split.train) == len(te) and not split.withheld
+    assert named.test == {} and len(named.train) < len(te)  # a language the hub names stays out whatever its size
+
+
+def test_a_test_fraction_must_leave_text_to_train_on(small, tokenizer):
+    with pytest.raises(ConfigError, match="`data.test_fraction` is 0.95"):
+        heldout_split(small, 0.1, 2, 64, tokenizer, KEY, test_fraction=0.95)
+    with pytest.raises(ConfigError, match="`data.test_fraction` is -0.1"):
+        heldout_split(small, 0.1, 2, 64, tokenizer, KEY, test_fraction=-0.1)

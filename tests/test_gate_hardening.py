@@ -127,13 +127,13 @@ def test_non_finite_metrics_on_a_fenced_rejection_are_recorded(tmp_path):
 
 @pytest.mark.parametrize("bad", [math.nan, math.inf])
 def test_a_non_finite_loss_is_rejected_before_any_artifact(tmp_path, bad):
-    coordinator, registry, store, _ = _hub(tmp_path)
+    coordinator, registry, store, _ = _hub(tmp_path, gate=GateConfig(check_others=True))
     lease = _lease(coordinator)
 
     outcome = _push(coordinator, lease, bad)
 
     assert not outcome.accepted
-    # the gate holds every held-out language (gate.check_others), so both are evaluated
+    # with gate.check_others the gate holds every held-out language, so both are evaluated
     assert outcome.reason == f"non-finite-loss: held-out loss hi={bad}, ta={bad}"
     assert coordinator.workbench.calls == {"evaluate": 1, "save": 0}
     assert store.revisions("t/adapter-hi") == ["v0"]

@@ -137,13 +137,15 @@ def test_methods_that_combine_a_and_b_separately_are_refused(method):
         load_config([f"merge.method={method}"])
     message = str(err.value)
     assert f"`merge.method` is {method!r}" in message and "lora_A and lora_B separately" in message
-    assert "'sum', 'cat', 'svd', 'ties_svd', 'dare_ties_svd'" in message
+    assert "'sum', 'mean', 'cat', 'svd', 'ties_svd', 'dare_ties_svd'" in message
 
 
 @pytest.mark.parametrize(
     ("override", "expected"),
     [
-        ("merge.method=mean", "`merge.method` is 'mean'; allowed: 'sum'"),
+        ("merge.method=median", "`merge.method` is 'median'; allowed: 'sum', 'mean'"),
+        ("merge.scale=0", "`merge.scale` is 0.0; it must be a finite number > 0."),
+        ("merge.rebase=full", "`merge.rebase` is 'full'; allowed: 'zero', 'residual'."),
         ("merge.every_accepted=0", "`merge.every_accepted` is 0; it must be > 0."),
         ("merge.every_s=-5", "`merge.every_s` is -5.0; it must be > 0."),
         ("merge.margin=-0.1", "`merge.margin` is -0.1; it must be >= 0."),

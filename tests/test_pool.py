@@ -10,6 +10,7 @@ from hypothesis import strategies as st
 
 from fedem_flwr.relay.policies import (
     AdapterInfo,
+    FairPolicy,
     LanguageAffinityPolicy,
     LeastRecentPolicy,
     NodeProfile,
@@ -91,6 +92,7 @@ def twins():
         (RandomPolicy(random.Random(3)), RandomPolicy(random.Random(3))),
         (LanguageAffinityPolicy(LeastRecentPolicy()), LanguageAffinityPolicy(LeastRecentPolicy())),
         (LanguageAffinityPolicy(RoundRobinPolicy()), LanguageAffinityPolicy(RoundRobinPolicy())),
+        (FairPolicy(), FairPolicy()),
     ]
 
 

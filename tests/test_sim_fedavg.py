@@ -18,7 +18,7 @@ from fedem_flwr.hub.registry import Registry
 from fedem_flwr.protocol import messages
 from fedem_flwr.relay.bootstrap import open_hub
 from fedem_flwr.simulation.clock import VirtualClock
-from fedem_flwr.simulation.fedavg import run_fedavg
+from fedem_flwr.simulation.fedavg import round_lr, run_fedavg
 from fedem_flwr.simulation.fedavg_client import fedavg_train
 from fedem_flwr.simulation.record import read_result, read_trace
 from fedem_flwr.simulation.virtual_grid import SIM_PLAN
@@ -96,6 +96,13 @@ def test_global_adapter_is_the_weighted_average_of_the_replies(global_run):
         expected = sum(w * r.content["arrays"][key].numpy() for w, r in zip(weights, replies)) / sum(weights)
         np.testing.assert_allclose(sent[key].numpy(), expected, rtol=1e-5, atol=1e-7)
     assert {m.content["config"]["languages"] for m in next_messages} == {"de,hi,mr,ta"}
+
+
+def test_each_round_trains_at_its_learning_rate_annealed_across_rounds(global_run):
+    _, cfg, grid, _ = global_run
+    rates = [{m.content["config"]["lr"] for m in sent} for sent, _ in grid.rounds]
+    assert rates == [{round_lr(t, cfg.train)} for t in range(len(grid.rounds))]
+    assert rates[0] == {cfg.train.lr / (cfg.train.warmup_steps + 1)}  # the warmup's first step
 
 
 def test_global_adapter_lowers_every_language(global_run):

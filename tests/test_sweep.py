@@ -221,13 +221,105 @@ def test_report_tables_mean_and_spread_over_seeds_and_draws_the_plots(tmp_path):
     lines = report.splitlines()
     relay_rows = [line for line in lines if line.startswith("| relay")]
     assert len(relay_rows) == 2  # totals and per language, seeds pooled; the failed cell is listed apart
-    assert relay_rows[0].startswith(f"| relay | 3 | {mean} | 301 ± 1 | 10 ± 10 | 0.0 ± 0.0 | 3.0 ± 1.0 |")
-    assert relay_rows[0].endswith("| 2.00 ± 0.00 | 2 ± 0 |")
+    assert "held-out loss (mean) | base alone (mean) |" in report  # no test split in these cells
+    assert relay_rows[0].startswith(f"| relay | 3 | {mean} | - | 301 ± 1 | 10 ± 10 | 0.0 ± 0.0 | 3.0 ± 1.0 |")
+    # simulated hours to a mean loss of 3.5: the trace's mean is (7 + seed) / 2 - hour: 0, 1 and 1 h
+    to_target = f"{statistics.fmean([0.0, 1.0, 1.0]):.2f} ± {statistics.stdev([0.0, 1.0, 1.0]):.2f}"
+    assert relay_rows[0].endswith(f"| - | - | 2.00 ± 0.00 | {to_target} | 2 ± 0 |")
     assert relay_rows[1] == f"| relay | {en} | 2.000 ± 0.000 |"
-    assert "| centralized | 3 |" in report and "| - | 2 ± 0 |" in report  # no simulated time
+    assert "| centralized | 3 |" in report and "| - | - | 2 ± 0 |" in report  # no simulated time
     assert "1 cell(s) without a result" in report and "RuntimeError" in report
     for name in ("loss_vs_tokens.png", "loss_vs_sim_time.png", "lease_utilisation.png"):
         assert (tmp_path / name).stat().st_size > 1000 and f"({name})" in report
+    assert not (tmp_path / "merge_jumps.png").exists()  # no merges
+
+
+def study_cell(cell, cell_dir, hub, **_):
+    """A cell of a study with a test split: its trace follows the test loss (the held-out one stays
+    at 9), the relay beats FedAvg by 0.5 on en and 0.2 on hi every seed, and each relay cell
+    published one merge whose absorbed en got 0.1 * (seed + 1) worse."""
+    seed, relay = cell["seed"], cell["method"] == "relay"
+    slope = 1.0 if relay else (0.0 if seed == 1 else 0.25)  # FedAvg's seed 1 never reaches 3.5
+    trace = Trace(hub)
+    for step in range(3):
+        trace.row(3600.0 * step, Counters(tokens=100 * (step + 1)), losses={"en": 9.0, "hi": 9.0},
+                  test_losses={"en": 4.0 - slope * step, "hi": 4.0 - slope * step})
+    trace.close()
+    losses = {"en": 2.0 + seed + (0.0 if relay else 0.5), "hi": 2.8 if relay else 3.0}
+    extra: dict = {"final_split": "test", "base_loss_mean": 5.0, "token_shares": {"en": 0.6, "hi": 0.4} if relay
+                   else {"en": 0.5, "hi": 0.5}}
+    if relay:
+        extra.update(merge_attempts=2, merge_published=1, merges=[
+            {"version": 1, "parent": 0, "sim_s": 3600.0, "base_losses": {"en": 5.0, "hi": 5.0},
+             "absorbed": {"en": {"adapter": "en", "version": 3, "before": 2.5, "after": 2.5 + 0.1 * (seed + 1)}}}])
+    write_result(hub, method=cell["method"], losses=losses, counters=Counters(tokens=300), sim_seconds=7200.0,
+                 wall_seconds=1.0, extra=extra)
+    return read_result(hub)
+
+
+def test_a_study_report_gives_test_losses_paired_differences_merges_shares_and_time_to_target(tmp_path):
+    # Prepare: two arms over seeds 0, 1, 2
+    grid = [{"method": "relay", "arm": "relay centre", "seed": [0, 1, 2]},
+            {"method": "fedavg-language", "arm": "fedavg-language", "seed": [0, 1, 2]}]
+    run_sweep(expand(grid), tmp_path, runners={m: study_cell for m in cells_mod.METHODS}, progress=False)
+
+    # Execute
+    report = write_report(tmp_path).read_text()  # the reference defaults to fedavg-language
+
+    # Assert: arms name the groups; the losses, curves and time to 3.5 are the test split's
+    lines = report.splitlines()
+    assert "| method | seeds | test loss (mean) | base alone (mean) |" in report
+    assert "| h to test loss 3.5 | wall s |" in report
+    relay = next(line for line in lines if line.startswith("| relay centre | 3 |"))
+    fedavg = next(line for line in lines if line.startswith("| fedavg-language | 3 |"))
+    assert relay.endswith("| 2.0 ± 0.0 | 1.0 ± 0.0 | 2.00 ± 0.00 | 1.00 ± 0.00 | 1 ± 0 |")
+    assert fedavg.endswith("| - | - | 2.00 ± 0.00 | 2.00 ± 0.00 (2/3) | 1 ± 0 |")
+    # relay minus FedAvg, per seed: -0.5 on en, -0.2 on hi, -0.35 on the mean
+    assert "Paired difference from `fedavg-language`" in report
+    assert "| relay centre | 3 | -0.350 ± 0.000 | -0.500 ± 0.000 | -0.200 ± 0.000 |" in lines
+    # absorbed en: 2.5 before, 2.6 / 2.7 / 2.8 after
+    assert "| relay centre | 3 | 0.200 ± 0.100 | 2.500 ± 0.000 | 2.700 ± 0.100 | 0.300 |" in lines
+    assert "| relay centre | 0.600 ± 0.000 | 0.400 ± 0.000 |" in lines
+    assert "| fedavg-language | 0.500 ± 0.000 | 0.500 ± 0.000 |" in lines
+    assert (tmp_path / "merge_jumps.png").stat().st_size > 1000 and "(merge_jumps.png)" in report
+    # another reference, named
+    other = write_report(tmp_path, reference="relay centre").read_text()
+    assert "| fedavg-language | 3 | 0.350 ± 0.000 | 0.500 ± 0.000 | 0.200 ± 0.000 |" in other.splitlines()
+
+
+def test_a_grid_file_shares_settings_through_x_anchors(tmp_path):
+    from simulations.sweep import load_grid
+
+    (tmp_path / "grid.yaml").write_text(
+        "x-setup: &setup\n  seed: [0, 1]\n  contributors: 4\n"
+        "x-relay: &relay\n  method: relay\n  train.lr: 0.01\n"
+        "grids:\n  - {<<: [*setup, *relay], arm: centre}\n  - {<<: [*setup, *relay], arm: fast, train.lr: 0.02}\n")
+    (tmp_path / "bad.yaml").write_text("setup: {seed: 1}\ngrids: []\n")
+
+    cells = expand(load_grid(tmp_path / "grid.yaml"))
+
+    assert [(c["arm"], c["seed"], c["train.lr"], c["contributors"]) for c in cells] == [
+        ("centre", 0, 0.01, 4), ("centre", 1, 0.01, 4), ("fast", 0, 0.02, 4), ("fast", 1, 0.02, 4)]
+    assert "train.lr=0.02" in hydra_overrides(cells[2]) and not any(o.startswith("arm") for o in hydra_overrides(cells[2]))
+    with pytest.raises(CellError, match="beside only `x-...` keys .*found setup"):
+        load_grid(tmp_path / "bad.yaml")
+
+
+def test_the_studys_grid_files_expand_on_the_reference_setup():
+    from simulations.sweep import load_grid
+
+    results = CHECKOUT / "simulations" / "results"
+    for name, seeds, settings in (("tuning", {100, 101, 102}, 13), ("study", {0, 1, 2, 3, 4}, 10)):
+        cells = expand(load_grid(results / f"{name}.yaml"))
+        assert {c["seed"] for c in cells} == seeds and len(cells) == settings * len(seeds)
+        for cell in cells:
+            assert (cell["contributors"], cell["max_tokens"]) == (20, 300000)
+            assert cell["overrides"].split() == ["data.languages=[hi,ta,bn,de,es,ru]", "train.max_steps=10",
+                                                 "gate.check_others=false", "sim.fedavg_fraction=0.2",
+                                                 "data.test_fraction=0.1"]
+            assert cell.get("vanish_prob", 0.05) == 0.05
+    study = {c["arm"] for c in expand(load_grid(results / "study.yaml"))}
+    assert {"fedavg-language", "fedavg-global", "centralized", "local-only", "relay no merges"} <= study
 
 
 def sim(*args: str, code: int = 0):

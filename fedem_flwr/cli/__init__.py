@@ -228,11 +228,13 @@ def verify(ctx: click.Context, repair: bool, as_json: bool) -> None:
     """Re-hash every stored artifact and check it against the registry; exit 1 naming each problem.
 
     Reports digest mismatches, missing revisions, orphans (stored, not in the registry: a crash
-    between the two) and registry corruption. While the hub is writing, the artifact it is storing
-    can show as a leftover or an orphan for a moment: run it again before acting. With --repair,
-    orphan revisions (tags on a Hugging Face Hub store) and leftover temporary folders are removed
-    and listed, under the hub's writer lock, then everything is checked again. The hub replaces an
-    orphan by itself when it writes that revision again, so repairing is never required.
+    between the two), registry corruption, and kept optimizer states (`train.carry`) that do not
+    load, do not fit their adapter version, or belong to a version the registry lacks. While the
+    hub is writing, the artifact it is storing can show as a leftover or an orphan for a moment:
+    run it again before acting. With --repair, orphan revisions (tags on a Hugging Face Hub
+    store), orphan optimizer states and leftover temporary folders are removed and listed, under
+    the hub's writer lock, then everything is checked again. The hub replaces an orphan by itself
+    when it writes that revision again, so repairing is never required.
 
     Example: fedem verify --repair
     """

@@ -29,7 +29,7 @@ DIMENSION_OPTIONS = (
     ("contributors", "simulated contributors (num-supernodes, or a baseline's contributor count)"),
     ("max_tokens", "token budget (every token trained, wasted ones included)"),
     ("clock", "virtual (default) or real; federated methods only"),
-    ("policy", "relay: random, round-robin, least-recent, language"),
+    ("policy", "relay: random, round-robin, least-recent, language, fair"),
     ("lease_ttl_s", "relay: lease time to live, simulated seconds"),
     ("vanish_prob", "federated: chance a contributor vanishes mid-lease"),
     ("merge", "relay: on, off"),
@@ -87,11 +87,13 @@ def sim() -> None:
 @click.option("--timeout", type=float, help="Seconds a federated cell may run before it is stopped.")
 @click.option("--dry-run", is_flag=True, help="List the cells and whether each is done; run nothing.")
 @click.option("--no-report", is_flag=True, help="Skip report.md and its plots.")
+@click.option("--reference", help="The report's reference group for paired differences [default: fedavg-language].")
 @click.option("--json", "as_json", is_flag=True, help="With --dry-run: print the cells as JSON.")
 @click.pass_context
 def sweep(ctx: click.Context, grid_file: Optional[Path], out: Path, overrides: tuple[str, ...],
           settings: tuple[str, ...], jobs: Optional[int], cell_cpus: int, ray_address: Optional[str],
-          timeout: Optional[float], dry_run: bool, no_report: bool, as_json: bool, **dimensions: Optional[str]) -> None:
+          timeout: Optional[float], dry_run: bool, no_report: bool, reference: Optional[str], as_json: bool,
+          **dimensions: Optional[str]) -> None:
     """Run a grid of simulated federations and baselines, several cells at once, resumably.
 
     The grid is the cartesian product of its dimensions (comma-separated values; each option replaces
@@ -119,23 +121,29 @@ def sweep(ctx: click.Context, grid_file: Optional[Path], out: Path, overrides: t
     click.echo(f"{len(cells)} cells: {counts['ok']} ok, {counts['skipped']} already done, {counts['failed']} failed; "
                f"table: {out / sweeps.RESULTS_FILE}")
     if not no_report:
-        click.echo(f"report: {checkout_module('report').write_report(out)}")
+        click.echo(f"report: {checkout_module('report').write_report(out, reference=reference)}")
     if counts["failed"]:
         ctx.exit(1)
 
 
 @sim.command()
 @click.argument("out", type=click.Path(exists=True, file_okay=False, path_type=Path))
-def report(out: Path) -> None:
-    """Write OUT/report.md from a sweep's results.csv and its cells' traces: a table per method (and
-    every other setting that varies), mean ± standard deviation over seeds, and plots of the traces.
+@click.option("--reference", help="Group whose same-seed losses the others are compared with, per language "
+                                  "[default: fedavg-language, when there is one].")
+@click.option("--target", type=float, default=3.5, show_default=True,
+              help="Mean loss whose simulated time to reach the report gives.")
+def report(out: Path, reference: Optional[str], target: float) -> None:
+    """Write OUT/report.md from a sweep's results.csv and its cells' traces: tables per method (and
+    arm, or every other setting that varies), mean ± standard deviation over seeds -- final test
+    loss (held-out without a test split), base alone, paired differences per language from a
+    reference group, merges, token shares, time to a target loss -- and plots of the traces.
 
-    Example: fedem sim report runs/sweep
+    Example: fedem sim report runs/study --reference fedavg-language
     """
     reports = checkout_module("report")
     if not (out / reports.RESULTS_FILE).is_file():
         raise click.ClickException(f"{out} holds no {reports.RESULTS_FILE}: run `fedem sim sweep --out {out}` first.")
-    click.echo(reports.write_report(out))
+    click.echo(reports.write_report(out, reference=reference, target=target))
 
 
 @sim.command()
@@ -146,8 +154,9 @@ def report(out: Path) -> None:
 @click.pass_context
 def baseline(ctx: click.Context, method: str, contributors: int, overrides: str) -> None:
     """Train a non-federated baseline in this process on the hub folder given to fedem (--hub or
-    FEDEM_HUB; seeded when empty) and print its held-out loss per language: centralized (all data, the
-    upper bound) or local-only (each contributor alone), at the token budget sim.max_tokens.
+    FEDEM_HUB; seeded when empty) and print its final loss per language (on the test split with
+    data.test_fraction > 0, else held-out): centralized (all data, the upper bound) or local-only (each
+    contributor alone), at the token budget sim.max_tokens.
 
     Example: fedem --hub runs/centralized sim baseline --method centralized --overrides 'sim.max_tokens=200000'
     """

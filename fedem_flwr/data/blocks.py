@@ -16,6 +16,13 @@ one fate (a duplicated conversation never sits on both sides). A language whose 
 ``min_blocks`` full blocks is training-only: its held-out rows go back to training and it gets no
 held-out entry, unless it is named in ``heldout_languages``, whose held-out rows are withheld from
 training whatever their size.
+
+A study may also keep a *test* split (``test_fraction`` > 0): the same lottery draws rows into the
+test set first, until their text reaches ``test_fraction`` of the language's, then into the held-out
+set, in the same ticket order. With ``test_fraction`` 0 the held-out set is exactly the one drawn
+without a test split, bit for bit. Test rows are withheld like held-out rows (no node, CPT or
+baseline trains on them) and follow the same ``min_blocks`` rule; nothing in a run reads them: the
+gate, merges and CPT judge on the held-out set, and a study's final numbers use the test set.
 """
 
 from __future__ import annotations
@@ -23,8 +30,8 @@ from __future__ import annotations
 import hashlib
 import hmac
 import logging
-from collections.abc import Collection, Iterable
-from dataclasses import dataclass
+from collections.abc import Collection, Iterable, Sequence
+from dataclasses import dataclass, field
 
 import datasets
 import numpy as np
@@ -73,7 +80,9 @@ class HeldoutSplit:
     train: datasets.Dataset
     heldout: dict[str, torch.Tensor]
     withheld: frozenset[tuple[str, str]]
-    """(language, text) of every row kept out of training: drop them from any node's rows."""
+    """(language, text) of every row kept out of training, test rows included: drop them from any node's rows."""
+    test: dict[str, torch.Tensor] = field(default_factory=dict)
+    """Test blocks per language (empty without ``test_fraction``): read only after a run, for its final numbers."""
 
 
 def heldout_split(
@@ -85,12 +94,17 @@ def heldout_split(
     key: bytes,
     *,
     heldout_languages: Collection[str] | None = None,
+    test_fraction: float = 0.0,
 ) -> HeldoutSplit:
-    """Training rows of ``ds``, held-out token blocks per language and the withheld rows (module doc)."""
+    """Training rows of ``ds``, held-out (and test) token blocks per language and the withheld rows
+    (module doc)."""
     if min_blocks < 2:
         raise ConfigError(f"`data.min_heldout_blocks` is {min_blocks}; held-out data needs at least 2 blocks.")
     if not 0.0 <= fraction < 1.0:
         raise ConfigError(f"`data.heldout_fraction` is {fraction!r}; it must be in [0, 1).")
+    if not 0.0 <= test_fraction < 1.0 or fraction + test_fraction >= 1.0:
+        raise ConfigError(f"`data.test_fraction` is {test_fraction!r}; it must be in [0, 1) and leave text to "
+                          f"train on with `data.heldout_fraction` {fraction!r} (their sum below 1).")
     _check_key(key)
     withheld_languages = set(heldout_languages or ())
     _, pad = special_ids(tokenizer)
@@ -98,40 +112,50 @@ def heldout_split(
     texts, langs = column(ds, TEXT), column(ds, LANGUAGE)
     for index, (text, lang) in enumerate(zip(texts, langs)):
         tickets.setdefault(lang, []).append((row_key(key, lang, text), text, index))
-    held = {lang: _draw(rows, fraction) for lang, rows in tickets.items()}
+    # Test rows first, then held-out rows, in one ticket order: without a test split the held-out
+    # rows are exactly those drawn before test splits existed.
+    drawn = {lang: _draw(rows, (test_fraction, fraction)) for lang, rows in tickets.items()}
 
-    heldout: dict[str, torch.Tensor] = {}
+    sets: tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]] = ({}, {})  # test, held-out
     dropped: set[int] = set()
     training_only = []
     for lang in sorted(set(langs)):
-        rows = sorted(held.get(lang, []))  # ticket order, not corpus order: the same blocks for any order
-        blocks = tokenize_blocks((text for _, text, _ in rows), tokenizer, block_size)
-        full = int((blocks != pad).all(dim=1).sum())
-        if full >= min_blocks:
-            heldout[lang] = blocks
-        elif lang not in withheld_languages:
-            training_only.append(f"{lang} ({full} of {min_blocks} blocks)")
-            continue
-        dropped.update(index for _, _, index in rows)
+        for part, (blocks_by_language, rows) in enumerate(zip(sets, drawn.get(lang, ([], [])))):
+            if part == 0 and not rows:
+                continue  # no test split: nothing to say
+            blocks = tokenize_blocks((text for _, text, _ in rows), tokenizer, block_size)
+            full = int((blocks != pad).all(dim=1).sum())
+            if full >= min_blocks:
+                blocks_by_language[lang] = blocks
+            elif lang not in withheld_languages:
+                training_only.append(f"{lang}{' test' if part == 0 else ''} ({full} of {min_blocks} blocks)")
+                continue
+            dropped.update(index for _, _, index in rows)
     if training_only:
         log.info("too little held-out text, training-only: %s", ", ".join(training_only))
     train = ds.select([i for i in range(len(ds)) if i not in dropped]) if dropped else ds
     withheld = frozenset((langs[i], texts[i]) for i in dropped)
-    return HeldoutSplit(train, heldout, withheld)
+    test, heldout = sets
+    return HeldoutSplit(train, heldout, withheld, test)
 
 
-def _draw(rows: list[tuple[float, str, int]], fraction: float) -> list[tuple[float, str, int]]:
-    """Rows in ticket order until their text reaches ``fraction`` of the language's (in UTF-8 bytes);
-    rows sharing the last ticket (exact duplicates) go along with it."""
+def _draw(rows: list[tuple[float, str, int]], fractions: Sequence[float]) -> list[list[tuple[float, str, int]]]:
+    """Consecutive parts of ``rows`` in ticket order, each until its text reaches its fraction of the
+    language's (in UTF-8 bytes); rows sharing a part's last ticket (exact duplicates) go along with it."""
     ordered = sorted(rows)
-    target = fraction * sum(len(text.encode("utf-8")) for _, text, _ in ordered)
-    taken, size = 0, 0
-    while taken < len(ordered) and size < target:
-        size += len(ordered[taken][1].encode("utf-8"))
-        taken += 1
-    while 0 < taken < len(ordered) and ordered[taken][0] == ordered[taken - 1][0]:
-        taken += 1
-    return ordered[:taken]
+    total = sum(len(text.encode("utf-8")) for _, text, _ in ordered)
+    parts, start = [], 0
+    for fraction in fractions:
+        target = fraction * total
+        taken, size = start, 0
+        while taken < len(ordered) and size < target:
+            size += len(ordered[taken][1].encode("utf-8"))
+            taken += 1
+        while start < taken < len(ordered) and ordered[taken][0] == ordered[taken - 1][0]:
+            taken += 1
+        parts.append(ordered[start:taken])  # ticket order, not corpus order: the same blocks for any order
+        start = taken
+    return parts
 
 
 def without(ds: datasets.Dataset, withheld: Collection[tuple[str, str]]) -> datasets.Dataset:

@@ -18,7 +18,13 @@ reason, never raised: a rejection is recorded with the contribution.
 ``decide_base`` is the same rule for a candidate *base* (a merge or a CPT checkpoint) against the
 current base: over every held-out language at once, its loss must be strictly lower than the current
 base's by ``margin`` (``candidate < current - margin``: an unchanged base is never published), and no
-single language may be worse than the current base's by more than ``tolerance``.
+single language may be worse than the current base's by more than ``tolerance`` (``tolerance=None``
+skips that clause: when absorbed adapters continue from their residuals, each absorbed language is
+served by the base with its adapter, and ``decide_adapted`` judges those instead).
+
+``decide_adapted`` judges what a merge does to each absorbed adapter's languages as they are served:
+new base + its rebased adapter against old base + its version just before the merge, every language
+within ``tolerance`` (``after <= before + tolerance``).
 """
 
 from __future__ import annotations
@@ -80,16 +86,17 @@ def decide_base(
     candidate: Mapping[str, float],
     current: Mapping[str, float],
     margin: float = 0.0,
-    tolerance: float = 0.0,
+    tolerance: Optional[float] = 0.0,
     *,
     weights: Optional[Mapping[str, float]] = None,
 ) -> Decision:
     """Publish ``candidate`` (a merged or CPT base) only when it beats ``current`` on all languages (module doc).
 
     Languages are those of ``current``; each must have a candidate loss (and a weight > 0 when
-    ``weights`` is given). ``delta`` is candidate minus current loss over all languages.
+    ``weights`` is given). ``delta`` is candidate minus current loss over all languages. With
+    ``tolerance=None`` no single language is checked on its own.
     """
-    _check_settings("merge", margin, tolerance)
+    _check_settings("merge", margin, 0.0 if tolerance is None else tolerance)
     languages = sorted(current)
     if not languages:
         return _reject("the current base has no held-out losses to compare with")
@@ -105,11 +112,49 @@ def decide_base(
     delta = after - before
     summary = f"loss {before:.3f} -> {after:.3f} over {len(languages)} languages ({delta:+.3f})"
     if not after < before - margin:
-        worse = _worse(candidate, current, languages, tolerance)
+        worse = [] if tolerance is None else _worse(candidate, current, languages, tolerance)
         also = f"; worse beyond tolerance {tolerance:.3f} on {', '.join(worse)}" if worse else ""
         need = f"needs < {-margin:+.3f} (margin {margin:.3f})" if margin else "needs a lower loss"
         return Decision(False, f"{summary}; {need}{also}", delta)
+    if tolerance is None:
+        return Decision(True, f"{summary}; no per-language clause on the base alone", delta)
     return _check_others(candidate, current, languages, tolerance, summary, delta, what="every language")
+
+
+def decide_adapted(
+    after: Mapping[str, Mapping[str, float]],
+    before: Mapping[str, Mapping[str, float]],
+    tolerance: float,
+) -> Decision:
+    """Accept a merge only when no absorbed adapter's language is served worse after it (module doc).
+
+    ``before`` maps each absorbed adapter to its languages' losses on the old base with its version just
+    before the merge (the languages to check), ``after`` the same adapter to its losses on the new base
+    with its rebased version. Every language must be within ``tolerance`` of before; a missing or
+    non-finite loss refuses. ``delta`` is the largest change (after minus before) over them all.
+    """
+    _check_settings("merge", 0.0, tolerance)
+    if not before:
+        return _reject("no absorbed adapter to compare")
+    changes, worse = [], []
+    for name in sorted(before):
+        languages = sorted(before[name])
+        if not languages:
+            return _reject(f"adapter {name} has no held-out language to compare")
+        mine = after.get(name, {})
+        missing = [lang for lang in languages if lang not in mine]
+        if missing:
+            return _reject(f"no held-out loss of adapter {name} after the merge on languages {missing}")
+        bad = _non_finite(mine, before[name], languages, None)
+        if bad:
+            return _reject(f"adapter {name}: {bad.replace('candidate', 'after').replace('parent', 'before')}")
+        changes += [mine[lang] - before[name][lang] for lang in languages]
+        worse += [f"{name}: {item}" for item in _worse(mine, before[name], languages, tolerance)]
+    delta = max(changes)
+    summary = f"adapted loss change at most {delta:+.3f} over {len(changes)} language(s) of {len(before)} adapter(s)"
+    if worse:
+        return Decision(False, f"{summary}; worse beyond tolerance {tolerance:.3f} on {'; '.join(worse)}", delta)
+    return Decision(True, f"{summary}; within {tolerance:.3f}", delta)
 
 
 def _check_settings(group: str, margin: float, tolerance: float) -> None:

@@ -13,6 +13,8 @@ Layout::
     <hub>/secret            the key of contributor pseudonyms, created once with mode 0600
     <hub>/cpt/              continuous pretraining's private state (optimizer moments, step, data
                             cursor, RNG); never published
+    <hub>/optimizer/        each accepted adapter version's optimizer state (``train.carry``),
+                            ``<adapter>/v<n>.safetensors``; private, never published
     <hub>/writer.lock       flock'd by the one writer; holds its pid, host and start time
 """
 
@@ -27,7 +29,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Optional, Union
 
-from fedem_flwr.errors import ConfigError, HubLocked, HubNotFound
+from fedem_flwr.errors import ConfigError, HubError, HubLocked, HubNotFound
 from fedem_flwr.pids import pid_alive
 
 HUB_ENV = "FEDEM_HUB"
@@ -36,6 +38,7 @@ STORE_DIR = "store"
 HF_CACHE_DIR = "hf-cache"
 SECRET_FILE = "secret"
 CPT_DIR = "cpt"
+OPTIMIZER_DIR = "optimizer"
 LOCK_FILE = "writer.lock"
 
 
@@ -90,6 +93,19 @@ def secret_path(hub: Path) -> Path:
 
 def cpt_state_path(hub: Path) -> Path:
     return Path(hub) / CPT_DIR
+
+
+def optimizer_states_path(hub: Path) -> Path:
+    return Path(hub) / OPTIMIZER_DIR
+
+
+def optimizer_state_path(hub: Path, adapter: str, version: int) -> Path:
+    """Where the optimizer state of ``adapter`` version ``version`` is kept (beside, never inside, the store)."""
+    if not adapter or adapter in (".", "..") or "/" in adapter or "\\" in adapter or "\0" in adapter:
+        raise HubError(f"adapter name {adapter!r} cannot name a folder of the hub's optimizer states.")
+    if isinstance(version, bool) or not isinstance(version, int) or version < 0:
+        raise HubError(f"adapter version {version!r} is not a non-negative integer.")
+    return optimizer_states_path(hub) / adapter / f"v{version}.safetensors"
 
 
 def lock_path(hub: Path) -> Path:

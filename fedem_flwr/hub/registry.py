@@ -472,12 +472,43 @@ class Registry(Database):
             (adapter, version, adapter, version))
         return [r[0] for r in rows]
 
+    def tokens_since_restart(self, adapter: str, version: int, most: Optional[float] = None) -> float:
+        """Training tokens ``adapter`` v``version`` carries: the node-reported ``metrics["train"]["tokens"]``
+        of its accepted (``push``) versions since its last fresh start (v0, or a rebase after a merge),
+        up to ``version``; a count that is missing, negative or not finite counts as 0, and each counts at
+        most ``most`` (what one lease can train) when given."""
+        rows = self._all(
+            "SELECT metrics FROM adapter_versions WHERE adapter = ? AND kind = 'push' AND version <= ? "
+            "AND version > COALESCE((SELECT MAX(version) FROM adapter_versions WHERE adapter = ? AND version <= ? "
+            "AND kind IN ('fresh', 'rebase')), -1)", (adapter, version, adapter, version))
+        total = 0.0
+        for (metrics,) in rows:
+            train = json.loads(metrics or "{}").get("train")
+            count = train.get("tokens") if isinstance(train, dict) else None
+            if isinstance(count, (int, float)) and not isinstance(count, bool):
+                count = float(min(count, 1e300 if most is None else most))  # a huge int is clamped, not raised on
+                total += count if math.isfinite(count) and count > 0 else 0.0
+        return total
+
     def contribution_counts(self) -> dict[str, int]:
         """``{"accepted": n, "rejected": m}`` (both keys always present)."""
         counts = dict.fromkeys(rec.DECISIONS, 0)
         for row in self._all("SELECT decision, COUNT(*) FROM contributions GROUP BY decision"):
             counts[row[0]] = row[1]
         return counts
+
+    def tokens_by_adapter(self, most: Optional[int] = None) -> dict[str, int]:
+        """adapter -> tokens trained into it: the ``tokens`` its judged pushes (accepted or rejected; a
+        judged base recorded) reported in their train metrics, each clamped to at least 0 and at most
+        ``most`` (what one lease can train) when given. Every registered adapter is listed (0: none)."""
+        totals = {name: 0 for (name,) in self._all("SELECT name FROM adapters ORDER BY name")}
+        rows = self._all("SELECT adapter, json_extract(evaluation, '$.train.tokens') FROM contributions "
+                         "WHERE judged_base_version IS NOT NULL")
+        for adapter, tokens in rows:
+            if isinstance(tokens, (int, float)) and not isinstance(tokens, bool) and math.isfinite(tokens):
+                counted = max(0, int(tokens))
+                totals[adapter] = totals.get(adapter, 0) + (counted if most is None else min(counted, most))
+        return totals
 
     # -- settings the hub was set up with -------------------------------------------------------
     def setting(self, name: str) -> Optional[dict]:

@@ -13,6 +13,8 @@ from typing import Any, Optional
 
 from fedem_flwr.errors import FedemError
 from fedem_flwr.hub.merge_request import pending_merge_request
+from fedem_flwr.hub.optimizer_states import KeptVersion, OptimizerStates
+from fedem_flwr.hub.optimizer_states import verify as verify_optimizer_states
 from fedem_flwr.hub.paths import read_lock_holder
 from fedem_flwr.hub.records import Absorbed, AdapterVersion, Checkpoint, Contribution, Lease
 from fedem_flwr.hub.registry import Registry
@@ -178,16 +180,23 @@ def contribution_view(c: Contribution, names: Names) -> dict[str, Any]:
 
 
 def adapters_view(registry: Registry, store: StoreView, names: Names) -> list[dict[str, Any]]:
+    """``fedem adapters --json``; ``tokens`` are those trained into each adapter by its judged pushes and
+    ``token_share`` their ratio to the mean over adapters (1.0: its equal share, what ``relay.policy=fair``
+    aims at)."""
     latest = registry.latest_adapter_versions()
     holders = {lease.adapter: lease.holder for lease in registry.leases(active_only=True)}
+    tokens = registry.tokens_by_adapter()
+    mean = sum(tokens.values()) / len(tokens) if tokens else 0.0
     rows = []
     for a in registry.adapters():
         v = latest.get(a.name)
+        trained = tokens.get(a.name, 0)
         rows.append({"name": a.name, "version": v.version if v else None,
                      "path": store.path(v.repo, v.revision) if v else None,
                      "holder": names.holder(holders.get(a.name)), "languages": a.languages, "task": a.task,
                      "base_version": v.base_version if v else None, "lora_spec": a.lora_spec,
-                     "created": iso(a.created)})
+                     "created": iso(a.created), "tokens": trained,
+                     "token_share": round(trained / mean, 3) if mean > 0 else 1.0})
     return rows
 
 
@@ -213,6 +222,28 @@ def status_view(registry: Registry, hub: Path, store: StoreView, names: Names) -
         }
 
 
+def _optimizer_problems(versions: list[AdapterVersion], store: StoreView,
+                        removed: Optional[list[dict[str, str]]]) -> list[dict[str, str]]:
+    """The hub's private optimizer states that do not load or do not fit their version's adapter, and
+    those of versions the registry lacks (orphans: with ``removed``, a repair, removed and listed there)."""
+    states = OptimizerStates(store.hub)
+    with_state = {(adapter, version) for adapter, version, _ in states.listing()}
+    kept = []
+    for v in versions:
+        if (v.adapter, v.version) in with_state:  # only these are read: a store on a Hub downloads
+            folder = store.path(v.repo, v.revision)
+            kept.append(KeptVersion(v.adapter, v.version, v.repo, v.revision,
+                                    None if folder is None else Path(folder) / "adapter_model.safetensors"))
+    problems = verify_optimizer_states(states, kept)
+    if removed is None:
+        return problems
+    for problem in [p for p in problems if p["kind"] == "optimizer-orphan"]:
+        adapter, version = problem["revision"].rsplit("/v", 1)
+        states.remove(adapter, int(version))
+        removed.append(problem)
+    return [p for p in problems if p["kind"] != "optimizer-orphan"]
+
+
 def verify_view(registry: Registry, store: StoreView, repair: bool = False) -> dict[str, Any]:
     """``fedem verify --json``: every problem found in the registry and the store (with ``repair``,
     after removing orphans and debris, which are listed under ``removed``)."""
@@ -225,6 +256,7 @@ def verify_view(registry: Registry, store: StoreView, repair: bool = False) -> d
     known |= {(v.repo, v.revision, v.digest) for v in versions}
     removed = store.repair(known) if repair else []
     problems += store.verify(known)
+    problems += _optimizer_problems(versions, store, removed if repair else None)
     view = {"ok": not problems, "checked": {"checkpoints": len(checkpoints), "adapter_versions": len(versions)},
             "problems": problems}
     return {**view, "removed": removed} if repair else view

@@ -5,7 +5,8 @@ The split (``fedem_flwr.data.blocks``) is keyed with ``registry.derived_key("hel
 from the hub's secret, so no node can tell which rows the hub evaluates on. What shapes the split is
 recorded as the ``heldout-split`` setting: the key's id (a hash of the key, never the key), the
 fraction, the minimum blocks, the block size, the languages held out, and digests of the corpus, the
-tokenizer and the withheld rows.
+tokenizer and the withheld rows; with a study's test split (``data.test_fraction`` > 0) also its
+fraction and languages (absent at 0, so a hub without one keeps its fingerprint).
 
 When that record differs at start (``data.heldout_fraction`` or the corpus changed, or the hub predates
 keyed splits), each adapter's latest version -- the parent the gate compares the next push with -- is
@@ -43,7 +44,8 @@ def split_corpus(cfg: FedemConfig, registry: Registry, corpus: datasets.Dataset,
     """The hub's keyed split of ``corpus`` and its fingerprint (what the ``heldout-split`` setting records)."""
     key = registry.derived_key(KEY_PURPOSE)
     data = cfg.data
-    split = heldout_split(corpus, data.heldout_fraction, data.min_heldout_blocks, data.block_size, tokenizer, key)
+    split = heldout_split(corpus, data.heldout_fraction, data.min_heldout_blocks, data.block_size, tokenizer, key,
+                          test_fraction=data.test_fraction)
     fingerprint = {
         "key-id": hmac.new(key, b"key-id", hashlib.sha256).hexdigest()[:16],
         "fraction": data.heldout_fraction,
@@ -54,6 +56,9 @@ def split_corpus(cfg: FedemConfig, registry: Registry, corpus: datasets.Dataset,
         "tokenizer": tokenizer_digest(tokenizer),
         "withheld": _sha256("\x00".join(f"{lang}\x00{text}" for lang, text in sorted(split.withheld))),
     }
+    if data.test_fraction:  # only then: a hub without a test split keeps the fingerprint it always had
+        fingerprint["test-fraction"] = data.test_fraction
+        fingerprint["test-languages"] = sorted(split.test)
     return split, fingerprint
 
 

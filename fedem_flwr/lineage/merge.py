@@ -10,20 +10,33 @@ API (torch; no registry, store or Flower):
 
 - ``lora_deltas(state, lora_cfg) -> {base parameter name: delta}`` from an adapter state dict keyed
   as ``fedem_flwr.model.lora.adapter_state`` writes it.
-- ``merge_adapters(base_model, adapters, lora_cfg, method, seed=, density=) -> MergeResult``: a new
-  merged model (``base_model`` is left as it was) and the record of what it absorbed. Methods:
-  ``sum`` (each delta added directly), ``cat`` and ``svd`` (PEFT ``add_weighted_adapter``, ``svd`` at
-  rank = the sum of the ranks, then ``merge_and_unload``), all three exact; ``ties_svd`` and
+- ``merge_adapters(base_model, adapters, lora_cfg, method, seed=, density=, scale=) -> MergeResult``: a
+  new merged model (``base_model`` is left as it was) and the record of what it absorbed. Methods:
+  ``sum`` (each delta added directly, times its weight), ``mean`` (``scale`` times the weighted mean
+  of the deltas: the weights are normalised to sum to 1, then computed exactly as ``sum``), ``cat``
+  and ``svd`` (PEFT ``add_weighted_adapter``, ``svd`` at rank = the sum of the ranks, then
+  ``merge_and_unload``), all exact; ``ties_svd`` and
   ``dare_ties_svd``: PEFT's TIES / DARE-TIES on the deltas (``peft.utils.merge_utils``, the
   combination PEFT's types of those names compute), added in full: TIES's trimmed, sign-elected sum
   is not low-rank, so re-factoring it at a LoRA rank (PEFT's ``svd`` step) would change it. DARE's
-  draw runs under a seeded, forked torch RNG and the seed is recorded.
+  draw runs under a seeded, forked torch RNG and the seed is recorded. Each ``Absorbed`` row's
+  ``weight`` is the factor its delta entered the base with (for ``mean``: ``scale * w_i / sum(w)``).
 
   PEFT's ``linear``, ``ties`` and ``dare_ties`` are not offered: they combine the ``A`` and ``B``
   matrices separately, and ``sum(w_i B_i) @ sum(w_i A_i)`` is not ``sum(w_i B_i @ A_i)``: it holds
   cross terms between adapters that no contributor trained (1.7-3.1 off in the logits on seshu-tiny).
 
-When to merge and what a merge absorbs is pure policy, in ``lineage.policy``. Whether a merged model is published is the base gate's call: ``gate.acceptance.decide_base``.
+- ``weight_change(merged_model, base_model, targets) -> {target: merged - base}``: the change a merge
+  made (``M``), whatever the method, in float32 on the CPU: what was really added, roundings included.
+- ``rebase_residual(state, change, lora_cfg) -> Residual``: an absorbed adapter re-expressed on the
+  merged base (DESIGN decision 21). Its residual ``R = delta - M`` on each target is truncated to the
+  adapter's rank by SVD (the best rank-``r`` approximation, Eckart-Young) and split back into its own
+  ``A`` and ``B`` at its ``alpha / r``, so new base + new adapter is old base + old adapter up to the
+  truncation, which is reported per target and overall (``||R - R_r|| / ||R||`` and absolute).
+
+When to merge and what a merge absorbs is pure policy, in ``lineage.policy``. Whether a merged model is
+published is the base gate's call: ``gate.acceptance.decide_base`` (the base alone) and, when absorbed
+adapters continue from their residuals, ``gate.acceptance.decide_adapted`` (each one's languages).
 """
 
 from __future__ import annotations
@@ -32,7 +45,7 @@ import copy
 import math
 import secrets
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import TYPE_CHECKING, Any, Optional
 
 from fedem_flwr.config.schema import MERGE_METHODS
@@ -85,10 +98,37 @@ class MergeResult:
     absorbed: tuple[Absorbed, ...]
     method: str
     seed: Optional[int]
+    scale: Optional[float] = None  # `mean`'s scale, else None
+    targets: tuple[str, ...] = ()  # the base parameters the merge changed
 
     def record(self) -> dict[str, Any]:
-        """The JSON-ready record of the merge (method, seed, absorbed adapters)."""
-        return {"method": self.method, "seed": self.seed, "absorbed": [asdict(a) for a in self.absorbed]}
+        """The JSON-ready record of the merge (method, seed, ``mean``'s scale, absorbed adapters)."""
+        out: dict[str, Any] = {"method": self.method, "seed": self.seed}
+        if self.scale is not None:
+            out["scale"] = self.scale
+        return {**out, "absorbed": [asdict(a) for a in self.absorbed]}
+
+
+@dataclass(frozen=True)
+class Residual:
+    """An absorbed adapter re-expressed on the merged base: its new state (the input's keys, shapes and
+    dtypes) and how much of its residual the truncation to rank ``r`` lost.
+
+    ``errors``: per target, ``{"absolute": ||R - R_r||, "relative": that / ||R|| (0 when R = 0),
+    "norm": ||R||}`` (Frobenius, in weight units); ``absolute`` / ``relative`` are over all targets.
+    """
+
+    state: dict[str, "torch.Tensor"]
+    errors: dict[str, dict[str, float]]
+    absolute: float
+    relative: float
+
+    def record(self) -> dict[str, Any]:
+        """The JSON-ready summary: overall errors and the target with the largest relative error."""
+        worst = max(self.errors, key=lambda t: (self.errors[t]["relative"], t), default=None)
+        norm = math.sqrt(math.fsum(e["norm"] ** 2 for e in self.errors.values()))
+        return {"relative": self.relative, "absolute": self.absolute, "norm": norm,
+                "worst_target": worst, "worst_relative": self.errors[worst]["relative"] if worst else 0.0}
 
 
 # -- arithmetic (torch) ----------------------------------------------------------------------------
@@ -141,10 +181,12 @@ def merge_adapters(
     *,
     seed: Optional[int] = None,
     density: float = 0.5,
+    scale: float = 1.0,
 ) -> MergeResult:
     """A copy of ``base_model`` with ``adapters`` merged by ``method`` (module doc); the input is untouched.
 
     ``seed`` seeds DARE's draw (``dare_ties_svd``); None draws a fresh one, recorded in the result.
+    ``scale`` multiplies ``mean``'s weighted mean (its weights must be >= 0 with a positive sum).
     Raises ``MergeError`` when the adapters do not fit the base or the merged weights are not finite.
     """
     import torch
@@ -159,6 +201,8 @@ def merge_adapters(
     for adapter in adapters:
         if not math.isfinite(adapter.weight):
             raise MergeError(f"adapter {adapter.name!r} has weight {adapter.weight!r}; it must be finite.")
+    if method == "mean":
+        adapters = _mean_weighted(adapters, scale)
     factors = [_factors(a.state, lora_cfg) for a in adapters]
     targets = sorted(set().union(*factors))
     _check_fit(base_model, targets, factors, names)
@@ -183,7 +227,20 @@ def merge_adapters(
     if bad:
         raise MergeError(f"merged weights are not finite on {bad}; nothing is merged.")
     absorbed = tuple(Absorbed(a.name, int(a.version), float(a.weight), method) for a in adapters)
-    return MergeResult(model, absorbed, method, used_seed)
+    return MergeResult(model, absorbed, method, used_seed, float(scale) if method == "mean" else None,
+                       tuple(targets))
+
+
+def _mean_weighted(adapters: Sequence[WeightedAdapter], scale: float) -> list[WeightedAdapter]:
+    """``mean``'s weights as the factors of a ``sum``: ``scale * w_i / sum(w)``."""
+    if not (math.isfinite(scale) and scale > 0):
+        raise MergeError(f"`merge.scale` is {scale!r}; it must be a finite number > 0.")
+    negative = [a.name for a in adapters if a.weight < 0]
+    total = math.fsum(a.weight for a in adapters)
+    if negative or not total > 0:
+        raise MergeError(f"`mean` needs weights >= 0 with a positive sum; got "
+                         f"{ {a.name: a.weight for a in adapters} }.")
+    return [replace(a, weight=scale * a.weight / total) for a in adapters]
 
 
 def _check_fit(model: "PreTrainedModel", targets: list[str], factors: list[dict[str, _Factors]],
@@ -223,7 +280,7 @@ def _add_deltas(model: "PreTrainedModel", adapters: Sequence[WeightedAdapter], f
         in_place = param.dtype == torch.float32
         merged = param.detach() if in_place else param.detach().float()
         present = [(a.weight, pairs[target]) for a, pairs in zip(adapters, factors) if target in pairs]
-        if method == "sum":
+        if method in ("sum", "mean"):  # `mean`'s weights arrive normalised and scaled
             # sum_i w_i s B_i @ A_i is one product of the stacked factors [w_i s B_i] @ [A_i]: one pass
             # over the weight however many adapters, and no delta materialised.
             lhs = torch.cat([weight * scale * f.B.float() for weight, f in present], dim=1).to(merged.device)
@@ -261,3 +318,97 @@ def _merge_with_peft(base_model: "PreTrainedModel", adapters: Sequence[WeightedA
         svd_rank=lora_cfg.r * len(adapters) if method == "svd" else None,
     )
     return model.merge_and_unload(adapter_names=["merged"])
+
+
+# -- an absorbed adapter continues on the merged base from its residual (torch) ---------------------
+def weight_change(merged_model: "PreTrainedModel", base_model: "PreTrainedModel",
+                  targets: Sequence[str]) -> dict[str, "torch.Tensor"]:
+    """What a merge added to each of ``targets`` (``M``): merged minus base weight, float32, on the CPU.
+
+    Taken from the weights themselves, so it is what any method really added, the rounding of a
+    lower-precision base included: an adapter rebased on it reproduces the old base + adapter exactly.
+    """
+    import torch
+
+    merged = dict(merged_model.named_parameters(remove_duplicate=False))
+    base = dict(base_model.named_parameters(remove_duplicate=False))
+    missing = [t for t in targets if t not in merged or t not in base]
+    if missing:
+        raise MergeError(f"targets {missing} are not parameters of both the merged and the base model.")
+    with torch.no_grad():
+        return {t: merged[t].detach().to("cpu", torch.float32) - base[t].detach().to("cpu", torch.float32)
+                for t in targets}
+
+
+def rebase_residual(state: Mapping[str, "torch.Tensor"], change: Mapping[str, "torch.Tensor"],
+                    lora_cfg: "LoraConfig") -> Residual:
+    """``state`` re-expressed on a base that ``change`` (``weight_change``) moved: its residual
+    ``R = delta - M`` per target, truncated to rank ``r`` and split into its own ``A`` and ``B``.
+
+    With ``R ~= U S V^T`` (its ``r`` largest singular values) and ``s = alpha / r``, ``B @ A`` is
+    ``U (S / s) V^T`` (transposed for ``embeddings``), split balanced (``sqrt(S / s)`` on each side) except
+    that each rank slot keeps, on the factor PEFT initialises non-zero (``A`` on linear targets, ``B`` on
+    ``embeddings``), at least the RMS slot norm that factor has now: a slot whose residual is zero is then
+    left as PEFT leaves a fresh one (that factor non-zero, the other exactly zero), still trainable, and
+    not dead with both factors zero. The product does not depend on the split. A target the adapter
+    does not hold cannot take its residual ``-M``: it counts as lost in full. Computed in float64 on the
+    CPU; raises ``MergeError`` on non-finite values or a change shaped unlike the delta.
+    """
+    import torch
+
+    scale = lora_cfg.alpha / lora_cfg.r
+    factors = _factors(state, lora_cfg)
+    out: dict[str, torch.Tensor] = {}
+    errors: dict[str, dict[str, float]] = {}
+    for target, f in factors.items():
+        with torch.no_grad():
+            product = f.B.detach().to("cpu", torch.float64) @ f.A.detach().to("cpu", torch.float64)
+            residual = scale * (product.T if f.embedding else product)
+            if target in change:
+                moved = change[target].detach().to("cpu", torch.float64)
+                if moved.shape != residual.shape:
+                    raise MergeError(f"the merge changed {target!r} by a {tuple(moved.shape)} matrix; the "
+                                     f"adapter's delta there is {tuple(residual.shape)}.")
+                residual = residual - moved
+            if not bool(torch.isfinite(residual).all()):
+                raise MergeError(f"the residual on {target!r} is not finite; the adapter cannot be rebased.")
+            A, B, lost, norm = _best_rank(residual.T if f.embedding else residual, f, lora_cfg.r, scale)
+        prefix = _PREFIX + target[: -len(".weight")]
+        a_key, b_key = ((prefix + ".lora_embedding_A", prefix + ".lora_embedding_B") if f.embedding
+                        else (prefix + ".lora_A.weight", prefix + ".lora_B.weight"))
+        out[a_key] = A.to(state[a_key].device, state[a_key].dtype).contiguous()
+        out[b_key] = B.to(state[b_key].device, state[b_key].dtype).contiguous()
+        errors[target] = {"absolute": lost, "relative": lost / norm if norm > 0 else 0.0, "norm": norm}
+    for target in sorted(set(change) - set(factors)):  # the adapter has no factors there to hold -M
+        norm = float(torch.linalg.vector_norm(change[target].detach().to("cpu", torch.float64)))
+        errors[target] = {"absolute": norm, "relative": 1.0 if norm > 0 else 0.0, "norm": norm}
+    lost = math.sqrt(math.fsum(e["absolute"] ** 2 for e in errors.values()))
+    total = math.sqrt(math.fsum(e["norm"] ** 2 for e in errors.values()))
+    return Residual({key: out[key] for key in state}, errors, lost, lost / total if total > 0 else 0.0)
+
+
+def _best_rank(residual: "torch.Tensor", f: _Factors, r: int, scale: float
+               ) -> tuple["torch.Tensor", "torch.Tensor", float, float]:
+    """``(A, B, ||R - R_r||, ||R||)`` for ``residual`` in the ``B @ A`` orientation (float64): ``scale *
+    B @ A`` is its best rank-``r`` approximation, split as ``rebase_residual`` says."""
+    import torch
+
+    U, S, Vh = torch.linalg.svd(residual / scale, full_matrices=False)
+    norm = float(torch.linalg.vector_norm(S)) * scale
+    lost = float(torch.linalg.vector_norm(S[r:])) * scale
+    k = min(r, S.numel())
+    U, S, Vh = U[:, :k], S[:k], Vh[:k]
+    # The factor PEFT starts non-zero keeps its slots' current RMS norm at least (PEFT's init norm
+    # when it is all zero: kaiming-uniform rows of norm sqrt(1/3) for A, N(0, 1) columns for B).
+    live = f.B.detach().double().norm(dim=0) if f.embedding else f.A.detach().double().norm(dim=1)
+    floor = float(live.square().mean().sqrt()) if live.numel() else 0.0
+    if not floor > 0:
+        floor = math.sqrt(f.B.shape[0]) if f.embedding else math.sqrt(1.0 / 3.0)
+    kept = torch.clamp(S.sqrt(), min=floor)
+    other = S / kept
+    b, a = (kept, other) if f.embedding else (other, kept)
+    A = torch.zeros(r, Vh.shape[1], dtype=torch.float64)
+    B = torch.zeros(U.shape[0], r, dtype=torch.float64)
+    A[:k] = a[:, None] * Vh
+    B[:, :k] = U * b[None, :]
+    return A, B, lost, norm

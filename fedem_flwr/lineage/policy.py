@@ -5,12 +5,16 @@ every input are arguments), so it is tested in milliseconds.
   merge absorbs: those not under lease whose current version beats the bare current base on their
   own languages, by the gate's own-language rule (``fedem_flwr.gate.acceptance.decide``), strictly.
 - ``merge_due(accepted_since, last_merge_at, now, cfg, requested=) -> reason or None``.
+- ``mean_weights(tokens, multipliers=) -> {adapter: weight}``: the weights of a ``mean`` merge, summing
+  to 1, each proportional to the tokens trained into the adapter since its last fresh start (times its
+  ``merge.weights`` multiplier); node-reported counts that are negative or not finite count as 0.
 
 The arithmetic of a merge is in ``lineage.merge``.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Optional
@@ -87,3 +91,24 @@ def merge_due(
     if cfg.every_s is not None and (last_merge_at is None or now - last_merge_at >= cfg.every_s):
         return "every_s"
     return None
+
+
+def mean_weights(tokens: Mapping[str, float], multipliers: Optional[Mapping[str, float]] = None) -> dict[str, float]:
+    """The weight of each adapter in a ``mean`` merge: ``tokens[a] * multipliers.get(a, 1)``, normalised
+    to sum to 1 (module doc). Token counts are node-reported: a negative or non-finite one counts as 0.
+    When no adapter has a positive product (no counts reported), the multipliers alone are used, and
+    with none, every adapter weighs the same. Empty in, empty out.
+    """
+    def clean(value: float) -> float:
+        value = float(value)
+        return value if math.isfinite(value) and value > 0 else 0.0
+
+    scale = {name: clean((multipliers or {}).get(name, 1.0)) for name in tokens}
+    raw = {name: clean(clean(count) * scale[name]) for name, count in tokens.items()}
+    for fallback in (raw, scale, dict.fromkeys(tokens, 1.0)):
+        top = max(fallback.values(), default=0.0)
+        if top > 0:  # divided by the largest first: huge reported counts cannot overflow the sum
+            share = {name: value / top for name, value in fallback.items()}
+            total = math.fsum(share.values())
+            return {name: value / total for name, value in share.items()}
+    return {}

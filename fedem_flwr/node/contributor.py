@@ -39,6 +39,7 @@ from fedem_flwr.model.lora import adapter_state, attach_lora, load_adapter_state
 from fedem_flwr.node.cache import BaseCache, NodeConfig
 from fedem_flwr.training.device import pick_device
 from fedem_flwr.training.finetune import train
+from fedem_flwr.training.optimizer_state import OptimizerState
 
 log = logging.getLogger(__name__)
 
@@ -127,12 +128,17 @@ def relay_train(
     max_steps: int,
     seed: int,
     clock: Callable[[], float] = time.monotonic,
-) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
+    optimizer: Optional[OptimizerState] = None,
+    lr_schedule: Optional[Callable[[int], float]] = None,
+) -> tuple[dict[str, torch.Tensor], dict[str, float], Optional[OptimizerState]]:
     """Fine-tune the leased adapter on this node's rows of the adapter's languages and stop before
     the lease deadline (a node with none of them answers ``no-data`` instead of calling this).
 
     ``seed`` orders the batches; the ClientApp derives it from the lease, so a node that gets the
-    same adapter again explores other batches instead of repeating a rejected run."""
+    same adapter again explores other batches instead of repeating a rejected run. ``optimizer`` is
+    the adapter's optimizer state to continue (``train.carry``; checked by the caller against its
+    own LoRA's spec) and the third value returned is the updated one (None with ``carry=none``);
+    ``lr_schedule`` overrides the schedule (``training.finetune.train``)."""
     started = clock()
     model, tokenizer = load_base(str(base_folder))
     device = pick_device(cfg.train.device)
@@ -149,7 +155,7 @@ def relay_train(
     )
     result = train(
         model, blocks, replace(cfg.train, max_steps=max_steps), pad_id=tokenizer.pad_token_id,
-        seed=seed, deadline=started + budget_s, clock=clock,
+        seed=seed, deadline=started + budget_s, clock=clock, optimizer_state=optimizer, lr_schedule=lr_schedule,
     )
     metrics = {
         "steps": result.steps,
@@ -159,7 +165,7 @@ def relay_train(
         "seconds": clock() - started,
         "own-language-rows": float(len(rows)),
     }
-    return adapter_state(model), metrics
+    return adapter_state(model), metrics, result.optimizer_state
 
 
 def profile(cfg: FedemConfig, node_config: NodeConfig, cache: BaseCache) -> dict[str, Any]:

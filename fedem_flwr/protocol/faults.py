@@ -7,7 +7,12 @@ so a test decides when a node turns hostile by appending a line:
 - ``wrong-token``: claims the lease token before the one it was given (another lease's);
 - ``malformed-adapter``: drops the adapter's array (the reply carries an empty record);
 - ``oversized-adapter``: sends the adapter's packed array at four times its size;
-- ``late``: replies only after the message's TTL has passed (the lease has expired).
+- ``late``: replies only after the message's TTL has passed (the lease has expired);
+- ``nan-moments`` / ``negative-moments``: the optimizer moments it returns (``train.carry=moments``)
+  hold a NaN / are negated, so trained second moments turn negative;
+- ``optimizer-step-ahead``: claims 1000 optimizer steps more than it took.
+
+An optimizer fault on a reply that carries no optimizer state changes nothing.
 
 Unarmed, a node fault costs one environment lookup.
 """
@@ -24,7 +29,8 @@ from flwr.app import Array, ArrayRecord, Message
 from fedem_flwr.durable import atomic_write
 
 NODE_FAULTS_ENV = "FEDEM_NODE_FAULTS"
-NODE_FAULTS = ("wrong-token", "malformed-adapter", "oversized-adapter", "late")
+NODE_FAULTS = ("wrong-token", "malformed-adapter", "oversized-adapter", "late", "nan-moments", "negative-moments",
+               "optimizer-step-ahead")
 
 
 def take_node_fault() -> str | None:
@@ -61,4 +67,16 @@ def misbehave(reply: Message, instruction_message: Message, fault: str | None) -
     elif fault == "late":
         meta = instruction_message.metadata
         time.sleep(max(0.0, meta.created_at + meta.ttl + 2.0 - time.time()))
+    elif fault in ("nan-moments", "negative-moments") and "optimizer" in reply.content:
+        moments = reply.content["optimizer"]
+        key = min(moments.keys())
+        values = moments[key].numpy().copy()
+        if fault == "nan-moments":
+            values[0] = np.nan
+        else:
+            values = -values
+        moments[key] = Array(values)
+    elif fault == "optimizer-step-ahead" and "optimizer-step" in reply.content["config"]:
+        config = reply.content["config"]
+        config["optimizer-step"] = int(config["optimizer-step"]) + 1000
     return reply

@@ -8,6 +8,13 @@ a train message also names the base's Hub repo (``base-hf-repo``, and ``base-hf-
 is not the default Hub) and carries no files the first time: the node fetches the base itself
 (``fedem_flwr.node.fetch``), and gets the in-band copy only after it answered ``missing-base``.
 
+With ``train.carry`` set, a train message also carries the adapter's optimizer state and a train
+reply the updated one: the packed moments as the ``optimizer`` record (absent when no moments
+travel) and ``optimizer-step`` / ``optimizer-warmup-from`` in the config record
+(``protocol.wire.OptimizerRecord``). They are unpacked and checked only against an adapter's spec:
+the node's own, the hub's in its strategy. A malformed state in a reply never fails the reply: it is
+named in ``TrainReply.optimizer_problem`` and the hub replaces the state, keeping the adapter.
+
 What the hub sends is read on the node through ``parse_train_instruction``: a field of the wrong
 type or shape raises ``InvalidInstruction`` naming the field and the value.
 
@@ -35,12 +42,16 @@ from fedem_flwr.errors import FedemError, InvalidAdapter
 from fedem_flwr.hub.store import ArtifactRef
 from fedem_flwr.node.cache import BaseCache
 from fedem_flwr.node.fetch import BASE_REVISION, ENDPOINT, HF_REPO_ID, MAX_ENDPOINT_CHARS, HfLocation
+from fedem_flwr.protocol.wire import OptimizerRecord
 
 TRAIN = "train.relay"
 PROFILE = "query.profile"
 
 BASE_FILES = "base-files"
 NODE_ROWS = "node-rows"
+OPTIMIZER = "optimizer"  # the record of an optimizer state's packed moments
+OPTIMIZER_STEP = "optimizer-step"
+OPTIMIZER_WARMUP_FROM = "optimizer-warmup-from"
 MAX_FILE_COUNT = 64
 
 # Train reply statuses: ``ok`` carries the trained adapter; the others end the lease without one.
@@ -91,6 +102,7 @@ class TrainInstruction:
     budget_s: float
     max_steps: int
     base_hf: Optional[HfLocation] = None  # where the node may fetch the base itself
+    optimizer: Optional[OptimizerRecord] = None  # the adapter's optimizer state (``train.carry``), packed
 
 
 @dataclass(frozen=True)
@@ -107,6 +119,8 @@ class TrainReply:
     metrics: dict[str, float]
     dropped_metrics: tuple[str, ...] = ()
     detail: str = ""
+    optimizer: Optional[OptimizerRecord] = None  # the updated optimizer state, packed and not yet checked
+    optimizer_problem: str = ""  # why the reply's optimizer fields could not even be read
 
 
 @dataclass(frozen=True)
@@ -159,6 +173,7 @@ def train_message(
         if instruction.base_hf.endpoint:
             config["base-hf-endpoint"] = instruction.base_hf.endpoint
     content = RecordDict({"arrays": adapter, "config": config})
+    _put_optimizer(content, config, instruction.optimizer)
     if base_folder is not None:
         content[BASE_FILES] = folder_to_arrays(base_folder)
     if rows is not None:
@@ -198,6 +213,9 @@ def parse_train_instruction(message: Message) -> TrainInstruction:
         base_hf = HfLocation(repo_id, revision, endpoint)
     elif "base-hf-endpoint" in config:
         raise InvalidInstruction("train message has `base-hf-endpoint` but no `base-hf-repo`")
+    optimizer, problem = _read_optimizer(message, "train message")
+    if problem:
+        raise InvalidInstruction(problem)
     return TrainInstruction(
         adapter=str(config["adapter"]),
         adapter_version=int(config["adapter-version"]),
@@ -208,6 +226,7 @@ def parse_train_instruction(message: Message) -> TrainInstruction:
         budget_s=float(config["budget-s"]),
         max_steps=int(config["max-steps"]),
         base_hf=base_hf,
+        optimizer=optimizer,
     )
 
 
@@ -222,11 +241,49 @@ def _instruction_field(config: ConfigRecord, key: str, pattern: re.Pattern, allo
 
 
 def train_reply(
-    message: Message, instruction: TrainInstruction, adapter: ArrayRecord, metrics: Mapping[str, float]
+    message: Message, instruction: TrainInstruction, adapter: ArrayRecord, metrics: Mapping[str, float],
+    optimizer: Optional[OptimizerRecord] = None,
 ) -> Message:
+    """``optimizer``: the adapter's updated optimizer state, when the hub sent one (``train.carry``)."""
     record = MetricRecord({k: float(v) for k, v in metrics.items()})
-    content = RecordDict({"arrays": adapter, "metrics": record, "config": _claims(instruction, OK)})
+    config = _claims(instruction, OK)
+    content = RecordDict({"arrays": adapter, "metrics": record, "config": config})
+    _put_optimizer(content, config, optimizer)
     return Message(content, reply_to=message)
+
+
+def _put_optimizer(content: RecordDict, config: ConfigRecord, optimizer: Optional[OptimizerRecord]) -> None:
+    if optimizer is None:
+        return
+    config[OPTIMIZER_STEP] = int(optimizer.step)
+    config[OPTIMIZER_WARMUP_FROM] = int(optimizer.warmup_from)
+    if optimizer.arrays is not None:
+        content[OPTIMIZER] = optimizer.arrays
+
+
+def _read_optimizer(message: Message, what: str) -> tuple[Optional[OptimizerRecord], str]:
+    """The optimizer state a message carries (None when it carries none), or why it cannot be read.
+
+    Only its form is checked here; its moments are unpacked and checked against the adapter's spec
+    by the receiver (``wire.arrays_to_optimizer``)."""
+    config = message.content["config"]
+    arrays = message.content.get(OPTIMIZER) if OPTIMIZER in message.content else None
+    if OPTIMIZER_STEP not in config:
+        if arrays is not None or OPTIMIZER_WARMUP_FROM in config:
+            return None, f"{what} has optimizer fields but no `{OPTIMIZER_STEP}`"
+        return None, ""
+    numbers = {}
+    for key in (OPTIMIZER_STEP, OPTIMIZER_WARMUP_FROM):
+        value = config.get(key) if key in config else None
+        if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+            return None, f"{what} `{key}` is {_show(value)}; it must be a non-negative integer"
+        numbers[key] = value
+    if numbers[OPTIMIZER_WARMUP_FROM] > numbers[OPTIMIZER_STEP]:
+        return None, (f"{what} `{OPTIMIZER_WARMUP_FROM}` is {numbers[OPTIMIZER_WARMUP_FROM]}, past "
+                      f"`{OPTIMIZER_STEP}` {numbers[OPTIMIZER_STEP]}")
+    if arrays is not None and not isinstance(arrays, ArrayRecord):
+        return None, f"{what} `{OPTIMIZER}` is a {type(arrays).__name__}, not an ArrayRecord"
+    return OptimizerRecord(numbers[OPTIMIZER_STEP], numbers[OPTIMIZER_WARMUP_FROM], arrays), ""
 
 
 def status_reply(message: Message, instruction: TrainInstruction, status: str, detail: str = "") -> Message:
@@ -265,6 +322,7 @@ def parse_train_reply(message: Message, sent: TrainInstruction) -> TrainReply:
     metrics = message.content.get("metrics") if status == OK else None
     kept, dropped = parse_metrics(metrics if isinstance(metrics, MetricRecord) else MetricRecord({}))
     detail = config.get("detail", "")
+    optimizer, optimizer_problem = _read_optimizer(message, "train reply") if status == OK else (None, "")
     mismatch = _claim_mismatch(token, adapter, base_version, sent)
     if mismatch:
         raise ClaimMismatch(mismatch, kept, dropped)
@@ -277,6 +335,8 @@ def parse_train_reply(message: Message, sent: TrainInstruction) -> TrainReply:
         metrics=kept,
         dropped_metrics=dropped,
         detail=detail[:MAX_DETAIL_CHARS] if isinstance(detail, str) else "",
+        optimizer=optimizer,
+        optimizer_problem=optimizer_problem,
     )
 
 

@@ -29,6 +29,7 @@ from fedem_flwr.data.partition import partition
 from fedem_flwr.gate.evaluator import HubWorkbench
 from fedem_flwr.hub.lineage import write_adapter_card
 from fedem_flwr.hub.model_card import base_card, write_card
+from fedem_flwr.hub.optimizer_states import OptimizerStates
 from fedem_flwr.hub.paths import registry_path
 from fedem_flwr.hub.records import Checkpoint, revision_name
 from fedem_flwr.hub.registry import Registry
@@ -106,9 +107,15 @@ def open_hub(cfg: FedemConfig, hub_path: Path, clock: Callable[[], float] = time
     coordinator = RelayCoordinator(
         registry, store, make_policy(cfg.relay.policy, rng, fallback=cfg.relay.policy_fallback), workbench,
         lease_ttl_s=cfg.relay.lease_ttl_s, sweep_interval_s=cfg.relay.sweep_interval_s,
-        gate=cfg.gate, clock=clock,
+        gate=cfg.gate, clock=clock, train=cfg.train, optimizer_states=OptimizerStates(hub_path),
+        max_push_tokens=max_push_tokens(cfg),
     )
     return Hub(hub_path, registry, store, coordinator, cfg, corpus, split, split_id(fingerprint))
+
+
+def max_push_tokens(cfg: FedemConfig) -> int:
+    """The most tokens one lease can train: what a node's reported ``tokens`` is clamped to."""
+    return cfg.train.max_steps * cfg.train.batch_size * cfg.train.grad_accum * cfg.data.block_size
 
 
 def build_workbench(cfg: FedemConfig, model: Any, pad_id: int, heldout: Any) -> HubWorkbench:

@@ -8,6 +8,13 @@ The coordinator owns the registry, the store, the lease book and the workbench: 
 (``train_payload``, ``pseudonym``, ``lease``, ``leased_adapters``, ``adopt_base``) and never reach
 into them. What a node sent arrives checked (``protocol.messages`` parses every reply, claims and
 metrics included): a push names only the hub's own lease token, and is trusted as parsed.
+
+With ``train.carry`` the optimizer state belongs to the adapter (DESIGN 19): each accepted version's
+state is kept as private hub state (``hub.optimizer_states``), written before the version's registry
+row commits, sent with the next lease of that version, and replaced by the push's. A push's state
+arrives checked by the strategy; one that failed the check never costs an otherwise good adapter:
+the version keeps a fresh state at the leased state's step (zero moments), and the contribution
+records why.
 """
 
 from __future__ import annotations
@@ -17,20 +24,24 @@ import logging
 import math
 import tempfile
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Optional, Protocol
+from typing import TYPE_CHECKING, Any, Optional, Protocol
 
-from fedem_flwr.config.schema import GateConfig
-from fedem_flwr.errors import HubFault, InvalidAdapter, StoreError, is_hub_fault, one_line
+from fedem_flwr.config.schema import GateConfig, TrainConfig
+from fedem_flwr.errors import ConfigError, HubFault, InvalidAdapter, StoreError, is_hub_fault, one_line
 from fedem_flwr.gate.acceptance import Decision, decide
 from fedem_flwr.gate.novelty import no_work
+from fedem_flwr.hub.optimizer_states import OptimizerStates
 from fedem_flwr.hub.records import Lease, revision_name
 from fedem_flwr.hub.store import ArtifactRef, ArtifactStore
 from fedem_flwr.node.fetch import HfLocation, hf_location
 from fedem_flwr.relay.leases import LeaseBook, PushRejected, SweepSchedule
-from fedem_flwr.relay.policies import AdapterInfo, NodeProfile, Policy
+from fedem_flwr.relay.policies import AdapterInfo, NodeProfile, Policy, token_shares
 from fedem_flwr.relay.pool import AdapterPool
+
+if TYPE_CHECKING:
+    from fedem_flwr.training.optimizer_state import OptimizerState
 
 log = logging.getLogger(__name__)
 
@@ -68,11 +79,13 @@ class Assignment:
 
 @dataclass(frozen=True)
 class TrainPayload:
-    """What a train message carries beside the lease's terms: the adapter version leased, and where a
-    node may fetch the base itself (None unless the store is on a Hugging Face Hub)."""
+    """What a train message carries beside the lease's terms: the adapter version leased, where a
+    node may fetch the base itself (None unless the store is on a Hugging Face Hub), and the
+    adapter's optimizer state to continue (None with ``train.carry=none``: nothing is sent)."""
 
     state: dict[str, Any]
     base_hf: Optional[HfLocation]
+    optimizer: Optional["OptimizerState"] = None
 
 
 @dataclass(frozen=True)
@@ -105,6 +118,9 @@ class RelayCoordinator:
         sweep_interval_s: float,
         gate: Optional[GateConfig] = None,
         clock: Callable[[], float],
+        train: Optional[TrainConfig] = None,
+        optimizer_states: Optional[OptimizerStates] = None,
+        max_push_tokens: Optional[int] = None,
     ) -> None:
         self._registry = registry
         self._store = store
@@ -113,11 +129,21 @@ class RelayCoordinator:
         self.lease_ttl_s = lease_ttl_s
         self.gate = gate or GateConfig()
         self.clock = clock
+        self._train = train or TrainConfig()
+        if self._train.carry != "none" and optimizer_states is None:
+            raise ConfigError(f"`train.carry` is {self._train.carry!r}: the coordinator needs `optimizer_states` "
+                              "(the hub's folder of them) to keep each version's state in")
+        self._optimizer_states = optimizer_states
         self._book = LeaseBook(registry.leases(active_only=True), next_token=registry.max_lease_token() + 1,
                                lookup=registry.lease, latest=registry.latest_lease_tokens())
         self.schedule = SweepSchedule(sweep_interval_s)
         self.last_served = registry.last_leased()
         self.languages = {adapter.name: tuple(adapter.languages) for adapter in registry.adapters()}
+        # Tokens trained into each adapter (judged pushes), what the `fair` policy balances. A push counts
+        # what it reported, at least 0 and at most `max_push_tokens` (max_steps * batch_size * grad_accum
+        # * block_size: what one lease can train), so no node can push an adapter out of turn.
+        self.max_push_tokens = max_push_tokens
+        self._tokens = registry.tokens_by_adapter(max_push_tokens)
         latest = registry.latest_adapter_versions()
         self.pool = AdapterPool(
             self._info(name, latest[name].version) for name in self.languages
@@ -143,17 +169,102 @@ class RelayCoordinator:
         """The lease of ``token`` as the book knows it (active or ended), or None if never issued."""
         return self._book.get(token)
 
+    def adapter_tokens(self) -> dict[str, int]:
+        """Tokens trained into each adapter so far (its judged pushes, as counted for the `fair` policy)."""
+        return dict(sorted(self._tokens.items()))
+
+    def token_shares(self) -> dict[str, float]:
+        """Each adapter's tokens over the mean over the adapters: 1.0 is its equal share (``fair``'s target)."""
+        return token_shares(self._tokens)
+
     def leased_adapters(self) -> set[str]:
         """The adapters under an active lease now."""
         return {lease.adapter for lease in self._book.active()}
 
+    @property
+    def carry(self) -> str:
+        """What of the optimizer travels with an adapter (``train.carry``): a push's state is checked by it."""
+        return self._train.carry
+
     def train_payload(self, assignment: Assignment) -> TrainPayload:
-        """The adapter weights a new lease starts from, and where a node may fetch its base itself."""
+        """The adapter weights a new lease starts from, where a node may fetch its base itself, and
+        the optimizer state the lease continues (``train.carry``)."""
         # torch is imported only once a lease is issued: leases and fencing run without it.
         from fedem_flwr.model.lora import read_adapter_state
 
-        return TrainPayload(read_adapter_state(self._store.get(assignment.adapter_ref)),
-                            hf_location(self._store, assignment.base_ref))
+        lease = assignment.lease
+        state = read_adapter_state(self._store.get(assignment.adapter_ref))
+        return TrainPayload(state, hf_location(self._store, assignment.base_ref),
+                            self._lease_optimizer(lease.adapter, lease.adapter_version, state))
+
+    # -- optimizer states (train.carry) ----------------------------------------------------------
+
+    def _lease_optimizer(self, adapter: str, version: int, weights: Mapping[str, Any]) -> Optional["OptimizerState"]:
+        """The optimizer state a lease of ``adapter`` ``version`` (whose weights are ``weights``) starts
+        from: the one kept for that version; for a rebased version without one, its parent's with the
+        moments reset or pruned (``train.rebase_moments``) and the warmup started again there; else a
+        fresh one. None with ``carry=none``."""
+        if self.carry == "none":
+            return None
+        from fedem_flwr.model.adapter_spec import AdapterSpec
+        from fedem_flwr.training.optimizer_state import fresh, reset_moments
+
+        spec = AdapterSpec.from_state(weights)
+        kept = self._kept_optimizer(adapter, version, spec)
+        if kept is not None:
+            return kept
+        row = self._registry.adapter_version(adapter, version)
+        if row is not None and row.kind == "rebase" and row.parent_version is not None:
+            parent = self._kept_optimizer(adapter, row.parent_version, spec)
+            if parent is not None:
+                return reset_moments(parent, self._train.rebase_moments)
+        return fresh(spec, self.carry)
+
+    def _kept_optimizer(self, adapter: str, version: int, spec: Any) -> Optional["OptimizerState"]:
+        """The state kept for ``adapter`` ``version``, fitted to ``carry`` and ``spec`` (moments that do
+        not fit are zeroed, the schedule position kept), or None when none is kept or it cannot be read."""
+        from fedem_flwr.training.optimizer_state import (
+            InvalidOptimizerState,
+            OptimizerState,
+            fresh,
+            load_optimizer_state,
+            validate_optimizer_state,
+        )
+
+        path = self._optimizer_states.get(adapter, version)
+        if path is None:
+            return None
+        try:
+            kept = load_optimizer_state(path)
+        except InvalidOptimizerState as err:
+            log.error("The kept optimizer state of %r v%d cannot be read (%s): its lease starts afresh", adapter,
+                      version, err)
+            return None
+        if self.carry == "schedule":
+            return OptimizerState(kept.step, kept.warmup_from, {})
+        if kept.moments:
+            try:
+                return validate_optimizer_state(kept, spec, carry="moments")
+            except InvalidOptimizerState as err:
+                log.warning("The kept optimizer moments of %r v%d do not fit it (%s): zeroed", adapter, version, err)
+        return fresh(spec, "moments", step=kept.step, warmup_from=kept.warmup_from)
+
+    def _keep_optimizer(self, lease: Lease, version: int, received: "_Received", weights: Mapping[str, Any]) -> None:
+        """Keep the push's optimizer state as ``version``'s, before the version's registry row commits;
+        a state that failed its check is replaced by a fresh one at the leased state's step."""
+        if self.carry == "none":
+            return
+        from fedem_flwr.model.adapter_spec import AdapterSpec
+        from fedem_flwr.training.optimizer_state import fresh, optimizer_state_bytes
+
+        kept = received.optimizer
+        if kept is None:
+            sent = self._lease_optimizer(lease.adapter, lease.adapter_version, weights)
+            kept = fresh(AdapterSpec.from_state(weights), self.carry, step=sent.step, warmup_from=sent.warmup_from)
+        try:
+            self._optimizer_states.put(lease.adapter, version, optimizer_state_bytes(kept))
+        except OSError as err:
+            raise HubFault(f"cannot keep the optimizer state of {lease.adapter!r} v{version}: {one_line(err)}") from err
 
     def base_folder(self, assignment: Assignment) -> Path:
         """The stored files of the lease's base, to send in-band to a node that lacks them."""
@@ -190,7 +301,17 @@ class RelayCoordinator:
     # -- leasing ---------------------------------------------------------------------------------
 
     def _info(self, name: str, version: int) -> AdapterInfo:
-        return AdapterInfo(name, self.languages[name], version, self.last_served.get(name))
+        return AdapterInfo(name, self.languages[name], version, self.last_served.get(name), self._tokens.get(name, 0))
+
+    def _count_tokens(self, adapter: str, metrics: Mapping[str, float]) -> None:
+        """Add a judged push's reported ``tokens`` to its adapter, clamped to [0, ``max_push_tokens``] as
+        ``Registry.tokens_by_adapter`` clamps them; a free adapter is offered with the new count at once."""
+        pushed = max(0, int(metrics.get("tokens", 0.0)))  # parsed metrics are finite numbers
+        self._tokens[adapter] = self._tokens.get(adapter, 0) + (
+            pushed if self.max_push_tokens is None else min(pushed, self.max_push_tokens))
+        info = self.pool.get(adapter)
+        if info is not None:
+            self.pool.put(replace(info, tokens=self._tokens[adapter]))
 
     def assign(self, free_nodes: Sequence[NodeProfile]) -> list[Assignment]:
         """Lease adapters to the free nodes the policy picks; nodes holding a lease are skipped."""
@@ -228,6 +349,8 @@ class RelayCoordinator:
         invalid_reason: Optional[str] = None,
         metrics: Optional[Mapping[str, float]] = None,
         dropped_metrics: Sequence[str] = (),
+        optimizer_state: Optional["OptimizerState"] = None,
+        optimizer_invalid: Optional[str] = None,
     ) -> PushOutcome:
         """Fence, check for work, evaluate blind, decide, and persist the outcome of one push.
 
@@ -239,12 +362,18 @@ class RelayCoordinator:
         ``metrics`` are the reply's as parsed (finite numbers) and ``dropped_metrics`` names those the
         parse dropped; both are recorded with the contribution as they are.
 
+        With ``train.carry``, ``optimizer_state`` is the push's optimizer state as the strategy checked
+        it, or None with ``optimizer_invalid`` saying why it failed (or was missing): an accepted push
+        keeps it (or, invalid, a fresh one at the leased step) as its new version's, and the
+        contribution's ``validation["optimizer"]`` says which; it never decides the push.
+
         Nothing a node sends ends the run: an unexpected error while judging one push ends its lease
         (outcome ``hub-error``) and is recorded as a rejection. Only a fault of the hub itself (the
         registry cannot be written, the store cannot be read or written) raises ``HubFault``.
         """
         try:
-            return self._receive(token, state, invalid_reason, dict(metrics or {}), tuple(dropped_metrics))
+            return self._receive(token, state, invalid_reason, dict(metrics or {}), tuple(dropped_metrics),
+                                 optimizer=(optimizer_state, optimizer_invalid))
         except Exception as err:
             if is_hub_fault(err) and not isinstance(err, HubFault):
                 leased = self._book.get(token)
@@ -253,7 +382,8 @@ class RelayCoordinator:
             raise
 
     def _receive(self, token: int, state: Optional[Mapping[str, Any]], invalid_reason: Optional[str],
-                 metrics: dict[str, float], dropped: tuple[str, ...]) -> PushOutcome:
+                 metrics: dict[str, float], dropped: tuple[str, ...],
+                 optimizer: tuple[Any, Optional[str]] = (None, None)) -> PushOutcome:
         now = self.clock()
         digest = state_digest(state) if state is not None else "-"
         try:
@@ -261,6 +391,10 @@ class RelayCoordinator:
         except PushRejected as rejected:
             return self._reject_unfenced(rejected, token, now, digest, metrics, dropped)
         received = _Received(self._registry.pseudonym(lease.holder), now, digest, metrics, dropped)
+        if self.carry != "none":  # what the push's optimizer state was, recorded with it
+            pushed, invalid = optimizer
+            received = replace(received, optimizer=pushed, optimizer_invalid="" if pushed is not None else
+                               (invalid or "the push carried no optimizer state"))
 
         if state is None:
             return self._conclude(lease, received, "rejected", f"invalid-adapter: {invalid_reason}", {})
@@ -302,6 +436,8 @@ class RelayCoordinator:
         decision = self._decide(losses, reference, languages)
         ref = (self._write_artifact(state, parent, lease, losses, received.pseudonym, base)
                if decision.accepted else None)
+        if ref is not None:
+            self._keep_optimizer(lease, parent.version + 1, received, state)  # before the version's row commits
         return self._conclude(lease, received, "accepted" if decision.accepted else "rejected", decision.reason,
                               losses, parent=parent, ref=ref, judged=base.version)
 
@@ -452,6 +588,8 @@ class RelayCoordinator:
                 version = row.version
             self._record(received, lease.adapter, lease.token, decision, reason, version, losses,
                          trained_on=lease.base_version, judged_on=judged)
+            if judged is not None:
+                self._count_tokens(lease.adapter, received.metrics)
             self._book.release(lease.token, received.at, outcome=decision)
             self._flush()
         return PushOutcome(decision, reason, lease.adapter, lease.token, version, dict(losses))
@@ -466,6 +604,10 @@ class RelayCoordinator:
         validation: dict[str, Any] = {"ok": not reason.startswith("invalid-adapter")}
         if received.dropped:
             validation["dropped_metrics"] = list(received.dropped)
+        if received.optimizer is not None:
+            validation["optimizer"] = "ok"
+        elif received.optimizer_invalid:  # never the push's decision: an accepted one keeps a fresh state
+            validation["optimizer"] = f"{'replaced' if version is not None else 'invalid'}: {received.optimizer_invalid}"
         heldout = {lang: (float(loss) if math.isfinite(loss) else None) for lang, loss in losses.items()}
         evaluation: dict[str, Any] = {"heldout": heldout, "train": dict(received.metrics)}
         non_finite = sorted(lang for lang, loss in heldout.items() if loss is None)
@@ -510,6 +652,8 @@ class _Received:
     digest: str
     metrics: dict[str, float]  # finite numbers, as the protocol parsed them
     dropped: tuple[str, ...]  # metric names the protocol dropped as invalid
+    optimizer: Any = None  # the push's optimizer state as the strategy checked it (train.carry)
+    optimizer_invalid: str = ""  # why it failed its check or was missing (train.carry)
 
 
 def state_digest(state: Mapping[str, Any]) -> str:

@@ -3,20 +3,34 @@ pretraining (``cpt.*``), and publishes a new base version only through the base 
 
 One lineage (DESIGN decision 16): every new base has one parent, the newest base. A merge absorbs the
 adapters that are not under lease and beat the bare base on their own languages (``merge.select_absorbed``),
-adds their deltas exactly (``merge.merge_adapters``) and is published when the merged model beats the
-base over all held-out languages by ``merge.margin`` with no language worse than ``merge.tolerance``
-(``gate.acceptance.decide_base``). CPT runs a slice of whole optimizer steps bounded by ``cpt.slice_s``
-only on turns that handled no reply, and every ``cpt.checkpoint_every`` steps its weights pass the same
-gate. What is not published is recorded as a base attempt with its reason.
+adds their deltas exactly (``merge.merge_adapters``: ``sum``, or ``mean`` weighted by the tokens each
+adapter trained since its last fresh start, ``lineage.policy.mean_weights``) and is published only
+through the base gate (``gate.acceptance``):
+
+- ``merge.rebase: zero``: each absorbed adapter restarts from a zero delta (a ``rebase`` version, PEFT's
+  own initialisation ``B = 0``), so its accepted work is never applied twice; the merged base alone must
+  beat the base over all held-out languages by ``merge.margin`` with no language worse than
+  ``merge.tolerance`` (``decide_base``).
+- ``merge.rebase: residual`` (DESIGN decision 21): each absorbed adapter continues from its residual
+  (its delta minus the merged one, truncated to its rank: ``merge.rebase_residual``), evaluated for real
+  on the merged base; the base alone must beat the base by ``merge.margin`` overall, and each absorbed
+  language served by new base + rebased adapter must be within ``merge.tolerance`` of old base + its
+  version just before the merge (``decide_adapted``).
+
+The merge's record (checkpoint metrics, or the attempt's details when refused) holds per absorbed
+adapter its weight, tokens, truncation error and its languages' adapted losses just before and after,
+the base-alone losses and both gates' reasons. CPT runs a slice of whole optimizer steps bounded by
+``cpt.slice_s`` only on turns that handled no reply, and every ``cpt.checkpoint_every`` steps its
+weights pass the base gate. What is not published is recorded as a base attempt with its reason.
 
 After a publication the hub adopts the new base: the workbench judges on it; every adapter's current
 version is evaluated on it before its next push is judged (a zero-delta version scores the base itself;
-a trained one is evaluated when next judged or merged, so adopting a base costs the relay nothing); each absorbed adapter continues from a zero
-delta (a ``rebase`` version, PEFT's own initialisation ``B = 0``), so its accepted work is never applied
-twice; CPT continues from it with its optimizer state; and new leases carry it. A failure in a merge or a
-CPT slice is recorded and the relay goes on; only faults of the hub itself stop the run. A merge is
-carried into the CPT run as the change it made (merged minus parent weights), so CPT keeps its own
-steps since its last checkpoint and continues from the newest base.
+a trained or residual one is evaluated when next judged or merged, so adopting a base costs the relay
+nothing); each absorbed adapter gets its ``rebase`` version; CPT continues from it with its optimizer
+state; and new leases carry it. A failure in a merge or a CPT slice is recorded and the relay goes on;
+only faults of the hub itself stop the run. A merge is carried into the CPT run as the change it made
+(merged minus parent weights), so CPT keeps its own steps since its last checkpoint and continues from
+the newest base.
 """
 
 from __future__ import annotations
@@ -26,8 +40,8 @@ import logging
 import math
 import tempfile
 import time
-from collections.abc import Callable, Mapping
-from dataclasses import asdict
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
@@ -36,24 +50,51 @@ import torch
 from fedem_flwr.config.loader import config_to_dict
 from fedem_flwr.data.blocks import tokenize_blocks
 from fedem_flwr.errors import is_hub_fault, one_line
-from fedem_flwr.gate.acceptance import decide_base
+from fedem_flwr.gate.acceptance import decide_adapted, decide_base
 from fedem_flwr.gate.loss import evaluate
 from fedem_flwr.hub.lineage import publish_base, record_attempt, store_adapter_version
 from fedem_flwr.hub.merge_request import take_merge_request
 from fedem_flwr.hub.paths import cpt_state_path
-from fedem_flwr.hub.records import Checkpoint
+from fedem_flwr.hub.records import AdapterVersion, Checkpoint
 from fedem_flwr.hub.store import ArtifactRef
-from fedem_flwr.lineage.merge import WeightedAdapter, merge_adapters
-from fedem_flwr.lineage.policy import Candidate, merge_due, select_absorbed
+from fedem_flwr.lineage.merge import (
+    MergeResult,
+    WeightedAdapter,
+    merge_adapters,
+    rebase_residual,
+    weight_change,
+)
+from fedem_flwr.lineage.policy import (
+    Candidate,
+    mean_weights,
+    merge_due,
+    select_absorbed,
+)
 from fedem_flwr.model.factory import load_base, save_base
 from fedem_flwr.model.lora import read_adapter_state
-from fedem_flwr.relay.bootstrap import Hub, build_workbench
+from fedem_flwr.relay.bootstrap import Hub, build_workbench, max_push_tokens
 from fedem_flwr.training.cpt import ContinuousPretrainer
 
 log = logging.getLogger(__name__)
 
 Losses = dict[str, float]
 CPT_RETRY_S, CPT_RETRY_MAX_S = 60.0, 3600.0  # the wait after a failed CPT slice, doubling, bounded
+
+
+@dataclass(frozen=True)
+class Rebase:
+    """What an absorbed adapter continues from on a merged base: ``state`` (None: the fresh LoRA, a zero
+    delta), its held-out losses there (None: the bare base's) and what its ``rebase`` version records."""
+
+    state: Optional[dict[str, torch.Tensor]] = None
+    heldout: Optional[Losses] = None
+    record: Mapping[str, Any] = field(default_factory=lambda: {"mode": "zero"})
+
+
+def zero_delta(version: AdapterVersion) -> bool:
+    """Whether ``version`` is a zero delta (B = 0): fresh, or rebased from zero (older hubs: every rebase)."""
+    mode = (version.metrics.get("rebase") or {}).get("mode", "zero") if version.kind == "rebase" else None
+    return version.kind == "fresh" or mode == "zero"
 
 
 class BaseKeeper:
@@ -140,29 +181,77 @@ class BaseKeeper:
             record_attempt(registry, source="merge", parent=base.version, reason=f"{why}: no adapter to absorb",
                            details={"skipped": skipped}, created=now)
             return None
-        adapters = [WeightedAdapter(c.name, c.version, self._adapter_state(c.name, c.version),
-                                    float(merge_cfg.weights.get(c.name, 1.0))) for c in selection.absorbed]
+        most = max_push_tokens(self.cfg)  # a push counts at most what one lease can train: no node sets its weight
+        tokens = {c.name: registry.tokens_since_restart(c.name, c.version, most) for c in selection.absorbed}
+        weights = (mean_weights(tokens, merge_cfg.weights) if merge_cfg.method == "mean"
+                   else {c.name: merge_cfg.weight(c.name) for c in selection.absorbed})
+        adapters = [WeightedAdapter(c.name, c.version, self._adapter_state(c.name, c.version), weights[c.name])
+                    for c in selection.absorbed]
         model, tokenizer = self._load(base)
         result = merge_adapters(model, adapters, self.cfg.lora, merge_cfg.method, seed=merge_cfg.seed,
-                                density=merge_cfg.density)
+                                density=merge_cfg.density, scale=merge_cfg.scale)
         losses = self._evaluate(result.model)
-        decision = decide_base(losses, bare, merge_cfg.margin, merge_cfg.tolerance, weights=self._weights())
+        residual = merge_cfg.rebase == "residual"
+        # With residual rebases the base alone is judged overall only: each absorbed language is served by
+        # the base with its adapter, and those are judged one by one below.
+        decision = decide_base(losses, bare, merge_cfg.margin, None if residual else merge_cfg.tolerance,
+                               weights=self._weights())
+        workbench, rebased, report = self._rebase(result, model, adapters, selection.absorbed, losses, tokens)
+        gates = {"base": decision.reason}
+        refusals = [] if decision.accepted else [decision.reason]
+        if residual:
+            adapted = decide_adapted({name: r["adapted_after"] for name, r in report.items()},
+                                     {name: r["adapted_before"] for name, r in report.items()}, merge_cfg.tolerance)
+            gates["adapted"] = adapted.reason
+            refusals += [] if adapted.accepted else [f"adapted languages: {adapted.reason}"]
+        record = {**result.record(), "rebase": merge_cfg.rebase, "adapters": report, "gate": gates}
         names = ", ".join(f"{a.name} v{a.version}" for a in result.absorbed)
-        if not decision.accepted:
-            log.info("Merge of %s into base v%d refused: %s", names, base.version, decision.reason)
-            record_attempt(registry, source="merge", parent=base.version, reason=f"{why}: {decision.reason}",
-                           details={"merge": result.record(), "heldout": losses, "skipped": skipped}, created=now)
+        if refusals:
+            reason = "; ".join(refusals)
+            log.info("Merge of %s into base v%d refused: %s", names, base.version, reason)
+            record_attempt(registry, source="merge", parent=base.version, reason=f"{why}: {reason}",
+                           details={"merge": record, "heldout": losses, "skipped": skipped}, created=now)
             return None
         absorbed = [(a.name, a.version, a.weight, a.method, result.seed) for a in result.absorbed]
-        metrics = {"heldout": losses, "merge": {"method": result.method, "seed": result.seed}}
+        metrics = {"heldout": losses, "merge": {k: v for k, v in record.items() if k != "absorbed"}}
         new = self._publish(result.model, tokenizer, base, "merge", metrics, absorbed)
-        log.info("Published base v%d: merged %s into v%d (%s)", new.version, names, base.version, decision.reason)
-        self._adopt(new, result.model, losses, absorbed={a.name for a in result.absorbed}, parent=model)
+        log.info("Published base v%d: merged %s into v%d (%s)", new.version, names, base.version,
+                 "; ".join(gates.values()))
+        self._adopt(new, result.model, losses, rebased, parent=model, workbench=workbench)
         return new
+
+    def _rebase(self, result: MergeResult, parent: torch.nn.Module, adapters: Sequence[WeightedAdapter],
+                absorbed: Sequence[Candidate], losses: Losses, tokens: Mapping[str, float],
+                ) -> tuple[Any, dict[str, Rebase], dict[str, dict[str, Any]]]:
+        """What each absorbed adapter continues from on the merged base (``merge.rebase``) and the merge's
+        record of it: weight, tokens, truncation error, its languages' adapted losses just before (old base
+        + its version: the registry's) and after (new base + its rebased version). A residual is evaluated
+        for real, on a workbench holding the merged base (returned, to judge on once it is published)."""
+        residual = self.cfg.merge.rebase == "residual"
+        workbench, change = None, None
+        if residual:
+            change = weight_change(result.model, parent, result.targets)
+            workbench = build_workbench(self.cfg, copy.deepcopy(result.model), self._pad_id(), self.hub.split.heldout)
+        rebased, report = {}, {}
+        for adapter, candidate, row in zip(adapters, absorbed, result.absorbed):
+            languages = [lang for lang in candidate.languages if lang in candidate.losses]
+            entry: dict[str, Any] = {"version": row.version, "weight": row.weight, "tokens": tokens[row.name],
+                                     "adapted_before": {lang: candidate.losses[lang] for lang in languages}}
+            if residual:
+                rest = rebase_residual(adapter.state, change, self.cfg.lora)
+                heldout = self._finite(workbench.evaluate(rest.state))
+                rebased[row.name] = Rebase(rest.state, heldout, {"mode": "residual", "truncation": rest.record()})
+                entry["truncation"] = rest.record()
+            else:
+                heldout = losses  # a zero delta on the merged base: the base alone
+                rebased[row.name] = Rebase()
+            entry["adapted_after"] = {lang: heldout[lang] for lang in languages if lang in heldout}
+            report[row.name] = entry
+        return workbench, rebased, report
 
     def _candidate(self, name: str, base: Checkpoint) -> Optional[Candidate]:
         version = self.hub.registry.latest_adapter_version(name)
-        if version is None or version.kind != "push":  # a fresh or rebased version carries no work
+        if version is None or version.kind != "push":  # a fresh or rebased version carries no new work
             return None
         losses = self.hub.registry.parent_losses(name, version.version, base.version)
         if losses is None:  # not yet evaluated on this base (the split changed, or an older hub)
@@ -215,7 +304,7 @@ class BaseKeeper:
             new = self._publish(weights, self._tokenizer, base, "cpt", metrics, ())
             log.info("Published base v%d: CPT step %d on v%d (%s)", new.version, cpt.step, base.version,
                      decision.reason)
-            self._adopt(new, weights, losses, absorbed=set())
+            self._adopt(new, weights, losses, rebased={})
         else:
             log.info("CPT checkpoint at step %d refused: %s", cpt.step, decision.reason)
             record_attempt(self.hub.registry, source="cpt", parent=base.version, reason=decision.reason,
@@ -247,43 +336,57 @@ class BaseKeeper:
             return publish_base(self.hub.registry, self.hub.store, Path(tmp), parent=parent.version, source=source,
                                 metrics=metrics, created=self.clock(), absorbed=absorbed)
 
-    def _adopt(self, base: Checkpoint, model: torch.nn.Module, losses: Losses, absorbed: set[str],
-               parent: Optional[torch.nn.Module] = None) -> None:
-        """Judge on ``base`` from now on: re-evaluate every adapter there, restart the absorbed ones, and
-        carry a merge (``model`` minus its ``parent``) into the CPT run's weights."""
+    def _adopt(self, base: Checkpoint, model: torch.nn.Module, losses: Losses, rebased: Mapping[str, Rebase],
+               parent: Optional[torch.nn.Module] = None, workbench: Any = None) -> None:
+        """Judge on ``base`` from now on (on ``workbench`` when the merge built one on it): re-evaluate every
+        adapter there, give each ``rebased`` adapter its ``rebase`` version, and carry a merge (``model``
+        minus its ``parent``) into the CPT run's weights."""
         hub, registry = self.hub, self.hub.registry
         if self._pretrainer is not None and parent is not None:
             self._carry_merge(model, parent)
         self._bare[base.version] = dict(losses)
-        workbench = build_workbench(self.cfg, model, self._pad_id(), hub.split.heldout)
+        if workbench is None:
+            workbench = build_workbench(self.cfg, model, self._pad_id(), hub.split.heldout)
         hub.coordinator.adopt_base(workbench)
         base_ref = ArtifactRef(hub.store.repo_id(base.repo), base.revision, base.digest)
         now = self.clock()
         carried = 0
         for adapter in registry.adapters():
             current = registry.latest_adapter_version(adapter.name)
-            if adapter.name in absorbed:
-                with tempfile.TemporaryDirectory(prefix="fedem-adapter-") as tmp:
-                    workbench.save(workbench.initial_state, Path(tmp), base_ref)
-                    store_adapter_version(registry, hub.store, Path(tmp), adapter=adapter.name,
-                                          base_version=base.version, parent_version=current.version, kind="rebase",
-                                          metrics={"heldout": dict(losses)}, created=now)
+            if adapter.name in rebased:
+                row = self._store_rebase(workbench, base, base_ref, current, rebased[adapter.name], losses, now)
+                # The one place for whatever else an adapter carries across a rebase, one call per rebased
+                # adapter before it is offered again: adapter.name, current.version (parent) -> row.version.
+                assert row.parent_version == current.version
                 hub.coordinator.refresh_adapter(adapter.name)
-            elif current.kind != "push":
-                # A fresh or rebased version is a zero delta (B = 0): on the new base it scores the base itself.
+            elif zero_delta(current):
+                # A fresh or zero-rebased version is a zero delta (B = 0): on the new base it scores the base itself.
                 registry.put_evaluation(adapter.name, current.version, base.version, dict(losses), now)
             else:
                 carried += 1  # evaluated on the new base when it is next judged or merged (see the coordinator)
         log.info("Base v%d adopted: %d adapter(s) rebased, %d carried over (evaluated on it before their next "
-                 "judgement)", base.version, len(absorbed), carried)
+                 "judgement)", base.version, len(rebased), carried)
+
+    def _store_rebase(self, workbench: Any, base: Checkpoint, base_ref: ArtifactRef, current: AdapterVersion,
+                      rebase: Rebase, losses: Losses, now: float) -> AdapterVersion:
+        """Store ``current``'s successor on ``base``: a ``rebase`` version holding ``rebase.state`` (the
+        fresh LoRA when None) with its held-out losses there (the bare base's when None)."""
+        state = workbench.initial_state if rebase.state is None else rebase.state
+        heldout = dict(losses if rebase.heldout is None else rebase.heldout)
+        with tempfile.TemporaryDirectory(prefix="fedem-adapter-") as tmp:
+            workbench.save(state, Path(tmp), base_ref)
+            return store_adapter_version(self.hub.registry, self.hub.store, Path(tmp), adapter=current.adapter,
+                                         base_version=base.version, parent_version=current.version, kind="rebase",
+                                         metrics={"heldout": heldout, "rebase": dict(rebase.record)}, created=now)
 
     def _carry_merge(self, merged: torch.nn.Module, parent: torch.nn.Module) -> None:
         """CPT continues from the newest base, its own steps since its last checkpoint kept: the merge's
         change (merged minus parent) is added to the CPT weights, optimizer state and all."""
         before = parent.state_dict()
         current = self._pretrainer.model.state_dict()
-        moved = {key: current[key] + (value - before[key]).to(current[key].device, current[key].dtype)
-                 for key, value in merged.state_dict().items()}
+        moved = {key: current[key] + (value - before[key].to(value.device)).to(current[key].device,
+                                                                                 current[key].dtype)
+                 for key, value in merged.state_dict().items()}  # the merged model may sit on the hub's GPU
         self._pretrainer.load_weights(moved)
 
     # -- helpers --------------------------------------------------------------------------------------

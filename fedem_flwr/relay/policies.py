@@ -5,20 +5,22 @@ lists the free nodes and free adapters, asks ``assign`` for pairs, and acquires 
 ``assign`` hands out each adapter at most once and gives each node at most one adapter.
 
 Any sequence of adapters works; given an ``AdapterPool`` view (``pool.free()``) the policies use its
-indexes and choose in O(log n) what they would choose by scanning (see ``relay.pool``).
+indexes and choose in O(log n) what they would choose by scanning (see ``relay.pool``). ``fair``
+ranks by tokens, which change at every push: it scans the free adapters (of a node's languages,
+through the pool's language index), which for tens of adapters costs microseconds.
 """
 
 from __future__ import annotations
 
 import random
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Optional, Protocol, runtime_checkable
 
 from fedem_flwr.errors import ConfigError
 from fedem_flwr.relay.pool import FreeAdapters
 
-POLICY_NAMES = ("random", "round-robin", "least-recent", "language")
+POLICY_NAMES = ("random", "round-robin", "least-recent", "language", "fair")
 FALLBACK_NAMES = POLICY_NAMES[:3]
 
 
@@ -34,12 +36,15 @@ class NodeProfile:
 
 @dataclass(frozen=True)
 class AdapterInfo:
-    """A free adapter as the policy sees it; ``last_served`` is when its last lease ended (None: never)."""
+    """A free adapter as the policy sees it; ``last_served`` is when its last lease ended (None: never);
+    ``tokens`` are the tokens trained into it so far (every judged push, accepted or rejected, as its
+    node reported them, clamped by the hub)."""
 
     name: str
     languages: tuple[str, ...]
     version: int
     last_served: Optional[float]
+    tokens: int = 0
 
 
 @runtime_checkable
@@ -219,8 +224,98 @@ class LanguageAffinityPolicy(BasePolicy):
         return pairs
 
 
+class FairPolicy(BasePolicy):
+    """Language affinity, then the adapter furthest behind an equal share of tokens.
+
+    An adapter's share is the tokens trained into it divided by the mean over the adapters
+    (``token_shares``); the target is the same for every adapter, 1. So the adapter furthest behind is
+    the one with the fewest tokens (dividing by a common mean keeps the order); ties go to the least
+    recently served (never served first), then to the first name. Tokens count every judged push,
+    accepted or rejected: the share measures the training an adapter was given, not what the gate
+    kept of it, so an adapter whose pushes keep being rejected (its language's data exhausted) moves
+    up like any other and does not hold the nodes that could serve it.
+
+    Why equal shares: a study scores a run by the plain mean of per-language held-out losses, and its
+    baseline (FedAvg per language adapter) gives every language one holder a round, hence about equal
+    tokens. Shares by data size would follow the token-weighted gate and starve the small languages,
+    whose losses weigh as much in that mean; shares by held-out loss would chase the hub's own
+    numbers, and are a study's to try.
+
+    Affinity as ``language``: a node that declared languages is only offered adapters sharing one (it
+    has no data for the others); a node without languages may train any. No policy can give an
+    adapter more than its languages' nodes can train.
+
+    ``assign`` serves the free adapters furthest behind first: each goes to the free node that can
+    serve it with the fewest adapters left to serve, so a flexible node stays free for an adapter only
+    it can take; among those, the node that trained this adapter longest ago (never first), then the
+    node given any adapter longest ago, then the first in ``free_nodes``. So an adapter moves on to
+    the next contributor, as a relay does: every node's data reaches it, and a slow node does not keep
+    the adapter its own slowness left behind. Pairs come in the order served; a single node gets
+    exactly what ``choose`` gives it.
+    """
+
+    def __init__(self) -> None:
+        self._turns = 0  # assignments made so far: the policy's own clock for the tie-breaks
+        self._served: dict[str, int] = {}  # node -> the turn it last got an adapter
+        self._trained: dict[tuple[str, str], int] = {}  # (adapter, node) -> the turn the node last got it
+
+    def choose(self, node: NodeProfile, free_adapters: Sequence[AdapterInfo]) -> AdapterInfo | None:
+        return min(_servable(node, free_adapters), key=_lag, default=None)
+
+    def assign(
+        self, free_nodes: Sequence[NodeProfile], free_adapters: Sequence[AdapterInfo]
+    ) -> list[tuple[NodeProfile, AdapterInfo]]:
+        options: list[set[str] | None] = []  # per node: the adapters it can serve (None: any)
+        universe: dict[str, AdapterInfo] = {}
+        for node in free_nodes:
+            mine = None if not node.languages else list(_servable(node, free_adapters))
+            options.append(None if mine is None else {a.name for a in mine})
+            universe.update((a.name, a) for a in mine or ())
+        if any(names is None for names in options):
+            universe = {a.name: a for a in free_adapters}
+        order = sorted(universe.values(), key=_lag)
+        servers: dict[str, list[int]] = {}
+        for index, names in enumerate(options):
+            for name in names or ():
+                servers.setdefault(name, []).append(index)
+        anyone = [index for index, names in enumerate(options) if names is None]
+        left = [len(order) if names is None else len(names) for names in options]  # adapters each can still serve
+        free = set(range(len(free_nodes)))
+        pairs: list[tuple[NodeProfile, AdapterInfo]] = []
+        for adapter in order:
+            if not free:
+                break
+            able = servers.get(adapter.name, []) + anyone
+            candidates = [index for index in able if index in free]
+            if candidates:
+                chosen = min(candidates, key=lambda i: self._node_rank(adapter.name, free_nodes[i].node, left[i], i))
+                node = free_nodes[chosen]
+                pairs.append((node, adapter))
+                free.discard(chosen)
+                self._served[node.node] = self._trained[adapter.name, node.node] = self._turns
+                self._turns += 1
+            for index in able:
+                left[index] -= 1
+        return pairs
+
+    def _node_rank(self, adapter: str, node: str, left: int, index: int) -> tuple[int, int, int, int]:
+        """Which candidate node gets ``adapter``: fewest adapters left, then trained it longest ago, then
+        given anything longest ago (never: -1, first), then first in order."""
+        return (left, self._trained.get((adapter, node), -1), self._served.get(node, -1), index)
+
+
+def token_shares(tokens: Mapping[str, int]) -> dict[str, float]:
+    """Each adapter's tokens over the mean over the adapters, by name: 1.0 is its equal share (and every
+    adapter's before any token was trained)."""
+    if not tokens:
+        return {}
+    mean = sum(tokens.values()) / len(tokens)
+    return {name: (count / mean if mean > 0 else 1.0) for name, count in sorted(tokens.items())}
+
+
 def make_policy(name: str, rng: random.Random, fallback: str = "least-recent") -> Policy:
-    """Build the policy named in ``relay.policy``; ``language`` falls back to ``relay.policy_fallback``."""
+    """Build the policy named in ``relay.policy``; ``language`` falls back to ``relay.policy_fallback``
+    (``fair`` has no fallback: its ties are broken by recency, then name)."""
     if name == "random":
         return RandomPolicy(rng)
     if name == "round-robin":
@@ -233,6 +328,8 @@ def make_policy(name: str, rng: random.Random, fallback: str = "least-recent") -
                 f"`relay.policy_fallback` is {fallback!r}; allowed: {', '.join(repr(n) for n in FALLBACK_NAMES)}."
             )
         return LanguageAffinityPolicy(make_policy(fallback, rng))
+    if name == "fair":
+        return FairPolicy()
     raise ConfigError(f"`relay.policy` is {name!r}; allowed: {', '.join(repr(n) for n in POLICY_NAMES)}.")
 
 
@@ -271,6 +368,21 @@ def _name(adapter: AdapterInfo) -> str:
 
 def _recency(adapter: AdapterInfo) -> tuple[float, str]:
     return (adapter.last_served if adapter.last_served is not None else float("-inf"), adapter.name)
+
+
+def _lag(adapter: AdapterInfo) -> tuple[int, bool, float, str]:
+    """Furthest behind first: fewest tokens, then never served, then served longest ago, then name."""
+    return (adapter.tokens, adapter.last_served is not None, adapter.last_served or 0.0, adapter.name)
+
+
+def _servable(node: NodeProfile, adapters: Sequence[AdapterInfo]) -> Sequence[AdapterInfo]:
+    """The adapters ``node`` may train: those sharing one of its languages (through the pool's language
+    index when given the whole pool), or all of them when it declared none."""
+    if not node.languages:
+        return adapters
+    if _is_pool(adapters, whole=True):
+        return adapters.pool.matching(node.languages)
+    return _matching(node, adapters)
 
 
 def _matching(node: NodeProfile, adapters: Sequence[AdapterInfo]) -> list[AdapterInfo]:

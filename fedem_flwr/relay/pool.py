@@ -10,6 +10,9 @@ as leases start (``take``) and end (``put``):
   (least-recent).
 
 Policies recognise a ``FreeAdapters`` view and use the indexes; on any other sequence they scan it.
+``fair`` ranks by tokens trained, which change at every push: it scans a node's languages' free
+adapters (``matching``) instead of keeping a heap re-keyed at every put. A put replaces the whole
+``AdapterInfo``, so what a policy reads is what the coordinator put last (tokens included).
 Both paths choose the same adapter (tested), so the pool is an optimisation, never a behaviour.
 """
 
@@ -122,6 +125,12 @@ class AdapterPool:
                     after = names[at]
         chosen = after if after is not None else first
         return None if chosen is None else self._info[chosen]
+
+    def matching(self, languages: Sequence[str]) -> list[AdapterInfo]:
+        """The free adapters sharing a language with ``languages``, by name, from the language indexes:
+        what a scanning policy (``fair``) reads costs the matches, not the whole pool."""
+        names = set().union(*(index.names for index in self._subset(languages)))
+        return [self._info[name] for name in sorted(names)]
 
     def has_language(self, languages: Sequence[str]) -> bool:
         return any(index.names for index in self._subset(languages))

@@ -20,6 +20,11 @@ Every reply is checked once, by ``protocol.messages`` as it is parsed (its claim
 instruction it answers, its metrics); the coordinator trusts what passes. Logs name a node by its
 pseudonym; its Flower node id stands beside it where an operator matches Flower's own logs (failures,
 the profile that binds the two).
+
+With ``train.carry`` a train message carries the adapter's optimizer state and a reply returns the
+updated one, checked here against the adapter's spec, the step sent and the steps the reply reports
+(``validate_optimizer_state``); a state that fails goes to the coordinator as a reason, never as a
+rejection of the adapter.
 """
 
 from __future__ import annotations
@@ -41,10 +46,11 @@ from fedem_flwr.config.schema import RelayConfig
 from fedem_flwr.errors import HubFault, InvalidAdapter, is_hub_fault, one_line
 from fedem_flwr.model.adapter_spec import AdapterSpec
 from fedem_flwr.protocol import messages
-from fedem_flwr.protocol.wire import adapter_to_arrays, arrays_to_adapter
+from fedem_flwr.protocol.wire import adapter_to_arrays, arrays_to_adapter, arrays_to_optimizer, optimizer_record
 from fedem_flwr.relay.coordinator import Assignment, PushOutcome, RelayCoordinator
 from fedem_flwr.relay.nodes import NodeState, NodeTable
 from fedem_flwr.relay.policies import NodeProfile
+from fedem_flwr.training.optimizer_state import InvalidOptimizerState
 
 log = logging.getLogger(__name__)
 
@@ -156,6 +162,14 @@ class RelayStrategy(Strategy):
         log.info(
             "\t├── Lease TTL %.0f s, sweep every %.0f s, policy %s",
             self.relay.lease_ttl_s, self.relay.sweep_interval_s, self.relay.policy,
+        )
+        tokens, shares = self.coordinator.adapter_tokens(), self.coordinator.token_shares()
+        shown = sorted(shares, key=lambda name: (shares[name], name))
+        if len(shown) > 12:  # the furthest behind and the furthest ahead
+            shown = shown[:6] + ["..."] + shown[-6:]
+        log.info(
+            "\t├── Tokens trained per adapter (share of the mean): %s",
+            ", ".join(n if n == "..." else f"{n} {tokens[n]} ({shares[n]:.2f})" for n in shown) or "no adapters",
         )
         log.info(
             "\t└── Stop after %s accepted, %s s, or %.0f s without nodes",
@@ -312,6 +326,7 @@ class RelayStrategy(Strategy):
             budget_s=max(1.0, ttl - self.relay.deadline_margin_s),
             max_steps=self.max_steps,
             base_hf=hf,
+            optimizer=None if payload.optimizer is None else optimizer_record(payload.optimizer),
         )
         via = ""
         if digest not in node.digests:
@@ -435,8 +450,10 @@ class RelayStrategy(Strategy):
             state = arrays_to_adapter(parsed.arrays, self.spec)
         except InvalidAdapter as err:
             invalid = str(err)
+        optimizer, optimizer_invalid = self._pushed_optimizer(parsed, pending.instruction)
         outcome = self.coordinator.receive_push(lease.token, state, invalid_reason=invalid, metrics=parsed.metrics,
-                                                dropped_metrics=parsed.dropped_metrics)
+                                                dropped_metrics=parsed.dropped_metrics, optimizer_state=optimizer,
+                                                optimizer_invalid=optimizer_invalid)
         result.record(outcome)
         if invalid is not None:
             self._back_off(node, f"invalid adapter: {invalid}")
@@ -444,6 +461,26 @@ class RelayStrategy(Strategy):
             node.profile = None  # its lease ended without a timely reply: ask it afresh
         elif node is not None:
             self.nodes.succeeded(node)
+
+    def _pushed_optimizer(self, parsed: messages.TrainReply, sent: messages.TrainInstruction) -> tuple[Any, Optional[str]]:
+        """The reply's optimizer state, checked against the adapter's spec and what the hop can have
+        done (from the step sent, at most the steps it reports), or None and why it fails. Nothing is
+        checked when none was sent (``carry=none``): whatever the reply holds is ignored."""
+        if sent.optimizer is None:
+            return None, None
+        if parsed.optimizer_problem or parsed.optimizer is None:
+            return None, parsed.optimizer_problem or "the reply carries no optimizer state"
+        try:
+            return arrays_to_optimizer(
+                parsed.optimizer.arrays, self.spec, step=parsed.optimizer.step,
+                warmup_from=parsed.optimizer.warmup_from, carry=self.coordinator.carry, sent_step=sent.optimizer.step,
+                sent_warmup_from=sent.optimizer.warmup_from, steps_reported=int(parsed.metrics.get("steps", 0.0)),
+                max_steps=sent.max_steps,
+            ), None
+        except InvalidOptimizerState as err:
+            log.warning("Lease %d: the pushed optimizer state is refused (the adapter is judged as ever): %s",
+                        sent.token, err)
+            return None, str(err)
 
     def _on_missing_base(self, parsed: messages.TrainReply, pending: _Pending, node: Optional[NodeState]) -> None:
         """The node lacks the lease's base: its next lease carries it in-band. A node that was just

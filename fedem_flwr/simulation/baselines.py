@@ -9,11 +9,18 @@ per-partition training rows and blind evaluator, all from ``open_hub``.
                  language's loss is the mean over the contributors holding it (base v0's fresh
                  adapter when none does).
 
-Training runs in segments of ``train.max_steps`` steps, a fresh optimizer each, exactly as one
-lease or one FedAvg round trains on a node; segments of all adapters take turns, so the trace
-(evaluated about every tenth of the budget) shows every language progressing together. A
-segment's steps are cut to what is left of its adapter's budget, so each adapter ends within about half a
-step's tokens of its share. No Flower here: the references run in-process.
+Training runs in segments of ``train.max_steps`` steps; segments of all adapters take turns, so the
+trace (evaluated about every tenth of the budget) shows every language progressing together. A
+segment's steps are cut to what is left of its adapter's budget, so each adapter ends within about
+half a step's tokens of its share. ``centralized`` is one optimizer run per adapter: its segments
+carry AdamW's moments and the schedule (``training.optimizer_state``: warmup once, then the cosine
+over ``train.horizon_steps``, or constant when that is null), as one uninterrupted run would. A
+``local-only`` contributor restarts its optimizer each segment, as a FedAvg round on a node does
+(and a relay lease with ``train.carry=none``). No Flower here: the references run in-process.
+
+Final numbers are on the study's test split when the hub keeps one (``simulation.evaluation``);
+the trace follows that split (about every tenth of the budget), and its first and last rows carry
+the held-out losses too.
 
     fedem --hub DIR sim baseline --method centralized --contributors 20 \\
         --overrides "sim.max_tokens=200000 data.languages=[hi,ta]"
@@ -40,9 +47,16 @@ from fedem_flwr.data.corpus import select_languages
 from fedem_flwr.errors import ConfigError
 from fedem_flwr.model.lora import adapter_state, load_adapter_state
 from fedem_flwr.relay.bootstrap import Hub, open_hub
-from fedem_flwr.simulation.evaluation import base_folder_of, final_losses, workbench_on
+from fedem_flwr.simulation.evaluation import (
+    base_folder_of,
+    final_losses,
+    final_split,
+    study_fields,
+    workbench_on,
+)
 from fedem_flwr.simulation.record import Counters, Trace, read_result, write_result
 from fedem_flwr.training.finetune import train
+from fedem_flwr.training.optimizer_state import OptimizerState
 
 log = logging.getLogger(__name__)
 
@@ -61,6 +75,8 @@ class _Job:
     state: dict[str, torch.Tensor]
     tokens: int = 0
     segments: int = 0
+    continuous: bool = False  # one optimizer run over all segments (centralized)
+    optimizer: Optional[OptimizerState] = None  # where that run stands
 
     @property
     def done(self) -> bool:
@@ -87,10 +103,22 @@ def run_baseline(method: str, cfg: FedemConfig, hub_path: Path, num_contributors
     languages = sorted({lang for adapter in hub.registry.adapters() for lang in adapter.languages})
     jobs = _jobs(method, hub, languages, num_contributors, tokenizer, workbench.initial_state)
     initial = final_losses(hub, dict.fromkeys(languages, workbench.initial_state), base_folder)
+    testing = final_split(hub) == "test"
+
+    def heldout_of(states: dict) -> dict[str, float]:
+        return final_losses(hub, states, base_folder, split="heldout") if testing else {}
 
     counters = Counters()
     trace = Trace(hub.path)
-    trace.row(math.nan, counters, losses=initial)
+
+    def row(losses: dict[str, float], heldout: Optional[dict[str, float]] = None) -> None:
+        """A trace row: ``losses`` on the final split; with a test split, ``heldout`` beside them."""
+        if testing:
+            trace.row(math.nan, counters, losses=heldout, test_losses=losses)
+        else:
+            trace.row(math.nan, counters, losses=losses)
+
+    row(initial, heldout_of(dict.fromkeys(languages, workbench.initial_state)))
     show = sys.stderr.isatty() if progress is None else progress
     bar = tqdm(total=cfg.sim.max_tokens, disable=not show, unit="tok", unit_scale=True, desc=method, leave=False)
     step_cap = cfg.train.batch_size * cfg.train.grad_accum * cfg.data.block_size
@@ -106,22 +134,28 @@ def run_baseline(method: str, cfg: FedemConfig, hub_path: Path, num_contributors
             counters.tokens += spent
             bar.update(spent)
             if counters.tokens >= next_eval and any(not j.done for j in jobs):
-                trace.row(math.nan, counters,
-                          losses=_losses(jobs, _job_losses(hub, jobs, base_folder), languages, initial))
+                row(_losses(jobs, _job_losses(hub, jobs, base_folder), languages, initial))
                 next_eval = (counters.tokens // every + 1) * every
         job_losses = _job_losses(hub, jobs, base_folder)
         losses = _losses(jobs, job_losses, languages, initial)
-        trace.row(math.nan, counters, losses=losses)
+        heldout_initial = heldout_of(dict.fromkeys(languages, workbench.initial_state))
+        heldout = (_losses(jobs, _job_losses(hub, jobs, base_folder, "heldout"), languages, heldout_initial)
+                   if testing else losses)
+        row(losses, heldout)
     finally:
         bar.close()
         trace.close()
+    adapter_tokens: dict[str, int] = {}
+    for job in jobs:  # by language: the federated methods' adapters are per language too
+        adapter_tokens[job.language] = adapter_tokens.get(job.language, 0) + job.tokens
     extra = {"contributors": num_contributors if method == "local-only" else 1, "budget_tokens": cfg.sim.max_tokens,
-             "adapters_trained": len(jobs), "segments": sum(j.segments for j in jobs), "initial_losses": initial}
+             "adapters_trained": len(jobs), "segments": sum(j.segments for j in jobs),
+             **study_fields(hub, initial=initial, base=initial, heldout=heldout, adapter_tokens=adapter_tokens)}
     if method == "local-only":
         extra["per_contributor"] = _per_contributor(jobs, job_losses)
     write_result(hub.path, method=method, losses=losses, counters=counters, sim_seconds=None,
                  wall_seconds=time.monotonic() - started, extra=extra)
-    log.info("%s: %d tokens over %d adapters, mean held-out loss %.4f", method, counters.tokens, len(jobs),
+    log.info("%s: %d tokens over %d adapters, mean %s loss %.4f", method, counters.tokens, len(jobs), final_split(hub),
              mean(losses.values()) if losses else math.nan)
     return read_result(hub.path)
 
@@ -139,7 +173,7 @@ def _jobs(method: str, hub: Hub, languages: list[str], num_contributors: int, to
         for language in languages:
             blocks = tokenize_blocks(select_languages(rows, [language])["text"], tokenizer, block_size)
             if len(blocks):
-                jobs.append(_Job("all", language, blocks, share, dict(initial)))
+                jobs.append(_Job("all", language, blocks, share, dict(initial), continuous=True))
         return jobs
     per_contributor = budget // num_contributors
     for pid in range(num_contributors):
@@ -164,9 +198,11 @@ def _segment(job: _Job, model: torch.nn.Module, cfg: FedemConfig, pad_id: int, s
         return 0
     load_adapter_state(model, job.state)
     # A new seed a segment: each segment walks other batches, as each new lease does.
-    result = train(model, job.blocks, replace(cfg.train, max_steps=steps), pad_id=pad_id,
+    segment = replace(cfg.train, max_steps=steps, carry="moments" if job.continuous else "none")
+    result = train(model, job.blocks, segment, pad_id=pad_id, optimizer_state=job.optimizer,
                    seed=cfg.seed + 1009 * job.segments + hash_key(job.owner, job.language), progress=False)
     job.state = adapter_state(model)
+    job.optimizer = result.optimizer_state
     job.tokens += result.tokens
     job.segments += 1
     return result.tokens
@@ -177,9 +213,9 @@ def hash_key(*parts: str) -> int:
     return zlib.crc32("/".join(parts).encode("utf-8")) % 100_003
 
 
-def _job_losses(hub: Hub, jobs: list[_Job], base_folder: Path) -> list[Optional[float]]:
-    """Each adapter's held-out loss on its own language."""
-    return [final_losses(hub, {job.language: job.state}, base_folder).get(job.language) for job in jobs]
+def _job_losses(hub: Hub, jobs: list[_Job], base_folder: Path, split: Optional[str] = None) -> list[Optional[float]]:
+    """Each adapter's loss on its own language, on ``split`` (default: the final split)."""
+    return [final_losses(hub, {job.language: job.state}, base_folder, split=split).get(job.language) for job in jobs]
 
 
 def _losses(jobs: list[_Job], job_losses: list[Optional[float]], languages: list[str],

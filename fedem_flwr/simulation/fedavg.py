@@ -8,7 +8,12 @@ same hub, data and token budget as the relay.
                      hold its language (a grid view listing only them), and all languages' messages
                      of a round go out in one ``send_and_receive``, so they train in parallel.
 
-Both start from base v0 and the hub's fresh LoRA. Each round is what ``Strategy.start`` runs (the
+Both start from base v0 and the hub's fresh LoRA. As FlowerTune's clients, every node starts a
+fresh optimizer each round, and the learning rate anneals across rounds, constant within one: round
+``t`` (0-based) trains at ``round_lr(t)``, the adapter's one schedule (``carried_lr``: warmup over
+``train.warmup_steps`` steps, then a cosine to ``lr * min_lr_ratio`` over ``train.horizon_steps``
+steps, or constant when that is null) at the round's first step, ``t * train.max_steps``, past the
+warmup (FlowerTune has none across rounds: round 0 trains at the peak); it travels as the round's ``lr``. Each round is what ``Strategy.start`` runs (the
 strategy's ``configure_train``, then its ``aggregate_train``), driven here because rounds go on
 until the token budget ``sim.max_tokens`` is spent, which ``start`` (a fixed number of rounds)
 cannot say. Every token a reply reports counts, wasted ones included. As FedAvg does, error
@@ -19,7 +24,9 @@ spent its tokens for nothing: they count as wasted.
 
 The base travels once per node (``base-files``, cached by digest on the node) and a simulated
 node's training rows go with each message, as the relay sends them (only the hub knows which
-rows it holds out).
+rows it holds out). The rounds judge on the held-out split; with a test split (``data.test_fraction``)
+the trace also follows each language's test loss (only the adapters a round changed are evaluated
+again) and the final numbers are measured on it (``simulation.evaluation``).
 """
 
 from __future__ import annotations
@@ -35,16 +42,23 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, RecordDict
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 
-from fedem_flwr.config.schema import FedemConfig
+from fedem_flwr.config.schema import FedemConfig, TrainConfig
 from fedem_flwr.data.corpus import select_languages
 from fedem_flwr.errors import FedemError
 from fedem_flwr.protocol import messages
 from fedem_flwr.protocol.wire import adapter_to_arrays, arrays_to_adapter, content_bytes
 from fedem_flwr.relay.bootstrap import Hub
 from fedem_flwr.simulation.clock import VirtualClock
-from fedem_flwr.simulation.evaluation import base_folder_of, final_losses, workbench_on
+from fedem_flwr.simulation.evaluation import (
+    base_folder_of,
+    final_losses,
+    final_split,
+    study_fields,
+    workbench_on,
+)
 from fedem_flwr.simulation.fedavg_client import METRIC_KEYS
 from fedem_flwr.simulation.record import Counters, Trace, read_result, write_result
+from fedem_flwr.training.optimizer_state import carried_lr
 
 log = logging.getLogger(__name__)
 
@@ -117,11 +131,14 @@ def run_fedavg(
                               min_evaluate_nodes=0, min_available_nodes=1) for key in groups}
     arrays = {key: adapter_to_arrays(workbench.initial_state) for key in groups}
     losses = workbench.evaluate(workbench.initial_state, languages=languages)
-    initial = dict(losses)
+    initial = final_losses(hub, dict.fromkeys(languages, workbench.initial_state), base_folder)
+    testing = final_split(hub) == "test"
+    test_losses = dict(initial) if testing else {}
+    adapter_tokens = dict.fromkeys(groups, 0)
     nodes: dict[int, _Node] = {}
     rows_cache: dict[tuple[tuple[int, int], str], dict[str, list[str]]] = {}
     budget = cfg.sim.max_tokens
-    trace.row(clock() - t0, counters, losses=losses)
+    trace.row(clock() - t0, counters, losses=losses, test_losses=test_losses)
 
     server_round, idle_since, stopped_by, fruitless = 0, None, f"{max_rounds} rounds", 0
     tokens_per_step = [float(cfg.train.batch_size * cfg.train.grad_accum * cfg.data.block_size)]  # then measured
@@ -137,7 +154,8 @@ def run_fedavg(
                 holders = [nid for nid in online if nid in nodes and set(nodes[nid].languages) & set(langs)]
                 if not holders:
                     continue
-                config = ConfigRecord({"base-digest": base.digest, "languages": ",".join(langs)})
+                config = ConfigRecord({"base-digest": base.digest, "languages": ",".join(langs),
+                                       "lr": round_lr(server_round, cfg.train)})
                 for message in strategies[key].configure_train(server_round + 1, arrays[key], config,
                                                                NodeView(holders)):
                     node = nodes[message.metadata.dst_node_id]
@@ -166,6 +184,7 @@ def run_fedavg(
             accepted_before = counters.accepted
             for key, got in by_key.items():
                 good = [reply for nid, reply in got if _accept(nid, reply, workbench.spec, counters, counting, nodes)]
+                adapter_tokens[key] += sum(int(_metrics(reply)["tokens"]) for reply in good)
                 if good:
                     aggregated, _ = strategies[key].aggregate_train(server_round, good)
                     if aggregated is not None:
@@ -174,7 +193,10 @@ def run_fedavg(
                 if counting:
                     counters.bytes_moved += sum(content_bytes(r.content) for _, r in got if not r.has_error())
             losses.update(_evaluate(workbench, arrays, groups, updated))
-            trace.row(clock() - t0, counters, leases_active=len(sent), online=len(online), losses=losses)
+            if testing:
+                test_losses.update(_evaluate_final(hub, base_folder, arrays, groups, updated, workbench.spec))
+            trace.row(clock() - t0, counters, leases_active=len(sent), online=len(online), losses=losses,
+                      test_losses=test_losses)
             log.info("FedAvg round %d (%s): %d sent, %d replies, %d tokens so far", server_round, method,
                      len(sent), len(replies), counters.tokens)
             fruitless = 0 if counters.accepted > accepted_before else fruitless + 1
@@ -187,11 +209,13 @@ def run_fedavg(
     states = {lang: arrays_to_adapter(arrays[GLOBAL if method == "fedavg-global" else lang], workbench.spec)
               for lang in languages}
     final = final_losses(hub, states, base_folder)
+    heldout = final_losses(hub, states, base_folder, split="heldout") if testing else final
+    study = study_fields(hub, initial=initial, base=initial, heldout=heldout,  # the base never changes: v0
+                         adapter_tokens=adapter_tokens)
     write_result(hub.path, method=method, losses=final, counters=counters, sim_seconds=clock() - t0,
                  wall_seconds=time.monotonic() - started,
-                 extra={"rounds": server_round, "stopped_by": stopped_by, "budget_tokens": budget,
-                        "initial_losses": initial, "fedavg_fraction": cfg.sim.fedavg_fraction,
-                        **(more() if more is not None else {})})
+                 extra={"rounds": server_round, "stopped_by": stopped_by, "budget_tokens": budget, **study,
+                        "fedavg_fraction": cfg.sim.fedavg_fraction, **(more() if more is not None else {})})
     return read_result(hub.path)
 
 
@@ -306,6 +330,24 @@ def _evaluate(workbench, arrays: Mapping[str, ArrayRecord], groups: Mapping[str,
     for key in keys:
         losses.update(workbench.evaluate(arrays_to_adapter(arrays[key], workbench.spec), languages=list(groups[key])))
     return losses
+
+
+def _evaluate_final(hub: Hub, base_folder, arrays: Mapping[str, ArrayRecord], groups: Mapping[str, tuple[str, ...]],
+                    keys: Iterable[str], spec) -> dict[str, float]:
+    """Final-split (test) losses of the adapters aggregated this round, on their own languages."""
+    states: dict[str, Any] = {}
+    for key in keys:
+        state = arrays_to_adapter(arrays[key], spec)
+        states.update(dict.fromkeys(groups[key], state))
+    return final_losses(hub, states, base_folder) if states else {}
+
+
+def round_lr(server_round: int, train: TrainConfig) -> float:
+    """The learning rate of FedAvg round ``server_round`` (0-based), constant within the round, as
+    FlowerTune anneals it across rounds: the adapter's schedule (``carried_lr``) at the round's
+    first step, counting ``train.max_steps`` steps a round. FlowerTune has no warmup across rounds,
+    so round 0 starts at the peak rate (the schedule past its warmup), not at a warmup's first step."""
+    return carried_lr(max(server_round * train.max_steps, train.warmup_steps), train)
 
 
 def _fit_last_round(batch: Sequence[tuple[str, int, Message]], left: int, tokens_per_step: list[float],

@@ -5,7 +5,8 @@ What the hub's FedAvg sends (``fedem_flwr.simulation.fedavg``):
 
 ``arrays``          the global (or one language's) LoRA adapter
 ``config``          ``server-round`` (FedAvg's), ``base-digest`` (the base to train on),
-                    ``languages`` (comma-separated; empty: all the rows sent) and, in a last
+                    ``languages`` (comma-separated; empty: all the rows sent), ``lr`` (the
+                    round's learning rate, for every step of it) and, in a last
                     round cut to the token budget, ``max-steps`` (else ``train.max_steps``)
 ``base-files``      the base checkpoint's files, only to a node that does not cache it yet
 ``node-rows``       the node's training rows (a simulated node cannot tell which rows are held out)
@@ -19,6 +20,8 @@ The reply's metrics: ``num-examples`` (rows trained on: FedAvg's weight), ``toke
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
+from typing import Optional
 
 from flwr.app import Context, Message, MetricRecord, RecordDict
 
@@ -57,12 +60,21 @@ def fedavg_train(message: Message, context: Context) -> Message:
     # Simulated node ids are new every run; partitions are not, so seeded runs repeat their batches.
     who = int(context.node_config.get("partition-id", context.node_id)) % 7919
     base = cache.use(digest)
-    state, metrics = relay_train(
+    state, metrics, _ = relay_train(  # FedAvg restarts its optimizer every round: no state kept
         cfg, base, arrays_to_adapter(message.content["arrays"], lora_spec(base, cfg.lora)), data, wanted,
         budget_s=math.inf, max_steps=steps, seed=cfg.seed + 7919 * server_round + who,
+        lr_schedule=_round_schedule(config.get("lr")),
     )
     return _reply(message, adapter_to_arrays(state), examples=int(metrics["own-language-rows"]), steps=int(metrics["steps"]),
                   tokens=int(metrics["tokens"]), loss=float(metrics["loss-last"]), vanish=vanish)
+
+
+def _round_schedule(lr: object) -> Optional[Callable[[int], float]]:
+    """The round's learning rate for every step of it (FlowerTune: constant within a round,
+    annealed across rounds by the hub); None without one (the node's own schedule)."""
+    if not isinstance(lr, (int, float)) or isinstance(lr, bool) or not (math.isfinite(lr) and lr >= 0):
+        return None
+    return lambda step: float(lr)
 
 
 def _reply(message: Message, arrays, *, examples: int, steps: int, tokens: int, loss: float, vanish: bool) -> Message:

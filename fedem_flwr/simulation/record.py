@@ -2,7 +2,10 @@
 (one row per event worth plotting) and ``sim/result.json`` (the cell's final numbers).
 
 Every method writes the same two files, so a relay, a FedAvg run and a centralized baseline are
-read back, tabulated and plotted by the same code.
+read back, tabulated and plotted by the same code. A trace row carries the held-out losses the run
+sees (``losses``) and, with a study's test split, the test losses (``test_losses``); a result's
+``losses`` are the final numbers, on the split its ``final_split`` names
+(``simulation.evaluation.study_fields`` lists what a study adds).
 """
 
 from __future__ import annotations
@@ -22,8 +25,11 @@ SIM_DIR = "sim"
 TRACE_FILE = "trace.csv"
 RESULT_FILE = "result.json"
 
+# ``losses``: held-out losses as the run sees them; ``test_losses``: on the study's test split (when the
+# hub keeps one), which nothing in the run reads. A row may carry either, both or neither.
 TRACE_COLUMNS = ("sim_s", "wall_s", "tokens", "tokens_wasted", "bytes_moved", "leases_active", "online",
-                 "accepted", "rejected", "loss_mean", "losses")
+                 "accepted", "rejected", "loss_mean", "losses", "test_loss_mean", "test_losses")
+LOSS_COLUMNS = ("losses", "test_losses")
 
 
 def sim_dir(hub: Path) -> Path:
@@ -59,6 +65,7 @@ class TraceRow:
     leases_active: int = 0
     online: int = 0
     losses: dict[str, float] = field(default_factory=dict)
+    test_losses: dict[str, float] = field(default_factory=dict)
 
     def as_csv(self) -> dict[str, Any]:
         return {
@@ -67,8 +74,14 @@ class TraceRow:
             "leases_active": self.leases_active, "online": self.online, "accepted": self.counters.accepted,
             "rejected": self.counters.rejected,
             "loss_mean": f"{mean_loss(self.losses):.6f}" if self.losses else "",
-            "losses": json.dumps({k: round(float(v), 6) for k, v in sorted(self.losses.items())}) if self.losses else "",
+            "losses": _losses_json(self.losses),
+            "test_loss_mean": f"{mean_loss(self.test_losses):.6f}" if self.test_losses else "",
+            "test_losses": _losses_json(self.test_losses),
         }
+
+
+def _losses_json(losses: Mapping[str, float]) -> str:
+    return json.dumps({k: round(float(v), 6) for k, v in sorted(losses.items())}) if losses else ""
 
 
 class Trace:
@@ -85,8 +98,9 @@ class Trace:
         self.started = time.monotonic()
 
     def row(self, sim_s: float, counters: Counters, *, leases_active: int = 0, online: int = 0,
-            losses: Optional[Mapping[str, float]] = None) -> None:
-        row = TraceRow(sim_s, time.monotonic() - self.started, counters, leases_active, online, dict(losses or {}))
+            losses: Optional[Mapping[str, float]] = None, test_losses: Optional[Mapping[str, float]] = None) -> None:
+        row = TraceRow(sim_s, time.monotonic() - self.started, counters, leases_active, online, dict(losses or {}),
+                       dict(test_losses or {}))
         self._writer.writerow(row.as_csv())
         self._file.flush()
 
@@ -95,14 +109,17 @@ class Trace:
 
 
 def read_trace(hub: Path) -> list[dict[str, Any]]:
-    """The rows of a trace with numbers as numbers and ``losses`` as a dict."""
+    """The rows of a trace with numbers as numbers and ``losses`` / ``test_losses`` as dicts (a trace
+    written before test splits has no test columns: they read as nan and empty)."""
     path = sim_dir(hub) / TRACE_FILE
     rows = []
     with open(path, newline="", encoding="utf-8") as handle:
         for raw in csv.DictReader(handle):
             row: dict[str, Any] = {k: (float(v) if v not in ("", None) else math.nan)
-                                   for k, v in raw.items() if k != "losses"}
-            row["losses"] = json.loads(raw["losses"]) if raw.get("losses") else {}
+                                   for k, v in raw.items() if k not in LOSS_COLUMNS}
+            row.setdefault("test_loss_mean", math.nan)
+            for name in LOSS_COLUMNS:
+                row[name] = json.loads(raw[name]) if raw.get(name) else {}
             rows.append(row)
     return rows
 

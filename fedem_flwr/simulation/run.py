@@ -3,6 +3,12 @@
 The hub opens as in deployment, on the virtual clock; then the method runs on the ``VirtualGrid``:
 the relay (its Strategy, coordinator and base keeper, unchanged) or a FedAvg baseline. Either way
 the run leaves ``sim/trace.csv`` and ``sim/result.json`` in the hub folder (``record``).
+
+A relay's trace rows carry each language's held-out loss as the hub last judged it and, with a test
+split, its test loss as the run stands (``evaluation.TestCurve``: only what changed is evaluated
+again). Its result adds what a study reads after the run (``evaluation``): the final numbers on the
+test split (held-out too), the base alone, each published merge with its absorbed languages' losses
+just before and after, merge attempts and publications, and each adapter's share of the tokens.
 """
 
 from __future__ import annotations
@@ -23,7 +29,17 @@ from fedem_flwr.relay.bootstrap import Hub, open_hub
 from fedem_flwr.relay.keeper import BaseKeeper
 from fedem_flwr.relay.strategy import RelayStrategy
 from fedem_flwr.simulation.clock import VirtualClock
-from fedem_flwr.simulation.evaluation import final_losses
+from fedem_flwr.simulation.evaluation import (
+    TestCurve,
+    base_alone,
+    base_folder_of,
+    final_losses,
+    final_split,
+    merge_counts,
+    merge_events,
+    relay_adapter_tokens,
+    study_fields,
+)
 from fedem_flwr.simulation.fedavg import run_fedavg
 from fedem_flwr.simulation.record import Trace, read_result, write_result
 from fedem_flwr.simulation.virtual_grid import VirtualGrid
@@ -57,25 +73,29 @@ def _relay(hub: Hub, vgrid: VirtualGrid, clock: VirtualClock, trace: Trace, star
     cfg = hub.cfg
     keeper = BaseKeeper(hub, clock=clock, cpt_steps_per_s=cfg.sim.hub_cpt_speed)
     counters = vgrid.counters
-    initial = current_losses(hub)
+    initial = base_alone(hub, base_folder_of(hub, 0))  # on the final split, as every method's initial losses
+    curve = TestCurve(hub)
+    trace.row(clock.elapsed, counters, losses=current_losses(hub), test_losses=curve.update())  # where it starts
 
     def spent() -> int:
         return counters.tokens + keeper.cpt_tokens
 
+    timing: dict[str, float] = {}
+    turn = _timed(keeper.turn, timing, "base_keeper_s")
+    test_curve = _timed(curve.update, timing, "test_curve_s")
+
     def between_turns(busy: bool) -> None:
-        keeper.turn(busy)
+        turn(busy)
         if busy:
-            _trace_row(hub, vgrid, trace, spent())
+            _trace_row(hub, vgrid, trace, spent(), test_losses=test_curve())
 
     def budget_spent() -> str:
         budget = cfg.sim.max_tokens
         return f"token budget of {budget} spent" if budget is not None and spent() >= budget else ""
 
-    timing: dict[str, float] = {}
     strategy = RelayStrategy(
         hub.coordinator, cfg.relay, hub.workbench.spec, max_steps=cfg.train.max_steps, clock=clock,
-        sleep=vgrid.advance, training_rows=hub.training_rows,
-        between_turns=_timed(between_turns, timing, "base_keeper_s"), stop_when=budget_spent,
+        sleep=vgrid.advance, training_rows=hub.training_rows, between_turns=between_turns, stop_when=budget_spent,
     )
     relay_started = time.monotonic()
     with _timing_calls(hub.coordinator, "receive_push", timing, "judging_s"):
@@ -85,11 +105,16 @@ def _relay(hub: Hub, vgrid: VirtualGrid, clock: VirtualClock, trace: Trace, star
     counters.accepted, counters.rejected = result.accepted, result.rejected
     counters.tokens += keeper.cpt_tokens
     losses = relay_final_losses(hub)
-    _trace_row(hub, vgrid, trace, counters.tokens, losses)
+    testing = final_split(hub) == "test"
+    heldout = relay_final_losses(hub, split="heldout") if testing else losses
+    _trace_row(hub, vgrid, trace, counters.tokens, heldout, test_losses=losses if testing else None)
+    study = study_fields(hub, initial=initial, base=base_alone(hub), heldout=heldout,
+                         adapter_tokens=relay_adapter_tokens(hub.registry))
+    study.update(merge_counts(hub.registry), merges=merge_events(hub, t0=clock.start))
     timing["final_evaluation_s"] = time.monotonic() - relay_started - timing["relay_s"]
     write_result(hub.path, method="relay", losses=losses, counters=counters, sim_seconds=clock.elapsed,
                  wall_seconds=time.monotonic() - started,
-                 extra={"stopped_by": result.stopped_by, "cpt_tokens": keeper.cpt_tokens, "initial_losses": initial,
+                 extra={"stopped_by": result.stopped_by, "cpt_tokens": keeper.cpt_tokens, **study,
                         "budget_tokens": cfg.sim.max_tokens, "base_version": hub.registry.latest_checkpoint().version,
                         "timing": {**vgrid.timing(), **{key: round(value, 2) for key, value in timing.items()}}})
     return read_result(hub.path)
@@ -130,9 +155,9 @@ def current_losses(hub: Hub) -> dict[str, float]:
     return losses
 
 
-def relay_final_losses(hub: Hub) -> dict[str, float]:
-    """Each language's adapter, at its latest version, on the latest base: evaluated now, as every
-    method's final numbers are."""
+def relay_final_losses(hub: Hub, split: str | None = None) -> dict[str, float]:
+    """Each language's adapter, at its latest version, on the latest base: evaluated now on ``split``
+    (default: the final split), as every method's final numbers are."""
     base = hub.registry.latest_checkpoint()
     states = {}
     for adapter in hub.registry.adapters():
@@ -140,12 +165,13 @@ def relay_final_losses(hub: Hub) -> dict[str, float]:
         state = read_adapter_state(hub.store.get(version.ref))
         for language in adapter.languages:
             states[language] = state
-    return final_losses(hub, states, base_folder=hub.store.get(base.ref))
+    return final_losses(hub, states, base_folder=hub.store.get(base.ref), split=split)
 
 
-def _trace_row(hub: Hub, vgrid: VirtualGrid, trace: Trace, tokens: int, losses: dict | None = None) -> None:
+def _trace_row(hub: Hub, vgrid: VirtualGrid, trace: Trace, tokens: int, losses: dict | None = None, *,
+               test_losses: dict | None = None) -> None:
     counts = hub.registry.contribution_counts()
     snapshot = replace(vgrid.counters, tokens=tokens, accepted=counts.get("accepted", 0),
                        rejected=sum(n for decision, n in counts.items() if decision != "accepted"))
     trace.row(vgrid.clock.elapsed, snapshot, leases_active=vgrid.leases_active, online=vgrid.online_count(),
-              losses=losses if losses is not None else current_losses(hub))
+              losses=losses if losses is not None else current_losses(hub), test_losses=test_losses)

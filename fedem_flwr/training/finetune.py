@@ -6,6 +6,9 @@ Per optimizer step: set the learning rate (linear warmup, then cosine down to ``
 lease's deadline minus a margin), so a lease is never lost to a last long step.
 
 Only trainable parameters reach the optimizer, so a PeftModel trains its adapter and nothing else.
+With ``train.carry`` set, a relay hop continues the adapter's one training run instead of starting
+its own (``training.optimizer_state``): the schedule runs over the adapter's total steps, and with
+``moments`` AdamW resumes from the moments and step the last hop left, matched by name.
 The loss of a step is the sum of token losses over the whole step divided by its target count, so
 the gradient does not depend on how the step is split in micro-batches: a CUDA out-of-memory halves
 the micro-batch, doubles the accumulation and reruns the same step with the same result.
@@ -27,6 +30,15 @@ from fedem_flwr.config.schema import CptConfig, TrainConfig
 from fedem_flwr.data.labels import labels_for, loss_sum, target_count
 from fedem_flwr.errors import ConfigError, DataError, TrainingError
 from fedem_flwr.training.device import autocast, pick_device, pick_precision, release_memory
+from fedem_flwr.training.optimizer_state import (
+    OptimizerState,
+    carried_lr,
+    export_from_optimizer,
+    fresh,
+    load_into_optimizer,
+    optimizer_steps,
+    parameter_keys,
+)
 
 log = logging.getLogger(__name__)
 
@@ -45,6 +57,7 @@ class TrainResult:
     stopped_by: str
     micro_batch: int = 0
     grad_accum: int = 0
+    optimizer_state: Optional[OptimizerState] = None  # where the adapter's run stands now (``train.carry``)
 
     @property
     def tokens_per_second(self) -> float:
@@ -93,11 +106,20 @@ def train(
     deadline: Optional[float] = None,
     clock: Callable[[], float] = time.monotonic,
     progress: Optional[bool] = None,
+    optimizer_state: Optional[OptimizerState] = None,
+    lr_schedule: Optional[Callable[[int], float]] = None,
 ) -> TrainResult:
     """Train the trainable parameters of ``model`` on token ``blocks`` ([n, block_size]) under ``cfg``.
 
     The model moves to ``cfg.device`` and stays there; its train/eval mode is restored afterwards.
     Deterministic given ``seed`` on a CPU (the global RNG is forked, not reseeded for the caller).
+
+    With ``cfg.carry`` ``schedule`` or ``moments`` the run continues ``optimizer_state`` (a fresh one
+    when None): step ``i`` here is the adapter's step ``state.step + i`` of ``carried_lr``, and with
+    ``moments`` AdamW starts from the state's moments and step; the result's ``optimizer_state`` is
+    where the run stands after it. With ``carry=none`` the state is ignored and none is returned.
+    ``lr_schedule`` (the rate of this run's step ``i``) overrides either schedule: FedAvg's rounds
+    pass their own.
     """
     if blocks.ndim != 2 or blocks.shape[0] == 0 or blocks.shape[1] < 2:
         raise DataError(f"training needs token blocks of shape [n >= 1, block_size >= 2]; got {tuple(blocks.shape)}.")
@@ -126,6 +148,20 @@ def train(
         micro, accum = cfg.batch_size, cfg.grad_accum
 
     optimizer = adamw(params, cfg, device)
+    carried = named = None
+    start_step = 0  # AdamW's own step count at the start (the carried one, once its moments are loaded)
+    if cfg.carry != "none":
+        carried = optimizer_state if optimizer_state is not None else fresh(carry=cfg.carry)
+        if cfg.carry == "moments":
+            named = parameter_keys(model)
+            load_into_optimizer(optimizer, named, carried)  # by name, onto each parameter's device
+            start_step = carried.step if carried.moments else 0
+    if lr_schedule is not None:
+        lr_of = lr_schedule
+    elif carried is not None:
+        lr_of = lambda i: carried_lr(carried.step + i, cfg, carried.warmup_from)
+    else:
+        lr_of = lambda i: lr_at(i, cfg)
     scaler = torch.amp.GradScaler("cuda") if amp_dtype == torch.float16 else None
     generator = torch.Generator().manual_seed(seed)
     order = torch.empty(0, dtype=torch.long)
@@ -150,7 +186,7 @@ def train(
                 if cfg.max_seconds is not None and now - start + step_s > cfg.max_seconds:
                     stopped_by = "max_seconds"
                     break
-                lr = lr_at(step, cfg)
+                lr = lr_of(step)
                 for group in optimizer.param_groups:
                     group["lr"] = lr
 
@@ -196,6 +232,12 @@ def train(
                         tok_s = tokens / max(now - start, 1e-9)
                         bar.set_postfix(loss=f"{loss_value:.3f}", tok_s=f"{tok_s:.0f}", lr=f"{lr:.1e}")
                 bar.update(1)
+        new_state = None
+        if carried is not None:
+            # Steps AdamW applied (a loss scaler skips overflowed ones): the run's position moves by these.
+            taken = optimizer_steps(optimizer) - start_step  # a CPU-GPU sync point, once a run
+            moments = export_from_optimizer(optimizer, named, carried) if named is not None else {}
+            new_state = OptimizerState(carried.step + taken, carried.warmup_from, moments)
     finally:
         bar.close()
         model.train(was_training)
@@ -207,7 +249,7 @@ def train(
     if last_loss is not None:
         loss_last = last_loss.item()
         check_finite(loss_last, steps - 1)
-    return TrainResult(steps, tokens, loss_first, loss_last, now - start, stopped_by, micro, accum)
+    return TrainResult(steps, tokens, loss_first, loss_last, now - start, stopped_by, micro, accum, new_state)
 
 
 def optimizer_step(model, batch, micro, pad_id, device, amp_dtype, optimizer, scaler, params, grad_clip) -> torch.Tensor:
