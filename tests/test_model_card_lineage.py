@@ -198,3 +198,17 @@ def test_a_seeded_hub_stores_base_v0_and_every_fresh_adapter_with_its_card(tmp_p
                 f"heldout/{lang}": loss for lang, loss in v.metrics["heldout"].items()}
     finally:
         hub.registry.close()
+
+
+def test_a_residual_rebase_says_what_it_continues_from(tmp_path, tiny):
+    clock = FakeClock()
+    registry, store, workbench = hub(tmp_path, tiny, clock)
+    registry.add_checkpoint(0, "merge", "t/base", None, "d", {}, clock(), absorbed=[("hi", 0, 0.5, "mean", None)])
+
+    store_adapter_version(registry, store, _adapter_folder(tmp_path / "rebase", workbench, store),
+                          adapter="hi", base_version=1, parent_version=0, kind="rebase",
+                          metrics={"heldout": {"hi": 3.7}, "rebase": {"mode": "residual", "relative": 0.2}},
+                          created=clock())
+
+    text = (store.local_path("t/adapter-hi", "v1") / "README.md").read_text()
+    assert "continues from its residual" in text and "zero delta" not in text

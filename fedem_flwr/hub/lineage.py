@@ -15,7 +15,7 @@ API (the hub's loop calls these; none imports torch or Flower):
   CPT checkpoint that was not published.
 - ``store_adapter_version(registry, store, folder, *, adapter, base_version, parent_version, kind,
   metrics, created) -> AdapterVersion``: a version with no contribution (``rebase``: an absorbed
-  adapter restarting from a zero delta on the new base).
+  adapter continuing on the new base, from a zero delta or from its residual).
 - ``write_adapter_card(folder, registry, store, ...)``: the card of an adapter version about to be
   stored (the relay coordinator writes it between saving an accepted push and storing it).
 - ``checkpoint_card`` / ``version_card``: the cards of recorded versions (``fedem publish``).
@@ -56,11 +56,13 @@ def version_card(registry: Registry, v: AdapterVersion, repo_id: str, base_repo_
 def write_adapter_card(folder: Path, registry: Registry, store: ArtifactStore, *, repo: str, adapter: str,
                        version: int, base_version: int, parent_version: Optional[int], kind: str,
                        heldout: Mapping[str, float], contributor: Optional[str] = None,
-                       languages: Optional[Sequence[str]] = None) -> ModelCard:
+                       languages: Optional[Sequence[str]] = None,
+                       rebase: Optional[Mapping[str, Any]] = None) -> ModelCard:
     """Write the card of ``adapter`` v``version`` (not yet recorded) into ``folder``, before it is stored.
 
     ``contributor`` is the pseudonym of the push being accepted; the card also lists those whose
-    accepted work the parent version carries. ``languages`` default to the adapter's recorded ones.
+    accepted work the parent version carries. ``languages`` default to the adapter's recorded ones;
+    ``rebase`` is a rebase version's record (its mode, and a residual's truncation error).
     """
     base = registry.checkpoint(base_version)
     if base is None:
@@ -71,7 +73,8 @@ def write_adapter_card(folder: Path, registry: Registry, store: ArtifactStore, *
     earlier = registry.contributors_of(adapter, parent_version) if kind == "push" and parent_version is not None else []
     card = adapter_card(store.repo_id(repo), adapter, version, store.repo_id(base.repo), base.revision,
                         list(languages), [*earlier, *([contributor] if contributor else [])],
-                        {"heldout": dict(heldout)}, parent_version=parent_version, base_version=base_version,
+                        {"heldout": dict(heldout), **({"rebase": dict(rebase)} if rebase else {})},
+                        parent_version=parent_version, base_version=base_version,
                         kind=kind)
     write_card(folder, card)
     return card
@@ -121,7 +124,7 @@ def store_adapter_version(registry: Registry, store: ArtifactStore, folder: Path
     version = parent.version + 1
     write_adapter_card(folder, registry, store, repo=parent.repo, adapter=adapter, version=version,
                        base_version=base_version, parent_version=parent_version, kind=kind,
-                       heldout=(metrics or {}).get("heldout") or {})
+                       heldout=(metrics or {}).get("heldout") or {}, rebase=(metrics or {}).get("rebase"))
     ref = store.put(parent.repo, revision_name(version), Path(folder),
                     message=message or f"{adapter} v{version} ({kind} on base v{base_version})", replace_orphan=True)
     return registry.add_adapter_version(adapter, base_version, parent_version, ref.repo, ref.revision, ref.digest,

@@ -139,9 +139,13 @@ def adapter_card(repo_id: str, name: str, version: int, base_model: str, base_re
     )
     lines = [f"adapter `{name}` version v{version}, on `{base_model}` revision `{base_revision}`"]
     if kind is not None:
+        residual = (metrics.get("rebase") or {}).get("mode") == "residual"
+        rebase = (f"continues from its residual (its delta less the merged one, at its rank) after a merge "
+                  f"absorbed v{parent_version}" if residual else
+                  f"restarted from a zero delta after a merge absorbed v{parent_version}")
         lines.append({"fresh": "a fresh LoRA (zero delta)",
                       "push": f"an accepted contribution on v{parent_version}",
-                      "rebase": f"restarted from a zero delta after a merge absorbed v{parent_version}"}.get(kind, kind))
+                      "rebase": rebase}.get(kind, kind))
     if languages:
         lines.append(f"languages: {', '.join(sorted(languages))}")
     lines += [f"{len(set(contributors))} accepted contribution(s), listed by pseudonym",

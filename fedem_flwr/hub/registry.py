@@ -103,8 +103,9 @@ class Registry(Database):
     def absorbing_base(self, adapter: str, adapter_version: int) -> Optional[int]:
         """The base version whose merge took in the work of ``adapter`` v``adapter_version`` (None: not yet).
 
-        An absorbed adapter restarts from a zero delta, so the first merge that absorbed this version
-        or a later one is the merge that carried it into the base.
+        An absorbed adapter continues from a zero delta or from its residual (what the merged delta
+        left of its own), so the first merge that absorbed this version or a later one is the merge
+        that carried its work into the base.
         """
         row = self._one("SELECT base_version FROM merge_absorbed WHERE adapter = ? AND adapter_version >= ? "
                         "ORDER BY adapter_version LIMIT 1", (adapter, adapter_version))
@@ -178,7 +179,8 @@ class Registry(Database):
         """Record a stored adapter state as version max+1 of ``adapter`` (0 is the fresh LoRA).
 
         ``kind`` is ``fresh`` (version 0, the default there), ``push`` (an accepted contribution, the
-        default after 0) or ``rebase`` (restarting from a zero delta on a new base). Held-out losses
+        default after 0) or ``rebase`` (continuing on a new base after a merge: from a zero delta, or
+        from its residual). Held-out losses
         in ``metrics["heldout"]`` are also recorded as the version's evaluation on ``base_version``.
         """
         created = rec.finite("created", created)
