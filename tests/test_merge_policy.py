@@ -39,6 +39,24 @@ def test_absorbs_only_unleased_adapters_that_beat_the_base_on_their_languages():
     assert reasons["lang-xx"].startswith("does not beat the base: loss 2.000 -> 2.000 on en (+0.000)")
 
 
+def test_with_residual_rebases_a_leased_adapter_is_absorbed_like_a_free_one():
+    # Prepare: lang-te is leased, and beats the base on te
+    leased = Candidate("lang-te", 2, ("te",), {"hi": 3.0, "te": 2.5, "en": 2.0})
+    worse = Candidate("lang-en", 1, ("en",), {"hi": 3.0, "te": 3.0, "en": 2.1})
+
+    # Execute
+    residual = select_absorbed([leased, worse], {"lang-te", "lang-en"}, BASE, rebase="residual")
+    zero = select_absorbed([leased, worse], {"lang-te", "lang-en"}, BASE, rebase="zero")
+
+    # Assert: its push in flight lands as an update under residual; under zero it waits. Leased or not,
+    # an adapter must still beat the bare base on its own languages.
+    assert residual.absorbed == (leased,)
+    assert residual.skipped == (("lang-en", "does not beat the base: loss 2.000 -> 2.100 on en (+0.100); "
+                                            "needs no increase"),)
+    assert zero.absorbed == ()
+    assert [reason for _, reason in zero.skipped] == ["under lease; waits for the next merge"] * 2
+
+
 def test_beating_the_base_is_token_weighted_like_the_gate():
     # Prepare: hi gains 0.3 on 100 tokens, te loses 0.1 on 900 tokens
     both = Candidate("south", 4, ("hi", "te"), {"hi": 2.7, "te": 3.1})

@@ -21,6 +21,7 @@ from fedem_flwr.gate.loss import evaluate
 from fedem_flwr.lineage.merge import (
     MergeError,
     WeightedAdapter,
+    factor_deltas,
     lora_deltas,
     merge_adapters,
     rebase_residual,
@@ -284,6 +285,26 @@ def test_a_change_on_a_target_the_adapter_lacks_counts_as_lost_and_a_bad_change_
         rebase_residual(state, {**change, target: change[target].T}, IN_PROJ)
 
 
+def test_factoring_an_adapters_own_deltas_gives_them_back_and_bad_deltas_are_refused(base):
+    # Prepare: rank-r deltas on every safe target (the embedding's transposed)
+    state = random_state(base, ALL_SAFE, seed=51)
+    deltas = lora_deltas(state, ALL_SAFE)
+
+    # Execute
+    fitted = factor_deltas(deltas, state, ALL_SAFE)
+
+    # Assert: the same layout and the same deltas, nothing lost to the truncation
+    assert {k: (v.shape, v.dtype) for k, v in fitted.state.items()} == {k: (v.shape, v.dtype) for k, v in state.items()}
+    for target, delta in lora_deltas(fitted.state, ALL_SAFE).items():
+        torch.testing.assert_close(delta, deltas[target], atol=1e-5, rtol=0, msg=target)
+    assert fitted.relative < 1e-5 and set(fitted.errors) == set(deltas)
+    target = next(iter(deltas))
+    with pytest.raises(MergeError, match="the deltas are on"):
+        factor_deltas({t: d for t, d in deltas.items() if t != target}, state, ALL_SAFE)
+    with pytest.raises(MergeError, match=f"the delta on {target!r} is"):
+        factor_deltas({**deltas, target: deltas[target].T}, state, ALL_SAFE)
+
+
 # -- trained language adapters: what a merge costs each adapted language ------------------------------
 LANGUAGES = ("en", "ja", "es")
 TRAIN = TrainConfig(max_steps=30, batch_size=8, warmup_steps=3, progress=False, device="cpu")
@@ -392,7 +413,7 @@ def test_the_keeper_rebases_absorbed_adapters_from_their_residuals_and_records_t
     assert (record["method"], record["scale"], record["rebase"]) == ("mean", 1.0, "residual")
     assert record["gate"]["base"].endswith("no per-language clause on the base alone")
     assert record["gate"]["adapted"].endswith("within 0.050")
-    adapters = record["adapters"]
+    adapters = {name: entry for name, entry in record["adapters"].items() if entry["absorbed"]}
     print({name: (round(e["weight"], 3), e["tokens"], round(e["truncation"]["relative"], 3), e["adapted_before"],
                   e["adapted_after"]) for name, e in adapters.items()}, new.metrics["heldout"])
     absorbed = registry.absorbed(1)
@@ -415,7 +436,7 @@ def test_the_keeper_rebases_absorbed_adapters_from_their_residuals_and_records_t
     for row in absorbed:
         rebase = registry.latest_adapter_version(row.adapter)
         assert (rebase.kind, rebase.base_version, rebase.parent_version) == ("rebase", 1, row.adapter_version)
-        assert rebase.metrics["rebase"]["mode"] == "residual"
+        assert (rebase.metrics["rebase"]["mode"], rebase.metrics["rebase"]["absorbed"]) == ("residual", True)
         assert rebase.metrics["rebase"]["truncation"] == adapters[row.adapter]["truncation"]
         heldout = registry.evaluation(row.adapter, rebase.version, 1)
         assert heldout == rebase.metrics["heldout"] != new.metrics["heldout"]
@@ -426,3 +447,87 @@ def test_the_keeper_rebases_absorbed_adapters_from_their_residuals_and_records_t
         measured = hub.workbench.evaluate(state, registry.adapter(row.adapter).languages)  # judged on v1 now
         for lang, loss in measured.items():
             assert loss == pytest.approx(heldout[lang], abs=1e-5)
+
+
+@pytest.mark.slow  # relays real pushes on a real hub, then merges
+def test_a_merge_reprojects_every_trained_adapter_and_a_push_in_flight_lands_as_an_update(tmp_path, monkeypatch):
+    # Prepare: relayed pushes on two adapters or more; one of them (`held`) is leased again. The merge
+    # absorbs only one other adapter, so `held` (leased) and any other trained one are not absorbed.
+    from fedem_flwr.relay import keeper as keeper_module
+    from fedem_flwr.relay.policies import NodeProfile
+
+    hub = _residual_hub(tmp_path)
+    registry = hub.registry
+    keeper = keeper_module.BaseKeeper(hub)
+    pushed = {a.name: registry.latest_adapter_version(a.name) for a in registry.adapters()
+              if registry.latest_adapter_version(a.name).kind == "push"}
+    assert len(pushed) >= 2, pushed
+    held, *others = sorted(pushed)
+    (assignment,) = hub.coordinator.assign([NodeProfile("sim:9", (held,))])
+    assert (assignment.lease.adapter, assignment.lease.adapter_version) == (held, pushed[held].version)
+    old_state = {name: _stored_state(hub, row) for name, row in pushed.items()}
+    real, seen = keeper_module.select_absorbed, {}
+
+    def first_only(candidates, leased, base_losses, **kw):
+        selection = real(candidates, leased, base_losses, **kw)
+        seen["absorbed"], seen["leased"] = [c.name for c in selection.absorbed], set(leased)
+        keep = [c for c in selection.absorbed if c.name == others[0]]
+        return type(selection)(tuple(keep), selection.skipped)
+
+    monkeypatch.setattr(keeper_module, "select_absorbed", first_only)
+
+    # Execute 1
+    new = keeper.merge("requested")
+
+    # Assert 1: under residual rebases the leased adapter was selectable; the merge absorbed one adapter
+    assert held in seen["leased"] and held in seen["absorbed"]
+    assert new is not None and new.version == 1
+    assert [a.adapter for a in registry.absorbed(1)] == [others[0]]
+    entries = new.metrics["merge"]["adapters"]
+    assert sorted(entries) == sorted(pushed)
+    assert {name: e["absorbed"] for name, e in entries.items()} == {name: name == others[0] for name in pushed}
+    # every trained adapter continues from its residual, or keeps its weights when they score no worse on
+    # the merged base; its adapted languages stay within the bound either way
+    old_on_new = {}
+    for name, row in pushed.items():
+        entry, rebase = entries[name], registry.latest_adapter_version(name)
+        languages = registry.adapter(name).languages
+        assert sorted(entry["adapted_before"]) == sorted(entry["adapted_after"]) == sorted(languages)
+        # what the adapter serves on the new base with its old weights (no re-projection)
+        old_on_new[name] = hub.workbench.evaluate(old_state[name], languages)
+        if entry.get("kept"):
+            assert name != others[0] and (rebase.kind, rebase.version) == ("push", row.version)
+            assert entry["adapted_after"] == pytest.approx(old_on_new[name], abs=1e-6)
+        else:
+            assert (rebase.kind, rebase.base_version, rebase.parent_version) == ("rebase", 1, row.version)
+            assert rebase.metrics["rebase"]["mode"] == "residual"
+            assert rebase.metrics["rebase"]["absorbed"] == (name == others[0])
+            assert rebase.metrics["rebase"]["truncation"] == entry["truncation"]
+            assert entry["adapted_after"] == {lang: registry.evaluation(name, rebase.version, 1)[lang]
+                                              for lang in languages}
+        for lang in languages:
+            assert entry["adapted_before"][lang] == registry.evaluation(name, row.version, 0)[lang]
+            assert entry["adapted_after"][lang] - entry["adapted_before"][lang] <= ADAPTED_BOUND, (name, lang)
+    assert new.metrics["merge"]["gate"]["adapted"].endswith("within 0.050")
+    most = hub.cfg.train.max_steps * hub.cfg.train.batch_size * hub.cfg.data.block_size
+    if entries[held].get("kept"):  # nothing moved under the lease: its push lands as it is (test below)
+        outcome = hub.coordinator.receive_push(assignment.lease.token, old_state[held])
+        (contribution,) = [c for c in registry.contributions() if c.lease_token == assignment.lease.token]
+        assert "update" not in contribution.evaluation
+        return
+    # a not-absorbed adapter carries its token count into its next merge weight
+    carried = registry.latest_adapter_version(held).metrics["rebase"]["carried_tokens"]
+    assert carried == entries[held]["tokens"] == registry.tokens_since_restart(held, pushed[held].version, most) > 0
+    assert keeper._tokens_since_restart(held, registry.latest_adapter_version(held).version, most) == carried
+
+    # Execute 2: the held lease's push comes back, trained on v0 from its push version
+    back = {k: v + 0.01 * torch.ones_like(v) if "lora_B" in k else v for k, v in old_state[held].items()}
+    outcome = hub.coordinator.receive_push(assignment.lease.token, back)
+
+    # Assert 2: it was judged as an update of the rebase version, and that is recorded
+    (contribution,) = [c for c in registry.contributions() if c.lease_token == assignment.lease.token]
+    update = contribution.evaluation["update"]
+    rebased = registry.latest_adapter_version(held).version if not outcome.accepted else outcome.version - 1
+    assert (update["from_version"], update["onto_version"]) == (pushed[held].version, rebased)
+    assert 0.0 <= update["relative"] < 1.0
+    assert (contribution.base_version, contribution.judged_base_version) == (0, 1)

@@ -57,6 +57,7 @@ def relay_on_a_fake_clock(policy: Policy, nodes: Sequence[NodeProfile], adapters
     while len(history) < leases or running:
         offer = [AdapterInfo(name, adapters[name], 0, last.get(name), tokens[name])
                  for name in sorted(adapters) if name not in held]
+        policy.observe([AdapterInfo(name, adapters[name], 0, last.get(name), tokens[name]) for name in sorted(held)])
         for who, info in policy.assign([nodes[i] for i in free], offer)[: leases - len(history)]:
             index = nodes.index(who)
             free.remove(index)
@@ -310,3 +311,45 @@ def test_counts_are_clamped_and_unjudged_pushes_do_not_count(fair_hub, tmp_path)
     assert restarted.adapter_tokens() == {"hi": 2048, "ta": 0}
     assert registry.tokens_by_adapter(2048) == {"hi": 2048, "ta": 0}
     assert restarted.pool.get("hi").tokens == 2048
+
+
+# -- the lead bound (relay.fair_max_lead) ---------------------------------------------------------
+
+def test_with_a_lead_bound_an_adapter_far_ahead_waits_for_the_one_under_lease():
+    policy = FairPolicy(max_lead=100)
+    policy.observe([adapter("hi", tokens=0)])  # hi is being trained: it sets the floor
+
+    pairs = policy.assign([node("n-ru", "ru"), node("n-ta", "ta")], [adapter("ru", tokens=500), adapter("ta", tokens=50)])
+
+    assert names(pairs) == [("n-ta", "ta")]  # ru is 500 ahead: its node stays idle
+    assert policy.choose(node("n-ru", "ru"), [adapter("ru", tokens=500)]) is None
+    assert names(FairPolicy().assign([node("n-ru", "ru")], [adapter("ru", tokens=500)])) == [("n-ru", "ru")]
+
+
+def test_an_adapter_nobody_can_train_now_does_not_hold_the_others_back():
+    policy = FairPolicy(max_lead=100)
+    policy.observe([])
+
+    # hi has no tokens, but no free node serves it (its contributor is away): it is out of play
+    pairs = policy.assign([node("n-ru", "ru")], [adapter("hi", tokens=0), adapter("ru", tokens=500)])
+
+    assert names(pairs) == [("n-ru", "ru")]
+
+
+def test_a_lead_bound_keeps_a_fast_language_within_reach_of_a_slow_one():
+    nodes = [node("fast", "ru"), node("slow", "hi")]
+    adapters = {"ru": ("ru",), "hi": ("hi",)}
+
+    def lease(who: NodeProfile, _: int) -> tuple[float, int]:
+        return (1.0, 100) if who.node == "fast" else (5.0, 100)
+
+    free_run, _ = relay_on_a_fake_clock(FairPolicy(), nodes, adapters, lease, 30)
+    bounded, _ = relay_on_a_fake_clock(FairPolicy(max_lead=200), nodes, adapters, lease, 30)
+
+    assert free_run["ru"] - free_run["hi"] >= 1500  # unbounded, ru runs five times as fast
+    assert abs(bounded["ru"] - bounded["hi"]) <= 200 + 100  # within the lead and one lease
+    assert sum(bounded.values()) == sum(free_run.values()) == 3000
+
+
+def test_make_policy_passes_the_lead_bound():
+    assert make_policy("fair", random.Random(0), max_lead=4096).max_lead == 4096

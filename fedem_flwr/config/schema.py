@@ -315,6 +315,11 @@ class RelayConfig:
         default="least-recent",
         metadata={"help": "What `language` uses among matches: `random`, `round-robin` or `least-recent`."},
     )
+    fair_max_lead: Optional[int] = field(
+        default=None,
+        metadata={"help": "With `fair`: an adapter more than this many tokens ahead of the one furthest behind "
+                          "(among those being trained or trainable now) waits for it; null = never waits."},
+    )
     no_node_grace_s: float = 60.0
     poll_interval_s: float = 1.0
     max_accepted: Optional[int] = None
@@ -339,6 +344,7 @@ class RelayConfig:
                     "backoff_max_s"):
             _positive("relay", key, getattr(self, key))
         _positive("relay", "no_node_grace_s", self.no_node_grace_s, allow_zero=True)
+        _positive("relay", "fair_max_lead", self.fair_max_lead, allow_zero=True)
         _positive("relay", "deadline_margin_s", self.deadline_margin_s, allow_zero=True)
         _positive("relay", "drain_s", self.drain_s, allow_zero=True)
         if self.deadline_margin_s >= self.lease_ttl_s:

@@ -22,9 +22,10 @@ single language may be worse than the current base's by more than ``tolerance`` 
 skips that clause: when absorbed adapters continue from their residuals, each absorbed language is
 served by the base with its adapter, and ``decide_adapted`` judges those instead).
 
-``decide_adapted`` judges what a merge does to each absorbed adapter's languages as they are served:
-new base + its rebased adapter against old base + its version just before the merge, every language
-within ``tolerance`` (``after <= before + tolerance``).
+``decide_adapted`` judges what a merge does to each rebased adapter's languages as they are served
+(with residual rebases, every adapter carrying trained work, absorbed or not): new base + its rebased
+version against old base + its version just before the merge, every language within ``tolerance``
+(``after <= before + tolerance``).
 """
 
 from __future__ import annotations
@@ -126,9 +127,9 @@ def decide_adapted(
     before: Mapping[str, Mapping[str, float]],
     tolerance: float,
 ) -> Decision:
-    """Accept a merge only when no absorbed adapter's language is served worse after it (module doc).
+    """Accept a merge only when no rebased adapter's language is served worse after it (module doc).
 
-    ``before`` maps each absorbed adapter to its languages' losses on the old base with its version just
+    ``before`` maps each rebased adapter (absorbed or not) to its languages' losses on the old base with its version just
     before the merge (the languages to check), ``after`` the same adapter to its losses on the new base
     with its rebased version. Every language must be within ``tolerance`` of before; a missing or
     non-finite loss refuses. ``delta`` is the largest change (after minus before) over them all.

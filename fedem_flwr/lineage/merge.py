@@ -33,6 +33,14 @@ API (torch; no registry, store or Flower):
   adapter's rank by SVD (the best rank-``r`` approximation, Eckart-Young) and split back into its own
   ``A`` and ``B`` at its ``alpha / r``, so new base + new adapter is old base + old adapter up to the
   truncation, which is reported per target and overall (``||R - R_r|| / ||R||`` and absolute).
+  With ``merge.rebase=residual`` every adapter carrying trained work is rebased so, absorbed or not (an
+  adapter not absorbed has no share in ``M`` and subtracts it whole).
+- ``factor_deltas(deltas, like_state, lora_cfg) -> Residual``: per-target deltas (weight units) as an
+  adapter state shaped like ``like_state``: each truncated to rank ``r`` and split at ``alpha / r``, as
+  ``rebase_residual`` does with its residuals.
+- ``update_state(current, pushed, start, lora_cfg) -> Residual``: a push whose lease started from
+  ``start`` applied to the adapter's ``current`` version as the change it made (DESIGN decision 20):
+  ``current + (pushed - start)`` per target in weight space (exact, float64), then ``factor_deltas``.
 
 When to merge and what a merge absorbs is pure policy, in ``lineage.policy``. Whether a merged model is
 published is the base gate's call: ``gate.acceptance.decide_base`` (the base alone) and, when absorbed
@@ -111,8 +119,9 @@ class MergeResult:
 
 @dataclass(frozen=True)
 class Residual:
-    """An absorbed adapter re-expressed on the merged base: its new state (the input's keys, shapes and
-    dtypes) and how much of its residual the truncation to rank ``r`` lost.
+    """Deltas factored back into an adapter state (``factor_deltas``: a residual on a merged base, or a push
+    added to a moved version): the new state (the input's keys, shapes and dtypes) and how much of the
+    deltas ``R`` the truncation to rank ``r`` lost.
 
     ``errors``: per target, ``{"absolute": ||R - R_r||, "relative": that / ||R|| (0 when R = 0),
     "norm": ||R||}`` (Frobenius, in weight units); ``absolute`` / ``relative`` are over all targets.
@@ -140,6 +149,13 @@ class _Factors:
 
     def delta(self, scale: float) -> "torch.Tensor":
         product = self.B.float() @ self.A.float()
+        return scale * (product.T if self.embedding else product)
+
+    def delta64(self, scale: float) -> "torch.Tensor":
+        """The delta in float64 on the CPU (weight orientation), for arithmetic that must not round."""
+        import torch
+
+        product = self.B.detach().to("cpu", torch.float64) @ self.A.detach().to("cpu", torch.float64)
         return scale * (product.T if self.embedding else product)
 
 
@@ -343,27 +359,19 @@ def weight_change(merged_model: "PreTrainedModel", base_model: "PreTrainedModel"
 def rebase_residual(state: Mapping[str, "torch.Tensor"], change: Mapping[str, "torch.Tensor"],
                     lora_cfg: "LoraConfig") -> Residual:
     """``state`` re-expressed on a base that ``change`` (``weight_change``) moved: its residual
-    ``R = delta - M`` per target, truncated to rank ``r`` and split into its own ``A`` and ``B``.
-
-    With ``R ~= U S V^T`` (its ``r`` largest singular values) and ``s = alpha / r``, ``B @ A`` is
-    ``U (S / s) V^T`` (transposed for ``embeddings``), split balanced (``sqrt(S / s)`` on each side) except
-    that each rank slot keeps, on the factor PEFT initialises non-zero (``A`` on linear targets, ``B`` on
-    ``embeddings``), at least the RMS slot norm that factor has now: a slot whose residual is zero is then
-    left as PEFT leaves a fresh one (that factor non-zero, the other exactly zero), still trainable, and
-    not dead with both factors zero. The product does not depend on the split. A target the adapter
-    does not hold cannot take its residual ``-M``: it counts as lost in full. Computed in float64 on the
-    CPU; raises ``MergeError`` on non-finite values or a change shaped unlike the delta.
+    ``R = delta - M`` per target, truncated to rank ``r`` and split into its own ``A`` and ``B``
+    (``factor_deltas``). A target the adapter does not hold cannot take its residual ``-M``: it counts
+    as lost in full. Computed in float64 on the CPU; raises ``MergeError`` on non-finite values or a
+    change shaped unlike the delta.
     """
     import torch
 
     scale = lora_cfg.alpha / lora_cfg.r
     factors = _factors(state, lora_cfg)
-    out: dict[str, torch.Tensor] = {}
-    errors: dict[str, dict[str, float]] = {}
+    residuals: dict[str, torch.Tensor] = {}
     for target, f in factors.items():
         with torch.no_grad():
-            product = f.B.detach().to("cpu", torch.float64) @ f.A.detach().to("cpu", torch.float64)
-            residual = scale * (product.T if f.embedding else product)
+            residual = f.delta64(scale)
             if target in change:
                 moved = change[target].detach().to("cpu", torch.float64)
                 if moved.shape != residual.shape:
@@ -372,25 +380,81 @@ def rebase_residual(state: Mapping[str, "torch.Tensor"], change: Mapping[str, "t
                 residual = residual - moved
             if not bool(torch.isfinite(residual).all()):
                 raise MergeError(f"the residual on {target!r} is not finite; the adapter cannot be rebased.")
-            A, B, lost, norm = _best_rank(residual.T if f.embedding else residual, f, lora_cfg.r, scale)
-        prefix = _PREFIX + target[: -len(".weight")]
-        a_key, b_key = ((prefix + ".lora_embedding_A", prefix + ".lora_embedding_B") if f.embedding
-                        else (prefix + ".lora_A.weight", prefix + ".lora_B.weight"))
-        out[a_key] = A.to(state[a_key].device, state[a_key].dtype).contiguous()
-        out[b_key] = B.to(state[b_key].device, state[b_key].dtype).contiguous()
-        errors[target] = {"absolute": lost, "relative": lost / norm if norm > 0 else 0.0, "norm": norm}
+        residuals[target] = residual
+    fitted = factor_deltas(residuals, state, lora_cfg)
+    errors = dict(fitted.errors)
     for target in sorted(set(change) - set(factors)):  # the adapter has no factors there to hold -M
         norm = float(torch.linalg.vector_norm(change[target].detach().to("cpu", torch.float64)))
         errors[target] = {"absolute": norm, "relative": 1.0 if norm > 0 else 0.0, "norm": norm}
+    return _with_errors(fitted.state, errors)
+
+
+def update_state(current: Mapping[str, "torch.Tensor"], pushed: Mapping[str, "torch.Tensor"],
+                 start: Mapping[str, "torch.Tensor"], lora_cfg: "LoraConfig") -> Residual:
+    """A push applied as an update (DESIGN decision 20): its lease started from ``start``, the adapter is
+    now at ``current``; per target ``current + (pushed - start)`` in weight space (float64, exact),
+    factored back to rank ``r`` like ``pushed`` (``factor_deltas``). The errors say what the truncation
+    lost of that sum. Raises ``MergeError`` when the three states do not hold the same targets.
+    """
+    scale = lora_cfg.alpha / lora_cfg.r
+    now, new, old = (_factors(s, lora_cfg) for s in (current, pushed, start))
+    if not set(now) == set(new) == set(old):
+        raise MergeError(f"the pushed, start and current states hold different targets: {sorted(new)}, "
+                         f"{sorted(old)}, {sorted(now)}.")
+    deltas = {t: now[t].delta64(scale) + (new[t].delta64(scale) - old[t].delta64(scale)) for t in sorted(now)}
+    return factor_deltas(deltas, pushed, lora_cfg)
+
+
+def factor_deltas(deltas: Mapping[str, "torch.Tensor"], like_state: Mapping[str, "torch.Tensor"],
+                  lora_cfg: "LoraConfig") -> Residual:
+    """``deltas`` (one per target of ``like_state``, in weight units and orientation, as ``lora_deltas``
+    gives them) as an adapter state with ``like_state``'s keys, shapes, dtypes and devices.
+
+    With ``D ~= U S V^T`` (its ``r`` largest singular values) and ``s = alpha / r``, ``B @ A`` is
+    ``U (S / s) V^T`` (transposed for ``embeddings``), split balanced (``sqrt(S / s)`` on each side) except
+    that each rank slot keeps, on the factor PEFT initialises non-zero (``A`` on linear targets, ``B`` on
+    ``embeddings``), at least the RMS slot norm that factor has in ``like_state``: a slot whose delta is
+    zero is then left as PEFT leaves a fresh one (that factor non-zero, the other exactly zero), still
+    trainable, and not dead with both factors zero. The product does not depend on the split. Computed
+    in float64 on the CPU; raises ``MergeError`` on a missing, extra, misshapen or non-finite delta.
+    """
+    import torch
+
+    scale = lora_cfg.alpha / lora_cfg.r
+    factors = _factors(like_state, lora_cfg)
+    if set(deltas) != set(factors):
+        raise MergeError(f"the deltas are on {sorted(deltas)}; the adapter's targets are {sorted(factors)}.")
+    out: dict[str, torch.Tensor] = {}
+    errors: dict[str, dict[str, float]] = {}
+    for target, f in factors.items():
+        shape = (f.A.shape[1], f.B.shape[0]) if f.embedding else (f.B.shape[0], f.A.shape[1])
+        with torch.no_grad():
+            delta = deltas[target].detach().to("cpu", torch.float64)
+            if tuple(delta.shape) != shape:
+                raise MergeError(f"the delta on {target!r} is {tuple(delta.shape)}; the adapter's is {shape}.")
+            if not bool(torch.isfinite(delta).all()):
+                raise MergeError(f"the delta on {target!r} is not finite; it cannot be factored.")
+            A, B, lost, norm = _best_rank(delta.T if f.embedding else delta, f, lora_cfg.r, scale)
+        prefix = _PREFIX + target[: -len(".weight")]
+        a_key, b_key = ((prefix + ".lora_embedding_A", prefix + ".lora_embedding_B") if f.embedding
+                        else (prefix + ".lora_A.weight", prefix + ".lora_B.weight"))
+        out[a_key] = A.to(like_state[a_key].device, like_state[a_key].dtype).contiguous()
+        out[b_key] = B.to(like_state[b_key].device, like_state[b_key].dtype).contiguous()
+        errors[target] = {"absolute": lost, "relative": lost / norm if norm > 0 else 0.0, "norm": norm}
+    return _with_errors({key: out[key] for key in like_state}, errors)
+
+
+def _with_errors(state: dict[str, "torch.Tensor"], errors: dict[str, dict[str, float]]) -> Residual:
+    """A ``Residual`` whose overall errors are summed from the per-target ones."""
     lost = math.sqrt(math.fsum(e["absolute"] ** 2 for e in errors.values()))
     total = math.sqrt(math.fsum(e["norm"] ** 2 for e in errors.values()))
-    return Residual({key: out[key] for key in state}, errors, lost, lost / total if total > 0 else 0.0)
+    return Residual(state, errors, lost, lost / total if total > 0 else 0.0)
 
 
 def _best_rank(residual: "torch.Tensor", f: _Factors, r: int, scale: float
                ) -> tuple["torch.Tensor", "torch.Tensor", float, float]:
     """``(A, B, ||R - R_r||, ||R||)`` for ``residual`` in the ``B @ A`` orientation (float64): ``scale *
-    B @ A`` is its best rank-``r`` approximation, split as ``rebase_residual`` says."""
+    B @ A`` is its best rank-``r`` approximation, split as ``factor_deltas`` says."""
     import torch
 
     U, S, Vh = torch.linalg.svd(residual / scale, full_matrices=False)

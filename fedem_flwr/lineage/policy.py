@@ -1,9 +1,11 @@
 """When the hub merges and which adapters a merge absorbs: pure policy (no torch; the clock and
 every input are arguments), so it is tested in milliseconds.
 
-- ``select_absorbed(candidates, leased, base_losses, token_weights=) -> Selection``: which adapters a
-  merge absorbs: those not under lease whose current version beats the bare current base on their
-  own languages, by the gate's own-language rule (``fedem_flwr.gate.acceptance.decide``), strictly.
+- ``select_absorbed(candidates, leased, base_losses, token_weights=, rebase=) -> Selection``: which
+  adapters a merge absorbs: those whose current version beats the bare current base on their own
+  languages, by the gate's own-language rule (``fedem_flwr.gate.acceptance.decide``), strictly; with
+  ``merge.rebase=zero`` only those not under lease (a push in flight would apply their work twice),
+  with ``residual`` leased ones too (their push in flight lands as an update of the rebased version).
 - ``merge_due(accepted_since, last_merge_at, now, cfg, requested=) -> reason or None``.
 - ``mean_weights(tokens, multipliers=) -> {adapter: weight}``: the weights of a ``mean`` merge, summing
   to 1, each proportional to the tokens trained into the adapter since its last fresh start (times its
@@ -49,16 +51,20 @@ def select_absorbed(
     base_losses: Mapping[str, float],
     *,
     token_weights: Optional[Mapping[str, float]] = None,
+    rebase: str = "zero",
 ) -> Selection:
-    """Adapters not in ``leased`` whose losses beat ``base_losses`` (the bare base) on their own languages.
+    """Adapters whose losses beat ``base_losses`` (the bare base) on their own languages; with
+    ``rebase`` ``"zero"``, only those not in ``leased``.
 
     "Beat" is the gate's own-language comparison (token-weighted with ``token_weights``, else a plain
-    mean), strictly lower: an adapter equal to the base has nothing to give. A leased adapter waits for
-    the next merge, so accepted work is never applied twice.
+    mean), strictly lower: an adapter equal to the base has nothing to give. Under ``merge.rebase=zero``
+    a leased adapter waits for the next merge: its push in flight was trained on the version absorbed
+    and would restart from a zero delta with that work applied twice. Under ``residual`` it is absorbed
+    like a free one: the push lands as the change it made, added to the rebased version (DESIGN 20).
     """
     absorbed, skipped = [], []
     for candidate in candidates:
-        if candidate.name in leased:
+        if rebase != "residual" and candidate.name in leased:
             skipped.append((candidate.name, "under lease; waits for the next merge"))
             continue
         verdict = decide(candidate.losses, base_losses, candidate.languages, weights=token_weights)

@@ -105,7 +105,8 @@ def open_hub(cfg: FedemConfig, hub_path: Path, clock: Callable[[], float] = time
 
     rng = random.Random(cfg.seed)
     coordinator = RelayCoordinator(
-        registry, store, make_policy(cfg.relay.policy, rng, fallback=cfg.relay.policy_fallback), workbench,
+        registry, store, make_policy(cfg.relay.policy, rng, fallback=cfg.relay.policy_fallback,
+                                     max_lead=cfg.relay.fair_max_lead), workbench,
         lease_ttl_s=cfg.relay.lease_ttl_s, sweep_interval_s=cfg.relay.sweep_interval_s,
         gate=cfg.gate, clock=clock, train=cfg.train, optimizer_states=OptimizerStates(hub_path),
         max_push_tokens=max_push_tokens(cfg),

@@ -15,6 +15,14 @@ row commits, sent with the next lease of that version, and replaced by the push'
 arrives checked by the strategy; one that failed the check never costs an otherwise good adapter:
 the version keeps a fresh state at the leased state's step (zero moments), and the contribution
 records why.
+
+A push lands as an update (DESIGN decision 20): when the adapter's current version is no longer the one
+its lease started from (a merge rebased the adapter while the push was out), the push is judged and
+kept as the change it made, added to the current version in weight space and factored back to the
+adapter's rank (``lineage.merge.update_state``); the contribution and the version record the truncation
+(``update``), and the version keeps the push's optimizer state at its step with zero moments and the
+warmup started again (the moments describe factors that no longer exist). When nothing moved the push
+is kept bit for bit.
 """
 
 from __future__ import annotations
@@ -249,18 +257,22 @@ class RelayCoordinator:
                 log.warning("The kept optimizer moments of %r v%d do not fit it (%s): zeroed", adapter, version, err)
         return fresh(spec, "moments", step=kept.step, warmup_from=kept.warmup_from)
 
-    def _keep_optimizer(self, lease: Lease, version: int, received: "_Received", weights: Mapping[str, Any]) -> None:
+    def _keep_optimizer(self, lease: Lease, version: int, received: "_Received", weights: Mapping[str, Any],
+                        converted: bool = False) -> None:
         """Keep the push's optimizer state as ``version``'s, before the version's registry row commits;
-        a state that failed its check is replaced by a fresh one at the leased state's step."""
+        a state that failed its check is replaced by a fresh one at the leased state's step. A push
+        ``converted`` to an update keeps its state's step with zero moments and the warmup started again."""
         if self.carry == "none":
             return
         from fedem_flwr.model.adapter_spec import AdapterSpec
-        from fedem_flwr.training.optimizer_state import fresh, optimizer_state_bytes
+        from fedem_flwr.training.optimizer_state import fresh, optimizer_state_bytes, reset_moments
 
         kept = received.optimizer
         if kept is None:
             sent = self._lease_optimizer(lease.adapter, lease.adapter_version, weights)
             kept = fresh(AdapterSpec.from_state(weights), self.carry, step=sent.step, warmup_from=sent.warmup_from)
+        if converted:  # re-factored weights: the moments describe the pushed factors, not these
+            kept = reset_moments(kept, "reset")
         try:
             self._optimizer_states.put(lease.adapter, version, optimizer_state_bytes(kept))
         except OSError as err:
@@ -325,6 +337,7 @@ class RelayCoordinator:
             raise RuntimeError("the hub has no base checkpoint; seed it before relaying")
         base_ref = base.ref
         assignments = []
+        self.policy.observe([self._info(lease.adapter, lease.adapter_version) for lease in self._book.active()])
         for node, info in self.policy.assign(nodes, self.pool.free()):
             self.pool.take(info.name)
             version = self._registry.latest_adapter_version(info.name)
@@ -422,9 +435,16 @@ class RelayCoordinator:
         parent = self._registry.latest_adapter_version(lease.adapter)
         languages = self._registry.adapter(lease.adapter).languages
         parent_state = self._parent_weights(parent)
-        idle = no_work(state, parent_state, self.gate.min_change, revision_name(parent.version))
+        update = None
+        if parent.version == lease.adapter_version:  # nothing moved: the push is judged and kept as it is
+            idle = no_work(state, parent_state, self.gate.min_change, revision_name(parent.version))
+        else:  # a merge rebased the adapter while the push was out: the push lands as the change it made
+            start = self._parent_weights(self._registry.adapter_version(lease.adapter, lease.adapter_version))
+            idle = no_work(state, start, self.gate.min_change, revision_name(lease.adapter_version))
+            if not idle:
+                state, update, idle = self._as_update(lease, parent, state, start, parent_state)
         if idle:
-            return self._conclude(lease, received, "rejected", idle, {}, judged=base.version)
+            return self._conclude(lease, received, "rejected", idle, {}, judged=base.version, update=update)
 
         scope = None if self.gate.check_others else languages
         reference = self._parent_losses(parent, base.version, parent_state, scope)
@@ -432,14 +452,37 @@ class RelayCoordinator:
         bad = [lang for lang in sorted(losses) if not math.isfinite(losses[lang])]
         if bad:  # huge weights: nothing to compare, and nothing to keep
             reason = "non-finite-loss: held-out loss " + ", ".join(f"{lang}={losses[lang]}" for lang in bad)
-            return self._conclude(lease, received, "rejected", reason, losses, judged=base.version)
+            return self._conclude(lease, received, "rejected", reason, losses, judged=base.version, update=update)
         decision = self._decide(losses, reference, languages)
         ref = (self._write_artifact(state, parent, lease, losses, received.pseudonym, base)
                if decision.accepted else None)
-        if ref is not None:
-            self._keep_optimizer(lease, parent.version + 1, received, state)  # before the version's row commits
+        if ref is not None:  # before the version's row commits
+            self._keep_optimizer(lease, parent.version + 1, received, state, converted=update is not None)
         return self._conclude(lease, received, "accepted" if decision.accepted else "rejected", decision.reason,
-                              losses, parent=parent, ref=ref, judged=base.version)
+                              losses, parent=parent, ref=ref, judged=base.version, update=update)
+
+    def _as_update(self, lease: Lease, parent: Any, pushed: Mapping[str, Any], start: Mapping[str, Any],
+                   current: Mapping[str, Any]) -> tuple[Mapping[str, Any], Optional[dict[str, Any]], str]:
+        """``pushed`` as an update of ``parent`` (the current version, weights ``current``): its change
+        from ``start`` (the version its lease started from) added in weight space and factored back to
+        the adapter's rank with its own ``alpha``. Returns the state to judge, the record of the update
+        and "" (or, when the sum cannot be factored, the push, None and why it is rejected)."""
+        from fedem_flwr.config.schema import LoraConfig
+        from fedem_flwr.lineage.merge import MergeError, update_state
+
+        spec = dict(self._registry.adapter(lease.adapter).lora_spec or {})
+        if "r" not in spec or "alpha" not in spec:
+            raise ConfigError(f"adapter {lease.adapter!r} records no LoRA `r` and `alpha` (`lora_spec` is {spec}): "
+                              "a push on a moved version cannot be factored back to its rank")
+        try:  # only the rank and alpha enter the arithmetic
+            converted = update_state(current, pushed, start, LoraConfig(r=int(spec["r"]), alpha=spec["alpha"]))
+        except MergeError as err:
+            return pushed, None, f"invalid-update: {err}"
+        record = {"from_version": lease.adapter_version, "onto_version": parent.version,
+                  **converted.record()}
+        log.info("Push for %r (lease %d) started from v%d; applied to v%d as an update (truncation %.3g)",
+                 lease.adapter, lease.token, lease.adapter_version, parent.version, converted.relative)
+        return converted.state, record, ""
 
     def _parent_losses(self, parent: Any, base_version: int, parent_state: Mapping[str, Any],
                        languages: Optional[Sequence[str]]) -> HeldoutLosses:
@@ -573,21 +616,24 @@ class RelayCoordinator:
     def _conclude(
         self, lease: Lease, received: "_Received", decision: str, reason: str, losses: Mapping[str, float], *,
         parent: Any = None, ref: Optional[ArtifactRef] = None, judged: Optional[int] = None,
+        update: Optional[Mapping[str, Any]] = None,
     ) -> PushOutcome:
         """Release the lease, add the version (if any) and record the contribution in one transaction.
 
-        ``judged`` is the base the push was judged on; a new version belongs to that base."""
+        ``judged`` is the base the push was judged on; a new version belongs to that base. ``update`` is
+        the record of a push applied as an update (``_as_update``), kept with both."""
         version = None
+        extra = {"update": dict(update)} if update is not None else {}
         with self._registry.atomic():
             if ref is not None:
                 row = self._registry.add_adapter_version(
                     adapter=lease.adapter, base_version=judged, parent_version=parent.version,
                     repo=ref.repo, revision=ref.revision, digest=ref.digest,
-                    metrics={"heldout": dict(losses), "train": dict(received.metrics)}, created=received.at,
+                    metrics={"heldout": dict(losses), "train": dict(received.metrics), **extra}, created=received.at,
                 )
                 version = row.version
             self._record(received, lease.adapter, lease.token, decision, reason, version, losses,
-                         trained_on=lease.base_version, judged_on=judged)
+                         trained_on=lease.base_version, judged_on=judged, extra=extra)
             if judged is not None:
                 self._count_tokens(lease.adapter, received.metrics)
             self._book.release(lease.token, received.at, outcome=decision)
@@ -596,7 +642,7 @@ class RelayCoordinator:
 
     def _record(self, received: "_Received", adapter: str, token: Optional[int], decision: str, reason: str,
                 version: Optional[int], losses: Mapping[str, float], *, trained_on: Optional[int] = None,
-                judged_on: Optional[int] = None) -> None:
+                judged_on: Optional[int] = None, extra: Optional[Mapping[str, Any]] = None) -> None:
         """One contribution row (it carries the pseudonym only); the caller holds the transaction.
 
         The registry holds no NaN: a non-finite loss is stored as null and named in ``non_finite``.
@@ -609,7 +655,7 @@ class RelayCoordinator:
         elif received.optimizer_invalid:  # never the push's decision: an accepted one keeps a fresh state
             validation["optimizer"] = f"{'replaced' if version is not None else 'invalid'}: {received.optimizer_invalid}"
         heldout = {lang: (float(loss) if math.isfinite(loss) else None) for lang, loss in losses.items()}
-        evaluation: dict[str, Any] = {"heldout": heldout, "train": dict(received.metrics)}
+        evaluation: dict[str, Any] = {"heldout": heldout, "train": dict(received.metrics), **(extra or {})}
         non_finite = sorted(lang for lang, loss in heldout.items() if loss is None)
         if non_finite:
             evaluation["non_finite"] = non_finite

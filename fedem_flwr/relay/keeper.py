@@ -2,7 +2,8 @@
 pretraining (``cpt.*``), and publishes a new base version only through the base gate.
 
 One lineage (DESIGN decision 16): every new base has one parent, the newest base. A merge absorbs the
-adapters that are not under lease and beat the bare base on their own languages (``merge.select_absorbed``),
+adapters that beat the bare base on their own languages (``merge.select_absorbed``; with ``rebase: zero``
+only those not under lease),
 adds their deltas exactly (``merge.merge_adapters``: ``sum``, or ``mean`` weighted by the tokens each
 adapter trained since its last fresh start, ``lineage.policy.mean_weights``) and is published only
 through the base gate (``gate.acceptance``):
@@ -11,22 +12,31 @@ through the base gate (``gate.acceptance``):
   own initialisation ``B = 0``), so its accepted work is never applied twice; the merged base alone must
   beat the base over all held-out languages by ``merge.margin`` with no language worse than
   ``merge.tolerance`` (``decide_base``).
-- ``merge.rebase: residual`` (DESIGN decision 21): each absorbed adapter continues from its residual
-  (its delta minus the merged one, truncated to its rank: ``merge.rebase_residual``), evaluated for real
-  on the merged base; the base alone must beat the base by ``merge.margin`` overall, and each absorbed
-  language served by new base + rebased adapter must be within ``merge.tolerance`` of old base + its
-  version just before the merge (``decide_adapted``).
+- ``merge.rebase: residual`` (DESIGN decisions 20, 21): every adapter whose current version carries
+  trained work (a ``push``, or a residual ``rebase``), absorbed or not, leased or not, continues from its
+  residual (its delta minus the merged one, truncated to its rank: ``merge.rebase_residual``; one not
+  absorbed subtracts the merged delta whole, so new base + it serves as old base + it did), evaluated
+  for real on the merged base; adapters with no trained work (a zero delta) keep it and gain the new
+  base. A push in flight on a re-projected adapter lands as an update of its rebase version (the
+  coordinator). The base alone must beat the base by ``merge.margin`` overall, and each re-projected
+  adapter's languages served by new base + its rebase version must be within ``merge.tolerance`` of old
+  base + its version just before the merge (``decide_adapted``).
 
-The merge's record (checkpoint metrics, or the attempt's details when refused) holds per absorbed
-adapter its weight, tokens, truncation error and its languages' adapted losses just before and after,
-the base-alone losses and both gates' reasons. CPT runs a slice of whole optimizer steps bounded by
-``cpt.slice_s`` only on turns that handled no reply, and every ``cpt.checkpoint_every`` steps its
-weights pass the base gate. What is not published is recorded as a base attempt with its reason.
+The merge's record (checkpoint metrics, or the attempt's details when refused) holds per rebased adapter
+its tokens, truncation error and its languages' adapted losses just before and after (with residual
+rebases, whether it was ``absorbed``; an absorbed one also its weight), the base-alone losses and both
+gates' reasons. A re-projection that absorbed nothing carries the adapter's token count over
+(``carried_tokens`` in its rebase record), so its next ``mean`` weight still counts the work not yet in
+a base.
+
+CPT runs a slice of whole optimizer steps bounded by ``cpt.slice_s`` only on turns that handled no
+reply, and every ``cpt.checkpoint_every`` steps its weights pass the base gate. What is not published is
+recorded as a base attempt with its reason.
 
 After a publication the hub adopts the new base: the workbench judges on it; every adapter's current
 version is evaluated on it before its next push is judged (a zero-delta version scores the base itself;
 a trained or residual one is evaluated when next judged or merged, so adopting a base costs the relay
-nothing); each absorbed adapter gets its ``rebase`` version; CPT continues from it with its optimizer
+nothing); each rebased adapter gets its ``rebase`` version; CPT continues from it with its optimizer
 state; and new leases carry it. A failure in a merge or a CPT slice is recorded and the relay goes on;
 only faults of the hub itself stop the run. A merge is carried into the CPT run as the change it made
 (merged minus parent weights), so CPT keeps its own steps since its last checkpoint and continues from
@@ -50,7 +60,7 @@ import torch
 from fedem_flwr.config.loader import config_to_dict
 from fedem_flwr.data.blocks import tokenize_blocks
 from fedem_flwr.errors import is_hub_fault, one_line
-from fedem_flwr.gate.acceptance import decide_adapted, decide_base
+from fedem_flwr.gate.acceptance import decide, decide_adapted, decide_base
 from fedem_flwr.gate.loss import evaluate
 from fedem_flwr.hub.lineage import publish_base, record_attempt, store_adapter_version
 from fedem_flwr.hub.merge_request import take_merge_request
@@ -174,7 +184,7 @@ class BaseKeeper:
         leased = self.hub.coordinator.leased_adapters()
         candidates = [self._candidate(name, base) for name in sorted(a.name for a in registry.adapters())]
         selection = select_absorbed([c for c in candidates if c is not None], leased, bare,
-                                    token_weights=self._weights())
+                                    token_weights=self._weights(), rebase=merge_cfg.rebase)
         skipped = [list(pair) for pair in selection.skipped]
         if not selection.absorbed:
             log.info("Merge (%s): no adapter beats base v%d yet", why, base.version)
@@ -182,7 +192,7 @@ class BaseKeeper:
                            details={"skipped": skipped}, created=now)
             return None
         most = max_push_tokens(self.cfg)  # a push counts at most what one lease can train: no node sets its weight
-        tokens = {c.name: registry.tokens_since_restart(c.name, c.version, most) for c in selection.absorbed}
+        tokens = {c.name: self._tokens_since_restart(c.name, c.version, most) for c in selection.absorbed}
         weights = (mean_weights(tokens, merge_cfg.weights) if merge_cfg.method == "mean"
                    else {c.name: merge_cfg.weight(c.name) for c in selection.absorbed})
         adapters = [WeightedAdapter(c.name, c.version, self._adapter_state(c.name, c.version), weights[c.name])
@@ -196,12 +206,13 @@ class BaseKeeper:
         # the base with its adapter, and those are judged one by one below.
         decision = decide_base(losses, bare, merge_cfg.margin, None if residual else merge_cfg.tolerance,
                                weights=self._weights())
-        workbench, rebased, report = self._rebase(result, model, adapters, selection.absorbed, losses, tokens)
+        workbench, rebased, report = self._rebase(result, model, adapters, selection.absorbed, losses, tokens, base)
         gates = {"base": decision.reason}
         refusals = [] if decision.accepted else [decision.reason]
-        if residual:
-            adapted = decide_adapted({name: r["adapted_after"] for name, r in report.items()},
-                                     {name: r["adapted_before"] for name, r in report.items()}, merge_cfg.tolerance)
+        if residual:  # every re-projected adapter's languages, absorbed or not
+            checked = {name: r for name, r in report.items() if r["adapted_before"]}
+            adapted = decide_adapted({name: r["adapted_after"] for name, r in checked.items()},
+                                     {name: r["adapted_before"] for name, r in checked.items()}, merge_cfg.tolerance)
             gates["adapted"] = adapted.reason
             refusals += [] if adapted.accepted else [f"adapted languages: {adapted.reason}"]
         record = {**result.record(), "rebase": merge_cfg.rebase, "adapters": report, "gate": gates}
@@ -221,12 +232,16 @@ class BaseKeeper:
         return new
 
     def _rebase(self, result: MergeResult, parent: torch.nn.Module, adapters: Sequence[WeightedAdapter],
-                absorbed: Sequence[Candidate], losses: Losses, tokens: Mapping[str, float],
+                absorbed: Sequence[Candidate], losses: Losses, tokens: Mapping[str, float], base: Checkpoint,
                 ) -> tuple[Any, dict[str, Rebase], dict[str, dict[str, Any]]]:
-        """What each absorbed adapter continues from on the merged base (``merge.rebase``) and the merge's
-        record of it: weight, tokens, truncation error, its languages' adapted losses just before (old base
-        + its version: the registry's) and after (new base + its rebased version). A residual is evaluated
-        for real, on a workbench holding the merged base (returned, to judge on once it is published)."""
+        """What each rebased adapter continues from on the merged base (``merge.rebase``) and the merge's
+        record of it: tokens, truncation error, its languages' adapted losses just before (old base + its
+        version: the registry's) and after (new base + its rebased version); an absorbed one's weight.
+
+        ``zero``: the absorbed adapters restart from a zero delta. ``residual``: the absorbed adapters and
+        every other adapter whose current version carries trained work continue from their residuals
+        (module doc), each evaluated for real, on a workbench holding the merged base (returned, to
+        judge on once it is published)."""
         residual = self.cfg.merge.rebase == "residual"
         workbench, change = None, None
         if residual:
@@ -240,25 +255,80 @@ class BaseKeeper:
             if residual:
                 rest = rebase_residual(adapter.state, change, self.cfg.lora)
                 heldout = self._finite(workbench.evaluate(rest.state))
-                rebased[row.name] = Rebase(rest.state, heldout, {"mode": "residual", "truncation": rest.record()})
-                entry["truncation"] = rest.record()
+                rebased[row.name] = Rebase(rest.state, heldout, {"mode": "residual", "absorbed": True,
+                                                                 "truncation": rest.record()})
+                entry["absorbed"], entry["truncation"] = True, rest.record()
             else:
                 heldout = losses  # a zero delta on the merged base: the base alone
                 rebased[row.name] = Rebase()
             entry["adapted_after"] = {lang: heldout[lang] for lang in languages if lang in heldout}
             report[row.name] = entry
+        if residual:
+            for name, version in self._trained_adapters(skip=set(report)):
+                rebase, report[name] = self._carry(name, version, base, change, workbench)
+                if rebase is not None:
+                    rebased[name] = rebase
         return workbench, rebased, report
+
+    def _trained_adapters(self, skip: set[str]) -> list[tuple[str, int]]:
+        """``(name, current version)`` of every adapter not in ``skip`` whose current version carries
+        trained work (a push, or a residual rebase): not a zero delta."""
+        registry = self.hub.registry
+        latest = registry.latest_adapter_versions()
+        return [(name, row.version) for name, row in sorted(latest.items())
+                if name not in skip and not zero_delta(row)]
+
+    def _carry(self, name: str, version: int, base: Checkpoint, change: Mapping[str, torch.Tensor],
+               workbench: Any) -> tuple[Optional[Rebase], dict[str, Any]]:
+        """An adapter the merge did not absorb, on the merged base: re-projected (its delta less the
+        whole merged change, truncated to its rank, so new base + it serves as old base + it did), or
+        kept as it is when that scores no worse on its own languages (the merged change helps it: a
+        related language's work). Returns its rebase (None: kept) and its entry in the merge's record
+        (adapted losses before and after, as the absorbed)."""
+        registry = self.hub.registry
+        before = self._losses_on(name, version, base)
+        languages = [lang for lang in registry.adapter(name).languages if lang in before]
+        state = self._adapter_state(name, version)
+        rest = rebase_residual(state, change, self.cfg.lora)
+        heldout = self._finite(workbench.evaluate(rest.state))
+        kept = self._finite(workbench.evaluate(state))
+        tokens = self._tokens_since_restart(name, version, max_push_tokens(self.cfg))
+        entry: dict[str, Any] = {"version": version, "absorbed": False, "tokens": tokens,
+                                 "adapted_before": {lang: before[lang] for lang in languages}}
+        if decide(kept, heldout, languages, weights=self._weights()).accepted:  # kept scores no worse
+            entry.update(kept=True, adapted_after={lang: kept[lang] for lang in languages if lang in kept})
+            return None, entry
+        record = {"mode": "residual", "absorbed": False, "carried_tokens": tokens, "truncation": rest.record()}
+        entry.update(kept=False, truncation=rest.record(),
+                     adapted_after={lang: heldout[lang] for lang in languages if lang in heldout})
+        return Rebase(rest.state, heldout, record), entry
+
+    def _tokens_since_restart(self, name: str, version: int, most: int) -> float:
+        """Tokens trained into ``name`` up to ``version`` and not yet in a base: the registry's count since
+        its last fresh start or rebase, plus the count a rebase that absorbed nothing carried over."""
+        registry = self.hub.registry
+        tokens = registry.tokens_since_restart(name, version, most)
+        restarts = [v for v in registry.adapter_versions(name) if v.version <= version and v.kind != "push"]
+        last = max(restarts, key=lambda v: v.version, default=None)
+        carried = (last.metrics.get("rebase") or {}).get("carried_tokens", 0.0) if last is not None else 0.0
+        return tokens + float(carried)
 
     def _candidate(self, name: str, base: Checkpoint) -> Optional[Candidate]:
         version = self.hub.registry.latest_adapter_version(name)
         if version is None or version.kind != "push":  # a fresh or rebased version carries no new work
             return None
-        losses = self.hub.registry.parent_losses(name, version.version, base.version)
-        if losses is None:  # not yet evaluated on this base (the split changed, or an older hub)
-            losses = self._finite(self.hub.workbench.evaluate(self._adapter_state(name, version.version)))
-            self.hub.registry.put_evaluation(name, version.version, base.version, losses, self.clock())
+        losses = self._losses_on(name, version.version, base)
         languages = tuple(self.hub.registry.adapter(name).languages)
         return Candidate(name, version.version, languages, losses)
+
+    def _losses_on(self, name: str, version: int, base: Checkpoint) -> Losses:
+        """``name`` v``version``'s held-out losses on ``base`` (the current one): the registry's, evaluated
+        and recorded first when it has none (the split changed, or an older hub)."""
+        losses = self.hub.registry.parent_losses(name, version, base.version)
+        if losses is None:
+            losses = self._finite(self.hub.workbench.evaluate(self._adapter_state(name, version)))
+            self.hub.registry.put_evaluation(name, version, base.version, losses, self.clock())
+        return losses
 
     # -- continuous pretraining -----------------------------------------------------------------------
 
@@ -354,10 +424,8 @@ class BaseKeeper:
         for adapter in registry.adapters():
             current = registry.latest_adapter_version(adapter.name)
             if adapter.name in rebased:
-                row = self._store_rebase(workbench, base, base_ref, current, rebased[adapter.name], losses, now)
-                # The one place for whatever else an adapter carries across a rebase, one call per rebased
-                # adapter before it is offered again: adapter.name, current.version (parent) -> row.version.
-                assert row.parent_version == current.version
+                # Its optimizer state follows when it is next leased (``RelayCoordinator._lease_optimizer``).
+                self._store_rebase(workbench, base, base_ref, current, rebased[adapter.name], losses, now)
                 hub.coordinator.refresh_adapter(adapter.name)
             elif zero_delta(current):
                 # A fresh or zero-rebased version is a zero delta (B = 0): on the new base it scores the base itself.
@@ -427,3 +495,4 @@ class BaseKeeper:
     @staticmethod
     def _finite(losses: Mapping[str, float]) -> Losses:
         return {lang: float(loss) for lang, loss in losses.items() if math.isfinite(loss)}
+

@@ -61,9 +61,16 @@ class Policy(Protocol):
         """Pairs (node, adapter) for as many free nodes as possible, each adapter at most once."""
         ...
 
+    def observe(self, leased: Sequence[AdapterInfo]) -> None:
+        """The adapters under lease now, told before each ``assign``."""
+        ...
+
 
 class BasePolicy:
     """Greedy ``assign``: nodes in the given order each ``choose`` among the adapters still free."""
+
+    def observe(self, leased: Sequence[AdapterInfo]) -> None:
+        """The adapters under lease now, told before each ``assign`` (a policy may ignore them)."""
 
     def choose(self, node: NodeProfile, free_adapters: Sequence[AdapterInfo]) -> Optional[AdapterInfo]:
         raise NotImplementedError
@@ -252,15 +259,34 @@ class FairPolicy(BasePolicy):
     the next contributor, as a relay does: every node's data reaches it, and a slow node does not keep
     the adapter its own slowness left behind. Pairs come in the order served; a single node gets
     exactly what ``choose`` gives it.
+
+    With ``max_lead`` (tokens), an adapter that far ahead of the adapter furthest behind waits: the
+    floor is the fewest tokens among the adapters in play, those under lease now (``observe``) and
+    the free ones some free node can serve. An adapter nobody can train now (its only contributor
+    is away) is out of play, so it never stalls the others. This is how a relay spends a token budget
+    as evenly as FedAvg's rounds do, at the price of idle nodes; without it fast languages get more.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, max_lead: Optional[int] = None) -> None:
+        self.max_lead = max_lead
+        self._leased: tuple[AdapterInfo, ...] = ()
         self._turns = 0  # assignments made so far: the policy's own clock for the tie-breaks
         self._served: dict[str, int] = {}  # node -> the turn it last got an adapter
         self._trained: dict[tuple[str, str], int] = {}  # (adapter, node) -> the turn the node last got it
 
+    def observe(self, leased: Sequence[AdapterInfo]) -> None:
+        self._leased = tuple(leased)
+
     def choose(self, node: NodeProfile, free_adapters: Sequence[AdapterInfo]) -> AdapterInfo | None:
-        return min(_servable(node, free_adapters), key=_lag, default=None)
+        servable = list(_servable(node, free_adapters))
+        return min(self._within_lead(servable, servable), key=_lag, default=None)
+
+    def _within_lead(self, adapters: Sequence[AdapterInfo], in_play: Sequence[AdapterInfo]) -> list[AdapterInfo]:
+        """``adapters`` less those more than ``max_lead`` tokens ahead of the fewest in play."""
+        if self.max_lead is None:
+            return list(adapters)
+        floor = min((a.tokens for a in (*self._leased, *in_play)), default=0)
+        return [a for a in adapters if a.tokens <= floor + self.max_lead]
 
     def assign(
         self, free_nodes: Sequence[NodeProfile], free_adapters: Sequence[AdapterInfo]
@@ -273,7 +299,8 @@ class FairPolicy(BasePolicy):
             universe.update((a.name, a) for a in mine or ())
         if any(names is None for names in options):
             universe = {a.name: a for a in free_adapters}
-        order = sorted(universe.values(), key=_lag)
+        playable = list(universe.values())
+        order = sorted(self._within_lead(playable, playable), key=_lag)
         servers: dict[str, list[int]] = {}
         for index, names in enumerate(options):
             for name in names or ():
@@ -313,7 +340,8 @@ def token_shares(tokens: Mapping[str, int]) -> dict[str, float]:
     return {name: (count / mean if mean > 0 else 1.0) for name, count in sorted(tokens.items())}
 
 
-def make_policy(name: str, rng: random.Random, fallback: str = "least-recent") -> Policy:
+def make_policy(name: str, rng: random.Random, fallback: str = "least-recent",
+                max_lead: Optional[int] = None) -> Policy:
     """Build the policy named in ``relay.policy``; ``language`` falls back to ``relay.policy_fallback``
     (``fair`` has no fallback: its ties are broken by recency, then name)."""
     if name == "random":
@@ -329,7 +357,7 @@ def make_policy(name: str, rng: random.Random, fallback: str = "least-recent") -
             )
         return LanguageAffinityPolicy(make_policy(fallback, rng))
     if name == "fair":
-        return FairPolicy()
+        return FairPolicy(max_lead)
     raise ConfigError(f"`relay.policy` is {name!r}; allowed: {', '.join(repr(n) for n in POLICY_NAMES)}.")
 
 
