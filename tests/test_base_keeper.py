@@ -19,7 +19,9 @@ pytestmark = pytest.mark.slow  # relays, merges and pretrains real models on a r
 
 
 def _hub(tmp_path, extra=""):
-    return open_real_hub(tmp_path, f"{KEEPER_OVERRIDES} {extra}")
+    # The exact sum with a zero restart, whose arithmetic these tests pin down; mean merges with
+    # residual rebases (the default) are tested in test_merge_residual.
+    return open_real_hub(tmp_path, f"{KEEPER_OVERRIDES} merge.method=sum merge.rebase=zero {extra}")
 
 
 _relay = relay_in_process

@@ -182,7 +182,8 @@ def test_bad_merge_values_name_key_and_value(override, expected):
 
 def test_merge_defaults_and_weights_compose():
     default = load_config().merge
-    assert (default.method, default.every_accepted, default.weight("anyone")) == ("sum", 10, 1.0)
+    assert (default.method, default.scale, default.rebase, default.every_accepted, default.weight("anyone")) == (
+        "mean", 0.5, "residual", 10, 1.0)
     cfg = load_config(["+merge.weights.lang-hi=0.5", "merge.every_s=null", "merge.method=dare_ties_svd"]).merge
     assert (cfg.weight("lang-hi"), cfg.weight("lang-te"), cfg.every_s, cfg.method) == (0.5, 1.0, None, "dare_ties_svd")
 

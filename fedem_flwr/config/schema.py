@@ -201,7 +201,7 @@ class TrainConfig:
     eval_batch_size: int = 16
     progress: bool = True
     carry: str = field(
-        default="none",
+        default="schedule",
         metadata={"help": "What of the optimizer travels with a relayed adapter across hops: `none` (a fresh "
                           "AdamW and schedule per lease), `schedule` (one schedule over the adapter's total steps) "
                           "or `moments` (the schedule and AdamW's moments)."},
@@ -307,7 +307,7 @@ class RelayConfig:
     lease_ttl_s: float = 10800.0
     sweep_interval_s: float = 300.0
     policy: str = field(
-        default="language",
+        default="fair",
         metadata={"help": "`random`, `round-robin`, `least-recent`, `language` or `fair` (language affinity, "
                           "then the adapter furthest behind its share of tokens)."},
     )
@@ -402,15 +402,15 @@ class MergeConfig:
         default=86400.0, metadata={"help": "Merge this many seconds after the last attempt (if work was accepted); null = off."}
     )
     method: str = field(
-        default="sum",
+        default="mean",
         metadata={"help": "`sum` (each delta added), `mean` (`scale` times the weighted mean of the deltas), "
                           "`cat`, `svd` (PEFT, exact), `ties_svd`, `dare_ties_svd`."},
     )
     scale: float = field(
-        default=1.0, metadata={"help": "`mean`: the merged delta is scale * sum(w_i * delta_i), weights summing to 1."}
+        default=0.5, metadata={"help": "`mean`: the merged delta is scale * sum(w_i * delta_i), weights summing to 1."}
     )
     rebase: str = field(
-        default="zero",
+        default="residual",
         metadata={"help": "What an absorbed adapter continues from on the new base: `zero` (a fresh LoRA) or "
                           "`residual` (its delta minus the merged one, truncated to its rank by SVD)."},
     )

@@ -137,7 +137,7 @@ class RelayCoordinator:
         self.lease_ttl_s = lease_ttl_s
         self.gate = gate or GateConfig()
         self.clock = clock
-        self._train = train or TrainConfig()
+        self._train = train or TrainConfig(carry="none")  # not told how nodes train: nothing to carry
         if self._train.carry != "none" and optimizer_states is None:
             raise ConfigError(f"`train.carry` is {self._train.carry!r}: the coordinator needs `optimizer_states` "
                               "(the hub's folder of them) to keep each version's state in")
