@@ -366,7 +366,7 @@ def _residual_hub(tmp_path, extra=""):
     from tests.support.relay import KEEPER_OVERRIDES, open_real_hub, relay_in_process
 
     hub, run_config = open_real_hub(tmp_path, f"{KEEPER_OVERRIDES} relay.max_accepted=3 merge.every_accepted=null "
-                                              f"merge.method=mean merge.rebase=residual {extra}")
+                                              f"merge.method=mean merge.scale=1.0 merge.rebase=residual {extra}")
     relay_in_process(hub, run_config, tmp_path)
     return hub
 

@@ -217,7 +217,7 @@ def _recorded_rates(monkeypatch) -> list[float]:
 
 @pytest.mark.slow  # trains a tiny model
 def test_carry_none_keeps_the_per_hop_schedule_and_returns_no_state(tokenizer, blocks, monkeypatch):
-    cfg = TrainConfig(max_steps=4, batch_size=4, warmup_steps=2, progress=False, device="cpu")
+    cfg = TrainConfig(max_steps=4, batch_size=4, warmup_steps=2, progress=False, device="cpu", carry="none")
     rates = _recorded_rates(monkeypatch)
     plain, given = tiny_lora(tokenizer), tiny_lora(tokenizer)
 
