@@ -109,7 +109,7 @@ def test_latest_lease_tokens_per_adapter():
     book.acquire("ta", "n2", 0, 0, T0, TTL)
     book.acquire("hi", "n3", 0, 0, T0 + TTL, TTL)  # the first hi lease expires on the way
     _persist(registry, book)
-    assert registry.latest_lease_tokens() == {"hi": 3, "ta": 2}  # te was never leased
+    assert registry.latest_lease_tokens() == {("hi", 0): 3, ("ta", 0): 2}  # te was never leased
 
 
 def test_coordinator_after_restart_calls_a_second_push_a_duplicate(tmp_path):

@@ -10,6 +10,12 @@ the reason those rows give, never ending another lease, and a ledger of accepted
 loses one (every accepted push was trained on the adapter's current version, and the registry holds
 exactly as many accepted leases as versions). A push's claims (holder, adapter, base version) are
 checked where its reply is parsed, not by the book.
+
+``LanesMachine`` runs the same rules with ``lanes = 3`` (DESIGN decision 20): at most one active lease
+per lane of an adapter and at most ``lanes`` per adapter, each new lease on the lowest free lane, no
+node on two lanes, fencing per lane (``superseded`` only by a newer lease on the token's own lane),
+and an accepted push trained on the adapter's version at its lease's start, which other lanes may
+have moved on since (it lands as an update; the ledger still counts one version per accepted push).
 """
 
 from __future__ import annotations
@@ -32,18 +38,20 @@ from fedem_flwr.relay.leases import (
 )
 
 ADAPTERS = ("a", "b", "c")
-NODES = ("n1", "n2", "n3", "n4")
+NODES = ("n1", "n2", "n3", "n4", "n5")
 TTL = 100.0
 T0 = 1_000.0
 
 
 class LeaseMachine(RuleBasedStateMachine):
+    LANES = 1
+
     def __init__(self) -> None:
         super().__init__()
         self.now = T0
         self.rows: dict[int, Lease] = {}  # the registry's lease table
-        self.book = LeaseBook(lookup=self.rows.get)
-        self.model: dict[int, tuple[str, str, float]] = {}  # expected active leases: adapter, holder, deadline
+        self.book = LeaseBook(lookup=self.rows.get, lanes=self.LANES)
+        self.model: dict[int, tuple[str, str, float, int]] = {}  # active leases: adapter, holder, deadline, lane
         self.versions = Counter()  # adapter -> current version (the accepted ledger)
         self.accepted = Counter()  # adapter -> accepted pushes
         self.max_token = 0
@@ -63,7 +71,7 @@ class LeaseMachine(RuleBasedStateMachine):
             return "expired" if self.now >= lease.deadline else ""
         if lease.state == "released":
             return "duplicate"
-        newest = max(t for t, row in self.rows.items() if row.adapter == lease.adapter)
+        newest = max(t for t, row in self.rows.items() if (row.adapter, row.lane) == (lease.adapter, lease.lane))
         return "superseded" if newest > token else "expired"
 
     def expire_due_in_model(self, *tokens: int) -> None:
@@ -79,30 +87,32 @@ class LeaseMachine(RuleBasedStateMachine):
     @precondition(lambda self: self.model)
     @rule(data=st.data())
     def jump_to_a_deadline(self, data) -> None:
-        deadline = data.draw(st.sampled_from(sorted(d for _, _, d in self.model.values())))
+        deadline = data.draw(st.sampled_from(sorted(d for _, _, d, _ in self.model.values())))
         self.now = max(self.now, deadline)
 
     @rule(adapter=st.sampled_from(ADAPTERS), node=st.sampled_from(NODES))
     def acquire(self, adapter: str, node: str) -> None:
-        blocking = [t for t, (a, h, _) in self.model.items() if a == adapter or h == node]
+        blocking = [t for t, (a, h, _, _) in self.model.items() if a == adapter or h == node]
         self.expire_due_in_model(*blocking)
-        free = not any(t in self.model for t in blocking)
+        held = {lane for a, _, _, lane in self.model.values() if a == adapter}
+        lane = min(set(range(self.LANES)) - held, default=None)
+        free = lane is not None and not any(h == node for _, h, _, _ in self.model.values())
         try:
             lease = self.book.acquire(adapter, node, 0, self.versions[adapter], self.now, TTL)
         except (AdapterBusy, NodeBusy):
             assert not free
         else:
             assert free
-            assert lease.token > self.max_token
+            assert lease.token > self.max_token and lease.lane == lane  # the lowest free lane
             self.max_token = lease.token
-            self.model[lease.token] = (adapter, node, lease.deadline)
+            self.model[lease.token] = (adapter, node, lease.deadline, lease.lane)
         self.persist()
 
     @precondition(lambda self: self.model)
     @rule(data=st.data(), accept=st.booleans())
     def valid_push(self, data, accept: bool) -> None:
         token = data.draw(st.sampled_from(sorted(self.model)))
-        adapter, holder, deadline = self.model[token]
+        adapter, holder, deadline, _ = self.model[token]
         try:
             lease = self.book.check_push(token, self.now)
         except LeaseExpired:
@@ -115,8 +125,11 @@ class LeaseMachine(RuleBasedStateMachine):
             self.book.release(token, self.now, outcome)
             del self.model[token]
             if accept:
-                # no lost update: the accepted push was trained on the adapter's current version
-                assert lease.adapter_version == self.versions[adapter]
+                # no lost update: the accepted push was trained on the adapter's current version (one
+                # lane), or on an earlier one that other lanes moved on from (it lands as an update)
+                assert lease.adapter_version <= self.versions[adapter]
+                if self.LANES == 1:
+                    assert lease.adapter_version == self.versions[adapter]
                 self.versions[adapter] += 1
                 self.accepted[adapter] += 1
         self.persist()
@@ -166,7 +179,7 @@ class LeaseMachine(RuleBasedStateMachine):
     @rule(node=st.sampled_from(NODES))
     def node_crash(self, node: str) -> None:
         self.book.expire_holder(node, self.now, reason="node-gone")
-        for token in [t for t, (_, h, _) in self.model.items() if h == node]:
+        for token in [t for t, (_, h, _, _) in self.model.items() if h == node]:
             del self.model[token]
         self.persist()
 
@@ -175,23 +188,25 @@ class LeaseMachine(RuleBasedStateMachine):
         """The hub stops and starts again: rebuild from the registry, expire what the last run left."""
         rows = [lease for lease in self.rows.values() if lease.active or not active_only]
         next_token = max(self.rows, default=0) + 1
-        latest: dict[str, int] = {}  # what registry.latest_lease_tokens() reads
+        latest: dict[tuple[str, int], int] = {}  # what registry.latest_lease_tokens() reads
         for lease in self.rows.values():
-            latest[lease.adapter] = max(latest.get(lease.adapter, 0), lease.token)
-        self.book = LeaseBook(rows, next_token=next_token, lookup=self.rows.get, latest=latest)
+            latest[(lease.adapter, lease.lane)] = max(latest.get((lease.adapter, lease.lane), 0), lease.token)
+        self.book = LeaseBook(rows, next_token=next_token, lookup=self.rows.get, latest=latest, lanes=self.LANES)
         self.book.expire_all(self.now)
         self.model.clear()
         self.persist()
 
     # ----- invariants
     @invariant()
-    def one_active_lease_per_adapter_and_node(self) -> None:
-        active = self.book.active()
-        assert len({lease.adapter for lease in active}) == len(active)
-        assert len({lease.holder for lease in active}) == len(active)
-        stored = [lease for lease in self.rows.values() if lease.active]
-        assert len({lease.adapter for lease in stored}) == len(stored)
-        assert len({lease.holder for lease in stored}) == len(stored)
+    def one_active_lease_per_lane_and_node(self) -> None:
+        for leases in (self.book.active(), [lease for lease in self.rows.values() if lease.active]):
+            assert len({(lease.adapter, lease.lane) for lease in leases}) == len(leases)
+            assert len({lease.holder for lease in leases}) == len(leases)
+            assert all(0 <= lease.lane < self.LANES for lease in leases)
+            assert max(Counter(lease.adapter for lease in leases).values(), default=0) <= self.LANES
+        for adapter in ADAPTERS:
+            assert [lease.lane for lease in self.book.leases_of(adapter)] == sorted(
+                lane for a, _, _, lane in self.model.values() if a == adapter)
 
     @invariant()
     def book_matches_model_and_registry(self) -> None:
@@ -211,3 +226,11 @@ LeaseMachine.TestCase.settings = settings(
     max_examples=100, stateful_step_count=50, deadline=None, suppress_health_check=[HealthCheck.too_slow]
 )
 TestLeaseMachine = LeaseMachine.TestCase
+
+
+class LanesMachine(LeaseMachine):
+    LANES = 3
+
+
+LanesMachine.TestCase.settings = LeaseMachine.TestCase.settings
+TestLanesMachine = LanesMachine.TestCase

@@ -131,7 +131,7 @@ def test_max_lease_token_is_zero_before_any_lease(fresh_db):
 @pytest.mark.parametrize(
     ("second", "named"),
     [
-        (lease(2, adapter="hi", holder="node:2"), "adapter 'hi' already has active lease 1"),
+        (lease(2, adapter="hi", holder="node:2"), "lane 0 of adapter 'hi' already has active lease 1"),
         (lease(2, adapter="te", holder="node:1"), "holder 'node:1' already has active lease 1"),
     ],
 )
@@ -147,14 +147,19 @@ def test_the_database_itself_refuses_a_second_active_lease(fresh_db):
     # Prepare: bypass the Python checks and write SQL directly
     seeded(fresh_db)
     fresh_db.save_lease(lease(1))
-    sql = "INSERT INTO leases VALUES (?, ?, ?, 0, 0, ?, ?, 'active', NULL, NULL)"
+    sql = "INSERT INTO leases VALUES (?, ?, ?, 0, 0, ?, ?, 'active', NULL, NULL, ?)"
     # Execute / Assert
-    with pytest.raises(sqlite3.IntegrityError, match="UNIQUE"):
-        fresh_db._conn.execute(sql, (2, "hi", "node:9", T0, T0 + 1))
-    with pytest.raises(sqlite3.IntegrityError, match="UNIQUE"):
-        fresh_db._conn.execute(sql, (3, "te", "node:1", T0, T0 + 1))
+    with pytest.raises(sqlite3.IntegrityError, match="UNIQUE"):  # the same lane of one adapter
+        fresh_db._conn.execute(sql, (2, "hi", "node:9", T0, T0 + 1, 0))
+    with pytest.raises(sqlite3.IntegrityError, match="UNIQUE"):  # one node, two adapters
+        fresh_db._conn.execute(sql, (3, "te", "node:1", T0, T0 + 1, 0))
+    with pytest.raises(sqlite3.IntegrityError, match="UNIQUE"):  # one node, two lanes of one adapter
+        fresh_db._conn.execute(sql, (5, "hi", "node:1", T0, T0 + 1, 1))
+    with pytest.raises(sqlite3.IntegrityError, match="CHECK"):
+        fresh_db._conn.execute(sql, (6, "hi", "node:9", T0, T0 + 1, -1))
+    fresh_db._conn.execute(sql, (7, "hi", "node:8", T0, T0 + 1, 1))  # another lane of the same adapter
     fresh_db.save_lease(lease(1, state="expired", ended=T0 + 10800, outcome="expired"))
-    fresh_db._conn.execute(sql, (4, "hi", "node:9", T0, T0 + 1))  # a new lease after the old one ended
+    fresh_db._conn.execute(sql, (4, "hi", "node:9", T0, T0 + 1, 0))  # a new lease after the old one ended
 
 
 def test_ended_lease_never_changes_and_issue_fields_are_fixed(fresh_db):
@@ -255,7 +260,7 @@ def test_file_registry_persists_in_wal_mode_with_a_private_secret(db_path):
         assert again.pseudonym("sim:4") == alias
         assert [a.name for a in again.adapters()] == ["hi", "te"]
         migrations = [tuple(r) for r in again._conn.execute("SELECT version, name FROM migrations")]
-        assert migrations == [(1, "initial"), (2, "settings"), (3, "lineage")]
+        assert migrations == [(1, "initial"), (2, "settings"), (3, "lineage"), (4, "lanes")]
     assert stat.S_IMODE(os.stat(db_path.parent / "secret").st_mode) == 0o600
     secret = bytes.fromhex((db_path.parent / "secret").read_text().strip())
     assert pseudonym_of("sim:4", secret) == alias

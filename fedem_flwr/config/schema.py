@@ -320,6 +320,11 @@ class RelayConfig:
         metadata={"help": "With `fair`: an adapter more than this many tokens ahead of the one furthest behind "
                           "(among those being trained or trainable now) waits for it; null = never waits."},
     )
+    lanes: int = field(
+        default=1,
+        metadata={"help": "How many nodes may hold one adapter at once, each from its latest accepted version; "
+                          "a push lands as the change it made, applied to whatever the adapter is by then."},
+    )
     no_node_grace_s: float = 60.0
     poll_interval_s: float = 1.0
     max_accepted: Optional[int] = None
@@ -345,6 +350,9 @@ class RelayConfig:
             _positive("relay", key, getattr(self, key))
         _positive("relay", "no_node_grace_s", self.no_node_grace_s, allow_zero=True)
         _positive("relay", "fair_max_lead", self.fair_max_lead, allow_zero=True)
+        if isinstance(self.lanes, bool) or not isinstance(self.lanes, int) or self.lanes < 1:
+            raise ConfigError(f"`relay.lanes` is {self.lanes!r}; it must be a whole number >= 1 (1: one holder "
+                              "per adapter, the FedEm rule).")
         _positive("relay", "deadline_margin_s", self.deadline_margin_s, allow_zero=True)
         _positive("relay", "drain_s", self.drain_s, allow_zero=True)
         if self.deadline_margin_s >= self.lease_ttl_s:

@@ -191,7 +191,8 @@ def base_attempt_from(row: sqlite3.Row) -> BaseAttempt:
 
 @dataclass(frozen=True)
 class Lease:
-    """One adapter handed to one node until ``deadline`` (epoch seconds from the injected clock)."""
+    """One adapter handed to one node until ``deadline`` (epoch seconds from the injected clock), on
+    one of the adapter's ``relay.lanes`` lanes (0 with one lane: the FedEm rule)."""
 
     token: int
     adapter: str
@@ -203,6 +204,7 @@ class Lease:
     state: str = "active"
     ended: Optional[float] = None
     outcome: Optional[str] = None
+    lane: int = 0
 
     @property
     def active(self) -> bool:

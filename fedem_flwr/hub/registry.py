@@ -40,7 +40,7 @@ from fedem_flwr.hub.records import (
     Lease,
 )
 
-_LEASE_KEYS = ("adapter", "holder", "base_version", "adapter_version", "issued")
+_LEASE_KEYS = ("adapter", "lane", "holder", "base_version", "adapter_version", "issued")
 
 
 class Registry(Database):
@@ -310,7 +310,7 @@ class Registry(Database):
         """Insert or update a lease (its token is the key); its holder gets a pseudonym on the way.
 
         Fields fixed at issue (adapter, holder, versions, issued) never change, and an ended lease
-        never changes again. The database refuses a second active lease on one adapter or one holder.
+        never changes again. The database refuses a second active lease on one lane of an adapter, or on one holder.
         """
         if lease.state not in ("active", "released", "expired"):
             raise ValueError(f"`state` is {lease.state!r}; allowed: active, released, expired.")
@@ -322,12 +322,13 @@ class Registry(Database):
                 self.pseudonym(lease.holder, seen=lease.issued)
             try:
                 self._conn.execute(
-                    "INSERT INTO leases VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT(token) DO UPDATE "
+                    "INSERT INTO leases (token, adapter, holder, base_version, adapter_version, issued, deadline, "
+                    "state, ended, outcome, lane) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT(token) DO UPDATE "
                     "SET deadline = excluded.deadline, state = excluded.state, ended = excluded.ended, "
                     "outcome = excluded.outcome",
                     (lease.token, lease.adapter, lease.holder, lease.base_version, lease.adapter_version,
                      rec.finite("issued", lease.issued), rec.finite("deadline", lease.deadline),
-                     lease.state, lease.ended, lease.outcome))
+                     lease.state, lease.ended, lease.outcome, lease.lane))
             except sqlite3.IntegrityError as err:
                 raise self._lease_conflict(lease, err) from err
 
@@ -341,12 +342,17 @@ class Registry(Database):
                                    f"it cannot become {new.state!r}.")
 
     def _lease_conflict(self, lease: Lease, err: sqlite3.IntegrityError) -> Exception:
-        for column in ("adapter", "holder"):
-            row = self._one(f"SELECT token FROM leases WHERE state = 'active' AND {column} = ? AND token <> ?",
-                            (getattr(lease, column), lease.token))
-            if row is not None and lease.state == "active":
-                return RegistryConflict(f"lease {lease.token}: {column} {getattr(lease, column)!r} already has "
-                                        f"active lease {row[0]}; one active lease per {column}.")
+        if lease.state == "active":
+            row = self._one("SELECT token FROM leases WHERE state = 'active' AND adapter = ? AND lane = ? AND token <> ?",
+                            (lease.adapter, lease.lane, lease.token))
+            if row is not None:
+                return RegistryConflict(f"lease {lease.token}: lane {lease.lane} of adapter {lease.adapter!r} already "
+                                        f"has active lease {row[0]}; one active lease per lane.")
+            row = self._one("SELECT token FROM leases WHERE state = 'active' AND holder = ? AND token <> ?",
+                            (lease.holder, lease.token))
+            if row is not None:
+                return RegistryConflict(f"lease {lease.token}: holder {lease.holder!r} already has active lease "
+                                        f"{row[0]}; one active lease per holder.")
         if self.adapter(lease.adapter) is None:
             return RegistryConflict(f"lease {lease.token}: `adapter` {lease.adapter!r} is not registered.")
         return RegistryConflict(f"lease {lease.token} cannot be stored: {err}")
@@ -363,9 +369,10 @@ class Registry(Database):
         """adapter -> when it was last leased (epoch seconds), for least-recently-served policies."""
         return {r[0]: float(r[1]) for r in self._all("SELECT adapter, MAX(issued) FROM leases GROUP BY adapter")}
 
-    def latest_lease_tokens(self) -> dict[str, int]:
-        """adapter -> the newest fencing token issued for it: what fencing needs of ended leases."""
-        return {r[0]: int(r[1]) for r in self._all("SELECT adapter, MAX(token) FROM leases GROUP BY adapter")}
+    def latest_lease_tokens(self) -> dict[tuple[str, int], int]:
+        """(adapter, lane) -> the newest fencing token issued on that lane: what fencing needs of ended leases."""
+        return {(r[0], int(r[1])): int(r[2])
+                for r in self._all("SELECT adapter, lane, MAX(token) FROM leases GROUP BY adapter, lane")}
 
     def max_lease_token(self) -> int:
         """The largest fencing token ever issued (0 before the first lease): the next is above it."""
@@ -562,7 +569,7 @@ def _lease_from(row: sqlite3.Row) -> Lease:
     return Lease(token=row["token"], adapter=row["adapter"], holder=row["holder"],
                  base_version=row["base_version"], adapter_version=row["adapter_version"],
                  issued=row["issued"], deadline=row["deadline"], state=row["state"], ended=row["ended"],
-                 outcome=row["outcome"])
+                 outcome=row["outcome"], lane=row["lane"])
 
 
 __all__ = ["Registry", "Absorbed", "Adapter", "AdapterVersion", "BaseAttempt", "Checkpoint", "Contribution",

@@ -2,11 +2,11 @@
 
 Times are epoch seconds (REAL, from the caller's clock); versions are integers; JSON columns are
 TEXT checked with ``json_valid``. Partial unique indexes make the database itself refuse a second
-active lease on one adapter, or on one node. Contributions carry only a pseudonym; identities stay
+active lease on one lane of an adapter, or on one node. Contributions carry only a pseudonym; identities stay
 in ``contributors``. Migration 3 records the lineage of base versions: held-out losses per
 (adapter version, base version) in ``evaluations``, each adapter version's ``kind``, the adapters a
 merge absorbed (``merge_absorbed``), attempts that were not published (``base_attempts``), and the
-bases a contribution was trained and judged on.
+bases a contribution was trained and judged on. Migration 4 gives each lease its lane (``relay.lanes``).
 
 A migration is appended, never edited: a registry records which ones it has applied, and a
 registry from a newer fedem-flwr is refused rather than guessed at.
@@ -150,6 +150,13 @@ UPDATE contributions SET
     judged_base_version = (SELECT l.base_version FROM leases l WHERE l.token = contributions.lease_token)
     WHERE lease_token IS NOT NULL;
 CREATE INDEX contributions_judged_base ON contributions(judged_base_version, decision);
+"""),
+    # Lanes (DESIGN decision 20): up to `relay.lanes` active leases per adapter, one per lane. Every
+    # lease issued before held lane 0, the only one there was.
+    Migration(4, "lanes", """
+ALTER TABLE leases ADD COLUMN lane INTEGER NOT NULL DEFAULT 0 CHECK (lane >= 0);
+DROP INDEX leases_one_active_per_adapter;
+CREATE UNIQUE INDEX leases_one_active_per_lane ON leases(adapter, lane) WHERE state = 'active';
 """),
 )
 

@@ -17,12 +17,19 @@ the version keeps a fresh state at the leased state's step (zero moments), and t
 records why.
 
 A push lands as an update (DESIGN decision 20): when the adapter's current version is no longer the one
-its lease started from (a merge rebased the adapter while the push was out), the push is judged and
-kept as the change it made, added to the current version in weight space and factored back to the
-adapter's rank (``lineage.merge.update_state``); the contribution and the version record the truncation
-(``update``), and the version keeps the push's optimizer state at its step with zero moments and the
-warmup started again (the moments describe factors that no longer exist). When nothing moved the push
-is kept bit for bit.
+its lease started from (another lane's push was accepted, or a merge rebased the adapter while the push
+was out), the push is judged and kept as the change it made, added to the current version in weight
+space and factored back to the adapter's rank (``lineage.merge.update_state``); the contribution and the
+version record the truncation (``update``). When nothing moved the push is kept bit for bit.
+
+Lanes (``relay.lanes`` = k): up to k nodes hold one adapter at once, each on its own fenced lease from
+the adapter's latest accepted version (``relay.leases``). The pool offers an adapter while it has a free
+lane; each policy round gives an adapter at most one more holder, and with k > 1 rounds repeat while
+they place nodes. The version an update produces carries the optimizer state of the version it was
+applied to, advanced by the steps the push trained (``_combined_optimizer``): the schedule counts
+every step trained into the adapter, whichever lane trained it; the moments start at zero (they
+describe factors the truncation replaced); and the warmup starts again only when a merge rebased the
+adapter meanwhile (the base changed under it), as it did before lanes.
 """
 
 from __future__ import annotations
@@ -129,6 +136,7 @@ class RelayCoordinator:
         train: Optional[TrainConfig] = None,
         optimizer_states: Optional[OptimizerStates] = None,
         max_push_tokens: Optional[int] = None,
+        lanes: int = 1,
     ) -> None:
         self._registry = registry
         self._store = store
@@ -143,7 +151,7 @@ class RelayCoordinator:
                               "(the hub's folder of them) to keep each version's state in")
         self._optimizer_states = optimizer_states
         self._book = LeaseBook(registry.leases(active_only=True), next_token=registry.max_lease_token() + 1,
-                               lookup=registry.lease, latest=registry.latest_lease_tokens())
+                               lookup=registry.lease, latest=registry.latest_lease_tokens(), lanes=lanes)
         self.schedule = SweepSchedule(sweep_interval_s)
         self.last_served = registry.last_leased()
         self.languages = {adapter.name: tuple(adapter.languages) for adapter in registry.adapters()}
@@ -186,8 +194,20 @@ class RelayCoordinator:
         return token_shares(self._tokens)
 
     def leased_adapters(self) -> set[str]:
-        """The adapters under an active lease now."""
+        """The adapters under an active lease now (on any lane)."""
         return {lease.adapter for lease in self._book.active()}
+
+    @property
+    def lanes(self) -> int:
+        """How many nodes may hold one adapter at once (``relay.lanes``)."""
+        return self._book.lanes
+
+    def holders(self) -> dict[str, int]:
+        """Active leases per adapter now (those with none are left out)."""
+        counts: dict[str, int] = {}
+        for lease in self._book.active():
+            counts[lease.adapter] = counts.get(lease.adapter, 0) + 1
+        return dict(sorted(counts.items()))
 
     @property
     def carry(self) -> str:
@@ -258,25 +278,42 @@ class RelayCoordinator:
         return fresh(spec, "moments", step=kept.step, warmup_from=kept.warmup_from)
 
     def _keep_optimizer(self, lease: Lease, version: int, received: "_Received", weights: Mapping[str, Any],
-                        converted: bool = False) -> None:
+                        onto: Optional[int] = None) -> None:
         """Keep the push's optimizer state as ``version``'s, before the version's registry row commits;
         a state that failed its check is replaced by a fresh one at the leased state's step. A push
-        ``converted`` to an update keeps its state's step with zero moments and the warmup started again."""
+        applied as an update ``onto`` another version carries that version's state, combined
+        (``_combined_optimizer``)."""
         if self.carry == "none":
             return
         from fedem_flwr.model.adapter_spec import AdapterSpec
-        from fedem_flwr.training.optimizer_state import fresh, optimizer_state_bytes, reset_moments
+        from fedem_flwr.training.optimizer_state import fresh, optimizer_state_bytes
 
         kept = received.optimizer
         if kept is None:
             sent = self._lease_optimizer(lease.adapter, lease.adapter_version, weights)
             kept = fresh(AdapterSpec.from_state(weights), self.carry, step=sent.step, warmup_from=sent.warmup_from)
-        if converted:  # re-factored weights: the moments describe the pushed factors, not these
-            kept = reset_moments(kept, "reset")
+        if onto is not None:
+            kept = self._combined_optimizer(lease, kept, onto, weights)
         try:
             self._optimizer_states.put(lease.adapter, version, optimizer_state_bytes(kept))
         except OSError as err:
             raise HubFault(f"cannot keep the optimizer state of {lease.adapter!r} v{version}: {one_line(err)}") from err
+
+    def _combined_optimizer(self, lease: Lease, pushed: "OptimizerState", onto: int,
+                            weights: Mapping[str, Any]) -> "OptimizerState":
+        """The state of a push applied as an update onto version ``onto`` (weights ``weights``): the
+        steps the push trained (its step minus the step its lease was sent) added to ``onto``'s own
+        step, so the schedule counts every step in the adapter whichever lane trained it; zero moments,
+        since the truncation re-factored the weights they describe; and ``onto``'s warmup, started
+        again here only when a merge rebased the adapter since the lease began (a new base)."""
+        from fedem_flwr.training.optimizer_state import reset_moments
+
+        sent = self._lease_optimizer(lease.adapter, lease.adapter_version, weights)
+        current = self._lease_optimizer(lease.adapter, onto, weights)
+        combined = reset_moments(replace(pushed, step=current.step + max(0, pushed.step - sent.step)), "reset")
+        rebased = any(row.kind == "rebase" for row in self._registry.adapter_versions(lease.adapter)
+                      if lease.adapter_version < row.version <= onto)
+        return combined if rebased else replace(combined, warmup_from=current.warmup_from)
 
     def base_folder(self, assignment: Assignment) -> Path:
         """The stored files of the lease's base, to send in-band to a node that lacks them."""
@@ -326,7 +363,10 @@ class RelayCoordinator:
             self.pool.put(replace(info, tokens=self._tokens[adapter]))
 
     def assign(self, free_nodes: Sequence[NodeProfile]) -> list[Assignment]:
-        """Lease adapters to the free nodes the policy picks; nodes holding a lease are skipped."""
+        """Lease adapters to the free nodes the policy picks; nodes holding a lease are skipped.
+
+        A policy round gives each adapter at most one node; with lanes, rounds repeat while nodes are
+        left and the round placed some (at most ``lanes`` rounds: each fills one more lane)."""
         now = self.clock()
         self.sweep(now)  # any access after a deadline expires the lease first
         nodes = [n for n in free_nodes if self._book.node_free(n.node)]
@@ -335,8 +375,19 @@ class RelayCoordinator:
         base = self._registry.latest_checkpoint()
         if base is None:
             raise RuntimeError("the hub has no base checkpoint; seed it before relaying")
-        base_ref = base.ref
-        assignments = []
+        assignments: list[Assignment] = []
+        while nodes:
+            placed = self._assign_round(nodes, base, now)
+            assignments += placed
+            if not placed or self.lanes == 1:
+                break
+            taken = {a.lease.holder for a in placed}
+            nodes = [n for n in nodes if n.node not in taken]
+        return assignments
+
+    def _assign_round(self, nodes: Sequence[NodeProfile], base: Any, now: float) -> list[Assignment]:
+        """One policy round: each adapter with a free lane to at most one of ``nodes``."""
+        placed = []
         self.policy.observe([self._info(lease.adapter, lease.adapter_version) for lease in self._book.active()])
         for node, info in self.policy.assign(nodes, self.pool.free()):
             self.pool.take(info.name)
@@ -344,13 +395,15 @@ class RelayCoordinator:
             lease = self._book.acquire(info.name, node.node, base.version, version.version, now, self.lease_ttl_s)
             self._flush()
             self.last_served[info.name] = now
-            ref = version.ref
-            assignments.append(Assignment(lease, info, ref, base_ref))
+            if self._book.is_free(info.name):  # another lane is open: offered again, from the next round
+                self.pool.put(self._info(info.name, version.version))
+            placed.append(Assignment(lease, info, version.ref, base.ref))
+            lane = f" lane {lease.lane}" if self.lanes > 1 else ""
             log.info(
-                "Leased %r v%d to %s (token %d, %.0f s)",
-                info.name, version.version, self.pseudonym(node.node), lease.token, self.lease_ttl_s,
+                "Leased %r v%d%s to %s (token %d, %.0f s)",
+                info.name, version.version, lane, self.pseudonym(node.node), lease.token, self.lease_ttl_s,
             )
-        return assignments
+        return placed
 
     # -- pushes ----------------------------------------------------------------------------------
 
@@ -438,7 +491,7 @@ class RelayCoordinator:
         update = None
         if parent.version == lease.adapter_version:  # nothing moved: the push is judged and kept as it is
             idle = no_work(state, parent_state, self.gate.min_change, revision_name(parent.version))
-        else:  # a merge rebased the adapter while the push was out: the push lands as the change it made
+        else:  # another lane's push or a merge moved the adapter while the push was out: it lands as its change
             start = self._parent_weights(self._registry.adapter_version(lease.adapter, lease.adapter_version))
             idle = no_work(state, start, self.gate.min_change, revision_name(lease.adapter_version))
             if not idle:
@@ -457,7 +510,8 @@ class RelayCoordinator:
         ref = (self._write_artifact(state, parent, lease, losses, received.pseudonym, base)
                if decision.accepted else None)
         if ref is not None:  # before the version's row commits
-            self._keep_optimizer(lease, parent.version + 1, received, state, converted=update is not None)
+            self._keep_optimizer(lease, parent.version + 1, received, state,
+                                 onto=parent.version if update is not None else None)
         return self._conclude(lease, received, "accepted" if decision.accepted else "rejected", decision.reason,
                               losses, parent=parent, ref=ref, judged=base.version, update=update)
 

@@ -1,15 +1,19 @@
 """Leases: timed, fenced locks on adapters (pure logic; the clock is passed in as ``now``).
 
-A lease hands one adapter to one node until a deadline. Invariants, always:
+A lease hands one adapter to one node until a deadline, on one of the adapter's ``lanes`` (DESIGN
+decision 20; one lane, the FedEm rule, unless ``relay.lanes`` says more). Invariants, always:
 
-- at most one active lease per adapter, and at most one per node (a SuperNode runs one message at a
-  time);
+- at most one active lease per lane of an adapter (so at most ``lanes`` per adapter, on lanes
+  ``0 .. lanes - 1``, the lowest free one first), and at most one per node (a SuperNode runs one
+  message at a time): no node holds two lanes, and no token is shared by two lanes;
 - fencing tokens strictly increase and are never reused, also across restarts (the registry passes
   its max token + 1 as ``next_token``);
 - a push ends a lease only under the token of an active lease, before its deadline. Anything else
-  (a token never issued, one already pushed, one whose adapter was leased again since, a late push)
+  (a token never issued, one already pushed, one whose lane was leased again since, a late push)
   raises a ``PushRejected`` subclass whose ``reason`` is a machine-readable code (``REJECT_REASONS``),
-  recorded with the contribution.
+  recorded with the contribution. Fencing is per lane: a lease is ``superseded`` when a newer lease
+  was issued on its own lane; a newer lease on another lane of the adapter fences nothing (its push
+  lands as an update, ``relay.coordinator``).
 
 The book judges a push by its token alone, on that lease's state and deadline. The push's claims are
 checked where the reply is parsed (``protocol.messages.parse_train_reply``): its lease token, adapter
@@ -25,7 +29,7 @@ every change (including leases expired on the way by an access) until ``pop_chan
 list in one transaction after each step.
 
 Memory stays flat however many leases were served: the book holds the active leases and, for
-fencing, the newest token issued per adapter. An ended lease lives in the registry; a push naming
+fencing, the newest token issued per lane of each adapter. An ended lease lives in the registry; a push naming
 one is judged on the lease read through ``lookup`` (``registry.lease``), so it still gets its precise
 reason (``duplicate``, ``superseded``, ``expired``), also after a restart.
 ``LeaseBook(active, next_token, lookup=registry.lease, latest=registry.latest_lease_tokens())``
@@ -51,7 +55,7 @@ class LeaseError(FedemError):
 
 
 class AdapterBusy(LeaseError):
-    """The adapter already has an active lease."""
+    """Every lane of the adapter has an active lease."""
 
 
 class NodeBusy(LeaseError):
@@ -91,7 +95,7 @@ class DuplicatePush(PushRejected):
 
 
 class Superseded(PushRejected):
-    """The token is stale: the adapter was leased again since."""
+    """The token is stale: its lane of the adapter was leased again since."""
 
     reason = "superseded"
 
@@ -108,14 +112,19 @@ class LeaseBook:
         next_token: int = 1,
         *,
         lookup: Optional[Callable[[int], Optional[Lease]]] = None,
-        latest: Mapping[str, int] = (),
+        latest: Mapping[tuple[str, int], int] = (),
+        lanes: int = 1,
     ) -> None:
         """``leases``: the active leases (ended ones only inform ``latest``); ``lookup``: token -> the
-        persisted lease, for pushes naming an ended one; ``latest``: adapter -> newest token issued."""
+        persisted lease, for pushes naming an ended one; ``latest``: (adapter, lane) -> newest token
+        issued on that lane; ``lanes``: how many holders one adapter may have at once."""
+        if isinstance(lanes, bool) or not isinstance(lanes, int) or lanes < 1:
+            raise LeaseError(f"`lanes` is {lanes!r}; it must be a whole number >= 1.")
+        self.lanes = lanes
         self._active: dict[int, Lease] = {}
-        self._by_adapter: dict[str, Lease] = {}  # active leases only
+        self._by_adapter: dict[str, dict[int, Lease]] = {}  # adapter -> lane -> its active lease
         self._by_holder: dict[str, Lease] = {}  # active leases only
-        self._latest: dict[str, int] = dict(latest)  # adapter -> newest token ever issued for it
+        self._latest: dict[tuple[str, int], int] = dict(latest)  # (adapter, lane) -> newest token issued there
         self._lookup = lookup
         self._changes: list[Lease] = []
         seen: set[int] = set()
@@ -126,12 +135,11 @@ class LeaseBook:
             if lease.token in seen:
                 raise LeaseError(f"lease token {lease.token} appears twice")
             seen.add(lease.token)
-            if lease.active:
-                self._check_free(lease.adapter, lease.holder)
-                self._active[lease.token] = lease
-                self._by_adapter[lease.adapter] = lease
-                self._by_holder[lease.holder] = lease
-            self._latest[lease.adapter] = max(self._latest.get(lease.adapter, 0), lease.token)
+            if lease.active:  # a lane past ``lanes`` (a hub restarted with fewer) is kept until it ends
+                self._check_lane(lease.adapter, lease.lane, lease.holder)
+                self._hold(lease)
+            lane = (lease.adapter, lease.lane)
+            self._latest[lane] = max(self._latest.get(lane, 0), lease.token)
             top = max(top, lease.token)
         self._next_token = max(int(next_token), top + 1)
 
@@ -154,17 +162,20 @@ class LeaseBook:
         """Active leases, oldest token first."""
         return sorted(self._active.values(), key=lambda lease: lease.token)
 
-    def holder_of(self, adapter: str) -> Optional[str]:
-        lease = self._by_adapter.get(adapter)
+    def holder_of(self, adapter: str, lane: int = 0) -> Optional[str]:
+        lease = self._by_adapter.get(adapter, {}).get(lane)
         return lease.holder if lease else None
+
+    def leases_of(self, adapter: str) -> list[Lease]:
+        """The active leases on ``adapter``, by lane."""
+        return [lease for _, lease in sorted(self._by_adapter.get(adapter, {}).items())]
 
     def lease_of(self, holder: str) -> Optional[Lease]:
         return self._by_holder.get(holder)
 
     def is_free(self, adapter: str, now: Optional[float] = None) -> bool:
-        """No active lease on ``adapter`` (with ``now``: a due lease counts as free, as ``acquire`` sees it)."""
-        lease = self._by_adapter.get(adapter)
-        return lease is None or (now is not None and lease.is_due(now))
+        """A lane of ``adapter`` is free (with ``now``: a due lease counts as free, as ``acquire`` sees it)."""
+        return self._free_lane(adapter, now) is not None
 
     def node_free(self, holder: str, now: Optional[float] = None) -> bool:
         """``holder`` holds no active lease (with ``now``: a due lease counts as free)."""
@@ -180,14 +191,22 @@ class LeaseBook:
     def acquire(
         self, adapter: str, holder: str, base_version: int, adapter_version: int, now: float, ttl: float
     ) -> Lease:
-        """Lease ``adapter`` to ``holder`` until ``now + ttl``; a due lease in the way expires first."""
+        """Lease ``adapter`` to ``holder`` until ``now + ttl`` on its lowest free lane; due leases in the
+        way (on the adapter, or the holder's) expire first."""
         if not ttl > 0:
             raise LeaseError(f"lease `ttl` is {ttl!r}; it must be > 0 seconds.")
-        for blocking in (self._by_adapter.get(adapter), self._by_holder.get(holder)):
+        for blocking in (*self.leases_of(adapter), self._by_holder.get(holder)):
             # the same lease may block both ways: once ended it is no longer active, so it ends once
             if blocking is not None and blocking.token in self._active and blocking.is_due(now):
                 self._end(blocking, "expired", now, EXPIRED)
-        self._check_free(adapter, holder)
+        lane = self._free_lane(adapter)
+        if lane is None:
+            held = self.leases_of(adapter)
+            if len(held) == 1:
+                raise AdapterBusy(f"adapter {adapter!r} is leased to {held[0].holder!r} (token {held[0].token})")
+            lanes = ", ".join(f"lane {lease.lane}: {lease.holder!r} (token {lease.token})" for lease in held)
+            raise AdapterBusy(f"adapter {adapter!r} has all its {self.lanes} lanes leased ({lanes})")
+        self._check_lane(adapter, lane, holder)
         lease = Lease(
             token=self._next_token,
             adapter=adapter,
@@ -196,12 +215,11 @@ class LeaseBook:
             adapter_version=adapter_version,
             issued=now,
             deadline=now + ttl,
+            lane=lane,
         )
         self._next_token += 1
-        self._active[lease.token] = lease
-        self._by_adapter[adapter] = lease
-        self._by_holder[holder] = lease
-        self._latest[adapter] = lease.token
+        self._hold(lease)
+        self._latest[(adapter, lane)] = lease.token
         self._changes.append(lease)
         return lease
 
@@ -212,7 +230,7 @@ class LeaseBook:
         Only the lease's state and deadline are judged (the push's claims were checked when its reply
         was parsed). In order: token known (``unknown-token``); an overdue active lease expires here
         (``expired``); an ended lease: ``duplicate`` if released, ``superseded`` if the adapter was
-        leased again since, else ``expired``.
+        leased again since on the lease's own lane, else ``expired``.
         """
         lease = self._active.get(token)
         if lease is None:
@@ -221,9 +239,11 @@ class LeaseBook:
                 raise UnknownToken(f"token {token} was never issued")
             if ended.state == "released":
                 raise DuplicatePush(f"token {token} was already pushed and released at {ended.ended}", ended)
-            newest = self._latest.get(ended.adapter, token)
+            newest = self._latest.get((ended.adapter, ended.lane), token)
             if newest > token:
-                raise Superseded(f"token {token} of adapter {ended.adapter!r} was replaced by token {newest}", ended)
+                lane = f" lane {ended.lane}" if self.lanes > 1 or ended.lane else ""
+                raise Superseded(f"token {token} of adapter {ended.adapter!r}{lane} was replaced by token {newest}",
+                                 ended)
             raise LeaseExpired(f"token {token} expired at {ended.ended} ({ended.outcome})", ended)
         if lease.is_due(now):
             lease = self._end(lease, "expired", now, EXPIRED)
@@ -245,7 +265,7 @@ class LeaseBook:
 
     def sweep(self, now: float) -> list[Lease]:
         """Expire every lease due at ``now`` (outcome ``expired``)."""
-        due = [lease for lease in self._by_adapter.values() if lease.is_due(now)]
+        due = [lease for lease in self._active.values() if lease.is_due(now)]
         return [self._end(lease, "expired", now, EXPIRED) for lease in sorted(due, key=lambda lease: lease.token)]
 
     def expire(self, token: int, now: float, reason: str = EXPIRED) -> Lease:
@@ -265,13 +285,27 @@ class LeaseBook:
         return [self._end(lease, "expired", now, reason) for lease in self.active()]
 
     # ----- internals
-    def _check_free(self, adapter: str, holder: str) -> None:
-        taken = self._by_adapter.get(adapter)
+    def _free_lane(self, adapter: str, now: Optional[float] = None) -> Optional[int]:
+        """The lowest lane of ``adapter`` below ``lanes`` with no active lease (with ``now``: or a due one)."""
+        held = self._by_adapter.get(adapter, {})
+        for lane in range(self.lanes):
+            lease = held.get(lane)
+            if lease is None or (now is not None and lease.is_due(now)):
+                return lane
+        return None
+
+    def _check_lane(self, adapter: str, lane: int, holder: str) -> None:
+        taken = self._by_adapter.get(adapter, {}).get(lane)
         if taken is not None:
-            raise AdapterBusy(f"adapter {adapter!r} is leased to {taken.holder!r} (token {taken.token})")
+            raise AdapterBusy(f"lane {lane} of adapter {adapter!r} is leased to {taken.holder!r} (token {taken.token})")
         held = self._by_holder.get(holder)
         if held is not None:
             raise NodeBusy(f"node {holder!r} already holds adapter {held.adapter!r} (token {held.token})")
+
+    def _hold(self, lease: Lease) -> None:
+        self._active[lease.token] = lease
+        self._by_adapter.setdefault(lease.adapter, {})[lease.lane] = lease
+        self._by_holder[lease.holder] = lease
 
     def _state(self, token: int) -> str:
         lease = self.get(token)
@@ -281,7 +315,10 @@ class LeaseBook:
         assert lease.active, f"lease {lease.token} ended twice"
         ended = replace(lease, state=state, ended=now, outcome=outcome)
         del self._active[lease.token]
-        del self._by_adapter[lease.adapter]
+        lanes = self._by_adapter[lease.adapter]
+        del lanes[lease.lane]
+        if not lanes:
+            del self._by_adapter[lease.adapter]
         del self._by_holder[lease.holder]
         self._changes.append(ended)
         return ended
