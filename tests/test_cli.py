@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import sqlite3
 from pathlib import Path
 
@@ -107,13 +108,15 @@ def test_status_json(hub):
         "hub": str(hub),
         "writer": None,
         "base": {"version": 0, "path": str(store / "fedem/base/v0"), "source": "init", "created": ISO0},
+        "lanes": "unknown",
         "adapters": [
-            {"name": "hi", "version": 1, "path": str(store / "fedem/adapter-hi/v1"), "holder": None,
+            {"name": "hi", "version": 1, "path": str(store / "fedem/adapter-hi/v1"), "holders": [],
              "languages": ["hi"]},
-            {"name": "te", "version": 0, "path": str(store / "fedem/adapter-te/v0"), "holder": alias["node:7"],
-             "languages": ["te"]},
+            {"name": "te", "version": 0, "path": str(store / "fedem/adapter-te/v0"),
+             "holders": [{"lane": 0, "holder": alias["node:7"], "token": 2}], "languages": ["te"]},
         ],
-        "leases": [{"adapter": "te", "holder": alias["node:7"], "token": 2, "deadline": "2023-11-15T01:14:20+00:00"}],
+        "leases": [{"adapter": "te", "lane": 0, "holder": alias["node:7"], "token": 2,
+                    "deadline": "2023-11-15T01:14:20+00:00"}],
         "contributions": {"accepted": 1, "rejected": 1},
         "lineage": {
             "merges": 0, "cpt": 0, "refused": {"merge": 0, "cpt": 0},
@@ -138,14 +141,101 @@ def test_paths_load_as_plain_folders(hub):
 
 def test_leases_json_active_and_all(hub):
     alias = pseudonyms(hub)
-    active = {"token": 2, "adapter": "te", "holder": alias["node:7"], "state": "active",
+    active = {"token": 2, "adapter": "te", "lane": 0, "holder": alias["node:7"], "state": "active",
               "issued": "2023-11-14T22:14:20+00:00", "deadline": "2023-11-15T01:14:20+00:00", "ended": None,
               "outcome": None, "base_version": 0, "adapter_version": 0}
-    ended = {"token": 1, "adapter": "hi", "holder": alias["sim:3"], "state": "released", "issued": ISO0,
+    ended = {"token": 1, "adapter": "hi", "lane": 0, "holder": alias["sim:3"], "state": "released", "issued": ISO0,
              "deadline": "2023-11-15T01:13:20+00:00", "ended": "2023-11-14T22:14:20+00:00", "outcome": "accepted",
              "base_version": 0, "adapter_version": 0}
     assert as_json(hub, "leases") == [active]
     assert as_json(hub, "leases", "--all") == [ended, active]
+
+
+def hold_te_on_two_lanes(hub: Path, lanes: int = 0) -> None:
+    """A second active lease on te, on lane 1 (sim:3, token 3); with ``lanes``, the hub's recorded `relay.lanes`."""
+    with Registry.open(hub) as registry:
+        registry.save_lease(Lease(3, "te", "sim:3", 0, 0, T0 + 120, T0 + 10920, lane=1))
+        if lanes:
+            registry.put_setting("relay", {"lanes": lanes}, updated=T0)
+
+
+def test_status_and_leases_show_every_holder_of_an_adapter_with_its_lane(hub):
+    # Prepare: te held on lane 0 (node:7, token 2) and lane 1 (sim:3, token 3); 3 lanes recorded
+    hold_te_on_two_lanes(hub, lanes=3)
+    alias = pseudonyms(hub)
+
+    # Execute
+    status = as_json(hub, "status")
+    leases = as_json(hub, "leases")
+    revealed = as_json(hub, "status", "--reveal")
+
+    # Assert
+    assert status["lanes"] == 3
+    assert {a["name"]: a["holders"] for a in status["adapters"]} == {
+        "hi": [],
+        "te": [{"lane": 0, "holder": alias["node:7"], "token": 2}, {"lane": 1, "holder": alias["sim:3"], "token": 3}]}
+    assert status["leases"] == [
+        {"adapter": "te", "lane": 0, "holder": alias["node:7"], "token": 2, "deadline": "2023-11-15T01:14:20+00:00"},
+        {"adapter": "te", "lane": 1, "holder": alias["sim:3"], "token": 3, "deadline": "2023-11-15T01:15:20+00:00"}]
+    assert [(r["token"], r["adapter"], r["lane"], r["holder"]) for r in leases] == [
+        (2, "te", 0, alias["node:7"]), (3, "te", 1, alias["sim:3"])]
+    assert [h["holder"] for h in revealed["adapters"][1]["holders"]] == ["node:7", "sim:3"]
+    assert [h["holder"] for h in as_json(hub, "adapters")[1]["holders"]] == [alias["node:7"], alias["sim:3"]]
+    shown = [invoke(hub, *args).output + invoke(hub, *args, "--json").output for args in (("status",), ("leases",),
+                                                                                          ("adapters",))]
+    assert not any(identity in out for out in shown for identity in IDENTITIES)
+
+
+def table(hub: Path, title: str, *args: str) -> list[list[str]]:
+    """The heading and rows of the table ``title`` that ``fedem *args`` prints 150 columns wide, as cells."""
+    lines = CliRunner().invoke(cli, ["--hub", str(hub), *args], env={"COLUMNS": "150"}).output.splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith(title)) + 1
+    end = next((i for i in range(start, len(lines)) if not lines[i].strip()), len(lines))
+    return [[cell.strip() for cell in re.split("[┃│]", line)] for line in lines[start:end] if "━" not in line]
+
+
+def test_status_text_counts_holders_against_the_recorded_lanes(hub):
+    # Prepare: te held on lanes 0 and 1 of the 3 the hub recorded
+    hold_te_on_two_lanes(hub, lanes=3)
+    alias = pseudonyms(hub)
+
+    # Execute
+    out = invoke(hub, "status").output
+
+    # Assert: the lanes line, te's row naming both holders with their lanes, a lease row per lane
+    assert "lanes      3 per adapter (relay.lanes)" in out.splitlines()
+    assert table(hub, "Adapters", "status") == [
+        ["adapter", "version", "languages", "held", "holders"],
+        ["hi", "1", "hi", "0/3 lanes", "-"],
+        ["te", "0", "te", "2/3 lanes", f"{alias['node:7']} (lane 0), {alias['sim:3']} (lane 1)"]]
+    assert table(hub, "Active leases", "status") == [
+        ["token", "adapter", "lane", "holder", "deadline", "left"],
+        ["2", "te", "0", alias["node:7"], "2023-11-15 01:14:20", "due"],
+        ["3", "te", "1", alias["sim:3"], "2023-11-15 01:15:20", "due"]]
+
+
+def test_status_text_without_recorded_lanes_counts_holders_only(hub):
+    hold_te_on_two_lanes(hub)
+
+    out = invoke(hub, "status").output
+
+    assert as_json(hub, "status")["lanes"] == "unknown"
+    assert "lanes      unknown (relay settings not recorded): holders are counted only" in out.splitlines()
+    assert [row[3] for row in table(hub, "Adapters", "status")] == ["held", "0 holders", "2 holders"]
+
+
+def test_leases_text_has_a_lane_column(hub):
+    hold_te_on_two_lanes(hub)
+    alias = pseudonyms(hub)
+
+    active = table(hub, "Active leases", "leases")
+    everything = table(hub, "Leases", "leases", "--all")
+
+    assert [row[:4] for row in active] == [["token", "adapter", "lane", "holder"], ["2", "te", "0", alias["node:7"]],
+                                           ["3", "te", "1", alias["sim:3"]]]
+    assert [row[:5] for row in everything] == [
+        ["token", "adapter", "lane", "holder", "state"], ["1", "hi", "0", alias["sim:3"], "released"],
+        ["2", "te", "0", alias["node:7"], "active"], ["3", "te", "1", alias["sim:3"], "active"]]
 
 
 def test_checkpoints_json(hub):

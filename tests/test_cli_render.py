@@ -14,7 +14,8 @@ from test_cli import T0
 from test_cli_lineage import lineage_hub  # noqa: F401 - the fixture
 
 from fedem_flwr.cli import cli, render
-from fedem_flwr.cli.render import Col, Listing, squeeze
+from fedem_flwr.cli.render import Col, Listing, held, holders, squeeze
+from fedem_flwr.hub.records import Lease
 from fedem_flwr.hub.registry import Registry
 
 report = importlib.import_module("fedem_flwr.cli.report")  # the package's `report` is the click command
@@ -75,6 +76,15 @@ def test_a_listing_leaves_out_its_least_useful_columns_and_says_which():
     assert text.splitlines()[4].startswith("       │ 07:12:10   │         │")
 
 
+def test_holders_name_their_lanes_and_are_counted_against_the_lanes():
+    rows = [{"lane": 0, "holder": "c-e40f8bdc8c88", "token": 7}, {"lane": 2, "holder": "c-0a1b2c3d4e5f", "token": 9}]
+
+    assert holders(rows) == "c-e40f8bdc8c88 (lane 0), c-0a1b2c3d4e5f (lane 2)"
+    assert holders([]) is None  # printed as "-"
+    assert (held(2, 3), held(0, 1), held(2, "unknown"), held(1, "unknown")) == ("2/3 lanes", "0/1 lanes", "2 holders",
+                                                                                "1 holder")
+
+
 def test_cell_text_is_not_rich_markup():
     text = shown(Listing("t", [Col("reason", True)], [("missing [bold]lora_A[/bold] in [red]",)], "none"))
     assert "missing [bold]lora_A[/bold] in [red]" in text
@@ -83,10 +93,13 @@ def test_cell_text_is_not_rich_markup():
 @pytest.mark.parametrize("args", [("status",), ("adapters",), ("adapters", "hi"), ("leases",), ("leases", "--all"),
                                   ("checkpoints",), ("contributions",), ("status", "--reveal")])
 def test_every_command_fits_80_columns(lineage_hub, args):  # noqa: F811
-    # Prepare: the lineage hub's folders are long temporary paths; a reason long enough to wrap
+    # Prepare: the lineage hub's folders are long temporary paths; a reason long enough to wrap; te held on
+    # a second of 3 lanes by a long identity
     with Registry.open(lineage_hub) as registry:
         registry.add_contribution(registry.pseudonym("sim:3"), "hi", None, T0 + 1300, "d4", {"ok": True},
                                   {"heldout": {"hi": 3.25}}, "rejected", REASON)
+        registry.save_lease(Lease(4, "te", "pk:" + "0badc0de" * 8, 2, 1, T0 + 1300, T0 + 12100, lane=1))
+        registry.put_setting("relay", {"lanes": 3}, T0)
 
     # Execute
     result = CliRunner().invoke(cli, ["--hub", str(lineage_hub), *args], env={"COLUMNS": "80"},
@@ -106,11 +119,12 @@ def test_a_busy_hub_fits_80_columns():
     identity = "pk:" + "0badc0de" * 8
     when = "2026-12-07T07:12:10+00:00"
     adapters = [{"name": "hindi-news", "version": 412, "base_version": 13, "languages": list(LANGUAGES[:6]),
-                 "task": "causal-lm", "holder": identity, "path": f"{FOLDER}/adapter-hindi-news/v412"}]
+                 "task": "causal-lm", "path": f"{FOLDER}/adapter-hindi-news/v412",
+                 "holders": [{"lane": lane, "holder": identity, "token": 104217 + lane} for lane in range(3)]}]
     versions = [{"version": 412, "kind": "rebase", "parent_version": 411, "base_version": 13, "created": when,
                  "digest": "8d33888326b8" * 5, "path": f"{FOLDER}/adapter-hindi-news/v412"}]
-    leases = [{"token": 104217, "adapter": "hindi-news", "holder": identity, "state": "expired", "issued": when,
-               "deadline": when, "ended": when, "outcome": "expired"}]
+    leases = [{"token": 104217, "adapter": "hindi-news", "lane": 11, "holder": identity, "state": "expired",
+               "issued": when, "deadline": when, "ended": when, "outcome": "expired"}]
     contributions = [{"id": 123456, "received": when, "adapter": "hindi-news", "contributor": "c-e40f8bdc8c88",
                       "lease_token": 104217, "decision": "accepted", "adapter_version": 412, "reason": REASON}]
     bases = [{"version": v, "parent": v - 1 or None, "source": "merge", "created": when, "path": f"{FOLDER}/base/v{v}",

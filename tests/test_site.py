@@ -14,6 +14,7 @@ from test_cli import T0, invoke, pseudonyms
 from test_cli_lineage import lineage_hub  # noqa: F401 - the fixture
 
 from fedem_flwr.cli import cli
+from fedem_flwr.hub.records import Lease
 from fedem_flwr.hub.registry import Registry
 from fedem_flwr.site import render
 from fedem_flwr.site.build import build_site
@@ -60,7 +61,9 @@ def test_site_data_totals_and_contributors_match_the_registry(hub):
     assert (sim5["contributions"], sim5["accepted"], sim5["tokens"], sim5["absorbed_by"]) == (2, 1, 1000.0, [])
     assert (pk["accepted"], pk["acceptance"]) == (0, 0.0)
     te = {a["name"]: a for a in site["overview"]["adapters"]}["te"]
-    assert (te["holder"], te["left_s"]) == (alias["node:7"], 10860 - 1500)
+    assert te["holders"] == [{"lane": 0, "holder": alias["node:7"], "token": 2, "deadline": "2023-11-15T01:14:20+00:00",
+                              "left_s": 10860 - 1500}]
+    assert site["overview"]["lanes"] == "unknown"
     assert [b["version"] for b in site["overview"]["bases"]] == [0, 1, 2]
     assert "path" not in site["overview"]["bases"][0]
     assert site["progress"]["bases"] == {"hi": [(1, 4.0), (2, 3.9)], "te": [(1, 4.5), (2, 4.4)]}
@@ -108,8 +111,8 @@ def test_the_site_shows_the_registry_and_never_an_identity(hub, tmp_path):
     assert stat(index, "contributions") == str(len(contributions)) == str(data["contributions"])
     assert (stat(index, "accepted"), stat(index, "rejected")) == (str(counts["accepted"]), str(counts["rejected"]))
     assert stat(index, "contributors") == "3" and stat(index, "tokens") == "5,096"
-    # te's holder has contributed nothing yet: named, with no page to link to
-    assert f"<td>{alias['node:7']}</td>" in index and f"{alias['node:7']}.html" not in index
+    # te's holder has contributed nothing yet: named, with its lane, with no page to link to
+    assert f"<td>{alias['node:7']} (lane 0)</td>" in index and f"{alias['node:7']}.html" not in index
     # every file of the site: no identity, no folder of the hub's machine, nothing unescaped
     text = "\n".join(p.read_text() for p in out.rglob("*") if p.is_file())
     assert identities and not [i for i in identities.values() if i in text]
@@ -128,6 +131,40 @@ def test_the_site_shows_the_registry_and_never_an_identity(hub, tmp_path):
     assert "no gain on hi &lt;script&gt;alert(1)&lt;/script&gt;" in page and "hi 3.250, te 4.500" in page
     assert sorted(p.name for p in (out / "contributors").iterdir()) == sorted({f"{c.pseudonym}.html"
                                                                                for c in contributions})
+
+
+def test_the_overview_shows_every_holder_of_an_adapter_with_its_lane(hub, tmp_path):
+    # Prepare: te held on lane 0 (node:7, token 2) and lane 1 (sim:3, token 4); the hub recorded 3 lanes
+    with Registry.open(hub) as registry:
+        registry.save_lease(Lease(4, "te", "sim:3", 2, 1, T0 + 1300, T0 + 12100, lane=1))
+        registry.put_setting("relay", {"lanes": 3}, T0)
+    alias = pseudonyms(hub)
+
+    # Execute
+    with read(hub) as registry:
+        site = site_data(registry, NOW)
+        build_site(registry, tmp_path / "site", NOW)
+        identities = registry.identities()
+    index = (tmp_path / "site" / "index.html").read_text()
+
+    # Assert: both holders, lane order, each with its own time left; counted against the 3 lanes
+    adapters = {a["name"]: a for a in site["overview"]["adapters"]}
+    assert site["overview"]["lanes"] == 3 and adapters["hi"]["holders"] == []
+    assert adapters["te"]["holders"] == [
+        {"lane": 0, "holder": alias["node:7"], "token": 2, "deadline": "2023-11-15T01:14:20+00:00",
+         "left_s": 10860 - 1500},
+        {"lane": 1, "holder": alias["sim:3"], "token": 4, "deadline": "2023-11-15T01:35:00+00:00",
+         "left_s": 12100 - 1500}]
+    te = index[index.index("<td>te</td>"):]
+    te = te[:te.index("</tr>")]
+    sim3 = f'<a href="contributors/{alias["sim:3"]}.html">{alias["sim:3"]}</a>'  # sim:3 has contributed: linked
+    assert f"<td>2/3 lanes</td>\n<td>{alias['node:7']} (lane 0)<br>{sim3} (lane 1)</td>" in te
+    assert ('<td><time datetime="2023-11-15T01:14:20+00:00" data-deadline="2023-11-15T01:14:20+00:00">2h36m</time><br>'
+            '<time datetime="2023-11-15T01:35:00+00:00" data-deadline="2023-11-15T01:35:00+00:00">2h56m</time></td>'
+            in te)
+    assert "<td>0/3 lanes</td>\n<td>-</td>\n<td>-</td>" in index
+    assert "Up to 3 nodes may hold one adapter at once, each on a lane of its own." in index
+    assert not [i for i in identities.values() if i in index]
 
 
 def test_a_hub_with_no_contribution_yet_has_a_site(fresh_db, tmp_path):

@@ -90,7 +90,8 @@ def cli(ctx: click.Context, hub: Optional[Path]) -> None:
 @reveal_option
 @pass_hub
 def status(hub: HubContext, as_json: bool, reveal: bool) -> None:
-    """The hub at a glance: base checkpoint, adapters and holders, active leases, recent decisions.
+    """The hub at a glance: base checkpoint, adapters and their holders (one a lane, up to `relay.lanes`),
+    active leases, recent decisions.
 
     Example: fedem status --json
     """
@@ -128,7 +129,7 @@ def adapters(hub: HubContext, name: Optional[str], as_json: bool, reveal: bool) 
 @reveal_option
 @pass_hub
 def leases(hub: HubContext, everything: bool, as_json: bool, reveal: bool) -> None:
-    """Active leases with their time left (--all: every lease ever issued, ended ones too).
+    """Active leases with their lane and time left (--all: every lease ever issued, ended ones too).
 
     Example: fedem leases --all --json
     """

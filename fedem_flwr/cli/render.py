@@ -158,6 +158,18 @@ def short(reason: Optional[str], width: int = 160) -> Optional[str]:
     return reason[: width - 1] + "…"
 
 
+def holders(rows: list[dict[str, Any]]) -> Optional[str]:
+    """``c-e40f8bdc8c88 (lane 0), c-0a1b2c3d4e5f (lane 1)``: an adapter's holders, or None when it has none."""
+    return ", ".join(f"{h['holder']} (lane {h['lane']})" for h in rows) or None
+
+
+def held(count: int, lanes: Any) -> str:
+    """``2/3 lanes`` held of the hub's ``relay.lanes``; ``2 holders`` when the hub has not recorded them."""
+    if not isinstance(lanes, int) or isinstance(lanes, bool):
+        return f"{count} holder{'' if count == 1 else 's'}"
+    return f"{count}/{lanes} lanes"
+
+
 def status(view: dict[str, Any], now: float) -> list[Any]:
     base = view["base"]
     writer = view["writer"]
@@ -169,14 +181,17 @@ def status(view: dict[str, Any], now: float) -> list[Any]:
         "base       " + (f"v{base['version']} ({base['source']}, {utc(base['created'])} UTC)  "
                          f"{base['path'] or 'MISSING (run fedem verify)'}" if base else "no checkpoint yet"),
         f"decisions  {counts['accepted']} accepted, {counts['rejected']} rejected",
+        "lanes      " + (f"{view['lanes']} per adapter (relay.lanes)" if isinstance(view["lanes"], int)
+                         else "unknown (relay settings not recorded): holders are counted only"),
         *lineage(view["lineage"], now),
         "",
     ]
-    adapters = Listing("Adapters", (ADAPTER, fixed("version"), free("languages", 9), who("holder")),
-                       [(a["name"], a["version"], ",".join(a["languages"]), a["holder"]) for a in view["adapters"]],
-                       "no adapters yet")
-    leases = Listing("Active leases (UTC)", (fixed("token"), ADAPTER, who("holder"), stamp("deadline"), fixed("left")),
-                     [(lease["token"], lease["adapter"], lease["holder"], utc(lease["deadline"]),
+    adapters = Listing("Adapters", (ADAPTER, fixed("version"), free("languages", 9), fixed("held"), who("holders")),
+                       [(a["name"], a["version"], ",".join(a["languages"]), held(len(a["holders"]), view["lanes"]),
+                         holders(a["holders"])) for a in view["adapters"]], "no adapters yet")
+    leases = Listing("Active leases (UTC)", (fixed("token"), ADAPTER, fixed("lane"), who("holder"), stamp("deadline"),
+                                             fixed("left")),
+                     [(lease["token"], lease["adapter"], lease["lane"], lease["holder"], utc(lease["deadline"]),
                        time_left(lease["deadline"], now)) for lease in view["leases"]], "no active lease")
     recent = Listing("Recent contributions (UTC)", (fixed("id"), stamp("received"), ADAPTER, who("contributor"),
                                                     fixed("decision"), free("reason")),
@@ -224,9 +239,9 @@ def heldout_summary(metrics: dict[str, Any]) -> Optional[str]:
 
 def adapters(rows: list[dict[str, Any]]) -> Listing:
     return Listing("Adapters", (ADAPTER, fixed("version"), fixed("base"), free("languages", 9), fixed("task", drop=1),
-                                who("holder"), free("path")),
-                   [(r["name"], r["version"], r["base_version"], ",".join(r["languages"]), r["task"], r["holder"],
-                     r["path"]) for r in rows], "no adapters yet")
+                                who("holders"), free("path")),
+                   [(r["name"], r["version"], r["base_version"], ",".join(r["languages"]), r["task"],
+                     holders(r["holders"]), r["path"]) for r in rows], "no adapters yet")
 
 
 def versions(adapter: str, rows: list[dict[str, Any]]) -> Listing:
@@ -238,13 +253,13 @@ def versions(adapter: str, rows: list[dict[str, Any]]) -> Listing:
 
 def leases(rows: list[dict[str, Any]], now: float, everything: bool) -> Listing:
     if everything:
-        return Listing("Leases (UTC)", (fixed("token"), ADAPTER, who("holder"), fixed("state"), stamp("issued", drop=1),
-                                        stamp("ended"), free("outcome", 8)),
-                       [(r["token"], r["adapter"], r["holder"], r["state"], utc(r["issued"]), utc(r["ended"]),
-                         r["outcome"]) for r in rows], "no lease issued yet")
-    return Listing("Active leases (UTC)", (fixed("token"), ADAPTER, who("holder"), stamp("issued"), stamp("deadline"),
-                                           fixed("left")),
-                   [(r["token"], r["adapter"], r["holder"], utc(r["issued"]), utc(r["deadline"]),
+        return Listing("Leases (UTC)", (fixed("token"), ADAPTER, fixed("lane"), who("holder"), fixed("state"),
+                                        stamp("issued", drop=1), stamp("ended"), free("outcome", 8)),
+                       [(r["token"], r["adapter"], r["lane"], r["holder"], r["state"], utc(r["issued"]),
+                         utc(r["ended"]), r["outcome"]) for r in rows], "no lease issued yet")
+    return Listing("Active leases (UTC)", (fixed("token"), ADAPTER, fixed("lane"), who("holder"), stamp("issued"),
+                                           stamp("deadline"), fixed("left")),
+                   [(r["token"], r["adapter"], r["lane"], r["holder"], utc(r["issued"]), utc(r["deadline"]),
                      time_left(r["deadline"], now)) for r in rows], "no active lease")
 
 

@@ -165,10 +165,30 @@ def version_view(v: AdapterVersion, store: StoreView) -> dict[str, Any]:
 
 
 def lease_view(lease: Lease, names: Names) -> dict[str, Any]:
-    return {"token": lease.token, "adapter": lease.adapter, "holder": names.holder(lease.holder),
+    return {"token": lease.token, "adapter": lease.adapter, "lane": lease.lane, "holder": names.holder(lease.holder),
             "state": lease.state, "issued": iso(lease.issued), "deadline": iso(lease.deadline),
             "ended": iso(lease.ended), "outcome": lease.outcome, "base_version": lease.base_version,
             "adapter_version": lease.adapter_version}
+
+
+def active_leases(registry: Registry) -> dict[str, list[Lease]]:
+    """adapter -> its active leases in lane order: one per holder, up to ``relay.lanes`` of them."""
+    held: dict[str, list[Lease]] = {}
+    for lease in sorted(registry.leases(active_only=True), key=lambda row: (row.adapter, row.lane)):
+        held.setdefault(lease.adapter, []).append(lease)
+    return held
+
+
+def holder_view(lease: Lease, names: Names) -> dict[str, Any]:
+    """One holder of an adapter: its lane, who (a pseudonym unless revealed) and its lease's token."""
+    return {"lane": lease.lane, "holder": names.holder(lease.holder), "token": lease.token}
+
+
+def lanes_view(registry: Registry) -> Any:
+    """How many holders an adapter may have at once (``relay.lanes``), from the hub's recorded `relay`
+    setting; ``unknown`` when the hub has not recorded it."""
+    relay = registry.setting("relay") or {}
+    return relay.get("lanes", UNKNOWN)
 
 
 def contribution_view(c: Contribution, names: Names) -> dict[str, Any]:
@@ -182,9 +202,9 @@ def contribution_view(c: Contribution, names: Names) -> dict[str, Any]:
 def adapters_view(registry: Registry, store: StoreView, names: Names) -> list[dict[str, Any]]:
     """``fedem adapters --json``; ``tokens`` are those trained into each adapter by its judged pushes and
     ``token_share`` their ratio to the mean over adapters (1.0: its equal share, what ``relay.policy=fair``
-    aims at)."""
+    aims at). ``holders`` are those of its active leases, one per lane (``holder_view``)."""
     latest = registry.latest_adapter_versions()
-    holders = {lease.adapter: lease.holder for lease in registry.leases(active_only=True)}
+    held = active_leases(registry)
     tokens = registry.tokens_by_adapter()
     mean = sum(tokens.values()) / len(tokens) if tokens else 0.0
     rows = []
@@ -193,7 +213,8 @@ def adapters_view(registry: Registry, store: StoreView, names: Names) -> list[di
         trained = tokens.get(a.name, 0)
         rows.append({"name": a.name, "version": v.version if v else None,
                      "path": store.path(v.repo, v.revision) if v else None,
-                     "holder": names.holder(holders.get(a.name)), "languages": a.languages, "task": a.task,
+                     "holders": [holder_view(lease, names) for lease in held.get(a.name, [])],
+                     "languages": a.languages, "task": a.task,
                      "base_version": v.base_version if v else None, "lora_spec": a.lora_spec,
                      "created": iso(a.created), "tokens": trained,
                      "token_share": round(trained / mean, 3) if mean > 0 else 1.0})
@@ -201,8 +222,9 @@ def adapters_view(registry: Registry, store: StoreView, names: Names) -> list[di
 
 
 def status_view(registry: Registry, hub: Path, store: StoreView, names: Names) -> dict[str, Any]:
-    """``fedem status --json``: base, adapters, active leases, contribution counts, the lineage (merges,
-    CPT, what is due next), recent decisions."""
+    """``fedem status --json``: base, the lanes per adapter (``relay.lanes``, ``unknown`` when not recorded),
+    adapters with their holders, active leases, contribution counts, the lineage (merges, CPT, what is due
+    next), recent decisions."""
     with registry.snapshot():
         base = registry.latest_checkpoint()
         writer = read_lock_holder(hub)
@@ -211,10 +233,12 @@ def status_view(registry: Registry, hub: Path, store: StoreView, names: Names) -
             "writer": None if writer is None else {**writer, "since": iso(writer.get("since"))},
             "base": None if base is None else {"version": base.version, "path": store.path(base.repo, base.revision),
                                                "source": base.source, "created": iso(base.created)},
-            "adapters": [{k: row[k] for k in ("name", "version", "path", "holder", "languages")}
+            "lanes": lanes_view(registry),
+            "adapters": [{k: row[k] for k in ("name", "version", "path", "holders", "languages")}
                          for row in adapters_view(registry, store, names)],
-            "leases": [{"adapter": lease.adapter, "holder": names.holder(lease.holder), "token": lease.token,
-                        "deadline": iso(lease.deadline)} for lease in registry.leases(active_only=True)],
+            "leases": [{"adapter": lease.adapter, "lane": lease.lane, "holder": names.holder(lease.holder),
+                        "token": lease.token, "deadline": iso(lease.deadline)}
+                       for lease in registry.leases(active_only=True)],
             "contributions": registry.contribution_counts(),
             "lineage": lineage_view(registry, hub),
             "recent": [{k: row[k] for k in ("id", "adapter", "contributor", "decision", "reason", "received")}

@@ -130,6 +130,7 @@ class BaseKeeper:
         # What `fedem status` shows as "next merge / next CPT checkpoint".
         hub.registry.put_setting("merge", asdict(self.cfg.merge), updated=clock())
         hub.registry.put_setting("cpt", asdict(self.cfg.cpt), updated=clock())
+        hub.registry.put_setting("relay", asdict(self.cfg.relay), updated=clock())  # lanes, for `fedem status`
 
     # -- the relay loop's hook ------------------------------------------------------------------------
 

@@ -12,7 +12,16 @@ from collections.abc import Iterable, Sequence
 from typing import Any, Optional
 
 from fedem_flwr.hub.registry import Registry
-from fedem_flwr.hub.views import Names, adapters_view, checkpoints_view, contribution_view, iso
+from fedem_flwr.hub.views import (
+    Names,
+    active_leases,
+    adapters_view,
+    checkpoints_view,
+    contribution_view,
+    holder_view,
+    iso,
+    lanes_view,
+)
 
 PAGE_ROWS = 1000  # ledger rows per data file the ledger page loads
 SHOWN_ROWS = 100  # ledger rows the page shows at a time
@@ -111,18 +120,20 @@ def thin(points: Sequence[Any], most: int = CHART_POINTS) -> list[Any]:
 
 
 def overview(registry: Registry, names: Names, rows: Sequence[Sequence[Any]], now: float) -> dict[str, Any]:
-    """The lineage of base versions, the adapters now (version, holder, lease time left) and the totals."""
+    """The lineage of base versions, the adapters now (version; each holder with its lane and lease time
+    left; ``lanes``: how many holders one adapter may have, ``unknown`` when not recorded) and the totals."""
     bases = [{k: v for k, v in b.items() if k != "path"} for b in checkpoints_view(registry, NoPaths(), names)]
-    deadlines = {lease.adapter: lease.deadline for lease in registry.leases(active_only=True)}
+    held = active_leases(registry)
     adapters = []
     for a in adapters_view(registry, NoPaths(), names):
-        deadline = deadlines.get(a["name"])
+        holders = [{**holder_view(lease, names), "deadline": iso(lease.deadline),
+                    "left_s": max(0.0, lease.deadline - now)} for lease in held.get(a["name"], [])]
         adapters.append({"name": a["name"], "version": a["version"], "languages": a["languages"],
-                         "base_version": a["base_version"], "holder": a["holder"], "deadline": iso(deadline),
-                         "left_s": None if deadline is None else max(0.0, deadline - now)})
+                         "base_version": a["base_version"], "holders": holders})
     refused = [{"source": a.source, "parent": a.parent, "reason": a.reason, "created": iso(a.created)}
                for a in registry.base_attempts()]
-    return {"bases": bases, "adapters": adapters, "refused": refused, "totals": totals(rows)}
+    return {"bases": bases, "lanes": lanes_view(registry), "adapters": adapters, "refused": refused,
+            "totals": totals(rows)}
 
 
 def progress(registry: Registry, bases: Sequence[dict[str, Any]]) -> dict[str, Any]:

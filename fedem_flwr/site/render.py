@@ -56,6 +56,13 @@ def left(seconds: Optional[float]) -> str:
     return "due" if s <= 0 else (f"{s // 3600}h{s % 3600 // 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s")
 
 
+def held(count: int, lanes: Any) -> str:
+    """``2/3 lanes`` held of the hub's ``relay.lanes``; ``2 holders`` when the hub has not recorded them."""
+    if not isinstance(lanes, int) or isinstance(lanes, bool):
+        return f"{count} holder{'' if count == 1 else 's'}"
+    return f"{count}/{lanes} lanes"
+
+
 def slug(pseudonym: str) -> str:
     """A contributor page's file name (pseudonyms are ``c-`` and hex; anything else is made safe)."""
     return anchor(pseudonym) + ".html"
@@ -92,7 +99,7 @@ def chunk_data(index: int, rows: Sequence[Any]) -> str:
 # -- pages ----------------------------------------------------------------------------------------
 ENV = Environment(loader=PackageLoader("fedem_flwr.site", "templates"), autoescape=True, undefined=StrictUndefined,
                   trim_blocks=True, lstrip_blocks=True, keep_trailing_newline=True)
-ENV.filters.update(loss=loss, losses=losses, tokens=tokens, rate=rate, when=when, left=left, slug=slug,
+ENV.filters.update(loss=loss, losses=losses, tokens=tokens, rate=rate, when=when, left=left, held=held, slug=slug,
                    anchor=anchor, version=version, dash=dash, number=number)
 ENV.globals.update(SITE=SITE, NAV=NAV)
 # The ledger's column headings, and which of them sort (the others hold lists or free text).
@@ -119,7 +126,7 @@ def overview_page(site: dict[str, Any]) -> str:
     languages = sorted({lang for b in view["bases"] for lang in (b["metrics"].get("heldout") or {})})
     return page("overview.html", "Overview", "index.html", site["built"], totals=view["totals"],
                 bases=view["bases"], languages=languages, refused=view["refused"], adapters=view["adapters"],
-                contributors=site["contributors"])
+                lanes=view["lanes"], contributors=site["contributors"])
 
 
 def progress_page(site: dict[str, Any]) -> str:
