@@ -316,3 +316,39 @@ def test_acquire_same_adapter_same_node_after_deadline(book):
     old = take(book, "hi", "node:1")
     new = take(book, "hi", "node:1", now=T0 + TTL)
     assert book.get(old.token).state == "expired" and book.active() == [new]
+
+
+# -- lanes ---------------------------------------------------------------------------------------------
+def test_lanes_fill_lowest_first_and_fence_per_lane():
+    # Prepare: two lanes of hi, each held
+    book = LeaseBook(lanes=2)
+    first, second = take(book, holder="node:1"), take(book, holder="node:2")
+    assert (first.lane, second.lane) == (0, 1) and book.leases_of("hi") == [first, second]
+    with pytest.raises(AdapterBusy, match=r"all its 2 lanes leased \(lane 0: 'node:1' \(token 1\), lane 1: 'node:2'"):
+        take(book, holder="node:3")
+    with pytest.raises(NodeBusy):  # no node holds two lanes
+        take(book, adapter="te", holder="node:1")
+
+    # Execute: lane 0 expires and is leased again; lane 1's holder pushes in time
+    book.sweep(T0 + TTL)
+    again = take(book, holder="node:3", now=T0 + TTL)
+    with pytest.raises(LeaseExpired):  # lane 1's deadline passed too: it expired at the sweep
+        book.check_push(second.token, T0 + TTL)
+
+    # Assert: fencing is per lane
+    assert again.lane == 0 and book.holder_of("hi", 0) == "node:3" and book.holder_of("hi", 1) is None
+
+
+def test_a_stale_token_is_superseded_only_by_its_own_lane():
+    book = LeaseBook(lanes=2)
+    zero, one = take(book, holder="node:1"), take(book, holder="node:2")
+    book.expire(zero.token, T0 + 1)
+    book.expire(one.token, T0 + 1)
+    newer = take(book, holder="node:3", now=T0 + 2)  # lane 0 again
+
+    with pytest.raises(Superseded, match=f"token {zero.token} of adapter 'hi' lane 0 was replaced by token {newer.token}"):
+        book.check_push(zero.token, T0 + 3)
+    with pytest.raises(LeaseExpired):  # lane 1 was not leased again: its token simply expired
+        book.check_push(one.token, T0 + 3)
+    with pytest.raises(LeaseError, match="`lanes` is 0"):
+        LeaseBook(lanes=0)

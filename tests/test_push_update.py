@@ -71,9 +71,10 @@ class DeltaWorkbench:
         save_file({k: v.contiguous() for k, v in state.items()}, str(folder / "adapter_model.safetensors"))
 
 
-def _hub(tmp_path, start, target, current=None):
+def _hub(tmp_path, start, target, current=None, lanes=1, staleness_power=0.0):
     """Adapter ``hi`` (LoRA r 2, alpha 4) at v0 = ``start``, leased to a node from v0; with ``current``, a
-    merge then rebased it: v1 = ``current``, a residual ``rebase`` on base v1, while the lease is out."""
+    merge then rebased it: v1 = ``current``, a residual ``rebase`` on base v1, while the lease is out.
+    With ``lanes`` > 1, as many nodes lease it from v0, one per lane (the leases are in ``_hub.leases``)."""
     clock = FakeClock()
     registry = Registry.open(tmp_path / "registry.sqlite")
     store = LocalStore(tmp_path / "store")
@@ -91,9 +92,12 @@ def _hub(tmp_path, start, target, current=None):
                                  {"heldout": workbench.evaluate(start)}, clock())
     coordinator = RelayCoordinator(registry, store, make_policy("language", random.Random(0)), workbench,
                                    lease_ttl_s=TTL, sweep_interval_s=10, clock=clock,
-                                   train=TrainConfig(carry="moments"), optimizer_states=OptimizerStates(tmp_path))
+                                   train=TrainConfig(carry="moments"), optimizer_states=OptimizerStates(tmp_path),
+                                   lanes=lanes, staleness_power=staleness_power)
     coordinator.recover()
-    (assignment,) = coordinator.assign([NodeProfile("sim:0", ("hi",))])
+    assignments = coordinator.assign([NodeProfile(f"sim:{i}", ("hi",)) for i in range(lanes)])
+    _hub.leases = [a.lease for a in assignments]
+    assignment = assignments[0]
     if current is not None:  # what the keeper does at a merge, while the lease is out
         registry.add_checkpoint(0, "merge", base.repo, base.revision, base.digest, {}, clock())
         (tmp_path / "v1").mkdir()
@@ -197,3 +201,95 @@ def test_an_idle_or_broken_push_on_a_rebased_adapter_is_rejected_for_what_it_sen
     (again,) = coordinator.assign([NodeProfile("sim:1", ("hi",))])
     assert again.lease.adapter_version == 1
     assert_consistent(coordinator, registry, store)
+
+
+# -- lanes ---------------------------------------------------------------------------------------------
+def _rebase(tmp_path, registry, store, coordinator, state, parent):
+    """What the keeper does at a merge: a new base and a residual ``rebase`` version of ``hi``."""
+    base = registry.latest_checkpoint()
+    registry.add_checkpoint(base.version, "merge", base.repo, base.revision, base.digest, {}, 0.0)
+    folder = tmp_path / f"rebase-{parent}"
+    folder.mkdir()
+    coordinator.workbench.save(state, folder, base.ref)
+    store_adapter_version(registry, store, folder, adapter="hi", base_version=base.version + 1, parent_version=parent,
+                          kind="rebase", metrics={"heldout": coordinator.workbench.evaluate(state),
+                                                  "rebase": {"mode": "residual"}}, created=0.0)
+    coordinator.refresh_adapter("hi")
+
+
+@pytest.mark.parametrize("merge_between", [False, True], ids=["lanes", "lanes and a merge"])
+def test_a_lane_push_lands_on_another_lanes_accepted_push(tmp_path, merge_between):
+    # Prepare: two lanes lease hi v0. Lane 1 pushes first (nothing moved: kept as sent, v1); lane 0's push
+    # then lands on v1 (or, with a merge between, on its rebase v2) as the change it made from v0.
+    start, first, second = lora_state(1), lora_state(2), lora_state(3)
+    rebased = lora_state(4)
+    onto = rebased if merge_between else first
+    exact = {t: deltas64(onto)[t] + deltas64(second)[t] - deltas64(start)[t] for t in deltas64(start)}
+    coordinator, registry, store, _ = _hub(tmp_path, start, exact, lanes=2)
+    lane0, lane1 = _hub.leases
+    assert (lane0.lane, lane1.lane, lane0.adapter_version, lane1.adapter_version) == (0, 1, 0, 0)
+    assert coordinator.holders() == {"hi": 2}
+    assert not coordinator.assign([NodeProfile("sim:9", ("hi",))])  # both lanes are held
+
+    # Execute
+    kept_first = coordinator.receive_push(lane1.token, first, optimizer_state=_optimizer(first, step=7, seed=1))
+    if merge_between:
+        _rebase(tmp_path, registry, store, coordinator, rebased, parent=1)
+    coordinator.workbench.judged.clear()
+    outcome = coordinator.receive_push(lane0.token, second, optimizer_state=_optimizer(second, step=9, seed=2))
+
+    # Assert: the first push is v1 as sent; the second is onto's delta plus its own change, truncated
+    assert kept_first.accepted and kept_first.version == 1, kept_first.reason
+    onto_version = 2 if merge_between else 1
+    assert outcome.accepted and outcome.version == onto_version + 1, outcome.reason
+    row = registry.latest_adapter_version("hi")
+    stored = read_adapter_state(store.get(row.ref))
+    (judged,) = coordinator.workbench.judged
+    assert all(torch.equal(stored[k], judged[k]) for k in stored)
+    for target, delta in deltas64(stored).items():
+        U, S, Vh = torch.linalg.svd(exact[target], full_matrices=False)
+        torch.testing.assert_close(delta, U[:, :2] @ torch.diag(S[:2]) @ Vh[:2], atol=1e-5, rtol=0, msg=target)
+    assert (row.metrics["update"]["from_version"], row.metrics["update"]["onto_version"]) == (0, onto_version)
+    assert row.parent_version == onto_version
+    # the schedule counts both lanes' steps (7 + 9 from v0's step 0); the moments start at zero; the
+    # warmup starts again only where a merge rebased the adapter
+    kept = load_optimizer_state(optimizer_state_path(tmp_path, "hi", outcome.version))
+    assert (kept.step, kept.warmup_from) == ((16, 16) if merge_between else (16, 0))
+    assert all(int(v.count_nonzero()) == 0 for v in kept.moments.values()) and kept.moments
+    assert coordinator.holders() == {}
+    (again,) = coordinator.assign([NodeProfile("sim:9", ("hi",))])
+    assert (again.lease.lane, again.lease.adapter_version) == (0, outcome.version)
+    assert_consistent(coordinator, registry, store)
+
+
+def test_with_one_lane_nothing_but_the_fedem_rule_changes(tmp_path):
+    # one lane: a second node waits, and the push is kept bit for bit (as without lanes)
+    start, pushed = lora_state(1), lora_state(2)
+    coordinator, registry, store, lease = _hub(tmp_path, start, deltas64(pushed))
+
+    waiting = coordinator.assign([NodeProfile("sim:1", ("hi",))])
+    outcome = coordinator.receive_push(lease.token, pushed)
+
+    assert waiting == [] and lease.lane == 0 and coordinator.lanes == 1
+    assert outcome.accepted and "update" not in registry.latest_adapter_version("hi").metrics
+
+
+def test_a_stale_lane_push_is_weighted_by_its_staleness(tmp_path):
+    # Prepare: two lanes from v0; lane 1's push is accepted first, so lane 0's lands one push stale
+    start, first, second = lora_state(1), lora_state(2), lora_state(3)
+    weighted = {t: deltas64(first)[t] + 0.5 * (deltas64(second)[t] - deltas64(start)[t]) for t in deltas64(start)}
+    coordinator, registry, store, _ = _hub(tmp_path, start, weighted, lanes=2, staleness_power=1.0)
+    lane0, lane1 = _hub.leases
+
+    # Execute
+    coordinator.receive_push(lane1.token, first)
+    outcome = coordinator.receive_push(lane0.token, second)
+
+    # Assert: weight (1 + 1) ** -1 on its change, recorded with the version
+    assert outcome.accepted and outcome.version == 2, outcome.reason
+    update = registry.latest_adapter_version("hi").metrics["update"]
+    assert (update["staleness"], update["weight"]) == (1, 0.5)
+    stored = read_adapter_state(store.get(registry.latest_adapter_version("hi").ref))
+    for target, delta in deltas64(stored).items():
+        U, S, Vh = torch.linalg.svd(weighted[target], full_matrices=False)
+        torch.testing.assert_close(delta, U[:, :2] @ torch.diag(S[:2]) @ Vh[:2], atol=1e-5, rtol=0, msg=target)

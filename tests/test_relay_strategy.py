@@ -46,6 +46,8 @@ def _stub_app(clock: FakeClock) -> ClientApp:
             state["w"] = torch.tensor([float("nan")])
         elif behaviour == "wrong-token":
             instruction = messages.TrainInstruction(**{**instruction.__dict__, "token": instruction.token + 50})
+        elif behaviour == "other-lane":  # the token issued just before its own: another lane's lease
+            instruction = messages.TrainInstruction(**{**instruction.__dict__, "token": instruction.token - 1})
         else:
             state["w"] = state["w"] - 0.25
         return messages.train_reply(message, instruction, adapter_to_arrays(state), {"steps": 1.0})
@@ -54,16 +56,17 @@ def _stub_app(clock: FakeClock) -> ClientApp:
 
 
 def _run(tmp_path, behaviours, max_accepted=None, max_wall_s=60.0, kill_after_lease=None, drain_s=0.0,
-         latency=None):
+         latency=None, lanes=1):
     clock = FakeClock()
-    coordinator, registry, _ = seeded_coordinator(tmp_path, clock)
+    coordinator, registry, _ = seeded_coordinator(tmp_path, clock, lanes=lanes)
     node_configs = {
         10 + i: {"partition-id": i, "languages": lang, "behaviour": behaviour}
         for i, (lang, behaviour) in enumerate(behaviours)
     }
     grid = InProcessGrid(_stub_app(clock), node_configs, {}, clock=clock, latency=latency)
     relay = RelayConfig(lease_ttl_s=100, sweep_interval_s=10, poll_interval_s=1, no_node_grace_s=5,
-                        deadline_margin_s=10, max_accepted=max_accepted, max_wall_s=max_wall_s, drain_s=drain_s)
+                        deadline_margin_s=10, max_accepted=max_accepted, max_wall_s=max_wall_s, drain_s=drain_s,
+                        lanes=lanes)
     strategy = RelayStrategy(coordinator, relay, SPEC, max_steps=1,
                              clock=clock, sleep=clock.sleep)
     if kill_after_lease is not None:
@@ -128,6 +131,34 @@ def test_reply_claiming_another_token_ends_its_own_lease_at_once(tmp_path):
     assert reasons == sorted(f"claim-mismatch: token {lease.token + 50} claimed, lease {lease.token}" for lease in wrong)
     assert registry.latest_adapter_version("hi").version == 0
     assert result.accepted == registry.latest_adapter_version("ta").version > 0
+    assert not registry.leases(active_only=True)
+
+
+def test_hostile_lane_pushes_are_rejected_with_reasons_and_the_honest_lane_relays_on(tmp_path):
+    # Prepare: three lanes of hi; node 10 trains honestly, node 11 answers each lease with the token of
+    # the lease issued just before its own (another lane's), node 12 answers long after its lane ended
+    result, registry = _run(tmp_path, [("hi", "improve"), ("hi", "other-lane"), ("hi", "improve")], max_wall_s=400,
+                            latency={10: 3, 12: 150}, lanes=3)
+
+    # Assert
+    leases = registry.leases()
+    by_holder = {holder: [lease for lease in leases if lease.holder == holder] for holder in ("sim:0", "sim:1", "sim:2")}
+    assert all(lease.adapter == "hi" and 0 <= lease.lane < 3 for lease in leases)
+    # the honest lane relays: every judged push accepted, one version each
+    assert result.accepted == registry.latest_adapter_version("hi").version > 0
+    assert {lease.outcome for lease in by_holder["sim:0"] if lease.state == "released"} == {"accepted"}
+    # another lane's token: refused as a claim the lease does not make, at once, ending only its own lease
+    wrong = by_holder["sim:1"]
+    assert wrong and all(lease.outcome == "claim-mismatch" for lease in wrong)
+    reasons = {c.reason for c in registry.contributions() if c.pseudonym == registry.pseudonym("sim:1")}
+    assert reasons == {f"claim-mismatch: token {lease.token - 1} claimed, lease {lease.token}" for lease in wrong}
+    # a push for a lane that ended: refused by its TTL, never a version
+    late = {lease.outcome for lease in by_holder["sim:2"]}
+    assert late & {"reply-after-ttl", "expired"} and late <= {"reply-after-ttl", "expired", "hub-stopped"}
+    assert not [c for c in registry.contributions() if c.pseudonym == registry.pseudonym("sim:2")]
+    # lanes were held at once: some lease of sim:0 overlaps one of another node, on another lane
+    assert any(a.issued < (b.ended or float("inf")) and b.issued < (a.ended or float("inf")) and a.lane != b.lane
+               for a in by_holder["sim:0"] for b in by_holder["sim:1"] + by_holder["sim:2"])
     assert not registry.leases(active_only=True)
 
 

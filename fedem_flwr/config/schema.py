@@ -325,6 +325,11 @@ class RelayConfig:
         metadata={"help": "How many nodes may hold one adapter at once, each from its latest accepted version; "
                           "a push lands as the change it made, applied to whatever the adapter is by then."},
     )
+    staleness_power: float = field(
+        default=0.0,
+        metadata={"help": "A push that lands on a version s accepted pushes newer than its start is applied with "
+                          "weight (1 + s) ** -staleness_power (FedAsync's polynomial staleness); 0 = in full."},
+    )
     no_node_grace_s: float = 60.0
     poll_interval_s: float = 1.0
     max_accepted: Optional[int] = None
@@ -350,6 +355,10 @@ class RelayConfig:
             _positive("relay", key, getattr(self, key))
         _positive("relay", "no_node_grace_s", self.no_node_grace_s, allow_zero=True)
         _positive("relay", "fair_max_lead", self.fair_max_lead, allow_zero=True)
+        if (isinstance(self.staleness_power, bool) or not isinstance(self.staleness_power, (int, float))
+                or not math.isfinite(self.staleness_power) or self.staleness_power < 0):
+            raise ConfigError(f"`relay.staleness_power` is {self.staleness_power!r}; it must be a number >= 0 "
+                              "(0: a push lands in full however stale).")
         if isinstance(self.lanes, bool) or not isinstance(self.lanes, int) or self.lanes < 1:
             raise ConfigError(f"`relay.lanes` is {self.lanes!r}; it must be a whole number >= 1 (1: one holder "
                               "per adapter, the FedEm rule).")

@@ -390,18 +390,20 @@ def rebase_residual(state: Mapping[str, "torch.Tensor"], change: Mapping[str, "t
 
 
 def update_state(current: Mapping[str, "torch.Tensor"], pushed: Mapping[str, "torch.Tensor"],
-                 start: Mapping[str, "torch.Tensor"], lora_cfg: "LoraConfig") -> Residual:
+                 start: Mapping[str, "torch.Tensor"], lora_cfg: "LoraConfig", weight: float = 1.0) -> Residual:
     """A push applied as an update (DESIGN decision 20): its lease started from ``start``, the adapter is
-    now at ``current``; per target ``current + (pushed - start)`` in weight space (float64, exact),
-    factored back to rank ``r`` like ``pushed`` (``factor_deltas``). The errors say what the truncation
-    lost of that sum. Raises ``MergeError`` when the three states do not hold the same targets.
+    now at ``current``; per target ``current + weight * (pushed - start)`` in weight space (float64,
+    exact), factored back to rank ``r`` like ``pushed`` (``factor_deltas``). The errors say what the
+    truncation lost of that sum. Raises ``MergeError`` when the three states do not hold the same targets.
     """
+    if not (math.isfinite(weight) and weight > 0):
+        raise MergeError(f"the update's `weight` is {weight!r}; it must be a finite number > 0.")
     scale = lora_cfg.alpha / lora_cfg.r
     now, new, old = (_factors(s, lora_cfg) for s in (current, pushed, start))
     if not set(now) == set(new) == set(old):
         raise MergeError(f"the pushed, start and current states hold different targets: {sorted(new)}, "
                          f"{sorted(old)}, {sorted(now)}.")
-    deltas = {t: now[t].delta64(scale) + (new[t].delta64(scale) - old[t].delta64(scale)) for t in sorted(now)}
+    deltas = {t: now[t].delta64(scale) + weight * (new[t].delta64(scale) - old[t].delta64(scale)) for t in sorted(now)}
     return factor_deltas(deltas, pushed, lora_cfg)
 
 

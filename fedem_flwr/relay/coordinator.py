@@ -19,8 +19,10 @@ records why.
 A push lands as an update (DESIGN decision 20): when the adapter's current version is no longer the one
 its lease started from (another lane's push was accepted, or a merge rebased the adapter while the push
 was out), the push is judged and kept as the change it made, added to the current version in weight
-space and factored back to the adapter's rank (``lineage.merge.update_state``); the contribution and the
-version record the truncation (``update``). When nothing moved the push is kept bit for bit.
+space and factored back to the adapter's rank (``lineage.merge.update_state``), weighted by ``(1 + s) ** -relay.staleness_power``
+where s counts the pushes accepted since its lease began (FedAsync's polynomial staleness; 0 applies
+it in full); the contribution and the version record the truncation, staleness and weight
+(``update``). When nothing moved the push is kept bit for bit.
 
 Lanes (``relay.lanes`` = k): up to k nodes hold one adapter at once, each on its own fenced lease from
 the adapter's latest accepted version (``relay.leases``). The pool offers an adapter while it has a free
@@ -137,6 +139,7 @@ class RelayCoordinator:
         optimizer_states: Optional[OptimizerStates] = None,
         max_push_tokens: Optional[int] = None,
         lanes: int = 1,
+        staleness_power: float = 0.0,
     ) -> None:
         self._registry = registry
         self._store = store
@@ -150,6 +153,7 @@ class RelayCoordinator:
             raise ConfigError(f"`train.carry` is {self._train.carry!r}: the coordinator needs `optimizer_states` "
                               "(the hub's folder of them) to keep each version's state in")
         self._optimizer_states = optimizer_states
+        self.staleness_power = staleness_power
         self._book = LeaseBook(registry.leases(active_only=True), next_token=registry.max_lease_token() + 1,
                                lookup=registry.lease, latest=registry.latest_lease_tokens(), lanes=lanes)
         self.schedule = SweepSchedule(sweep_interval_s)
@@ -528,14 +532,20 @@ class RelayCoordinator:
         if "r" not in spec or "alpha" not in spec:
             raise ConfigError(f"adapter {lease.adapter!r} records no LoRA `r` and `alpha` (`lora_spec` is {spec}): "
                               "a push on a moved version cannot be factored back to its rank")
+        # staleness: pushes accepted since the lease began (rebases are not steps of the adapter)
+        stale = sum(row.kind == "push" for row in self._registry.adapter_versions(lease.adapter)
+                    if lease.adapter_version < row.version <= parent.version)
+        weight = (1.0 + stale) ** -self.staleness_power
         try:  # only the rank and alpha enter the arithmetic
-            converted = update_state(current, pushed, start, LoraConfig(r=int(spec["r"]), alpha=spec["alpha"]))
+            converted = update_state(current, pushed, start, LoraConfig(r=int(spec["r"]), alpha=spec["alpha"]),
+                                     weight=weight)
         except MergeError as err:
             return pushed, None, f"invalid-update: {err}"
-        record = {"from_version": lease.adapter_version, "onto_version": parent.version,
-                  **converted.record()}
-        log.info("Push for %r (lease %d) started from v%d; applied to v%d as an update (truncation %.3g)",
-                 lease.adapter, lease.token, lease.adapter_version, parent.version, converted.relative)
+        record = {"from_version": lease.adapter_version, "onto_version": parent.version, "staleness": stale,
+                  "weight": weight, **converted.record()}
+        log.info("Push for %r (lease %d) started from v%d; applied to v%d as an update (staleness %d, weight %.3g, "
+                 "truncation %.3g)", lease.adapter, lease.token, lease.adapter_version, parent.version, stale, weight,
+                 converted.relative)
         return converted.state, record, ""
 
     def _parent_losses(self, parent: Any, base_version: int, parent_state: Mapping[str, Any],

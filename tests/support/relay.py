@@ -48,11 +48,11 @@ class ScriptedWorkbench:
 
 def seeded_coordinator(tmp_path: Path, clock: FakeClock, policy: str = "language", loss: float = 4.0,
                        extra: Optional[Mapping[str, torch.Tensor]] = None, store=None, workbench=None,
-                       gate: Optional[GateConfig] = None):
+                       gate: Optional[GateConfig] = None, lanes: int = 1):
     """A hub with base v0 and adapters ``hi`` and ``ta`` at v0 (held-out loss ``loss``); ``extra``
     tensors (e.g. a LoRA pair) are stored in every v0 beside ``w``. ``store`` defaults to a
     ``LocalStore`` under ``tmp_path``; the coordinator judges with ``workbench`` (default: the scripted
-    one that seeded the hub) under ``gate``."""
+    one that seeded the hub) under ``gate``, with ``lanes`` holders per adapter at most."""
     registry = Registry.open(tmp_path / "registry.sqlite")
     store = store if store is not None else LocalStore(tmp_path / "store")
     seeding = ScriptedWorkbench()
@@ -71,7 +71,7 @@ def seeded_coordinator(tmp_path: Path, clock: FakeClock, policy: str = "language
                                      {"heldout": seeding.evaluate({"w": torch.tensor([loss])})}, clock())
     coordinator = RelayCoordinator(
         registry, store, make_policy(policy, random.Random(0)), workbench if workbench is not None else seeding,
-        lease_ttl_s=TTL, sweep_interval_s=10, gate=gate, clock=clock,
+        lease_ttl_s=TTL, sweep_interval_s=10, gate=gate, clock=clock, lanes=lanes,
     )
     return coordinator, registry, store
 
