@@ -9,14 +9,17 @@ study's test split when the cells kept one (``data.test_fraction``), else on the
 report says which. It gives, per group:
 
 - the final mean loss, the base alone at the end (the relay's last base; v0 for the others), tokens
-  trained and wasted, MB moved, accepted and rejected work, merge attempts and publications,
-  simulated hours, and the simulated hours to a mean loss of ``target`` (3.5: the first trace row
-  at or below it; seeds that never get there are counted apart);
+  trained and wasted, MB moved, accepted and rejected work, lease utilisation (useful lease time over
+  contributor online time), the ceiling the relay's lanes allow it and the utilisation's share of
+  that ceiling (``simulation.utilisation``), merge attempts and publications, simulated hours, and
+  the simulated hours to a mean loss of ``target`` (3.5: the first trace row at or below it; seeds
+  that never get there are counted apart);
 - the final loss per language, and its paired difference from a ``reference`` group (the same
   seed's cell of that group: e.g. relay minus FedAvg per language);
 - each adapter's share of the tokens, and per merge the absorbed languages' loss just after minus
   just before (``merge_jumps.png`` draws each of them);
-- plots of the mean loss against tokens and simulated time, and the relay's lease utilisation.
+- plots of the mean loss against tokens and simulated time, and of the lease utilisation so far
+  against simulated time, each group's ceiling dashed.
 """
 
 from __future__ import annotations
@@ -25,7 +28,7 @@ import csv
 import json
 import math
 import statistics
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Optional
 
@@ -43,7 +46,9 @@ DEFAULT_REFERENCE = "fedavg-language"  # the group paired differences are taken 
 # (column, heading, digits) of the main table; {split} and {target} are filled in
 METRICS = (("loss_mean", "{split} loss (mean)", 3), ("base_loss_mean", "base alone (mean)", 3),
            ("tokens", "tokens trained", 0), ("tokens_wasted", "tokens wasted", 0), ("bytes_moved", "MB moved", 1),
-           ("accepted", "accepted", 1), ("rejected", "rejected", 1), ("merge_attempts", "merge attempts", 1),
+           ("accepted", "accepted", 1), ("rejected", "rejected", 1), ("lease_utilisation", "lease utilisation", 3),
+           ("utilisation_ceiling", "utilisation ceiling", 3), ("utilisation_of_ceiling", "utilisation / ceiling", 2),
+           ("merge_attempts", "merge attempts", 1),
            ("merge_published", "merges published", 1), ("sim_seconds", "simulated h", 2),
            ("time_to_target", "h to {split} loss {target}", 2), ("wall_seconds", "wall s", 0))
 SCALE = {"bytes_moved": 1e-6, "sim_seconds": 1 / 3600, "time_to_target": 1 / 3600}
@@ -319,6 +324,29 @@ def curves(out: Path, members: Sequence[Mapping[str, str]], x: str, y: str,
     return found
 
 
+def utilisation_curves(out: Path, members: Sequence[Mapping[str, str]]) -> list[Curve]:
+    """Each member's lease utilisation so far against simulated time: useful lease seconds over
+    online seconds up to each trace row. A trace written before those were measured gives its rows'
+    sampled leases held over nodes listed instead (``sampled_utilisation``)."""
+    found = []
+    for member in members:
+        trace = trace_of(out, member)
+        measured = any(math.isfinite(row.get("lease_s", math.nan)) for row in trace)
+        y, of = ("lease_s", "online_s") if measured else ("leases_active", "online")
+        points = sorted((row["sim_s"], row[y] / row[of]) for row in trace
+                        if math.isfinite(row["sim_s"]) and math.isfinite(row.get(y, math.nan))
+                        and math.isfinite(row.get(of, math.nan)) and row[of] > 0)
+        if points:
+            found.append(([p[0] for p in points], [p[1] for p in points]))
+    return found
+
+
+def sampled_utilisation(out: Path, members: Sequence[Mapping[str, str]]) -> bool:
+    """Whether some member's trace predates the measured lease time (its curve is a sample)."""
+    return any(trace and not any(math.isfinite(row.get("lease_s", math.nan)) for row in trace)
+               for trace in (trace_of(out, member) for member in members))
+
+
 def _interp(xs: Sequence[float], ys: Sequence[float], at: float) -> float:
     """Piecewise-linear value at ``at``; nan outside the curve."""
     if at < xs[0] or at > xs[-1]:
@@ -350,19 +378,27 @@ def band(found: Sequence[Curve]) -> Optional[tuple[list[float], list[float], lis
 
 def plot(out: Path, groups: Mapping[str, Sequence[Mapping[str, str]]], x: str, y: str, *, path: Path,
          xlabel: str, ylabel: str, title: str, xscale: float = 1.0, ratio_of: Optional[str] = None,
-         hline: Optional[float] = None) -> Optional[Path]:
-    """One line per group (mean over seeds) with the seeds' spread as a band; None if nothing to draw."""
+         hline: Optional[float] = None, found_of: Optional[Callable[[Sequence[Mapping[str, str]]], list[Curve]]] = None,
+         group_lines: Optional[Mapping[str, float]] = None, note_of: Optional[Callable[[str], str]] = None
+         ) -> Optional[Path]:
+    """One line per group (mean over seeds) with the seeds' spread as a band; None if nothing to draw.
+    ``found_of`` gives a group's curves (default: ``curves`` of ``x`` and ``y``); ``group_lines`` a
+    level per group, dashed in its colour; ``note_of`` a note for a group's legend entry."""
     fig, ax = plt.subplots(figsize=(7, 4.5))
     drawn = 0
     for name, members in groups.items():
-        found = curves(out, members, x, y, ratio_of)
+        found = found_of(members) if found_of is not None else curves(out, members, x, y, ratio_of)
         drawn_band = band(found)
         if drawn_band is None:
             continue
         xs, mean, low, high = drawn_band
         xs = [v * xscale for v in xs]
-        line, = ax.plot(xs, mean, label=f"{name} (n={len(found)})")
+        note = note_of(name) if note_of is not None else ""
+        line, = ax.plot(xs, mean, label=f"{name} (n={len(found)}){note}")
         ax.fill_between(xs, low, high, alpha=0.2, color=line.get_color())
+        level = (group_lines or {}).get(name)
+        if level is not None and math.isfinite(level):
+            ax.axhline(level, color=line.get_color(), linestyle="--", linewidth=1)
         drawn += 1
     if not drawn:
         plt.close(fig)
@@ -417,7 +453,10 @@ def write_report(out: Path, reference: Optional[str] = None, target: float = TAR
     reference = reference if reference is not None else (DEFAULT_REFERENCE if DEFAULT_REFERENCE in groups else None)
     split = split_name(ok)
     with_time = {k: m for k, m in groups.items() if any(math.isfinite(_number(r.get("sim_seconds"))) for r in m)}
-    relay = {k: m for k, m in groups.items() if m[0]["method"] == "relay"}
+    leased = {k: m for k, m in groups.items() if any(math.isfinite(_number(r.get("lease_utilisation"))) for r in m)
+              or m[0]["method"] == "relay"}
+    ceilings = {k: mean_std([_number(r.get("utilisation_ceiling")) for r in m])[0] for k, m in leased.items()}
+    sampled = {k for k, m in leased.items() if sampled_utilisation(out, m)}
     plots = [
         (f"{split} loss against tokens trained", plot(
             out, groups, "tokens", "loss", path=out / "loss_vs_tokens.png", xlabel="tokens trained",
@@ -426,10 +465,12 @@ def write_report(out: Path, reference: Optional[str] = None, target: float = TAR
             out, with_time, "sim_s", "loss", path=out / "loss_vs_sim_time.png", xlabel="simulated hours",
             ylabel=f"mean {split} loss", title=f"{split} loss against simulated time", xscale=1 / 3600,
             hline=target)),
-        ("lease utilisation (leases held / contributors online)", plot(
-            out, relay, "sim_s", "leases_active", ratio_of="online", path=out / "lease_utilisation.png",
-            xlabel="simulated hours", ylabel="leases held / online", title="lease utilisation",
-            xscale=1 / 3600)),
+        ("lease utilisation so far (useful lease time / contributor online time; dashed: ceiling)", plot(
+            out, leased, "sim_s", "lease_s", path=out / "lease_utilisation.png", xlabel="simulated hours",
+            ylabel="useful lease time / online time, so far",
+            title="lease utilisation (dashed: the ceiling of each group's lanes)", xscale=1 / 3600,
+            found_of=lambda members: utilisation_curves(out, members), group_lines=ceilings,
+            note_of=lambda name: " (sampled: leases held / listed)" if name in sampled else "")),
         ("absorbed languages just before and just after each merge",
          plot_merges(groups, out / "merge_jumps.png", split)),
     ]

@@ -62,6 +62,15 @@ def test_a_relay_of_three_hour_leases_runs_simulated_hours_in_seconds_and_spends
     trace = read_trace(hub)
     assert [row["sim_s"] for row in trace] == sorted(row["sim_s"] for row in trace)
     assert trace[-1]["tokens"] == result["tokens"] and trace[-1]["loss_mean"] == pytest.approx(result["loss_mean"])
+    # Lease utilisation: one lane of each of the 4 languages for 6 contributors; the trace's last row is the end
+    assert result["ceiling_inputs"] == {"lanes": 1, "contributors": NODES,
+                                        "holders": {"de": 2, "hi": 1, "mr": 2, "ta": 1}}
+    assert result["utilisation_ceiling"] == pytest.approx(4 / NODES)
+    assert 0 < result["lease_seconds"] < result["online_seconds"] < NODES * result["sim_seconds"]  # some were away
+    assert result["lease_utilisation"] == pytest.approx(result["lease_seconds"] / result["online_seconds"], rel=1e-6)
+    assert result["utilisation_of_ceiling"] == pytest.approx(result["lease_utilisation"] * NODES / 4)
+    assert (trace[-1]["lease_s"], trace[-1]["online_s"]) == pytest.approx(
+        (result["lease_seconds"], result["online_seconds"]), abs=1e-3)
 
 
 def test_merges_and_cpt_publish_on_simulated_time_and_cpt_tokens_count_against_the_budget(tmp_path):
@@ -86,6 +95,9 @@ def test_fedavg_rounds_wait_for_their_slowest_node_in_simulated_time(tmp_path, m
     assert result["tokens"] >= 10 * LEASE_TOKENS * 0.9
     assert result["sim_seconds"] >= result["rounds"] * STEPS / (0.01 * 4)  # no contributor is 4x the median
     assert result["loss_mean"] < sum(result["initial_losses"].values()) / len(result["initial_losses"])
+    # its own utilisation, measured as the relay's; no lane rule, so no ceiling
+    assert 0 < result["lease_utilisation"] <= 1 and result["utilisation_ceiling"] is None
+    assert result["lease_utilisation"] == pytest.approx(result["lease_seconds"] / result["online_seconds"], rel=1e-6)
 
 
 def test_the_virtual_clock_is_refused_on_a_real_superlink(tmp_path):

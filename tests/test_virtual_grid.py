@@ -160,3 +160,67 @@ def test_an_idle_fedavg_waits_for_the_next_contributor_to_come_online_not_a_whol
     first = min(who.next_change(0.0) for who in people)
     _wait(grid, grid.clock, load_config([]))
     assert grid.clock.elapsed == pytest.approx(first) and first < cfg.max_jump_s
+
+
+def _listed_seconds(grid: VirtualGrid, ids: list[str]) -> float:
+    """Run until every reply is in, integrating the count of listed nodes over each clock step."""
+    listed = 0.0
+    while ids:
+        before, count = grid.clock.elapsed, grid.online_count()
+        grid.advance()
+        listed += count * (grid.clock.elapsed - before)
+        for reply in grid.pull_messages(ids):
+            ids.remove(reply.metadata.reply_to_message_id)
+    return listed
+
+
+def test_lease_utilisation_counts_a_vanished_lease_until_it_vanished_and_its_node_offline_while_away():
+    # Prepare: two contributors whose 10 steps take 1000 s; node 10 finishes, node 11 vanishes
+    cfg = SimConfig(speed=0.01, speed_sigma=0.0, jitter_sigma=0.0, vanish_prob=0.5, heartbeat_s=60, away_s=5000)
+    grid = _grid(cfg, nodes=2)
+    _profile_all(grid)
+    a, b = virtual_contributor(cfg, 0, 0), virtual_contributor(cfg, 0, 1)
+    stays = next(t for t in range(100) if not a.plan(t, 1e9, 10).vanishes)
+    goes = next(t for t in range(100) if b.plan(t, 1e9, 10).vanishes)
+    vanished = b.plan(goes, 1e9, 10).vanish_at_s
+    assert a.plan(stays, 1e9, 10).duration_s == pytest.approx(1000.0)
+
+    # Execute
+    ids = list(grid.push_messages([_train(10, token=stays, ttl=3 * 3600), _train(11, token=goes, ttl=3 * 3600)]))
+    listed = _listed_seconds(grid, ids)
+    end = grid.clock.elapsed
+    fields = grid.utilisation({"hi": ["hi"], "ta": ["ta"]}, lanes=1)
+
+    # Assert: useful 1000 + vanished s; online: node 10 all along, node 11 until it vanished
+    assert end == pytest.approx(max(1000.0, vanished + 60))
+    assert fields["lease_seconds"] == pytest.approx(1000.0 + vanished, abs=1e-3)
+    assert fields["online_seconds"] == pytest.approx(end + vanished, abs=1e-3)
+    assert fields["lease_utilisation"] == pytest.approx((1000.0 + vanished) / (end + vanished), rel=1e-6)
+    # both hold hi, nobody ta: one lane of hi for two contributors
+    assert fields["utilisation_ceiling"] == 0.5
+    assert fields["ceiling_inputs"] == {"lanes": 1, "contributors": 2, "holders": {"hi": 2, "ta": 0}}
+    assert fields["utilisation_of_ceiling"] == pytest.approx(fields["lease_utilisation"] / 0.5)
+    assert grid.utilisation({"hi": ["hi"]}, lanes=2)["utilisation_ceiling"] == 1.0
+    # the listed count keeps the vanished node until the hub hears it is gone: a heartbeat too many
+    assert listed == pytest.approx(fields["online_seconds"] + 60, abs=1e-3)
+
+
+def test_online_time_in_daily_windows_is_the_listed_count_integrated_over_each_clock_step():
+    # Prepare: eight daily contributors, no lease: the clock stops at every window's edge
+    cfg = SimConfig(availability="daily", online_fraction=0.3, period_s=1000.0, max_jump_s=170.0)
+    grid = _grid(cfg, nodes=8)
+    _profile_all(grid)
+
+    # Execute: two and a half days, integrating the listed count step by step
+    listed = 0.0
+    while grid.clock.elapsed < 2500:
+        before, count = grid.clock.elapsed, grid.online_count()
+        grid.advance()
+        listed += count * (grid.clock.elapsed - before)
+
+    # Assert
+    end = grid.clock.elapsed
+    windows = sum(virtual_contributor(cfg, 0, p).online_seconds(0.0, end) for p in range(8))
+    assert grid.usage() == {"lease_s": 0.0, "online_s": pytest.approx(windows)}
+    assert listed == pytest.approx(windows)
+    assert 0 < windows < 8 * end

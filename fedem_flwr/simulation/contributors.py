@@ -70,7 +70,29 @@ class VirtualContributor:
         """Whether it is online at simulated time ``t`` (seconds since the start)."""
         if self.cfg.availability == "always":
             return True
-        return (t - self.phase_s) % self.cfg.period_s < self.online_fraction * self.cfg.period_s
+        period, window = self.cfg.period_s, self.online_fraction * self.cfg.period_s
+        if window >= period:
+            return True
+        into = (t - self.phase_s) % period
+        eps = 1e-9 * period  # as in ``next_change``: the clock stops on an edge, and is past it there
+        return into < window - eps or into >= period - eps
+
+    def online_seconds(self, a: float, b: float) -> float:
+        """Seconds of ``[a, b)`` it is online: the integral of ``online``, in closed form, so that
+        online time is exact whatever the steps the clock took."""
+        if b <= a:
+            return 0.0
+        if self.cfg.availability == "always":
+            return b - a
+        return self._online_until(b) - self._online_until(a)
+
+    def _online_until(self, t: float) -> float:
+        """Online seconds from its first window's opening (``phase_s``) to ``t``, windows before it
+        counted negatively: a difference of two of these is the online time between them."""
+        period = self.cfg.period_s
+        window = min(period, self.online_fraction * period)
+        cycles, into = divmod(t - self.phase_s, period)
+        return cycles * window + min(into, window)
 
     def next_change(self, t: float) -> float:
         """The first time after ``t`` at which ``online`` changes (``inf`` when it never does)."""

@@ -108,8 +108,9 @@ def run_fedavg(
     Tokens (trained and wasted) and bytes are counted here from the messages, unless
     ``grid.counters`` is ``counters`` (a grid that counts them itself); accepted and rejected
     replies are always counted here. Trace rows: ``sim_s`` since the virtual clock's start,
-    ``leases_active`` the round's train messages. ``more()`` gives more fields for the result, asked
-    for when the run ends (a simulation's timing)."""
+    ``leases_active`` the round's train messages, and the grid's ``usage()`` (lease and online seconds
+    so far) when it measures them. ``more()`` gives more fields for the result, asked for when the run
+    ends (a simulation's timing and utilisation)."""
     method = cfg.sim.method
     if method not in METHODS:
         raise ValueError(f"`sim.method` is {method!r}; run_fedavg runs {', '.join(METHODS)}")
@@ -138,7 +139,8 @@ def run_fedavg(
     nodes: dict[int, _Node] = {}
     rows_cache: dict[tuple[tuple[int, int], str], dict[str, list[str]]] = {}
     budget = cfg.sim.max_tokens
-    trace.row(clock() - t0, counters, losses=losses, test_losses=test_losses)
+    usage = getattr(grid, "usage", lambda: {})  # a VirtualGrid measures lease and online time
+    trace.row(clock() - t0, counters, losses=losses, test_losses=test_losses, **usage())
 
     server_round, idle_since, stopped_by, fruitless = 0, None, f"{max_rounds} rounds", 0
     tokens_per_step = [float(cfg.train.batch_size * cfg.train.grad_accum * cfg.data.block_size)]  # then measured
@@ -196,7 +198,7 @@ def run_fedavg(
             if testing:
                 test_losses.update(_evaluate_final(hub, base_folder, arrays, groups, updated, workbench.spec))
             trace.row(clock() - t0, counters, leases_active=len(sent), online=len(online), losses=losses,
-                      test_losses=test_losses)
+                      test_losses=test_losses, **usage())
             log.info("FedAvg round %d (%s): %d sent, %d replies, %d tokens so far", server_round, method,
                      len(sent), len(replies), counters.tokens)
             fruitless = 0 if counters.accepted > accepted_before else fruitless + 1

@@ -5,7 +5,9 @@ Every method writes the same two files, so a relay, a FedAvg run and a centraliz
 read back, tabulated and plotted by the same code. A trace row carries the held-out losses the run
 sees (``losses``) and, with a study's test split, the test losses (``test_losses``); a result's
 ``losses`` are the final numbers, on the split its ``final_split`` names
-(``simulation.evaluation.study_fields`` lists what a study adds).
+(``simulation.evaluation.study_fields`` lists what a study adds). On the virtual clock a row also
+carries the useful lease seconds and contributor online seconds so far (``lease_s``, ``online_s``:
+``simulation.utilisation``), whose ratio is the lease utilisation up to that row.
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ RESULT_FILE = "result.json"
 # ``losses``: held-out losses as the run sees them; ``test_losses``: on the study's test split (when the
 # hub keeps one), which nothing in the run reads. A row may carry either, both or neither.
 TRACE_COLUMNS = ("sim_s", "wall_s", "tokens", "tokens_wasted", "bytes_moved", "leases_active", "online",
-                 "accepted", "rejected", "loss_mean", "losses", "test_loss_mean", "test_losses")
+                 "lease_s", "online_s", "accepted", "rejected", "loss_mean", "losses", "test_loss_mean", "test_losses")
 LOSS_COLUMNS = ("losses", "test_losses")
 
 
@@ -66,12 +68,16 @@ class TraceRow:
     online: int = 0
     losses: dict[str, float] = field(default_factory=dict)
     test_losses: dict[str, float] = field(default_factory=dict)
+    lease_s: Optional[float] = None
+    online_s: Optional[float] = None
 
     def as_csv(self) -> dict[str, Any]:
         return {
             "sim_s": f"{self.sim_s:.1f}", "wall_s": f"{self.wall_s:.2f}", "tokens": self.counters.tokens,
             "tokens_wasted": self.counters.tokens_wasted, "bytes_moved": self.counters.bytes_moved,
-            "leases_active": self.leases_active, "online": self.online, "accepted": self.counters.accepted,
+            "leases_active": self.leases_active, "online": self.online,
+            "lease_s": "" if self.lease_s is None else f"{self.lease_s:.3f}",
+            "online_s": "" if self.online_s is None else f"{self.online_s:.3f}", "accepted": self.counters.accepted,
             "rejected": self.counters.rejected,
             "loss_mean": f"{mean_loss(self.losses):.6f}" if self.losses else "",
             "losses": _losses_json(self.losses),
@@ -98,9 +104,10 @@ class Trace:
         self.started = time.monotonic()
 
     def row(self, sim_s: float, counters: Counters, *, leases_active: int = 0, online: int = 0,
-            losses: Optional[Mapping[str, float]] = None, test_losses: Optional[Mapping[str, float]] = None) -> None:
+            losses: Optional[Mapping[str, float]] = None, test_losses: Optional[Mapping[str, float]] = None,
+            lease_s: Optional[float] = None, online_s: Optional[float] = None) -> None:
         row = TraceRow(sim_s, time.monotonic() - self.started, counters, leases_active, online, dict(losses or {}),
-                       dict(test_losses or {}))
+                       dict(test_losses or {}), lease_s, online_s)
         self._writer.writerow(row.as_csv())
         self._file.flush()
 
@@ -110,14 +117,16 @@ class Trace:
 
 def read_trace(hub: Path) -> list[dict[str, Any]]:
     """The rows of a trace with numbers as numbers and ``losses`` / ``test_losses`` as dicts (a trace
-    written before test splits has no test columns: they read as nan and empty)."""
+    written before test splits, or before lease time was measured, lacks those columns: they read as
+    nan and empty)."""
     path = sim_dir(hub) / TRACE_FILE
     rows = []
     with open(path, newline="", encoding="utf-8") as handle:
         for raw in csv.DictReader(handle):
             row: dict[str, Any] = {k: (float(v) if v not in ("", None) else math.nan)
                                    for k, v in raw.items() if k not in LOSS_COLUMNS}
-            row.setdefault("test_loss_mean", math.nan)
+            for name in ("test_loss_mean", "lease_s", "online_s"):
+                row.setdefault(name, math.nan)
             for name in LOSS_COLUMNS:
                 row[name] = json.loads(raw[name]) if raw.get(name) else {}
             rows.append(row)

@@ -9,6 +9,11 @@ split, its test loss as the run stands (``evaluation.TestCurve``: only what chan
 again). Its result adds what a study reads after the run (``evaluation``): the final numbers on the
 test split (held-out too), the base alone, each published merge with its absorbed languages' losses
 just before and after, merge attempts and publications, and each adapter's share of the tokens.
+
+Every method's result on the virtual clock carries its lease utilisation (``simulation.utilisation``:
+``lease_utilisation``, ``lease_seconds``, ``online_seconds``); a relay's adds the ceiling its lanes
+allow (``utilisation_ceiling``, ``utilisation_of_ceiling``, ``ceiling_inputs``), which FedAvg, with no
+lane rule, leaves empty.
 """
 
 from __future__ import annotations
@@ -61,7 +66,7 @@ def run_simulation(grid: Grid, cfg: FedemConfig, hub_path: Path) -> dict[str, An
             result = _relay(hub, vgrid, clock, trace, started)
         else:
             result = run_fedavg(vgrid, hub, cfg, clock, trace, counters=vgrid.counters,
-                                more=lambda: {"timing": vgrid.timing()})
+                                more=lambda: {"timing": vgrid.timing(), **vgrid.utilisation()})
     finally:
         trace.close()
     log.info("Simulation of %s done: %.0f simulated s in %.0f s; %d tokens (%d wasted)",
@@ -75,7 +80,8 @@ def _relay(hub: Hub, vgrid: VirtualGrid, clock: VirtualClock, trace: Trace, star
     counters = vgrid.counters
     initial = base_alone(hub, base_folder_of(hub, 0))  # on the final split, as every method's initial losses
     curve = TestCurve(hub)
-    trace.row(clock.elapsed, counters, losses=current_losses(hub), test_losses=curve.update())  # where it starts
+    trace.row(clock.elapsed, counters, losses=current_losses(hub), test_losses=curve.update(),  # where it starts
+              **vgrid.usage())
 
     def spent() -> int:
         return counters.tokens + keeper.cpt_tokens
@@ -112,6 +118,8 @@ def _relay(hub: Hub, vgrid: VirtualGrid, clock: VirtualClock, trace: Trace, star
                          adapter_tokens=relay_adapter_tokens(hub.registry))
     study.update(merge_counts(hub.registry), merges=merge_events(hub, t0=clock.start))
     timing["final_evaluation_s"] = time.monotonic() - relay_started - timing["relay_s"]
+    adapters = {adapter.name: adapter.languages for adapter in hub.registry.adapters()}
+    study.update(vgrid.utilisation(adapters, lanes=cfg.relay.lanes))
     write_result(hub.path, method="relay", losses=losses, counters=counters, sim_seconds=clock.elapsed,
                  wall_seconds=time.monotonic() - started,
                  extra={"stopped_by": result.stopped_by, "cpt_tokens": keeper.cpt_tokens, **study,
@@ -174,4 +182,4 @@ def _trace_row(hub: Hub, vgrid: VirtualGrid, trace: Trace, tokens: int, losses: 
     snapshot = replace(vgrid.counters, tokens=tokens, accepted=counts.get("accepted", 0),
                        rejected=sum(n for decision, n in counts.items() if decision != "accepted"))
     trace.row(vgrid.clock.elapsed, snapshot, leases_active=vgrid.leases_active, online=vgrid.online_count(),
-              losses=losses if losses is not None else current_losses(hub), test_losses=test_losses)
+              losses=losses if losses is not None else current_losses(hub), test_losses=test_losses, **vgrid.usage())

@@ -17,6 +17,9 @@ What a deployment's SuperLink would do is done here in simulated time:
   or error 3 at the deadline if that comes first, and it is away until ``back_after_vanishing``;
 - a contributor outside its online window is not listed by ``get_nodes`` (it finishes a lease it
   already holds: its machine stays on for the work it accepted).
+Lease utilisation (``simulation.utilisation``) is measured on the same time: each train message's
+useful time and each contributor's online time, from the plans and the contributors' windows. The
+count of listed nodes is not used for it: a vanished node stays listed until the hub hears it is gone.
 Flower's own message TTL is set to ``sim.message_ttl_s`` real seconds, a safety bound only.
 """
 
@@ -25,7 +28,7 @@ from __future__ import annotations
 import logging
 import math
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any, Optional
 
@@ -39,6 +42,7 @@ from fedem_flwr.protocol.wire import content_bytes
 from fedem_flwr.simulation.clock import VirtualClock
 from fedem_flwr.simulation.contributors import LeasePlan, VirtualContributor, virtual_contributor
 from fedem_flwr.simulation.record import Counters
+from fedem_flwr.simulation.utilisation import LeaseMeter, ceiling, holders, utilisation_fields
 
 log = logging.getLogger(__name__)
 
@@ -107,6 +111,8 @@ class VirtualGrid(Grid):
         self.waiting_s = 0.0  # real seconds the hub waited for a reply that was due
         self.node_train_s = 0.0  # real seconds the nodes reported training (metric ``seconds``)
         self.partitions: dict[int, int] = {}  # node id -> partition id, learnt from profile replies
+        self.languages: dict[int, tuple[str, ...]] = {}  # node id -> languages it holds, from the same replies
+        self.meter = LeaseMeter()
         self.away_until: dict[int, float] = {}  # node id -> simulated time it is back
         self.in_flight: dict[str, _InFlight] = {}
         self._contributors: dict[int, VirtualContributor] = {}
@@ -145,6 +151,7 @@ class VirtualGrid(Grid):
                     attach_plan(message, entry.plan)
                     entry.due = min(entry.deadline, now + self._heard_after(entry.plan))
                     self.counters.leases += 1
+                    self._meter(entry)
             meta.ttl = self.cfg.message_ttl_s  # Flower's TTL: real seconds, a safety bound
             self.counters.bytes_moved += content_bytes(message.content)
             entries.append(entry)
@@ -214,6 +221,24 @@ class VirtualGrid(Grid):
         """Where real time went, as the grid saw it (rounded seconds)."""
         return {"waiting_for_nodes_s": round(self.waiting_s, 2), "node_training_s": round(self.node_train_s, 2)}
 
+    def usage(self) -> dict[str, float]:
+        """Useful lease seconds and contributor online seconds so far (a trace row's ``lease_s`` and
+        ``online_s``)."""
+        now = self.clock.elapsed
+        return {"lease_s": self.meter.lease_seconds(now), "online_s": self.meter.online_seconds(now, self._windows())}
+
+    def utilisation(self, adapters: Optional[Mapping[str, Iterable[str]]] = None, lanes: int = 1) -> dict[str, Any]:
+        """The run's utilisation fields as of now (its end), with the ceiling of ``lanes`` holders an
+        adapter when ``adapters`` (name -> languages) are given; the ceiling counts the profiled
+        contributors and the languages they declared."""
+        usage = self.usage()
+        limit, inputs = None, None
+        if adapters is not None:
+            held = holders(adapters, [self.languages.get(node_id, ()) for node_id in self.partitions])
+            limit = ceiling(held.values(), len(self.partitions), lanes)
+            inputs = {"lanes": lanes, "contributors": len(self.partitions), "holders": held}
+        return {**utilisation_fields(usage["lease_s"], usage["online_s"], limit), "ceiling_inputs": inputs}
+
     @property
     def leases_active(self) -> int:
         return sum(1 for entry in self.in_flight.values() if entry.plan is not None)
@@ -244,6 +269,21 @@ class VirtualGrid(Grid):
             self._draws += 1
             token = f"draw-{self._draws}"
         return self._contributor(node_id).plan(token, budget, max_steps)
+
+    def _meter(self, entry: _InFlight) -> None:
+        """A lease's useful time -- from its push to its plan's completion, to the moment its node
+        vanishes, or to its deadline, whichever comes first -- and a vanishing node's absence, which
+        starts when that time ends and lasts until it is back (as ``_release`` will tell the hub)."""
+        plan, start = entry.plan, entry.pushed_at - self.clock.start
+        end = min(entry.deadline - self.clock.start, start + (plan.vanish_at_s if plan.vanishes else plan.duration_s))
+        self.meter.lease(entry.node_id, start, end)
+        if plan.vanishes:
+            vanished_at = start + plan.vanish_at_s
+            self.meter.absent(entry.node_id, end, self._contributor(entry.node_id).back_after_vanishing(vanished_at))
+
+    def _windows(self) -> dict[int, Callable[[float, float], float]]:
+        """Each profiled contributor's online-window integral."""
+        return {node_id: self._contributor(node_id).online_seconds for node_id in self.partitions}
 
     def _heard_after(self, plan: LeasePlan) -> float:
         """Simulated seconds from push to what the hub hears: the reply, or the SuperLink's report
@@ -286,6 +326,7 @@ class VirtualGrid(Grid):
             return
         if parsed.partition_id is not None:
             self.partitions[node_id] = parsed.partition_id
+            self.languages[node_id] = parsed.languages
 
     def _release(self, message_id: str) -> Message:
         """The reply the hub sees: the node's, or the SuperLink's error when it came too late or the

@@ -1,0 +1,101 @@
+"""Lease utilisation on simulated time, and the ceiling a setup allows it.
+
+Utilisation is useful lease time over contributor online time, both in simulated seconds since the
+run's start:
+
+- a lease's time runs from its push until its reply is due (the plan's completion), but stops when
+  its contributor vanishes, at the message's deadline (the hub no longer waits for it) and at the
+  run's end;
+- a contributor is online inside its availability windows, except while it is away after vanishing;
+  a lease it finishes after its window closed keeps it online to the end of that lease (its machine
+  stays on for the work it accepted), so useful time never exceeds online time. Online time is
+  integrated in closed form from each contributor's windows (``VirtualContributor.online_seconds``):
+  exact whatever steps the clock took.
+
+The ceiling: with ``lanes`` holders an adapter at most and one lease a contributor at a time, at most
+``sum over adapters of min(holders, lanes)`` contributors train at once, out of all of them.
+
+Pure logic: no Flower, no torch.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Hashable, Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+OnlineWithin = Callable[[float, float], float]  # (a, b) -> seconds of [a, b) inside a contributor's windows
+
+
+def holders(adapters: Mapping[str, Iterable[str]], contributors: Iterable[Iterable[str]]) -> dict[str, int]:
+    """Per adapter, how many contributors hold data in at least one of its languages."""
+    held = [set(languages) for languages in contributors]
+    return {name: sum(1 for mine in held if mine & set(languages)) for name, languages in adapters.items()}
+
+
+def ceiling(holders_per_adapter: Iterable[int], contributors: int, lanes: int) -> float:
+    """``min(1, sum_a min(holders_a, lanes) / contributors)``: the share of contributors that can
+    hold a lease at once (nan without contributors)."""
+    if lanes < 1:
+        raise ValueError(f"`lanes` is {lanes!r}; it must be >= 1.")
+    if contributors <= 0:
+        return math.nan
+    return min(1.0, sum(min(int(h), lanes) for h in holders_per_adapter) / contributors)
+
+
+@dataclass
+class LeaseMeter:
+    """Useful lease seconds and contributor online seconds, as intervals on simulated time (seconds
+    since the start). A contributor's leases are recorded in the order they start; its absences do
+    not overlap its leases (a vanished contributor is given none while away)."""
+
+    leases: list[tuple[float, float]] = field(default_factory=list)
+    busy: dict[Hashable, list[list[float]]] = field(default_factory=dict)  # merged lease intervals per contributor
+    away: dict[Hashable, list[tuple[float, float]]] = field(default_factory=dict)
+
+    def lease(self, who: Hashable, start: float, end: float) -> None:
+        """A lease ``who`` works on from ``start`` to ``end`` (its useful time)."""
+        end = max(start, end)
+        self.leases.append((start, end))
+        spans = self.busy.setdefault(who, [])
+        if spans and start <= spans[-1][1]:
+            spans[-1][1] = max(spans[-1][1], end)  # overlapping leases (FedAvg: one per language)
+        else:
+            spans.append([start, end])
+
+    def absent(self, who: Hashable, start: float, end: float) -> None:
+        """``who`` is away (vanished) from ``start`` until ``end``."""
+        self.away.setdefault(who, []).append((start, max(start, end)))
+
+    def lease_seconds(self, now: float) -> float:
+        """Useful lease time up to ``now``: each lease counted as far as it got."""
+        return sum(max(0.0, min(end, now) - start) for start, end in self.leases)
+
+    def online_seconds(self, now: float, contributors: Mapping[Hashable, OnlineWithin]) -> float:
+        """Online time of ``contributors`` (each with its windows' integral) from 0 to ``now``: inside
+        the windows and not away, plus the lease time each spent outside its windows."""
+        total = 0.0
+        for who, within in contributors.items():
+            total += within(0.0, now)
+            for start, end in self.away.get(who, ()):
+                total -= within(max(0.0, start), min(end, now)) if start < now else 0.0
+            for start, end in self.busy.get(who, ()):
+                if start < now:
+                    stop = min(end, now)
+                    total += (stop - start) - within(start, stop)
+        return total
+
+
+def utilisation_fields(lease_s: float, online_s: float, ceiling_: Optional[float]) -> dict[str, Any]:
+    """A run's result fields: the times, their ratio, the ceiling and how close the ratio came to it
+    (None where a number is undefined: no online time, no ceiling)."""
+    utilisation = lease_s / online_s if online_s > 0 else None
+    limit = ceiling_ if ceiling_ is not None and math.isfinite(ceiling_) else None
+    return {
+        "lease_seconds": round(lease_s, 3),
+        "online_seconds": round(online_s, 3),
+        "lease_utilisation": utilisation,
+        "utilisation_ceiling": limit,
+        "utilisation_of_ceiling": utilisation / limit if utilisation is not None and limit else None,
+    }
