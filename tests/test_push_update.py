@@ -71,7 +71,7 @@ class DeltaWorkbench:
         save_file({k: v.contiguous() for k, v in state.items()}, str(folder / "adapter_model.safetensors"))
 
 
-def _hub(tmp_path, start, target, current=None, lanes=1, staleness_power=0.0):
+def _hub(tmp_path, start, target, current=None, lanes=1, staleness_power=0.0, lane_update="add"):
     """Adapter ``hi`` (LoRA r 2, alpha 4) at v0 = ``start``, leased to a node from v0; with ``current``, a
     merge then rebased it: v1 = ``current``, a residual ``rebase`` on base v1, while the lease is out.
     With ``lanes`` > 1, as many nodes lease it from v0, one per lane (the leases are in ``_hub.leases``)."""
@@ -93,7 +93,7 @@ def _hub(tmp_path, start, target, current=None, lanes=1, staleness_power=0.0):
     coordinator = RelayCoordinator(registry, store, make_policy("language", random.Random(0)), workbench,
                                    lease_ttl_s=TTL, sweep_interval_s=10, clock=clock,
                                    train=TrainConfig(carry="moments"), optimizer_states=OptimizerStates(tmp_path),
-                                   lanes=lanes, staleness_power=staleness_power)
+                                   lanes=lanes, lane_update=lane_update, staleness_power=staleness_power)
     coordinator.recover()
     assignments = coordinator.assign([NodeProfile(f"sim:{i}", ("hi",)) for i in range(lanes)])
     _hub.leases = [a.lease for a in assignments]
@@ -278,7 +278,7 @@ def test_a_stale_lane_push_is_weighted_by_its_staleness(tmp_path):
     # Prepare: two lanes from v0; lane 1's push is accepted first, so lane 0's lands one push stale
     start, first, second = lora_state(1), lora_state(2), lora_state(3)
     weighted = {t: deltas64(first)[t] + 0.5 * (deltas64(second)[t] - deltas64(start)[t]) for t in deltas64(start)}
-    coordinator, registry, store, _ = _hub(tmp_path, start, weighted, lanes=2, staleness_power=1.0)
+    coordinator, registry, store, _ = _hub(tmp_path, start, weighted, lanes=2, staleness_power=1.0, lane_update="add")
     lane0, lane1 = _hub.leases
 
     # Execute
@@ -288,8 +288,40 @@ def test_a_stale_lane_push_is_weighted_by_its_staleness(tmp_path):
     # Assert: weight (1 + 1) ** -1 on its change, recorded with the version
     assert outcome.accepted and outcome.version == 2, outcome.reason
     update = registry.latest_adapter_version("hi").metrics["update"]
-    assert (update["staleness"], update["weight"]) == (1, 0.5)
+    assert (update["staleness"], update["weight"], update["rule"]) == (1, 0.5, "add")
     stored = read_adapter_state(store.get(registry.latest_adapter_version("hi").ref))
     for target, delta in deltas64(stored).items():
         U, S, Vh = torch.linalg.svd(weighted[target], full_matrices=False)
         torch.testing.assert_close(delta, U[:, :2] @ torch.diag(S[:2]) @ Vh[:2], atol=1e-5, rtol=0, msg=target)
+
+
+@pytest.mark.parametrize("merge_between", [False, True], ids=["lanes", "lanes and a merge"])
+def test_a_mixed_lane_push_counts_what_the_lanes_trained_in_common_once(tmp_path, merge_between):
+    # Prepare: two lanes from v0; lane 1's push is accepted first (v1); with a merge, v1 is then rebased
+    # (v2 = v1 + R, R the rebase's change). Mixing at weight 1/2 gives v_cur + (second - v1) / 2: the mean
+    # of the two lanes' models, with the rebase kept whole.
+    start, first, second, rebased = lora_state(1), lora_state(2), lora_state(3), lora_state(4)
+    onto = rebased if merge_between else first
+    mixed = {t: deltas64(onto)[t] + 0.5 * (deltas64(second)[t] - deltas64(first)[t]) for t in deltas64(start)}
+    coordinator, registry, store, _ = _hub(tmp_path, start, deltas64(first), lanes=2, staleness_power=1.0,
+                                           lane_update="mix")
+    lane0, lane1 = _hub.leases
+
+    # Execute
+    assert coordinator.receive_push(lane1.token, first).accepted
+    if merge_between:
+        _rebase(tmp_path, registry, store, coordinator, rebased, parent=1)
+    coordinator.workbench.judged.clear()
+    coordinator.receive_push(lane0.token, second)
+
+    # Assert: what was judged is the mix, truncated to rank r (whatever the gate then decided)
+    (contribution,) = [c for c in registry.contributions() if c.lease_token == lane0.token]
+    update = contribution.evaluation["update"]
+    assert (update["rule"], update["staleness"], update["weight"]) == ("mix", 1, 0.5)
+    (judged,) = coordinator.workbench.judged
+    for target, delta in deltas64(judged).items():
+        U, S, Vh = torch.linalg.svd(mixed[target], full_matrices=False)
+        torch.testing.assert_close(delta, U[:, :2] @ torch.diag(S[:2]) @ Vh[:2], atol=1e-5, rtol=0, msg=target)
+    if not merge_between:  # nothing but lanes moved it: the mean of the two lanes' models
+        for target in mixed:
+            torch.testing.assert_close(mixed[target], 0.5 * (deltas64(first)[target] + deltas64(second)[target]))

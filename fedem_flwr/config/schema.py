@@ -325,10 +325,16 @@ class RelayConfig:
         metadata={"help": "How many nodes may hold one adapter at once, each from its latest accepted version; "
                           "a push lands as the change it made, applied to whatever the adapter is by then."},
     )
+    lane_update: str = field(
+        default="mix",
+        metadata={"help": "How a push lands on a version other lanes moved on: `mix` (FedAsync: current + w * "
+                          "(pushed - current), what lanes trained in common counted once) or `add` (current + w * "
+                          "(pushed - start)); w is the staleness weight."},
+    )
     staleness_power: float = field(
-        default=0.0,
-        metadata={"help": "A push that lands on a version s accepted pushes newer than its start is applied with "
-                          "weight (1 + s) ** -staleness_power (FedAsync's polynomial staleness); 0 = in full."},
+        default=1.0,
+        metadata={"help": "A push that lands s accepted pushes after its lease began gets weight (1 + s) ** "
+                          "-staleness_power (FedAsync's polynomial staleness); 1 with `mix` is a running mean."},
     )
     no_node_grace_s: float = 60.0
     poll_interval_s: float = 1.0
@@ -355,6 +361,7 @@ class RelayConfig:
             _positive("relay", key, getattr(self, key))
         _positive("relay", "no_node_grace_s", self.no_node_grace_s, allow_zero=True)
         _positive("relay", "fair_max_lead", self.fair_max_lead, allow_zero=True)
+        _choice("relay", "lane_update", self.lane_update, ("mix", "add"))
         if (isinstance(self.staleness_power, bool) or not isinstance(self.staleness_power, (int, float))
                 or not math.isfinite(self.staleness_power) or self.staleness_power < 0):
             raise ConfigError(f"`relay.staleness_power` is {self.staleness_power!r}; it must be a number >= 0 "

@@ -38,9 +38,11 @@ API (torch; no registry, store or Flower):
 - ``factor_deltas(deltas, like_state, lora_cfg) -> Residual``: per-target deltas (weight units) as an
   adapter state shaped like ``like_state``: each truncated to rank ``r`` and split at ``alpha / r``, as
   ``rebase_residual`` does with its residuals.
-- ``update_state(current, pushed, start, lora_cfg) -> Residual``: a push whose lease started from
-  ``start`` applied to the adapter's ``current`` version as the change it made (DESIGN decision 20):
-  ``current + (pushed - start)`` per target in weight space (exact, float64), then ``factor_deltas``.
+- ``update_state(current, pushed, start, lora_cfg, weight, overlap) -> Residual``: a push whose lease
+  started from ``start`` applied to the adapter's ``current`` version as the change it made (DESIGN
+  decision 20): ``current + weight * (pushed - start)`` per target in weight space (exact, float64), or,
+  given the other lanes' accepted changes since ``start`` (``overlap``), mixed with them as FedAsync
+  mixes models; then ``factor_deltas``.
 
 When to merge and what a merge absorbs is pure policy, in ``lineage.policy``. Whether a merged model is
 published is the base gate's call: ``gate.acceptance.decide_base`` (the base alone) and, when absorbed
@@ -390,20 +392,37 @@ def rebase_residual(state: Mapping[str, "torch.Tensor"], change: Mapping[str, "t
 
 
 def update_state(current: Mapping[str, "torch.Tensor"], pushed: Mapping[str, "torch.Tensor"],
-                 start: Mapping[str, "torch.Tensor"], lora_cfg: "LoraConfig", weight: float = 1.0) -> Residual:
+                 start: Mapping[str, "torch.Tensor"], lora_cfg: "LoraConfig", weight: float = 1.0,
+                 overlap: Sequence[tuple[Mapping[str, "torch.Tensor"], Mapping[str, "torch.Tensor"]]] = ()
+                 ) -> Residual:
     """A push applied as an update (DESIGN decision 20): its lease started from ``start``, the adapter is
-    now at ``current``; per target ``current + weight * (pushed - start)`` in weight space (float64,
-    exact), factored back to rank ``r`` like ``pushed`` (``factor_deltas``). The errors say what the
-    truncation lost of that sum. Raises ``MergeError`` when the three states do not hold the same targets.
+    now at ``current``; per target, in weight space (float64, exact),
+    ``current + weight * ((pushed - start) - sum(after - before for before, after in overlap))``, factored
+    back to rank ``r`` like ``pushed`` (``factor_deltas``).
+
+    Without ``overlap`` the push's change is added (scaled by ``weight``). ``overlap`` holds the changes
+    other lanes' accepted pushes made since ``start`` (each version and its parent): when they are all
+    that moved the adapter, this is ``(1 - weight) * current + weight * pushed``, FedAsync's mixing of the
+    stale model into the current one, which keeps what lanes trained in common once instead of adding it
+    once per lane. A rebase in between (a new base) is no lane's change: it stays out of ``overlap`` and
+    is kept whole. The errors say what the truncation lost. Raises ``MergeError`` when the states do not
+    hold the same targets or ``weight`` is not in (0, 1] with ``overlap``, > 0 without.
     """
-    if not (math.isfinite(weight) and weight > 0):
-        raise MergeError(f"the update's `weight` is {weight!r}; it must be a finite number > 0.")
+    if not (math.isfinite(weight) and weight > 0) or (overlap and weight > 1):
+        raise MergeError(f"the update's `weight` is {weight!r}; it must be a finite number > 0"
+                         f"{' and at most 1 when it mixes' if overlap else ''}.")
     scale = lora_cfg.alpha / lora_cfg.r
     now, new, old = (_factors(s, lora_cfg) for s in (current, pushed, start))
-    if not set(now) == set(new) == set(old):
-        raise MergeError(f"the pushed, start and current states hold different targets: {sorted(new)}, "
-                         f"{sorted(old)}, {sorted(now)}.")
-    deltas = {t: now[t].delta64(scale) + weight * (new[t].delta64(scale) - old[t].delta64(scale)) for t in sorted(now)}
+    pairs = [(_factors(before, lora_cfg), _factors(after, lora_cfg)) for before, after in overlap]
+    if not set(now) == set(new) == set(old) or any(set(b) != set(now) or set(a) != set(now) for b, a in pairs):
+        raise MergeError(f"the pushed, start and current states (or the lanes' changes since) hold different "
+                         f"targets: {sorted(new)}, {sorted(old)}, {sorted(now)}.")
+    deltas = {}
+    for t in sorted(now):
+        change = new[t].delta64(scale) - old[t].delta64(scale)
+        for before, after in pairs:
+            change = change - (after[t].delta64(scale) - before[t].delta64(scale))
+        deltas[t] = now[t].delta64(scale) + weight * change
     return factor_deltas(deltas, pushed, lora_cfg)
 
 

@@ -110,7 +110,7 @@ def open_hub(cfg: FedemConfig, hub_path: Path, clock: Callable[[], float] = time
         lease_ttl_s=cfg.relay.lease_ttl_s, sweep_interval_s=cfg.relay.sweep_interval_s,
         gate=cfg.gate, clock=clock, train=cfg.train, optimizer_states=OptimizerStates(hub_path),
         max_push_tokens=max_push_tokens(cfg), lanes=cfg.relay.lanes,
-        staleness_power=cfg.relay.staleness_power,
+        lane_update=cfg.relay.lane_update, staleness_power=cfg.relay.staleness_power,
     )
     return Hub(hub_path, registry, store, coordinator, cfg, corpus, split, split_id(fingerprint))
 

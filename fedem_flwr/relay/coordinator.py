@@ -19,9 +19,12 @@ records why.
 A push lands as an update (DESIGN decision 20): when the adapter's current version is no longer the one
 its lease started from (another lane's push was accepted, or a merge rebased the adapter while the push
 was out), the push is judged and kept as the change it made, added to the current version in weight
-space and factored back to the adapter's rank (``lineage.merge.update_state``), weighted by ``(1 + s) ** -relay.staleness_power``
-where s counts the pushes accepted since its lease began (FedAsync's polynomial staleness; 0 applies
-it in full); the contribution and the version record the truncation, staleness and weight
+space and factored back to the adapter's rank (``lineage.merge.update_state``). With s other lanes' pushes accepted since its
+lease began, it gets weight ``w = (1 + s) ** -relay.staleness_power`` (FedAsync's polynomial staleness)
+and ``relay.lane_update`` says how it lands: ``mix`` (FedAsync's mixing: current + w * (pushed -
+current), so what the lanes trained in common counts once) or ``add`` (current + w * (pushed - start)).
+A merge's rebase in between is kept whole either way; with one lane s is 0 and the push lands in
+full. The contribution and the version record the rule, staleness, weight and truncation
 (``update``). When nothing moved the push is kept bit for bit.
 
 Lanes (``relay.lanes`` = k): up to k nodes hold one adapter at once, each on its own fenced lease from
@@ -139,7 +142,8 @@ class RelayCoordinator:
         optimizer_states: Optional[OptimizerStates] = None,
         max_push_tokens: Optional[int] = None,
         lanes: int = 1,
-        staleness_power: float = 0.0,
+        lane_update: str = "mix",
+        staleness_power: float = 1.0,
     ) -> None:
         self._registry = registry
         self._store = store
@@ -153,6 +157,9 @@ class RelayCoordinator:
             raise ConfigError(f"`train.carry` is {self._train.carry!r}: the coordinator needs `optimizer_states` "
                               "(the hub's folder of them) to keep each version's state in")
         self._optimizer_states = optimizer_states
+        if lane_update not in ("mix", "add"):
+            raise ConfigError(f"`relay.lane_update` is {lane_update!r}; allowed: 'mix', 'add'.")
+        self.lane_update = lane_update
         self.staleness_power = staleness_power
         self._book = LeaseBook(registry.leases(active_only=True), next_token=registry.max_lease_token() + 1,
                                lookup=registry.lease, latest=registry.latest_lease_tokens(), lanes=lanes)
@@ -532,20 +539,23 @@ class RelayCoordinator:
         if "r" not in spec or "alpha" not in spec:
             raise ConfigError(f"adapter {lease.adapter!r} records no LoRA `r` and `alpha` (`lora_spec` is {spec}): "
                               "a push on a moved version cannot be factored back to its rank")
-        # staleness: pushes accepted since the lease began (rebases are not steps of the adapter)
-        stale = sum(row.kind == "push" for row in self._registry.adapter_versions(lease.adapter)
-                    if lease.adapter_version < row.version <= parent.version)
-        weight = (1.0 + stale) ** -self.staleness_power
+        # staleness: the other lanes' pushes accepted since the lease began (a rebase is no lane's change)
+        since = [row for row in self._registry.adapter_versions(lease.adapter)
+                 if lease.adapter_version < row.version <= parent.version]
+        lanes = [row for row in since if row.kind == "push"]
+        weight = (1.0 + len(lanes)) ** -self.staleness_power
+        overlap = ([(self._parent_weights(self._registry.adapter_version(lease.adapter, row.parent_version)),
+                     self._parent_weights(row)) for row in lanes] if self.lane_update == "mix" else [])
         try:  # only the rank and alpha enter the arithmetic
             converted = update_state(current, pushed, start, LoraConfig(r=int(spec["r"]), alpha=spec["alpha"]),
-                                     weight=weight)
+                                     weight=weight, overlap=overlap)
         except MergeError as err:
             return pushed, None, f"invalid-update: {err}"
-        record = {"from_version": lease.adapter_version, "onto_version": parent.version, "staleness": stale,
-                  "weight": weight, **converted.record()}
-        log.info("Push for %r (lease %d) started from v%d; applied to v%d as an update (staleness %d, weight %.3g, "
-                 "truncation %.3g)", lease.adapter, lease.token, lease.adapter_version, parent.version, stale, weight,
-                 converted.relative)
+        record = {"from_version": lease.adapter_version, "onto_version": parent.version, "staleness": len(lanes),
+                  "weight": weight, "rule": self.lane_update if lanes else "add", **converted.record()}
+        log.info("Push for %r (lease %d) started from v%d; applied to v%d as an update (%s, staleness %d, weight "
+                 "%.3g, truncation %.3g)", lease.adapter, lease.token, lease.adapter_version, parent.version,
+                 record["rule"], len(lanes), weight, converted.relative)
         return converted.state, record, ""
 
     def _parent_losses(self, parent: Any, base_version: int, parent_state: Mapping[str, Any],
