@@ -16,8 +16,11 @@ For each, ``err``: the relative Frobenius distance (over all targets) of its del
 ``delta(current) + delta(pushed) - delta(start)``; and the held-out loss (the keyed split, at most
 ``gate.max_eval_blocks`` blocks, as the hub's workbench computes it) of ``start``, ``current`` (lane 1),
 ``lane2`` alone, ``exact`` (the three deltas summed into the base weights: ``merge_adapters`` ``sum`` with
-weights 1, 1, -1, no rank limit), ``svd`` and ``factors``. Under the table: mean and spread (sample standard
-deviation) over the seeds, and which method lands closer to the exact sum.
+weights 1, 1, -1, no rank limit), ``svd`` and ``factors``. Two more say what the sum is worth: ``mix``, the
+default rule (``relay.lane_update=mix``, staleness weight 1/2: the mean of the two lanes' models, FedAsync),
+and ``sequential``, lane 2's lease trained on ``current`` instead (one lane: the same tokens in a row).
+Under the table: mean and spread (sample standard deviation) over the seeds, and which method lands closer
+to the exact sum.
 
     python benchmarks/lane_update.py                            # en ja, seeds 0 1 2, 10 + 10 steps
     python benchmarks/lane_update.py --languages en --seeds 0 1 2 3 4 --steps 20
@@ -35,8 +38,9 @@ import statistics
 import time
 
 from baseline import print_aligned  # this folder is on the path when run as a script
+from corpus_split import corpus_split
 
-LOSSES = ("start", "current", "lane2", "exact", "svd", "factors")
+LOSSES = ("start", "current", "lane2", "exact", "svd", "factors", "mix", "sequential")
 
 
 def relative_error(approx, exact) -> float:
@@ -63,29 +67,22 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     args = parser.parse_args()
 
-    import datasets
     import torch
 
-    from fedem_flwr.config.loader import load_config
-    from fedem_flwr.data.blocks import heldout_split, tokenize_blocks
-    from fedem_flwr.data.corpus import column, load_corpus
+    from fedem_flwr.data.blocks import tokenize_blocks
+    from fedem_flwr.data.corpus import column
     from fedem_flwr.gate.evaluator import HubWorkbench
     from fedem_flwr.gate.loss import evaluate
     from fedem_flwr.lineage.merge import WeightedAdapter, lora_deltas, merge_adapters, update_state
     from fedem_flwr.model.factory import build_model
     from fedem_flwr.model.lora import adapter_state, attach_lora, load_adapter_state
-    from fedem_flwr.model.tokenizer import build_byte_tokenizer
     from fedem_flwr.training.finetune import train
 
-    datasets.disable_progress_bars()
     torch.set_num_threads(args.threads)
     started = time.perf_counter()
-    cfg = load_config()
+    cfg, tokenizer, split = corpus_split(b"benchmarks/lane_update.py split key")
     lora = cfg.lora
-    tokenizer = build_byte_tokenizer()
     pad = tokenizer.pad_token_id
-    split = heldout_split(load_corpus(cfg.data), cfg.data.heldout_fraction, cfg.data.min_heldout_blocks,
-                          cfg.data.block_size, tokenizer, key=b"benchmarks/lane_update.py split key")
     blocks = {lang: tokenize_blocks(column(split.train.filter(lambda row, lang=lang: row["language"] == lang), "text"),
                                     tokenizer, cfg.data.block_size) for lang in args.languages}
     train_cfg = dataclasses.replace(cfg.train, batch_size=args.batch_size, progress=False, device="cpu",
@@ -113,6 +110,11 @@ def main() -> None:
                       seed=1000 * seed + 10 * n + lane, optimizer_state=first.optimizer_state)
                 lanes.append(adapter_state(model))
             current, pushed = lanes
+            load_adapter_state(model, current)  # one lane: lane 2's lease on lane 1's push, at its step
+            train(model, blocks[lang], dataclasses.replace(train_cfg, max_steps=args.steps), pad_id=pad,
+                  seed=1000 * seed + 10 * n + 2, optimizer_state=dataclasses.replace(
+                      first.optimizer_state, step=first.optimizer_state.step + args.steps))
+            sequential = adapter_state(model)
 
             svd = update_state(current, pushed, start, lora)
             factors = {key: current[key] + (pushed[key] - start[key]) for key in start}
@@ -127,7 +129,9 @@ def main() -> None:
 
             losses = {"start": loss(start), "current": loss(current), "lane2": loss(pushed),
                       "exact": float(evaluate(summed.model, {lang: bench.heldout[lang]}, pad_id=pad)[lang]["loss"]),
-                      "svd": loss(svd.state), "factors": loss(factors)}
+                      "svd": loss(svd.state), "factors": loss(factors),
+                      "mix": loss(update_state(current, pushed, start, lora, 0.5, [(start, current)]).state),
+                      "sequential": loss(sequential)}
             errors = {"svd": relative_error(lora_deltas(svd.state, lora), exact),
                       "factors": relative_error(lora_deltas(factors, lora), exact)}
             assert abs(errors["svd"] - svd.relative) < 1e-4, (errors["svd"], svd.relative)  # what update_state recorded
@@ -158,6 +162,9 @@ def main() -> None:
           f"({err['factors'] / max(err['svd'], 1e-12):.1f}x); svd at most factors in {fewer} of {len(rows)} runs")
     print(f"held-out loss: |svd - exact| {gap['svd']:.4f} vs |factors - exact| {gap['factors']:.4f} nats on average; "
           f"svd closer in {closer} of {len(rows)} runs")
+    worth = {m: statistics.fmean(r["losses"][m] - r["losses"]["current"] for r in rows)
+             for m in ("svd", "mix", "sequential")}
+    print("against lane 1 alone (current), mean: " + ", ".join(f"{m} {d:+.4f}" for m, d in worth.items()))
     print(f"\n{time.perf_counter() - started:.0f} s on {args.threads} thread(s)")
 
 

@@ -128,7 +128,7 @@ def run_model(args: dict[str, Any]) -> list[dict[str, Any]]:
 
         decision, seconds, peak = _measure(gate)
         record("gate", seconds, peak, accepted=decision.accepted)
-    del merged
+    merged = None  # free the merged model before judging
     if "judge" not in args["cases"]:
         return rows
 

@@ -29,6 +29,8 @@ import dataclasses
 import math
 import time
 
+from corpus_split import corpus_split  # this folder is on the path when run as a script
+
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -45,12 +47,10 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
 
-    import datasets
     import torch
 
-    from fedem_flwr.config.loader import load_config
-    from fedem_flwr.data.blocks import heldout_split, tokenize_blocks
-    from fedem_flwr.data.corpus import column, load_corpus
+    from fedem_flwr.data.blocks import tokenize_blocks
+    from fedem_flwr.data.corpus import column
     from fedem_flwr.gate.acceptance import decide_adapted, decide_base
     from fedem_flwr.gate.loss import evaluate
     from fedem_flwr.lineage.merge import (
@@ -62,18 +62,13 @@ def main() -> None:
     from fedem_flwr.lineage.policy import mean_weights
     from fedem_flwr.model.factory import build_model
     from fedem_flwr.model.lora import adapter_state, attach_lora, load_adapter_state
-    from fedem_flwr.model.tokenizer import build_byte_tokenizer
     from fedem_flwr.training.finetune import train
 
-    datasets.disable_progress_bars()
     torch.set_num_threads(args.threads)
     started = time.perf_counter()
-    cfg = load_config()
+    cfg, tokenizer, split = corpus_split(b"benchmarks/merge_rebase.py split key")
     lora = cfg.lora
-    tokenizer = build_byte_tokenizer()
     pad = tokenizer.pad_token_id
-    split = heldout_split(load_corpus(cfg.data), cfg.data.heldout_fraction, cfg.data.min_heldout_blocks,
-                          cfg.data.block_size, tokenizer, key=b"benchmarks/merge_rebase.py split key")
     languages = list(dict.fromkeys([*args.languages, *args.others]))
     heldout = {lang: split.heldout[lang][: args.max_blocks] for lang in languages}
     weights = {lang: float((blocks != pad).sum()) for lang, blocks in heldout.items()}
