@@ -326,7 +326,7 @@ class RelayConfig:
                           "a push lands as the change it made, applied to whatever the adapter is by then."},
     )
     lane_update: str = field(
-        default="mix",
+        default="add",
         metadata={"help": "How a push lands on a version other lanes moved on: `mix` (FedAsync: current + w * "
                           "(pushed - current), what lanes trained in common counted once) or `add` (current + w * "
                           "(pushed - start)); w is the staleness weight."},

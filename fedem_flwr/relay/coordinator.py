@@ -142,7 +142,7 @@ class RelayCoordinator:
         optimizer_states: Optional[OptimizerStates] = None,
         max_push_tokens: Optional[int] = None,
         lanes: int = 1,
-        lane_update: str = "mix",
+        lane_update: str = "add",
         staleness_power: float = 1.0,
     ) -> None:
         self._registry = registry
