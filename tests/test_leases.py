@@ -346,7 +346,8 @@ def test_a_stale_token_is_superseded_only_by_its_own_lane():
     book.expire(one.token, T0 + 1)
     newer = take(book, holder="node:3", now=T0 + 2)  # lane 0 again
 
-    with pytest.raises(Superseded, match=f"token {zero.token} of adapter 'hi' lane 0 was replaced by token {newer.token}"):
+    replaced = f"token {zero.token} of adapter 'hi' lane 0 was replaced by token {newer.token}"
+    with pytest.raises(Superseded, match=replaced):
         book.check_push(zero.token, T0 + 3)
     with pytest.raises(LeaseExpired):  # lane 1 was not leased again: its token simply expired
         book.check_push(one.token, T0 + 3)

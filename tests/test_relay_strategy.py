@@ -142,7 +142,8 @@ def test_hostile_lane_pushes_are_rejected_with_reasons_and_the_honest_lane_relay
 
     # Assert
     leases = registry.leases()
-    by_holder = {holder: [lease for lease in leases if lease.holder == holder] for holder in ("sim:0", "sim:1", "sim:2")}
+    by_holder = {holder: [lease for lease in leases if lease.holder == holder]
+                 for holder in ("sim:0", "sim:1", "sim:2")}
     assert all(lease.adapter == "hi" and 0 <= lease.lane < 3 for lease in leases)
     # the honest lane relays: every judged push accepted, one version each
     assert result.accepted == registry.latest_adapter_version("hi").version > 0

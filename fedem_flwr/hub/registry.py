@@ -323,8 +323,8 @@ class Registry(Database):
             try:
                 self._conn.execute(
                     "INSERT INTO leases (token, adapter, holder, base_version, adapter_version, issued, deadline, "
-                    "state, ended, outcome, lane) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT(token) DO UPDATE "
-                    "SET deadline = excluded.deadline, state = excluded.state, ended = excluded.ended, "
+                    "state, ended, outcome, lane) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) "
+                    "ON CONFLICT(token) DO UPDATE SET deadline = excluded.deadline, state = excluded.state, ended = excluded.ended, "
                     "outcome = excluded.outcome",
                     (lease.token, lease.adapter, lease.holder, lease.base_version, lease.adapter_version,
                      rec.finite("issued", lease.issued), rec.finite("deadline", lease.deadline),
@@ -343,8 +343,8 @@ class Registry(Database):
 
     def _lease_conflict(self, lease: Lease, err: sqlite3.IntegrityError) -> Exception:
         if lease.state == "active":
-            row = self._one("SELECT token FROM leases WHERE state = 'active' AND adapter = ? AND lane = ? AND token <> ?",
-                            (lease.adapter, lease.lane, lease.token))
+            row = self._one("SELECT token FROM leases WHERE state = 'active' AND adapter = ? AND lane = ? "
+                            "AND token <> ?", (lease.adapter, lease.lane, lease.token))
             if row is not None:
                 return RegistryConflict(f"lease {lease.token}: lane {lease.lane} of adapter {lease.adapter!r} already "
                                         f"has active lease {row[0]}; one active lease per lane.")

@@ -19,8 +19,8 @@ records why.
 A push lands as an update (DESIGN decision 20): when the adapter's current version is no longer the one
 its lease started from (another lane's push was accepted, or a merge rebased the adapter while the push
 was out), the push is judged and kept as the change it made, added to the current version in weight
-space and factored back to the adapter's rank (``lineage.merge.update_state``). With s other lanes' pushes accepted since its
-lease began, it gets weight ``w = (1 + s) ** -relay.staleness_power`` (FedAsync's polynomial staleness)
+space and factored back to the adapter's rank (``lineage.merge.update_state``). With s other lanes'
+pushes accepted since its lease began, it gets weight ``w = (1 + s) ** -relay.staleness_power`` (FedAsync's polynomial staleness)
 and ``relay.lane_update`` says how it lands: ``mix`` (FedAsync's mixing: current + w * (pushed -
 current), so what the lanes trained in common counts once) or ``add`` (current + w * (pushed - start)).
 A merge's rebase in between is kept whole either way; with one lane s is 0 and the push lands in
