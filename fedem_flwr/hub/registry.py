@@ -324,8 +324,8 @@ class Registry(Database):
                 self._conn.execute(
                     "INSERT INTO leases (token, adapter, holder, base_version, adapter_version, issued, deadline, "
                     "state, ended, outcome, lane) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) "
-                    "ON CONFLICT(token) DO UPDATE SET deadline = excluded.deadline, state = excluded.state, ended = excluded.ended, "
-                    "outcome = excluded.outcome",
+                    "ON CONFLICT(token) DO UPDATE SET deadline = excluded.deadline, state = excluded.state, "
+                    "ended = excluded.ended, outcome = excluded.outcome",
                     (lease.token, lease.adapter, lease.holder, lease.base_version, lease.adapter_version,
                      rec.finite("issued", lease.issued), rec.finite("deadline", lease.deadline),
                      lease.state, lease.ended, lease.outcome, lease.lane))
