@@ -224,3 +224,32 @@ def test_online_time_in_daily_windows_is_the_listed_count_integrated_over_each_c
     assert grid.usage() == {"lease_s": 0.0, "online_s": pytest.approx(windows)}
     assert listed == pytest.approx(windows)
     assert 0 < windows < 8 * end
+
+
+class _Trickling(InProcessGrid):
+    """Replies come back one per pull, the newest first: as real replies race each other."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.held: dict[str, Message] = {}  # replies that have run but not come back yet
+
+    def pull_messages(self, message_ids):
+        wanted = list(message_ids)
+        self.held.update((reply.metadata.reply_to_message_id, reply) for reply in super().pull_messages(wanted))
+        ready = [message_id for message_id in reversed(list(self.held)) if message_id in wanted]
+        return [self.held.pop(ready[0])] if ready else []
+
+
+def test_replies_due_at_one_instant_come_whole_and_in_push_order_however_they_really_arrive():
+    # Prepare: four profile replies, due the moment they are sent, that really arrive one per pull
+    inner = _Trickling(app, {10 + p: {"partition-id": p} for p in range(4)}, {})
+    grid = VirtualGrid(inner, VirtualClock(start=1000.0), SimConfig(), seed=0, max_steps=10, sleep=lambda s: None)
+    nodes = sorted(grid.get_node_ids())
+
+    # Execute
+    ids = list(grid.push_messages([messages.profile_message(n, ttl=60) for n in nodes]))
+    replies = list(grid.pull_messages(ids))
+
+    # Assert: one pull gives all four, in the order they were sent, and no simulated time passed
+    assert [reply.metadata.src_node_id for reply in replies] == nodes
+    assert grid.clock.elapsed == 0

@@ -90,6 +90,7 @@ class _InFlight:
     pushed_at: float
     deadline: float
     due: float
+    seq: int = 0  # push order: replies due at one simulated instant are released in it
     plan: Optional[LeasePlan] = None
     reply: Optional[Message] = None
 
@@ -117,6 +118,7 @@ class VirtualGrid(Grid):
         self.in_flight: dict[str, _InFlight] = {}
         self._contributors: dict[int, VirtualContributor] = {}
         self._draws = 0  # numbers plans of messages that carry no lease token
+        self._pushed = 0  # messages pushed so far: each entry's ``seq``
 
     # -- Grid ----------------------------------------------------------------------------------------
 
@@ -144,7 +146,8 @@ class VirtualGrid(Grid):
         for message in batch:
             meta = message.metadata
             ttl = meta.ttl if meta.ttl and math.isfinite(meta.ttl) else self.cfg.message_ttl_s
-            entry = _InFlight(message, meta.dst_node_id, now, now + ttl, now)
+            self._pushed += 1
+            entry = _InFlight(message, meta.dst_node_id, now, now + ttl, now, seq=self._pushed)
             if message.metadata.message_type.startswith("train"):
                 entry.plan = self._plan(message)
                 if entry.plan is not None:
@@ -161,14 +164,19 @@ class VirtualGrid(Grid):
         return ids
 
     def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
-        """The replies due by now, in the order of their simulated arrival."""
-        self._collect()
+        """The replies due by now, in the order of their simulated arrival (ties in push order).
+
+        Every reply due by now is waited for in real time first, as ``advance`` does: what the hub
+        sees at a simulated instant never depends on which real replies happened to be back (a profile
+        reply is due the moment it is sent), so a run is the same each time it is run."""
+        message_ids = list(message_ids)
         now = self.clock()
+        self._wait_for(lambda entry: entry.due <= now)
         ready = sorted(
-            ((entry.due, message_id) for message_id in message_ids
+            ((entry.due, entry.seq, message_id) for message_id in message_ids
              if (entry := self.in_flight.get(message_id)) is not None and entry.reply is not None and entry.due <= now),
         )
-        return [self._release(message_id) for _, message_id in ready]
+        return [self._release(message_id) for _, _, message_id in ready]
 
     def send_and_receive(self, messages: Iterable[Message], *, timeout: Optional[float] = None) -> Iterable[Message]:
         """Push, then let simulated time run until every reply is in (a synchronous round's wait)."""
@@ -200,13 +208,7 @@ class VirtualGrid(Grid):
             if back > now:
                 target = min(target, back)
         target = max(now, target)
-        started, pause = time.monotonic(), POLL_S
-        while any(entry.reply is None and entry.due <= target for entry in self.in_flight.values()):
-            self._collect()
-            if any(entry.reply is None and entry.due <= target for entry in self.in_flight.values()):
-                self.real_sleep(pause)
-                pause = min(MAX_POLL_S, pause * 2)  # each pull costs the SuperLink too
-        self.waiting_s += time.monotonic() - started
+        self._wait_for(lambda entry: entry.due <= target)
         self.clock.advance_to(target)
 
     def online(self, node_id: int) -> bool:
@@ -289,6 +291,16 @@ class VirtualGrid(Grid):
         """Simulated seconds from push to what the hub hears: the reply, or the SuperLink's report
         that the node is gone."""
         return plan.vanish_at_s + self.cfg.heartbeat_s if plan.vanishes else plan.duration_s
+
+    def _wait_for(self, due: Callable[[_InFlight], bool]) -> None:
+        """Pull real replies until every message in flight that ``due`` selects has its reply."""
+        started, pause = time.monotonic(), POLL_S
+        self._collect()
+        while any(entry.reply is None and due(entry) for entry in self.in_flight.values()):
+            self.real_sleep(pause)
+            pause = min(MAX_POLL_S, pause * 2)  # each pull costs the SuperLink too
+            self._collect()
+        self.waiting_s += time.monotonic() - started
 
     def _collect(self) -> None:
         """Pull every real reply that has arrived; count what it trained."""
