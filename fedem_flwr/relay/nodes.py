@@ -80,8 +80,10 @@ class NodeTable:
         return [n for n in self._nodes.values() if n.profile is None and not n.busy and now >= n.retry_at]
 
     def free(self, now: float, refused: Callable[[NodeState, int], None] = lambda node, owner: None) -> dict[str, NodeState]:
-        """Nodes that may take a lease now, by identity: profiled, idle, not backing off, and the
-        first live node of their identity; ``refused(node, owner_id)`` is called once per clash."""
+        """Nodes that may take a lease now, by identity, in identity order (not the order Flower's random
+        node ids came in, so a policy sees the same nodes the same way in every run): profiled, idle,
+        not backing off, and the first live node of their identity; ``refused(node, owner_id)`` is
+        called once per clash."""
         owners: dict[str, int] = {}
         free: dict[str, NodeState] = {}
         for node in self._nodes.values():
@@ -94,7 +96,7 @@ class NodeTable:
             node.refused = False
             if node.profile is not None and not node.busy and now >= node.retry_at:
                 free[node.identity] = node
-        return free
+        return dict(sorted(free.items()))
 
     def back_off(self, node: NodeState, now: float) -> float:
         """Count a failure; the node waits the returned number of seconds."""
