@@ -68,3 +68,15 @@ def test_a_node_with_a_message_in_flight_stays_until_it_is_answered():
     table.refresh({})
     assert table.ids() == [1]
     assert table.to_profile(0.0) == []
+
+
+def test_free_nodes_come_in_identity_order_whatever_order_their_node_ids_came_in():
+    # Flower gives simulated nodes random ids: the policy must see the same nodes in the same order
+    tables = []
+    for live in ({30: b"", 10: b"", 20: b""}, {10: b"", 20: b"", 30: b""}):
+        table = NodeTable(backoff_s=1, backoff_max_s=8)
+        table.refresh(live)
+        _profiled(table, *live)
+        tables.append(list(table.free(0.0)))
+
+    assert tables[0] == tables[1] == ["node:10", "node:20", "node:30"]
