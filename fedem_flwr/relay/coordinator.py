@@ -213,13 +213,6 @@ class RelayCoordinator:
         """How many nodes may hold one adapter at once (``relay.lanes``)."""
         return self._book.lanes
 
-    def holders(self) -> dict[str, int]:
-        """Active leases per adapter now (those with none are left out)."""
-        counts: dict[str, int] = {}
-        for lease in self._book.active():
-            counts[lease.adapter] = counts.get(lease.adapter, 0) + 1
-        return dict(sorted(counts.items()))
-
     @property
     def carry(self) -> str:
         """What of the optimizer travels with an adapter (``train.carry``): a push's state is checked by it."""

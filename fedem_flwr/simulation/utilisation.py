@@ -48,11 +48,16 @@ def ceiling(holders_per_adapter: Iterable[int], contributors: int, lanes: int) -
 class LeaseMeter:
     """Useful lease seconds and contributor online seconds, as intervals on simulated time (seconds
     since the start). A contributor's leases are recorded in the order they start; its absences do
-    not overlap its leases (a vanished contributor is given none while away)."""
+    not overlap its leases (a vanished contributor is given none while away).
+
+    A run asks at every trace row, with ``now`` moving forward: what an interval ended by then adds is
+    settled once, so a row costs the intervals still open, not every lease of the run. Asked about an
+    earlier ``now``, it counts everything again."""
 
     leases: list[tuple[float, float]] = field(default_factory=list)
     busy: dict[Hashable, list[list[float]]] = field(default_factory=dict)  # merged lease intervals per contributor
     away: dict[Hashable, list[tuple[float, float]]] = field(default_factory=dict)
+    _lease_settled: tuple[float, float, int] = (0.0, 0.0, 0)  # (until, seconds, leases before the first open one)
 
     def lease(self, who: Hashable, start: float, end: float) -> None:
         """A lease ``who`` works on from ``start`` to ``end`` (its useful time)."""
@@ -70,7 +75,15 @@ class LeaseMeter:
 
     def lease_seconds(self, now: float) -> float:
         """Useful lease time up to ``now``: each lease counted as far as it got."""
-        return sum(max(0.0, min(end, now) - start) for start, end in self.leases)
+        until, settled, first = self._lease_settled
+        if now < until:
+            until, settled, first = 0.0, 0.0, 0
+        # leases start in push order; a leading run of ended ones is settled for every later ``now``
+        while first < len(self.leases) and self.leases[first][1] <= now:
+            settled += self.leases[first][1] - self.leases[first][0]
+            first += 1
+        self._lease_settled = (now, settled, first)
+        return settled + sum(max(0.0, min(end, now) - start) for start, end in self.leases[first:])
 
     def online_seconds(self, now: float, contributors: Mapping[Hashable, OnlineWithin]) -> float:
         """Online time of ``contributors`` (each with its windows' integral) from 0 to ``now``: inside
