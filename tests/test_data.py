@@ -45,7 +45,7 @@ def test_demo_corpus_has_28_languages_with_codes(demo):
     assert {"en", "hi", "te", "bn", "ta", "fa", "zh", "zh-Hant", "hi-Latn"} <= set(sizes)
     assert list(sizes)[:2] == ["fa", "en"] and sizes["fa"] > 200_000
     assert list(sizes)[-1] == "th" and sizes["th"] < 1_000
-    assert demo.column_names == ["text", "language"]
+    assert demo.column_names == ["text", "language", "chat", "domain"]
 
 
 def test_languages_filter_accepts_codes_and_names(demo):
@@ -76,13 +76,18 @@ def test_local_files_in_every_format(tmp_path):
     ))
     text = load_corpus(DataConfig(source="files", paths=[str(tmp_path / "notes.ta.txt")]))
 
-    # Assert
-    assert tables.to_list() == rows
-    assert renamed.to_list() == [{"text": "హలో", "language": "te"}, {"text": "বাংলা লেখা", "language": "bn"}]
+    # Assert: plain rows, no chat and no domain
+    assert tables.to_list() == [plain(**row) for row in rows]
+    assert renamed.to_list() == [plain("హలో", "te"), plain("বাংলা লেখা", "bn")]
     assert text.to_list() == [
-        {"text": "முதல் பத்தி\nஇரண்டாம் வரி", "language": "ta"},  # one row per paragraph
-        {"text": "இரண்டாம் பத்தி", "language": "ta"},
+        plain("முதல் பத்தி\nஇரண்டாம் வரி", "ta"),  # one row per paragraph
+        plain("இரண்டாம் பத்தி", "ta"),
     ]
+
+
+def plain(text: str, language: str) -> dict[str, str]:
+    """A corpus row of plain text (no conversation, no domain)."""
+    return {"text": text, "language": language, "chat": "", "domain": ""}
 
 
 def test_a_folder_means_every_data_file_inside(tmp_path):
@@ -141,7 +146,7 @@ def test_hub_source_reads_a_dataset_repo(hf_env):
 
     ds = load_corpus(DataConfig(source="hub", hub_id="org/corpus", languages=["te"]))
 
-    assert ds.to_list() == [rows[1]]
+    assert ds.to_list() == [plain(**rows[1])]
     with pytest.raises(DataError, match="org/missing"):
         load_corpus(DataConfig(source="hub", hub_id="org/missing"))
 

@@ -61,7 +61,7 @@ def test_no_node_receives_a_heldout_row(hub, scheme, nodes):
     assert all(mine.isdisjoint(held) for mine in texts)
     every = set(column(hub.corpus, "text"))
     assert set().union(*texts) == every - {text for _, text in hub.split.withheld}
-    assert all(rows.column_names == ["text", "language"] for rows in delivered)
+    assert all(rows.column_names == ["text", "language", "chat", "domain"] for rows in delivered)
     assert hub.training_rows(0, nodes) is delivered[0]  # cached per partition
 
 

@@ -114,9 +114,9 @@ def test_load_adapter_state_refuses_wrong_shape(tokenizer):
     model = attach_lora(tiny(tokenizer), ALL_SAFE)
     state = adapter_state(model)
     key = "base_model.model.lm_head.lora_B.weight"
-    state[key] = torch.zeros(260, 4)
+    state[key] = torch.zeros(264, 4)
 
-    with pytest.raises(InvalidAdapter, match=r"lm_head.lora_B.weight.*\(260, 4\).*\(260, 8\)"):
+    with pytest.raises(InvalidAdapter, match=r"lm_head.lora_B.weight.*\(264, 4\).*\(264, 8\)"):
         load_adapter_state(model, state)
 
 

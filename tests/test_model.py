@@ -31,16 +31,16 @@ def test_seshu_tiny_is_mamba2_with_byte_vocab(tokenizer):
     model = build_model(cfg, tokenizer)
 
     assert isinstance(model, Mamba2ForCausalLM)
-    assert model.config.vocab_size == 260
+    assert model.config.vocab_size == 264  # 4 special tokens, 256 bytes, 4 chat role tokens
     assert (model.config.pad_token_id, model.config.bos_token_id, model.config.eos_token_id) == (0, 1, 2)
     assert model.config.num_heads * model.config.head_dim == cfg.hidden_size * cfg.expand
-    assert count_parameters(model) == 89_648
+    assert count_parameters(model) == 90_160
     assert kernel_path(model) == "pytorch"
 
 
 @pytest.mark.parametrize(
     ("name", "cls", "expected"),
-    [("seshu-130m", Mamba2ForCausalLM, 90_767_808), ("seshu-130m-mamba1", MambaForCausalLM, 90_919_680)],
+    [("seshu-130m", Mamba2ForCausalLM, 90_773_952), ("seshu-130m-mamba1", MambaForCausalLM, 90_925_824)],
 )
 def test_130m_shapes_on_meta_device(tokenizer, name, cls, expected):
     cfg = load_config([f"model={name}"]).model
@@ -101,7 +101,7 @@ def test_save_base_loads_with_plain_transformers(tokenizer, tmp_path):
         expected = model(input_ids=ids).logits
         assert torch.allclose(plain(input_ids=ids).logits, expected, atol=1e-6)
         assert torch.allclose(loaded(input_ids=ids).logits, expected, atol=1e-6)
-    assert len(loaded_tok) == 260
+    assert len(loaded_tok) == 264
 
 
 def test_build_model_from_pretrained_folder(tokenizer, tmp_path):

@@ -1,4 +1,4 @@
-"""Byte tokenizer: exact round-trip of every script, special-token spellings kept, standard reload."""
+"""Byte tokenizer: exact round-trip of every script, special-token spellings kept, standard reload, role tokens."""
 
 from __future__ import annotations
 
@@ -7,7 +7,13 @@ from transformers import AutoTokenizer
 
 from fedem_flwr.config.schema import TokenizerConfig
 from fedem_flwr.errors import ConfigError, ModelNotFound
-from fedem_flwr.model.tokenizer import BYTE_VOCAB_SIZE, build_byte_tokenizer, load_tokenizer
+from fedem_flwr.model.tokenizer import (
+    BYTE_VOCAB_SIZE,
+    ROLE_TOKENS,
+    build_byte_tokenizer,
+    has_chat_template,
+    load_tokenizer,
+)
 
 SAMPLES = {
     "latin": "Grüße, señor! Ça va? naïve façade",
@@ -30,9 +36,10 @@ def saved_and_reloaded(tmp_path_factory):
 
 
 def test_vocab_and_special_ids():
-    tokenizer = build_byte_tokenizer()
+    tokenizer = build_byte_tokenizer(chat=False)
 
     assert len(tokenizer) == BYTE_VOCAB_SIZE == 260
+    assert tokenizer.chat_template is None and not has_chat_template(tokenizer)
     assert (tokenizer.pad_token_id, tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.unk_token_id) == (
         0, 1, 2, 3,
     )
@@ -79,8 +86,11 @@ def test_bpe_merges_shorten_and_round_trip(tmp_path):
     tokenizer.save_pretrained(tmp_path)
     reloaded = AutoTokenizer.from_pretrained(tmp_path)
 
-    assert BYTE_VOCAB_SIZE < len(reloaded) <= BYTE_VOCAB_SIZE + 40
+    assert BYTE_VOCAB_SIZE + len(ROLE_TOKENS) < len(reloaded) <= BYTE_VOCAB_SIZE + 40 + len(ROLE_TOKENS)
     assert reloaded.pad_token_id == 0
+    # The role tokens follow the merges, and the template survives the reload
+    assert reloaded.convert_tokens_to_ids(list(ROLE_TOKENS)) == list(range(len(reloaded) - 4, len(reloaded)))
+    assert has_chat_template(reloaded)
     for text in SAMPLES.values():
         ids = reloaded(text, add_special_tokens=False)["input_ids"]
         assert reloaded.decode(ids) == text
@@ -98,8 +108,10 @@ def test_load_tokenizer_from_config(tmp_path):
 
     built = load_tokenizer(TokenizerConfig())
     loaded = load_tokenizer(TokenizerConfig(kind="pretrained", path=str(tmp_path)))
+    without_chat = load_tokenizer(TokenizerConfig(chat=False))
 
-    assert len(built) == len(loaded) == 260
+    assert len(built) == len(loaded) == 264 and has_chat_template(loaded)
+    assert len(without_chat) == 260 and not has_chat_template(without_chat)
     assert loaded.decode(loaded(SAMPLES["telugu"], add_special_tokens=False)["input_ids"]) == SAMPLES["telugu"]
 
 
@@ -108,3 +120,32 @@ def test_missing_pretrained_tokenizer_names_the_path(tmp_path):
 
     with pytest.raises(ModelNotFound, match="nope"):
         load_tokenizer(TokenizerConfig(kind="pretrained", path=str(missing)))
+
+
+# -- role tokens ------------------------------------------------------------------------------------
+def test_role_tokens_follow_the_bytes_whose_ids_do_not_move():
+    chat, plain = build_byte_tokenizer(), build_byte_tokenizer(chat=False)
+
+    assert len(chat) == BYTE_VOCAB_SIZE + len(ROLE_TOKENS) == 264
+    assert chat.convert_tokens_to_ids(list(ROLE_TOKENS)) == [260, 261, 262, 263]
+    assert chat.get_vocab().items() >= plain.get_vocab().items()  # every byte and special keeps its id
+    for text in SAMPLES.values():
+        assert chat(text)["input_ids"] == plain(text)["input_ids"]
+    assert has_chat_template(chat) and not has_chat_template(plain)
+
+
+def test_role_tokens_are_matched_in_any_text_special_spellings_stay_bytes():
+    tokenizer = build_byte_tokenizer()
+
+    ids = tokenizer("a<|user|>b<eos>", add_special_tokens=False)["input_ids"]
+
+    # The documented price of non-special role tokens: a literal <|user|> is the role token
+    assert ids == [ord("a") + 4, 261, ord("b") + 4, *(b + 4 for b in b"<eos>")]
+    assert tokenizer.decode(ids) == "a<|user|>b<eos>"
+
+
+def test_a_template_without_its_role_tokens_is_no_chat_template():
+    tokenizer = build_byte_tokenizer(chat=False)
+    tokenizer.chat_template = build_byte_tokenizer().chat_template  # the template, not the tokens
+
+    assert not has_chat_template(tokenizer)

@@ -13,13 +13,15 @@ import torch
 
 from fedem_flwr.config.schema import LoraConfig, ModelConfig, TrainConfig
 from fedem_flwr.data.blocks import heldout_split, tokenize_blocks
+from fedem_flwr.data.chat import chat_blocks
 from fedem_flwr.data.corpus import column, load_corpus
+from fedem_flwr.data.labels import inputs_of
 from fedem_flwr.errors import ConfigError, DataError, TrainingError
 from fedem_flwr.gate.loss import evaluate, mean_loss
 from fedem_flwr.model.factory import build_model
 from fedem_flwr.model.lora import attach_lora
 from fedem_flwr.training.device import pick_device, pick_precision
-from fedem_flwr.training.finetune import is_out_of_memory, lr_at, shrink_micro_batch, train
+from fedem_flwr.training.finetune import is_out_of_memory, lr_at, optimizer_step, shrink_micro_batch, train
 
 datasets.disable_progress_bars()
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
@@ -354,3 +356,85 @@ def test_cuda_fp16_uses_loss_scaling(tokenizer, blocks, pad_id):
     result = train(tiny_lora(tokenizer), blocks, cfg, pad_id=pad_id)
 
     assert math.isfinite(result.loss_last)
+
+
+# -- masked blocks: conversations, scored on the assistant's tokens only ----------------------------
+CONVERSATIONS = [
+    [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "hi there"},
+     {"role": "assistant", "content": "hello!"}],
+    [{"role": "user", "content": "नमस्ते"}, {"role": "assistant", "content": "नमस्ते, कैसे हैं?"},
+     {"role": "user", "content": "ठीक"}, {"role": "assistant", "content": "अच्छा"}],
+] * 3
+
+
+def hand_masked_loss(model, blocks: torch.Tensor, pad_id: int) -> tuple[torch.Tensor, int]:
+    """Summed cross-entropy over the assistant's tokens, written out: position t predicts token t + 1,
+    and only tokens stored as ids (not ~id, not padding) are scored."""
+    ids = torch.where(blocks < 0, -blocks - 1, blocks)
+    logits = model(input_ids=ids, use_cache=False).logits.float()
+    losses = torch.nn.functional.cross_entropy(logits[:, :-1].transpose(1, 2), ids[:, 1:], reduction="none")
+    scored = (blocks[:, 1:] >= 0) & (blocks[:, 1:] != pad_id)
+    return losses[scored].sum(), int(scored.sum())
+
+
+def test_the_heldout_loss_of_conversations_is_the_assistants_cross_entropy(tokenizer, pad_id):
+    model = tiny_lora(tokenizer)
+    blocks = chat_blocks(CONVERSATIONS, tokenizer, block_size=48)
+
+    result = evaluate(model, {"en:chat": blocks}, pad_id=pad_id, batch_size=2)["en:chat"]
+
+    with torch.no_grad():
+        total, count = hand_masked_loss(model, blocks, pad_id)
+    assert result["tokens"] == count < int((blocks != pad_id).sum()) - blocks.shape[0]
+    assert result["loss"] == pytest.approx(total.item() / count, abs=1e-5)
+
+
+class CapturingOptimizer:
+    """Stands in for AdamW in ``optimizer_step``: keeps the gradients it would have stepped with."""
+
+    def __init__(self, params):
+        self.params, self.grads = params, []
+
+    def step(self):
+        self.grads = [p.grad.detach().clone() for p in self.params]
+
+    def zero_grad(self, set_to_none=True):
+        for p in self.params:
+            p.grad = None
+
+
+def test_a_training_step_on_conversations_learns_nothing_from_user_or_system_tokens(tokenizer, pad_id):
+    # Prepare: a LoRA whose B is not zero, so every adapter weight has a gradient
+    model = tiny_lora(tokenizer)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "lora_B" in name:
+                param.normal_(std=0.1)
+    params = [p for p in model.parameters() if p.requires_grad]
+    masked = chat_blocks(CONVERSATIONS, tokenizer, block_size=48)
+
+    def step(blocks: torch.Tensor) -> list[torch.Tensor]:
+        capture = CapturingOptimizer(params)
+        optimizer_step(model, blocks, 2, pad_id, torch.device("cpu"), None, capture, None, params, 0.0)
+        return capture.grads
+
+    # Execute: the production step; the hand-written loss over the assistant's tokens; every token scored
+    grads = step(masked)
+    total, count = hand_masked_loss(model, masked, pad_id)
+    expected = torch.autograd.grad(total / count, params)
+    unmasked = step(inputs_of(masked))
+
+    # Assert: the step's gradient is the assistant tokens' alone (user and system targets add nothing)
+    for got, want, every in zip(grads, expected, unmasked):
+        assert torch.allclose(got, want, atol=1e-6, rtol=1e-4)
+    assert any(not torch.allclose(got, every, atol=1e-6) for got, every in zip(grads, unmasked))
+
+
+def test_training_on_conversations_counts_every_token_it_reads(tokenizer, pad_id):
+    blocks = chat_blocks(CONVERSATIONS, tokenizer, block_size=32)
+    cfg = dataclasses.replace(QUICK, max_steps=1, batch_size=blocks.shape[0])
+
+    result = train(tiny_lora(tokenizer), blocks, cfg, pad_id=pad_id)
+
+    assert result.tokens == int((blocks != pad_id).sum())  # context tokens are read, so counted
+    assert math.isfinite(result.loss_first)

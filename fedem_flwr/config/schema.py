@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any, Optional
@@ -78,6 +79,11 @@ class TokenizerConfig:
     path: Optional[str] = field(default=None, metadata={"help": "Folder or repo id when kind=pretrained."})
     bpe_merges: int = field(default=0, metadata={"help": "BPE merges trained on the corpus over the bytes; 0 = none."})
     model_max_length: int = 4096
+    chat: bool = field(
+        default=True,
+        metadata={"help": "Give a `bytes` tokenizer the role tokens and chat template `sft-chat` adapters need "
+                          "(4 more tokens; off reproduces the 260-token vocabulary of earlier hubs)."},
+    )
 
     def __post_init__(self) -> None:
         _choice("tokenizer", "kind", self.kind, ("bytes", "pretrained"))
@@ -95,6 +101,12 @@ class DataConfig:
     languages: list[str] = field(default_factory=list, metadata={"help": "Keep only these; empty = all."})
     text_column: str = "text"
     language_column: str = "language"
+    messages_column: str = field(
+        default="messages",
+        metadata={"help": "Column of a JSON/Parquet file holding a conversation (a list of role/content turns): "
+                          "its rows serve `sft-chat` adapters, and as flat text the language's own."},
+    )
+    domain_column: str = field(default="domain", metadata={"help": "Optional column tagging a row's domain."})
     partitioner: str = field(default="language", metadata={"help": "`language`, `iid` or `dirichlet`."})
     dirichlet_alpha: float = 0.5
     block_size: int = 128
@@ -561,9 +573,15 @@ class SimConfig:
     hub_cpt_speed: float = field(
         default=0.05, metadata={"help": "CPT optimizer steps the hub runs per simulated second (virtual clock)."}
     )
+    chat_loss: str = field(
+        default="response",
+        metadata={"help": "What the baselines train a chat adapter on: `response` (SFT: the assistant's tokens), "
+                          "`all` (every token of the rendered chat) or `flat` (the conversations as plain text)."},
+    )
 
     def __post_init__(self) -> None:
         _choice("sim", "method", self.method, SIM_METHODS)
+        _choice("sim", "chat_loss", self.chat_loss, ("response", "all", "flat"))
         _choice("sim", "clock", self.clock, ("real", "virtual"))
         _choice("sim", "availability", self.availability, ("always", "daily"))
         _positive("sim", "max_tokens", self.max_tokens)
@@ -585,6 +603,77 @@ class SimConfig:
             raise ConfigError(f"`sim.method={self.method}` runs on the virtual clock only: set `sim.clock=virtual`.")
 
 
+# What each task trains on: a task adapter is served by rows of this format (``fedem_flwr.data.tasks``).
+TASK_FORMATS = {"causal-lm": "text", "sft-chat": "chat"}
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+
+
+@dataclass
+class CatalogEntry:
+    """One adapter the hub operator declares (``conf/catalog``): what it is trained on and judged by."""
+
+    name: str = field(default="", metadata={"help": "The adapter's name (its repo is `<prefix>-<name>`)."})
+    task: str = field(default="causal-lm", metadata={"help": f"One of {', '.join(TASK_FORMATS)}."})
+    languages: list[str] = field(default_factory=list, metadata={"help": "Language codes it serves."})
+    domain: str = field(default="", metadata={"help": "Only rows tagged with this domain; empty = every row."})
+    merge: Optional[bool] = field(
+        default=None,
+        metadata={"help": "May merges absorb it into the base? null: `causal-lm` adapters yes, task adapters no."},
+    )
+    margin: Optional[float] = field(default=None, metadata={"help": "Its own `gate.margin`; null = the gate's."})
+    tolerance: Optional[float] = field(default=None, metadata={"help": "Its own `gate.tolerance`; null = the gate's."})
+
+    def __post_init__(self) -> None:
+        where = f"catalog adapter {self.name!r}"
+        if not isinstance(self.name, str) or not _NAME.match(self.name):
+            raise ConfigError(
+                f"`catalog.adapters` entry has name {self.name!r}; a name is 1-64 letters, digits, '-', '_' or '.', "
+                "starting with a letter or digit (it names the adapter's repo)."
+            )
+        if self.task not in TASK_FORMATS:
+            raise ConfigError(
+                f"{where}: unknown task {self.task!r}. Task must be one of {', '.join(repr(t) for t in TASK_FORMATS)}."
+            )
+        if not self.languages:
+            raise ConfigError(f"{where}: `languages` is empty; name the language codes it serves, e.g. ['hi'].")
+        if len(set(self.languages)) != len(self.languages):
+            raise ConfigError(f"{where}: `languages` {list(self.languages)} names a language twice.")
+        if self.domain and not _NAME.match(self.domain):
+            raise ConfigError(f"{where}: `domain` {self.domain!r} is not a plain tag (letters, digits, '-', '_', '.').")
+        for key in ("margin", "tolerance"):
+            value = getattr(self, key)
+            if value is not None and (not math.isfinite(value) or value < 0):
+                raise ConfigError(f"{where}: `{key}` is {value!r}; it must be a finite number >= 0 (or null).")
+
+    @property
+    def data_format(self) -> str:
+        return TASK_FORMATS[self.task]
+
+    @property
+    def mergeable(self) -> bool:
+        return self.task == "causal-lm" if self.merge is None else bool(self.merge)
+
+
+@dataclass
+class CatalogConfig:
+    per_language: bool = field(
+        default=True,
+        metadata={"help": "One `causal-lm` adapter per language with at least `data.min_language_bytes` of text, "
+                          "named by its language code (the hub's adapters before catalogs existed)."},
+    )
+    adapters: list[CatalogEntry] = field(default_factory=list, metadata={"help": "Adapters declared by name."})
+
+    def __post_init__(self) -> None:
+        seen: set[str] = set()
+        for entry in self.adapters:
+            if entry.name in seen:
+                raise ConfigError(f"`catalog.adapters` declares {entry.name!r} twice; adapter names are unique.")
+            seen.add(entry.name)
+
+    def entry(self, name: str) -> Optional[CatalogEntry]:
+        return next((e for e in self.adapters if e.name == name), None)
+
+
 @dataclass
 class FedemConfig:
     seed: int = 0
@@ -599,3 +688,4 @@ class FedemConfig:
     hub: HubConfig = field(default_factory=HubConfig)
     cpt: CptConfig = field(default_factory=CptConfig)
     sim: SimConfig = field(default_factory=SimConfig)
+    catalog: CatalogConfig = field(default_factory=CatalogConfig)

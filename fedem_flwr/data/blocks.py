@@ -2,7 +2,8 @@
 
 Blocks follow nanoGPT: documents are tokenized, each followed by ``eos``, concatenated and cut into
 rows of ``block_size``; only the last row is padded, and ``labels_for`` sets its padding to -100 so
-padding never counts in a loss.
+padding never counts in a loss. Conversations pack the same way (``data.chat.chat_blocks``), their
+context tokens stored as ``~id`` (``data.labels``).
 
 The held-out split is decided per language by a keyed lottery: each row draws a ticket,
 HMAC-SHA256(key, language, text), and rows are held out in ticket order until their text reaches
@@ -23,6 +24,13 @@ set, in the same ticket order. With ``test_fraction`` 0 the held-out set is exac
 without a test split, bit for bit. Test rows are withheld like held-out rows (no node, CPT or
 baseline trains on them) and follow the same ``min_blocks`` rule; nothing in a run reads them: the
 gate, merges and CPT judge on the held-out set, and a study's final numbers use the test set.
+
+Task adapters are judged on held-out sets of their own (``extra_keys``: ``en:chat``, ``en@health``,
+see ``data.tasks``), cut from the rows the language's lottery already withheld: the same rows stay
+out of training, no language's split moves, and a task never sees a row its language trains on. A
+key keeps its language's rows of its domain (when it names one); ``chat`` keeps the conversations
+among them, rendered with the chat template and scored on the assistant's tokens, ``text`` their
+flat text. A key whose rows give fewer than ``min_blocks`` full blocks gets no entry.
 """
 
 from __future__ import annotations
@@ -37,16 +45,19 @@ import datasets
 import numpy as np
 import torch
 
-from fedem_flwr.data.corpus import LANGUAGE, TEXT, column
-from fedem_flwr.errors import ConfigError, DataError
+from fedem_flwr.data.chat import chat_blocks, parse_messages
+from fedem_flwr.data.corpus import CHAT, DOMAIN, LANGUAGE, TEXT, column
+from fedem_flwr.data.labels import check_block_size, pack_blocks, special_ids
+from fedem_flwr.data.tasks import CHAT as CHAT_FORMAT
+from fedem_flwr.data.tasks import FORMATS, DataKey, parse_key
+from fedem_flwr.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
 
 def tokenize_blocks(texts: Iterable[str], tokenizer, block_size: int) -> torch.Tensor:
     """int64 ``[n, block_size]``: documents each followed by eos, cut in blocks, the tail padded."""
-    if block_size < 2:
-        raise ConfigError(f"`data.block_size` is {block_size}; a block needs at least 2 tokens.")
+    check_block_size(block_size)
     eos, pad = special_ids(tokenizer)
     if isinstance(texts, datasets.arrow_dataset.Column) and isinstance(texts.source, datasets.Dataset):
         texts = column(texts.source, texts.column_name)  # ds["text"]: read through Arrow, 30x faster
@@ -54,20 +65,7 @@ def tokenize_blocks(texts: Iterable[str], tokenizer, block_size: int) -> torch.T
     if not texts:
         return torch.empty((0, block_size), dtype=torch.long)
     ids = tokenizer(texts, add_special_tokens=False)["input_ids"]
-    flat = torch.from_numpy(np.concatenate([np.asarray([*doc, eos], dtype=np.int64) for doc in ids]))
-    n_blocks = -(-flat.numel() // block_size)  # ceiling division
-    blocks = torch.full((n_blocks * block_size,), pad, dtype=torch.long)
-    blocks[: flat.numel()] = flat
-    return blocks.view(n_blocks, block_size)
-
-
-def special_ids(tokenizer) -> tuple[int, int]:
-    """(eos, pad) ids; a tokenizer without pad pads with eos (then eos labels are masked too)."""
-    eos = tokenizer.eos_token_id
-    if eos is None:
-        raise DataError(f"tokenizer {type(tokenizer).__name__} has no eos token; blocks need one between documents.")
-    pad = tokenizer.pad_token_id
-    return eos, (eos if pad is None else pad)
+    return pack_blocks([np.asarray([*doc, eos], dtype=np.int64) for doc in ids], pad, block_size)
 
 
 MIN_KEY_BYTES = 16
@@ -79,10 +77,11 @@ class HeldoutSplit:
 
     train: datasets.Dataset
     heldout: dict[str, torch.Tensor]
+    """Held-out blocks per held-out key: each language's, and each task key's (``en:chat``)."""
     withheld: frozenset[tuple[str, str]]
     """(language, text) of every row kept out of training, test rows included: drop them from any node's rows."""
     test: dict[str, torch.Tensor] = field(default_factory=dict)
-    """Test blocks per language (empty without ``test_fraction``): read only after a run, for its final numbers."""
+    """Test blocks per held-out key (empty without ``test_fraction``): read only after a run, for its final numbers."""
 
 
 def heldout_split(
@@ -95,9 +94,10 @@ def heldout_split(
     *,
     heldout_languages: Collection[str] | None = None,
     test_fraction: float = 0.0,
+    extra_keys: Collection[str] = (),
 ) -> HeldoutSplit:
-    """Training rows of ``ds``, held-out (and test) token blocks per language and the withheld rows
-    (module doc)."""
+    """Training rows of ``ds``, held-out (and test) token blocks per language and per task key of
+    ``extra_keys``, and the withheld rows (module doc)."""
     if min_blocks < 2:
         raise ConfigError(f"`data.min_heldout_blocks` is {min_blocks}; held-out data needs at least 2 blocks.")
     if not 0.0 <= fraction < 1.0:
@@ -106,6 +106,7 @@ def heldout_split(
         raise ConfigError(f"`data.test_fraction` is {test_fraction!r}; it must be in [0, 1) and leave text to "
                           f"train on with `data.heldout_fraction` {fraction!r} (their sum below 1).")
     _check_key(key)
+    task_keys = _task_keys(extra_keys)
     withheld_languages = set(heldout_languages or ())
     _, pad = special_ids(tokenizer)
     tickets: dict[str, list[tuple[float, str, int]]] = {}
@@ -133,10 +134,75 @@ def heldout_split(
             dropped.update(index for _, _, index in rows)
     if training_only:
         log.info("too little held-out text, training-only: %s", ", ".join(training_only))
+    if task_keys:
+        _task_sets(task_keys, ds, drawn, dropped, sets, tokenizer, block_size, min_blocks, test_fraction > 0)
     train = ds.select([i for i in range(len(ds)) if i not in dropped]) if dropped else ds
     withheld = frozenset((langs[i], texts[i]) for i in dropped)
     test, heldout = sets
     return HeldoutSplit(train, heldout, withheld, test)
+
+
+def _task_keys(extra_keys: Collection[str]) -> dict[str, DataKey]:
+    """The task keys among ``extra_keys`` (a bare language has its set already), checked."""
+    keys = {}
+    for name in sorted(set(extra_keys)):
+        data_key = parse_key(name)
+        if data_key.data_format not in FORMATS:
+            raise ConfigError(f"held-out key {name!r} names format {data_key.data_format!r}; formats: {FORMATS}.")
+        if data_key != DataKey(data_key.language):
+            keys[name] = data_key
+    return keys
+
+
+def _task_sets(
+    task_keys: dict[str, DataKey],
+    ds: datasets.Dataset,
+    drawn: dict[str, list[list[tuple[float, str, int]]]],
+    dropped: set[int],
+    sets: tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]],
+    tokenizer,
+    block_size: int,
+    min_blocks: int,
+    with_test: bool,
+) -> None:
+    """Add each task key's test and held-out blocks to ``sets``, from its language's withheld rows."""
+    _, pad = special_ids(tokenizer)
+    tags = _row_tags(ds)
+    too_small = []
+    for name, data_key in task_keys.items():
+        for part, blocks_by_key in enumerate(sets):
+            if part == 0 and not with_test:
+                continue
+            rows = [row for row in drawn.get(data_key.language, ([], []))[part] if row[2] in dropped]
+            blocks = _task_blocks(data_key, rows, tags, tokenizer, block_size)
+            full = int((blocks != pad).all(dim=1).sum())
+            if full >= min_blocks:
+                blocks_by_key[name] = blocks
+            else:
+                too_small.append(f"{name}{' test' if part == 0 else ''} ({full} of {min_blocks} blocks)")
+    if too_small:
+        log.info("too little held-out data for a task key, no held-out set: %s", ", ".join(too_small))
+
+
+def _row_tags(ds: datasets.Dataset) -> list[tuple[str, str]]:
+    """(chat, domain) of every row; "" where ``ds`` has no such column (rows from before tasks)."""
+    chats = column(ds, CHAT) if CHAT in ds.column_names else [""] * len(ds)
+    domains = column(ds, DOMAIN) if DOMAIN in ds.column_names else [""] * len(ds)
+    return [(chat or "", domain or "") for chat, domain in zip(chats, domains)]
+
+
+def _task_blocks(
+    data_key: DataKey, rows: list[tuple[float, str, int]], tags: list[tuple[str, str]], tokenizer, block_size: int
+) -> torch.Tensor:
+    """Blocks of ``rows`` (one language's withheld rows) that ``data_key`` keeps, in ticket order."""
+    kept = sorted(
+        (ticket, text, *tags[index]) for ticket, text, index in rows
+        if not data_key.domain or tags[index][1] == data_key.domain
+    )  # by ticket, then content: duplicates in any corpus order give the same blocks
+    if data_key.data_format == CHAT_FORMAT:
+        conversations = [parse_messages(chat, where=f"held-out row of {data_key}") for _, _, chat, _ in kept if chat]
+        return chat_blocks(conversations, tokenizer, block_size)
+    return tokenize_blocks([text for _, text, _, _ in kept], tokenizer, block_size)
 
 
 def _draw(rows: list[tuple[float, str, int]], fractions: Sequence[float]) -> list[list[tuple[float, str, int]]]:

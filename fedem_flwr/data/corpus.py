@@ -1,4 +1,11 @@
-"""Load a multilingual corpus as a ``datasets.Dataset`` with two columns: ``text`` and ``language``.
+"""Load a multilingual corpus as a ``datasets.Dataset`` of four string columns: ``text``, ``language``,
+``chat`` and ``domain``.
+
+``text`` is what a language adapter trains on; every row has it. ``chat`` holds a conversation as
+the JSON of its checked turns (``fedem_flwr.data.chat``), "" for a plain-text row; a conversation's ``text`` is
+its contents joined by newlines, so it also serves its language's adapter. ``domain`` tags a row
+("" when unknown) for adapters limited to one domain. Every source gives the same columns and types,
+so corpora from several files concatenate.
 
 Sources (``data.source``):
 
@@ -7,7 +14,9 @@ Sources (``data.source``):
     read offline from its installed folder. One row per conversation: a conversation (a question and
     its answers, joined by newlines) is the smallest unit that reads as a document; one row per line
     would give rows of a few bytes, and one row per file would leave small languages (Telugu, Thai:
-    one file each) a single row, too few to hold any out or to spread over nodes.
+    one file each) a single row, too few to hold any out or to spread over nodes. Its lines are the
+    turns of a chat, user and assistant in turn starting with the user (a single line is no chat);
+    the domain is the file's name (``greetings``, ``health``).
 
 ``files``
     A contributor's local data, ``data.paths`` listing files or folders (a folder means every
@@ -15,7 +24,10 @@ Sources (``data.source``):
 
     * ``.json`` / ``.jsonl``, ``.parquet``, ``.csv``, ``.tsv``: one row per document, with a text
       column and a language column (``data.text_column``, default ``text``, and
-      ``data.language_column``, default ``language``). Other columns are ignored.
+      ``data.language_column``, default ``language``). A row with a value in ``data.messages_column``
+      (default ``messages``: a list of ``{"role", "content"}`` turns or its JSON) is a conversation,
+      and a table of conversations needs no text column. ``data.domain_column`` (default ``domain``)
+      is optional. Other columns are ignored.
     * ``.txt``: one language per file, named by the file: ``<name>.<lang>.txt`` or ``<lang>.txt``
       (``wiki.hi.txt``, ``te.txt``). One row per paragraph (blank-line separated).
 
@@ -24,7 +36,7 @@ Sources (``data.source``):
 
 ``hub``
     ``datasets.load_dataset(data.hub_id, split=data.hub_split)`` (``HF_ENDPOINT`` selects the
-    endpoint), with the same two columns as the files.
+    endpoint), with the same columns as the files.
 
 ``data.languages`` keeps only the named languages. Empty texts are dropped. Every failure a user can
 cause (a missing file, a missing column, an unnamed language) raises ``DataError`` naming it.
@@ -34,6 +46,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import json
 import logging
 import re
 from collections.abc import Iterable
@@ -43,12 +56,16 @@ import datasets
 import yaml
 
 from fedem_flwr.config.schema import DataConfig
+from fedem_flwr.data.chat import conversation_text, parse_messages
 from fedem_flwr.errors import DataError
 
 log = logging.getLogger(__name__)
 
 TEXT = "text"
 LANGUAGE = "language"
+CHAT = "chat"  # the conversation's turns as JSON; "" for a plain-text row
+DOMAIN = "domain"  # "" when unknown
+FEATURES = datasets.Features({name: datasets.Value("string") for name in (TEXT, LANGUAGE, CHAT, DOMAIN)})
 
 # chatterbot-corpus folder -> language code. Hinglish (Hindi in Latin script) and traditional
 # Chinese have no ISO 639-1 code of their own: BCP 47 script subtags keep them apart.
@@ -77,11 +94,12 @@ TEXT_SUFFIXES = (".txt",)
 
 
 def load_corpus(cfg: DataConfig) -> datasets.Dataset:
-    """The corpus ``cfg`` names, as rows of (``text``, ``language``), filtered to ``cfg.languages``."""
+    """The corpus ``cfg`` names, as rows of (``text``, ``language``, ``chat``, ``domain``), filtered to
+    ``cfg.languages``."""
     if cfg.source == "chatterbot":
         ds = _load_chatterbot()
     elif cfg.source == "files":
-        ds = _load_files(cfg.paths, cfg.text_column, cfg.language_column)
+        ds = _load_files(cfg)
     elif cfg.source == "hub":
         ds = _load_hub(cfg)
     else:  # DataConfig.__post_init__ already refuses other values
@@ -159,21 +177,23 @@ def chatterbot_root() -> Path:
 def _load_chatterbot() -> datasets.Dataset:
     # Cached: the package never changes while a process runs, and a Dataset is immutable.
     root = chatterbot_root()
-    texts: list[str] = []
-    langs: list[str] = []
+    rows: dict[str, list[str]] = {name: [] for name in FEATURES}
     for folder in sorted(p for p in root.iterdir() if p.is_dir()):
         code = CHATTERBOT_LANGUAGES.get(folder.name)
         if code is None:
             log.warning("chatterbot-corpus folder %r has no language code; skipped", folder.name)
             continue
         for path in sorted(folder.glob("*.yml")):
-            for conversation in _conversations(path):
-                texts.append(conversation)
-                langs.append(code)
-    return datasets.Dataset.from_dict({TEXT: texts, LANGUAGE: langs})
+            for lines in _conversations(path):
+                rows[TEXT].append("\n".join(lines))
+                rows[LANGUAGE].append(code)
+                rows[CHAT].append(_chat_json(_alternating_turns(lines)) if len(lines) > 1 else "")
+                rows[DOMAIN].append(path.stem)
+    return datasets.Dataset.from_dict(rows, features=FEATURES)
 
 
-def _conversations(path: Path) -> list[str]:
+def _conversations(path: Path) -> list[list[str]]:
+    """The non-empty stripped lines of each conversation of a chatterbot YAML file."""
     # BaseLoader keeps every scalar a string: safe_load would turn an answer "Yes" into True and
     # "22" into 22. It builds only str, list and dict, so it is as safe as safe_load.
     with path.open(encoding="utf-8") as f:
@@ -181,10 +201,19 @@ def _conversations(path: Path) -> list[str]:
     out = []
     for conv in doc.get("conversations") or []:
         lines = conv if isinstance(conv, list) else [conv]  # a few entries are a bare string
-        text = "\n".join(line.strip() for line in lines if isinstance(line, str) and line.strip())
-        if text:
-            out.append(text)
+        kept = [line.strip() for line in lines if isinstance(line, str) and line.strip()]
+        if kept:
+            out.append(kept)
     return out
+
+
+def _alternating_turns(lines: list[str]) -> list[dict[str, str]]:
+    """A chatterbot dialogue as chat turns: the user opens, then the assistant and the user in turn."""
+    return [{"role": "user" if i % 2 == 0 else "assistant", "content": line} for i, line in enumerate(lines)]
+
+
+def _chat_json(turns: list[dict[str, str]]) -> str:
+    return json.dumps(turns, ensure_ascii=False)
 
 
 def _expand(paths: Iterable[str]) -> list[Path]:
@@ -209,14 +238,14 @@ def _expand(paths: Iterable[str]) -> list[Path]:
     return files
 
 
-def _load_files(paths: list[str], text_column: str, language_column: str) -> datasets.Dataset:
+def _load_files(cfg: DataConfig) -> datasets.Dataset:
     parts = []
-    for path in _expand(paths):
+    for path in _expand(cfg.paths):
         suffix = path.suffix.lower()
         if suffix in TEXT_SUFFIXES:
             parts.append(_load_text_file(path))
         elif suffix in TABLE_FORMATS:
-            parts.append(_load_table(path, text_column, language_column))
+            parts.append(_load_table(path, cfg))
         else:
             raise DataError(
                 f"`data.paths`: {str(path)!r} has an unsupported extension {suffix!r}; use .txt "
@@ -237,13 +266,16 @@ def _load_text_file(path: Path) -> datasets.Dataset:
             "language column."
         ) from err
     ds = _load_dataset("text", path, sample_by="paragraph")
-    return ds.map(lambda row: {TEXT: row[TEXT].strip(), LANGUAGE: code}, remove_columns=ds.column_names)
+    return ds.map(
+        lambda row: {TEXT: row[TEXT].strip(), LANGUAGE: code, CHAT: "", DOMAIN: ""},
+        remove_columns=ds.column_names, features=FEATURES,
+    )
 
 
-def _load_table(path: Path, text_column: str, language_column: str) -> datasets.Dataset:
+def _load_table(path: Path, cfg: DataConfig) -> datasets.Dataset:
     kwargs = {"sep": "\t"} if path.suffix.lower() == ".tsv" else {}
     ds = _load_dataset(TABLE_FORMATS[path.suffix.lower()], path, **kwargs)
-    return _normalize_columns(ds, text_column, language_column, f"`data.paths` file {str(path)!r}")
+    return _normalize_columns(ds, cfg, f"`data.paths` file {str(path)!r}")
 
 
 def _load_dataset(builder: str, path: Path, **kwargs) -> datasets.Dataset:
@@ -260,22 +292,38 @@ def _load_hub(cfg: DataConfig) -> datasets.Dataset:
         raise DataError(
             f"`data.hub_id` {cfg.hub_id!r} (split {cfg.hub_split!r}) cannot be loaded: {err}"
         ) from err
-    return _normalize_columns(ds, cfg.text_column, cfg.language_column, f"`data.hub_id` {cfg.hub_id!r}")
+    return _normalize_columns(ds, cfg, f"`data.hub_id` {cfg.hub_id!r}")
 
 
-def _normalize_columns(ds: datasets.Dataset, text_column: str, language_column: str, where: str) -> datasets.Dataset:
-    for key, column in (("text_column", text_column), ("language_column", language_column)):
-        if column not in ds.column_names:
-            raise DataError(
-                f"{where} has no column {column!r} (`data.{key}`); columns found: {ds.column_names}."
-            )
-    codes = {value: normalize_language(value, where=where) for value in ds.unique(language_column)}
-    ds = ds.map(
-        lambda batch: {
-            TEXT: ["" if t is None else str(t) for t in batch[text_column]],
-            LANGUAGE: [codes[v] for v in batch[language_column]],
-        },
-        batched=True,
-        remove_columns=ds.column_names,
-    )
-    return ds
+def _normalize_columns(ds: datasets.Dataset, cfg: DataConfig, where: str) -> datasets.Dataset:
+    """``ds``'s rows as the corpus's four columns; ``where`` names the source in errors."""
+    columns = ds.column_names
+    if cfg.language_column not in columns:
+        raise DataError(
+            f"{where} has no column {cfg.language_column!r} (`data.language_column`); columns found: {columns}."
+        )
+    if cfg.text_column not in columns and cfg.messages_column not in columns:
+        raise DataError(
+            f"{where} has no column {cfg.text_column!r} (`data.text_column`) nor {cfg.messages_column!r} "
+            f"(`data.messages_column`); columns found: {columns}."
+        )
+    codes = {value: normalize_language(value, where=where) for value in ds.unique(cfg.language_column)}
+
+    def rows(batch: dict[str, list], indices: list[int]) -> dict[str, list[str]]:
+        n = len(indices)
+        texts = batch.get(cfg.text_column, [None] * n)
+        messages = batch.get(cfg.messages_column, [None] * n)
+        domains = batch.get(cfg.domain_column, [None] * n)
+        out: dict[str, list[str]] = {TEXT: [], CHAT: [], LANGUAGE: [codes[v] for v in batch[cfg.language_column]]}
+        for index, text, value in zip(indices, texts, messages):
+            if value is None or (isinstance(value, (str, list)) and not value):
+                out[TEXT].append("" if text is None else str(text))
+                out[CHAT].append("")
+                continue
+            turns = parse_messages(value, where=f"{where} row {index}, column {cfg.messages_column!r}")
+            out[TEXT].append(conversation_text(turns))
+            out[CHAT].append(_chat_json(turns))
+        out[DOMAIN] = ["" if d is None else str(d).strip() for d in domains]
+        return out
+
+    return ds.map(rows, batched=True, with_indices=True, remove_columns=columns, features=FEATURES)

@@ -2,7 +2,9 @@
 
 The loss of a language is the mean over its target tokens (every token after a block's first, padding
 excluded), not a mean of batch means, so it does not depend on the batch size or on how the last
-block is padded. Logits are reduced in fp32 whatever precision the model runs in.
+block is padded. Logits are reduced in fp32 whatever precision the model runs in. Blocks may carry
+context tokens (``data.labels``: a conversation's user turns): the model reads them, the loss skips
+them, and ``tokens`` counts targets only.
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ from typing import Optional
 
 import torch
 
-from fedem_flwr.data.labels import labels_for, loss_sum, target_count
+from fedem_flwr.data.labels import inputs_of, labels_for, loss_sum, target_count
 
 
 @torch.no_grad()
@@ -24,7 +26,7 @@ def evaluate(
     pad_id: int,
     batch_size: int = 16,
 ) -> dict[str, dict[str, float]]:
-    """Per language: ``loss`` (token-weighted mean cross-entropy), ``perplexity`` and ``tokens``."""
+    """Per held-out key: ``loss`` (target-weighted mean cross-entropy), ``perplexity`` and ``tokens`` (targets)."""
     if batch_size < 1:
         raise ValueError(f"batch_size is {batch_size}; it must be >= 1.")
     device = next(model.parameters()).device
@@ -39,7 +41,7 @@ def evaluate(
             for x in blocks.split(batch_size):
                 y = labels_for(x, pad_id)
                 count += target_count(y)  # counted on the CPU: no sync
-                x, y = x.to(device), y.to(device)
+                x, y = inputs_of(x).to(device), y.to(device)
                 total += loss_sum(model(input_ids=x, use_cache=False).logits, y)
             loss = total.item() / count if count else math.nan  # one sync per language
             results[lang] = {"loss": loss, "perplexity": _perplexity(loss), "tokens": float(count)}

@@ -5,6 +5,17 @@ Every language and script is covered with no download (what FedEm's Seshu wanted
 ByteLevel decoder restores them exactly; optional BPE merges trained on a corpus shorten sequences.
 Special tokens are never matched inside text (``split_special_tokens``), so a document that
 literally contains ``<eos>`` round-trips as its bytes instead of ending early.
+
+With ``chat`` (the default) four role tokens follow every other token (``<|system|>``, ``<|user|>``,
+``<|assistant|>``, ``<|end|>``: ids 260-263 without merges, so every byte keeps its id) and a chat
+template renders a conversation as ``<|role|>content<|end|>`` per turn, the assistant's content and
+its ``<|end|>`` marked ``{% generation %}`` so ``apply_chat_template(...,
+return_assistant_tokens_mask=True)`` says which tokens an ``sft-chat`` adapter learns. The role
+tokens are *added*, not special: ``split_special_tokens`` would spell special tokens as bytes even in
+the rendered template, whereas added tokens are matched in any text, so the rendered conversation
+and a plain transformers pipeline (``tokenizer(rendered)``) give the same ids. The price: a document
+that literally contains ``<|user|>`` gets the role token, not its bytes. ``chat=False`` builds the
+260-token vocabulary of hubs set up before chat existed.
 """
 
 from __future__ import annotations
@@ -12,8 +23,9 @@ from __future__ import annotations
 from collections.abc import Iterable
 from typing import TYPE_CHECKING, Optional
 
-from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 
+from fedem_flwr.data.chat import CHAT_TEMPLATE, ROLE_TOKENS, has_chat_template  # noqa: F401 - re-exported
 from fedem_flwr.errors import ConfigError, ModelNotFound
 
 if TYPE_CHECKING:
@@ -24,6 +36,7 @@ if TYPE_CHECKING:
 PAD, BOS, EOS, UNK = "<pad>", "<bos>", "<eos>", "<unk>"
 SPECIAL_TOKENS = (PAD, BOS, EOS, UNK)  # ids 0..3, in this order
 BYTE_VOCAB_SIZE = len(SPECIAL_TOKENS) + 256
+
 
 # Words keep their leading space; runs of whitespace stay whole. Script-agnostic on purpose: the
 # GPT-2 regex splits Indic words at every vowel sign, which wastes merges on Devanagari and Telugu.
@@ -74,13 +87,14 @@ def _bpe_model(corpus: Iterable[str], bpe_merges: int) -> Tokenizer:
 
 
 def build_byte_tokenizer(
-    corpus: Optional[Iterable[str]] = None, bpe_merges: int = 0, model_max_length: int = 4096
+    corpus: Optional[Iterable[str]] = None, bpe_merges: int = 0, model_max_length: int = 4096, chat: bool = True
 ) -> "PreTrainedTokenizerFast":
     """UTF-8 byte tokenizer (``<pad>`` = 0, ``<bos>`` = 1, ``<eos>`` = 2, ``<unk>`` = 3, byte b = b + 4).
 
     ``tokenizer(text)`` wraps the bytes in ``<bos> ... <eos>``; pass ``add_special_tokens=False``
     for the bare bytes. With ``bpe_merges > 0`` up to that many merges are learnt from ``corpus``
-    (fewer when the corpus has fewer pairs seen twice).
+    (fewer when the corpus has fewer pairs seen twice). ``chat`` appends the role tokens and sets the
+    chat template (module doc).
     """
     from transformers import PreTrainedTokenizerFast
 
@@ -94,7 +108,7 @@ def build_byte_tokenizer(
     backend.post_processor = processors.TemplateProcessing(
         single=f"{BOS} $A {EOS}", pair=f"{BOS} $A {EOS} $B {EOS}", special_tokens=[(BOS, 1), (EOS, 2)]
     )
-    return PreTrainedTokenizerFast(
+    tokenizer = PreTrainedTokenizerFast(
         tokenizer_object=backend,
         pad_token=PAD,
         bos_token=BOS,
@@ -103,12 +117,21 @@ def build_byte_tokenizer(
         split_special_tokens=True,
         model_max_length=model_max_length,
     )
+    if chat:
+        add_chat_template(tokenizer)
+    return tokenizer
+
+
+def add_chat_template(tokenizer: "PreTrainedTokenizerBase") -> None:
+    """Append the role tokens (non-special, so they match in rendered text) and set the chat template."""
+    tokenizer.add_tokens([AddedToken(token, special=False, normalized=False) for token in ROLE_TOKENS])
+    tokenizer.chat_template = CHAT_TEMPLATE
 
 
 def load_tokenizer(cfg: "TokenizerConfig", corpus: Optional[Iterable[str]] = None) -> "PreTrainedTokenizerBase":
     """The configured tokenizer: built from bytes, or any Hugging Face tokenizer (never remote code)."""
     if cfg.kind == "bytes":
-        return build_byte_tokenizer(corpus, cfg.bpe_merges, cfg.model_max_length)
+        return build_byte_tokenizer(corpus, cfg.bpe_merges, cfg.model_max_length, chat=cfg.chat)
     from transformers import AutoTokenizer
 
     try:

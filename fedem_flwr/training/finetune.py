@@ -11,7 +11,9 @@ its own (``training.optimizer_state``): the schedule runs over the adapter's tot
 ``moments`` AdamW resumes from the moments and step the last hop left, matched by name.
 The loss of a step is the sum of token losses over the whole step divided by its target count, so
 the gradient does not depend on how the step is split in micro-batches: a CUDA out-of-memory halves
-the micro-batch, doubles the accumulation and reruns the same step with the same result.
+the micro-batch, doubles the accumulation and reruns the same step with the same result. Blocks may
+carry context tokens (``data.labels``: the user's turns of a conversation), which the model reads
+and the loss skips; ``TrainResult.tokens`` counts every token processed, targets or not.
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ import torch
 from tqdm.auto import tqdm
 
 from fedem_flwr.config.schema import CptConfig, TrainConfig
-from fedem_flwr.data.labels import labels_for, loss_sum, target_count
+from fedem_flwr.data.labels import inputs_of, labels_for, loss_sum, target_count
 from fedem_flwr.errors import ConfigError, DataError, TrainingError
 from fedem_flwr.training.device import autocast, pick_device, pick_precision, release_memory
 from fedem_flwr.training.optimizer_state import (
@@ -258,7 +260,7 @@ def optimizer_step(model, batch, micro, pad_id, device, amp_dtype, optimizer, sc
     targets = max(1, target_count(labels))  # counted on the CPU, so no sync
     total = torch.zeros((), device=device)
     for x, y in zip(batch.split(micro), labels.split(micro)):
-        x, y = x.to(device), y.to(device)
+        x, y = inputs_of(x).to(device), y.to(device)
         with autocast(device, amp_dtype):
             logits = model(input_ids=x, use_cache=False).logits
         loss = loss_sum(logits, y) / targets  # in fp32, outside autocast
