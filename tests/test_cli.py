@@ -111,9 +111,10 @@ def test_status_json(hub):
         "lanes": "unknown",
         "adapters": [
             {"name": "hi", "version": 1, "path": str(store / "fedem/adapter-hi/v1"), "holders": [],
-             "languages": ["hi"]},
+             "languages": ["hi"], "task": "causal-lm"},
             {"name": "te", "version": 0, "path": str(store / "fedem/adapter-te/v0"),
-             "holders": [{"lane": 0, "holder": alias["node:7"], "token": 2}], "languages": ["te"]},
+             "holders": [{"lane": 0, "holder": alias["node:7"], "token": 2}], "languages": ["te"],
+             "task": "causal-lm"},
         ],
         "leases": [{"adapter": "te", "lane": 0, "holder": alias["node:7"], "token": 2,
                     "deadline": "2023-11-15T01:14:20+00:00"}],
@@ -205,9 +206,9 @@ def test_status_text_counts_holders_against_the_recorded_lanes(hub):
     # Assert: the lanes line, te's row naming both holders with their lanes, a lease row per lane
     assert "lanes      3 per adapter (relay.lanes)" in out.splitlines()
     assert table(hub, "Adapters", "status") == [
-        ["adapter", "version", "languages", "held", "holders"],
-        ["hi", "1", "hi", "0/3 lanes", "-"],
-        ["te", "0", "te", "2/3 lanes", f"{alias['node:7']} (lane 0), {alias['sim:3']} (lane 1)"]]
+        ["adapter", "version", "languages", "task", "held", "holders"],
+        ["hi", "1", "hi", "causal-lm", "0/3 lanes", "-"],
+        ["te", "0", "te", "causal-lm", "2/3 lanes", f"{alias['node:7']} (lane 0), {alias['sim:3']} (lane 1)"]]
     assert table(hub, "Active leases", "status") == [
         ["token", "adapter", "lane", "holder", "deadline", "left"],
         ["2", "te", "0", alias["node:7"], "2023-11-15 01:14:20", "due"],
@@ -221,7 +222,7 @@ def test_status_text_without_recorded_lanes_counts_holders_only(hub):
 
     assert as_json(hub, "status")["lanes"] == "unknown"
     assert "lanes      unknown (relay settings not recorded): holders are counted only" in out.splitlines()
-    assert [row[3] for row in table(hub, "Adapters", "status")] == ["held", "0 holders", "2 holders"]
+    assert [row[4] for row in table(hub, "Adapters", "status")] == ["held", "0 holders", "2 holders"]
 
 
 def test_leases_text_has_a_lane_column(hub):

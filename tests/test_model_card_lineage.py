@@ -76,9 +76,11 @@ def test_an_accepted_push_is_stored_with_its_filled_card(tmp_path, tiny):
     assert TEMPLATE not in text
     card = ModelCard(text).data
     assert card.contributors == sorted([registry.pseudonym("sim:1"), registry.pseudonym("sim:2")])
-    assert card.fedem == {"kind": "adapter", "adapter": "hi", "version": 2, "base_revision": "v0",
+    assert card.fedem == {"kind": "adapter", "adapter": "hi", "version": 2, "base_revision": "v0", "task": "causal-lm",
                           "version_kind": "push", "parent_version": 1, "base_version": 0}
-    assert (card.base_model, card.language) == ("t/base", ["hi"])
+    assert (card.base_model, card.language, card.library_name) == ("t/base", ["hi"], "peft")
+    assert "causal-lm" in card.tags and card.pipeline_tag == "text-generation"
+    assert "task `causal-lm`: causal language modelling on flat text" in text and "chat template" not in text
     assert {r.metric_type: r.metric_value for r in card.eval_results} == {
         f"heldout/{lang}": loss for lang, loss in outcomes[1].losses.items()}
     # the card at write time is the card of the recorded version: rebuilding it gives the same bytes

@@ -256,7 +256,7 @@ def test_names_from_the_catalog_come_out_escaped(fresh_db, tmp_path):
     escaped_script, escaped_img = "&lt;script&gt;alert(1)&lt;/script&gt;", "&#34;&gt;&lt;img src=x onerror=alert(2)&gt;"
     assert f'<th scope="col" data-type="number">{escaped_script}</th>' in pages["index.html"]
     assert f"<td>{escaped_img}</td><td>v1</td><td>{escaped_script}</td>" in pages["index.html"]
-    assert f"<h3 id=\"adapter-{escaped_img}\">Adapter {escaped_img}</h3>" in pages["progress.html"]
+    assert f"<h4 id=\"adapter-{escaped_img}\">Adapter {escaped_img}</h4>" in pages["progress.html"]
     assert f'<option value="{escaped_img}">{escaped_img}</option>' in pages["ledger.html"]
     contributor = next(text for name, text in pages.items() if name.startswith("contributors/"))
     assert f"<td>{escaped_img}</td>" in contributor and f"<td>better on {escaped_script}</td>" in contributor

@@ -163,6 +163,13 @@ def holders(rows: list[dict[str, Any]]) -> Optional[str]:
     return ", ".join(f"{h['holder']} (lane {h['lane']})" for h in rows) or None
 
 
+def task(row: dict[str, Any]) -> str:
+    """``sft-chat`` or, for an adapter limited to one domain, ``sft-chat@health`` (a view without a task: a
+    language adapter, as hubs before catalogs had)."""
+    name = row.get("task") or "causal-lm"
+    return f"{name}@{row['domain']}" if row.get("domain") else name
+
+
 def held(count: int, lanes: Any) -> str:
     """``2/3 lanes`` held of the hub's ``relay.lanes``; ``2 holders`` when the hub has not recorded them."""
     if not isinstance(lanes, int) or isinstance(lanes, bool):
@@ -186,9 +193,11 @@ def status(view: dict[str, Any], now: float) -> list[Any]:
         *lineage(view["lineage"], now),
         "",
     ]
-    adapters = Listing("Adapters", (ADAPTER, fixed("version"), free("languages", 9), fixed("held"), who("holders")),
-                       [(a["name"], a["version"], ",".join(a["languages"]), held(len(a["holders"]), view["lanes"]),
-                         holders(a["holders"])) for a in view["adapters"]], "no adapters yet")
+    adapters = Listing("Adapters", (ADAPTER, fixed("version"), free("languages", 9), fixed("task", drop=1),
+                                    fixed("held"), who("holders")),
+                       [(a["name"], a["version"], ",".join(a["languages"]), task(a),
+                         held(len(a["holders"]), view["lanes"]), holders(a["holders"])) for a in view["adapters"]],
+                       "no adapters yet")
     leases = Listing("Active leases (UTC)", (fixed("token"), ADAPTER, fixed("lane"), who("holder"), stamp("deadline"),
                                              fixed("left")),
                      [(lease["token"], lease["adapter"], lease["lane"], lease["holder"], utc(lease["deadline"]),
@@ -240,7 +249,7 @@ def heldout_summary(metrics: dict[str, Any]) -> Optional[str]:
 def adapters(rows: list[dict[str, Any]]) -> Listing:
     return Listing("Adapters", (ADAPTER, fixed("version"), fixed("base"), free("languages", 9), fixed("task", drop=1),
                                 who("holders"), free("path")),
-                   [(r["name"], r["version"], r["base_version"], ",".join(r["languages"]), r["task"],
+                   [(r["name"], r["version"], r["base_version"], ",".join(r["languages"]), task(r),
                      holders(r["holders"]), r["path"]) for r in rows], "no adapters yet")
 
 

@@ -1,6 +1,7 @@
 """Figures and tables of a hub's history, for simulations and for people who would rather look.
 
-Reads the registry only (never the store): held-out loss of each adapter's accepted versions, the
+Reads the registry only (never the store): held-out loss of each adapter's accepted versions on its
+own held-out sets (``hub.terms``: a language adapter's languages, a chat adapter's ``en:chat``), the
 stream of contributions with their decisions over time, and held-out loss per language across the
 base versions of the lineage (with what each merge absorbed and each refused attempt). Figures are
 titled with what they show and the base version they reach, never with a folder of the machine;
@@ -19,6 +20,7 @@ matplotlib.use("Agg")  # files, never windows: runs on headless hubs and in CI
 import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
 
+from fedem_flwr.hub.terms import adapter_terms_of, own_loss  # noqa: E402
 from fedem_flwr.site.charts import style  # noqa: E402
 
 # The ledger's marker shapes (``site.charts.MARKERS``) by their matplotlib names.
@@ -31,14 +33,16 @@ def summary(registry: Any) -> dict[str, Any]:
     decisions = Counter(c.decision for c in contributions)
     reasons = Counter(c.reason.split(":")[0] for c in contributions if c.decision == "rejected")
     gains = {}
-    for adapter in registry.adapters():
-        versions = registry.adapter_versions(adapter.name)
-        languages = adapter.languages
+    for name, terms in adapter_terms_of(registry).items():
+        versions = registry.adapter_versions(name)
+        if not versions:
+            continue
         first, last = versions[0], versions[-1]
-        before = _mean(first.metrics.get("heldout", {}), languages)
-        after = _mean(last.metrics.get("heldout", {}), languages)
+        before = own_loss(first.metrics.get("heldout"), terms)
+        after = own_loss(last.metrics.get("heldout"), terms)
         if before is not None and after is not None:
-            gains[adapter.name] = {"versions": last.version, "loss_v0": before, "loss_latest": after}
+            gains[name] = {"task": terms.task, "heldout_keys": list(terms.heldout_keys), "versions": last.version,
+                           "loss_v0": before, "loss_latest": after}
     leases = registry.leases()
     span = (max(c.received for c in contributions) - min(l.issued for l in leases)) if contributions else 0.0
     absorbed = registry.absorbed_by_base()
@@ -74,20 +78,26 @@ def base_lines(bases: list[dict[str, Any]]) -> tuple[dict[str, list[tuple[int, f
     return lines, [b["version"] for b in bases if not b["heldout"]]
 
 
+def adapter_curves(registry: Any) -> dict[str, list[tuple[int, float]]]:
+    """adapter -> (version, mean loss on its own held-out sets) of each version that has one."""
+    curves = {}
+    for name, terms in adapter_terms_of(registry).items():
+        points = [(v.version, own_loss(v.metrics.get("heldout"), terms)) for v in registry.adapter_versions(name)]
+        curves[name] = [(x, y) for x, y in points if y is not None]
+    return curves
+
+
 def plot_hub(registry: Any, out: Path) -> Path:
     """Two panels: held-out loss per adapter version, and contributions over time by decision; titled
     with the base version the hub has reached."""
     fig, (ax_loss, ax_time) = plt.subplots(1, 2, figsize=(11, 4))
     drawn = 0
-    for adapter in registry.adapters():
-        versions = registry.adapter_versions(adapter.name)
-        points = [(v.version, _mean(v.metrics.get("heldout", {}), adapter.languages)) for v in versions]
-        points = [(x, y) for x, y in points if y is not None]
+    for name, points in adapter_curves(registry).items():
         if len(points) > 1:
-            ax_loss.plot(*zip(*points), label=adapter.name, **line_style(drawn))
+            ax_loss.plot(*zip(*points), label=name, **line_style(drawn))
             drawn += 1
     ax_loss.xaxis.set_major_locator(MaxNLocator(integer=True))
-    ax_loss.set(xlabel="adapter version", ylabel="held-out loss (own languages)",
+    ax_loss.set(xlabel="adapter version", ylabel="held-out loss (own held-out sets)",
                 title="Held-out loss of each adapter's versions")
     if drawn:
         ax_loss.legend(fontsize="small", ncol=2)
@@ -132,11 +142,6 @@ def plot_bases(bases: list[dict[str, Any]], out: Path) -> Path:
     span = f", v{measured[0]['version']} to v{measured[-1]['version']}" if len(measured) > 1 else (
         f", v{measured[0]['version']}" if measured else "")
     return _save(fig, out, f"Held-out loss per language across base versions{span}")
-
-
-def _mean(losses: dict[str, float], languages: list[str]) -> float | None:
-    values = [losses[lang] for lang in languages if lang in losses]
-    return sum(values) / len(values) if values else None
 
 
 def _save(fig: Any, out: Path, title: str) -> Path:

@@ -16,23 +16,33 @@ API (the hub's loop calls these; none imports torch or Flower):
 - ``store_adapter_version(registry, store, folder, *, adapter, base_version, parent_version, kind,
   metrics, created) -> AdapterVersion``: a version with no contribution (``rebase``: an absorbed
   adapter continuing on the new base, from a zero delta or from its residual).
-- ``write_adapter_card(folder, registry, store, ...)``: the card of an adapter version about to be
-  stored (the relay coordinator writes it between saving an accepted push and storing it).
+- ``write_adapter_card(folder, registry, store, ..., task=None, chat_template=None)``: the card of an
+  adapter version about to be stored (the relay coordinator writes it between saving an accepted push
+  and storing it; the hub's start writes each fresh adapter's before registering it).
 - ``checkpoint_card`` / ``version_card``: the cards of recorded versions (``fedem publish``).
+
+An adapter card's task, domain and languages are its terms as the registry reads them
+(``hub.terms``: the recorded catalog, else a language adapter), so the card written with a version
+and the one ``fedem publish`` rebuilds for it are the same bytes. A chat adapter's card shows the chat
+template saved with its base's tokenizer (``base_chat_template``; pass it to ``version_card`` too).
 """
 
 from __future__ import annotations
 
+import json
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, Optional, Union
 
 from huggingface_hub import ModelCard
 
+from fedem_flwr.data.tasks import CHAT
+from fedem_flwr.errors import FedemError
 from fedem_flwr.hub.model_card import adapter_card, base_card, write_card
 from fedem_flwr.hub.records import Absorbed, AdapterVersion, BaseAttempt, Checkpoint, revision_name
 from fedem_flwr.hub.registry import Registry
 from fedem_flwr.hub.store import ArtifactStore
+from fedem_flwr.hub.terms import terms_of
 
 
 def checkpoint_card(registry: Registry, repo_id: str, version: int, parent: Optional[int], source: str,
@@ -42,40 +52,72 @@ def checkpoint_card(registry: Registry, repo_id: str, version: int, parent: Opti
     return base_card(repo_id, version, parent, source, metrics, absorbed=absorbed, contributors=contributors)
 
 
+TEMPLATE_FILE = "chat_template.jinja"  # where transformers saves a tokenizer's chat template
+TOKENIZER_CONFIG = "tokenizer_config.json"  # where older versions kept it
+
+
+def base_chat_template(store: ArtifactStore, repo: str, revision: Optional[str]) -> Optional[str]:
+    """The chat template saved with base ``repo``@``revision``'s tokenizer, or None when it has none or
+    cannot be read (a chat adapter's card then says where it is instead of showing it)."""
+    if not revision:
+        return None
+    try:
+        folder = Path(store.local_path(repo, revision))
+        if (folder / TEMPLATE_FILE).is_file():
+            return (folder / TEMPLATE_FILE).read_text(encoding="utf-8")
+        if (folder / TOKENIZER_CONFIG).is_file():
+            return _template_of(json.loads((folder / TOKENIZER_CONFIG).read_text(encoding="utf-8")))
+    except (FedemError, OSError, ValueError):
+        return None
+    return None
+
+
+def _template_of(config: Any) -> Optional[str]:
+    """``tokenizer_config.json``'s ``chat_template``: one string, or named ones (the ``default`` is shown)."""
+    template = config.get("chat_template") if isinstance(config, dict) else None
+    if isinstance(template, list):
+        named = {t.get("name"): t.get("template") for t in template if isinstance(t, dict)}
+        template = named.get("default")
+    return template if isinstance(template, str) and template else None
+
+
 def version_card(registry: Registry, v: AdapterVersion, repo_id: str, base_repo_id: str, base_revision: str,
-                 extra_contributors: Sequence[str] = ()) -> ModelCard:
+                 extra_contributors: Sequence[str] = (), chat_template: Optional[str] = None) -> ModelCard:
     """The card of adapter version ``v`` (recorded, or about to be: ``extra_contributors`` names the
-    contribution not yet recorded)."""
-    adapter = registry.adapter(v.adapter)
-    return adapter_card(repo_id, v.adapter, v.version, base_repo_id, base_revision,
-                        list(adapter.languages) if adapter is not None else [],
+    contribution not yet recorded), with its task from the registry."""
+    terms = terms_of(registry, v.adapter)
+    return adapter_card(repo_id, v.adapter, v.version, base_repo_id, base_revision, list(terms.languages),
                         [*registry.contributors_of(v.adapter, v.version), *extra_contributors], v.metrics,
-                        parent_version=v.parent_version, base_version=v.base_version, kind=v.kind)
+                        parent_version=v.parent_version, base_version=v.base_version, kind=v.kind,
+                        task=terms.task, domain=terms.domain, chat_template=chat_template)
 
 
 def write_adapter_card(folder: Path, registry: Registry, store: ArtifactStore, *, repo: str, adapter: str,
                        version: int, base_version: int, parent_version: Optional[int], kind: str,
                        heldout: Mapping[str, float], contributor: Optional[str] = None,
                        languages: Optional[Sequence[str]] = None,
-                       rebase: Optional[Mapping[str, Any]] = None) -> ModelCard:
+                       rebase: Optional[Mapping[str, Any]] = None, task: Optional[str] = None,
+                       chat_template: Optional[str] = None) -> ModelCard:
     """Write the card of ``adapter`` v``version`` (not yet recorded) into ``folder``, before it is stored.
 
     ``contributor`` is the pseudonym of the push being accepted; the card also lists those whose
-    accepted work the parent version carries. ``languages`` default to the adapter's recorded ones;
-    ``rebase`` is a rebase version's record (its mode, and a residual's truncation error).
+    accepted work the parent version carries. ``languages`` and ``task`` default to the adapter's
+    recorded ones (``causal-lm`` for one not registered yet); ``rebase`` is a rebase version's record
+    (its mode, and a residual's truncation error); ``chat_template`` the base tokenizer's, shown in a chat
+    adapter's card (default: the one saved with base ``base_version``).
     """
     base = registry.checkpoint(base_version)
     if base is None:
         raise ValueError(f"`base_version` is {base_version}, but no base checkpoint has it.")
-    if languages is None:
-        row = registry.adapter(adapter)
-        languages = list(row.languages) if row is not None else []
+    terms = terms_of(registry, adapter, None if languages is None else list(languages), task)
+    if chat_template is None and terms.data_format == CHAT:
+        chat_template = base_chat_template(store, base.repo, base.revision)
     earlier = registry.contributors_of(adapter, parent_version) if kind == "push" and parent_version is not None else []
     card = adapter_card(store.repo_id(repo), adapter, version, store.repo_id(base.repo), base.revision,
-                        list(languages), [*earlier, *([contributor] if contributor else [])],
+                        list(terms.languages), [*earlier, *([contributor] if contributor else [])],
                         {"heldout": dict(heldout), **({"rebase": dict(rebase)} if rebase else {})},
-                        parent_version=parent_version, base_version=base_version,
-                        kind=kind)
+                        parent_version=parent_version, base_version=base_version, kind=kind,
+                        task=terms.task, domain=terms.domain, chat_template=chat_template)
     write_card(folder, card)
     return card
 

@@ -10,7 +10,10 @@ yields the same bytes (and the same digest): the card written into the store wit
 A base card says the version's parent and source (`init`, `merge`, `cpt`), for a merge its method
 and every absorbed adapter with its version, weight and contributors, for CPT the run's steps and
 tokens so far, and the held-out loss per language. An adapter card says its base, parent version,
-kind (`fresh`, `push`, `rebase`), languages, held-out loss per language and contributors.
+kind (`fresh`, `push`, `rebase`), task (a tag too), languages, held-out loss per held-out set and
+contributors; an `sft-chat` adapter's card also says its loss was on the assistant's turns only and
+that prompts use the base tokenizer's chat template (shown in the card when given), since a chat
+adapter fed flat text or another template is not what was trained.
 """
 
 from __future__ import annotations
@@ -22,9 +25,12 @@ from typing import Any, Optional
 
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
+from fedem_flwr.config.schema import TASK_FORMATS
+from fedem_flwr.data.tasks import CHAT, TEXT, parse_key
 from fedem_flwr.hub.records import Absorbed
 
 TASK = "text-generation"
+LANGUAGE_TASK = "causal-lm"
 CARD_FILE = "README.md"
 # Metrics that are not held-out evaluations: never listed as evaluation results.
 _NOT_EVALUATED = ("cpt", "merge", "train", "heldout-replaced", "heldout-split")
@@ -52,13 +58,54 @@ def _eval_results(metrics: dict[str, Any]) -> Optional[list[EvalResult]]:
 
 
 def _heldout_lines(metrics: dict[str, Any]) -> list[str]:
-    """A Markdown table of held-out loss per language, or a line saying none was measured."""
+    """A Markdown table of held-out loss per language (per held-out set once a task's sets are among
+    them, with a note on what a chat set scores), or a line saying none was measured."""
     heldout = metrics.get("heldout")
     rows = sorted((lang, loss) for lang, loss in (heldout or {}).items()
                   if isinstance(loss, (int, float)) and not isinstance(loss, bool) and math.isfinite(loss))
     if not rows:
         return ["", "No held-out loss recorded."]
-    return ["", "| language | held-out loss |", "| --- | --- |", *(f"| {lang} | {loss:.4f} |" for lang, loss in rows)]
+    tasks = [key for key, _ in rows if parse_key(key).data_format != TEXT]
+    heading = "held-out set" if tasks or any(parse_key(key).domain for key, _ in rows) else "language"
+    note = ["", "A `:chat` set holds conversations, scored on the assistant's turns only."] if tasks else []
+    return ["", f"| {heading} | held-out loss |", "| --- | --- |",
+            *(f"| {key} | {loss:.4f} |" for key, loss in rows), *note]
+
+
+def _fence(text: str) -> str:
+    """A code fence longer than any run of backticks in ``text``, so the block cannot be closed early."""
+    run, longest = 0, 0
+    for char in text:
+        run = run + 1 if char == "`" else 0
+        longest = max(longest, run)
+    return "`" * max(3, longest + 1)
+
+
+def _task_lines(task: str, domain: str, base_model: str, base_revision: str,
+                chat_template: Optional[str]) -> list[str]:
+    """What the adapter was trained on and how to prompt it: a chat adapter needs the base's chat template."""
+    rows = f" tagged `{domain}`" if domain else ""
+    if _is_chat(task):
+        template = ("chat template: the base tokenizer's, shown below" if chat_template else
+                    f"chat template: the base tokenizer's, saved with `{base_model}` revision `{base_revision}`")
+        return [f"task `{task}`: supervised fine-tuning on conversations{rows} rendered with the base tokenizer's "
+                "chat template; the loss was on the assistant's turns only",
+                template + "; prompt with `tokenizer.apply_chat_template(messages, add_generation_prompt=True)`"]
+    if task == LANGUAGE_TASK:
+        return [f"task `{task}`: causal language modelling on flat text{rows}"]
+    return [f"task `{task}`" + (f", rows tagged `{domain}`" if domain else "")]
+
+
+def _is_chat(task: str) -> bool:
+    return TASK_FORMATS.get(task, TEXT) == CHAT
+
+
+def _template_lines(task: str, chat_template: Optional[str]) -> list[str]:
+    """The chat template in a fenced block, for a chat adapter given one."""
+    if not chat_template or not _is_chat(task):
+        return []
+    fence = _fence(chat_template)
+    return ["", "## Chat template", "", f"{fence}jinja", chat_template.rstrip("\n"), fence]
 
 
 def _render(data: ModelCardData, title: str, lines: list[str], tail: Sequence[str] = ()) -> ModelCard:
@@ -116,14 +163,17 @@ def base_card(repo_id: str, version: int, parent: Optional[int], source: str,
 def adapter_card(repo_id: str, name: str, version: int, base_model: str, base_revision: str,
                  languages: list[str], contributors: list[str],
                  metrics: Optional[dict[str, Any]] = None, *, parent_version: Optional[int] = None,
-                 base_version: Optional[int] = None, kind: Optional[str] = None) -> ModelCard:
-    """Card of adapter `name` at `version`, trained on `base_model`@`base_revision`.
+                 base_version: Optional[int] = None, kind: Optional[str] = None, task: str = LANGUAGE_TASK,
+                 domain: str = "", chat_template: Optional[str] = None) -> ModelCard:
+    """Card of adapter `name` at `version`, trained on `base_model`@`base_revision` for `task`
+    (`domain`: only rows tagged with it; `chat_template`: the base tokenizer's, shown in the card).
 
     `contributors` are pseudonyms (keyed hashes): the card never names a contributor's identity.
     """
     metrics = metrics or {}
     results = _eval_results(metrics)
-    lineage: dict[str, Any] = {"kind": "adapter", "adapter": name, "version": version, "base_revision": base_revision}
+    lineage: dict[str, Any] = {"kind": "adapter", "adapter": name, "version": version, "base_revision": base_revision,
+                               "task": task, **({"domain": domain} if domain else {})}
     if kind is not None:
         lineage.update({"version_kind": kind, "parent_version": parent_version, "base_version": base_version})
     data = ModelCardData(
@@ -131,7 +181,7 @@ def adapter_card(repo_id: str, name: str, version: int, base_model: str, base_re
         language=sorted(languages) or None,
         library_name="peft",
         pipeline_tag=TASK,
-        tags=["fedem", "lora", "federated-learning", f"adapter-{name}"],
+        tags=["fedem", "lora", "federated-learning", f"adapter-{name}", task],
         model_name=repo_id if results else None,
         eval_results=results,
         contributors=sorted(set(contributors)),
@@ -146,11 +196,12 @@ def adapter_card(repo_id: str, name: str, version: int, base_model: str, base_re
         lines.append({"fresh": "a fresh LoRA (zero delta)",
                       "push": f"an accepted contribution on v{parent_version}",
                       "rebase": rebase}.get(kind, kind))
+    lines += _task_lines(task, domain, base_model, base_revision, chat_template)
     if languages:
         lines.append(f"languages: {', '.join(sorted(languages))}")
     lines += [f"{len(set(contributors))} accepted contribution(s), listed by pseudonym",
               "load: `peft.AutoPeftModelForCausalLM.from_pretrained(repo_id, revision=...)`"]
-    return _render(data, f"{repo_id} v{version}", lines, _heldout_lines(metrics))
+    return _render(data, f"{repo_id} v{version}", lines, _heldout_lines(metrics) + _template_lines(task, chat_template))
 
 
 def write_card(folder: Path, card: ModelCard) -> Path:

@@ -23,7 +23,7 @@ from typing import Callable, Optional
 
 from fedem_flwr.errors import RevisionNotFound
 from fedem_flwr.hub.hf_store import HfStore
-from fedem_flwr.hub.lineage import checkpoint_card, version_card
+from fedem_flwr.hub.lineage import base_chat_template, checkpoint_card, version_card
 from fedem_flwr.hub.paths import hf_cache_path, store_path
 from fedem_flwr.hub.registry import Registry
 from fedem_flwr.hub.store import ArtifactRef, LocalStore, copy_tree
@@ -67,12 +67,14 @@ def publish_hub(
             pushed.append(f"{hf.repo_id(repo)}@{revision}")
 
     bases: dict[int, tuple[str, str]] = {}
+    templates: dict[int, Optional[str]] = {}
     for cp in sorted(registry.checkpoints(), key=lambda c: c.version):
         rid = hf.repo_id(cp.repo)
         folder = local.get(ArtifactRef(cp.repo, cp.revision, cp.digest))
         card = checkpoint_card(registry, rid, cp.version, cp.parent, cp.source, cp.metrics, registry.absorbed(cp.version))
         push(cp.repo, cp.revision, folder, f"base checkpoint v{cp.version} ({cp.source})", card)
         bases[cp.version] = (rid, cp.revision)
+        templates[cp.version] = base_chat_template(local, cp.repo, cp.revision)  # a chat adapter's card shows it
 
     for av in sorted(registry.adapter_versions(), key=lambda a: (a.adapter, a.version)):
         if av.base_version not in bases:
@@ -85,6 +87,6 @@ def publish_hub(
             stage = Path(tmp) / "adapter"
             copy_tree(source, stage)
             rewrite_adapter_config(stage, base_rid, base_rev)
-            card = version_card(registry, av, rid, base_rid, base_rev)
+            card = version_card(registry, av, rid, base_rid, base_rev, chat_template=templates[av.base_version])
             push(av.repo, av.revision, stage, f"adapter {av.adapter} v{av.version} on {base_rid}@{base_rev}", card)
     return pushed

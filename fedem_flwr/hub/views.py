@@ -19,6 +19,7 @@ from fedem_flwr.hub.paths import read_lock_holder
 from fedem_flwr.hub.records import Absorbed, AdapterVersion, Checkpoint, Contribution, Lease
 from fedem_flwr.hub.registry import Registry
 from fedem_flwr.hub.stores import open_store
+from fedem_flwr.hub.terms import adapter_terms_of
 
 RECENT = 5
 UNKNOWN = "unknown"  # a threshold the hub has not recorded (its `merge` / `cpt` setting is absent)
@@ -202,10 +203,12 @@ def contribution_view(c: Contribution, names: Names) -> dict[str, Any]:
 def adapters_view(registry: Registry, store: StoreView, names: Names) -> list[dict[str, Any]]:
     """``fedem adapters --json``; ``tokens`` are those trained into each adapter by its judged pushes and
     ``token_share`` their ratio to the mean over adapters (1.0: its equal share, what ``relay.policy=fair``
-    aims at). ``holders`` are those of its active leases, one per lane (``holder_view``)."""
+    aims at). ``holders`` are those of its active leases, one per lane (``holder_view``). ``task`` and
+    ``domain`` (empty: every row) are its terms (``hub.terms``): a hub without a catalog has language adapters."""
     latest = registry.latest_adapter_versions()
     held = active_leases(registry)
     tokens = registry.tokens_by_adapter()
+    terms = adapter_terms_of(registry)
     mean = sum(tokens.values()) / len(tokens) if tokens else 0.0
     rows = []
     for a in registry.adapters():
@@ -214,7 +217,7 @@ def adapters_view(registry: Registry, store: StoreView, names: Names) -> list[di
         rows.append({"name": a.name, "version": v.version if v else None,
                      "path": store.path(v.repo, v.revision) if v else None,
                      "holders": [holder_view(lease, names) for lease in held.get(a.name, [])],
-                     "languages": a.languages, "task": a.task,
+                     "languages": a.languages, "task": terms[a.name].task, "domain": terms[a.name].domain,
                      "base_version": v.base_version if v else None, "lora_spec": a.lora_spec,
                      "created": iso(a.created), "tokens": trained,
                      "token_share": round(trained / mean, 3) if mean > 0 else 1.0})
@@ -223,7 +226,7 @@ def adapters_view(registry: Registry, store: StoreView, names: Names) -> list[di
 
 def status_view(registry: Registry, hub: Path, store: StoreView, names: Names) -> dict[str, Any]:
     """``fedem status --json``: base, the lanes per adapter (``relay.lanes``, ``unknown`` when not recorded),
-    adapters with their holders, active leases, contribution counts, the lineage (merges, CPT, what is due
+    adapters with their task and holders, active leases, contribution counts, the lineage (merges, CPT, what is due
     next), recent decisions."""
     with registry.snapshot():
         base = registry.latest_checkpoint()
@@ -234,7 +237,7 @@ def status_view(registry: Registry, hub: Path, store: StoreView, names: Names) -
             "base": None if base is None else {"version": base.version, "path": store.path(base.repo, base.revision),
                                                "source": base.source, "created": iso(base.created)},
             "lanes": lanes_view(registry),
-            "adapters": [{k: row[k] for k in ("name", "version", "path", "holders", "languages")}
+            "adapters": [{k: row[k] for k in ("name", "version", "path", "holders", "languages", "task")}
                          for row in adapters_view(registry, store, names)],
             "leases": [{"adapter": lease.adapter, "lane": lease.lane, "holder": names.holder(lease.holder),
                         "token": lease.token, "deadline": iso(lease.deadline)}

@@ -3,7 +3,9 @@
 Everything here goes on a public page, so contributors appear only as pseudonyms: the views are
 built with ``Names(reveal=False)`` and no identity (``pk:``, ``sim:``, ``node:``) is read. Folder
 paths of the hub's machine are left out too. Times are ISO 8601 UTC strings; held-out losses are
-per language, as the hub measured them blind.
+per held-out set (a language, or a task's data such as ``en:chat``), as the hub measured them blind.
+Adapters are listed by task (``hub.terms``: language adapters first), and each adapter's progress is
+drawn on its own held-out sets, so a chat adapter's curve is its conversations' loss, not English text.
 """
 
 from __future__ import annotations
@@ -11,7 +13,9 @@ from __future__ import annotations
 from collections.abc import Iterable, Sequence
 from typing import Any, Optional
 
+from fedem_flwr.data.tasks import AdapterTerms
 from fedem_flwr.hub.registry import Registry
+from fedem_flwr.hub.terms import adapter_terms_of, own_losses, task_order, task_title
 from fedem_flwr.hub.views import (
     Names,
     active_leases,
@@ -119,38 +123,54 @@ def thin(points: Sequence[Any], most: int = CHART_POINTS) -> list[Any]:
     return [points[round(i * step)] for i in range(most)]
 
 
+def by_task(adapters: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Adapter views (each with a ``task``) under one heading per task: language adapters first, then
+    the other tasks; by name within a task. Tasks without an adapter are left out."""
+    groups: dict[str, list[dict[str, Any]]] = {}
+    for a in adapters:
+        groups.setdefault(a["task"], []).append(a)
+    return [{"task": task, "title": task_title(task), "adapters": sorted(groups[task], key=lambda a: a["name"])}
+            for task in sorted(groups, key=task_order)]
+
+
 def overview(registry: Registry, names: Names, rows: Sequence[Sequence[Any]], now: float) -> dict[str, Any]:
-    """The lineage of base versions, the adapters now (version; each holder with its lane and lease time
-    left; ``lanes``: how many holders one adapter may have, ``unknown`` when not recorded) and the totals."""
+    """The lineage of base versions, the adapters now (version, task, languages, domain; each holder with its
+    lane and lease time left; ``lanes``: how many holders one adapter may have, ``unknown`` when not recorded;
+    ``groups``: the same adapters by task) and the totals."""
     bases = [{k: v for k, v in b.items() if k != "path"} for b in checkpoints_view(registry, NoPaths(), names)]
     held = active_leases(registry)
     adapters = []
     for a in adapters_view(registry, NoPaths(), names):
         holders = [{**holder_view(lease, names), "deadline": iso(lease.deadline),
                     "left_s": max(0.0, lease.deadline - now)} for lease in held.get(a["name"], [])]
-        adapters.append({"name": a["name"], "version": a["version"], "languages": a["languages"],
-                         "base_version": a["base_version"], "holders": holders})
+        adapters.append({"name": a["name"], "version": a["version"], "languages": a["languages"], "task": a["task"],
+                         "domain": a["domain"], "base_version": a["base_version"], "holders": holders})
     refused = [{"source": a.source, "parent": a.parent, "reason": a.reason, "created": iso(a.created)}
                for a in registry.base_attempts()]
-    return {"bases": bases, "lanes": lanes_view(registry), "adapters": adapters, "refused": refused,
-            "totals": totals(rows)}
+    return {"bases": bases, "lanes": lanes_view(registry), "adapters": adapters, "groups": by_task(adapters),
+            "refused": refused, "totals": totals(rows)}
+
+
+def adapter_progress(registry: Registry, terms: AdapterTerms) -> dict[str, Any]:
+    """One adapter's versions in time with their losses on its own held-out sets (``keys``), one line each."""
+    versions = [{"version": v.version, "kind": v.kind, "base_version": v.base_version, "created": iso(v.created),
+                 "t": v.created, "heldout": own_losses(v.metrics.get("heldout"), terms)}
+                for v in registry.adapter_versions(terms.name)]
+    shown = thin(versions)
+    keys = [key for key in terms.heldout_keys if any(key in v["heldout"] for v in shown)]
+    series = {key: [(v["t"], v["heldout"][key]) for v in shown if key in v["heldout"]] for key in keys}
+    return {"languages": list(terms.languages), "task": terms.task, "domain": terms.domain,
+            "keys": list(terms.heldout_keys), "versions": shown, "count": len(versions), "series": series}
 
 
 def progress(registry: Registry, bases: Sequence[dict[str, Any]]) -> dict[str, Any]:
-    """Held-out loss per language across base versions, and per adapter across its versions in time."""
+    """Held-out loss per held-out set across base versions, and per adapter across its versions in time
+    (on its own held-out sets)."""
     by_base: dict[str, list[tuple[int, float]]] = {}
     for b in bases:
         for lang, loss in sorted((b["metrics"].get("heldout") or {}).items()):
             by_base.setdefault(lang, []).append((b["version"], loss))
-    adapters = {}
-    for a in registry.adapters():
-        versions = [{"version": v.version, "kind": v.kind, "base_version": v.base_version, "created": iso(v.created),
-                     "t": v.created, "heldout": dict(v.metrics.get("heldout") or {})}
-                    for v in registry.adapter_versions(a.name)]
-        shown = thin(versions)
-        languages = sorted({lang for v in shown for lang in v["heldout"]})
-        series = {lang: [(v["t"], v["heldout"][lang]) for v in shown if lang in v["heldout"]] for lang in languages}
-        adapters[a.name] = {"languages": a.languages, "versions": shown, "count": len(versions), "series": series}
+    adapters = {name: adapter_progress(registry, terms) for name, terms in adapter_terms_of(registry).items()}
     return {"bases": by_base, "adapters": adapters}
 
 

@@ -18,7 +18,7 @@ from typing import Any, Optional
 from jinja2 import Environment, PackageLoader, StrictUndefined
 
 from fedem_flwr.site import charts
-from fedem_flwr.site.data import LEDGER_COLUMNS, as_dict
+from fedem_flwr.site.data import LEDGER_COLUMNS, as_dict, by_task
 
 SITE = "FedEm public ledger"
 NAV = (("index.html", "Overview"), ("progress.html", "Progress"), ("ledger.html", "Ledger"),
@@ -125,7 +125,7 @@ def overview_page(site: dict[str, Any]) -> str:
     view = site["overview"]
     languages = sorted({lang for b in view["bases"] for lang in (b["metrics"].get("heldout") or {})})
     return page("overview.html", "Overview", "index.html", site["built"], totals=view["totals"],
-                bases=view["bases"], languages=languages, refused=view["refused"], adapters=view["adapters"],
+                bases=view["bases"], languages=languages, refused=view["refused"], groups=view["groups"],
                 lanes=view["lanes"], contributors=site["contributors"])
 
 
@@ -143,21 +143,23 @@ def progress_page(site: dict[str, Any]) -> str:
     for name, a in prog["adapters"].items():
         shown = len(a["versions"])
         note = "" if shown == a["count"] else f" ({shown} of {a['count']} versions shown, evenly spaced)"
-        adapters.append({"name": name, "languages": a["languages"], "measured": sorted(a["series"]),
-                         "versions": a["versions"], "note": note, "chart": adapter_chart(name, a, note)})
+        adapters.append({"name": name, "languages": a["languages"], "task": a["task"], "domain": a["domain"],
+                         "measured": list(a["series"]), "versions": a["versions"], "note": note,
+                         "chart": adapter_chart(name, a, note)})
     return page("progress.html", "Progress", "progress.html", site["built"], by_base=by_base,
-                bases=site["overview"]["bases"], languages=languages, adapters=adapters)
+                bases=site["overview"]["bases"], languages=languages, groups=by_task(adapters))
 
 
 def adapter_chart(name: str, adapter: dict[str, Any], note: str) -> charts.Chart:
-    """Held-out loss per language over an adapter's versions, by date (``data.progress``'s ``adapters``)."""
-    languages = sorted(adapter["series"])
+    """Held-out loss on each of an adapter's own held-out sets over its versions, by date (``data.progress``'s
+    ``adapters``): a language adapter's languages, a chat adapter's conversations (``en:chat``)."""
+    keys = list(adapter["series"])
     times = [t for line in adapter["series"].values() for t, _ in line]
     return charts.line_chart(
-        f"chart-adapter-{anchor(name)}", f"Held-out loss of adapter {name} per language over time",
-        f"One line per language ({', '.join(languages) or 'none measured'}) over the adapter's {adapter['count']} "
-        f"versions by date; the table below has the values{note}.", adapter["series"], "date (UTC)", "held-out loss",
-        charts.time_labels(max(times) - min(times) if times else 0.0), integer_x=False)
+        f"chart-adapter-{anchor(name)}", f"Held-out loss of adapter {name} on its held-out sets over time",
+        f"One line per held-out set it is judged on ({', '.join(keys) or 'none measured'}) over the adapter's "
+        f"{adapter['count']} versions by date; the table below has the values{note}.", adapter["series"],
+        "date (UTC)", "held-out loss", charts.time_labels(max(times) - min(times) if times else 0.0), integer_x=False)
 
 
 def ledger_page(site: dict[str, Any]) -> str:
