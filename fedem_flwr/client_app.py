@@ -1,6 +1,9 @@
 """The ClientApp: relay fine-tuning of a leased adapter (``train.relay``) and the node profile
 (``query.profile``). Wiring only: the work is in ``fedem_flwr.node.contributor``; a missing base is
-fetched from the Hugging Face Hub when the message says where (``fedem_flwr.node.fetch``)."""
+fetched from the Hugging Face Hub when the message says where (``fedem_flwr.node.fetch``). A lease the
+node holds no rows for (its languages, domain, or conversations for a chat task), or whose base cannot
+render them (no chat template), is answered ``no-data``: a ``DataError`` there is the node's data, never
+a crash."""
 
 from __future__ import annotations
 
@@ -11,9 +14,10 @@ from flwr.app import Context, Message
 from flwr.clientapp import ClientApp
 
 from fedem_flwr.config.loader import load_run_config
+from fedem_flwr.errors import DataError
 from fedem_flwr.logs import use_flower_logging
 from fedem_flwr.model.lora import lora_spec
-from fedem_flwr.node.contributor import BaseCache, profile, relay_train, training_data
+from fedem_flwr.node.contributor import BaseCache, lease_rows, profile, relay_train, training_data
 from fedem_flwr.node.fetch import ensure_base
 from fedem_flwr.protocol import faults, messages
 from fedem_flwr.protocol.wire import adapter_to_arrays, arrays_to_adapter, arrays_to_optimizer, optimizer_record
@@ -44,8 +48,10 @@ def train_relay(message: Message, context: Context) -> Message:
     if missing:
         return messages.status_reply(message, instruction, messages.MISSING_BASE, missing)
     data = training_data(cfg, context.node_config, messages.node_rows(message))
-    if not set(instruction.languages) & set(data.languages):
-        return messages.status_reply(message, instruction, messages.NO_DATA, f"rows in {','.join(data.languages)}")
+    try:
+        lease_rows(data, instruction.languages, instruction.task, instruction.domain)
+    except DataError as err:  # answered before the plan: a node without the rows never trains, even 0 steps
+        return messages.status_reply(message, instruction, messages.NO_DATA, str(err))
     plan = read_plan(message)  # in a simulation on the virtual clock: the steps to train, in simulated time
     if plan is not None and plan.steps == 0:  # vanished before its first step
         return messages.train_reply(message, instruction, message.content["arrays"], plan.metrics(tokens=0),
@@ -56,13 +62,16 @@ def train_relay(message: Message, context: Context) -> Message:
     sent = instruction.optimizer if cfg.train.carry != "none" else None  # the adapter's run, to continue
     optimizer = None if sent is None else arrays_to_optimizer(sent.arrays, spec, step=sent.step,
                                                               warmup_from=sent.warmup_from, carry=cfg.train.carry)
-    new_state, metrics, new_optimizer = relay_train(
-        cfg, base, state, data, instruction.languages,
-        budget_s=(max(1.0, instruction.budget_s - (time.monotonic() - started))  # a fetch spends the lease
-                  if plan is None else math.inf),
-        max_steps=instruction.max_steps if plan is None else plan.steps, seed=cfg.seed + instruction.token,
-        optimizer=optimizer,
-    )
+    try:
+        new_state, metrics, new_optimizer = relay_train(
+            cfg, base, state, data, instruction.languages,
+            budget_s=(max(1.0, instruction.budget_s - (time.monotonic() - started))  # a fetch spends the lease
+                      if plan is None else math.inf),
+            max_steps=instruction.max_steps if plan is None else plan.steps, seed=cfg.seed + instruction.token,
+            optimizer=optimizer, task=instruction.task, domain=instruction.domain,
+        )
+    except DataError as err:  # e.g. a base without a chat template for a chat task
+        return messages.status_reply(message, instruction, messages.NO_DATA, str(err))
     if plan is not None:
         metrics.update(plan.metrics(tokens=metrics["tokens"]))
     carried = optimizer_record(new_optimizer) if sent is not None and new_optimizer is not None else None

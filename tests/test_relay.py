@@ -95,6 +95,7 @@ def test_simulated_nodes_train_on_the_rows_the_hub_hands_them(relayed):
     for message in trains:
         pid = grid.nodes[message.metadata.dst_node_id].node_config["partition-id"]
         expected = hub.training_rows(pid, 2)
+        # text alone: no adapter here trains on conversations or a domain (test_catalog_hub: one does)
         assert messages.node_rows(message) == {"text": expected["text"], "language": expected["language"]}
 
 

@@ -6,6 +6,10 @@ node config says, and the scripted workbench reads the held-out loss from ``w``.
 
 from __future__ import annotations
 
+import logging
+from typing import Optional
+
+import datasets
 import pytest
 import torch
 from flwr.app import Context, Message
@@ -15,6 +19,7 @@ from fedem_flwr.config.schema import RelayConfig
 from fedem_flwr.model.adapter_spec import AdapterSpec
 from fedem_flwr.protocol import messages
 from fedem_flwr.protocol.wire import adapter_to_arrays, arrays_to_adapter
+from fedem_flwr.relay.nodes import NodeState
 from fedem_flwr.relay.strategy import RelayStrategy
 from tests.support.fake_grid import InProcessGrid
 from tests.support.relay import FakeClock, seeded_coordinator
@@ -22,13 +27,20 @@ from tests.support.relay import FakeClock, seeded_coordinator
 SPEC = AdapterSpec.from_state({"w": torch.zeros(1)})  # the scripted adapter: one weight
 
 
-def _stub_app(clock: FakeClock) -> ClientApp:
+def _codes(node_config, key: str) -> list[str]:
+    return [lang for lang in str(node_config.get(key, "")).split(",") if lang]
+
+
+def _stub_app(clock: FakeClock, seen: Optional[list] = None) -> ClientApp:
+    """``seen`` collects the instructions the nodes parse."""
     app = ClientApp()
 
     @app.query("profile")
     def profile(message: Message, context: Context) -> Message:
-        languages = [lang for lang in str(context.node_config.get("languages", "")).split(",") if lang]
-        answer = {"languages": languages, "device": "cpu", "data-bytes": 100, "base-digests": []}
+        answer = {"languages": _codes(context.node_config, "languages"), "device": "cpu", "data-bytes": 100,
+                  "base-digests": []}
+        if "chat-languages" in context.node_config:
+            answer["chat-languages"] = _codes(context.node_config, "chat-languages")
         if "partition-id" in context.node_config:
             answer["partition-id"] = context.node_config["partition-id"]
         return messages.profile_reply(message, answer)
@@ -36,6 +48,8 @@ def _stub_app(clock: FakeClock) -> ClientApp:
     @app.train("relay")
     def train(message: Message, context: Context) -> Message:
         instruction = messages.parse_train_instruction(message)
+        if seen is not None:
+            seen.append(instruction)
         state = arrays_to_adapter(message.content["arrays"], SPEC)
         behaviour = context.node_config.get("behaviour", "improve")
         if behaviour == "crash":
@@ -182,3 +196,69 @@ def test_trains_in_flight_at_the_stop_are_drained_or_ended(tmp_path):
     assert drained.accepted == 2
     assert {lease.adapter: lease.outcome for lease in registry_ab.leases()} == {"hi": "accepted", "ta": "hub-stopped"}
     assert abandoned.accepted == 1
+
+
+class _TaskLease:
+    """An assignment of a chat adapter limited to a domain, as the coordinator issues task leases."""
+
+    languages, task, domain = ("hi",), "sft-chat", "health"
+
+    def __init__(self, assignment) -> None:
+        self._assignment = assignment
+
+    def __getattr__(self, name):
+        return getattr(self._assignment, name)
+
+
+def test_a_node_serves_its_chat_languages_and_a_task_lease_names_its_task_and_domain(tmp_path, caplog):
+    # Prepare: one node with Hindi text and conversations; every lease issued is a chat lease of health
+    clock, seen = FakeClock(), []
+    coordinator, _, _ = seeded_coordinator(tmp_path, clock)
+    assign = coordinator.assign
+    coordinator.assign = lambda nodes: [_TaskLease(a) for a in assign(nodes)]
+    grid = InProcessGrid(_stub_app(clock, seen), {10: {"partition-id": 0, "languages": "hi", "chat-languages": "hi"}},
+                         {}, clock=clock)
+    relay = RelayConfig(lease_ttl_s=100, sweep_interval_s=10, poll_interval_s=1, no_node_grace_s=5,
+                        deadline_margin_s=10, max_accepted=1, max_wall_s=60)
+    strategy = RelayStrategy(coordinator, relay, SPEC, max_steps=1, clock=clock, sleep=clock.sleep)
+
+    # Execute
+    with caplog.at_level(logging.INFO, logger="fedem_flwr.relay.strategy"):
+        result = strategy.start(grid)
+
+    # Assert
+    assert result.accepted == 1
+    assert strategy.nodes.get(10).profile.languages == ("hi", "hi:chat")  # serving keys: text and chat
+    assert "languages hi (chat: hi)" in caplog.text
+    assert [(i.languages, i.task, i.domain) for i in seen] == [(("hi",), "sft-chat", "health")]
+
+
+def test_a_simulated_nodes_rows_carry_conversations_only_when_an_adapter_trains_on_them_and_some_row_has_one():
+    from types import SimpleNamespace
+
+    from fedem_flwr.data.tasks import AdapterTerms
+
+    corpus = {
+        "chatty": datasets.Dataset.from_dict({"text": ["a", "b"], "language": ["en", "en"],
+                                              "chat": ["[]", ""], "domain": ["", ""]}),
+        "plain": datasets.Dataset.from_dict({"text": ["a"], "language": ["en"], "chat": [""], "domain": [""]}),
+    }
+
+    def strategy_of(*terms: AdapterTerms) -> RelayStrategy:
+        hub = SimpleNamespace(terms={t.name: t for t in terms})
+        strategy = RelayStrategy(hub, RelayConfig(), SPEC, max_steps=1,
+                                 training_rows=lambda pid, num: corpus["chatty" if pid == 0 else "plain"])
+        strategy.simulation = True
+        return strategy
+
+    language = AdapterTerms("en", "causal-lm", ("en",))
+    strategy = strategy_of(language, AdapterTerms("en-chat", "sft-chat", ("en",)))
+    chatty = strategy._node_rows(NodeState(1, "sim:0", partition=(0, 2)))
+    plain = strategy._node_rows(NodeState(2, "sim:1", partition=(1, 2)))
+
+    assert chatty == {"text": ["a", "b"], "language": ["en", "en"], "chat": ["[]", ""]}
+    assert plain == {"text": ["a"], "language": ["en"]}
+    assert strategy._node_rows(NodeState(1, "sim:0", partition=(0, 2))) is chatty  # read once per partition
+    # language adapters only: the conversations stay home, as before catalogs existed
+    assert strategy_of(language)._node_rows(NodeState(1, "sim:0", partition=(0, 2))) == {
+        "text": ["a", "b"], "language": ["en", "en"]}

@@ -7,6 +7,7 @@ Settings (the registry's ``settings`` table, one row each)::
     model      the ``model`` section                  what base version 0 was built from
     data       the ``data`` section                   the corpus, its held-out split, its blocks
     store      kind, repo_prefix, endpoint, private   where the artifacts live (``fedem`` reads it)
+    catalog    per_language, adapters                 which adapters the hub relays (``conf/catalog``)
 
 A later start whose config differs in a key that gives stored artifacts or recorded losses their
 meaning is refused, naming each difference. Allowed, and recorded as the new value:
@@ -23,6 +24,11 @@ meaning is refused, naming each difference. Allowed, and recorded as the new val
   fingerprinted (``fedem_flwr.lineage.heldout``): when it changes, every adapter's current losses are
   re-evaluated on the new held-out set before the gate compares anything with them.
 - ``hub.private``: the visibility of Hub repos created from now on.
+- ``catalog``: adapters may be added (they are seeded at the next start), ``per_language`` turned on,
+  and an entry's ``merge``, ``margin`` and ``tolerance`` changed (they act on what comes next). An
+  entry's task, languages and domain are what its versions were trained and judged on: once it is
+  seeded, changing one, or removing the entry, is refused (declare a new adapter under a new name
+  instead). An entry whose start was refused (its data missing) was never seeded: fix it freely.
 
 Everything else in these sections is refused: the tokenizer and model are baked into base version
 0 (a changed value would be silently ignored), and the corpus, block size and held-out fraction
@@ -33,13 +39,16 @@ LoRA spec its adapters were registered with.
 
 from __future__ import annotations
 
+from collections.abc import Collection
 from dataclasses import asdict, dataclass
 from typing import Any, Optional
 
 from fedem_flwr.errors import ConfigError
 
 LORA_KEYS = ("r", "alpha", "dropout", "target_modules")
-TOKENIZER_KEYS = ("kind", "path", "bpe_merges", "model_max_length")
+TOKENIZER_KEYS = ("kind", "path", "bpe_merges", "model_max_length", "chat")
+# What a catalog entry's stored versions mean: fixed once the entry is recorded.
+CATALOG_FIXED = ("task", "languages", "domain")
 # (setting, key) whose change is safe (module docstring says why).
 ALLOWED = {
     ("lora", "dropout"), ("model", "kernels"), ("data", "partitioner"), ("data", "dirichlet_alpha"),
@@ -81,15 +90,21 @@ def configured_settings(cfg: Any, store: Any) -> dict[str, dict]:
         "data": asdict(cfg.data),
         "store": {"kind": cfg.hub.store, "repo_prefix": cfg.hub.repo_prefix,
                   "endpoint": getattr(store, "endpoint", None), "private": cfg.hub.private},
+        "catalog": asdict(cfg.catalog),
     }
 
 
-def differences(recorded: dict[str, dict], configured: dict[str, dict]) -> list[Difference]:
-    """The refused differences between recorded and configured settings (module docstring)."""
+def differences(recorded: dict[str, dict], configured: dict[str, dict],
+                registered: Optional[Collection[str]] = None) -> list[Difference]:
+    """The refused differences between recorded and configured settings (module docstring);
+    ``registered`` names the adapters that exist (None: every recorded catalog entry does)."""
     found = []
     for setting, values in configured.items():
         before = recorded.get(setting)
         if before is None:
+            continue
+        if setting == "catalog":
+            found += catalog_differences(before, values, registered)
             continue
         for key in sorted(set(before) & set(values)):  # a key one side lacks came with another version
             old, new = before.get(key), values.get(key)
@@ -105,6 +120,33 @@ def differences(recorded: dict[str, dict], configured: dict[str, dict]) -> list[
                                             "would lose the held-out data their adapters are judged on"))
                 continue
             found.append(Difference(setting, key, old, new))
+    return found
+
+
+def catalog_differences(recorded: dict, configured: dict,
+                        registered: Optional[Collection[str]] = None) -> list[Difference]:
+    """A catalog may grow; what a registered entry was trained and judged on may not change (module doc).
+    An entry never seeded (its start was refused) is the operator's to fix: ``registered`` names those
+    that were (None: all)."""
+    found = []
+    if recorded.get("per_language") and not configured.get("per_language"):
+        found.append(Difference("catalog", "per_language", True, False,
+                                "the language adapters exist; a hub cannot stop having them"))
+    entries = {entry["name"]: entry for entry in configured.get("adapters") or []}
+    for old in recorded.get("adapters") or []:
+        if registered is not None and old["name"] not in registered:
+            continue
+        new = entries.get(old["name"])
+        if new is None:
+            found.append(Difference("catalog", "adapters", old["name"], None,
+                                    f"adapter {old['name']!r} was declared; entries may be added, not removed"))
+            continue
+        for key in CATALOG_FIXED:
+            if old.get(key) != new.get(key):
+                found.append(Difference("catalog", "adapters", f"{old['name']}.{key}={old.get(key)!r}",
+                                        f"{old['name']}.{key}={new.get(key)!r}",
+                                        "its versions were trained and judged on that; declare a new adapter "
+                                        "under a new name instead"))
     return found
 
 
@@ -129,7 +171,7 @@ def check_and_record(registry: Any, cfg: Any, store: Any, hub: Any, now: Optiona
         adapters = registry.adapters()
         if "lora" not in recorded and adapters:  # set up before settings were recorded
             recorded["lora"] = {k: v for k, v in adapters[0].lora_spec.items() if k in LORA_KEYS}
-        refused = differences(recorded, configured)
+        refused = differences(recorded, configured, {a.name for a in adapters})
         if refused:
             raise ConfigError(refusal(refused, hub))
     recorded = registry.settings()
@@ -141,13 +183,17 @@ def check_and_record(registry: Any, cfg: Any, store: Any, hub: Any, now: Optiona
 
 def refusal(refused: list[Difference], hub: Any) -> str:
     """The message of a refused start: each difference, then how to proceed."""
-    overrides = " ".join(f"{d.name}={_override(d.recorded)}" for d in refused if d.name != "HF_ENDPOINT")
+    overrides = " ".join(f"{d.name}={_override(d.recorded)}" for d in refused
+                         if d.name != "HF_ENDPOINT" and d.setting != "catalog")
+    catalog = [d for d in refused if d.setting == "catalog"]
     endpoint = [d for d in refused if d.name == "HF_ENDPOINT"]
     ways = []
     if overrides:
         ways.append(f"start with the recorded values (overrides \"{overrides}\")")
     if endpoint:
         ways.append(f"set HF_ENDPOINT={endpoint[0].recorded}")
+    if catalog:
+        ways.append("declare the recorded catalog entries as they were (above)")
     lines = [f"the hub at {str(hub)!r} was set up with other settings than this config; it does not start:"]
     lines += [f"  {d}" for d in refused]
     lines.append(f"To proceed, {' and '.join(ways)}, or use a new hub folder (run config `hub`, "

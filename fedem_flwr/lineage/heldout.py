@@ -6,7 +6,10 @@ from the hub's secret, so no node can tell which rows the hub evaluates on. What
 recorded as the ``heldout-split`` setting: the key's id (a hash of the key, never the key), the
 fraction, the minimum blocks, the block size, the languages held out, and digests of the corpus, the
 tokenizer and the withheld rows; with a study's test split (``data.test_fraction`` > 0) also its
-fraction and languages (absent at 0, so a hub without one keeps its fingerprint).
+fraction and languages (absent at 0, so a hub without one keeps its fingerprint). The catalog's task
+adapters add held-out sets of their own (``en:chat``: the held-out conversations, scored on the
+assistant's turns); drawn from the same held-out rows, they move no language's split, and they are
+named in the fingerprint's ``languages`` like the languages' own.
 
 When that record differs at start (``data.heldout_fraction`` or the corpus changed, or the hub predates
 keyed splits), each adapter's latest version -- the parent the gate compares the next push with -- is
@@ -30,6 +33,7 @@ import datasets
 from fedem_flwr.config.schema import FedemConfig
 from fedem_flwr.data.blocks import HeldoutSplit, heldout_split
 from fedem_flwr.data.corpus import corpus_digest
+from fedem_flwr.data.tasks import DataKey, parse_key, terms_of_entry
 from fedem_flwr.hub.registry import Registry
 from fedem_flwr.hub.store import ArtifactStore
 from fedem_flwr.model.lora import read_adapter_state
@@ -45,7 +49,7 @@ def split_corpus(cfg: FedemConfig, registry: Registry, corpus: datasets.Dataset,
     key = registry.derived_key(KEY_PURPOSE)
     data = cfg.data
     split = heldout_split(corpus, data.heldout_fraction, data.min_heldout_blocks, data.block_size, tokenizer, key,
-                          test_fraction=data.test_fraction)
+                          test_fraction=data.test_fraction, extra_keys=task_keys(cfg))
     fingerprint = {
         "key-id": hmac.new(key, b"key-id", hashlib.sha256).hexdigest()[:16],
         "fraction": data.heldout_fraction,
@@ -60,6 +64,12 @@ def split_corpus(cfg: FedemConfig, registry: Registry, corpus: datasets.Dataset,
         fingerprint["test-fraction"] = data.test_fraction
         fingerprint["test-languages"] = sorted(split.test)
     return split, fingerprint
+
+
+def task_keys(cfg: FedemConfig) -> list[str]:
+    """The held-out sets the catalog's task adapters need beyond the languages' own (``data.tasks``)."""
+    keys = (key for entry in cfg.catalog.adapters for key in terms_of_entry(entry).heldout_keys)
+    return sorted({key for key in keys if parse_key(key) != DataKey(key)})
 
 
 def split_id(fingerprint: dict) -> str:

@@ -15,6 +15,11 @@ travel) and ``optimizer-step`` / ``optimizer-warmup-from`` in the config record
 the node's own, the hub's in its strategy. A malformed state in a reply never fails the reply: it is
 named in ``TrainReply.optimizer_problem`` and the hub replaces the state, keeping the adapter.
 
+A train message names the lease's task (``task``: a key of ``TASK_FORMATS``) and the domain its rows
+must be tagged with (``domain``); each is omitted at its default (``causal-lm``, any domain), so a
+language adapter's message reads as it did before tasks existed. A profile declares, beside the
+languages a node holds rows in, those it holds conversations in (``chat-languages``, a subset).
+
 What the hub sends is read on the node through ``parse_train_instruction``: a field of the wrong
 type or shape raises ``InvalidInstruction`` naming the field and the value.
 
@@ -38,6 +43,7 @@ from typing import Any, Optional
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 
+from fedem_flwr.config.schema import TASK_FORMATS
 from fedem_flwr.errors import FedemError, InvalidAdapter
 from fedem_flwr.hub.store import ArtifactRef
 from fedem_flwr.node.cache import BaseCache
@@ -53,6 +59,12 @@ OPTIMIZER = "optimizer"  # the record of an optimizer state's packed moments
 OPTIMIZER_STEP = "optimizer-step"
 OPTIMIZER_WARMUP_FROM = "optimizer-warmup-from"
 MAX_FILE_COUNT = 64
+
+CAUSAL_LM = "causal-lm"  # the default task: a language adapter, trained on plain text
+# Row lists a train message may carry in simulation: always text and language; chat (a conversation
+# as JSON, "" for plain text) and domain ("" when unknown) only when some row has one.
+ROW_COLUMNS = ("text", "language")
+OPTIONAL_ROW_COLUMNS = ("chat", "domain")
 
 # Train reply statuses: ``ok`` carries the trained adapter; the others end the lease without one.
 OK = "ok"
@@ -70,6 +82,7 @@ MAX_DETAIL_CHARS = 200
 LANGUAGE_CODE = re.compile(r"^[A-Za-z]{2,3}([_-][A-Za-z0-9]{2,8})?$")
 SHA256_HEX = re.compile(r"^[0-9a-f]{64}$")
 METRIC_KEY = re.compile(r"^[A-Za-z0-9_.:-]+$")
+DOMAIN_TAG = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 
 
 class InvalidReply(FedemError, ValueError):
@@ -103,6 +116,8 @@ class TrainInstruction:
     max_steps: int
     base_hf: Optional[HfLocation] = None  # where the node may fetch the base itself
     optimizer: Optional[OptimizerRecord] = None  # the adapter's optimizer state (``train.carry``), packed
+    task: str = CAUSAL_LM  # what the rows are rendered as and the loss scored on (``TASK_FORMATS``)
+    domain: str = ""  # train only on rows tagged with this domain; "" = any row
 
 
 @dataclass(frozen=True)
@@ -133,6 +148,7 @@ class ProfileReply:
     base_digests: frozenset[str]
     partition_id: Optional[int] = None
     num_partitions: Optional[int] = None
+    chat_languages: tuple[str, ...] = ()  # of ``languages``, those it holds conversations in
 
 
 # -- hub -> node -------------------------------------------------------------------------------
@@ -152,8 +168,8 @@ def train_message(
 ) -> Message:
     """``ttl`` is the lease's remaining time, so the SuperLink itself refuses a late reply.
 
-    ``rows`` (``text`` and ``language`` lists) are the node's training rows, handed out by the hub
-    in simulation, where a node must not compute them itself."""
+    ``rows`` (``text`` and ``language`` lists, and ``chat`` and ``domain`` when given) are the node's
+    training rows, handed out by the hub in simulation, where a node must not compute them itself."""
     config = ConfigRecord(
         {
             "adapter": instruction.adapter,
@@ -168,6 +184,10 @@ def train_message(
             "max-steps": int(instruction.max_steps),
         }
     )
+    if instruction.task != CAUSAL_LM:
+        config["task"] = instruction.task
+    if instruction.domain:
+        config["domain"] = instruction.domain
     if instruction.base_hf is not None:
         config["base-hf-repo"] = instruction.base_hf.repo_id
         if instruction.base_hf.endpoint:
@@ -177,7 +197,8 @@ def train_message(
     if base_folder is not None:
         content[BASE_FILES] = folder_to_arrays(base_folder)
     if rows is not None:
-        content[NODE_ROWS] = ConfigRecord({"text": list(rows["text"]), "language": list(rows["language"])})
+        names = ROW_COLUMNS + tuple(name for name in OPTIONAL_ROW_COLUMNS if name in rows)
+        content[NODE_ROWS] = ConfigRecord({name: list(rows[name]) for name in names})
     return Message(content, dst_node_id=node_id, message_type=TRAIN, ttl=ttl)
 
 
@@ -190,11 +211,18 @@ def keep_sent_base(message: Message, cache: BaseCache, digest: str) -> None:
 
 
 def node_rows(message: Message) -> Optional[dict[str, list[str]]]:
-    """The training rows the hub sent with a train message, or None when it sent none."""
+    """The training rows the hub sent with a train message (``chat`` and ``domain`` when it sent them),
+    or None when it sent none. Lists of other lengths than ``text`` raise ``InvalidInstruction``: a
+    row would otherwise be read with another row's conversation or domain."""
     if NODE_ROWS not in message.content:
         return None
     record = message.content[NODE_ROWS]
-    return {"text": list(record["text"]), "language": list(record["language"])}
+    rows = {name: list(record[name]) for name in ROW_COLUMNS + OPTIONAL_ROW_COLUMNS if name in record}
+    for name, values in rows.items():
+        if len(values) != len(rows["text"]):
+            raise InvalidInstruction(f"train message `{NODE_ROWS}` has {len(values)} `{name}` for "
+                                     f"{len(rows['text'])} `text` rows")
+    return rows
 
 
 def parse_train_instruction(message: Message) -> TrainInstruction:
@@ -216,6 +244,7 @@ def parse_train_instruction(message: Message) -> TrainInstruction:
     optimizer, problem = _read_optimizer(message, "train message")
     if problem:
         raise InvalidInstruction(problem)
+    task, domain = _task(config), _domain(config)
     return TrainInstruction(
         adapter=str(config["adapter"]),
         adapter_version=int(config["adapter-version"]),
@@ -227,7 +256,26 @@ def parse_train_instruction(message: Message) -> TrainInstruction:
         max_steps=int(config["max-steps"]),
         base_hf=base_hf,
         optimizer=optimizer,
+        task=task,
+        domain=domain,
     )
+
+
+def _task(config: ConfigRecord) -> str:
+    """The lease's task (``causal-lm`` when unnamed); one this node cannot tell apart is refused."""
+    value = config.get("task") if "task" in config else CAUSAL_LM
+    if not isinstance(value, str) or value not in TASK_FORMATS:
+        raise InvalidInstruction(
+            f"train message `task` is {_show(value)}; it must be one of {', '.join(map(repr, TASK_FORMATS))}"
+        )
+    return value
+
+
+def _domain(config: ConfigRecord) -> str:
+    """The domain the lease's rows must carry ("" when unnamed): a plain tag, never a path or a query."""
+    if "domain" not in config or config.get("domain") == "":
+        return ""
+    return _instruction_field(config, "domain", DOMAIN_TAG, "a domain tag like 'health' (letters, digits, _ . -)", 64)
 
 
 def _instruction_field(config: ConfigRecord, key: str, pattern: re.Pattern, allowed: str, limit: int = 200) -> str:
@@ -378,18 +426,20 @@ def _finite_number(value: Any) -> bool:
 
 
 def profile_reply(message: Message, profile: Mapping[str, Any]) -> Message:
-    """``profile`` holds ``languages`` (list), ``device``, ``data-bytes``, ``base-digests`` (list), and
-    in simulation ``partition-id`` and ``num-partitions``."""
+    """``profile`` holds ``languages`` and ``chat-languages`` (lists), ``device``, ``data-bytes``,
+    ``base-digests`` (list), and in simulation ``partition-id`` and ``num-partitions``."""
     return Message(RecordDict({"config": ConfigRecord(dict(profile))}), reply_to=message)
 
 
 def parse_profile_reply(message: Message) -> ProfileReply:
     """Check a profile reply field by field; the first bad or missing field raises ``InvalidReply``."""
     config = _config(message, "profile reply")
-    languages = _list(config, "languages", MAX_LANGUAGES)
-    for language in languages:
-        if not LANGUAGE_CODE.match(language):
-            raise InvalidReply(f"profile reply `languages` holds {_show(language)}, not a language code like 'hi' or 'pt-BR'")
+    languages = _language_codes(config, "languages")
+    chat_languages = _language_codes(config, "chat-languages") if "chat-languages" in config else []
+    undeclared = [language for language in chat_languages if language not in languages]
+    if undeclared:
+        raise InvalidReply(f"profile reply `chat-languages` holds {_show(undeclared[0])}, absent from its "
+                           f"`languages` {_show(languages)}: chat rows are rows of a declared language")
     digests = _list(config, "base-digests", MAX_BASE_DIGESTS)
     for value in digests:
         if not SHA256_HEX.match(value):
@@ -397,7 +447,8 @@ def parse_profile_reply(message: Message) -> ProfileReply:
     partition = _int(config, "partition-id", "profile reply") if "partition-id" in config else None
     partitions = _int(config, "num-partitions", "profile reply") if "num-partitions" in config else None
     if partition is not None and partitions is not None and partition >= partitions:
-        raise InvalidReply(f"profile reply `partition-id` is {partition}; it must be below `num-partitions` {partitions}")
+        raise InvalidReply(f"profile reply `partition-id` is {partition}; "
+                           f"it must be below `num-partitions` {partitions}")
     return ProfileReply(
         languages=tuple(sorted(set(languages))),
         device=_text(config, "device", "profile reply", MAX_DEVICE_CHARS),
@@ -405,7 +456,18 @@ def parse_profile_reply(message: Message) -> ProfileReply:
         base_digests=frozenset(digests),
         partition_id=partition,
         num_partitions=partitions,
+        chat_languages=tuple(sorted(set(chat_languages))),
     )
+
+
+def _language_codes(config: ConfigRecord, key: str) -> list[str]:
+    """A profile's list of language codes under ``key``, each checked."""
+    languages = _list(config, key, MAX_LANGUAGES)
+    for language in languages:
+        if not LANGUAGE_CODE.match(language):
+            raise InvalidReply(f"profile reply `{key}` holds {_show(language)}, "
+                               "not a language code like 'hi' or 'pt-BR'")
+    return languages
 
 
 def _config(message: Message, what: str) -> ConfigRecord:

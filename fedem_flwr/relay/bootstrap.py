@@ -14,7 +14,7 @@ import math
 import random
 import tempfile
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Collection, Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Optional
@@ -24,8 +24,11 @@ import datasets
 from fedem_flwr.config.loader import config_to_dict
 from fedem_flwr.config.schema import FedemConfig
 from fedem_flwr.data.blocks import HeldoutSplit, without
-from fedem_flwr.data.corpus import language_sizes, load_corpus
+from fedem_flwr.data.corpus import CHAT as CHAT_COLUMN
+from fedem_flwr.data.corpus import DOMAIN, LANGUAGE, column, language_sizes, load_corpus
 from fedem_flwr.data.partition import partition
+from fedem_flwr.data.tasks import CHAT, AdapterTerms, terms_of_entry
+from fedem_flwr.errors import ConfigError
 from fedem_flwr.gate.evaluator import HubWorkbench
 from fedem_flwr.hub.lineage import write_adapter_card
 from fedem_flwr.hub.model_card import base_card, write_card
@@ -38,7 +41,7 @@ from fedem_flwr.hub.store import ArtifactRef, ArtifactStore, adapter_repo, base_
 from fedem_flwr.hub.stores import open_store
 from fedem_flwr.lineage.heldout import refresh_parent_losses, split_corpus, split_id
 from fedem_flwr.model.factory import build_model, load_base, save_base
-from fedem_flwr.model.tokenizer import load_tokenizer
+from fedem_flwr.model.tokenizer import has_chat_template, load_tokenizer
 from fedem_flwr.relay.coordinator import RelayCoordinator
 from fedem_flwr.relay.policies import make_policy
 from fedem_flwr.training.device import pick_device
@@ -101,7 +104,8 @@ def open_hub(cfg: FedemConfig, hub_path: Path, clock: Callable[[], float] = time
         base = record_seed(cfg, registry, seed, bare, split_id(fingerprint), clock)
     # Parents' losses come from the held-out set in use: evaluated again when the split changed.
     refresh_parent_losses(registry, store, workbench.evaluate, fingerprint, clock, base.version)
-    seed_adapters(cfg, registry, store, workbench, language_sizes(corpus), base, clock, bare=bare)
+    check_catalog(cfg, corpus, tokenizer, workbench.heldout)
+    seed_adapters(cfg, registry, store, workbench, corpus, base, clock, bare=bare)
 
     rng = random.Random(cfg.seed)
     coordinator = RelayCoordinator(
@@ -110,7 +114,7 @@ def open_hub(cfg: FedemConfig, hub_path: Path, clock: Callable[[], float] = time
         lease_ttl_s=cfg.relay.lease_ttl_s, sweep_interval_s=cfg.relay.sweep_interval_s,
         gate=cfg.gate, clock=clock, train=cfg.train, optimizer_states=OptimizerStates(hub_path),
         max_push_tokens=max_push_tokens(cfg), lanes=cfg.relay.lanes,
-        lane_update=cfg.relay.lane_update, staleness_power=cfg.relay.staleness_power,
+        lane_update=cfg.relay.lane_update, staleness_power=cfg.relay.staleness_power, catalog=cfg.catalog,
     )
     return Hub(hub_path, registry, store, coordinator, cfg, corpus, split, split_id(fingerprint))
 
@@ -162,39 +166,103 @@ def seed_adapters(
     registry: Registry,
     store: ArtifactStore,
     workbench: HubWorkbench,
-    sizes: dict[str, int],
+    corpus: datasets.Dataset,
     base: Any,
     clock: Callable[[], float],
     *,
     bare: Optional[Mapping[str, float]] = None,
 ) -> list[str]:
-    """One adapter per language with enough text and held-out data; version 0 is a fresh LoRA, which
-    scores the base itself (``bare``: those losses, when already measured)."""
+    """The catalog's adapters that are not registered yet: with ``catalog.per_language`` one language
+    adapter per language with enough text and held-out data, and every declared one (checked first
+    against the corpus by ``check_catalog``). Version 0 is a fresh LoRA, which scores the base itself
+    (``bare``: those losses, when already measured)."""
     existing = {a.name for a in registry.adapters()}
-    languages = sorted(
-        lang for lang, size in sizes.items()
-        if size >= cfg.data.min_language_bytes and lang in workbench.heldout and lang not in existing
-    )
-    if not languages:
+    wanted = [terms for terms in catalog_terms(cfg, language_sizes(corpus), workbench.heldout)
+              if terms.name not in existing]
+    if not wanted:
         return []
     losses = dict(bare) if bare is not None else workbench.evaluate(workbench.initial_state)
     base_ref = ArtifactRef(store.repo_id(base.repo), base.revision, base.digest)
-    for language in languages:
-        repo = adapter_repo(cfg.hub.repo_prefix, language)
+    for terms in wanted:
+        repo = adapter_repo(cfg.hub.repo_prefix, terms.name)
         with tempfile.TemporaryDirectory(prefix="fedem-adapter-") as tmp:
             workbench.save(workbench.initial_state, Path(tmp), base_ref)
-            write_adapter_card(Path(tmp), registry, store, repo=repo, adapter=language, version=0,
+            write_adapter_card(Path(tmp), registry, store, repo=repo, adapter=terms.name, version=0,
                                base_version=base.version, parent_version=None, kind="fresh", heldout=losses,
-                               languages=[language])
-            ref = store.put(repo, revision_name(0), Path(tmp), message=f"{language}: fresh LoRA",
+                               languages=list(terms.languages), task=terms.task)
+            ref = store.put(repo, revision_name(0), Path(tmp), message=f"{terms.name}: fresh LoRA",
                             replace_orphan=True)  # a new adapter: the registry has no version of it
         with registry.atomic():
-            registry.add_adapter(
-                name=language, languages=[language], task="causal-lm", lora_spec=asdict(cfg.lora), created=clock()
-            )
+            registry.add_adapter(name=terms.name, languages=list(terms.languages), task=terms.task,
+                                 lora_spec=asdict(cfg.lora), created=clock())
             registry.add_adapter_version(
-                adapter=language, base_version=base.version, parent_version=None, repo=ref.repo,
+                adapter=terms.name, base_version=base.version, parent_version=None, repo=ref.repo,
                 revision=ref.revision, digest=ref.digest, metrics={"heldout": losses}, created=clock(),
             )
-    log.info("Seeded %d adapter(s): %s", len(languages), ", ".join(languages))
-    return languages
+    log.info("Seeded %d adapter(s): %s", len(wanted), ", ".join(terms.name for terms in wanted))
+    return [terms.name for terms in wanted]
+
+
+def catalog_terms(cfg: FedemConfig, sizes: Mapping[str, int], heldout: Collection[str]) -> list[AdapterTerms]:
+    """Every adapter the catalog asks for: the language adapters (``catalog.per_language``: each
+    language with at least ``data.min_language_bytes`` of text and held-out data), then the declared ones."""
+    declared = [terms_of_entry(entry) for entry in cfg.catalog.adapters]
+    names = {terms.name for terms in declared}
+    languages = sorted(
+        lang for lang, size in sizes.items()
+        if cfg.catalog.per_language and size >= cfg.data.min_language_bytes and lang in heldout and lang not in names
+    )
+    return [AdapterTerms(lang, "causal-lm", (lang,)) for lang in languages] + declared
+
+
+def check_catalog(cfg: FedemConfig, corpus: datasets.Dataset, tokenizer: Any, heldout: Collection[str]) -> None:
+    """Refuse a catalog that declares adapters this hub cannot train or judge, naming each problem."""
+    problems = catalog_problems(cfg, corpus, tokenizer, heldout)
+    if problems:
+        raise ConfigError("the catalog (`catalog`) declares adapters this hub cannot train or judge:\n"
+                          + "\n".join(f"  {p}" for p in problems))
+
+
+def catalog_problems(cfg: FedemConfig, corpus: datasets.Dataset, tokenizer: Any, held: Collection[str]) -> list[str]:
+    """Why each declared adapter cannot be trained or judged here (none: all can)."""
+    problems = []
+    sizes = language_sizes(corpus)
+    chat = None
+    for entry in cfg.catalog.adapters:
+        terms = terms_of_entry(entry)
+        where = f"adapter {entry.name!r} ({entry.task}" + (f", domain {entry.domain!r}" if entry.domain else "") + ")"
+        if entry.task != "causal-lm" and entry.name in sizes and cfg.catalog.per_language:
+            problems.append(f"{where}: its name is the language adapter of {entry.name!r}; name it e.g. "
+                            f"'{entry.name}-{entry.task}'")
+        if terms.data_format == CHAT and not has_chat_template(tokenizer):
+            problems.append(f"{where}: the base's tokenizer has no chat template with role tokens (a hub seeded "
+                            "with `tokenizer.chat=false` or a pretrained tokenizer without one)")
+            continue
+        for language, key in zip(terms.languages, terms.heldout_keys):
+            if language not in sizes:
+                problems.append(f"{where}: the corpus has no text in {language!r}; it holds {', '.join(sizes)}")
+                continue
+            if terms.data_format == CHAT:
+                chat = chat if chat is not None else chat_rows_by_language(corpus)
+                if not chat.get((language, entry.domain or None), 0):
+                    problems.append(f"{where}: the corpus has no conversations in {language!r}"
+                                    + (f" tagged {entry.domain!r}" if entry.domain else "")
+                                    + " (rows with a `messages` column; see README, \"Your data\")")
+                    continue
+            if key not in held:
+                problems.append(f"{where}: no held-out data {key!r} to judge it on (its held-out rows give fewer "
+                                f"than `data.min_heldout_blocks`={cfg.data.min_heldout_blocks} full blocks)")
+    return problems
+
+
+def chat_rows_by_language(corpus: datasets.Dataset) -> dict[tuple[str, Optional[str]], int]:
+    """Conversations per (language, domain) and per (language, None): what ``sft-chat`` adapters train on."""
+    if CHAT_COLUMN not in corpus.column_names:
+        return {}
+    domains = column(corpus, DOMAIN) if DOMAIN in corpus.column_names else None
+    counts: dict[tuple[str, Optional[str]], int] = {}
+    for i, (chat, language) in enumerate(zip(column(corpus, CHAT_COLUMN), column(corpus, LANGUAGE))):
+        if chat:
+            for key in ((language, None), (language, domains[i] if domains else "")):
+                counts[key] = counts.get(key, 0) + 1
+    return counts

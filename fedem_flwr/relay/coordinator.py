@@ -35,6 +35,13 @@ applied to, advanced by the steps the push trained (``_combined_optimizer``): th
 every step trained into the adapter, whichever lane trained it; the moments start at zero (they
 describe factors the truncation replaced); and the warmup starts again only when a merge rebased the
 adapter meanwhile (the base changed under it), as it did before lanes.
+
+Adapters are what the catalog declares (``conf/catalog``, ``data.tasks.AdapterTerms``): a language
+adapter is matched to nodes by its language and judged on its language's held-out text, as before
+catalogs existed; a task adapter (``sft-chat``) is matched by its data (``en:chat``: a node that
+declared conversations in English), leased to no other node whatever the policy chose, and judged on
+its own held-out set (response tokens of held-out conversations) with its entry's margin and
+tolerance where it sets them.
 """
 
 from __future__ import annotations
@@ -48,7 +55,8 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Optional, Protocol
 
-from fedem_flwr.config.schema import GateConfig, TrainConfig
+from fedem_flwr.config.schema import CatalogConfig, GateConfig, TrainConfig
+from fedem_flwr.data.tasks import TEXT, AdapterTerms, adapter_terms
 from fedem_flwr.errors import ConfigError, HubFault, InvalidAdapter, StoreError, is_hub_fault, one_line
 from fedem_flwr.gate.acceptance import Decision, decide
 from fedem_flwr.gate.novelty import no_work
@@ -95,6 +103,19 @@ class Assignment:
     adapter: AdapterInfo
     adapter_ref: ArtifactRef
     base_ref: ArtifactRef
+    terms: AdapterTerms  # what the node trains: its languages, the task and the domain
+
+    @property
+    def languages(self) -> tuple[str, ...]:
+        return self.terms.languages
+
+    @property
+    def task(self) -> str:
+        return self.terms.task
+
+    @property
+    def domain(self) -> str:
+        return self.terms.domain
 
 
 @dataclass(frozen=True)
@@ -144,6 +165,7 @@ class RelayCoordinator:
         lanes: int = 1,
         lane_update: str = "add",
         staleness_power: float = 1.0,
+        catalog: Optional[CatalogConfig] = None,
     ) -> None:
         self._registry = registry
         self._store = store
@@ -165,7 +187,8 @@ class RelayCoordinator:
                                lookup=registry.lease, latest=registry.latest_lease_tokens(), lanes=lanes)
         self.schedule = SweepSchedule(sweep_interval_s)
         self.last_served = registry.last_leased()
-        self.languages = {adapter.name: tuple(adapter.languages) for adapter in registry.adapters()}
+        # What each adapter is trained and judged on: its catalog entry, else a language adapter.
+        self.terms = {a.name: adapter_terms(a.name, a.languages, a.task, catalog) for a in registry.adapters()}
         # Tokens trained into each adapter (judged pushes), what the `fair` policy balances. A push counts
         # what it reported, at least 0 and at most `max_push_tokens` (max_steps * batch_size * grad_accum
         # * block_size: what one lease can train), so no node can push an adapter out of turn.
@@ -173,7 +196,7 @@ class RelayCoordinator:
         self._tokens = registry.tokens_by_adapter(max_push_tokens)
         latest = registry.latest_adapter_versions()
         self.pool = AdapterPool(
-            self._info(name, latest[name].version) for name in self.languages
+            self._info(name, latest[name].version) for name in self.terms
             if name in latest and self._book.is_free(name)
         )
 
@@ -354,7 +377,15 @@ class RelayCoordinator:
     # -- leasing ---------------------------------------------------------------------------------
 
     def _info(self, name: str, version: int) -> AdapterInfo:
-        return AdapterInfo(name, self.languages[name], version, self.last_served.get(name), self._tokens.get(name, 0))
+        # A policy matches adapters to nodes by what they serve: a language, or a task's data in a language.
+        return AdapterInfo(name, self.terms[name].serving, version, self.last_served.get(name),
+                           self._tokens.get(name, 0))
+
+    def _can_train(self, node: NodeProfile, name: str) -> bool:
+        """A language adapter may go to any node (one without its language answers ``no-data``, as ever);
+        a task adapter only to a node that declared data of its format in one of its languages."""
+        terms = self.terms[name]
+        return terms.data_format == TEXT or not set(terms.serving).isdisjoint(node.languages)
 
     def _count_tokens(self, adapter: str, metrics: Mapping[str, float]) -> None:
         """Add a judged push's reported ``tokens`` to its adapter, clamped to [0, ``max_push_tokens``] as
@@ -394,6 +425,8 @@ class RelayCoordinator:
         placed = []
         self.policy.observe([self._info(lease.adapter, lease.adapter_version) for lease in self._book.active()])
         for node, info in self.policy.assign(nodes, self.pool.free()):
+            if not self._can_train(node, info.name):
+                continue  # a task adapter goes only to a node that declared its data
             self.pool.take(info.name)
             version = self._registry.latest_adapter_version(info.name)
             lease = self._book.acquire(info.name, node.node, base.version, version.version, now, self.lease_ttl_s)
@@ -401,7 +434,7 @@ class RelayCoordinator:
             self.last_served[info.name] = now
             if self._book.is_free(info.name):  # another lane is open: offered again, from the next round
                 self.pool.put(self._info(info.name, version.version))
-            placed.append(Assignment(lease, info, version.ref, base.ref))
+            placed.append(Assignment(lease, info, version.ref, base.ref, self.terms[info.name]))
             lane = f" lane {lease.lane}" if self.lanes > 1 else ""
             log.info(
                 "Leased %r v%d%s to %s (token %d, %.0f s)",
@@ -490,7 +523,8 @@ class RelayCoordinator:
         pair of adapter version and base version), so like is compared with like."""
         base = self._registry.latest_checkpoint()
         parent = self._registry.latest_adapter_version(lease.adapter)
-        languages = self._registry.adapter(lease.adapter).languages
+        terms = self.terms[lease.adapter]
+        languages = terms.heldout_keys  # its own held-out sets: a language's text, or its task's data
         parent_state = self._parent_weights(parent)
         update = None
         if parent.version == lease.adapter_version:  # nothing moved: the push is judged and kept as it is
@@ -510,7 +544,7 @@ class RelayCoordinator:
         if bad:  # huge weights: nothing to compare, and nothing to keep
             reason = "non-finite-loss: held-out loss " + ", ".join(f"{lang}={losses[lang]}" for lang in bad)
             return self._conclude(lease, received, "rejected", reason, losses, judged=base.version, update=update)
-        decision = self._decide(losses, reference, languages)
+        decision = self._decide(losses, reference, terms)
         ref = (self._write_artifact(state, parent, lease, losses, received.pseudonym, base)
                if decision.accepted else None)
         if ref is not None:  # before the version's row commits
@@ -634,13 +668,15 @@ class RelayCoordinator:
             self._record(received, known.adapter, token, "rejected", reason, None, {})
         return PushOutcome("rejected", reason, known.adapter, token)
 
-    def _decide(self, losses: HeldoutLosses, parent: HeldoutLosses, languages: Sequence[str]) -> Decision:
-        """Better on its own languages by the margin; with ``check_others``, no worse than the
-        tolerance on every other language the hub holds out."""
+    def _decide(self, losses: HeldoutLosses, parent: HeldoutLosses, terms: AdapterTerms) -> Decision:
+        """Better on its own held-out sets by the margin; with ``check_others``, no worse than the
+        tolerance on every other set the hub holds out. A catalog entry may set its own margin and tolerance."""
+        own = terms.heldout_keys
         weights = self._workbench.weights if self.gate.weighting == "tokens" else None
-        others = [lang for lang in losses if lang not in languages] if self.gate.check_others else None
-        return decide(losses, parent, languages, self.gate.margin, weights=weights, others=others,
-                      tolerance=self.gate.tolerance)
+        others = [lang for lang in losses if lang not in own] if self.gate.check_others else None
+        margin = self.gate.margin if terms.margin is None else terms.margin
+        tolerance = self.gate.tolerance if terms.tolerance is None else terms.tolerance
+        return decide(losses, parent, own, margin, weights=weights, others=others, tolerance=tolerance)
 
     def _parent_weights(self, parent: Any) -> dict[str, Any]:
         """The parent version's weights from the store (digest-verified); a store that cannot give them

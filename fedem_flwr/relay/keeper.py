@@ -183,7 +183,10 @@ class BaseKeeper:
         base = self._base()
         bare = self.bare_losses(base)
         leased = self.hub.coordinator.leased_adapters()
-        candidates = [self._candidate(name, base) for name in sorted(a.name for a in registry.adapters())]
+        terms = self.hub.coordinator.terms
+        # Only what the catalog lets merges absorb (task adapters serve their task on top of the base).
+        candidates = [self._candidate(name, base) for name in sorted(a.name for a in registry.adapters())
+                      if terms[name].mergeable]
         selection = select_absorbed([c for c in candidates if c is not None], leased, bare,
                                     token_weights=self._weights(), rebase=merge_cfg.rebase)
         skipped = [list(pair) for pair in selection.skipped]
@@ -286,9 +289,8 @@ class BaseKeeper:
         kept as it is when that scores no worse on its own languages (the merged change helps it: a
         related language's work). Returns its rebase (None: kept) and its entry in the merge's record
         (adapted losses before and after, as the absorbed)."""
-        registry = self.hub.registry
         before = self._losses_on(name, version, base)
-        languages = [lang for lang in registry.adapter(name).languages if lang in before]
+        languages = [key for key in self.hub.coordinator.terms[name].heldout_keys if key in before]
         state = self._adapter_state(name, version)
         rest = rebase_residual(state, change, self.cfg.lora)
         heldout = self._finite(workbench.evaluate(rest.state))
@@ -319,8 +321,7 @@ class BaseKeeper:
         if version is None or version.kind != "push":  # a fresh or rebased version carries no new work
             return None
         losses = self._losses_on(name, version.version, base)
-        languages = tuple(self.hub.registry.adapter(name).languages)
-        return Candidate(name, version.version, languages, losses)
+        return Candidate(name, version.version, self.hub.coordinator.terms[name].heldout_keys, losses)
 
     def _losses_on(self, name: str, version: int, base: Checkpoint) -> Losses:
         """``name`` v``version``'s held-out losses on ``base`` (the current one): the registry's, evaluated

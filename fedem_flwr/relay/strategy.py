@@ -33,7 +33,7 @@ import logging
 import sys
 import time
 from collections import Counter, deque
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
@@ -43,6 +43,7 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
 from fedem_flwr.config.schema import RelayConfig
+from fedem_flwr.data.tasks import CHAT, node_serving
 from fedem_flwr.errors import HubFault, InvalidAdapter, is_hub_fault, one_line
 from fedem_flwr.model.adapter_spec import AdapterSpec
 from fedem_flwr.protocol import messages
@@ -58,7 +59,8 @@ PROFILE_TTL_S = 120.0
 HISTORY_LIMIT = 1000
 
 TrainingRows = Callable[[int, int], Any]
-"""``(partition_id, num_partitions) -> rows`` (``text`` and ``language`` columns) of a simulated node."""
+"""``(partition_id, num_partitions) -> rows`` (``text`` and ``language`` columns, and ``chat`` and ``domain``
+when the corpus has them) of a simulated node."""
 
 
 def is_simulation_grid(grid: Grid) -> bool:
@@ -107,6 +109,18 @@ class _Pending:
     instruction: Optional[messages.TrainInstruction] = None  # what the train message asked
     base_via: str = ""  # IN_BAND, HF, or "" when the hub thought the node had it
     hf_named: bool = False  # the message named the base's Hub repo
+
+
+def _row_lists(rows: Any, wanted: Sequence[str] = messages.OPTIONAL_ROW_COLUMNS) -> dict[str, list[str]]:
+    """A node's rows as the lists a train message carries: ``text`` and ``language``, and of ``wanted``
+    (``chat``, ``domain``) those some row has (a corpus of plain text sends no lists of empty strings)."""
+    names = rows.column_names if hasattr(rows, "column_names") else list(rows)
+    lists = {name: list(rows[name]) for name in messages.ROW_COLUMNS}
+    for name in wanted:
+        values = list(rows[name]) if name in names else []
+        if any(values):
+            lists[name] = values
+    return lists
 
 
 class RelayStrategy(Strategy):
@@ -319,7 +333,7 @@ class RelayStrategy(Strategy):
         instruction = messages.TrainInstruction(
             adapter=lease.adapter,
             adapter_version=lease.adapter_version,
-            languages=assignment.adapter.languages,
+            languages=assignment.languages,  # plain codes: the adapter's own are its serving keys (``en:chat``)
             token=lease.token,
             base=assignment.base_ref,
             base_version=lease.base_version,
@@ -327,6 +341,8 @@ class RelayStrategy(Strategy):
             max_steps=self.max_steps,
             base_hf=hf,
             optimizer=None if payload.optimizer is None else optimizer_record(payload.optimizer),
+            task=assignment.task,
+            domain=assignment.domain,
         )
         via = ""
         if digest not in node.digests:
@@ -350,13 +366,20 @@ class RelayStrategy(Strategy):
         return message, _Pending("train", node.node_id, assignment, instruction, via, hf is not None)
 
     def _node_rows(self, node: NodeState) -> Optional[dict[str, list[str]]]:
-        """A simulated node's training rows, from the hub (it cannot tell which rows are held out)."""
+        """A simulated node's training rows, from the hub (it cannot tell which rows are held out).
+        Read once per partition: every lease of that node carries the same lists."""
         if not self.simulation or self.training_rows is None or node.partition is None:
             return None
         if node.partition not in self._rows:
-            rows = self.training_rows(*node.partition)
-            self._rows[node.partition] = {"text": list(rows["text"]), "language": list(rows["language"])}
+            self._rows[node.partition] = _row_lists(self.training_rows(*node.partition), self._row_columns())
         return self._rows[node.partition]
+
+    def _row_columns(self) -> list[str]:
+        """The optional row columns some adapter trains on: conversations for a chat adapter, domains for
+        a domain adapter (a hub of language adapters sends its nodes text alone, as it always did)."""
+        terms = self.coordinator.terms.values()
+        return [name for name, needed in (("chat", any(t.data_format == CHAT for t in terms)),
+                                           ("domain", any(t.domain for t in terms))) if needed]
 
     def _pull(self, grid: Grid, result: RelayResult) -> int:
         """Handle every reply that has arrived; returns how many."""
@@ -407,12 +430,14 @@ class RelayStrategy(Strategy):
             if parsed.num_partitions is not None:
                 node.partition = (parsed.partition_id, parsed.num_partitions)
         node.digests = set(parsed.base_digests)
-        node.profile = NodeProfile(
-            node=node.identity, languages=parsed.languages, device=parsed.device, data_size=parsed.data_bytes
+        node.profile = NodeProfile(  # what it can train: its languages' text and the chat it declared
+            node=node.identity, languages=node_serving(parsed.languages, parsed.chat_languages),
+            device=parsed.device, data_size=parsed.data_bytes,
         )
+        chat = f" (chat: {','.join(parsed.chat_languages)})" if parsed.chat_languages else ""
         log.info(
-            "Node %s: languages %s, %s, %.0f KB of text",
-            self._who(node.node_id, node), ",".join(node.profile.languages) or "-",
+            "Node %s: languages %s%s, %s, %.0f KB of text",
+            self._who(node.node_id, node), ",".join(parsed.languages) or "-", chat,
             node.profile.device, node.profile.data_size / 1000,
         )
 

@@ -128,14 +128,14 @@ class TestCurve:
         if final_split(hub) != "test":
             return {}
         base = hub.registry.latest_checkpoint()
-        languages = {adapter.name: adapter.languages for adapter in hub.registry.adapters()}
+        terms = hub.coordinator.terms
         workbench = None
         for name, version in hub.registry.latest_adapter_versions().items():
             mark = (version.version, base.version)
             if self._seen.get(name) == mark:
                 continue
             self._seen[name] = mark
-            wanted = [lang for lang in languages.get(name, ()) if lang in hub.split.test]
+            wanted = [key for key in (terms[name].heldout_keys if name in terms else ()) if key in hub.split.test]
             if wanted:
                 workbench = workbench or evaluator_on(hub, base_folder_of(hub, base.version), "test")
                 self.losses.update(workbench.evaluate(read_adapter_state(hub.store.get(version.ref)), languages=wanted))
@@ -155,7 +155,7 @@ def merge_events(hub: Hub, split: Optional[str] = None, t0: float = 0.0) -> list
         after = evaluator_on(hub, base_folder_of(hub, checkpoint.version), split)
         absorbed: dict[str, dict[str, Any]] = {}
         for row in registry.absorbed(checkpoint.version):
-            wanted = [lang for lang in registry.adapter(row.adapter).languages if lang in after.heldout]
+            wanted = [key for key in hub.coordinator.terms[row.adapter].heldout_keys if key in after.heldout]
             if not wanted:
                 continue
             merged = before.evaluate(_state(hub, row.adapter, row.adapter_version), languages=wanted)

@@ -152,27 +152,28 @@ def _timing_calls(owner: Any, method: str, timing: dict[str, float], key: str) -
 
 
 def current_losses(hub: Hub) -> dict[str, float]:
-    """Each language's held-out loss as last judged: its adapter's latest version on its base."""
-    languages = {adapter.name: adapter.languages for adapter in hub.registry.adapters()}
+    """Each held-out set's loss as last judged (a language's, or a task's): its adapter's latest version
+    on its base."""
+    terms = hub.coordinator.terms
     losses: dict[str, float] = {}
     for name, version in hub.registry.latest_adapter_versions().items():
         heldout = version.metrics.get("heldout", {})
-        for language in languages.get(name, ()):
+        for language in terms[name].heldout_keys if name in terms else ():
             if language in heldout:
                 losses[language] = float(heldout[language])
     return losses
 
 
 def relay_final_losses(hub: Hub, split: str | None = None) -> dict[str, float]:
-    """Each language's adapter, at its latest version, on the latest base: evaluated now on ``split``
-    (default: the final split), as every method's final numbers are."""
+    """Each held-out set's adapter (a language's, or a task adapter's), at its latest version, on the
+    latest base: evaluated now on ``split`` (default: the final split), as every method's final numbers are."""
     base = hub.registry.latest_checkpoint()
     states = {}
-    for adapter in hub.registry.adapters():
-        version = hub.registry.latest_adapter_version(adapter.name)
+    for name, terms in hub.coordinator.terms.items():
+        version = hub.registry.latest_adapter_version(name)
         state = read_adapter_state(hub.store.get(version.ref))
-        for language in adapter.languages:
-            states[language] = state
+        for key in terms.heldout_keys:
+            states[key] = state
     return final_losses(hub, states, base_folder=hub.store.get(base.ref), split=split)
 
 
