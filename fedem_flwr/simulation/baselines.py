@@ -2,15 +2,25 @@
 (``sim.max_tokens``, every token trained counted) and on the same hub: base v0, held-out split,
 per-partition training rows and blind evaluator, all from ``open_hub``.
 
-``centralized``  one LoRA per language trained on all of that language's training rows, the budget
-                 split equally over the languages that have adapters: the upper bound.
+``centralized``  one LoRA per adapter of the hub (``hub.coordinator.terms``) trained on all of its
+                 training rows, the budget split equally over the adapters: the upper bound.
 ``local-only``   each of N contributors (partition p of N) trains alone, from a fresh adapter, one
-                 adapter per language it holds, on budget / N tokens split over its languages; a
-                 language's loss is the mean over the contributors holding it (base v0's fresh
-                 adapter when none does).
+                 adapter per adapter of the hub it holds rows for, on budget / N tokens split over
+                 them; a held-out set's loss is the mean over the contributors' adapters judged on it
+                 (base v0's fresh adapter when none is).
+
+An adapter's rows are its languages' training rows (its domain's only, when it has one). A language
+adapter reads them as flat text. A chat adapter (``sft-chat``) reads the rows holding a conversation,
+as ``sim.chat_loss`` says (``chat_loss_blocks``): ``response`` (SFT: rendered with the chat template,
+the loss on the assistant's tokens), ``all`` (the same rendered tokens, every one a target) or
+``flat`` (the contents as plain text, as its language's adapter reads them). Each adapter is judged
+on its held-out sets (``en``; ``en:chat``: the held-out conversations' assistant tokens, whatever it
+trained on). "Tokens" counts every token processed, targets or context, as ``train`` counts them:
+at equal tokens, ``response`` and ``all`` read the same conversations, and ``flat`` (no template
+tokens) a few more.
 
 Training runs in segments of ``train.max_steps`` steps; segments of all adapters take turns, so the
-trace (evaluated about every tenth of the budget) shows every language progressing together. A
+trace (evaluated about every tenth of the budget) shows every adapter progressing together. A
 segment's steps are cut to what is left of its adapter's budget, so each adapter ends within about
 half a step's tokens of its share. ``centralized`` is one optimizer run per adapter: its segments
 carry AdamW's moments and the schedule (``training.optimizer_state``: warmup once, then the cosine
@@ -38,12 +48,17 @@ from pathlib import Path
 from statistics import mean
 from typing import Any, Optional
 
+import datasets
 import torch
 from tqdm.auto import tqdm
 
 from fedem_flwr.config.schema import FedemConfig
 from fedem_flwr.data.blocks import tokenize_blocks, without
-from fedem_flwr.data.corpus import select_languages
+from fedem_flwr.data.chat import chat_blocks, conversation_text, parse_messages
+from fedem_flwr.data.corpus import CHAT, DOMAIN, LANGUAGE, column, select_languages
+from fedem_flwr.data.labels import inputs_of
+from fedem_flwr.data.tasks import CHAT as CHAT_FORMAT
+from fedem_flwr.data.tasks import AdapterTerms
 from fedem_flwr.errors import ConfigError
 from fedem_flwr.model.lora import adapter_state, load_adapter_state
 from fedem_flwr.relay.bootstrap import Hub, open_hub
@@ -66,10 +81,11 @@ EVALUATIONS = 10  # trace rows over the budget
 
 @dataclass
 class _Job:
-    """One adapter trained alone: its language, its blocks, its budget and how far it got."""
+    """One adapter trained alone: its name, what judges it, its blocks, its budget and how far it got."""
 
     owner: str  # "all" (centralized) or the contributor's partition
-    language: str
+    name: str  # the hub's adapter (a language adapter's name is its language)
+    keys: tuple[str, ...]  # the held-out sets judging it (a language adapter's: its language)
     blocks: torch.Tensor
     budget: int
     state: dict[str, torch.Tensor]
@@ -100,9 +116,10 @@ def run_baseline(method: str, cfg: FedemConfig, hub_path: Path, num_contributors
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(str(base_folder))
-    languages = sorted({lang for adapter in hub.registry.adapters() for lang in adapter.languages})
-    jobs = _jobs(method, hub, languages, num_contributors, tokenizer, workbench.initial_state)
-    initial = final_losses(hub, dict.fromkeys(languages, workbench.initial_state), base_folder)
+    adapters = [terms for _, terms in sorted(hub.coordinator.terms.items())]
+    keys = sorted({key for terms in adapters for key in terms.heldout_keys})  # a language's, a task's
+    jobs = _jobs(method, hub, adapters, num_contributors, tokenizer, workbench.initial_state)
+    initial = final_losses(hub, dict.fromkeys(keys, workbench.initial_state), base_folder)
     testing = final_split(hub) == "test"
 
     def heldout_of(states: dict) -> dict[str, float]:
@@ -118,7 +135,7 @@ def run_baseline(method: str, cfg: FedemConfig, hub_path: Path, num_contributors
         else:
             trace.row(math.nan, counters, losses=losses)
 
-    row(initial, heldout_of(dict.fromkeys(languages, workbench.initial_state)))
+    row(initial, heldout_of(dict.fromkeys(keys, workbench.initial_state)))
     show = sys.stderr.isatty() if progress is None else progress
     bar = tqdm(total=cfg.sim.max_tokens, disable=not show, unit="tok", unit_scale=True, desc=method, leave=False)
     step_cap = cfg.train.batch_size * cfg.train.grad_accum * cfg.data.block_size
@@ -129,25 +146,25 @@ def run_baseline(method: str, cfg: FedemConfig, hub_path: Path, num_contributors
             pending = [job for job in jobs if not job.done]
             if not pending:
                 break
-            job = min(pending, key=lambda j: (j.tokens / j.budget, j.owner, j.language))  # the furthest behind
+            job = min(pending, key=lambda j: (j.tokens / j.budget, j.owner, j.name))  # the furthest behind
             spent = _segment(job, workbench.model, cfg, tokenizer.pad_token_id, step_cap)
             counters.tokens += spent
             bar.update(spent)
             if counters.tokens >= next_eval and any(not j.done for j in jobs):
-                row(_losses(jobs, _job_losses(hub, jobs, base_folder), languages, initial))
+                row(_losses(_job_losses(hub, jobs, base_folder), keys, initial))
                 next_eval = (counters.tokens // every + 1) * every
         job_losses = _job_losses(hub, jobs, base_folder)
-        losses = _losses(jobs, job_losses, languages, initial)
-        heldout_initial = heldout_of(dict.fromkeys(languages, workbench.initial_state))
-        heldout = (_losses(jobs, _job_losses(hub, jobs, base_folder, "heldout"), languages, heldout_initial)
+        losses = _losses(job_losses, keys, initial)
+        heldout_initial = heldout_of(dict.fromkeys(keys, workbench.initial_state))
+        heldout = (_losses(_job_losses(hub, jobs, base_folder, "heldout"), keys, heldout_initial)
                    if testing else losses)
         row(losses, heldout)
     finally:
         bar.close()
         trace.close()
     adapter_tokens: dict[str, int] = {}
-    for job in jobs:  # by language: the federated methods' adapters are per language too
-        adapter_tokens[job.language] = adapter_tokens.get(job.language, 0) + job.tokens
+    for job in jobs:  # by adapter, as the relay counts them
+        adapter_tokens[job.name] = adapter_tokens.get(job.name, 0) + job.tokens
     extra = {"contributors": num_contributors if method == "local-only" else 1, "budget_tokens": cfg.sim.max_tokens,
              "adapters_trained": len(jobs), "segments": sum(j.segments for j in jobs),
              **study_fields(hub, initial=initial, base=initial, heldout=heldout, adapter_tokens=adapter_tokens)}
@@ -160,30 +177,75 @@ def run_baseline(method: str, cfg: FedemConfig, hub_path: Path, num_contributors
     return read_result(hub.path)
 
 
-def _jobs(method: str, hub: Hub, languages: list[str], num_contributors: int, tokenizer: Any,
+def _jobs(method: str, hub: Hub, adapters: list[AdapterTerms], num_contributors: int, tokenizer: Any,
           initial: dict[str, torch.Tensor]) -> list[_Job]:
-    """The adapters a method trains: one per language (centralized), one per (contributor, language
-    it holds) (local-only), each with its share of the budget."""
+    """The adapters a method trains: one per adapter of the hub (centralized), one per (contributor,
+    adapter it holds rows for) (local-only), each with its share of the budget."""
     budget = int(hub.cfg.sim.max_tokens)
-    block_size = hub.cfg.data.block_size
-    jobs: list[_Job] = []
     if method == "centralized":
         rows = without(hub.corpus, hub.split.withheld)  # the whole corpus less the held-out rows
-        share = budget // len(languages) if languages else 0
-        for language in languages:
-            blocks = tokenize_blocks(select_languages(rows, [language])["text"], tokenizer, block_size)
-            if len(blocks):
-                jobs.append(_Job("all", language, blocks, share, dict(initial), continuous=True))
-        return jobs
+        share = budget // len(adapters) if adapters else 0
+        made = (_job("all", terms, adapter_rows(terms, rows), share, hub.cfg, tokenizer, initial, continuous=True)
+                for terms in adapters)
+        return [job for job in made if job is not None]
+    jobs: list[_Job] = []
     per_contributor = budget // num_contributors
     for pid in range(num_contributors):
         rows = hub.training_rows(pid, num_contributors)
-        held = [lang for lang in languages if lang in set(rows["language"])]
-        for language in held:
-            blocks = tokenize_blocks(select_languages(rows, [language])["text"], tokenizer, block_size)
-            if len(blocks):
-                jobs.append(_Job(f"p{pid}", language, blocks, per_contributor // len(held), dict(initial)))
+        held = [(terms, picked) for terms in adapters if len(picked := adapter_rows(terms, rows))]
+        for terms, picked in held:
+            job = _job(f"p{pid}", terms, picked, per_contributor // len(held), hub.cfg, tokenizer, initial,
+                       continuous=False)
+            if job is not None:
+                jobs.append(job)
     return jobs
+
+
+def _job(owner: str, terms: AdapterTerms, rows: datasets.Dataset, budget: int, cfg: FedemConfig, tokenizer: Any,
+         initial: dict[str, torch.Tensor], *, continuous: bool) -> Optional[_Job]:
+    """``terms``' adapter trained on ``rows`` from ``initial``; None when they make no block."""
+    blocks = adapter_blocks(terms, rows, tokenizer, cfg)
+    if not len(blocks):
+        return None
+    return _Job(owner, terms.name, terms.heldout_keys, blocks, budget, dict(initial), continuous=continuous)
+
+
+def adapter_rows(terms: AdapterTerms, rows: datasets.Dataset) -> datasets.Dataset:
+    """The rows of ``rows`` an adapter trains on: its languages' (none held: none), its domain's only
+    when it has one, and for a chat adapter only those holding a conversation."""
+    present = set(rows.unique(LANGUAGE)) if len(rows) else set()
+    languages = [lang for lang in terms.languages if lang in present]
+    if not languages:
+        return rows.select([])
+    picked = select_languages(rows, languages)
+    keep = None
+    if terms.domain:
+        keep = [domain == terms.domain for domain in column(picked, DOMAIN)]
+    if terms.data_format == CHAT_FORMAT:
+        chats = [bool(chat) for chat in column(picked, CHAT)]
+        keep = chats if keep is None else [a and b for a, b in zip(keep, chats)]
+    return picked if keep is None else picked.select([i for i, kept in enumerate(keep) if kept])
+
+
+def adapter_blocks(terms: AdapterTerms, rows: datasets.Dataset, tokenizer: Any, cfg: FedemConfig) -> torch.Tensor:
+    """An adapter's training blocks of ``rows`` (from ``adapter_rows``): flat text, or conversations as
+    ``sim.chat_loss`` says."""
+    if terms.data_format != CHAT_FORMAT:
+        return tokenize_blocks(rows["text"], tokenizer, cfg.data.block_size)
+    languages = column(rows, LANGUAGE)
+    conversations = [parse_messages(chat, where=f"{terms.name}: training row {i} ({languages[i]})")
+                     for i, chat in enumerate(column(rows, CHAT))]
+    return chat_loss_blocks(conversations, tokenizer, cfg.data.block_size, cfg.sim.chat_loss)
+
+
+def chat_loss_blocks(conversations: list[list[dict[str, str]]], tokenizer: Any, block_size: int,
+                     chat_loss: str) -> torch.Tensor:
+    """Blocks of ``conversations`` whose targets ``chat_loss`` picks: ``response`` the assistant's tokens
+    of the rendered chat (SFT), ``all`` every rendered token, ``flat`` every token of the plain text."""
+    if chat_loss == "flat":
+        return tokenize_blocks([conversation_text(messages) for messages in conversations], tokenizer, block_size)
+    blocks = chat_blocks(conversations, tokenizer, block_size)
+    return inputs_of(blocks) if chat_loss == "all" else blocks
 
 
 def _segment(job: _Job, model: torch.nn.Module, cfg: FedemConfig, pad_id: int, step_cap: int) -> int:
@@ -200,7 +262,7 @@ def _segment(job: _Job, model: torch.nn.Module, cfg: FedemConfig, pad_id: int, s
     # A new seed a segment: each segment walks other batches, as each new lease does.
     segment = replace(cfg.train, max_steps=steps, carry="moments" if job.continuous else "none")
     result = train(model, job.blocks, segment, pad_id=pad_id, optimizer_state=job.optimizer,
-                   seed=cfg.seed + 1009 * job.segments + hash_key(job.owner, job.language), progress=False)
+                   seed=cfg.seed + 1009 * job.segments + hash_key(job.owner, job.name), progress=False)
     job.state = adapter_state(model)
     job.optimizer = result.optimizer_state
     job.tokens += result.tokens
@@ -213,28 +275,26 @@ def hash_key(*parts: str) -> int:
     return zlib.crc32("/".join(parts).encode("utf-8")) % 100_003
 
 
-def _job_losses(hub: Hub, jobs: list[_Job], base_folder: Path, split: Optional[str] = None) -> list[Optional[float]]:
-    """Each adapter's loss on its own language, on ``split`` (default: the final split)."""
-    return [final_losses(hub, {job.language: job.state}, base_folder, split=split).get(job.language) for job in jobs]
+def _job_losses(hub: Hub, jobs: list[_Job], base_folder: Path,
+                split: Optional[str] = None) -> list[dict[str, float]]:
+    """Each adapter's loss on each of its held-out sets, on ``split`` (default: the final split)."""
+    return [final_losses(hub, dict.fromkeys(job.keys, job.state), base_folder, split=split) for job in jobs]
 
 
-def _losses(jobs: list[_Job], job_losses: list[Optional[float]], languages: list[str],
-            initial: dict[str, float]) -> dict[str, float]:
-    """Each language's loss: its one adapter's, or the mean over the contributors holding it."""
-    by_language: dict[str, list[float]] = {}
-    for job, loss in zip(jobs, job_losses):
-        if loss is not None:
-            by_language.setdefault(job.language, []).append(loss)
-    return {lang: mean(by_language[lang]) if lang in by_language else initial[lang]
-            for lang in languages if lang in initial}
+def _losses(job_losses: list[dict[str, float]], keys: list[str], initial: dict[str, float]) -> dict[str, float]:
+    """Each held-out set's loss: its one adapter's, or the mean over the adapters judged on it."""
+    by_key: dict[str, list[float]] = {}
+    for losses in job_losses:
+        for key, loss in losses.items():
+            by_key.setdefault(key, []).append(loss)
+    return {key: mean(by_key[key]) if key in by_key else initial[key] for key in keys if key in initial}
 
 
-def _per_contributor(jobs: list[_Job], job_losses: list[Optional[float]]) -> dict[str, dict[str, Any]]:
+def _per_contributor(jobs: list[_Job], job_losses: list[dict[str, float]]) -> dict[str, dict[str, Any]]:
     """Each local-only contributor's tokens and its own adapters' losses (what the means are of)."""
     out: dict[str, dict[str, Any]] = {}
-    for job, loss in zip(jobs, job_losses):
+    for job, losses in zip(jobs, job_losses):
         entry = out.setdefault(job.owner, {"tokens": 0, "losses": {}})
         entry["tokens"] += job.tokens
-        if loss is not None:
-            entry["losses"][job.language] = loss
+        entry["losses"].update(losses)
     return out
