@@ -129,3 +129,20 @@ def _text_files(tmp_path: Path) -> Path:
     (tmp_path / "wiki.hi.txt").write_text("\n\n".join(f"पाठ {i} " * 40 for i in range(60)), encoding="utf-8")
     (tmp_path / "wiki.ta.txt").write_text("\n\n".join(f"உரை {i} " * 40 for i in range(60)), encoding="utf-8")
     return tmp_path
+
+
+def test_a_merge_leaves_the_chat_adapter_out_and_judges_what_it_does_to_it(relayed):
+    from fedem_flwr.relay.keeper import BaseKeeper
+
+    hub, _, _ = relayed
+    chat = hub.registry.latest_adapter_version("en-chat")
+    assert chat.kind == "push"  # trained work, beating the bare base on en:chat: mergeable but for the catalog
+    base = hub.registry.latest_checkpoint()
+
+    new = BaseKeeper(hub).merge("test")
+
+    assert new is not None and new.parent == base.version  # en and hi beat the bare base: published
+    assert "en-chat" not in [row.adapter for row in hub.registry.absorbed(new.version)]
+    report = new.metrics["merge"]["adapters"]["en-chat"]  # carried onto the new base, and judged there
+    assert report["absorbed"] is False and set(report["adapted_before"]) == {"en:chat"}
+    assert "en:chat" in new.metrics["heldout"]  # the merged base is judged on the conversations too
