@@ -317,7 +317,7 @@ def test_the_studys_grid_files_expand_on_the_reference_setup():
             assert (cell["contributors"], cell["max_tokens"]) == (20, 300000)
             assert cell["overrides"].split() == ["data.languages=[hi,ta,bn,de,es,ru]", "train.max_steps=10",
                                                  "gate.check_others=false", "sim.fedavg_fraction=0.2",
-                                                 "data.test_fraction=0.1"]
+                                                 "tokenizer.chat=false", "data.test_fraction=0.1"]
             assert cell.get("vanish_prob", 0.05) == 0.05
     study = {c["arm"] for c in expand(load_grid(results / "study.yaml"))}
     assert {"fedavg-language", "fedavg-global", "centralized", "local-only", "relay no merges"} <= study
