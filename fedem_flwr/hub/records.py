@@ -41,6 +41,7 @@ class Checkpoint:
     revision: str
     digest: str
     metrics: dict[str, Any] = field(default_factory=dict)
+    pruned: Optional[float] = None  # when retention removed its files from the local store (the row stays)
 
     @property
     def ref(self) -> ArtifactRef:
@@ -73,6 +74,7 @@ class AdapterVersion:
     metrics: dict[str, Any]
     created: float
     kind: str = "push"
+    pruned: Optional[float] = None  # when retention removed its files from the local store (the row stays)
 
     @property
     def ref(self) -> ArtifactRef:
@@ -154,7 +156,7 @@ def finite(name: str, value: Any) -> float:
 
 def checkpoint_from(row: sqlite3.Row) -> Checkpoint:
     return Checkpoint(row["version"], row["parent"], row["created"], row["source"], row["repo"],
-                      row["revision"], row["digest"], json.loads(row["metrics"]))
+                      row["revision"], row["digest"], json.loads(row["metrics"]), _pruned(row))
 
 
 def adapter_from(row: sqlite3.Row) -> Adapter:
@@ -165,7 +167,11 @@ def adapter_from(row: sqlite3.Row) -> Adapter:
 def adapter_version_from(row: sqlite3.Row) -> AdapterVersion:
     return AdapterVersion(row["adapter"], row["version"], row["base_version"], row["parent_version"],
                           row["digest"], row["repo"], row["revision"], json.loads(row["metrics"]),
-                          row["created"], row["kind"])
+                          row["created"], row["kind"], _pruned(row))
+
+
+def _pruned(row: sqlite3.Row) -> Optional[float]:
+    return row["pruned"] if "pruned" in row.keys() else None  # a row read before migration 5
 
 
 def contribution_from(row: sqlite3.Row) -> Contribution:

@@ -41,6 +41,14 @@ from fedem_flwr.hub.records import (
 )
 
 _LEASE_KEYS = ("adapter", "lane", "holder", "base_version", "adapter_version", "issued")
+# Counters a restore may move past numbers the store or the Hub already hold (``floors``).
+CHECKPOINT_COUNTER = "checkpoint"
+LEASE_COUNTER = "lease"
+CONTRIBUTION_COUNTER = "contribution"
+
+
+def adapter_counter(adapter: str) -> str:
+    return f"adapter:{adapter}"
 
 
 class Registry(Database):
@@ -49,7 +57,7 @@ class Registry(Database):
     # -- checkpoints ----------------------------------------------------------------------------
     def next_checkpoint_version(self) -> int:
         row = self._one("SELECT MAX(version) FROM checkpoints")
-        return 0 if row[0] is None else row[0] + 1
+        return max(0 if row[0] is None else row[0] + 1, self.floor(CHECKPOINT_COUNTER))
 
     def add_checkpoint(self, parent: Optional[int], source: str, repo: str, revision: Optional[str],
                        digest: str, metrics: Optional[dict], created: float,
@@ -77,7 +85,8 @@ class Registry(Database):
             if parent is not None and self.checkpoint(parent) is None:
                 raise RegistryConflict(f"`parent` is {parent}, but no base checkpoint has that version.")
             revision = revision or rec.revision_name(number)
-            self._conn.execute("INSERT INTO checkpoints VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+            self._conn.execute("INSERT INTO checkpoints (version, parent, created, source, repo, revision, digest, "
+                               "metrics) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
                                (number, parent, created, source, repo, revision, digest, metrics_json))
             for row in rows:
                 if self._one("SELECT 1 FROM adapter_versions WHERE adapter = ? AND version = ?",
@@ -171,7 +180,7 @@ class Registry(Database):
 
     def next_adapter_version(self, adapter: str) -> int:
         row = self._one("SELECT MAX(version) FROM adapter_versions WHERE adapter = ?", (adapter,))
-        return 0 if row[0] is None else row[0] + 1
+        return max(0 if row[0] is None else row[0] + 1, self.floor(adapter_counter(adapter)))
 
     def add_adapter_version(self, adapter: str, base_version: int, parent_version: Optional[int],
                             repo: str, revision: Optional[str], digest: str, metrics: Optional[dict],
@@ -305,6 +314,65 @@ class Registry(Database):
             raise RegistryConflict(f"`version` is {wanted}, but the next version of {what} is {next_number}.")
         return next_number
 
+    # -- retention: what the local store no longer holds, and where it went ---------------------------
+    def mark_checkpoint_pruned(self, version: int, at: float) -> None:
+        """Base ``version``'s files left the local store; its row, lineage and losses stay."""
+        self._mark_pruned("checkpoints", "version = ?", (version,), at, f"base version {version}")
+
+    def mark_version_pruned(self, adapter: str, version: int, at: float) -> None:
+        """Adapter ``adapter`` v``version``'s files (and private state) left the local store; its row stays."""
+        self._mark_pruned("adapter_versions", "adapter = ? AND version = ?", (adapter, version), at,
+                          f"adapter {adapter!r} v{version}")
+
+    def _mark_pruned(self, table: str, where: str, key: tuple, at: float, what: str) -> None:
+        with self.atomic():
+            cur = self._conn.execute(f"UPDATE {table} SET pruned = ? WHERE {where} AND pruned IS NULL",
+                                     (rec.finite("at", at), *key))
+            if cur.rowcount == 0 and self._one(f"SELECT 1 FROM {table} WHERE {where}", key) is None:
+                raise RegistryConflict(f"{what} is not in the registry; nothing to mark pruned.")
+
+    def record_publication(self, repo: str, revision: str, digest: str, target: str, at: float) -> None:
+        """``repo``@``revision`` (``digest``) is on ``target`` (e.g. ``hf:<endpoint>``), so retention may
+        remove the local copy. Publishing the same revision again with other content is a conflict."""
+        with self.atomic():
+            row = self._one("SELECT digest FROM publications WHERE repo = ? AND revision = ? AND target = ?",
+                            (repo, revision, target))
+            if row is not None and row[0] != digest:
+                raise RegistryConflict(f"{repo}@{revision} was published to {target} with digest {row[0][:12]}, "
+                                       f"not {digest[:12]}: a published tag never changes content.")
+            if row is None:
+                self._conn.execute("INSERT INTO publications VALUES (?, ?, ?, ?, ?)",
+                                   (repo, revision, digest, target, rec.finite("at", at)))
+
+    def publications(self, target: Optional[str] = None) -> dict[tuple[str, str], dict[str, Any]]:
+        """(repo, revision) -> {digest, target, published} of every recorded publication (of ``target``)."""
+        sql, args = "SELECT * FROM publications", ()
+        if target is not None:
+            sql, args = sql + " WHERE target = ?", (target,)
+        return {(r["repo"], r["revision"]): {"digest": r["digest"], "target": r["target"], "published": r["published"]}
+                for r in self._all(sql + " ORDER BY published", args)}
+
+    # -- counters a restore moves on ----------------------------------------------------------
+    def floor(self, counter: str) -> int:
+        """The least next value of ``counter`` (0 when none was set): numbers below it may exist elsewhere."""
+        row = self._one("SELECT next FROM floors WHERE counter = ?", (counter,))
+        return 0 if row is None else int(row[0])
+
+    def raise_floor(self, counter: str, at_least: int, at: float) -> int:
+        """Make ``counter``'s next value at least ``at_least`` (never lowers it); returns the floor."""
+        if not counter or at_least < 0:
+            raise ValueError(f"a floor needs a counter name and a value >= 0; got {counter!r}, {at_least}.")
+        with self.atomic():
+            current = self.floor(counter)
+            if at_least > current:
+                self._conn.execute("INSERT INTO floors VALUES (?, ?, ?) ON CONFLICT(counter) DO UPDATE SET "
+                                   "next = excluded.next, updated = excluded.updated",
+                                   (counter, int(at_least), rec.finite("at", at)))
+            return max(current, at_least)
+
+    def floors(self) -> dict[str, int]:
+        return {r[0]: int(r[1]) for r in self._all("SELECT counter, next FROM floors ORDER BY counter")}
+
     # -- leases ---------------------------------------------------------------------------------
     def save_lease(self, lease: Lease) -> None:
         """Insert or update a lease (its token is the key); its holder gets a pseudonym on the way.
@@ -375,9 +443,10 @@ class Registry(Database):
                 for r in self._all("SELECT adapter, lane, MAX(token) FROM leases GROUP BY adapter, lane")}
 
     def max_lease_token(self) -> int:
-        """The largest fencing token ever issued (0 before the first lease): the next is above it."""
+        """The largest fencing token ever issued (0 before the first lease), or below the ``lease``
+        floor a restore set: the next is above it."""
         row = self._one("SELECT MAX(token) FROM leases")
-        return 0 if row[0] is None else int(row[0])
+        return max(0 if row[0] is None else int(row[0]), self.floor(LEASE_COUNTER) - 1)
 
     # -- contributors and contributions ---------------------------------------------------------
     def pseudonym(self, identity: str, seen: Optional[float] = None) -> str:
@@ -427,11 +496,13 @@ class Registry(Database):
                   rec.dumps("validation", validation), rec.dumps("evaluation", evaluation), decision,
                   reason or "", adapter_version, base_version, judged_base_version)
         with self.atomic():
+            row = self._one("SELECT MAX(id) FROM contributions")
+            number = max(1 if row[0] is None else int(row[0]) + 1, self.floor(CONTRIBUTION_COUNTER))
             try:
                 cur = self._conn.execute(
-                    "INSERT INTO contributions (pseudonym, adapter, lease_token, received, digest, validation, "
+                    "INSERT INTO contributions (id, pseudonym, adapter, lease_token, received, digest, validation, "
                     "evaluation, decision, reason, adapter_version, base_version, judged_base_version) "
-                    "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)", params)
+                    "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)", (number, *params))
             except sqlite3.IntegrityError as err:
                 raise self._contribution_conflict(params, err) from err
             return int(cur.lastrowid)

@@ -7,6 +7,9 @@ in ``contributors``. Migration 3 records the lineage of base versions: held-out 
 (adapter version, base version) in ``evaluations``, each adapter version's ``kind``, the adapters a
 merge absorbed (``merge_absorbed``), attempts that were not published (``base_attempts``), and the
 bases a contribution was trained and judged on. Migration 4 gives each lease its lane (``relay.lanes``).
+Migration 5 records retention (a version's ``pruned`` time: its row stays, its local files went),
+``publications`` (what ``fedem publish`` pushed, to which target) and ``floors`` (the least next value
+of a counter: ``checkpoint``, ``lease``, ``contribution``, ``adapter:<name>``; a restore raises them).
 
 A migration is appended, never edited: a registry records which ones it has applied, and a
 registry from a newer fedem-flwr is refused rather than guessed at.
@@ -157,6 +160,26 @@ CREATE INDEX contributions_judged_base ON contributions(judged_base_version, dec
 ALTER TABLE leases ADD COLUMN lane INTEGER NOT NULL DEFAULT 0 CHECK (lane >= 0);
 DROP INDEX leases_one_active_per_adapter;
 CREATE UNIQUE INDEX leases_one_active_per_lane ON leases(adapter, lane) WHERE state = 'active';
+"""),
+    # A hub that runs for months: retention removes artifacts from the local store but keeps their
+    # rows (``pruned``: when), the hub records what it published where (``publications``), and a
+    # restored hub keeps its counters past every number the store and the Hub already hold (``floors``).
+    Migration(5, "retention", """
+ALTER TABLE checkpoints ADD COLUMN pruned REAL;
+ALTER TABLE adapter_versions ADD COLUMN pruned REAL;
+CREATE TABLE publications (
+    repo       TEXT NOT NULL,
+    revision   TEXT NOT NULL,
+    digest     TEXT NOT NULL,
+    target     TEXT NOT NULL CHECK (target <> ''),
+    published  REAL NOT NULL,
+    PRIMARY KEY (repo, revision, target)
+);
+CREATE TABLE floors (
+    counter  TEXT PRIMARY KEY CHECK (counter <> ''),
+    next     INTEGER NOT NULL CHECK (next >= 0),
+    updated  REAL NOT NULL
+);
 """),
 )
 
