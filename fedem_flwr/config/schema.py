@@ -498,6 +498,50 @@ class MergeConfig:
 
 
 @dataclass
+class RetentionConfig:
+    """What the hub's local store keeps (``hub.retention``); what is still needed is never removed."""
+
+    bases: Optional[int] = field(
+        default=None, metadata={"help": "Newest base versions kept in the local store; null = all."})
+    adapter_versions: Optional[int] = field(
+        default=None, metadata={"help": "Newest versions of each adapter kept in the local store; null = all."})
+    publish_first: bool = field(
+        default=False,
+        metadata={"help": "Never remove a version `fedem publish` has not pushed yet (a hub that publishes)."})
+
+    def __post_init__(self) -> None:
+        for key in ("bases", "adapter_versions"):
+            value = getattr(self, key)
+            if value is not None and (not isinstance(value, int) or value < 1):
+                raise ConfigError(f"`hub.retention.{key}` is {value!r}; it must be an integer >= 1 or null (keep all).")
+
+
+@dataclass
+class BackupConfig:
+    """Snapshots the running hub takes of itself (``hub.backup``; ``fedem backup`` takes one on demand)."""
+
+    dir: Optional[str] = field(
+        default=None, metadata={"help": "Absolute folder the hub writes its snapshots to; null = none on its own."})
+    every_s: Optional[float] = field(
+        default=None, metadata={"help": "Seconds between snapshots the running hub takes; null = only on request."})
+    key_file: Optional[str] = field(
+        default=None, metadata={"help": "File holding the passphrase or key that encrypts the hub's secret."})
+    keep: int = field(default=7, metadata={"help": "Snapshots kept in `dir`; older ones are removed."})
+
+    def __post_init__(self) -> None:
+        _positive("hub.backup", "every_s", self.every_s)
+        _positive("hub.backup", "keep", self.keep)
+        for key in ("dir", "key_file"):
+            value = getattr(self, key)
+            if value and not os.path.isabs(value):
+                raise ConfigError(f"`hub.backup.{key}` is {value!r}; it must be an absolute path (the ServerApp "
+                                  "runs in the SuperLink's working directory).")
+        if self.every_s is not None and not (self.dir and self.key_file):
+            raise ConfigError("`hub.backup.every_s` is set: the hub needs `hub.backup.dir` and "
+                              "`hub.backup.key_file` to write its snapshots.")
+
+
+@dataclass
 class HubConfig:
     path: Optional[str] = field(
         default=None, metadata={"help": "Hub state folder; else $FEDEM_HUB, else the per-user default."}
@@ -505,6 +549,8 @@ class HubConfig:
     store: str = field(default="local", metadata={"help": "`local` folder or `hf` (Hugging Face Hub)."})
     repo_prefix: str = "fedem"
     private: bool = False
+    retention: RetentionConfig = field(default_factory=RetentionConfig)
+    backup: BackupConfig = field(default_factory=BackupConfig)
 
     def __post_init__(self) -> None:
         _choice("hub", "store", self.store, ("local", "hf"))
