@@ -308,3 +308,13 @@ def test_publish_pushes_every_version_once_and_the_adapter_loads_by_repo_id(hf_e
             store.local_path(REPO, "v1"),
         )(ids).logits
         assert torch.allclose(loaded(ids).logits, expected, atol=1e-6)
+    # Each revision is recorded as published there (retention's `publish_first` reads it) with its registry digest
+    target = "hf:" + hf_env.endpoint.rstrip("/")
+    assert {key: (p["target"], p["digest"]) for key, p in registry.publications().items()} == {
+        (base_repo("fedem"), "v0"): (target, registry.checkpoint(0).digest),
+        (REPO, "v0"): (target, registry.adapter_version("hi", 0).digest),
+        (REPO, "v1"): (target, registry.adapter_version("hi", 1).digest)}
+    # A version retention pruned after publishing it is skipped, not an error
+    registry.mark_version_pruned("hi", 0, at=9.0)
+    store.remove(REPO, "v0")
+    assert publish_hub(hub, registry, "org/proj", endpoint=hf_env.endpoint, sleep=sleeps.append) == []

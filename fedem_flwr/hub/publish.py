@@ -11,24 +11,41 @@ ones (README.md, adapter_config.json): each tag's own digest is in its commit de
 
 Idempotent: a tag that already holds the same bytes is skipped, one with other bytes is a
 `RevisionExists`, and a run interrupted halfway resumes where it stopped.
+
+Each revision pushed (or found already there) is recorded with `Registry.record_publication` under
+the target `hf:<endpoint>` and the registry's digest of the local artifact, so retention
+(`hub.retention.publish_first`) knows the local copy is no longer the only one. A version retention
+pruned has no local files: it is skipped (a warning names it when it was never published there), and
+so is a version recorded as published there whose base was pruned (its card would lose the base's
+chat template, and its tag already holds it).
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import tempfile
 import time
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Any, Callable, Optional, Union
 
 from fedem_flwr.errors import RevisionNotFound
 from fedem_flwr.hub.hf_store import HfStore
 from fedem_flwr.hub.lineage import base_chat_template, checkpoint_card, version_card
-from fedem_flwr.hub.paths import hf_cache_path, store_path
+from fedem_flwr.hub.paths import hf_cache_path, registry_path, store_path
+from fedem_flwr.hub.records import AdapterVersion, Checkpoint
 from fedem_flwr.hub.registry import Registry
 from fedem_flwr.hub.store import ArtifactRef, LocalStore, copy_tree
 
 ADAPTER_CONFIG = "adapter_config.json"
+Row = Union[Checkpoint, AdapterVersion]
+
+log = logging.getLogger(__name__)
+
+
+def hf_target(endpoint: str) -> str:
+    """The publication target of a Hugging Face Hub endpoint: ``hf:<endpoint>``."""
+    return f"hf:{endpoint.rstrip('/')}"
 
 
 def rewrite_adapter_config(folder: Path, base_repo_id: str, base_revision: str) -> None:
@@ -55,31 +72,61 @@ def publish_hub(
 
     Each gets its card (`hub.lineage`) naming the published repo ids: a base's parent, source, merge
     and absorbed adapters, CPT steps and held-out losses; an adapter's base, kind and contributors.
+    Each is recorded as published to `hf:<endpoint>` (a read-only ``registry`` is reopened to write).
     """
     local = LocalStore(store_path(hub_path))
     hf = HfStore(repo_prefix=repo_prefix, endpoint=endpoint, token=token, private=private,
                  cache_dir=hf_cache_path(hub_path), tries=tries, sleep=sleep)
-    pushed: list[str] = []
+    target = hf_target(hf.endpoint)
+    writer = Registry.open(registry_path(hub_path)) if registry.readonly else registry
+    try:
+        return _publish_all(registry, writer, local, hf, target)
+    finally:
+        if writer is not registry:
+            writer.close()
 
-    def push(repo: str, revision: str, folder: Path, message: str, card) -> None:
-        _ref, uploaded = hf.push(repo, revision, folder, message, card)
+
+def _publish_all(registry: Registry, writer: Registry, local: LocalStore, hf: HfStore, target: str) -> list[str]:
+    pushed: list[str] = []
+    done = registry.publications(target)
+
+    def push(row: Row, folder: Path, message: str, card: Any) -> None:
+        _ref, uploaded = hf.push(row.repo, row.revision, folder, message, card)
         if uploaded:
-            pushed.append(f"{hf.repo_id(repo)}@{revision}")
+            pushed.append(f"{hf.repo_id(row.repo)}@{row.revision}")
+        writer.record_publication(row.repo, row.revision, row.digest, target, at=time.time())
+
+    def skipped(row: Row, what: str, base_pruned: bool = False) -> bool:
+        """Whether ``row`` cannot or need not be pushed again (module docstring)."""
+        if row.pruned is None and not (base_pruned and (row.repo, row.revision) in done):
+            return False
+        if (row.repo, row.revision) not in done:
+            log.warning("%s was pruned from the local store before it was published to %s; it cannot be "
+                        "published now", what, target)
+        return True
 
     bases: dict[int, tuple[str, str]] = {}
     templates: dict[int, Optional[str]] = {}
-    for cp in sorted(registry.checkpoints(), key=lambda c: c.version):
+    checkpoints = sorted(registry.checkpoints(), key=lambda c: c.version)
+    pruned_bases = {cp.version for cp in checkpoints if cp.pruned is not None}
+    for cp in checkpoints:
         rid = hf.repo_id(cp.repo)
-        folder = local.get(ArtifactRef(cp.repo, cp.revision, cp.digest))
-        card = checkpoint_card(registry, rid, cp.version, cp.parent, cp.source, cp.metrics, registry.absorbed(cp.version))
-        push(cp.repo, cp.revision, folder, f"base checkpoint v{cp.version} ({cp.source})", card)
         bases[cp.version] = (rid, cp.revision)
+        if skipped(cp, f"base v{cp.version}"):
+            templates[cp.version] = None
+            continue
+        folder = local.get(ArtifactRef(cp.repo, cp.revision, cp.digest))
+        card = checkpoint_card(registry, rid, cp.version, cp.parent, cp.source, cp.metrics,
+                               registry.absorbed(cp.version))
+        push(cp, folder, f"base checkpoint v{cp.version} ({cp.source})", card)
         templates[cp.version] = base_chat_template(local, cp.repo, cp.revision)  # a chat adapter's card shows it
 
     for av in sorted(registry.adapter_versions(), key=lambda a: (a.adapter, a.version)):
         if av.base_version not in bases:
             raise RevisionNotFound(f"adapter {av.adapter!r} v{av.version} was trained on base version "
                                    f"{av.base_version}, which the registry does not list")
+        if skipped(av, f"adapter {av.adapter!r} v{av.version}", av.base_version in pruned_bases):
+            continue
         base_rid, base_rev = bases[av.base_version]
         rid = hf.repo_id(av.repo)
         source = local.get(ArtifactRef(av.repo, av.revision, av.digest))
@@ -88,5 +135,5 @@ def publish_hub(
             copy_tree(source, stage)
             rewrite_adapter_config(stage, base_rid, base_rev)
             card = version_card(registry, av, rid, base_rid, base_rev, chat_template=templates[av.base_version])
-            push(av.repo, av.revision, stage, f"adapter {av.adapter} v{av.version} on {base_rid}@{base_rev}", card)
+            push(av, stage, f"adapter {av.adapter} v{av.version} on {base_rid}@{base_rev}", card)
     return pushed

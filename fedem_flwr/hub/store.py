@@ -284,6 +284,14 @@ class LocalStore:
         if aside is not None:
             shutil.rmtree(aside)
 
+    def footprint(self, repo: str, revision: str) -> Optional[int]:
+        """Bytes in the folder of ``repo@revision``, listed or not (a crash midway through `remove`
+        leaves an unlisted one); None when there is no such folder. What retention frees by removing it."""
+        folder = self.root / check_repo(repo) / check_revision(revision)
+        if not folder.is_dir():
+            return None
+        return sum(os.path.getsize(os.path.join(top, name)) for top, _dirs, files in os.walk(folder) for name in files)
+
     def repair(self, problems: list[Problem]) -> list[Problem]:
         """Remove orphan and unrecorded revisions and leftover temporary folders among ``problems``
         (found by ``verify_all(known)``, the registry's rows); return the problems removed.

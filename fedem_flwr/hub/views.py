@@ -15,7 +15,7 @@ from fedem_flwr.errors import FedemError
 from fedem_flwr.hub.merge_request import pending_merge_request
 from fedem_flwr.hub.optimizer_states import KeptVersion, OptimizerStates
 from fedem_flwr.hub.optimizer_states import verify as verify_optimizer_states
-from fedem_flwr.hub.paths import read_lock_holder
+from fedem_flwr.hub.paths import read_lock_holder, registry_path
 from fedem_flwr.hub.records import Absorbed, AdapterVersion, Checkpoint, Contribution, Lease
 from fedem_flwr.hub.registry import Registry
 from fedem_flwr.hub.stores import open_store
@@ -23,6 +23,7 @@ from fedem_flwr.hub.terms import adapter_terms_of
 
 RECENT = 5
 UNKNOWN = "unknown"  # a threshold the hub has not recorded (its `merge` / `cpt` setting is absent)
+PRUNED_PRESENT = "pruned-present"  # a row marked pruned whose files are still here (a prune cut short)
 
 
 def iso(t: Optional[float]) -> Optional[str]:
@@ -38,12 +39,45 @@ class StoreView:
     ``setting`` is the hub's recorded `store` setting (kind, repo_prefix, endpoint): a hub whose
     store is a Hugging Face Hub is read there, with its download cache under the hub folder, and
     the access token from ``HF_TOKEN`` or the saved login. Without one, the local folder.
+
+    ``published`` maps (repo, revision) to where ``fedem publish`` pushed it (``Registry.publications``);
+    when not given it is read from the hub's registry on first use.
     """
 
-    def __init__(self, hub: Path, setting: Optional[dict[str, Any]] = None) -> None:
+    def __init__(self, hub: Path, setting: Optional[dict[str, Any]] = None,
+                 published: Optional[dict[tuple[str, str], dict[str, Any]]] = None) -> None:
         self.hub = Path(hub)
         self.setting = dict(setting or {"kind": "local"})
         self._store: Any = None
+        self._published = published
+
+    @property
+    def local(self) -> bool:
+        """A local folder store: the one retention prunes, so the one where ``pruned`` means gone."""
+        return self.setting.get("kind", "local") == "local"
+
+    @property
+    def published(self) -> dict[tuple[str, str], dict[str, Any]]:
+        if self._published is None:
+            path = registry_path(self.hub)
+            if path.is_file():
+                with Registry.open(path, readonly=True) as registry:
+                    self._published = registry.publications()
+            else:
+                self._published = {}
+        return self._published
+
+    def where(self, repo: str, revision: str, pruned: Optional[float]) -> list[str]:
+        """Where an artifact is: ``local`` (or ``pruned``: retention removed it here) or, on a Hugging
+        Face Hub store, ``hf:<endpoint>@vN``; then each ``hf:<endpoint>@vN`` that ``fedem publish`` pushed."""
+        if self.local:
+            places = ["pruned" if pruned is not None else "local"]
+        else:
+            places = [f"hf:{getattr(self.store, 'endpoint', None) or self.setting.get('endpoint')}@{revision}"]
+        publication = self.published.get((repo, revision))
+        if publication is not None and f"{publication['target']}@{revision}" not in places:
+            places.append(f"{publication['target']}@{revision}")
+        return places
 
     @property
     def store(self) -> Any:
@@ -65,16 +99,42 @@ class StoreView:
         except FedemError:
             return None
 
-    def verify(self, known: set[tuple[str, str, str]]) -> list[dict[str, str]]:
-        return [_problem(p) for p in self.store.verify_all(known)]
+    def verify(self, known: set[tuple[str, str, str]],
+               pruned: frozenset[tuple[str, str]] = frozenset()) -> list[dict[str, str]]:
+        """The store's problems against the registry's rows present (``known``); revisions of rows marked
+        ``pruned`` that are still here are one ``pruned-present`` each, not orphans."""
+        return _relabel(self.store.verify_all(known), pruned)
 
-    def repair(self, known: set[tuple[str, str, str]]) -> list[dict[str, str]]:
-        """Remove what the registry (``known``) does not list: orphans and crash debris."""
-        return [_problem(p) for p in self.store.repair(self.store.verify_all(known))]
+    def repair(self, known: set[tuple[str, str, str]],
+               pruned: frozenset[tuple[str, str]] = frozenset()) -> list[dict[str, str]]:
+        """Remove what the registry (``known``) does not list: orphans, crash debris, and what is left of
+        revisions marked ``pruned`` (a prune cut short; a listing without a folder is unlisted)."""
+        problems = self.store.verify_all(known)
+        removed = self.store.repair(problems)
+        for p in problems:
+            if p.kind == "missing" and (p.repo, p.revision) in pruned:
+                self.store.remove(p.repo, p.revision)
+                removed.append(p)
+        return _relabel(removed, pruned)
 
 
 def _problem(p: Any) -> dict[str, str]:
     return {"kind": p.kind, "repo": p.repo, "revision": p.revision, "detail": p.detail}
+
+
+def _relabel(problems: list[Any], pruned: frozenset[tuple[str, str]]) -> list[dict[str, str]]:
+    """Problems as dicts; all those of one pruned revision become a single ``pruned-present``."""
+    out, seen = [], set()
+    for p in problems:
+        key = (p.repo, p.revision)
+        if key not in pruned:
+            out.append(_problem(p))
+        elif key not in seen:
+            seen.add(key)
+            out.append({"kind": PRUNED_PRESENT, "repo": p.repo, "revision": p.revision,
+                        "detail": f"marked pruned, but the store still holds it ({p.kind}: {p.detail}); a prune "
+                                  "was cut short: `fedem verify --repair` or the next prune removes it"})
+    return out
 
 
 class Names:
@@ -95,10 +155,22 @@ class Names:
 
 
 def checkpoint_view(c: Checkpoint, store: StoreView, absorbed: list[dict[str, Any]] = ()) -> dict[str, Any]:
-    """One base version: its lineage (parent, source, what a merge absorbed), metrics and folder."""
-    return {"version": c.version, "parent": c.parent, "source": c.source, "path": store.path(c.repo, c.revision),
+    """One base version: its lineage (parent, source, what a merge absorbed), metrics, folder and where
+    its artifact is (``StoreView.where``; ``pruned``: when retention removed it here)."""
+    return {"version": c.version, "parent": c.parent, "source": c.source, "path": _path(c, store),
             "repo": c.repo, "revision": c.revision, "digest": c.digest, "created": iso(c.created),
-            "metrics": c.metrics, "absorbed": list(absorbed)}
+            "metrics": c.metrics, "absorbed": list(absorbed), "where": _where(c, store), "pruned": iso(c.pruned)}
+
+
+def _path(row: Any, store: StoreView) -> Optional[str]:
+    """The folder of a row's artifact; None once pruned from a local store (its leftovers are debris)."""
+    return None if row.pruned is not None and getattr(store, "local", True) else store.path(row.repo, row.revision)
+
+
+def _where(row: Any, store: StoreView) -> Optional[list[str]]:
+    """``StoreView.where`` of a row; None from a view that names no place (the public site's ``NoPaths``)."""
+    where = getattr(store, "where", None)
+    return None if where is None else where(row.repo, row.revision, row.pruned)
 
 
 def absorbed_view(registry: Registry, a: Absorbed, names: Names) -> dict[str, Any]:
@@ -160,9 +232,9 @@ def lineage_view(registry: Registry, hub: Path) -> dict[str, Any]:
 
 def version_view(v: AdapterVersion, store: StoreView) -> dict[str, Any]:
     return {"adapter": v.adapter, "version": v.version, "base_version": v.base_version,
-            "parent_version": v.parent_version, "kind": v.kind, "path": store.path(v.repo, v.revision),
+            "parent_version": v.parent_version, "kind": v.kind, "path": _path(v, store),
             "repo": v.repo, "revision": v.revision, "digest": v.digest, "created": iso(v.created),
-            "metrics": v.metrics}
+            "metrics": v.metrics, "where": _where(v, store), "pruned": iso(v.pruned)}
 
 
 def lease_view(lease: Lease, names: Names) -> dict[str, Any]:
@@ -251,19 +323,29 @@ def status_view(registry: Registry, hub: Path, store: StoreView, names: Names) -
 
 def _optimizer_problems(versions: list[AdapterVersion], store: StoreView,
                         removed: Optional[list[dict[str, str]]]) -> list[dict[str, str]]:
-    """The hub's private optimizer states that do not load or do not fit their version's adapter, and
-    those of versions the registry lacks (orphans: with ``removed``, a repair, removed and listed there)."""
+    """The hub's private optimizer states that do not load or do not fit their version's adapter, those
+    of versions the registry lacks (orphans) and those of pruned versions (``pruned-present``): with
+    ``removed``, a repair, the last two are removed and listed there."""
     states = OptimizerStates(store.hub)
     with_state = {(adapter, version) for adapter, version, _ in states.listing()}
-    kept = []
+    kept, leftovers, pruned = [], [], set()
     for v in versions:
-        if (v.adapter, v.version) in with_state:  # only these are read: a store on a Hub downloads
+        if (v.adapter, v.version) in with_state and v.pruned is not None and store.local:
+            pruned.add(f"{v.adapter}/v{v.version}")
+            leftovers.append({"kind": PRUNED_PRESENT, "repo": v.repo, "revision": v.revision,
+                              "detail": f"marked pruned, but its optimizer state {states.path(v.adapter, v.version)} "
+                                        "is still here (a prune cut short)"})
+            if removed is not None:
+                states.remove(v.adapter, v.version)
+        elif (v.adapter, v.version) in with_state:  # only these are read: a store on a Hub downloads
             folder = store.path(v.repo, v.revision)
             kept.append(KeptVersion(v.adapter, v.version, v.repo, v.revision,
                                     None if folder is None else Path(folder) / "adapter_model.safetensors"))
-    problems = verify_optimizer_states(states, kept)
+    problems = [p for p in verify_optimizer_states(states, kept)  # a pruned version's state is no orphan
+                if not (p["kind"] == "optimizer-orphan" and p["revision"] in pruned)]
     if removed is None:
-        return problems
+        return leftovers + problems
+    removed += leftovers
     for problem in [p for p in problems if p["kind"] == "optimizer-orphan"]:
         adapter, version = problem["revision"].rsplit("/v", 1)
         states.remove(adapter, int(version))
@@ -273,17 +355,24 @@ def _optimizer_problems(versions: list[AdapterVersion], store: StoreView,
 
 def verify_view(registry: Registry, store: StoreView, repair: bool = False) -> dict[str, Any]:
     """``fedem verify --json``: every problem found in the registry and the store (with ``repair``,
-    after removing orphans and debris, which are listed under ``removed``)."""
+    after removing orphans and debris, which are listed under ``removed``).
+
+    Pruned from lost: on a local store a row marked ``pruned`` whose files are gone is fine (counted
+    under ``checked.pruned``); a row not pruned whose files are gone is ``missing`` (lost); a pruned
+    row whose files are still here is ``pruned-present`` (a prune cut short), which ``repair`` removes.
+    A Hugging Face Hub store is never pruned: there every row's tag must be present."""
     with registry.snapshot():
         checkpoints = registry.checkpoints()
         versions = registry.adapter_versions()
         problems = [{"kind": "registry", "repo": "", "revision": "", "detail": p}
                     for p in registry.integrity_problems()]
-    known = {(c.repo, c.revision, c.digest) for c in checkpoints}
-    known |= {(v.repo, v.revision, v.digest) for v in versions}
-    removed = store.repair(known) if repair else []
-    problems += store.verify(known)
+    rows = [*checkpoints, *versions]
+    pruned = frozenset((r.repo, r.revision) for r in rows if r.pruned is not None) if store.local else frozenset()
+    known = {(r.repo, r.revision, r.digest) for r in rows if (r.repo, r.revision) not in pruned}
+    removed = store.repair(known, pruned) if repair else []
+    problems += store.verify(known, pruned)
     problems += _optimizer_problems(versions, store, removed if repair else None)
-    view = {"ok": not problems, "checked": {"checkpoints": len(checkpoints), "adapter_versions": len(versions)},
-            "problems": problems}
+    present = {(p["repo"], p["revision"]) for p in problems if p["kind"] == PRUNED_PRESENT}
+    checked = {"checkpoints": len(checkpoints), "adapter_versions": len(versions), "pruned": len(pruned - present)}
+    view = {"ok": not problems, "checked": checked, "problems": problems}
     return {**view, "removed": removed} if repair else view
