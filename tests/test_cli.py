@@ -96,8 +96,8 @@ def test_every_command_has_help_and_the_group_a_version():
     assert runner.invoke(cli, ["--version"]).output == f"fedem, version {__version__}\n"
     assert "FEDEM_HUB" in runner.invoke(cli, ["-h"]).output
     assert sorted(" ".join(path) for path in commands(cli)) == [
-        "adapters", "certs", "checkpoints", "connection", "contributions", "leases", "merge", "node-key", "publish",
-        "report", "run", "sim", "sim baseline", "sim report", "sim sweep", "site", "status", "superlink",
+        "adapters", "backup", "certs", "checkpoints", "connection", "contributions", "leases", "merge", "node-key",
+        "prune", "publish", "report", "restore", "run", "sim", "sim baseline", "sim report", "sim sweep", "site", "status", "superlink",
         "superlink status", "superlink stop", "verify"]
 
 
@@ -243,7 +243,7 @@ def test_checkpoints_json(hub):
     (row,) = as_json(hub, "checkpoints")
     assert row == {"version": 0, "parent": None, "source": "init", "path": str(hub / "store/fedem/base/v0"),
                    "repo": "fedem/base", "revision": "v0", "digest": row["digest"], "created": ISO0,
-                   "metrics": {"loss": 5.5}, "absorbed": []}
+                   "metrics": {"loss": 5.5}, "absorbed": [], "where": ["local"], "pruned": None}
     assert len(row["digest"]) == 64
 
 
@@ -318,7 +318,7 @@ def test_newer_schema_is_a_clear_error(hub):
 
 def test_verify_ok(hub):
     assert invoke(hub, "verify").output == "ok: 1 checkpoint(s), 3 adapter version(s) verified\n"
-    assert as_json(hub, "verify") == {"ok": True, "checked": {"checkpoints": 1, "adapter_versions": 3},
+    assert as_json(hub, "verify") == {"ok": True, "checked": {"checkpoints": 1, "adapter_versions": 3, "pruned": 0},
                                       "problems": []}
 
 
@@ -362,7 +362,7 @@ def test_verify_repair_removes_orphans_and_leftovers_and_lists_them(hub, tmp_pat
         "ok: 1 checkpoint(s), 3 adapter version(s) verified",
     ]
     assert not (hub / "store/fedem/adapter-hi/v2").exists()
-    assert as_json(hub, "verify") == {"ok": True, "checked": {"checkpoints": 1, "adapter_versions": 3},
+    assert as_json(hub, "verify") == {"ok": True, "checked": {"checkpoints": 1, "adapter_versions": 3, "pruned": 0},
                                       "problems": []}
 
 

@@ -21,6 +21,11 @@ API (the hub's loop calls these; none imports torch or Flower):
   and storing it; the hub's start writes each fresh adapter's before registering it).
 - ``checkpoint_card`` / ``version_card``: the cards of recorded versions (``fedem publish``).
 
+An adapter card's ``fedem_record`` (``hub.model_card``) lets a restore rebuild the version's row from the
+store: a push's contribution id (the next one, as the coordinator records it right after storing the
+version), its lease token (the contributor's active lease on the adapter) and contributor; a rebase's
+record. ``version_card`` rebuilds it from the recorded rows, so both cards are the same bytes.
+
 An adapter card's task, domain and languages are its terms as the registry reads them
 (``hub.terms``: the recorded catalog, else a language adapter), so the card written with a version
 and the one ``fedem publish`` rebuilds for it are the same bytes. A chat adapter's card shows the chat
@@ -40,7 +45,7 @@ from fedem_flwr.data.tasks import CHAT
 from fedem_flwr.errors import FedemError
 from fedem_flwr.hub.model_card import adapter_card, base_card, write_card
 from fedem_flwr.hub.records import Absorbed, AdapterVersion, BaseAttempt, Checkpoint, revision_name
-from fedem_flwr.hub.registry import Registry
+from fedem_flwr.hub.registry import CONTRIBUTION_COUNTER, Registry
 from fedem_flwr.hub.store import ArtifactStore
 from fedem_flwr.hub.terms import terms_of
 
@@ -89,7 +94,43 @@ def version_card(registry: Registry, v: AdapterVersion, repo_id: str, base_repo_
     return adapter_card(repo_id, v.adapter, v.version, base_repo_id, base_revision, list(terms.languages),
                         [*registry.contributors_of(v.adapter, v.version), *extra_contributors], v.metrics,
                         parent_version=v.parent_version, base_version=v.base_version, kind=v.kind,
-                        task=terms.task, domain=terms.domain, chat_template=chat_template)
+                        task=terms.task, domain=terms.domain, chat_template=chat_template,
+                        record=_recorded(registry, v))
+
+
+def _recorded(registry: Registry, v: AdapterVersion) -> dict[str, Any]:
+    """The ``fedem_record`` of recorded version ``v``: its accepted contribution, or its rebase record."""
+    if v.kind != "push":
+        return _rebase_record(v.metrics.get("rebase")) if v.kind == "rebase" else {}
+    pushed = [c for c in registry.contributions(adapter=v.adapter)
+              if c.adapter_version == v.version and c.decision == "accepted"]
+    if not pushed:  # a push re-registered by a restore whose contributor it did not know
+        return {}
+    lease = pushed[0].lease_token  # a contribution restored from a card keeps the card's token aside
+    if lease is None:
+        lease = (pushed[0].validation.get("restored") or {}).get("lease")
+    return _push_fields(pushed[0].id, lease, pushed[0].pseudonym)
+
+
+def _rebase_record(rebase: Optional[Mapping[str, Any]]) -> dict[str, Any]:
+    return {"rebase": dict(rebase)} if rebase else {}
+
+
+def _push_fields(contribution: int, lease: Optional[int], contributor: str) -> dict[str, Any]:
+    fields = {"contribution": contribution, "lease": lease, "contributor": contributor}
+    return {key: value for key, value in fields.items() if value is not None}
+
+
+def _push_record(registry: Registry, adapter: str, contributor: Optional[str]) -> dict[str, Any]:
+    """The ``fedem_record`` of a push about to be recorded: the contribution id the registry gives next
+    (the coordinator records it right after the version) and the contributor's active lease on ``adapter``."""
+    if not contributor:
+        return {}
+    latest = registry.contributions(limit=1)
+    contribution = max(latest[0].id + 1 if latest else 1, registry.floor(CONTRIBUTION_COUNTER))
+    held = [lease.token for lease in registry.leases(active_only=True)
+            if lease.adapter == adapter and registry.pseudonym(lease.holder) == contributor]
+    return _push_fields(contribution, held[0] if len(held) == 1 else None, contributor)
 
 
 def write_adapter_card(folder: Path, registry: Registry, store: ArtifactStore, *, repo: str, adapter: str,
@@ -113,11 +154,12 @@ def write_adapter_card(folder: Path, registry: Registry, store: ArtifactStore, *
     if chat_template is None and terms.data_format == CHAT:
         chat_template = base_chat_template(store, base.repo, base.revision)
     earlier = registry.contributors_of(adapter, parent_version) if kind == "push" and parent_version is not None else []
+    record = _push_record(registry, adapter, contributor) if kind == "push" else _rebase_record(rebase)
     card = adapter_card(store.repo_id(repo), adapter, version, store.repo_id(base.repo), base.revision,
                         list(terms.languages), [*earlier, *([contributor] if contributor else [])],
                         {"heldout": dict(heldout), **({"rebase": dict(rebase)} if rebase else {})},
                         parent_version=parent_version, base_version=base_version, kind=kind,
-                        task=terms.task, domain=terms.domain, chat_template=chat_template)
+                        task=terms.task, domain=terms.domain, chat_template=chat_template, record=record)
     write_card(folder, card)
     return card
 

@@ -14,6 +14,10 @@ kind (`fresh`, `push`, `rebase`), task (a tag too), languages, held-out loss per
 contributors; an `sft-chat` adapter's card also says its loss was on the assistant's turns only and
 that prompts use the base tokenizer's chat template (shown in the card when given), since a chat
 adapter fed flat text or another template is not what was trained.
+
+An adapter card's `fedem_record` holds what the registry records with the version beyond its lineage,
+so a restore can rebuild the row from the store alone (`hub.restore`): a push's `contribution` id,
+`lease` token and `contributor` pseudonym; a rebase's `rebase` record (its mode, truncation error).
 """
 
 from __future__ import annotations
@@ -164,11 +168,13 @@ def adapter_card(repo_id: str, name: str, version: int, base_model: str, base_re
                  languages: list[str], contributors: list[str],
                  metrics: Optional[dict[str, Any]] = None, *, parent_version: Optional[int] = None,
                  base_version: Optional[int] = None, kind: Optional[str] = None, task: str = LANGUAGE_TASK,
-                 domain: str = "", chat_template: Optional[str] = None) -> ModelCard:
+                 domain: str = "", chat_template: Optional[str] = None,
+                 record: Optional[Mapping[str, Any]] = None) -> ModelCard:
     """Card of adapter `name` at `version`, trained on `base_model`@`base_revision` for `task`
     (`domain`: only rows tagged with it; `chat_template`: the base tokenizer's, shown in the card).
 
     `contributors` are pseudonyms (keyed hashes): the card never names a contributor's identity.
+    `record` becomes the card's `fedem_record` (module docstring): what a restore needs to rebuild the row.
     """
     metrics = metrics or {}
     results = _eval_results(metrics)
@@ -186,6 +192,7 @@ def adapter_card(repo_id: str, name: str, version: int, base_model: str, base_re
         eval_results=results,
         contributors=sorted(set(contributors)),
         fedem=lineage,
+        **({"fedem_record": dict(record)} if record else {}),
     )
     lines = [f"adapter `{name}` version v{version}, on `{base_model}` revision `{base_revision}`"]
     if kind is not None:

@@ -62,9 +62,11 @@ from fedem_flwr.data.blocks import tokenize_blocks
 from fedem_flwr.errors import is_hub_fault, one_line
 from fedem_flwr.gate.acceptance import decide, decide_adapted, decide_base
 from fedem_flwr.gate.loss import evaluate
+from fedem_flwr.hub.backup_request import run_backups
 from fedem_flwr.hub.lineage import publish_base, record_attempt, store_adapter_version
 from fedem_flwr.hub.merge_request import take_merge_request
 from fedem_flwr.hub.paths import cpt_state_path
+from fedem_flwr.hub.prune import prune
 from fedem_flwr.hub.records import AdapterVersion, Checkpoint
 from fedem_flwr.hub.store import ArtifactRef
 from fedem_flwr.lineage.merge import (
@@ -135,8 +137,9 @@ class BaseKeeper:
     # -- the relay loop's hook ------------------------------------------------------------------------
 
     def turn(self, busy: bool) -> None:
-        """Merge when one is due; else, on a turn that handled no reply and ``cpt.pause_s`` after the
-        last slice, run one CPT slice."""
+        """Write the snapshots asked for or due (``hub.backup``); merge when one is due; else, on a turn that
+        handled no reply and ``cpt.pause_s`` after the last slice, run one CPT slice."""
+        run_backups(self.hub.path, self.cfg.hub.backup)  # snapshots asked for (`fedem backup`) or due (hub.backup)
         source = "merge"
         try:
             reason = self._merge_reason(busy)
@@ -436,6 +439,23 @@ class BaseKeeper:
                 carried += 1  # evaluated on the new base when it is next judged or merged (see the coordinator)
         log.info("Base v%d adopted: %d adapter(s) rebased, %d carried over (evaluated on it before their next "
                  "judgement)", base.version, len(rebased), carried)
+        self.retain(base)
+
+    def retain(self, base: Checkpoint) -> None:
+        """After ``base`` is adopted (its rebase versions stored), prune the local store by
+        ``hub.retention`` (a no-op when both counts are null) and log what went. A failure is logged and
+        tried again after the next base; only a fault of the hub itself stops the run."""
+        retention = self.cfg.hub.retention
+        if retention.bases is None and retention.adapter_versions is None:
+            return
+        try:
+            report = prune(self.hub.registry, self.hub.store, self.hub.path, retention, self.clock())
+        except Exception as err:
+            if is_hub_fault(err):
+                raise
+            log.exception("Retention after base v%d failed; it is tried again after the next base", base.version)
+            return
+        log.info("Retention after base v%d: %s", base.version, report.summary())
 
     def _store_rebase(self, workbench: Any, base: Checkpoint, base_ref: ArtifactRef, current: AdapterVersion,
                       rebase: Rebase, losses: Losses, now: float) -> AdapterVersion:
