@@ -33,9 +33,9 @@ Pure: no I/O, no torch; ``hub.prune`` reads the snapshots from the registry and 
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import Optional, Protocol
+from typing import Any, Optional, Protocol
 
 # Why an item stays (a plan's ``kept_*``). The first six are needs; the last two are the settings.
 NEWEST = "newest"  # the newest base
@@ -194,30 +194,19 @@ def plan(history: History, settings: Settings) -> Plan:
     the newest the settings keep. Items already pruned are neither removed nor listed as kept."""
     need = needs(history, settings)
     recent_bases = _newest((b.version for b in history.bases), settings.bases)
-    remove_bases, kept_bases = [], {}
-    for b in sorted(history.bases, key=lambda row: row.version):
-        if b.pruned:
-            continue
-        reasons = need.bases.get(b.version, ()) + _count_reason(b.version in recent_bases, settings.bases)
-        if reasons:
-            kept_bases[b.version] = reasons
-        else:
-            remove_bases.append(b.version)
-    remove_versions, kept_versions = [], {}
+    remove_bases, kept_bases = _sort_out(sorted(history.bases, key=lambda row: row.version), lambda b: b.version,
+                                         recent_bases, settings.bases, need.bases)
+    remove_versions: list[VersionKey] = []
+    kept_versions: dict[VersionKey, tuple[str, ...]] = {}
     by_adapter: dict[str, list[VersionRow]] = {}
     for v in history.versions:
         by_adapter.setdefault(v.adapter, []).append(v)
     for adapter in sorted(by_adapter):
         rows = sorted(by_adapter[adapter], key=lambda row: row.version)
         recent = _newest((v.version for v in rows), settings.adapter_versions)
-        for v in rows:
-            if v.pruned:
-                continue
-            reasons = need.versions.get(v.key, ()) + _count_reason(v.version in recent, settings.adapter_versions)
-            if reasons:
-                kept_versions[v.key] = reasons
-            else:
-                remove_versions.append(v.key)
+        removed, kept = _sort_out(rows, lambda v: v.key, recent, settings.adapter_versions, need.versions)
+        remove_versions += removed
+        kept_versions.update(kept)
     return Plan(remove_bases, remove_versions, kept_bases, kept_versions)
 
 
@@ -225,6 +214,21 @@ def _count_reason(recent: bool, count: Optional[int]) -> tuple[str, ...]:
     if count is None:
         return (KEEP_ALL,)
     return (RECENT,) if recent else ()
+
+
+def _sort_out(rows: Iterable[Any], key: Callable[[Any], Any], recent: set[int], count: Optional[int],
+              needed: Mapping[Any, tuple[str, ...]]) -> tuple[list[Any], dict[Any, tuple[str, ...]]]:
+    """``rows`` (in order) split into those to remove and those kept with their reasons; pruned ones skipped."""
+    remove, kept = [], {}
+    for row in rows:
+        if row.pruned:
+            continue
+        reasons = needed.get(key(row), ()) + _count_reason(row.version in recent, count)
+        if reasons:
+            kept[key(row)] = reasons
+        else:
+            remove.append(key(row))
+    return remove, kept
 
 
 def _newest(numbers: Iterable[int], count: Optional[int]) -> set[int]:
