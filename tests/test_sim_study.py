@@ -171,6 +171,12 @@ def test_merge_events_read_the_absorbed_languages_just_before_and_after(tmp_path
     assert rebased.version == pushed.version + 1
     assert events[0]["base_losses"] == pytest.approx(bare) and bare.keys() == hub.split.test.keys()
     assert merge_counts(hub.registry) == {"merge_attempts": 2, "merge_published": 1}
+
+    # A merge whose parent base retention pruned cannot be evaluated again: it is left out, not a crash
+    hub.registry.mark_version_pruned("hi", pushed.version, at=9.0)
+    assert merge_events(hub)[0]["absorbed"] == {}
+    hub.registry.mark_checkpoint_pruned(0, at=9.0)
+    assert merge_events(hub) == []
     hub.registry.close()
 
 

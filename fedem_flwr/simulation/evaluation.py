@@ -146,10 +146,14 @@ def merge_events(hub: Hub, split: Optional[str] = None, t0: float = 0.0) -> list
     """Every published merge, oldest first: ``version``, ``parent``, ``sim_s`` (its creation time
     minus ``t0``), ``base_losses`` (the merged base alone on ``split``) and ``absorbed``: per absorbed
     language, the ``adapter`` and ``version`` merged, its loss ``before`` (that version on the parent
-    base) and ``after`` (the adapter's first version on the merged base; nan if it has none)."""
+    base) and ``after`` (the adapter's first version on the merged base; nan if it has none).
+
+    A merge whose base or parent retention pruned (``hub.retention``) cannot be evaluated again and
+    is left out; so is an absorbed adapter whose merged or rebased version was pruned."""
     registry, events = hub.registry, []
+    pruned = {c.version for c in registry.checkpoints() if c.pruned is not None}
     for checkpoint in registry.checkpoints():
-        if checkpoint.source != "merge" or checkpoint.parent is None:
+        if checkpoint.source != "merge" or checkpoint.parent is None or {checkpoint.version, checkpoint.parent} & pruned:
             continue
         before = evaluator_on(hub, base_folder_of(hub, checkpoint.parent), split)
         after = evaluator_on(hub, base_folder_of(hub, checkpoint.version), split)
@@ -158,10 +162,13 @@ def merge_events(hub: Hub, split: Optional[str] = None, t0: float = 0.0) -> list
             wanted = [key for key in hub.coordinator.terms[row.adapter].heldout_keys if key in after.heldout]
             if not wanted:
                 continue
+            successor = min((v for v in registry.adapter_versions(row.adapter)
+                             if v.base_version == checkpoint.version), key=lambda v: v.version, default=None)
+            merged_version = registry.adapter_version(row.adapter, row.adapter_version)
+            if merged_version.pruned is not None or (successor is not None and successor.pruned is not None):
+                continue
             merged = before.evaluate(_state(hub, row.adapter, row.adapter_version), languages=wanted)
-            successor = min((v.version for v in registry.adapter_versions(row.adapter)
-                             if v.base_version == checkpoint.version), default=None)
-            rebased = (after.evaluate(_state(hub, row.adapter, successor), languages=wanted)
+            rebased = (after.evaluate(_state(hub, row.adapter, successor.version), languages=wanted)
                        if successor is not None else {})
             for lang in wanted:
                 absorbed[lang] = {"adapter": row.adapter, "version": row.adapter_version, "before": merged[lang],
