@@ -4,6 +4,7 @@ cut at a vanishing and at the run's end, online time inside daily windows in clo
 from __future__ import annotations
 
 import math
+import random
 
 import pytest
 
@@ -117,3 +118,54 @@ def test_on_every_edge_the_clock_stops_at_online_already_reads_the_new_state():
             edge = who.next_change(t)
             assert who.online(edge) != who.online(t), (partition, t, edge)
             t = edge
+
+
+def _full_online_seconds(meter: LeaseMeter, now: float, contributors) -> float:
+    """The integral from scratch, every interval of the run counted on each call."""
+    total = 0.0
+    for who, within in contributors.items():
+        total += within(0.0, now)
+        total -= sum(within(max(0.0, start), min(end, now)) for start, end in meter.away.get(who, ()) if start < now)
+        total += sum((min(end, now) - start) - within(start, min(end, now))
+                     for start, end in meter.busy.get(who, ()) if start < now)
+    return total
+
+
+def _copy(meter: LeaseMeter) -> LeaseMeter:
+    """A fresh meter holding the same intervals (nothing settled yet)."""
+    return LeaseMeter(list(meter.leases), {who: [list(span) for span in spans] for who, spans in meter.busy.items()},
+                      {who: list(spans) for who, spans in meter.away.items()})
+
+
+def test_online_seconds_asked_as_the_run_goes_equal_the_integral_from_scratch():
+    # Prepare: 6 contributors (daily windows, one always online) leasing and vanishing over 30 periods,
+    # asked after every event as a run's trace rows ask; now and then about an earlier time, and leases
+    # that extend a span, open or already settled
+    rng = random.Random(7)
+    windows = {who: _daily(phase_s=rng.uniform(0, 1000), fraction=rng.uniform(0.2, 0.8)).online_seconds
+               for who in range(5)}
+    windows[5] = always
+    meter, free_at, now = LeaseMeter(), dict.fromkeys(windows, 0.0), 0.0
+    for step in range(600):
+        now += rng.uniform(0.0, 50.0)
+        who = rng.randrange(len(windows))
+        if free_at[who] <= now:
+            end = now + rng.uniform(10.0, 400.0)
+            # now and then from where its last (ended, maybe settled) span ended: that span grows
+            meter.lease(who, meter.busy[who][-1][1] if who in meter.busy and rng.random() < 0.2 else now, end)
+            free_at[who] = end
+            if rng.random() < 0.1:  # vanishes at the end of that lease, away for a while
+                meter.absent(who, end, end + rng.uniform(100.0, 2000.0))
+                free_at[who] = meter.away[who][-1][1]
+        elif rng.random() < 0.05:
+            start = meter.busy[who][-1][0]
+            meter.lease(who, start, free_at[who] + 5.0)  # overlapping its open span: that grows by 5 s
+            free_at[who] += 5.0
+        asked = now if step % 97 else now / 2  # sometimes about an earlier time: counted again
+        found = meter.online_seconds(asked, windows)
+
+        # Assert: bit for bit the answer of a fresh meter asked once; the full integral to rounding
+        assert found == _copy(meter).online_seconds(asked, windows), step
+        assert found == pytest.approx(_full_online_seconds(meter, asked, windows), rel=1e-12, abs=1e-9), step
+    assert meter.online_seconds(now + 5000.0, windows) == pytest.approx(
+        _full_online_seconds(meter, now + 5000.0, windows), rel=1e-12)

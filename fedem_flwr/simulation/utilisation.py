@@ -45,19 +45,35 @@ def ceiling(holders_per_adapter: Iterable[int], contributors: int, lanes: int) -
 
 
 @dataclass
+class _Settled:
+    """What one contributor's intervals ended by ``until`` add to its online time, counted once: ``away_s``
+    (the online time its ``away_first`` first absences removed) and ``outside_s`` (the time its
+    ``busy_first`` first busy spans spent outside its windows), for its windows' integral ``within``."""
+
+    within: OnlineWithin
+    until: float = 0.0
+    away_first: int = 0
+    away_s: float = 0.0
+    busy_first: int = 0
+    outside_s: float = 0.0
+
+
+@dataclass
 class LeaseMeter:
     """Useful lease seconds and contributor online seconds, as intervals on simulated time (seconds
     since the start). A contributor's leases are recorded in the order they start; its absences do
     not overlap its leases (a vanished contributor is given none while away).
 
     A run asks at every trace row, with ``now`` moving forward: what an interval ended by then adds is
-    settled once, so a row costs the intervals still open, not every lease of the run. Asked about an
-    earlier ``now``, it counts everything again."""
+    settled once (leases, and each contributor's busy and away intervals), so a row costs the
+    intervals still open, not every lease and absence of the run. Asked about an earlier ``now``, it
+    counts everything again."""
 
     leases: list[tuple[float, float]] = field(default_factory=list)
     busy: dict[Hashable, list[list[float]]] = field(default_factory=dict)  # merged lease intervals per contributor
     away: dict[Hashable, list[tuple[float, float]]] = field(default_factory=dict)
     _lease_settled: tuple[float, float, int] = (0.0, 0.0, 0)  # (until, seconds, leases before the first open one)
+    _online_settled: dict[Hashable, _Settled] = field(default_factory=dict, repr=False)  # per contributor
 
     def lease(self, who: Hashable, start: float, end: float) -> None:
         """A lease ``who`` works on from ``start`` to ``end`` (its useful time)."""
@@ -66,6 +82,9 @@ class LeaseMeter:
         spans = self.busy.setdefault(who, [])
         if spans and start <= spans[-1][1]:
             spans[-1][1] = max(spans[-1][1], end)  # overlapping leases (FedAvg: one per language)
+            settled = self._online_settled.get(who)
+            if settled is not None and settled.busy_first >= len(spans):  # a settled span grew: count again
+                del self._online_settled[who]
         else:
             spans.append([start, end])
 
@@ -87,16 +106,36 @@ class LeaseMeter:
 
     def online_seconds(self, now: float, contributors: Mapping[Hashable, OnlineWithin]) -> float:
         """Online time of ``contributors`` (each with its windows' integral) from 0 to ``now``: inside
-        the windows and not away, plus the lease time each spent outside its windows."""
+        the windows and not away, plus the lease time each spent outside its windows.
+
+        Per contributor, the busy and away intervals ended by ``now`` are summed once, in their order,
+        and kept with the ``now`` and the integral they were summed for; a later call adds only what
+        ended since and the intervals still open. The sums run in the same order however the calls
+        fell, so the result is the same, bit for bit, as one call at ``now`` on a fresh meter."""
         total = 0.0
         for who, within in contributors.items():
-            total += within(0.0, now)
-            for start, end in self.away.get(who, ()):
-                total -= within(max(0.0, start), min(end, now)) if start < now else 0.0
-            for start, end in self.busy.get(who, ()):
+            settled = self._online_settled.get(who)
+            if settled is None or now < settled.until or settled.within != within:
+                settled = self._online_settled[who] = _Settled(within=within)
+            settled.until = now
+            away = self.away.get(who, ())
+            while settled.away_first < len(away) and away[settled.away_first][1] <= now:
+                start, end = away[settled.away_first]
+                settled.away_s += within(max(0.0, start), end)
+                settled.away_first += 1
+            busy = self.busy.get(who, ())
+            while settled.busy_first < len(busy) and busy[settled.busy_first][1] <= now:
+                start, end = busy[settled.busy_first]
+                settled.outside_s += (end - start) - within(start, end)
+                settled.busy_first += 1
+            mine = within(0.0, now) - settled.away_s + settled.outside_s
+            for start, end in away[settled.away_first:]:
+                mine -= within(max(0.0, start), min(end, now)) if start < now else 0.0
+            for start, end in busy[settled.busy_first:]:
                 if start < now:
                     stop = min(end, now)
-                    total += (stop - start) - within(start, stop)
+                    mine += (stop - start) - within(start, stop)
+            total += mine
         return total
 
 
