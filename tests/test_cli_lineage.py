@@ -63,7 +63,8 @@ def test_checkpoints_list_the_lineage_with_every_field(lineage_hub):
                        "revision": "v1", "digest": rows[1]["digest"], "created": iso(T0 + 600),
                        "metrics": {"heldout": {"hi": 4.0, "te": 4.5}, "merge": {"method": "sum", "seed": None}},
                        "absorbed": [{"adapter": "hi", "adapter_version": 1, "weight": 1.0, "method": "sum",
-                                     "seed": None, "contributors": [alias["sim:3"]]}]}
+                                     "seed": None, "contributors": [alias["sim:3"]]}],
+                       "where": ["local"], "pruned": None}
     assert rows[2]["metrics"]["cpt"] == {"steps": 200, "tokens": 409600} and rows[2]["absorbed"] == []
     (te,) = as_json(lineage_hub, "contributions", "--adapter", "te", "--limit", "1")
     assert (te["base_version"], te["judged_base_version"]) == (2, 2)

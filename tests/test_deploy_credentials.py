@@ -145,7 +145,7 @@ def test_guide_steps_are_found_in_order_and_untested_ones_are_named(tmp_path):
 def test_the_deployment_guide_has_every_step_the_deployment_test_runs():
     steps = guide_steps(GUIDE)
     assert {"certs", "superlink", "connection", "register", "node-key", "node-key-ssh", "supernode", "run", "ls",
-            "log", "status", "stop"} == set(steps)
+            "log", "status", "stop", "prune", "backup-key", "backup", "restore"} == set(steps)
     assert "--enable-supernode-auth" in steps["superlink"] and "--insecure" not in "".join(steps.values())
 
 
