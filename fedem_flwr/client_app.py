@@ -49,7 +49,7 @@ def train_relay(message: Message, context: Context) -> Message:
         return messages.status_reply(message, instruction, messages.MISSING_BASE, missing)
     data = training_data(cfg, context.node_config, messages.node_rows(message))
     try:
-        lease_rows(data, instruction.languages, instruction.task, instruction.domain)
+        rows = lease_rows(data, instruction.languages, instruction.task, instruction.domain)
     except DataError as err:  # answered before the plan: a node without the rows never trains, even 0 steps
         return messages.status_reply(message, instruction, messages.NO_DATA, str(err))
     plan = read_plan(message)  # in a simulation on the virtual clock: the steps to train, in simulated time
@@ -68,7 +68,7 @@ def train_relay(message: Message, context: Context) -> Message:
             budget_s=(max(1.0, instruction.budget_s - (time.monotonic() - started))  # a fetch spends the lease
                       if plan is None else math.inf),
             max_steps=instruction.max_steps if plan is None else plan.steps, seed=cfg.seed + instruction.token,
-            optimizer=optimizer, task=instruction.task, domain=instruction.domain,
+            optimizer=optimizer, task=instruction.task, domain=instruction.domain, rows=rows,
         )
     except DataError as err:  # e.g. a base without a chat template for a chat task
         return messages.status_reply(message, instruction, messages.NO_DATA, str(err))

@@ -9,9 +9,10 @@ import math
 
 import pytest
 import torch
-from flwr.app import Context, Message, RecordDict
+from flwr.app import ConfigRecord, Context, Message, RecordDict
 from flwr.clientapp import ClientApp
 
+from fedem_flwr import client_app as client_app_module
 from fedem_flwr.client_app import app as client_app
 from fedem_flwr.config.loader import load_config, load_run_config
 from fedem_flwr.data.blocks import tokenize_blocks
@@ -127,6 +128,22 @@ def test_a_hostile_task_or_domain_is_refused_on_the_node(identity, key, value):
     message.content["config"][key] = value
     with pytest.raises(messages.InvalidInstruction, match=f"train message `{key}` is"):
         messages.parse_train_instruction(message)
+
+
+@pytest.mark.parametrize(("column", "value", "reason"), [
+    ("text", None, "`text` is missing"),
+    ("language", None, "`language` is missing"),
+    ("text", "abcd", "`text` is of type str"),
+    ("chat", [1, 2, 3, 4], "`chat` is a list holding int"),
+])
+def test_hub_rows_of_the_wrong_shape_are_refused_naming_the_column(identity, column, value, reason):
+    message = _message(_instruction(), rows=ROWS)
+    sent = {name: values for name, values in ROWS.items() if name != column}
+    if value is not None:
+        sent[column] = value
+    message.content[messages.NODE_ROWS] = ConfigRecord(sent)
+    with pytest.raises(messages.InvalidInstruction, match=f"{reason}; it must be a list of strings"):
+        messages.node_rows(message)
 
 
 def test_the_hubs_rows_carry_conversations_and_domains(identity):
@@ -249,15 +266,15 @@ def test_a_lease_the_node_cannot_train_raises_data_error_before_training(cfg, ch
 # -- the ClientApp ---------------------------------------------------------------------------------
 
 
-def _ask(cfg, base, tmp_path, **lease) -> messages.TrainReply:
-    """One train message through the real ClientApp of a simulated node handed ``ROWS``."""
+def _ask(cfg, base, tmp_path, rows=ROWS, **lease) -> messages.TrainReply:
+    """One train message through the real ClientApp of a simulated node handed ``rows``."""
     run_config = {"overrides": OVERRIDES}
     node_config = {"partition-id": 0, "num-partitions": 2, "cache-dir": str(tmp_path / "cache")}
     ref = ArtifactRef("t/base", "v0", digest(base))
     instruction = _instruction(base=ref, **lease)
     state = _fresh_adapter(load_run_config(run_config), base)
     message = messages.train_message(100, instruction, adapter_to_arrays(state), ttl=600, base_folder=base,
-                                     rows=ROWS)
+                                     rows=rows)
     message.metadata.__dict__["_message_id"] = "m"
     reply = client_app(message, Context(7, 100, node_config, RecordDict(), run_config))
     return messages.parse_train_reply(reply, instruction)
@@ -276,3 +293,27 @@ def test_the_client_app_trains_a_chat_lease_and_answers_no_data_when_it_cannot(
     assert "no rows of domain 'law'" in no_domain.detail
     assert "no conversations" in no_chat.detail
     assert "no chat template" in no_template.detail
+
+
+def test_the_client_app_selects_a_leases_rows_once(identity, cfg, chat_base, tmp_path, monkeypatch):
+    calls = []
+
+    def counted(*args, **kwargs):
+        calls.append(args[1:])
+        return lease_rows(*args, **kwargs)
+
+    monkeypatch.setattr(client_app_module, "lease_rows", counted)
+    monkeypatch.setattr(contributor, "lease_rows", counted)
+
+    reply = _ask(cfg, chat_base, tmp_path, task="sft-chat")
+
+    assert (reply.status, reply.metrics["own-language-rows"]) == (messages.OK, 2.0)
+    assert calls == [(("en",), "sft-chat", "")]  # the pre-check's rows are the rows trained on
+
+
+def test_a_malformed_conversation_in_the_hubs_rows_is_answered_no_data_naming_it(identity, cfg, chat_base, tmp_path):
+    broken = {**ROWS, "chat": ["[{'role': 'user'}]", *ROWS["chat"][1:]]}
+
+    reply = _ask(cfg, chat_base, tmp_path, rows=broken, task="sft-chat")
+
+    assert reply.status == messages.NO_DATA and "chat row 0: messages are a string but not JSON" in reply.detail

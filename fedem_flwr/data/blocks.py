@@ -167,7 +167,7 @@ def _task_sets(
 ) -> None:
     """Add each task key's test and held-out blocks to ``sets``, from its language's withheld rows."""
     _, pad = special_ids(tokenizer)
-    tags = _row_tags(ds)
+    tags = _row_tags(ds, sorted(dropped))
     too_small = []
     for name, data_key in task_keys.items():
         for part, blocks_by_key in enumerate(sets):
@@ -184,15 +184,18 @@ def _task_sets(
         log.info("too little held-out data for a task key, no held-out set: %s", ", ".join(too_small))
 
 
-def _row_tags(ds: datasets.Dataset) -> list[tuple[str, str]]:
-    """(chat, domain) of every row; "" where ``ds`` has no such column (rows from before tasks)."""
-    chats = column(ds, CHAT) if CHAT in ds.column_names else [""] * len(ds)
-    domains = column(ds, DOMAIN) if DOMAIN in ds.column_names else [""] * len(ds)
-    return [(chat or "", domain or "") for chat, domain in zip(chats, domains)]
+def _row_tags(ds: datasets.Dataset, indices: list[int]) -> dict[int, tuple[str, str]]:
+    """(chat, domain) of the rows at ``indices`` (the withheld ones: the training rows' conversations are
+    never read here); "" where ``ds`` has no such column (rows from before tasks)."""
+    rows = ds.select(indices)
+    chats = column(rows, CHAT) if CHAT in ds.column_names else [""] * len(indices)
+    domains = column(rows, DOMAIN) if DOMAIN in ds.column_names else [""] * len(indices)
+    return {index: (chat or "", domain or "") for index, chat, domain in zip(indices, chats, domains)}
 
 
 def _task_blocks(
-    data_key: DataKey, rows: list[tuple[float, str, int]], tags: list[tuple[str, str]], tokenizer, block_size: int
+    data_key: DataKey, rows: list[tuple[float, str, int]], tags: dict[int, tuple[str, str]], tokenizer,
+    block_size: int,
 ) -> torch.Tensor:
     """Blocks of ``rows`` (one language's withheld rows) that ``data_key`` keeps, in ticket order."""
     kept = sorted(

@@ -23,6 +23,7 @@ from fedem_flwr.config.schema import TASK_FORMATS, CatalogConfig, CatalogEntry
 TEXT = "text"
 CHAT = "chat"
 FORMATS = (TEXT, CHAT)
+CAUSAL_LM = "causal-lm"  # the task of a language adapter (and of a domain adapter of plain text)
 
 
 class DataKey(NamedTuple):
@@ -86,17 +87,13 @@ class AdapterTerms:
         """What a node must hold to be leased it (one of these)."""
         return tuple(serve_key(lang, self.data_format) for lang in self.languages)
 
-    @property
-    def is_language_adapter(self) -> bool:
-        return self.task == "causal-lm" and not self.domain
-
 
 def adapter_terms(name: str, languages: Iterable[str], task: str, catalog: Optional[CatalogConfig]) -> AdapterTerms:
     """The terms of a registered adapter: from its catalog entry when it has one."""
     entry = catalog.entry(name) if catalog is not None else None
     if entry is None:
-        task = task or "causal-lm"
-        return AdapterTerms(name, task, tuple(languages), mergeable=task == "causal-lm")
+        task = task or CAUSAL_LM
+        return AdapterTerms(name, task, tuple(languages), mergeable=task == CAUSAL_LM)
     return terms_of_entry(entry)
 
 

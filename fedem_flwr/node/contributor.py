@@ -41,6 +41,7 @@ from fedem_flwr.data.blocks import tokenize_blocks
 from fedem_flwr.data.chat import chat_blocks, parse_messages
 from fedem_flwr.data.corpus import CHAT, DOMAIN, LANGUAGE, TEXT, column, language_sizes, load_corpus, select_languages
 from fedem_flwr.data.partition import partition
+from fedem_flwr.data.tasks import CAUSAL_LM
 from fedem_flwr.data.tasks import CHAT as CHAT_FORMAT
 from fedem_flwr.errors import ConfigError, DataError
 from fedem_flwr.model.factory import kernel_path, load_base
@@ -53,7 +54,6 @@ from fedem_flwr.training.optimizer_state import OptimizerState
 
 log = logging.getLogger(__name__)
 
-CAUSAL_LM = "causal-lm"
 SENT_COLUMNS = (TEXT, LANGUAGE, CHAT, DOMAIN)  # what a hub's rows may hold; chat and domain are optional
 
 
@@ -201,10 +201,12 @@ def relay_train(
     lr_schedule: Optional[Callable[[int], float]] = None,
     task: str = CAUSAL_LM,
     domain: str = "",
+    rows: Optional[datasets.Dataset] = None,
 ) -> tuple[dict[str, torch.Tensor], dict[str, float], Optional[OptimizerState]]:
     """Fine-tune the leased adapter on this node's rows of the lease (``lease_rows``: its languages,
     ``domain`` and ``task``), rendered as ``task`` scores them (``task_blocks``), and stop before the
-    lease deadline. ``DataError`` when the node cannot: the ClientApp answers ``no-data``.
+    lease deadline. ``DataError`` when the node cannot: the ClientApp answers ``no-data``. ``rows``:
+    the lease's rows when the caller has already selected them with ``lease_rows`` (not selected again).
 
     ``seed`` orders the batches; the ClientApp derives it from the lease, so a node that gets the
     same adapter again explores other batches instead of repeating a rejected run. ``optimizer`` is
@@ -212,7 +214,8 @@ def relay_train(
     own LoRA's spec) and the third value returned is the updated one (None with ``carry=none``);
     ``lr_schedule`` overrides the schedule (``training.finetune.train``)."""
     started = clock()
-    rows = lease_rows(data, languages, task, domain)
+    if rows is None:
+        rows = lease_rows(data, languages, task, domain)
     model, tokenizer = load_base(str(base_folder))
     blocks = task_blocks(rows, tokenizer, cfg.data.block_size, task)
     device = pick_device(cfg.train.device)

@@ -44,6 +44,7 @@ import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 
 from fedem_flwr.config.schema import TASK_FORMATS
+from fedem_flwr.data.tasks import CAUSAL_LM  # the default task: a language adapter, trained on plain text
 from fedem_flwr.errors import FedemError, InvalidAdapter
 from fedem_flwr.hub.store import ArtifactRef
 from fedem_flwr.node.cache import BaseCache
@@ -60,7 +61,6 @@ OPTIMIZER_STEP = "optimizer-step"
 OPTIMIZER_WARMUP_FROM = "optimizer-warmup-from"
 MAX_FILE_COUNT = 64
 
-CAUSAL_LM = "causal-lm"  # the default task: a language adapter, trained on plain text
 # Row lists a train message may carry in simulation: always text and language; chat (a conversation
 # as JSON, "" for plain text) and domain ("" when unknown) only when some row has one.
 ROW_COLUMNS = ("text", "language")
@@ -212,17 +212,34 @@ def keep_sent_base(message: Message, cache: BaseCache, digest: str) -> None:
 
 def node_rows(message: Message) -> Optional[dict[str, list[str]]]:
     """The training rows the hub sent with a train message (``chat`` and ``domain`` when it sent them),
-    or None when it sent none. Lists of other lengths than ``text`` raise ``InvalidInstruction``: a
-    row would otherwise be read with another row's conversation or domain."""
+    or None when it sent none. A missing ``text`` or ``language``, a column that is not a list of
+    strings, or lists of other lengths than ``text`` raise ``InvalidInstruction``: a row would otherwise
+    be read with another row's conversation or domain."""
     if NODE_ROWS not in message.content:
         return None
     record = message.content[NODE_ROWS]
-    rows = {name: list(record[name]) for name in ROW_COLUMNS + OPTIONAL_ROW_COLUMNS if name in record}
+    rows = {}
+    for name in ROW_COLUMNS + OPTIONAL_ROW_COLUMNS:
+        if name not in record and name in OPTIONAL_ROW_COLUMNS:
+            continue
+        values = record.get(name) if name in record else None
+        if not isinstance(values, list) or not all(isinstance(value, str) for value in values):
+            raise InvalidInstruction(f"train message `{NODE_ROWS}` `{name}` is {_column_kind(values)}; "
+                                     "it must be a list of strings")
+        rows[name] = list(values)
     for name, values in rows.items():
         if len(values) != len(rows["text"]):
             raise InvalidInstruction(f"train message `{NODE_ROWS}` has {len(values)} `{name}` for "
                                      f"{len(rows['text'])} `text` rows")
     return rows
+
+
+def _column_kind(values: Any) -> str:
+    """What a row column is, by type: a column of a million rows is never echoed."""
+    if not isinstance(values, list):
+        return "missing" if values is None else f"of type {type(values).__name__}"
+    odd = next(value for value in values if not isinstance(value, str))
+    return f"a list holding {type(odd).__name__}"
 
 
 def parse_train_instruction(message: Message) -> TrainInstruction:
