@@ -9,7 +9,6 @@ import os
 import sqlite3
 import tarfile
 import threading
-import time
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -19,6 +18,7 @@ from click.testing import CliRunner
 from fedem_flwr.cli import cli
 from fedem_flwr.config.schema import BackupConfig
 from fedem_flwr.errors import HubError
+from fedem_flwr.hub import backup_request
 from fedem_flwr.hub.backup import (
     FORMAT,
     MANIFEST,
@@ -229,6 +229,18 @@ def test_a_tampered_manifest_is_refused(tmp_path, snapshot):
     assert "was altered (its HMAC does not match)" in message
 
 
+def test_a_manifest_whose_key_derivation_is_no_integer_is_refused(tmp_path, snapshot):
+    def edit(name, data):
+        if name != MANIFEST:
+            return data
+        signed = json.loads(data)
+        signed["manifest"]["kdf"]["n"] = float("inf")  # read before the HMAC can be checked
+        return json.dumps(signed).encode()
+
+    message = refused_restore(tmp_path, rewrite(snapshot, tmp_path / "edited.tar", edit))
+    assert "the snapshot's key derivation record is malformed" in message
+
+
 def test_a_truncated_snapshot_is_refused(tmp_path, snapshot):
     data = snapshot.read_bytes()
     for cut in (len(data) // 2, 3000, len(data) - 2048):
@@ -284,18 +296,26 @@ def test_fedem_backup_needs_exactly_one_source_of_the_passphrase(hub, tmp_path):
     assert not (tmp_path / "backups").exists()
 
 
-def test_fedem_backup_while_the_hub_runs_leaves_a_request_that_the_hub_takes_between_turns(hub, tmp_path):
-    # Prepare: a writer holds the lock; a stand-in for its relay loop calls the keeper's hook every 50 ms
+def test_fedem_backup_while_the_hub_runs_leaves_a_request_that_the_hub_takes_between_turns(hub, tmp_path,
+                                                                                           monkeypatch):
+    # Prepare: a writer holds the lock; a stand-in for its relay loop calls the keeper's hook every 50 ms,
+    # and what the hook takes from the hub folder is recorded (the requests that waited there)
     key_file = tmp_path / "passphrase"
     key_file.write_bytes(PASS + b"\n")
     stop = threading.Event()
     seen: list[list[str]] = []
 
+    def take(path):
+        taken = take_backup_requests(path)
+        seen.append([request["id"] for request in taken])
+        return taken
+
+    monkeypatch.setattr(backup_request, "take_backup_requests", take)
+
     def relay_turns():
         while not stop.is_set():
-            seen.append(pending_backup_requests(hub))
             run_backups(hub, BackupConfig())
-            time.sleep(0.05)
+            stop.wait(0.05)  # the next turn, or the end as soon as it is asked for
 
     with HubWriterLock(hub):
         turns = threading.Thread(target=relay_turns)
@@ -306,12 +326,13 @@ def test_fedem_backup_while_the_hub_runs_leaves_a_request_that_the_hub_takes_bet
                                               "--key-file", str(key_file), "--timeout", "20"])
         finally:
             stop.set()
-            turns.join()
+            turns.join(timeout=30)
 
     # Assert: the request waited in the hub folder, the running hub wrote the snapshot and answered
+    assert not turns.is_alive()
     assert result.exit_code == 0, result.output
     assert "snapshot written by the running hub (pid" in result.output
-    assert any(waiting for waiting in seen)
+    assert any(waiting for waiting in seen) and sum(map(len, seen)) == 1  # taken once, by the hook
     (path,) = snapshots_in(tmp_path / "backups").values()
     assert str(path[0]) in result.output and open_snapshot(path[0], PASS).manifest["counters"]["lease"] == 7
     assert not pending_backup_requests(hub) and not list((hub / "backup-requests").glob("*.result.json"))
@@ -330,6 +351,33 @@ def test_a_request_the_hub_cannot_serve_is_answered_with_why_and_the_relay_goes_
     assert written == [] and not pending_backup_requests(hub)
     answer = backup_result(hub, request_id)
     assert answer["path"] is None and "holds snapshots of another hub" in answer["error"]
+
+
+def test_an_idle_turn_lists_no_folder_and_a_request_is_taken_at_the_next_turn(hub, tmp_path, key, monkeypatch):
+    # Prepare: a request answered earlier (its folder holds the answer), then every listing counted
+    run_backups(hub, BackupConfig())  # no request folder yet
+    first = request_backup(hub, tmp_path / "backups", key, T0)
+    run_backups(hub, BackupConfig())
+    listings: list[str] = []
+
+    def counted(path):
+        listings.append(str(path))
+        return pending_backup_requests(path)
+
+    monkeypatch.setattr(backup_request, "pending_backup_requests", counted)
+
+    # Execute: idle turns, a request, idle turns again
+    for _ in range(3):
+        run_backups(hub, BackupConfig())
+    idle = len(listings)
+    second = request_backup(hub, tmp_path / "backups", key, T0 + 1)
+    written = run_backups(hub, BackupConfig())
+    for _ in range(3):
+        run_backups(hub, BackupConfig())
+
+    # Assert: the folder is listed once, on the turn after the request
+    assert backup_result(hub, first)["path"] and idle == 0
+    assert len(listings) == 1 and len(written) == 1 and backup_result(hub, second)["path"] == str(written[0])
 
 
 def test_a_request_file_carries_a_derived_key_never_the_passphrase(hub, tmp_path, key):

@@ -51,7 +51,18 @@ def test_counters_move_past_a_floor_and_never_back(registry):
     assert registry.add_checkpoint(0, "cpt", "t/base", None, D, {}, 2.0).version == 5
     assert registry.add_adapter_version("hi", 5, 0, "t/adapter-hi", None, D, {}, 2.0).version == 9
     assert registry.max_lease_token() == 99
+    assert registry.next_contribution_id() == 40  # what an adapter card records before the row exists
     first = registry.add_contribution(registry.pseudonym("sim:0", 1.0), "hi", None, 2.0, D, {}, {}, "rejected")
     second = registry.add_contribution(registry.pseudonym("sim:0", 1.0), "hi", None, 3.0, D, {}, {}, "rejected")
-    assert (first, second) == (40, 41)
+    assert (first, second) == (40, 41) and registry.next_contribution_id() == 42
     assert registry.floors() == {"adapter:hi": 9, "checkpoint": 5, "contribution": 40, "lease": 100}
+
+
+def test_the_accepted_contribution_of_a_version_is_the_one_that_made_it(registry):
+    pseudonym = registry.pseudonym("sim:0", 1.0)
+    registry.add_adapter_version("hi", 0, 0, "t/adapter-hi", None, D, {}, 2.0)  # hi v1
+    registry.add_contribution(pseudonym, "hi", None, 2.0, D, {}, {}, "rejected", "worse", None)
+    made = registry.add_contribution(pseudonym, "hi", None, 3.0, D, {}, {}, "accepted", "better", 1)
+
+    assert registry.accepted_contribution("hi", 1).id == made
+    assert registry.accepted_contribution("hi", 0) is None  # a fresh start: no push made it

@@ -278,6 +278,38 @@ def test_fedem_restore_prints_what_it_restored_re_registered_and_left(tmp_path, 
         assert registry.floor("lease") == 6 + 1 + 10  # hi v4's lease, the last one a card names, then --skip
 
 
+def hostile_card(fedem: str, rest: str = "") -> str:
+    return f"---\nfedem: {fedem}\n{rest}---\n\n# a card anyone could have written\n"
+
+
+def test_cards_with_types_no_hub_writes_leave_orphans_with_why_and_the_restore_goes_on(tmp_path):
+    # Prepare: after the snapshot, three revisions whose cards no hub wrote (the store's files are anyone's)
+    hub = HandHub(tmp_path / "a")
+    hub.push("hi", "sim:0", 4.5)  # hi v1
+    snapshot = snapshot_of(hub, tmp_path)
+    push = "{kind: adapter, adapter: hi, version: %d, version_kind: push, base_version: %s, parent_version: %d}"
+    cards = {("t/adapter-hi", "v2"): hostile_card(push % (2, "0", 1), "fedem_record: {contributor: [sim], "
+                                                  "contribution: 5, lease: 9}\nmodel-index: {bad: 1}\n"),
+             ("t/adapter-hi", "v3"): hostile_card(push % (3, "[0]", 2)),
+             ("t/base", "v1"): hostile_card("[unclosed")}
+    for (repo, revision), card in cards.items():
+        folder = hub.folder(f"{repo.replace('/', '-')}-{revision}", {"README.md": card, "x.bin": revision})
+        hub.store.put(repo, revision, folder, message="hostile")
+    copy = lose_the_disk(hub, tmp_path)
+
+    # Execute
+    report = restore_hub(snapshot, tmp_path / "b", PASS, copy, now=T0 + 9999)
+
+    # Assert: each is an orphan with its reason, nothing was re-registered, and every number stays used
+    reasons = {o["revision"]: o["reason"] for o in report.orphans}
+    assert report.reregistered == [] and set(reasons) == {"t/adapter-hi@v2", "t/adapter-hi@v3", "t/base@v1"}
+    assert reasons["t/adapter-hi@v2"] == "its card's `fedem` block is malformed (`fedem_record.contributor`)"
+    assert reasons["t/adapter-hi@v3"] == "its card's `fedem` block is malformed (`base_version`)"
+    assert reasons["t/base@v1"].startswith("unreadable: ")
+    assert report.floors["adapter:hi"] == 4 and report.floors["checkpoint"] == 2
+    assert report.floors["lease"] >= 10 and report.floors["contribution"] >= 6
+
+
 def test_a_hub_whose_store_is_a_hugging_face_hub_is_restored_from_it(tmp_path, local_hub):
     from fedem_flwr.hub.hf_store import HfStore
 

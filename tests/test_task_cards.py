@@ -117,6 +117,27 @@ def test_the_chat_adapter_card_names_its_task_languages_and_template(hub, tmp_pa
     assert "sft-chat" in ModelCard(rebuilt.content).data.tags and f"```jinja\n{TEMPLATE}\n```" in rebuilt.content
 
 
+def test_chat_pushes_read_their_bases_chat_template_from_the_store_once(hub, tmp_path, monkeypatch):
+    # Prepare: every folder the store is asked for is counted
+    store = open_store(hub)
+    asked: list[tuple[str, str]] = []
+    local_path = store.local_path
+    monkeypatch.setattr(store, "local_path", lambda repo, rev: asked.append((repo, rev)) or local_path(repo, rev))
+
+    # Execute: three accepted pushes of the chat adapter on base v0, as the relay coordinator writes their cards
+    with Registry.open(hub) as registry:
+        for version in (3, 4, 5):
+            folder = tmp_path / f"en-chat-v{version}"
+            folder.mkdir()
+            write_adapter_card(folder, registry, store, repo="fedem/adapter-en-chat", adapter="en-chat",
+                               version=version, base_version=0, parent_version=2, kind="push",
+                               heldout={"en:chat": 3.2}, contributor="c-0a1b2c3d4e5f")
+
+    # Assert: each card shows the template; the base was read once
+    assert all(f"```jinja\n{TEMPLATE}\n```" in (tmp_path / f"en-chat-v{n}/README.md").read_text() for n in (3, 4, 5))
+    assert asked == [("fedem/base", "v0")]
+
+
 def test_a_fresh_chat_adapter_card_takes_the_task_it_is_given(hub, tmp_path):
     # Prepare: a base version whose tokenizer has no chat template saved with it
     store = open_store(hub)

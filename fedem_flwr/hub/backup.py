@@ -148,7 +148,7 @@ class SnapshotKey:
         try:
             salt = bytes.fromhex(kdf["salt"])
             cost = {name: int(kdf[name]) for name in _KDF_BOUNDS}
-        except (KeyError, TypeError, ValueError) as err:
+        except (KeyError, TypeError, ValueError, OverflowError) as err:  # JSON reads `Infinity` too
             raise HubError(f"the snapshot's key derivation record is malformed ({kdf!r}).") from err
         for name, (low, high) in _KDF_BOUNDS.items():
             if not low <= cost[name] <= high:

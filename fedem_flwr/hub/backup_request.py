@@ -9,6 +9,10 @@ no lock and never blocks the hub (the file appears whole, as a merge request doe
 request at its next turn (:func:`run_backups`: renamed away, then read), writes the snapshot and leaves
 ``<id>.result.json`` (the snapshot's path, or why it failed), which the command waits for.
 
+The hook runs on every relay turn, so an idle turn costs one system call: a request rings a bell
+(``.bell``, touched after the request is in place) and the hook lists the folder only when it removes one
+(a request left meanwhile rings again, so none waits for longer than a turn), and once per process.
+
 A snapshot never ends the relay: a failure is logged (and, for a request, written into its result).
 """
 
@@ -38,12 +42,14 @@ from fedem_flwr.hub.backup import (
 
 REQUESTS_DIR = "backup-requests"
 RESULT_SUFFIX = ".result.json"
+BELL = ".bell"  # touched after each request: the hook lists the folder only when it removes one
 RESULT_KEEP_S = 86_400.0  # results nobody collected are removed after a day
 
 log = logging.getLogger(__name__)
 PathLike = Union[str, os.PathLike]
 # Next interval snapshot per (hub, folder), in wall-clock seconds: read from the folder once per process.
 _due: dict[tuple[str, str], float] = {}
+_looked: set[str] = set()  # hubs whose request folder this process has listed once
 
 
 def requests_path(hub: PathLike) -> Path:
@@ -59,6 +65,11 @@ def request_backup(hub: PathLike, dest: PathLike, key: SnapshotKey, now: float) 
                "key": key.to_json()}
     with atomic_write(folder / f"{request_id}.json", "w", permissions=0o600, overwrite=False) as out:
         out.write(json.dumps(request, sort_keys=True) + "\n")
+    try:
+        (folder / BELL).touch(mode=0o600)  # after the request: the hook that removes the bell finds it
+    except OSError:
+        withdraw_backup_request(hub, request_id)
+        raise
     return request_id
 
 
@@ -130,7 +141,7 @@ def run_backups(hub: PathLike, config: BackupConfig, clock: Callable[[], float] 
     and one into ``config.dir`` when ``config.every_s`` has passed since the newest there (keeping the
     ``config.keep`` newest). Returns the snapshots written; never raises for a failed snapshot."""
     written = []
-    requests = take_backup_requests(hub)
+    requests = take_backup_requests(hub) if _rung(hub) else []
     for request in requests:
         result = _answer(hub, request, clock())
         _write_result(hub, request["id"], result)
@@ -143,6 +154,18 @@ def run_backups(hub: PathLike, config: BackupConfig, clock: Callable[[], float] 
         if path is not None:
             written.append(path)
     return written
+
+
+def _rung(hub: PathLike) -> bool:
+    """Whether a request rang since the last turn (its bell removed): one system call when none did. The
+    first turn of a process looks anyway (a request left without a bell: by hand, or before bells)."""
+    first = os.fspath(hub) not in _looked
+    _looked.add(os.fspath(hub))
+    try:
+        os.unlink(requests_path(hub) / BELL)
+    except (FileNotFoundError, NotADirectoryError):  # no request, or no request folder yet
+        return first
+    return True
 
 
 def _answer(hub: PathLike, request: dict[str, Any], now: float) -> dict[str, Any]:

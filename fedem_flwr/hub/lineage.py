@@ -35,6 +35,7 @@ template saved with its base's tokenizer (``base_chat_template``; pass it to ``v
 from __future__ import annotations
 
 import json
+import weakref
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, Optional, Union
@@ -45,7 +46,7 @@ from fedem_flwr.data.tasks import CHAT
 from fedem_flwr.errors import FedemError
 from fedem_flwr.hub.model_card import adapter_card, base_card, write_card
 from fedem_flwr.hub.records import Absorbed, AdapterVersion, BaseAttempt, Checkpoint, revision_name
-from fedem_flwr.hub.registry import CONTRIBUTION_COUNTER, Registry
+from fedem_flwr.hub.registry import Registry
 from fedem_flwr.hub.store import ArtifactStore
 from fedem_flwr.hub.terms import terms_of
 
@@ -61,20 +62,42 @@ TEMPLATE_FILE = "chat_template.jinja"  # where transformers saves a tokenizer's 
 TOKENIZER_CONFIG = "tokenizer_config.json"  # where older versions kept it
 
 
-def base_chat_template(store: ArtifactStore, repo: str, revision: Optional[str]) -> Optional[str]:
+# Each store's base chat templates read so far, by (repo, revision, digest): a stored base never changes, so
+# a chat push's card reads its base's once (a store on a Hugging Face Hub resolves the whole revision to read it).
+_templates: weakref.WeakKeyDictionary[Any, dict[tuple[str, str, str], Optional[str]]] = weakref.WeakKeyDictionary()
+
+
+def base_chat_template(store: ArtifactStore, repo: str, revision: Optional[str],
+                       digest: Optional[str] = None) -> Optional[str]:
     """The chat template saved with base ``repo``@``revision``'s tokenizer, or None when it has none or
-    cannot be read (a chat adapter's card then says where it is instead of showing it)."""
+    cannot be read (a chat adapter's card then says where it is instead of showing it). With the base's
+    ``digest``, what was read is kept for the next call with the same store."""
     if not revision:
         return None
+    key, known = (repo, revision, digest or ""), _kept(store) if digest else None
+    if known is not None and key in known:
+        return known[key]
     try:
         folder = Path(store.local_path(repo, revision))
         if (folder / TEMPLATE_FILE).is_file():
-            return (folder / TEMPLATE_FILE).read_text(encoding="utf-8")
-        if (folder / TOKENIZER_CONFIG).is_file():
-            return _template_of(json.loads((folder / TOKENIZER_CONFIG).read_text(encoding="utf-8")))
-    except (FedemError, OSError, ValueError):
+            template = (folder / TEMPLATE_FILE).read_text(encoding="utf-8")
+        elif (folder / TOKENIZER_CONFIG).is_file():
+            template = _template_of(json.loads((folder / TOKENIZER_CONFIG).read_text(encoding="utf-8")))
+        else:
+            template = None
+    except (FedemError, OSError, ValueError, TypeError):
+        return None  # not kept: the next card tries again
+    if known is not None:
+        known[key] = template
+    return template
+
+
+def _kept(store: ArtifactStore) -> Optional[dict[tuple[str, str, str], Optional[str]]]:
+    """The templates kept for ``store``; None for a store that cannot key them (not weakly referable)."""
+    try:
+        return _templates.setdefault(store, {})
+    except TypeError:
         return None
-    return None
 
 
 def _template_of(config: Any) -> Optional[str]:
@@ -102,14 +125,13 @@ def _recorded(registry: Registry, v: AdapterVersion) -> dict[str, Any]:
     """The ``fedem_record`` of recorded version ``v``: its accepted contribution, or its rebase record."""
     if v.kind != "push":
         return _rebase_record(v.metrics.get("rebase")) if v.kind == "rebase" else {}
-    pushed = [c for c in registry.contributions(adapter=v.adapter)
-              if c.adapter_version == v.version and c.decision == "accepted"]
-    if not pushed:  # a push re-registered by a restore whose contributor it did not know
+    pushed = registry.accepted_contribution(v.adapter, v.version)
+    if pushed is None:  # a push re-registered by a restore whose contributor it did not know
         return {}
-    lease = pushed[0].lease_token  # a contribution restored from a card keeps the card's token aside
+    lease = pushed.lease_token  # a contribution restored from a card keeps the card's token aside
     if lease is None:
-        lease = (pushed[0].validation.get("restored") or {}).get("lease")
-    return _push_fields(pushed[0].id, lease, pushed[0].pseudonym)
+        lease = (pushed.validation.get("restored") or {}).get("lease")
+    return _push_fields(pushed.id, lease, pushed.pseudonym)
 
 
 def _rebase_record(rebase: Optional[Mapping[str, Any]]) -> dict[str, Any]:
@@ -126,8 +148,7 @@ def _push_record(registry: Registry, adapter: str, contributor: Optional[str]) -
     (the coordinator records it right after the version) and the contributor's active lease on ``adapter``."""
     if not contributor:
         return {}
-    latest = registry.contributions(limit=1)
-    contribution = max(latest[0].id + 1 if latest else 1, registry.floor(CONTRIBUTION_COUNTER))
+    contribution = registry.next_contribution_id()
     held = [lease.token for lease in registry.leases(active_only=True)
             if lease.adapter == adapter and registry.pseudonym(lease.holder) == contributor]
     return _push_fields(contribution, held[0] if len(held) == 1 else None, contributor)
@@ -152,7 +173,7 @@ def write_adapter_card(folder: Path, registry: Registry, store: ArtifactStore, *
         raise ValueError(f"`base_version` is {base_version}, but no base checkpoint has it.")
     terms = terms_of(registry, adapter, None if languages is None else list(languages), task)
     if chat_template is None and terms.data_format == CHAT:
-        chat_template = base_chat_template(store, base.repo, base.revision)
+        chat_template = base_chat_template(store, base.repo, base.revision, base.digest)
     earlier = registry.contributors_of(adapter, parent_version) if kind == "push" and parent_version is not None else []
     record = _push_record(registry, adapter, contributor) if kind == "push" else _rebase_record(rebase)
     card = adapter_card(store.repo_id(repo), adapter, version, store.repo_id(base.repo), base.revision,

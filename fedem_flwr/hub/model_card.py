@@ -32,9 +32,9 @@ from huggingface_hub import EvalResult, ModelCard, ModelCardData
 from fedem_flwr.config.schema import TASK_FORMATS
 from fedem_flwr.data.tasks import CHAT, TEXT, parse_key
 from fedem_flwr.hub.records import Absorbed
+from fedem_flwr.hub.terms import LANGUAGE_TASK
 
 TASK = "text-generation"
-LANGUAGE_TASK = "causal-lm"
 CARD_FILE = "README.md"
 # Metrics that are not held-out evaluations: never listed as evaluation results.
 _NOT_EVALUATED = ("cpt", "merge", "train", "heldout-replaced", "heldout-split")

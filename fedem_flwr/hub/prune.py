@@ -120,13 +120,17 @@ def human_bytes(count: int) -> str:
 def history_of(registry: Registry) -> History:
     """The registry's rows, active leases and publications, as retention's plain snapshot."""
     with registry.snapshot():
-        bases = tuple(BaseRow(c.version, c.repo, c.revision, c.pruned is not None) for c in registry.checkpoints())
-        versions = tuple(VersionRow(v.adapter, v.version, v.base_version, v.repo, v.revision, v.pruned is not None,
-                                    v.kind, v.parent_version) for v in registry.adapter_versions())
-        leases = tuple(LeaseRow(lease.adapter, lease.adapter_version, lease.base_version)
-                       for lease in registry.leases(active_only=True))
-        published = frozenset(registry.publications())
-    return History(bases, versions, leases, published)
+        return _history(registry, registry.checkpoints(), registry.adapter_versions())
+
+
+def _history(registry: Registry, checkpoints: list[Checkpoint], versions: list[AdapterVersion]) -> History:
+    """:func:`history_of` with the rows already read (the caller holds the snapshot)."""
+    bases = tuple(BaseRow(c.version, c.repo, c.revision, c.pruned is not None) for c in checkpoints)
+    rows = tuple(VersionRow(v.adapter, v.version, v.base_version, v.repo, v.revision, v.pruned is not None,
+                            v.kind, v.parent_version) for v in versions)
+    leases = tuple(LeaseRow(lease.adapter, lease.adapter_version, lease.base_version)
+                   for lease in registry.leases(active_only=True))
+    return History(bases, rows, leases, frozenset(registry.publications()))
 
 
 def prune(registry: Registry, store: Any, hub_path: Path, retention: RetentionSettings, now: float,
@@ -138,10 +142,11 @@ def prune(registry: Registry, store: Any, hub_path: Path, retention: RetentionSe
     if not isinstance(store, LocalStore):
         return PruneReport(dry_run, settings, skipped=HUB_STORE)
     states = OptimizerStates(hub_path)
-    with registry.snapshot():
-        checkpoints = {c.version: c for c in registry.checkpoints()}
-        versions = {(v.adapter, v.version): v for v in registry.adapter_versions()}
-        decided = plan(history_of(registry), settings)
+    with registry.snapshot():  # the rows are read once: the plan's snapshot and the items' rows
+        base_rows, version_rows = registry.checkpoints(), registry.adapter_versions()
+        decided = plan(_history(registry, base_rows, version_rows), settings)
+    checkpoints = {c.version: c for c in base_rows}
+    versions = {(v.adapter, v.version): v for v in version_rows}
     removed = [_item(checkpoints[n], store, states) for n in decided.bases]
     removed += [_item(versions[key], store, states) for key in decided.versions]
     listed: dict[str, set[str]] = {}  # each repo's refs.json read once

@@ -496,8 +496,7 @@ class Registry(Database):
                   rec.dumps("validation", validation), rec.dumps("evaluation", evaluation), decision,
                   reason or "", adapter_version, base_version, judged_base_version)
         with self.atomic():
-            row = self._one("SELECT MAX(id) FROM contributions")
-            number = max(1 if row[0] is None else int(row[0]) + 1, self.floor(CONTRIBUTION_COUNTER))
+            number = self.next_contribution_id()
             try:
                 cur = self._conn.execute(
                     "INSERT INTO contributions (id, pseudonym, adapter, lease_token, received, digest, validation, "
@@ -506,6 +505,11 @@ class Registry(Database):
             except sqlite3.IntegrityError as err:
                 raise self._contribution_conflict(params, err) from err
             return int(cur.lastrowid)
+
+    def next_contribution_id(self) -> int:
+        """The id the next contribution gets: past every recorded one and the ``contribution`` floor."""
+        row = self._one("SELECT MAX(id) FROM contributions")
+        return max(1 if row[0] is None else int(row[0]) + 1, self.floor(CONTRIBUTION_COUNTER))
 
     def _contribution_conflict(self, params: tuple, err: sqlite3.IntegrityError) -> Exception:
         pseudonym, adapter, token, *_, version, base, judged = params
@@ -532,6 +536,13 @@ class Registry(Database):
         if limit is not None:
             sql, params = sql + " LIMIT ?", params + (int(limit),)
         return [rec.contribution_from(r) for r in self._all(sql, params)]
+
+    def accepted_contribution(self, adapter: str, version: int) -> Optional[Contribution]:
+        """The (newest) accepted contribution that made ``adapter`` v``version``; None for a version no
+        recorded push made (a fresh start, a rebase, a push a restore re-registered without its contributor)."""
+        row = self._one("SELECT * FROM contributions WHERE adapter = ? AND adapter_version = ? AND "
+                        "decision = 'accepted' ORDER BY id DESC LIMIT 1", (adapter, version))
+        return None if row is None else rec.contribution_from(row)
 
     def accepted_since(self, base_version: int, since: Optional[float] = None) -> int:
         """Accepted contributions judged on ``base_version`` (received after ``since`` when given):

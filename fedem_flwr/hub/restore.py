@@ -40,11 +40,13 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Optional, Union
 
+import yaml
 from huggingface_hub import metadata_load
 
-from fedem_flwr.errors import FedemError, HubError
+from fedem_flwr.errors import FedemError, HubError, one_line
 from fedem_flwr.hub.backup import Snapshot, open_snapshot
 from fedem_flwr.hub.manifest import digest
+from fedem_flwr.hub.model_card import CARD_FILE
 from fedem_flwr.hub.paths import STORE_DIR, registry_path, store_path
 from fedem_flwr.hub.records import CHECKPOINT_SOURCES, VERSION_KINDS
 from fedem_flwr.hub.registry import (
@@ -56,9 +58,9 @@ from fedem_flwr.hub.registry import (
 )
 from fedem_flwr.hub.store import REFS_FILE, TMP_DIR, ArtifactStore, LocalStore, version_of
 from fedem_flwr.hub.stores import open_store
+from fedem_flwr.hub.terms import LANGUAGE_TASK
 
 DEFAULT_SKIP = 1000
-CARD_FILE = "README.md"
 PathLike = Union[str, os.PathLike]
 
 
@@ -297,26 +299,67 @@ def _leftover(store: ArtifactStore, repo: str, revision: str, created: float) ->
         folder = Path(store.local_path(repo, revision))
         found = digest(folder)
         meta = metadata_load(folder / CARD_FILE) if (folder / CARD_FILE).is_file() else None
-    except (FedemError, OSError, ValueError) as err:
-        return Leftover(repo, revision, "", created, {}, f"unreadable: {err}")
+    except (FedemError, OSError, ValueError, yaml.YAMLError) as err:
+        return Leftover(repo, revision, "", created, {}, f"unreadable: {one_line(err)}")
     if not isinstance(meta, dict) or not isinstance(meta.get("fedem"), dict):
         return Leftover(repo, revision, found, created, {}, "its model card has no `fedem` block to rebuild it from")
     item = Leftover(repo, revision, found, created, meta)
-    if item.lineage.get("version") != version_of(revision):
+    malformed = _malformed(item)
+    if malformed:
+        item.problem = f"its card's `fedem` block is malformed ({malformed})"
+    elif item.lineage.get("version") != version_of(revision):
         item.problem = f"its card says version {item.lineage.get('version')!r}, its revision is {revision}"
     return item
+
+
+def _malformed(item: Leftover) -> str:
+    """What in a card's blocks has a type no hub writes (a card is anyone's file), or "" when none does:
+    what the rows are rebuilt from is then only ints, strings and mappings the registry takes."""
+    block, record = item.lineage, item.record
+    wrong = [key for key in ("version", "parent", "base_version", "parent_version")
+             if block.get(key) is not None and _int(block[key]) is None]
+    wrong += [key for key in ("kind", "adapter", "source", "version_kind", "task")
+              if block.get(key) is not None and not isinstance(block[key], str)]
+    wrong += [key for key in ("merge", "cpt") if block.get(key) is not None and not isinstance(block[key], dict)]
+    absorbed = (block.get("merge") or {}).get("absorbed") if isinstance(block.get("merge"), dict) else None
+    if absorbed is not None and not (isinstance(absorbed, list) and all(map(_absorbed_entry, absorbed))):
+        wrong.append("merge.absorbed")
+    if record.get("contributor") is not None and not isinstance(record["contributor"], str):
+        wrong.append("fedem_record.contributor")
+    if record.get("rebase") is not None and not isinstance(record["rebase"], dict):
+        wrong.append("fedem_record.rebase")
+    languages = item.meta.get("language")
+    if languages is not None and not (isinstance(languages, list) and all(isinstance(x, str) for x in languages)):
+        wrong.append("language")
+    return ", ".join(f"`{key}`" for key in wrong)
+
+
+def _absorbed_entry(entry: Any) -> bool:
+    """One entry of a merge's ``absorbed``, as ``hub.model_card`` writes it."""
+    return (isinstance(entry, dict) and isinstance(entry.get("adapter"), str) and _int(entry.get("version")) is not None
+            and isinstance(entry.get("method"), str) and _number(entry.get("weight"))
+            and (entry.get("seed") is None or _int(entry["seed"]) is not None))
 
 
 def heldout_of(meta: dict[str, Any]) -> dict[str, float]:
     """The held-out losses a card lists (``model-index`` metrics ``heldout/<set>``)."""
     losses = {}
-    for entry in meta.get("model-index") or []:
-        for result in (entry or {}).get("results") or []:
-            for metric in (result or {}).get("metrics") or []:
+    for entry in _dicts(meta.get("model-index")):
+        for result in _dicts(entry.get("results")):
+            for metric in _dicts(result.get("metrics")):
                 kind, value = str(metric.get("type", "")), metric.get("value")
-                if kind.startswith("heldout/") and isinstance(value, (int, float)) and not isinstance(value, bool):
+                if kind.startswith("heldout/") and _number(value):
                     losses[kind.split("/", 1)[1]] = float(value)
     return losses
+
+
+def _dicts(value: Any) -> list[dict[str, Any]]:
+    """The mappings in a card's list (anything else in it, or a list that is not one, is left out)."""
+    return [x for x in value if isinstance(x, dict)] if isinstance(value, list) else []
+
+
+def _number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 # -- reconciling --------------------------------------------------------------------------------
@@ -403,7 +446,7 @@ def _register(registry: Registry, item: Leftover) -> None:
     with registry.atomic():
         if registry.adapter(name) is None:
             languages = [str(x) for x in item.meta.get("language") or []]
-            registry.add_adapter(name, languages, str(block.get("task") or "causal-lm"), _lora_spec(registry),
+            registry.add_adapter(name, languages, str(block.get("task") or LANGUAGE_TASK), _lora_spec(registry),
                                  item.created)
         registry.add_adapter_version(name, block["base_version"], block.get("parent_version"), item.repo,
                                      item.revision, item.digest, metrics, item.created,
