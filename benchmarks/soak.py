@@ -35,9 +35,9 @@ contributions every full day, more base versions and adapter versions than reten
     python benchmarks/soak.py --compare benchmarks/soak_baseline.json   # exit 1 on a regression
 
 Compare runs of one setup: a shorter run's sizes and medians are not a month's (the script says so when
-the baseline's setup differs). The simulation's own final study, after the last sample, reads the parent
-base of every merge; with retention those are gone, so it fails there and the script reports it (the
-days were sampled before).
+the baseline's setup differs). Should the simulation's own final study (after the last sample) fail, the
+script reports it: the days were sampled before. (The month in the baseline failed there reading a
+merge's parent base that retention had pruned; merge events now leave such merges out.)
 """
 
 from __future__ import annotations

@@ -3,6 +3,8 @@ only through the base gate, on the in-process Grid with the real ClientApp, mode
 
 from __future__ import annotations
 
+import logging
+
 import pytest
 import torch
 
@@ -179,6 +181,20 @@ def test_a_failing_merge_is_recorded_and_the_relay_goes_on(tmp_path, monkeypatch
     attempts = hub.registry.base_attempts()
     assert attempts and all("RuntimeError: merged weights fell over" in a.reason for a in attempts)
     assert [b.version for b in hub.registry.checkpoints()] == [0]
+
+
+def test_a_backup_request_the_hub_cannot_read_is_logged_and_the_relay_goes_on(tmp_path, caplog, monkeypatch):
+    from fedem_flwr.hub.backup_request import pending_backup_requests, requests_path
+
+    monkeypatch.setattr(logging.getLogger("fedem_flwr"), "propagate", True)  # the Flower bridge may have cut it
+    hub, _ = _hub(tmp_path)
+    keeper = BaseKeeper(hub)
+    (requests_path(hub.path) / "0000000000001-deadbeef.json").mkdir(parents=True)  # a folder: reading it fails
+
+    keeper.turn(True)  # busy: no CPT slice; nothing accepted, so no merge either
+
+    assert "Taking the hub's snapshots failed" in caplog.text
+    assert pending_backup_requests(hub.path) == []  # taken aside, not tried again at every turn
 
 
 def test_fedem_merge_now_merges_under_the_writer_lock_when_no_hub_runs(tmp_path):

@@ -64,8 +64,8 @@ def test_the_chat_adapter_goes_only_to_nodes_that_hold_conversations_and_is_judg
     assert judged and all("en:chat" in c.evaluation["heldout"] for c in judged)
     accepted = [c for c in judged if c.decision == "accepted"]
     assert accepted, [c.reason for c in judged]
-    latest = hub.registry.latest_adapter_version("en-chat")
-    assert latest.metrics["heldout"]["en:chat"] < hub.registry.adapter_version("en-chat", 0).metrics["heldout"]["en:chat"]
+    latest, fresh = hub.registry.latest_adapter_version("en-chat"), hub.registry.adapter_version("en-chat", 0)
+    assert latest.metrics["heldout"]["en:chat"] < fresh.metrics["heldout"]["en:chat"]
 
 
 def test_the_readme_lines_load_base_and_chat_adapter_and_generate(relayed):
@@ -76,7 +76,7 @@ def test_the_readme_lines_load_base_and_chat_adapter_and_generate(relayed):
     code = code.replace("max_new_tokens=40", "max_new_tokens=5")
     scope: dict = {}
     exec(compile(code, "README.md", "exec"), scope)  # noqa: S102 - the README's own lines, on this hub
-    assert isinstance(scope["reply"], object) and scope["reply"].shape[1] > scope["inputs"]["input_ids"].shape[1]
+    assert scope["reply"].shape[1] > scope["inputs"]["input_ids"].shape[1]  # it generated past the prompt
     rendered = scope["tokenizer"].apply_chat_template(scope["messages"], add_generation_prompt=True, tokenize=False)
     assert rendered == "<|user|>Hello, how are you?<|end|><|assistant|>"
 

@@ -104,8 +104,9 @@ def open_hub(cfg: FedemConfig, hub_path: Path, clock: Callable[[], float] = time
         base = record_seed(cfg, registry, seed, bare, split_id(fingerprint), clock)
     # Parents' losses come from the held-out set in use: evaluated again when the split changed.
     refresh_parent_losses(registry, store, workbench.evaluate, fingerprint, clock, base.version)
-    check_catalog(cfg, corpus, tokenizer, workbench.heldout)
-    seed_adapters(cfg, registry, store, workbench, corpus, base, clock, bare=bare)
+    sizes = language_sizes(corpus)
+    check_catalog(cfg, corpus, tokenizer, workbench.heldout, sizes)
+    seed_adapters(cfg, registry, store, workbench, sizes, base, clock, bare=bare)
 
     rng = random.Random(cfg.seed)
     coordinator = RelayCoordinator(
@@ -166,7 +167,7 @@ def seed_adapters(
     registry: Registry,
     store: ArtifactStore,
     workbench: HubWorkbench,
-    corpus: datasets.Dataset,
+    sizes: Mapping[str, int],
     base: Any,
     clock: Callable[[], float],
     *,
@@ -174,11 +175,10 @@ def seed_adapters(
 ) -> list[str]:
     """The catalog's adapters that are not registered yet: with ``catalog.per_language`` one language
     adapter per language with enough text and held-out data, and every declared one (checked first
-    against the corpus by ``check_catalog``). Version 0 is a fresh LoRA, which scores the base itself
-    (``bare``: those losses, when already measured)."""
+    against the corpus by ``check_catalog``; ``sizes``: the corpus's ``language_sizes``). Version 0 is a
+    fresh LoRA, which scores the base itself (``bare``: those losses, when already measured)."""
     existing = {a.name for a in registry.adapters()}
-    wanted = [terms for terms in catalog_terms(cfg, language_sizes(corpus), workbench.heldout)
-              if terms.name not in existing]
+    wanted = [terms for terms in catalog_terms(cfg, sizes, workbench.heldout) if terms.name not in existing]
     if not wanted:
         return []
     losses = dict(bare) if bare is not None else workbench.evaluate(workbench.initial_state)
@@ -215,54 +215,58 @@ def catalog_terms(cfg: FedemConfig, sizes: Mapping[str, int], heldout: Collectio
     return [AdapterTerms(lang, "causal-lm", (lang,)) for lang in languages] + declared
 
 
-def check_catalog(cfg: FedemConfig, corpus: datasets.Dataset, tokenizer: Any, heldout: Collection[str]) -> None:
+def check_catalog(cfg: FedemConfig, corpus: datasets.Dataset, tokenizer: Any, heldout: Collection[str],
+                  sizes: Optional[Mapping[str, int]] = None) -> None:
     """Refuse a catalog that declares adapters this hub cannot train or judge, naming each problem."""
-    problems = catalog_problems(cfg, corpus, tokenizer, heldout)
+    problems = catalog_problems(cfg, corpus, tokenizer, heldout, sizes)
     if problems:
         raise ConfigError("the catalog (`catalog`) declares adapters this hub cannot train or judge:\n"
                           + "\n".join(f"  {p}" for p in problems))
 
 
-def catalog_problems(cfg: FedemConfig, corpus: datasets.Dataset, tokenizer: Any, held: Collection[str]) -> list[str]:
-    """Why each declared adapter cannot be trained or judged here (none: all can)."""
+def catalog_problems(cfg: FedemConfig, corpus: datasets.Dataset, tokenizer: Any, held: Collection[str],
+                     sizes: Optional[Mapping[str, int]] = None) -> list[str]:
+    """Why each declared adapter cannot be trained or judged here (none: all can). ``sizes``: the
+    corpus's ``language_sizes``, when already counted."""
+    entries = cfg.catalog.adapters
+    if not entries:
+        return []
+    sizes = language_sizes(corpus) if sizes is None else sizes
+    chats = chat_keys(corpus) if any(entry.data_format == CHAT for entry in entries) else set()
     problems = []
-    sizes = language_sizes(corpus)
-    chat = None
-    for entry in cfg.catalog.adapters:
+    for entry in entries:
         terms = terms_of_entry(entry)
+        chat = terms.data_format == CHAT
         where = f"adapter {entry.name!r} ({entry.task}" + (f", domain {entry.domain!r}" if entry.domain else "") + ")"
         if entry.task != "causal-lm" and entry.name in sizes and cfg.catalog.per_language:
             problems.append(f"{where}: its name is the language adapter of {entry.name!r}; name it e.g. "
                             f"'{entry.name}-{entry.task}'")
-        if terms.data_format == CHAT and not has_chat_template(tokenizer):
+        if chat and not has_chat_template(tokenizer):
             problems.append(f"{where}: the base's tokenizer has no chat template with role tokens (a hub seeded "
                             "with `tokenizer.chat=false` or a pretrained tokenizer without one)")
             continue
         for language, key in zip(terms.languages, terms.heldout_keys):
             if language not in sizes:
                 problems.append(f"{where}: the corpus has no text in {language!r}; it holds {', '.join(sizes)}")
-                continue
-            if terms.data_format == CHAT:
-                chat = chat if chat is not None else chat_rows_by_language(corpus)
-                if not chat.get((language, entry.domain or None), 0):
-                    problems.append(f"{where}: the corpus has no conversations in {language!r}"
-                                    + (f" tagged {entry.domain!r}" if entry.domain else "")
-                                    + " (rows with a `messages` column; see README, \"Your data\")")
-                    continue
-            if key not in held:
+            elif chat and (language, entry.domain or None) not in chats:
+                problems.append(f"{where}: the corpus has no conversations in {language!r}"
+                                + (f" tagged {entry.domain!r}" if entry.domain else "")
+                                + " (rows with a `messages` column; see README, \"Your data\")")
+            elif key not in held:
                 problems.append(f"{where}: no held-out data {key!r} to judge it on (its held-out rows give fewer "
                                 f"than `data.min_heldout_blocks`={cfg.data.min_heldout_blocks} full blocks)")
     return problems
 
 
-def chat_rows_by_language(corpus: datasets.Dataset) -> dict[tuple[str, Optional[str]], int]:
-    """Conversations per (language, domain) and per (language, None): what ``sft-chat`` adapters train on."""
+def chat_keys(corpus: datasets.Dataset) -> set[tuple[str, Optional[str]]]:
+    """(language, domain) of every conversation in ``corpus``, and (language, None) for each language
+    holding one: what ``sft-chat`` adapters train on."""
     if CHAT_COLUMN not in corpus.column_names:
-        return {}
-    domains = column(corpus, DOMAIN) if DOMAIN in corpus.column_names else None
-    counts: dict[tuple[str, Optional[str]], int] = {}
-    for i, (chat, language) in enumerate(zip(column(corpus, CHAT_COLUMN), column(corpus, LANGUAGE))):
+        return set()
+    languages = column(corpus, LANGUAGE)
+    domains = column(corpus, DOMAIN) if DOMAIN in corpus.column_names else [""] * len(languages)
+    keys: set[tuple[str, Optional[str]]] = set()
+    for chat, language, domain in zip(column(corpus, CHAT_COLUMN), languages, domains):
         if chat:
-            for key in ((language, None), (language, domains[i] if domains else "")):
-                counts[key] = counts.get(key, 0) + 1
-    return counts
+            keys.update(((language, None), (language, domain)))
+    return keys

@@ -139,7 +139,12 @@ class BaseKeeper:
     def turn(self, busy: bool) -> None:
         """Write the snapshots asked for or due (``hub.backup``); merge when one is due; else, on a turn that
         handled no reply and ``cpt.pause_s`` after the last slice, run one CPT slice."""
-        run_backups(self.hub.path, self.cfg.hub.backup)  # snapshots asked for (`fedem backup`) or due (hub.backup)
+        try:  # snapshots asked for (`fedem backup`) or due (hub.backup)
+            run_backups(self.hub.path, self.cfg.hub.backup)
+        except Exception as err:  # e.g. an unreadable request: a snapshot never ends the relay
+            if is_hub_fault(err):
+                raise
+            log.exception("Taking the hub's snapshots failed; the relay goes on")
         source = "merge"
         try:
             reason = self._merge_reason(busy)

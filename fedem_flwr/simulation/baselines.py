@@ -55,12 +55,13 @@ from tqdm.auto import tqdm
 from fedem_flwr.config.schema import FedemConfig
 from fedem_flwr.data.blocks import tokenize_blocks, without
 from fedem_flwr.data.chat import chat_blocks, conversation_text, parse_messages
-from fedem_flwr.data.corpus import CHAT, DOMAIN, LANGUAGE, column, select_languages
+from fedem_flwr.data.corpus import CHAT, LANGUAGE, column
 from fedem_flwr.data.labels import inputs_of
 from fedem_flwr.data.tasks import CHAT as CHAT_FORMAT
 from fedem_flwr.data.tasks import AdapterTerms
-from fedem_flwr.errors import ConfigError
+from fedem_flwr.errors import ConfigError, DataError
 from fedem_flwr.model.lora import adapter_state, load_adapter_state
+from fedem_flwr.node.contributor import NodeData, lease_rows
 from fedem_flwr.relay.bootstrap import Hub, open_hub
 from fedem_flwr.simulation.evaluation import (
     base_folder_of,
@@ -211,20 +212,13 @@ def _job(owner: str, terms: AdapterTerms, rows: datasets.Dataset, budget: int, c
 
 
 def adapter_rows(terms: AdapterTerms, rows: datasets.Dataset) -> datasets.Dataset:
-    """The rows of ``rows`` an adapter trains on: its languages' (none held: none), its domain's only
-    when it has one, and for a chat adapter only those holding a conversation."""
-    present = set(rows.unique(LANGUAGE)) if len(rows) else set()
-    languages = [lang for lang in terms.languages if lang in present]
-    if not languages:
+    """The rows of ``rows`` an adapter trains on, as a node picks a lease's (``lease_rows``): its
+    languages', its domain's only when it has one, and for a chat adapter only those holding a
+    conversation; none when none is left."""
+    try:
+        return lease_rows(NodeData(rows, tuple(rows.unique(LANGUAGE))), terms.languages, terms.task, terms.domain)
+    except DataError:
         return rows.select([])
-    picked = select_languages(rows, languages)
-    keep = None
-    if terms.domain:
-        keep = [domain == terms.domain for domain in column(picked, DOMAIN)]
-    if terms.data_format == CHAT_FORMAT:
-        chats = [bool(chat) for chat in column(picked, CHAT)]
-        keep = chats if keep is None else [a and b for a, b in zip(keep, chats)]
-    return picked if keep is None else picked.select([i for i, kept in enumerate(keep) if kept])
 
 
 def adapter_blocks(terms: AdapterTerms, rows: datasets.Dataset, tokenizer: Any, cfg: FedemConfig) -> torch.Tensor:

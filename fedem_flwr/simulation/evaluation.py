@@ -30,6 +30,7 @@ from typing import Any, Optional
 import torch
 
 from fedem_flwr.gate.evaluator import HubWorkbench
+from fedem_flwr.hub.records import AdapterVersion
 from fedem_flwr.hub.registry import Registry
 from fedem_flwr.model.factory import load_base
 from fedem_flwr.model.lora import read_adapter_state
@@ -151,9 +152,12 @@ def merge_events(hub: Hub, split: Optional[str] = None, t0: float = 0.0) -> list
     A merge whose base or parent retention pruned (``hub.retention``) cannot be evaluated again and
     is left out; so is an absorbed adapter whose merged or rebased version was pruned."""
     registry, events = hub.registry, []
-    pruned = {c.version for c in registry.checkpoints() if c.pruned is not None}
-    for checkpoint in registry.checkpoints():
-        if checkpoint.source != "merge" or checkpoint.parent is None or {checkpoint.version, checkpoint.parent} & pruned:
+    checkpoints = registry.checkpoints()
+    pruned = {c.version for c in checkpoints if c.pruned is not None}
+    for checkpoint in checkpoints:
+        if checkpoint.source != "merge" or checkpoint.parent is None:
+            continue
+        if {checkpoint.version, checkpoint.parent} & pruned:  # its bases can no longer be evaluated
             continue
         before = evaluator_on(hub, base_folder_of(hub, checkpoint.parent), split)
         after = evaluator_on(hub, base_folder_of(hub, checkpoint.version), split)
@@ -162,14 +166,13 @@ def merge_events(hub: Hub, split: Optional[str] = None, t0: float = 0.0) -> list
             wanted = [key for key in hub.coordinator.terms[row.adapter].heldout_keys if key in after.heldout]
             if not wanted:
                 continue
-            successor = min((v for v in registry.adapter_versions(row.adapter)
-                             if v.base_version == checkpoint.version), key=lambda v: v.version, default=None)
-            merged_version = registry.adapter_version(row.adapter, row.adapter_version)
+            versions = registry.adapter_versions(row.adapter)  # oldest first
+            merged_version = next(v for v in versions if v.version == row.adapter_version)
+            successor = next((v for v in versions if v.base_version == checkpoint.version), None)
             if merged_version.pruned is not None or (successor is not None and successor.pruned is not None):
                 continue
-            merged = before.evaluate(_state(hub, row.adapter, row.adapter_version), languages=wanted)
-            rebased = (after.evaluate(_state(hub, row.adapter, successor.version), languages=wanted)
-                       if successor is not None else {})
+            merged = before.evaluate(_state(hub, merged_version), languages=wanted)
+            rebased = after.evaluate(_state(hub, successor), languages=wanted) if successor is not None else {}
             for lang in wanted:
                 absorbed[lang] = {"adapter": row.adapter, "version": row.adapter_version, "before": merged[lang],
                                   "after": rebased.get(lang, math.nan)}
@@ -179,8 +182,8 @@ def merge_events(hub: Hub, split: Optional[str] = None, t0: float = 0.0) -> list
     return events
 
 
-def _state(hub: Hub, adapter: str, version: int) -> dict[str, torch.Tensor]:
-    return read_adapter_state(hub.store.get(hub.registry.adapter_version(adapter, version).ref))
+def _state(hub: Hub, version: AdapterVersion) -> dict[str, torch.Tensor]:
+    return read_adapter_state(hub.store.get(version.ref))
 
 
 def merge_counts(registry: Registry) -> dict[str, int]:
