@@ -413,15 +413,76 @@ class GateConfig:
         default=1e-6,
         metadata={"help": "A push whose weights all lie within this of its parent's (max |delta|) is `unchanged`."},
     )
+    # Judged by peers (docs/peers.md): idle contributors evaluate a push blind on their own held-out rows.
+    peers: int = field(
+        default=0, metadata={"help": "Peers asked to judge each push on their own held-out rows; 0 = the hub alone."}
+    )
+    peer_wait_s: float = field(
+        default=300.0,
+        metadata={"help": "A push waits at most this long for its peers, then is judged on what came in."},
+    )
+    peer_min: int = field(default=2, metadata={"help": "Peer reports needed before peers count at all."})
+    peer_min_tokens: int = field(
+        default=256, metadata={"help": "Tokens the counted peer reports must hold together before peers count."}
+    )
+    peer_aggregate: str = field(
+        default="median",
+        metadata={"help": "How peers' paired differences combine: `median` (weighted) or `trimmed` (trimmed mean)."},
+    )
+    peer_trim: float = field(
+        default=0.2, metadata={"help": "`trimmed`: share of reports cut from each end (at least one of three)."}
+    )
+    peer_tolerance: float = field(
+        default=0.05, metadata={"help": "Peers veto a push they show worse than its parent by more than this."}
+    )
+    hub_min_tokens: int = field(
+        default=1024,
+        metadata={"help": "Held-out tokens the hub needs on a push's own sets to decide (peers may veto); "
+                          "below, peers decide."},
+    )
+    peer_holdout: Optional[float] = field(
+        default=None,
+        metadata={"help": "Share of a node's rows kept out of training to judge peers on; null: 0.1 when "
+                          "`gate.peers` > 0, else 0."},
+    )
+    peer_min_weight: float = field(
+        default=0.25, metadata={"help": "A peer whose standing (share of agreeing reports) falls below is not asked."}
+    )
 
     def __post_init__(self) -> None:
         _positive("gate", "max_eval_blocks", self.max_eval_blocks)
-        for key in ("margin", "tolerance", "min_change"):
+        for key in ("margin", "tolerance", "min_change", "peer_wait_s", "peer_tolerance"):
             value = getattr(self, key)
             if not math.isfinite(value):
                 raise ConfigError(f"`gate.{key}` is {value!r}; it must be a finite number >= 0.")
             _positive("gate", key, value, allow_zero=True)
         _choice("gate", "weighting", self.weighting, ("tokens", "mean"))
+        for key in ("peers", "peer_min", "peer_min_tokens", "hub_min_tokens"):
+            value = getattr(self, key)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise ConfigError(f"`gate.{key}` is {value!r}; it must be a whole number >= 0.")
+        _choice("gate", "peer_aggregate", self.peer_aggregate, ("median", "trimmed"))
+        for key in ("peer_trim", "peer_min_weight"):
+            value = getattr(self, key)
+            if not (isinstance(value, (int, float)) and 0.0 <= value < (0.5 if key == "peer_trim" else 1.0)):
+                bound = "[0, 0.5)" if key == "peer_trim" else "[0, 1)"
+                raise ConfigError(f"`gate.{key}` is {value!r}; it must be a number in {bound}.")
+        if self.peer_holdout is not None and not (isinstance(self.peer_holdout, (int, float))
+                                                  and 0.0 <= self.peer_holdout < 1.0):
+            raise ConfigError(f"`gate.peer_holdout` is {self.peer_holdout!r}; it must be null or a number in [0, 1).")
+        if self.peers > 0 and self.peer_min > self.peers:
+            raise ConfigError(f"`gate.peer_min` is {self.peer_min} but `gate.peers` asks only {self.peers}: "
+                              "peers would never count. Lower `gate.peer_min` or ask more peers.")
+        if self.peers > 0 and self.holdout_share == 0.0:
+            raise ConfigError("`gate.peers` asks peers to judge on held-out rows but `gate.peer_holdout` is 0: "
+                              "nodes would hold none out. Set it above 0 or leave it null.")
+
+    @property
+    def holdout_share(self) -> float:
+        """The share of its rows a node keeps out of training to judge peers' pushes on."""
+        if self.peer_holdout is not None:
+            return float(self.peer_holdout)
+        return 0.1 if self.peers > 0 else 0.0
 
 
 # PEFT combination types that mix lora_A and lora_B separately instead of the deltas B @ A.
@@ -624,6 +685,24 @@ class SimConfig:
         metadata={"help": "What the baselines train a chat adapter on: `response` (SFT: the assistant's tokens), "
                           "`all` (every token of the rendered chat) or `flat` (the conversations as plain text)."},
     )
+    harmful_share: float = field(
+        default=0.0,
+        metadata={"help": "Share of contributors (drawn by seed) that are harmful: a broken or malicious contributor "
+                          "whose pushed adapter the simulation scales by `harm_scale`."},
+    )
+    harm_scale: float = field(
+        default=8.0, metadata={"help": "A harmful contributor's pushes have every `lora_B` (so B @ A) scaled by it."}
+    )
+    peer_eval_cost: str = field(
+        default="max-blocks",
+        metadata={"help": "What a peer evaluation costs its contributor in simulated time: `max-blocks` (every "
+                          "block it may score: an upper bound) or `scored` (the tokens its report says it scored)."},
+    )
+    score_decisions: bool = field(
+        default=False,
+        metadata={"help": "Judge every concluded push afterwards on the test split (measurement only, an evaluation "
+                          "of candidate and parent a push): was accepting or rejecting it right?"},
+    )
 
     def __post_init__(self) -> None:
         _choice("sim", "method", self.method, SIM_METHODS)
@@ -647,6 +726,14 @@ class SimConfig:
                 raise ConfigError(f"`sim.{key}` is {value!r}; it must be in (0, 1].")
         if self.method != "relay" and self.clock != "virtual":
             raise ConfigError(f"`sim.method={self.method}` runs on the virtual clock only: set `sim.clock=virtual`.")
+        _choice("sim", "peer_eval_cost", self.peer_eval_cost, ("max-blocks", "scored"))
+        if not (isinstance(self.harmful_share, (int, float)) and 0.0 <= self.harmful_share <= 1.0):
+            raise ConfigError(f"`sim.harmful_share` is {self.harmful_share!r}; it must be a share in [0, 1].")
+        if not (isinstance(self.harm_scale, (int, float)) and math.isfinite(self.harm_scale)):
+            raise ConfigError(f"`sim.harm_scale` is {self.harm_scale!r}; it must be a finite number (1 = harmless).")
+        if (self.harmful_share > 0 or self.score_decisions) and self.clock != "virtual":
+            raise ConfigError("`sim.harmful_share` and `sim.score_decisions` act on the virtual clock's grid only: "
+                              "set `sim.clock=virtual`, or leave them at 0 and false.")
 
 
 # What each task trains on: a task adapter is served by rows of this format (``fedem_flwr.data.tasks``).
