@@ -1,5 +1,6 @@
-"""The ClientApp: relay fine-tuning of a leased adapter (``train.relay``) and the node profile
-(``query.profile``). Wiring only: the work is in ``fedem_flwr.node.contributor``; a missing base is
+"""The ClientApp: relay fine-tuning of a leased adapter (``train.relay``), the node profile
+(``query.profile``) and a peer's blind judgement of a push on its held-out rows (``evaluate.peer``,
+``fedem_flwr.node.peer_eval``). Wiring only: the work is in ``fedem_flwr.node.contributor``; a missing base is
 fetched from the Hugging Face Hub when the message says where (``fedem_flwr.node.fetch``). A lease the
 node holds no rows for (its languages, domain, or conversations for a chat task), or whose base cannot
 render them (no chat template), is answered ``no-data``: a ``DataError`` there is the node's data, never
@@ -15,10 +16,13 @@ from flwr.clientapp import ClientApp
 
 from fedem_flwr.config.loader import load_run_config
 from fedem_flwr.errors import DataError
+from fedem_flwr.gate.loss import evaluate
 from fedem_flwr.logs import use_flower_logging
 from fedem_flwr.model.lora import lora_spec
 from fedem_flwr.node.contributor import BaseCache, lease_rows, profile, relay_train, training_data
 from fedem_flwr.node.fetch import ensure_base
+from fedem_flwr.node.peer_eval import peer_evaluate
+from fedem_flwr.node.peer_holdout import held_out_side, training_side
 from fedem_flwr.protocol import faults, messages
 from fedem_flwr.protocol.wire import adapter_to_arrays, arrays_to_adapter, arrays_to_optimizer, optimizer_record
 from fedem_flwr.quiet import quiet_library_progress
@@ -47,7 +51,7 @@ def train_relay(message: Message, context: Context) -> Message:
     missing = ensure_base(cache, instruction.base.digest, instruction.base_hf, context.node_config)
     if missing:
         return messages.status_reply(message, instruction, messages.MISSING_BASE, missing)
-    data = training_data(cfg, context.node_config, messages.node_rows(message))
+    data = training_side(cfg, context.node_config, training_data(cfg, context.node_config, messages.node_rows(message)))
     try:
         rows = lease_rows(data, instruction.languages, instruction.task, instruction.domain)
     except DataError as err:  # answered before the plan: a node without the rows never trains, even 0 steps
@@ -77,6 +81,29 @@ def train_relay(message: Message, context: Context) -> Message:
     carried = optimizer_record(new_optimizer) if sent is not None and new_optimizer is not None else None
     reply = messages.train_reply(message, instruction, adapter_to_arrays(new_state), metrics, carried)
     return faults.misbehave(reply, message, faults.take_node_fault())
+
+
+@app.evaluate("peer")
+def evaluate_peer(message: Message, context: Context) -> Message:
+    """Judge a peer's push blind on this node's held-out rows; a base it lacks comes as a train message's does."""
+    cfg = load_run_config(context.run_config)
+    instruction = messages.parse_peer_instruction(message)
+    cache = BaseCache.for_node(context.node_config)
+    messages.keep_sent_base(message, cache, instruction.base_digest)
+    missing = ensure_base(cache, instruction.base_digest, instruction.base_hf, context.node_config)
+    if missing:
+        return messages.peer_status_reply(message, instruction, messages.MISSING_BASE, missing)
+    try:
+        data = training_data(cfg, context.node_config, messages.node_rows(message))
+        heldout = held_out_side(cfg, context.node_config, data)
+        base = cache.use(instruction.base_digest)
+        spec = lora_spec(base, cfg.lora)  # the layout of its own LoRA
+        candidate, parent = (arrays_to_adapter(message.content[key], spec) for key in ("candidate", "parent"))
+        results = peer_evaluate(cfg, base, candidate, parent, heldout, instruction.languages, task=instruction.task,
+                                domain=instruction.domain, max_blocks=instruction.max_blocks, score=evaluate)
+    except DataError as err:
+        return messages.peer_status_reply(message, instruction, messages.NO_DATA, str(err))
+    return faults.peer_misbehave(messages.peer_reply(message, instruction, results), message, context.node_config)
 
 
 @app.train()

@@ -20,12 +20,20 @@ must be tagged with (``domain``); each is omitted at its default (``causal-lm``,
 language adapter's message reads as it did before tasks existed. A profile declares, beside the
 languages a node holds rows in, those it holds conversations in (``chat-languages``, a subset).
 
+Peer judging (``gate.peers``): an ``evaluate.peer`` message asks an idle node to score a pushed
+adapter (``candidate``) and its parent (``parent``, both ``arrays`` as a train message's) blind on its
+own held-out rows; its config names only the hub's opaque ``evaluation`` id, the base, the languages
+and ``max-blocks``, never the pusher or the lease. The reply holds, per language, the scored tokens
+and both mean losses (``tokens.<lang>``, ``candidate.<lang>``, ``parent.<lang>``). A peer is a
+stranger: ``parse_peer_reply`` checks every number, and a reply for another evaluation is a
+``ClaimMismatch``.
+
 What the hub sends is read on the node through ``parse_train_instruction``: a field of the wrong
 type or shape raises ``InvalidInstruction`` naming the field and the value.
 
-Everything a node sends is read through ``parse_profile_reply`` and ``parse_train_reply``, the one
-place a reply is checked: types, ranges and sizes, the metrics kept (finite numbers under plain
-keys), and a train reply's claims against the instruction it answers. What fails raises
+Everything a node sends is read through ``parse_profile_reply``, ``parse_train_reply`` and
+``parse_peer_reply``, the one place a reply is checked: types, ranges and sizes, the metrics kept
+(finite numbers under plain keys), and a reply's claims against the instruction it answers. What fails raises
 ``InvalidReply`` (``ClaimMismatch`` for claims) naming the field and the value, so the hub records a
 reason and goes on; what passes is trusted inside the hub. A node that cannot train a lease answers a
 typed status (``no-data``, ``missing-base``) instead of raising.
@@ -53,6 +61,7 @@ from fedem_flwr.protocol.wire import OptimizerRecord
 
 TRAIN = "train.relay"
 PROFILE = "query.profile"
+PEER = "evaluate.peer"  # the Flower message type of ``@app.evaluate("peer")``
 
 BASE_FILES = "base-files"
 NODE_ROWS = "node-rows"
@@ -66,11 +75,12 @@ MAX_FILE_COUNT = 64
 ROW_COLUMNS = ("text", "language")
 OPTIONAL_ROW_COLUMNS = ("chat", "domain")
 
-# Train reply statuses: ``ok`` carries the trained adapter; the others end the lease without one.
+# Reply statuses: ``ok`` carries the trained adapter (a peer's: its numbers); the others say why there is none.
 OK = "ok"
 NO_DATA = "no-data"
 MISSING_BASE = "missing-base"
 STATUSES = (OK, NO_DATA, MISSING_BASE)
+PEER_NUMBERS = ("tokens", "candidate", "parent")  # what a peer reports per language, as `<name>.<language>`
 
 # Bounds on what a node may send.
 MAX_LANGUAGES = 64
@@ -90,7 +100,7 @@ class InvalidReply(FedemError, ValueError):
 
 
 class ClaimMismatch(InvalidReply):
-    """A train reply claims another lease token, adapter or base version than its instruction named."""
+    """A reply claims another lease token, adapter or base version (a peer's: evaluation) than it was sent."""
 
     def __init__(self, message: str, metrics: Mapping[str, float], dropped_metrics: tuple[str, ...]) -> None:
         super().__init__(message)
@@ -99,7 +109,7 @@ class ClaimMismatch(InvalidReply):
 
 
 class InvalidInstruction(FedemError, ValueError):
-    """A train message from the hub breaks the wire format; the message names the field and the value."""
+    """A message from the hub breaks the wire format; the message names the field and the value."""
 
 
 @dataclass(frozen=True)
@@ -151,6 +161,33 @@ class ProfileReply:
     chat_languages: tuple[str, ...] = ()  # of ``languages``, those it holds conversations in
 
 
+@dataclass(frozen=True)
+class PeerInstruction:
+    """What a peer is asked to judge (parsed on the node); it names no contributor and no lease."""
+
+    evaluation: int  # the hub's opaque id of this evaluation
+    base_digest: str  # the base both adapters apply to: cached, sent along (``base-files``) or fetched
+    base_version: int
+    languages: tuple[str, ...]
+    max_blocks: int  # at most this many held-out blocks per language are scored
+    task: str = CAUSAL_LM
+    domain: str = ""
+    base_hf: Optional[HfLocation] = None  # where the node may fetch the base itself, as a train message names it
+
+
+@dataclass(frozen=True)
+class PeerReply:
+    """A peer's judgement, checked: per language the scored tokens and the mean losses of base+candidate
+    and base+parent on the same tokens; empty unless ``status`` is ``ok``."""
+
+    evaluation: int
+    status: str
+    detail: str
+    tokens: dict[str, int]
+    candidate: dict[str, float]
+    parent: dict[str, float]
+
+
 # -- hub -> node -------------------------------------------------------------------------------
 
 
@@ -188,18 +225,63 @@ def train_message(
         config["task"] = instruction.task
     if instruction.domain:
         config["domain"] = instruction.domain
-    if instruction.base_hf is not None:
-        config["base-hf-repo"] = instruction.base_hf.repo_id
-        if instruction.base_hf.endpoint:
-            config["base-hf-endpoint"] = instruction.base_hf.endpoint
+    _put_base_hf(config, instruction.base_hf)
     content = RecordDict({"arrays": adapter, "config": config})
     _put_optimizer(content, config, instruction.optimizer)
     if base_folder is not None:
         content[BASE_FILES] = folder_to_arrays(base_folder)
+    _put_rows(content, rows)
+    return Message(content, dst_node_id=node_id, message_type=TRAIN, ttl=ttl)
+
+
+def peer_message(
+    node_id: int,
+    instruction: PeerInstruction,
+    candidate: ArrayRecord,
+    parent: ArrayRecord,
+    *,
+    ttl: float,
+    rows: Optional[Mapping[str, Sequence[str]]] = None,
+    base_folder: Optional[Path] = None,
+) -> Message:
+    """Ask a peer to judge ``candidate`` against ``parent`` (adapters as ``wire.adapter_to_arrays`` packs
+    them) on its held-out rows; ``rows``: in simulation, the node's rows as a train message carries them.
+    A node that lacks the base gets it as a train message would: its files (``base_folder``), or where to
+    fetch it (``instruction.base_hf``)."""
+    config = ConfigRecord(
+        {
+            "evaluation": int(instruction.evaluation),
+            "base-digest": instruction.base_digest,
+            "base-version": int(instruction.base_version),
+            "languages": ",".join(instruction.languages),
+            "max-blocks": int(instruction.max_blocks),
+        }
+    )
+    if instruction.task != CAUSAL_LM:
+        config["task"] = instruction.task
+    if instruction.domain:
+        config["domain"] = instruction.domain
+    if instruction.base_hf is not None:
+        config["base-revision"] = instruction.base_hf.revision
+    _put_base_hf(config, instruction.base_hf)
+    content = RecordDict({"candidate": candidate, "parent": parent, "config": config})
+    if base_folder is not None:
+        content[BASE_FILES] = folder_to_arrays(base_folder)
+    _put_rows(content, rows)
+    return Message(content, dst_node_id=node_id, message_type=PEER, ttl=ttl)
+
+
+def _put_base_hf(config: ConfigRecord, location: Optional[HfLocation]) -> None:
+    if location is not None:
+        config["base-hf-repo"] = location.repo_id
+        if location.endpoint:
+            config["base-hf-endpoint"] = location.endpoint
+
+
+def _put_rows(content: RecordDict, rows: Optional[Mapping[str, Sequence[str]]]) -> None:
     if rows is not None:
         names = ROW_COLUMNS + tuple(name for name in OPTIONAL_ROW_COLUMNS if name in rows)
         content[NODE_ROWS] = ConfigRecord({name: list(rows[name]) for name in names})
-    return Message(content, dst_node_id=node_id, message_type=TRAIN, ttl=ttl)
 
 
 def keep_sent_base(message: Message, cache: BaseCache, digest: str) -> None:
@@ -249,15 +331,7 @@ def parse_train_instruction(message: Message) -> TrainInstruction:
     languages = tuple(lang for lang in str(config["languages"]).split(",") if lang)
     revision = _instruction_field(config, "base-revision", BASE_REVISION, "a base revision like 'v3'")
     digest = _instruction_field(config, "base-digest", SHA256_HEX, "a sha256 hex digest")
-    base_hf = None
-    if "base-hf-repo" in config:
-        repo_id = _instruction_field(config, "base-hf-repo", HF_REPO_ID, "a Hugging Face repo id 'namespace/name'")
-        endpoint = ""
-        if "base-hf-endpoint" in config:
-            endpoint = _instruction_field(config, "base-hf-endpoint", ENDPOINT, "an http(s) URL", MAX_ENDPOINT_CHARS)
-        base_hf = HfLocation(repo_id, revision, endpoint)
-    elif "base-hf-endpoint" in config:
-        raise InvalidInstruction("train message has `base-hf-endpoint` but no `base-hf-repo`")
+    base_hf = _base_hf(config, revision)
     optimizer, problem = _read_optimizer(message, "train message")
     if problem:
         raise InvalidInstruction(problem)
@@ -278,27 +352,81 @@ def parse_train_instruction(message: Message) -> TrainInstruction:
     )
 
 
-def _task(config: ConfigRecord) -> str:
+def parse_peer_instruction(message: Message) -> PeerInstruction:
+    """Read what a peer is asked to judge; a field of the wrong type or shape raises ``InvalidInstruction``."""
+    what = "peer message"
+    config = message.content.get("config") if "config" in message.content else None
+    if not isinstance(config, ConfigRecord):
+        raise InvalidInstruction(f"{what} has no `config` record")
+    for key in ("candidate", "parent"):
+        if key not in message.content or not isinstance(message.content[key], ArrayRecord):
+            raise InvalidInstruction(f"{what} has no `{key}` ArrayRecord")
+    raw = config.get("languages") if "languages" in config else None
+    languages = tuple(raw.split(",")) if isinstance(raw, str) and raw else ()
+    if not languages or len(languages) > MAX_LANGUAGES or not all(LANGUAGE_CODE.match(code) for code in languages):
+        raise InvalidInstruction(f"{what} `languages` is {_show(raw)}; it must be 1 to {MAX_LANGUAGES} "
+                                 "comma-separated language codes like 'hi,pt-BR'")
+    base_hf = None
+    if "base-hf-repo" in config or "base-hf-endpoint" in config:
+        revision = _instruction_field(config, "base-revision", BASE_REVISION, "a base revision like 'v3'", what=what)
+        base_hf = _base_hf(config, revision, what)
+    return PeerInstruction(
+        evaluation=_instruction_int(config, "evaluation", what, minimum=0),
+        base_digest=_instruction_field(config, "base-digest", SHA256_HEX, "a sha256 hex digest", what=what),
+        base_version=_instruction_int(config, "base-version", what, minimum=0),
+        languages=languages,
+        max_blocks=_instruction_int(config, "max-blocks", what, minimum=1),
+        task=_task(config, what),
+        domain=_domain(config, what),
+        base_hf=base_hf,
+    )
+
+
+def _base_hf(config: ConfigRecord, revision: str, what: str = "train message") -> Optional[HfLocation]:
+    """Where a message says the node may fetch its base (``base-hf-repo``, ``base-hf-endpoint``), checked."""
+    if "base-hf-repo" not in config:
+        if "base-hf-endpoint" in config:
+            raise InvalidInstruction(f"{what} has `base-hf-endpoint` but no `base-hf-repo`")
+        return None
+    repo_id = _instruction_field(config, "base-hf-repo", HF_REPO_ID, "a Hugging Face repo id 'namespace/name'",
+                                 what=what)
+    endpoint = ""
+    if "base-hf-endpoint" in config:
+        endpoint = _instruction_field(config, "base-hf-endpoint", ENDPOINT, "an http(s) URL", MAX_ENDPOINT_CHARS,
+                                      what=what)
+    return HfLocation(repo_id, revision, endpoint)
+
+
+def _instruction_int(config: ConfigRecord, key: str, what: str, minimum: int) -> int:
+    value = config.get(key) if key in config else None
+    if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
+        raise InvalidInstruction(f"{what} `{key}` is {_show(value)}; it must be an integer >= {minimum}")
+    return value
+
+
+def _task(config: ConfigRecord, what: str = "train message") -> str:
     """The lease's task (``causal-lm`` when unnamed); one this node cannot tell apart is refused."""
     value = config.get("task") if "task" in config else CAUSAL_LM
     if not isinstance(value, str) or value not in TASK_FORMATS:
         raise InvalidInstruction(
-            f"train message `task` is {_show(value)}; it must be one of {', '.join(map(repr, TASK_FORMATS))}"
+            f"{what} `task` is {_show(value)}; it must be one of {', '.join(map(repr, TASK_FORMATS))}"
         )
     return value
 
 
-def _domain(config: ConfigRecord) -> str:
+def _domain(config: ConfigRecord, what: str = "train message") -> str:
     """The domain the lease's rows must carry ("" when unnamed): a plain tag, never a path or a query."""
     if "domain" not in config or config.get("domain") == "":
         return ""
-    return _instruction_field(config, "domain", DOMAIN_TAG, "a domain tag like 'health' (letters, digits, _ . -)", 64)
+    return _instruction_field(config, "domain", DOMAIN_TAG, "a domain tag like 'health' (letters, digits, _ . -)", 64,
+                              what=what)
 
 
-def _instruction_field(config: ConfigRecord, key: str, pattern: re.Pattern, allowed: str, limit: int = 200) -> str:
+def _instruction_field(config: ConfigRecord, key: str, pattern: re.Pattern, allowed: str, limit: int = 200, *,
+                       what: str = "train message") -> str:
     value = config.get(key) if key in config else None
     if not isinstance(value, str) or len(value) > limit or ".." in value or not pattern.match(value):
-        raise InvalidInstruction(f"train message `{key}` is {_show(value)}; it must be {allowed}")
+        raise InvalidInstruction(f"{what} `{key}` is {_show(value)}; it must be {allowed}")
     return value
 
 
@@ -414,6 +542,79 @@ def _claim_mismatch(token: int, adapter: str, base_version: int, sent: TrainInst
     if base_version != sent.base_version:
         return f"claim-mismatch: base version {base_version} claimed, lease {sent.token} is on {sent.base_version}"
     return ""
+
+
+def peer_reply(message: Message, instruction: PeerInstruction,
+               results: Mapping[str, tuple[int, float, float]]) -> Message:
+    """``results``: per language, (scored tokens, mean loss of base+candidate, of base+parent)."""
+    metrics: dict[str, Any] = {}
+    for language, (tokens, candidate, parent) in sorted(results.items()):
+        metrics[f"tokens.{language}"] = int(tokens)
+        metrics[f"candidate.{language}"] = float(candidate)
+        metrics[f"parent.{language}"] = float(parent)
+    config = ConfigRecord({"evaluation": instruction.evaluation, "status": OK})
+    return Message(RecordDict({"metrics": MetricRecord(metrics), "config": config}), reply_to=message)
+
+
+def peer_status_reply(message: Message, instruction: PeerInstruction, status: str, detail: str = "") -> Message:
+    """A judgement the node cannot give: ``no-data`` (no held-out rows that fit) or ``missing-base``."""
+    if status not in STATUSES or status == OK:
+        raise ValueError(f"`status` is {status!r}; allowed: {NO_DATA!r}, {MISSING_BASE!r}")
+    config = ConfigRecord({"evaluation": instruction.evaluation, "status": status, "detail": detail[:MAX_DETAIL_CHARS]})
+    return Message(RecordDict({"config": config}), reply_to=message)
+
+
+def parse_peer_reply(message: Message, sent: PeerInstruction, max_tokens: int) -> PeerReply:
+    """Check a peer's reply to ``sent``: ``ClaimMismatch`` when it answers another evaluation, else
+    ``InvalidReply`` naming the field and value for an unknown status, a language not asked, a missing
+    number, a loss that is not a finite number >= 0, tokens that are not a whole number in
+    [1, ``max_tokens``] (the caller's bound, e.g. the peer's declared data), an ``ok`` with no
+    language, or more metrics than three per language asked."""
+    what = "peer reply"
+    config = _config(message, what)
+    evaluation = _int(config, "evaluation", what)
+    if evaluation != sent.evaluation:
+        raise ClaimMismatch(f"claim-mismatch: evaluation {evaluation} claimed, sent {sent.evaluation}", {}, ())
+    status = config.get("status") if "status" in config else None
+    if status not in STATUSES:
+        raise InvalidReply(f"{what} `status` is {_show(status)}; allowed: {', '.join(STATUSES)}")
+    detail = config.get("detail", "")
+    detail = detail[:MAX_DETAIL_CHARS] if isinstance(detail, str) else ""
+    if status != OK:  # a node that could not judge carries no numbers
+        return PeerReply(evaluation, status, detail, {}, {}, {})
+    record = message.content.get("metrics") if "metrics" in message.content else None
+    if not isinstance(record, MetricRecord) or not record:
+        raise InvalidReply(f"{what} with status {OK!r} reports no language")
+    bound = len(PEER_NUMBERS) * len(sent.languages)
+    if len(record) > bound:
+        raise InvalidReply(f"{what} holds {len(record)} metrics; at most {bound} (three per language asked)")
+    numbers: dict[str, dict[str, Any]] = {name: {} for name in PEER_NUMBERS}
+    for key in sorted(record, key=str):
+        name, _, language = str(key).partition(".")
+        if name not in numbers or not LANGUAGE_CODE.match(language):
+            raise InvalidReply(f"{what} metric {_show(key)} is not `<{'|'.join(PEER_NUMBERS)}>.<language code>`")
+        if language not in sent.languages:
+            raise InvalidReply(f"{what} metric `{key}` names language {language!r}, not asked "
+                               f"(asked: {','.join(sent.languages)})")
+        numbers[name][language] = _peer_number(record[key], key, max_tokens if name == "tokens" else None)
+    for language in sorted(set().union(*numbers.values())):
+        missing = [name for name in PEER_NUMBERS if language not in numbers[name]]
+        if missing:
+            raise InvalidReply(f"{what} reports language {language!r} without `{missing[0]}.{language}`")
+    return PeerReply(evaluation, status, detail, numbers["tokens"], numbers["candidate"], numbers["parent"])
+
+
+def _peer_number(value: Any, key: str, max_tokens: Optional[int]) -> Any:
+    """A peer's token count (a whole number in [1, ``max_tokens``]) or, without a bound, a loss (finite, >= 0)."""
+    number = isinstance(value, (int, float)) and not isinstance(value, bool)
+    if max_tokens is not None:
+        if not number or not float(value).is_integer() or not 1 <= value <= max_tokens:
+            raise InvalidReply(f"peer reply `{key}` is {_show(value)}; it must be a whole number of tokens "
+                               f"in [1, {max_tokens}]")
+        return int(value)
+    if not number or not math.isfinite(value) or value < 0:
+        raise InvalidReply(f"peer reply `{key}` is {_show(value)}; it must be a finite loss >= 0")
+    return float(value)
 
 
 def parse_metrics(record: Mapping[str, Any]) -> tuple[dict[str, float], tuple[str, ...]]:
