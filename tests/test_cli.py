@@ -97,8 +97,8 @@ def test_every_command_has_help_and_the_group_a_version():
     assert "FEDEM_HUB" in runner.invoke(cli, ["-h"]).output
     assert sorted(" ".join(path) for path in commands(cli)) == [
         "adapters", "backup", "certs", "checkpoints", "connection", "contributions", "leases", "merge", "node-key",
-        "prune", "publish", "report", "restore", "run", "sim", "sim baseline", "sim report", "sim sweep", "site", "status", "superlink",
-        "superlink status", "superlink stop", "verify"]
+        "peers", "prune", "publish", "report", "restore", "run", "sim", "sim baseline", "sim report", "sim sweep",
+        "site", "status", "superlink", "superlink status", "superlink stop", "verify"]
 
 
 def test_status_json(hub):

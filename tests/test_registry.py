@@ -260,7 +260,8 @@ def test_file_registry_persists_in_wal_mode_with_a_private_secret(db_path):
         assert again.pseudonym("sim:4") == alias
         assert [a.name for a in again.adapters()] == ["hi", "te"]
         migrations = [tuple(r) for r in again._conn.execute("SELECT version, name FROM migrations")]
-        assert migrations == [(1, "initial"), (2, "settings"), (3, "lineage"), (4, "lanes"), (5, "retention")]
+        assert migrations == [(1, "initial"), (2, "settings"), (3, "lineage"), (4, "lanes"), (5, "retention"),
+                              (6, "peers")]
     assert stat.S_IMODE(os.stat(db_path.parent / "secret").st_mode) == 0o600
     secret = bytes.fromhex((db_path.parent / "secret").read_text().strip())
     assert pseudonym_of("sim:4", secret) == alias

@@ -83,7 +83,7 @@ def test_a_schema_2_registry_is_migrated_and_back_filled(tmp_path, monkeypatch):
         assert registry.accepted_since(0) == 1
         assert registry.absorbed_by_base() == {} and registry.base_attempts() == []
         assert registry.integrity_problems() == []
-        assert schema.schema_version(registry._conn) == schema.SCHEMA_VERSION == 5
+        assert schema.schema_version(registry._conn) == schema.SCHEMA_VERSION == 6
         assert registry.lease(1).lane == 0  # every lease before lanes held the one lane there was
         assert registry.latest_lease_tokens() == {("hi", 0): 1}
 

@@ -351,15 +351,16 @@ def report(hub: HubContext, out: Optional[Path], as_json: bool) -> None:
         click.echo(f"figures: {data['figure']}, {data['bases_figure']}")
 
 
-# Commands of their own modules: credentials, local Flower runs, simulations.
+# Commands of their own modules: credentials, local Flower runs, simulations, peer judging.
 from fedem_flwr.cli.backup import backup, restore  # noqa: E402
 from fedem_flwr.cli.deploy import certs, connection, node_key_command  # noqa: E402
+from fedem_flwr.cli.peers import peers_command  # noqa: E402
 from fedem_flwr.cli.retention import prune_command  # noqa: E402
 from fedem_flwr.cli.run import run_command, superlink  # noqa: E402
 from fedem_flwr.cli.sim import sim  # noqa: E402
 
 for command in (certs, node_key_command, connection, run_command, superlink, sim, prune_command, backup,
-                restore):
+                restore, peers_command):
     cli.add_command(command)
 
 

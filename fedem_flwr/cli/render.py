@@ -291,9 +291,26 @@ def heldout_table(bases: list[dict[str, Any]]) -> Listing:
                     for lang in languages], "no held-out loss recorded for any base version")
 
 
+def judged(evaluation: Optional[dict[str, Any]]) -> Optional[str]:
+    """``3/3 -0.041 veto:agreed``: of the peers asked, how many reports counted, their combined delta
+    (candidate minus parent loss; negative helped) and what it did in its role (``1/3 too-few`` when too
+    few counted to say); None when no peer judged the push (every push before `gate.peers`)."""
+    peers = (evaluation or {}).get("peers")
+    if not isinstance(peers, dict):
+        return None
+    delta, role, effect = peers.get("delta"), peers.get("role"), peers.get("effect")
+    parts = [f"{peers.get('counted', '-')}/{peers.get('asked', '-')}"]
+    if isinstance(delta, (int, float)) and not isinstance(delta, bool):
+        parts.append(f"{delta:+.3f}")
+    if effect:
+        parts.append(f"{role}:{effect}" if role and effect != "too-few" else str(effect))
+    return " ".join(parts)
+
+
 def contributions(rows: list[dict[str, Any]]) -> Listing:
     return Listing("Contributions, newest first (UTC)",
                    (fixed("id"), stamp("received"), ADAPTER, who("contributor"), fixed("lease", drop=1),
-                    fixed("decision"), fixed("version", drop=2), free("reason")),
+                    fixed("decision"), Col("peers", True, 14, drop=3), fixed("version", drop=2), free("reason")),
                    [(r["id"], utc(r["received"]), r["adapter"], r["contributor"], r["lease_token"], r["decision"],
-                     r["adapter_version"], short(r["reason"])) for r in rows], "no contribution yet")
+                     judged(r.get("evaluation")), r["adapter_version"], short(r["reason"])) for r in rows],
+                   "no contribution yet")

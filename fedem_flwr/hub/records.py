@@ -135,6 +135,67 @@ class BaseAttempt:
     details: dict[str, Any]
 
 
+# What came of asking a peer to judge a push: its report was ``counted``, it ``failed: <why>`` (an error,
+# a report that failed its checks), came ``late``, never came (``unanswered``), or was ``ignored: <why>``.
+PEER_OUTCOMES = ("counted", "failed", "late", "unanswered", "ignored")
+_PEER_OUTCOMES_WITH_WHY = ("failed", "ignored")
+
+
+@dataclass(frozen=True)
+class PeerReport:
+    """One peer asked to judge a push (named by its lease token) blind on its own held-out rows.
+
+    Both sides appear only by pseudonym. ``report`` (when the peer answered) holds
+    ``{"tokens": {lang: n}, "candidate": {lang: loss}, "parent": {lang: loss}, "delta": x, "weight": w}``:
+    ``delta`` is candidate minus parent loss (negative: the push helped), ``weight`` the peer's standing.
+    """
+
+    lease_token: int
+    peer: str
+    pusher: str
+    asked: float
+    answered: Optional[float]
+    outcome: str
+    report: Optional[dict[str, Any]] = None
+
+
+@dataclass(frozen=True)
+class PeerStanding:
+    """How often a peer's checked reports agreed with the decision taken, and when that last changed."""
+
+    peer: str
+    agreed: int
+    disagreed: int
+    updated: float
+
+    @property
+    def weight(self) -> float:
+        """``(agreed + 1) / (agreed + disagreed + 1)``: the share of its checked reports that agreed, one
+        agreement assumed, so a new peer weighs 1 and no disagreement silences a peer outright."""
+        return (self.agreed + 1) / (self.agreed + self.disagreed + 1)
+
+
+def peer_outcome(outcome: Any) -> str:
+    """``outcome`` if it is one of :data:`PEER_OUTCOMES` (``failed``/``ignored`` with ``: <why>``), else refused."""
+    kind, _, why = outcome.partition(":") if isinstance(outcome, str) else ("", "", "")
+    if kind not in PEER_OUTCOMES or (kind in _PEER_OUTCOMES_WITH_WHY) != bool(why.strip()):
+        raise ValueError(f"`outcome` is {outcome!r}; allowed: counted, late, unanswered, 'failed: <why>', "
+                         "'ignored: <why>'.")
+    return outcome
+
+
+def nulled(value: Any) -> Any:
+    """``value`` with every non-finite float (NaN, inf) inside dicts and lists replaced by None: a peer's
+    loss that diverged is stored as null, as a contribution's is, never as NaN."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: nulled(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [nulled(v) for v in value]
+    return value
+
+
 def dumps(name: str, value: Any) -> str:
     """Sorted JSON for a column; non-finite floats are refused (SQLite's ``json_valid`` does too).
 
@@ -193,6 +254,15 @@ def absorbed_from(row: sqlite3.Row) -> Absorbed:
 def base_attempt_from(row: sqlite3.Row) -> BaseAttempt:
     return BaseAttempt(row["id"], row["created"], row["source"], row["parent"], row["reason"],
                        json.loads(row["details"]))
+
+
+def peer_report_from(row: sqlite3.Row) -> PeerReport:
+    return PeerReport(row["lease_token"], row["peer"], row["pusher"], row["asked"], row["answered"], row["outcome"],
+                      None if row["report"] is None else json.loads(row["report"]))
+
+
+def peer_standing_from(row: sqlite3.Row) -> PeerStanding:
+    return PeerStanding(row["peer"], row["agreed"], row["disagreed"], row["updated"])
 
 
 @dataclass(frozen=True)

@@ -1,4 +1,4 @@
-"""The hub's durable memory: checkpoints, adapters and their versions, leases, contributions.
+"""The hub's durable memory: checkpoints, adapters and their versions, leases, contributions, peer reports.
 
 One lineage of base versions (DESIGN decision 16): each checkpoint names its parent and source, a
 merge names the adapter versions it absorbed (:meth:`Registry.add_checkpoint` ``absorbed=``), and
@@ -38,6 +38,8 @@ from fedem_flwr.hub.records import (
     Contribution,
     Evaluation,
     Lease,
+    PeerReport,
+    PeerStanding,
 )
 
 _LEASE_KEYS = ("adapter", "lane", "holder", "base_version", "adapter_version", "issued")
@@ -601,6 +603,60 @@ class Registry(Database):
                 totals[adapter] = totals.get(adapter, 0) + (counted if most is None else min(counted, most))
         return totals
 
+    # -- peer judging: who was asked to judge which push, and how far each peer is trusted ----------
+    def add_peer_reports(self, reports: Sequence[PeerReport]) -> None:
+        """Record the asks of one or more pushes and what came of each, all or none.
+
+        A non-finite number inside a ``report`` (a peer's loss that diverged) is stored as null.
+        """
+        rows = [_peer_report_row(r) for r in reports]  # every row checked before the first is written
+        with self.atomic():
+            self._conn.executemany("INSERT INTO peer_reports (lease_token, peer, pusher, asked, answered, outcome, "
+                                   "report) VALUES (?, ?, ?, ?, ?, ?, ?)", rows)
+
+    def peer_reports(self, lease_token: Optional[int] = None, limit: Optional[int] = None) -> list[PeerReport]:
+        """Peer reports in the order they were recorded (of one push: its lease token); with ``limit``, the
+        newest ``limit``, newest first."""
+        sql, params = "SELECT * FROM peer_reports", ()
+        if lease_token is not None:
+            sql, params = sql + " WHERE lease_token = ?", (int(lease_token),)
+        if limit is None:
+            return [rec.peer_report_from(r) for r in self._all(sql + " ORDER BY id", params)]
+        return [rec.peer_report_from(r) for r in self._all(sql + " ORDER BY id DESC LIMIT ?", params + (int(limit),))]
+
+    def peer_pair_counts(self) -> dict[tuple[str, str], int]:
+        """(peer, pusher) -> how many times that peer was asked to judge that pusher: what rotating the
+        judges by pair reads, so no pusher is judged by the same few peers every time."""
+        return {(r[0], r[1]): int(r[2])
+                for r in self._all("SELECT peer, pusher, COUNT(*) FROM peer_reports GROUP BY peer, pusher")}
+
+    def peer_outcome_counts(self) -> dict[str, dict[str, int]]:
+        """peer -> {outcome kind (``counted``, ``failed``, ``late``, ``unanswered``, ``ignored``): how many of
+        its asks ended so}, counted in the database (a hub that ran for months holds many reports)."""
+        out: dict[str, dict[str, int]] = {}
+        for peer, kind, count in self._all(
+                "SELECT peer, CASE WHEN instr(outcome, ':') > 0 THEN substr(outcome, 1, instr(outcome, ':') - 1) "
+                "ELSE outcome END AS kind, COUNT(*) FROM peer_reports GROUP BY peer, kind ORDER BY peer, kind"):
+            out.setdefault(peer, {})[kind] = int(count)
+        return out
+
+    def peer_standing(self) -> dict[str, PeerStanding]:
+        """peer -> its standing, for every peer whose reports were checked against a decision."""
+        return {r["peer"]: rec.peer_standing_from(r) for r in self._all("SELECT * FROM peer_standing ORDER BY peer")}
+
+    def update_peer_standing(self, peer: str, agreed: int, disagreed: int, at: float) -> None:
+        """Add ``agreed`` and ``disagreed`` checked reports to ``peer``'s standing (a new peer starts at 0, 0)."""
+        if not isinstance(peer, str) or not peer:
+            raise ValueError(f"`peer` is {peer!r}; it must be a pseudonym.")
+        for key, value in (("agreed", agreed), ("disagreed", disagreed)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise ValueError(f"`{key}` of peer {peer!r} is {value!r}; it must be a count (an integer >= 0).")
+        with self.atomic():
+            self._conn.execute(
+                "INSERT INTO peer_standing VALUES (?, ?, ?, ?) ON CONFLICT(peer) DO UPDATE SET "
+                "agreed = agreed + excluded.agreed, disagreed = disagreed + excluded.disagreed, "
+                "updated = excluded.updated", (peer, agreed, disagreed, rec.finite("at", at)))
+
     # -- settings the hub was set up with -------------------------------------------------------
     def setting(self, name: str) -> Optional[dict]:
         """A recorded hub setting (store, LoRA spec, data split, ...), or None when never recorded."""
@@ -635,6 +691,24 @@ def _absorbed(item: Union[Absorbed, tuple]) -> Absorbed:
     return replace(row, weight=float(row.weight))
 
 
+def _peer_report_row(report: PeerReport) -> tuple:
+    """A :class:`PeerReport` as its ``peer_reports`` row, or a ValueError naming the field that is wrong."""
+    token = report.lease_token
+    if isinstance(token, bool) or not isinstance(token, int) or token < 0:
+        raise ValueError(f"`lease_token` of a peer report is {token!r}; it must be a lease token (an integer >= 0).")
+    for key in ("peer", "pusher"):
+        value = getattr(report, key)
+        if not isinstance(value, str) or not value:
+            raise ValueError(f"`{key}` of the peer report on lease {token} is {value!r}; it must be a pseudonym.")
+    if report.report is not None and not isinstance(report.report, dict):
+        raise ValueError(f"`report` of peer {report.peer!r} on lease {token} is {report.report!r}; it must be a "
+                         "dict (or None when the peer did not answer).")
+    answered = None if report.answered is None else rec.finite("answered", report.answered)
+    body = None if report.report is None else rec.dumps(f"report of peer {report.peer!r}", rec.nulled(report.report))
+    return (token, report.peer, report.pusher, rec.finite("asked", report.asked), answered,
+            rec.peer_outcome(report.outcome), body)
+
+
 def _losses(heldout: Any) -> dict[str, float]:
     """Held-out losses as {language: finite float}; anything else is refused, naming the language."""
     if not isinstance(heldout, dict):
@@ -655,5 +729,5 @@ def _lease_from(row: sqlite3.Row) -> Lease:
 
 
 __all__ = ["Registry", "Absorbed", "Adapter", "AdapterVersion", "BaseAttempt", "Checkpoint", "Contribution",
-           "Evaluation", "Lease"]
+           "Evaluation", "Lease", "PeerReport", "PeerStanding"]
 

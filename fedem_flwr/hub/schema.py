@@ -10,6 +10,8 @@ bases a contribution was trained and judged on. Migration 4 gives each lease its
 Migration 5 records retention (a version's ``pruned`` time: its row stays, its local files went),
 ``publications`` (what ``fedem publish`` pushed, to which target) and ``floors`` (the least next value
 of a counter: ``checkpoint``, ``lease``, ``contribution``, ``adapter:<name>``; a restore raises them).
+Migration 6 records peer judging: each peer asked to judge a push (``peer_reports``) and each peer's
+standing (``peer_standing``: how many of its checked reports agreed).
 
 A migration is appended, never edited: a registry records which ones it has applied, and a
 registry from a newer fedem-flwr is refused rather than guessed at.
@@ -179,6 +181,32 @@ CREATE TABLE floors (
     counter  TEXT PRIMARY KEY CHECK (counter <> ''),
     next     INTEGER NOT NULL CHECK (next >= 0),
     updated  REAL NOT NULL
+);
+"""),
+    # Peer judging (`gate.peers`): other contributors evaluate a push blind on their own held-out rows.
+    # Each ask is a ``peer_reports`` row, keyed by the push's lease token (its contribution carries the
+    # same), with both pseudonyms so asks rotate by (peer, pusher) pair; ``outcome`` is ``counted``,
+    # ``failed: <why>``, ``late``, ``unanswered`` or ``ignored: <why>``; ``report`` holds the peer's
+    # tokens and losses per language, its delta (candidate minus parent) and weight. ``peer_standing``
+    # counts how often each peer's checked reports agreed with the decision, which weighs the next ones.
+    Migration(6, "peers", """
+CREATE TABLE peer_reports (
+    id           INTEGER PRIMARY KEY,
+    lease_token  INTEGER NOT NULL,
+    peer         TEXT NOT NULL CHECK (peer <> ''),
+    pusher       TEXT NOT NULL CHECK (pusher <> ''),
+    asked        REAL NOT NULL,
+    answered     REAL,
+    outcome      TEXT NOT NULL CHECK (outcome <> ''),
+    report       TEXT CHECK (report IS NULL OR json_valid(report))
+);
+CREATE INDEX peer_reports_lease ON peer_reports(lease_token);
+CREATE INDEX peer_reports_pair ON peer_reports(peer, pusher);
+CREATE TABLE peer_standing (
+    peer       TEXT PRIMARY KEY CHECK (peer <> ''),
+    agreed     INTEGER NOT NULL DEFAULT 0 CHECK (agreed >= 0),
+    disagreed  INTEGER NOT NULL DEFAULT 0 CHECK (disagreed >= 0),
+    updated    REAL NOT NULL
 );
 """),
 )

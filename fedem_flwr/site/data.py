@@ -30,9 +30,14 @@ from fedem_flwr.hub.views import (
 PAGE_ROWS = 1000  # ledger rows per data file the ledger page loads
 SHOWN_ROWS = 100  # ledger rows the page shows at a time
 CHART_POINTS = 400  # points per line a figure draws at most (tables and the ledger keep every row)
-# A ledger row is a list in this column order (the data files stay small at 100,000 rows).
+# A ledger row is a list in this column order (the data files stay small at 100,000 rows). ``judges`` (the
+# hub's and the peers' judgement, None when no peer judged) is shown within the held-out loss cell.
 LEDGER_COLUMNS = ("id", "received", "contributor", "adapter", "lease", "decision", "version", "trained_on",
-                  "judged_on", "tokens", "heldout", "reason")
+                  "judged_on", "tokens", "heldout", "judges", "reason")
+# What of a peer-judged push's evaluation the ledger shows (peers by pseudonym only, as the hub wrote them).
+HUB_KEYS = ("tokens", "delta", "accepted")
+PEERS_KEYS = ("role", "asked", "counted", "delta", "tokens", "effect")
+REPORT_KEYS = ("peer", "tokens", "delta", "weight", "outcome")
 
 
 class NoPaths:
@@ -48,12 +53,25 @@ def tokens_of(evaluation: dict[str, Any]) -> Optional[float]:
     return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
 
 
+def judges_of(evaluation: dict[str, Any]) -> Optional[dict[str, Any]]:
+    """The hub's own held-out result (``hub``) and the peers' (``peers``, each report by pseudonym) of a push
+    that peers judged, with only the keys the ledger shows; None for a push no peer judged."""
+    peers = evaluation.get("peers")
+    if not isinstance(peers, dict):
+        return None
+    hub = evaluation.get("hub")
+    reports = [r for r in peers.get("reports") or [] if isinstance(r, dict)]
+    return {"hub": {k: hub.get(k) for k in HUB_KEYS} if isinstance(hub, dict) else None,
+            "peers": {**{k: peers.get(k) for k in PEERS_KEYS},
+                      "reports": [{k: r.get(k) for k in REPORT_KEYS} for r in reports]}}
+
+
 def ledger_row(view: dict[str, Any]) -> list[Any]:
     """One contribution view (``views.contribution_view``) as a ledger row in ``LEDGER_COLUMNS`` order."""
     evaluation = view["evaluation"] or {}
     return [view["id"], view["received"], view["contributor"], view["adapter"], view["lease_token"],
             view["decision"], view["adapter_version"], view["base_version"], view["judged_base_version"],
-            tokens_of(evaluation), dict(evaluation.get("heldout") or {}), view["reason"]]
+            tokens_of(evaluation), dict(evaluation.get("heldout") or {}), judges_of(evaluation), view["reason"]]
 
 
 def as_dict(row: Sequence[Any]) -> dict[str, Any]:

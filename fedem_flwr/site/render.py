@@ -40,6 +40,36 @@ def tokens(value: Optional[float]) -> str:
     return "-" if value is None else f"{round(value):,}"
 
 
+def signed(value: Optional[float]) -> str:
+    """``-0.041``, ``+0.120``: a delta (candidate minus parent loss) with its sign (``+ 0.0``: never ``-0.000``)."""
+    return "-" if value is None else f"{value + 0.0:+.3f}"
+
+
+def weight(value: Optional[float]) -> str:
+    return "-" if value is None else f"{value:.2f}"
+
+
+def judged(judges: dict[str, Any]) -> str:
+    """``hub -0.021 on 480 tokens (accept); peers 3/3 -0.041 on 1,536 tokens (veto: agreed)``: how the hub
+    and the peers judged a push (``data.judges_of``)."""
+    parts = []
+    hub = judges.get("hub")
+    if hub:
+        verdict = "" if hub["accepted"] is None else f" ({'accept' if hub['accepted'] else 'reject'})"
+        parts.append(f"hub {signed(hub['delta'])} on {tokens(hub['tokens'])} tokens{verdict}")
+    p = judges["peers"]
+    effect = ": ".join(str(word) for word in (p["role"], p["effect"]) if word)  # empty when the peers had no say
+    parts.append(f"peers {dash(p['counted'])}/{dash(p['asked'])} {signed(p['delta'])} on {tokens(p['tokens'])} "
+                 f"tokens" + (f" ({effect})" if effect else ""))
+    return "; ".join(parts)
+
+
+def peer_report(report: dict[str, Any]) -> str:
+    """``c-1a2b3c4d5e6f -0.030 on 512 tokens, weight 1.00, counted``: one peer's part in a judgement."""
+    return (f"{dash(report['peer'])} {signed(report['delta'])} on {tokens(report['tokens'])} tokens, "
+            f"weight {weight(report['weight'])}, {dash(report['outcome'])}")
+
+
 def rate(value: float) -> str:
     return f"{value:.0%}"
 
@@ -100,12 +130,13 @@ def chunk_data(index: int, rows: Sequence[Any]) -> str:
 ENV = Environment(loader=PackageLoader("fedem_flwr.site", "templates"), autoescape=True, undefined=StrictUndefined,
                   trim_blocks=True, lstrip_blocks=True, keep_trailing_newline=True)
 ENV.filters.update(loss=loss, losses=losses, tokens=tokens, rate=rate, when=when, left=left, held=held, slug=slug,
-                   anchor=anchor, version=version, dash=dash, number=number)
+                   anchor=anchor, version=version, dash=dash, number=number, judged=judged, peer_report=peer_report)
 ENV.globals.update(SITE=SITE, NAV=NAV)
 # The ledger's column headings, and which of them sort (the others hold lists or free text).
 LEDGER_HEADERS = {"id": "#", "received": "received (UTC)", "contributor": "contributor", "adapter": "adapter",
                   "lease": "lease", "decision": "decision", "version": "version", "trained_on": "trained on",
                   "judged_on": "judged on", "tokens": "tokens", "heldout": "blind held-out loss", "reason": "reason"}
+FOLDED = frozenset({"judges"})  # ledger columns shown within another's cell (the peers' judgement: held-out loss)
 LEDGER_SORTABLE = frozenset({"id", "received", "contributor", "adapter", "decision", "version", "tokens"})
 
 
@@ -163,7 +194,7 @@ def adapter_chart(name: str, adapter: dict[str, Any], note: str) -> charts.Chart
 
 
 def ledger_page(site: dict[str, Any]) -> str:
-    columns = [(c, LEDGER_HEADERS[c], c in LEDGER_SORTABLE) for c in LEDGER_COLUMNS]
+    columns = [(c, LEDGER_HEADERS[c], c in LEDGER_SORTABLE) for c in LEDGER_COLUMNS if c not in FOLDED]
     return page("ledger.html", "Ledger", "ledger.html", site["built"], scripts=["data/ledger-meta.js"],
                 total=site["overview"]["totals"]["contributions"], adapters=site["overview"]["adapters"],
                 contributors=list(site["contributors"]), columns=columns)

@@ -10,6 +10,39 @@
     return langs.length ? langs.map(function (l) { return l + " " + loss(heldout[l]); }).join(", ") : "-";
   }
   function tokens(x) { return x === null || x === undefined ? "-" : Math.round(x).toLocaleString("en-US"); }
+  function signed(x) { return x === null || x === undefined ? "-" : (x >= 0 ? "+" : "") + x.toFixed(3); }
+  function weight(x) { return x === null || x === undefined ? "-" : x.toFixed(2); }
+  function dash(x) { return x === null || x === undefined ? "-" : String(x); }
+  function judged(j) {
+    var parts = [], hub = j.hub, p = j.peers;
+    if (hub) {
+      var verdict = hub.accepted === null || hub.accepted === undefined ? "" : hub.accepted ? " (accept)" : " (reject)";
+      parts.push("hub " + signed(hub.delta) + " on " + tokens(hub.tokens) + " tokens" + verdict);
+    }
+    var effect = [p.role, p.effect].filter(function (word) { return word; }).join(": ");
+    parts.push("peers " + dash(p.counted) + "/" + dash(p.asked) + " " + signed(p.delta) + " on " + tokens(p.tokens) +
+               " tokens" + (effect ? " (" + effect + ")" : ""));
+    return parts.join("; ");
+  }
+  function peerReport(r) {
+    return dash(r.peer) + " " + signed(r.delta) + " on " + tokens(r.tokens) + " tokens, weight " + weight(r.weight) +
+           ", " + dash(r.outcome);
+  }
+  // The same <details> as the judges macro (templates/macros.html), built from text only.
+  function judgesElement(j) {
+    var details = document.createElement("details"), summary = document.createElement("summary");
+    var list = document.createElement("ul");
+    details.className = "judges";
+    summary.textContent = judged(j);
+    details.appendChild(summary);
+    (j.peers.reports || []).forEach(function (r) {
+      var item = document.createElement("li");
+      item.textContent = peerReport(r);
+      list.appendChild(item);
+    });
+    details.appendChild(list);
+    return details;
+  }
   function when(iso) { return iso ? iso.replace("T", " ").replace("+00:00", "") : "-"; }
   function left(seconds) {
     var s = Math.floor(seconds);
@@ -134,6 +167,7 @@
     result.rows.forEach(function (row) {
       var tr = document.createElement("tr");
       self.meta.columns.forEach(function (name) {
+        if (name === "judges") { return; }  // shown within the held-out loss cell
         var td = document.createElement("td");
         if (name === "contributor") {
           var a = document.createElement("a");
@@ -143,6 +177,7 @@
         } else {
           td.textContent = self.cell(row, name);
           if (name === "decision") { td.className = row[self.col.decision]; }
+          if (name === "heldout" && row[self.col.judges]) { td.appendChild(judgesElement(row[self.col.judges])); }
         }
         tr.appendChild(td);
       });
