@@ -71,7 +71,7 @@ class DeltaWorkbench:
         save_file({k: v.contiguous() for k, v in state.items()}, str(folder / "adapter_model.safetensors"))
 
 
-def _hub(tmp_path, start, target, current=None, lanes=1, staleness_power=0.0, lane_update="add"):
+def _hub(tmp_path, start, target, current=None, lanes=1, staleness_power=0.0, lane_update="add", gate=None):
     """Adapter ``hi`` (LoRA r 2, alpha 4) at v0 = ``start``, leased to a node from v0; with ``current``, a
     merge then rebased it: v1 = ``current``, a residual ``rebase`` on base v1, while the lease is out.
     With ``lanes`` > 1, as many nodes lease it from v0, one per lane (the leases are in ``_hub.leases``)."""
@@ -93,7 +93,7 @@ def _hub(tmp_path, start, target, current=None, lanes=1, staleness_power=0.0, la
     coordinator = RelayCoordinator(registry, store, make_policy("language", random.Random(0)), workbench,
                                    lease_ttl_s=TTL, sweep_interval_s=10, clock=clock,
                                    train=TrainConfig(carry="moments"), optimizer_states=OptimizerStates(tmp_path),
-                                   lanes=lanes, lane_update=lane_update, staleness_power=staleness_power)
+                                   lanes=lanes, lane_update=lane_update, staleness_power=staleness_power, gate=gate)
     coordinator.recover()
     assignments = coordinator.assign([NodeProfile(f"sim:{i}", ("hi",)) for i in range(lanes)])
     _hub.leases = [a.lease for a in assignments]

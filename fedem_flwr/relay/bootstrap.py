@@ -116,6 +116,7 @@ def open_hub(cfg: FedemConfig, hub_path: Path, clock: Callable[[], float] = time
         gate=cfg.gate, clock=clock, train=cfg.train, optimizer_states=OptimizerStates(hub_path),
         max_push_tokens=max_push_tokens(cfg), lanes=cfg.relay.lanes,
         lane_update=cfg.relay.lane_update, staleness_power=cfg.relay.staleness_power, catalog=cfg.catalog,
+        block_size=cfg.data.block_size,
     )
     return Hub(hub_path, registry, store, coordinator, cfg, corpus, split, split_id(fingerprint))
 

@@ -42,6 +42,18 @@ catalogs existed; a task adapter (``sft-chat``) is matched by its data (``en:cha
 declared conversations in English), leased to no other node whatever the policy chose, and judged on
 its own held-out set (response tokens of held-out conversations) with its entry's margin and
 tolerance where it sets them.
+
+Judged by peers (``gate.peers`` > 0; ``relay.peer_review``, docs/peers.md): a push the hub
+has judged on its own held-out text waits for peers instead of being concluded. Its lease ends at once
+(outcome ``peer-review``; the node is free), and with one lane its adapter is offered to no node until
+the push is decided; with lanes the adapter relays on from its latest accepted version and the push,
+when decided, lands as an update of whatever version is current then (judged again by the hub if the
+adapter or the base moved meanwhile). The strategy asks idle nodes (``peer_requests``) and hands their
+answers in (``peer_answered`` / ``peer_failed``); ``conclude_due`` decides the pushes whose peers all
+answered or whose ``gate.peer_wait_s`` is over (``gate.peers.combine``), records the hub's numbers and
+the peers' (by pseudonym) with the contribution, each question in ``peer_reports``, and each peer's
+standing. A push still waiting when the hub stops is lost with the process (a train in flight is too);
+the next start records it as rejected (``hub-restart``) so its lease is accounted for.
 """
 
 from __future__ import annotations
@@ -60,11 +72,14 @@ from fedem_flwr.data.tasks import TEXT, AdapterTerms, adapter_terms
 from fedem_flwr.errors import ConfigError, HubFault, InvalidAdapter, StoreError, is_hub_fault, one_line
 from fedem_flwr.gate.acceptance import Decision, decide
 from fedem_flwr.gate.novelty import no_work
+from fedem_flwr.gate.peers import PeerResult, PeerVerdict, aggregate, combine, judged_reports
 from fedem_flwr.hub.optimizer_states import OptimizerStates
-from fedem_flwr.hub.records import Lease, revision_name
+from fedem_flwr.hub.records import Lease, PeerReport, revision_name
 from fedem_flwr.hub.store import ArtifactRef, ArtifactStore
 from fedem_flwr.node.fetch import HfLocation, hf_location
 from fedem_flwr.relay.leases import LeaseBook, PushRejected, SweepSchedule
+from fedem_flwr.relay.peer_review import Awaiting, PeerReview
+from fedem_flwr.relay.peers import Candidate
 from fedem_flwr.relay.policies import AdapterInfo, NodeProfile, Policy, token_shares
 from fedem_flwr.relay.pool import AdapterPool
 
@@ -74,6 +89,8 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 HeldoutLosses = dict[str, float]
+PEER_REVIEW = "peer-review"  # the outcome of a lease whose push went to its peers (its contribution says the rest)
+PENDING = "pending"
 
 
 class AdapterWorkbench(Protocol):
@@ -144,6 +161,55 @@ class PushOutcome:
     def accepted(self) -> bool:
         return self.decision == "accepted"
 
+    @property
+    def pending(self) -> bool:
+        """Judged by the hub, waiting for peers: decided later by ``conclude_due``."""
+        return self.decision == PENDING
+
+
+@dataclass(frozen=True)
+class PeerRequest:
+    """An evaluation to send to one idle node: the candidate and its parent on a base it holds. Nothing
+    in it says who pushed the candidate or under which lease."""
+
+    evaluation: int
+    identity: str
+    base_ref: ArtifactRef
+    base_version: int
+    terms: AdapterTerms
+    candidate: Mapping[str, Any]
+    parent: Mapping[str, Any]
+    deadline: float
+    max_blocks: int  # held-out blocks per language the peer scores at most
+    max_tokens: Optional[int] = None  # the most tokens a report may claim per language (None: not known here)
+    base_hf: Optional[HfLocation] = None  # where a node may fetch the base itself (a store on a Hugging Face Hub)
+
+
+@dataclass(frozen=True)
+class _HubVerdict:
+    """The hub's own judgement of a push: on which base and parent, the state judged (the push, or the
+    push applied as an update), its losses against the parent's, and the decision (None when the push
+    was settled before any comparison: no work, or a loss that is not finite; ``reason`` says which)."""
+
+    base: Any
+    parent: Any
+    state: Mapping[str, Any]
+    update: Optional[dict[str, Any]]
+    losses: HeldoutLosses
+    decision: Optional[Decision]
+    reason: str = ""
+
+
+@dataclass(frozen=True)
+class _Judged:
+    """What a push waiting for its peers needs to be decided later."""
+
+    lease: Lease
+    received: "_Received"
+    pushed: Mapping[str, Any]  # as it came, to land as an update again if the adapter moves meanwhile
+    hub: _HubVerdict
+    terms: AdapterTerms
+
 
 class RelayCoordinator:
     """Leases adapters to free nodes and judges what comes back."""
@@ -166,6 +232,7 @@ class RelayCoordinator:
         lane_update: str = "add",
         staleness_power: float = 1.0,
         catalog: Optional[CatalogConfig] = None,
+        block_size: Optional[int] = None,
     ) -> None:
         self._registry = registry
         self._store = store
@@ -183,6 +250,7 @@ class RelayCoordinator:
             raise ConfigError(f"`relay.lane_update` is {lane_update!r}; allowed: 'mix', 'add'.")
         self.lane_update = lane_update
         self.staleness_power = staleness_power
+        self.block_size = block_size  # tokens per block: bounds what a peer's report may claim
         self._book = LeaseBook(registry.leases(active_only=True), next_token=registry.max_lease_token() + 1,
                                lookup=registry.lease, latest=registry.latest_lease_tokens(), lanes=lanes)
         self.schedule = SweepSchedule(sweep_interval_s)
@@ -199,6 +267,13 @@ class RelayCoordinator:
             self._info(name, latest[name].version) for name in self.terms
             if name in latest and self._book.is_free(name)
         )
+        self.review: Optional[PeerReview] = None
+        if self.gate.peers > 0:
+            self.review = PeerReview(
+                self.gate.peers, self.gate.peer_wait_s, min_standing=self.gate.peer_min_weight,
+                pairs=registry.peer_pair_counts(),
+                standings={peer: (s.agreed, s.disagreed) for peer, s in registry.peer_standing().items()},
+            )
 
     # -- what others ask -------------------------------------------------------------------------
 
@@ -342,9 +417,9 @@ class RelayCoordinator:
                       if lease.adapter_version < row.version <= onto)
         return combined if rebased else replace(combined, warmup_from=current.warmup_from)
 
-    def base_folder(self, assignment: Assignment) -> Path:
-        """The stored files of the lease's base, to send in-band to a node that lacks them."""
-        return self._store.get(assignment.base_ref)
+    def base_folder(self, base: ArtifactRef) -> Path:
+        """The stored files of a base, to send in-band to a node that lacks them."""
+        return self._store.get(base)
 
     # -- lifecycle -------------------------------------------------------------------------------
 
@@ -353,10 +428,25 @@ class RelayCoordinator:
         now = self.clock()
         ended = self._book.expire_all(now, reason="hub-restart")
         self._flush()
+        self._record_lost_reviews(now)
         self.schedule.mark(now)
         if ended:
             log.info("Expired %d lease(s) left active by an earlier run", len(ended))
         return ended
+
+    def _record_lost_reviews(self, now: float) -> None:
+        """Pushes that waited for peers when an earlier run stopped: their weights went with it. Each is
+        recorded as rejected, so every lease that ended in a push has its contribution."""
+        reviewed = [lease for lease in self._registry.leases() if lease.outcome == PEER_REVIEW]
+        if not reviewed:
+            return
+        recorded = {c.lease_token for c in self._registry.contributions()}
+        for lease in [lease for lease in reviewed if lease.token not in recorded]:
+            received = _Received(self._registry.pseudonym(lease.holder), now, "-", {}, ())
+            with self._registry.atomic():
+                self._record(received, lease.adapter, lease.token, "rejected",
+                             "hub-restart: the hub stopped while peers judged this push; its weights were not kept",
+                             None, {})
 
     def tick(self) -> list[Lease]:
         """Sweep due leases when the sweep interval has passed."""
@@ -515,18 +605,28 @@ class RelayCoordinator:
         was parsed."""
         return self._book.check_push(token, now)
 
-    def _judge(self, lease: Lease, received: "_Received", state: Mapping[str, Any]) -> PushOutcome:
-        """No credit without work (before evaluation), then blind evaluation and the gate.
+    def _judge(self, lease: Lease, received: "_Received", pushed: Mapping[str, Any]) -> PushOutcome:
+        """No credit without work (before evaluation), then blind evaluation and the gate; with peers, the
+        push then waits for them (``_await_peers``)."""
+        hub = self._hub_verdict(lease, pushed, self._registry.latest_adapter_version(lease.adapter),
+                                self._registry.latest_checkpoint())
+        if hub.decision is None:
+            return self._conclude(lease, received, "rejected", hub.reason, hub.losses, judged=hub.base.version,
+                                  update=hub.update)
+        if self.review is not None:
+            return self._await_peers(lease, received, pushed, hub)
+        return self._finish(lease, received, hub, hub.decision.accepted, hub.decision.reason)
+
+    def _hub_verdict(self, lease: Lease, pushed: Mapping[str, Any], parent: Any, base: Any) -> _HubVerdict:
+        """The hub's own judgement of ``pushed`` as the next version after ``parent``, on ``base``.
 
         A push is judged on the current base, whatever base its lease started on: the workbench holds
         the newest base, and the parent's losses come from that same base (evaluations belong to a
         pair of adapter version and base version), so like is compared with like."""
-        base = self._registry.latest_checkpoint()
-        parent = self._registry.latest_adapter_version(lease.adapter)
         terms = self.terms[lease.adapter]
         languages = terms.heldout_keys  # its own held-out sets: a language's text, or its task's data
         parent_state = self._parent_weights(parent)
-        update = None
+        state, update = pushed, None
         if parent.version == lease.adapter_version:  # nothing moved: the push is judged and kept as it is
             idle = no_work(state, parent_state, self.gate.min_change, revision_name(parent.version))
         else:  # another lane's push or a merge moved the adapter while the push was out: it lands as its change
@@ -535,7 +635,7 @@ class RelayCoordinator:
             if not idle:
                 state, update, idle = self._as_update(lease, parent, state, start, parent_state)
         if idle:
-            return self._conclude(lease, received, "rejected", idle, {}, judged=base.version, update=update)
+            return _HubVerdict(base, parent, state, update, {}, None, idle)
 
         scope = None if self.gate.check_others else languages
         reference = self._parent_losses(parent, base.version, parent_state, scope)
@@ -543,15 +643,171 @@ class RelayCoordinator:
         bad = [lang for lang in sorted(losses) if not math.isfinite(losses[lang])]
         if bad:  # huge weights: nothing to compare, and nothing to keep
             reason = "non-finite-loss: held-out loss " + ", ".join(f"{lang}={losses[lang]}" for lang in bad)
-            return self._conclude(lease, received, "rejected", reason, losses, judged=base.version, update=update)
-        decision = self._decide(losses, reference, terms)
-        ref = (self._write_artifact(state, parent, lease, losses, received.pseudonym, base)
-               if decision.accepted else None)
+            return _HubVerdict(base, parent, state, update, losses, None, reason)
+        return _HubVerdict(base, parent, state, update, losses, self._decide(losses, reference, terms))
+
+    def _finish(self, lease: Lease, received: "_Received", hub: _HubVerdict, accepted: bool, reason: str,
+                **conclude: Any) -> PushOutcome:
+        """Keep an accepted push as the next version (artifact and optimizer state first), then conclude."""
+        ref = (self._write_artifact(hub.state, hub.parent, lease, hub.losses, received.pseudonym, hub.base)
+               if accepted else None)
         if ref is not None:  # before the version's row commits
-            self._keep_optimizer(lease, parent.version + 1, received, state,
-                                 onto=parent.version if update is not None else None)
-        return self._conclude(lease, received, "accepted" if decision.accepted else "rejected", decision.reason,
-                              losses, parent=parent, ref=ref, judged=base.version, update=update)
+            self._keep_optimizer(lease, hub.parent.version + 1, received, hub.state,
+                                 onto=hub.parent.version if hub.update is not None else None)
+        return self._conclude(lease, received, "accepted" if accepted else "rejected", reason, hub.losses,
+                              parent=hub.parent, ref=ref, judged=hub.base.version, update=hub.update, **conclude)
+
+    # -- judged by peers -------------------------------------------------------------------------
+
+    def _await_peers(self, lease: Lease, received: "_Received", pushed: Mapping[str, Any],
+                     hub: _HubVerdict) -> PushOutcome:
+        """End the lease now and keep the push waiting for its peers (module doc)."""
+        terms = self.terms[lease.adapter]
+        with self._registry.atomic():
+            self._book.release(lease.token, received.at, outcome=PEER_REVIEW)
+            self.review.add(lease.token, lease.adapter, received.pseudonym, terms.serving, hub.base.digest,
+                            received.at, _Judged(lease, received, pushed, hub, terms))
+            self._flush()
+        log.info("Push for %r (lease %d) waits up to %.0f s for %d peer(s); the hub's own held-out: %s",
+                 lease.adapter, lease.token, self.gate.peer_wait_s, self.gate.peers, hub.decision.reason)
+        return PushOutcome(PENDING, f"awaiting peers; hub: {hub.decision.reason}", lease.adapter, lease.token,
+                           losses=dict(hub.losses))
+
+    def waiting_for_peers(self) -> int:
+        """How many pushes wait for their peers now."""
+        return 0 if self.review is None else len(self.review)
+
+    def peer_requests(self, idle: Sequence[tuple[NodeProfile, frozenset[str]]]) -> list[PeerRequest]:
+        """Evaluations for idle nodes (each with the digests of the bases it holds), for the pushes that
+        wait for peers, oldest first; each node gets at most one (``relay.peer_review``)."""
+        if self.review is None or not len(self.review):
+            return []
+        now = self.clock()
+        candidates = [(Candidate(self.pseudonym(node.node), tuple(node.languages), bases), node.node)
+                      for node, bases in idle if self._book.node_free(node.node)]
+        requests = []
+        for awaiting, question in self.review.ask(now, candidates):
+            judged: _Judged = awaiting.judged
+            base = judged.hub.base
+            blocks = self.gate.max_eval_blocks
+            requests.append(PeerRequest(question.evaluation, question.identity, base.ref, base.version, judged.terms,
+                                        judged.hub.state, self._parent_weights(judged.hub.parent), awaiting.deadline,
+                                        blocks, None if self.block_size is None else blocks * self.block_size,
+                                        hf_location(self._store, base.ref)))
+            log.info("Push for %r (lease %d): peer %s asked to judge it (evaluation %d)", awaiting.adapter,
+                     awaiting.token, question.peer, question.evaluation)
+        return requests
+
+    def peer_answered(self, evaluation: int, tokens: Mapping[str, int], candidate: Mapping[str, float],
+                      parent: Mapping[str, float]) -> None:
+        """A peer's checked report (``protocol.messages.parse_peer_reply``) for ``evaluation``."""
+        found = None if self.review is None else self.review.question(evaluation)
+        if found is None:
+            log.info("A peer's report for evaluation %d came after its push was decided; dropped", evaluation)
+            return
+        awaiting, question = found
+        result = PeerResult(question.peer, dict(tokens), dict(candidate), dict(parent),
+                            self.review.standing(question.peer))
+        self.review.answer(evaluation, result, self.clock())
+        log.info("Peer %s judged the push for %r (lease %d): %+.3f on %d tokens of %s", question.peer,
+                 awaiting.adapter, awaiting.token, result.delta, result.total_tokens, ",".join(sorted(tokens)))
+
+    def peer_failed(self, evaluation: int, why: str) -> None:
+        """No usable report for ``evaluation``: an error reply, a reply that failed its checks, no data."""
+        found = None if self.review is None else self.review.question(evaluation)
+        if found is None:
+            return
+        awaiting, question = found
+        self.review.fail(evaluation, why, self.clock())
+        log.info("Peer %s gave no report on the push for %r (lease %d): %s", question.peer, awaiting.adapter,
+                 awaiting.token, why)
+
+    def conclude_due(self, force: bool = False) -> list[PushOutcome]:
+        """Decide the pushes whose peers all answered or whose wait is over (``force``: every one, as the
+        relay stops)."""
+        if self.review is None:
+            return []
+        return [self._conclude_reviewed(awaiting) for awaiting in self.review.due(self.clock(), force)]
+
+    def _conclude_reviewed(self, awaiting: Awaiting) -> PushOutcome:
+        judged: _Judged = awaiting.judged
+        lease, received = judged.lease, judged.received
+        try:
+            hub = judged.hub
+            base = self._registry.latest_checkpoint()
+            parent = self._registry.latest_adapter_version(lease.adapter)
+            if base.version != hub.base.version or parent.version != hub.parent.version:
+                log.info("Push for %r (lease %d): the adapter or the base moved while peers judged it; the hub "
+                         "judges it again on v%d, base v%d", lease.adapter, lease.token, parent.version, base.version)
+                hub = self._hub_verdict(lease, judged.pushed, parent, base)
+            verdict = aggregate(awaiting.results(), method=self.gate.peer_aggregate, trim=self.gate.peer_trim,
+                                min_peers=self.gate.peer_min, min_tokens=self.gate.peer_min_tokens)
+            hub_tokens = self._hub_tokens(judged.terms)
+            if hub.decision is None:
+                record = self._peer_record(awaiting, verdict, None, hub, hub_tokens)
+                return self._conclude(lease, received, "rejected", hub.reason, hub.losses, judged=hub.base.version,
+                                      update=hub.update, reviewed=awaiting, peers=record)
+            margin = self.gate.margin if judged.terms.margin is None else judged.terms.margin
+            judgement = combine(hub.decision, hub_tokens, verdict, hub_min_tokens=self.gate.hub_min_tokens,
+                                margin=margin, tolerance=self.gate.peer_tolerance)
+            agreed = judged_reports(awaiting.results(), verdict, hub.decision, judgement.role, margin)
+            record = self._peer_record(awaiting, verdict, judgement, hub, hub_tokens)
+            outcome = self._finish(lease, received, hub, judgement.accepted, judgement.reason, reviewed=awaiting,
+                                   peers=record, agreed=agreed)
+            log.info("Push for %r (lease %d) %s with its peers (%s, %s): %s", lease.adapter, lease.token,
+                     outcome.decision, judgement.role, judgement.effect, judgement.reason)
+            return outcome
+        except Exception as err:
+            if is_hub_fault(err):
+                raise
+            outcome = self._contain(lease, received, err)
+            self._offer(lease.adapter)
+            return outcome
+
+    def _held(self, adapter: str) -> bool:
+        """Whether ``adapter`` must not be offered: with one lane, while a push of it waits for peers."""
+        return self.review is not None and self.lanes == 1 and self.review.holds(adapter)
+
+    def _offer(self, adapter: str) -> None:
+        """Offer ``adapter`` again from its latest version, when it has a free lane and nothing holds it."""
+        if self._book.is_free(adapter) and not self._held(adapter):
+            self.pool.put(self._info(adapter, self._registry.latest_adapter_version(adapter).version))
+
+    def _hub_tokens(self, terms: AdapterTerms) -> float:
+        """Held-out tokens the hub has on an adapter's own sets (0 when its workbench does not count them)."""
+        weights = self._workbench.weights or {}
+        return float(sum(weights.get(key, 0.0) for key in terms.heldout_keys))
+
+    def _peer_record(self, awaiting: Awaiting, verdict: PeerVerdict, judgement: Any, hub: _HubVerdict,
+                     hub_tokens: float) -> dict[str, Any]:
+        """The hub's numbers and the peers' (by pseudonym), as the contribution records them."""
+        delta = None if hub.decision is None or not math.isfinite(hub.decision.delta) else hub.decision.delta
+        reports = []
+        for question in awaiting.questions.values():
+            result = question.result
+            reports.append({"peer": question.peer, "tokens": result.total_tokens if result else 0,
+                            "delta": verdict.deltas.get(question.peer), "weight": verdict.weights.get(question.peer),
+                            "outcome": question.outcome})
+        return {
+            "hub": {"tokens": hub_tokens, "delta": delta, "accepted": bool(hub.decision and hub.decision.accepted)},
+            "peers": {"role": judgement.role if judgement else "", "asked": len(awaiting.questions),
+                      "counted": verdict.counted, "delta": verdict.delta, "tokens": verdict.tokens,
+                      "effect": judgement.effect if judgement else "", "waited_s": self.clock() - awaiting.arrived,
+                      "reports": reports},
+        }
+
+    def _peer_rows(self, token: int, awaiting: Awaiting) -> list[PeerReport]:
+        """Each question about a push as ``peer_reports`` keeps it (the pair counts that rotate peers)."""
+        rows = []
+        for question in awaiting.questions.values():
+            result = question.result
+            report = None if result is None else {
+                "tokens": dict(result.tokens), "candidate": dict(result.candidate), "parent": dict(result.parent),
+                "delta": result.delta, "weight": result.standing,
+            }
+            rows.append(PeerReport(token, question.peer, awaiting.pusher, question.at, question.answered,
+                                   question.outcome, report))
+        return rows
 
     def _as_update(self, lease: Lease, parent: Any, pushed: Mapping[str, Any], start: Mapping[str, Any],
                    current: Mapping[str, Any]) -> tuple[Mapping[str, Any], Optional[dict[str, Any]], str]:
@@ -643,8 +899,7 @@ class RelayCoordinator:
     def refresh_adapter(self, name: str) -> None:
         """A new version was recorded outside a push (a rebase after a merge): a free adapter is offered
         with it from now on."""
-        if self._book.is_free(name):
-            self.pool.put(self._info(name, self._registry.latest_adapter_version(name).version))
+        self._offer(name)
 
     def node_gone(self, holder: str) -> list[Lease]:
         ended = self._book.expire_holder(holder, self.clock(), reason="node-gone")
@@ -719,12 +974,15 @@ class RelayCoordinator:
     def _conclude(
         self, lease: Lease, received: "_Received", decision: str, reason: str, losses: Mapping[str, float], *,
         parent: Any = None, ref: Optional[ArtifactRef] = None, judged: Optional[int] = None,
-        update: Optional[Mapping[str, Any]] = None,
+        update: Optional[Mapping[str, Any]] = None, reviewed: Optional[Awaiting] = None,
+        peers: Optional[Mapping[str, Any]] = None, agreed: Optional[Mapping[str, bool]] = None,
     ) -> PushOutcome:
         """Release the lease, add the version (if any) and record the contribution in one transaction.
 
         ``judged`` is the base the push was judged on; a new version belongs to that base. ``update`` is
-        the record of a push applied as an update (``_as_update``), kept with both."""
+        the record of a push applied as an update (``_as_update``), kept with both. A push ``reviewed`` by
+        peers ended its lease when it arrived: the contribution also records ``peers`` (the hub's numbers
+        and the peers'), ``peer_reports`` each question, and each peer ``agreed`` with its standing."""
         version = None
         extra = {"update": dict(update)} if update is not None else {}
         with self._registry.atomic():
@@ -736,11 +994,18 @@ class RelayCoordinator:
                 )
                 version = row.version
             self._record(received, lease.adapter, lease.token, decision, reason, version, losses,
-                         trained_on=lease.base_version, judged_on=judged, extra=extra)
+                         trained_on=lease.base_version, judged_on=judged, extra={**extra, **(peers or {})})
             if judged is not None:
                 self._count_tokens(lease.adapter, received.metrics)
-            self._book.release(lease.token, received.at, outcome=decision)
+            if reviewed is None:
+                self._book.release(lease.token, received.at, outcome=decision)
+            else:
+                self._registry.add_peer_reports(self._peer_rows(lease.token, reviewed))
+                for peer, (yes, no) in self.review.settle(agreed or {}).items():
+                    self._registry.update_peer_standing(peer, yes, no, self.clock())
             self._flush()
+        if reviewed is not None:
+            self._offer(lease.adapter)
         return PushOutcome(decision, reason, lease.adapter, lease.token, version, dict(losses))
 
     def _record(self, received: "_Received", adapter: str, token: Optional[int], decision: str, reason: str,
@@ -787,9 +1052,8 @@ class RelayCoordinator:
             for lease in changes:
                 self._registry.save_lease(lease)
         for lease in changes:
-            if not lease.active and self._book.is_free(lease.adapter):
-                latest = self._registry.latest_adapter_version(lease.adapter)
-                self.pool.put(self._info(lease.adapter, latest.version))
+            if not lease.active:
+                self._offer(lease.adapter)
 
 
 @dataclass(frozen=True)

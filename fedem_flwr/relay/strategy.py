@@ -25,6 +25,14 @@ With ``train.carry`` a train message carries the adapter's optimizer state and a
 updated one, checked here against the adapter's spec, the step sent and the steps the reply reports
 (``validate_optimizer_state``); a state that fails goes to the coordinator as a reason, never as a
 rejection of the adapter.
+
+Judged by peers (``gate.peers`` > 0): a push the hub judged waits for peers (``RelayCoordinator``). Each
+loop turn first offers the idle nodes to the pushes that wait (``evaluate.peer`` messages: the candidate,
+its parent and the base's digest; a node is asked only about a base it holds), then leases adapters to
+the nodes left (why in ``relay.peer_review``). A node asked is busy until its answer or an error comes.
+Its answer is checked by ``protocol.messages.parse_peer_reply`` (the evaluation it answers, finite
+losses, at most ``gate.max_eval_blocks`` blocks' tokens per language and twice the bytes its profile
+declared); what fails is that question's, never the push's, and the node backs off.
 """
 
 from __future__ import annotations
@@ -35,6 +43,7 @@ import time
 from collections import Counter, deque
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Optional
 
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
@@ -45,10 +54,12 @@ from flwr.serverapp.strategy import Strategy
 from fedem_flwr.config.schema import RelayConfig
 from fedem_flwr.data.tasks import CHAT, node_serving
 from fedem_flwr.errors import HubFault, InvalidAdapter, is_hub_fault, one_line
+from fedem_flwr.hub.store import ArtifactRef
 from fedem_flwr.model.adapter_spec import AdapterSpec
+from fedem_flwr.node.fetch import HfLocation
 from fedem_flwr.protocol import messages
 from fedem_flwr.protocol.wire import adapter_to_arrays, arrays_to_adapter, arrays_to_optimizer, optimizer_record
-from fedem_flwr.relay.coordinator import Assignment, PushOutcome, RelayCoordinator
+from fedem_flwr.relay.coordinator import Assignment, PeerRequest, PushOutcome, RelayCoordinator
 from fedem_flwr.relay.nodes import NodeState, NodeTable
 from fedem_flwr.relay.policies import NodeProfile
 from fedem_flwr.training.optimizer_state import InvalidOptimizerState
@@ -87,7 +98,7 @@ class RelayResult:
     history: deque[PushOutcome] = field(default_factory=lambda: deque(maxlen=HISTORY_LIMIT))
 
     def record(self, outcome: Optional[PushOutcome]) -> None:
-        if outcome is None:
+        if outcome is None or outcome.pending:  # a push waiting for peers is recorded once decided
             return
         self.history.append(outcome)
         if outcome.accepted:
@@ -109,6 +120,8 @@ class _Pending:
     instruction: Optional[messages.TrainInstruction] = None  # what the train message asked
     base_via: str = ""  # IN_BAND, HF, or "" when the hub thought the node had it
     hf_named: bool = False  # the message named the base's Hub repo
+    peer: Optional[messages.PeerInstruction] = None  # what a peer evaluation asked
+    peer_max_tokens: int = 0  # the most tokens its report may claim per language
 
 
 def _row_lists(rows: Any, wanted: Sequence[str] = messages.OPTIONAL_ROW_COLUMNS) -> dict[str, list[str]]:
@@ -220,11 +233,14 @@ class RelayStrategy(Strategy):
             if live:
                 last_seen_node = now
             free = self._free_nodes(now)
+            evaluations = self._peer_messages(free)  # first: a push waits on them (relay.peer_review)
             assignments = self.coordinator.assign([node.profile for node in free.values()])
             result.leases += len(assignments)
             trains = [self._train_message(a, free[a.lease.holder]) for a in assignments]
-            self._push(grid, self._profile_queries(now) + [t for t in trains if t is not None])
+            self._push(grid, self._profile_queries(now) + evaluations + [t for t in trains if t is not None])
             handled = self._pull(grid, result)
+            for outcome in self.coordinator.conclude_due():
+                result.record(outcome)
             if self.between_turns is not None:
                 self.between_turns(handled > 0)
 
@@ -247,12 +263,19 @@ class RelayStrategy(Strategy):
         return self.stop_when() if self.stop_when is not None else ""
 
     def _drain(self, grid: Grid, result: RelayResult) -> None:
-        """Issue no more leases; judge the trains in flight that come back within ``drain_s``."""
+        """Issue no more leases; judge the trains in flight that come back within ``drain_s``, with the
+        peers their pushes wait for; then decide every push still waiting on what came in."""
         until = self.clock() + self.relay.drain_s
-        while any(p.kind == "train" for p in self.pending.values()) and self.clock() < until:
+        while (any(p.kind == "train" for p in self.pending.values()) or self.coordinator.waiting_for_peers()) \
+                and self.clock() < until:
             self.sleep(self.relay.poll_interval_s)
             self.coordinator.tick()
+            self._push(grid, self._peer_messages(self._free_nodes(self.clock())))
             self._pull(grid, result)
+            for outcome in self.coordinator.conclude_due():
+                result.record(outcome)
+        for outcome in self.coordinator.conclude_due(force=True):
+            result.record(outcome)
 
     def _abandon_pending(self) -> None:
         """The run ends with trains in flight: end their leases now rather than leave them to the
@@ -327,7 +350,6 @@ class RelayStrategy(Strategy):
     def _build_train_message(self, assignment: Assignment, node: NodeState) -> tuple[Message, _Pending]:
         lease = assignment.lease
         ttl = lease.remaining(self.clock())
-        digest = assignment.base_ref.digest
         payload = self.coordinator.train_payload(assignment)
         hf = payload.base_hf
         instruction = messages.TrainInstruction(
@@ -344,26 +366,72 @@ class RelayStrategy(Strategy):
             task=assignment.task,
             domain=assignment.domain,
         )
-        via = ""
-        if digest not in node.digests:
-            via = HF if hf is not None and (node.node_id, digest) not in self._hf_failed else IN_BAND
-        base_folder = self.coordinator.base_folder(assignment) if via == IN_BAND else None
-        if via == IN_BAND:
-            self.bases[IN_BAND] += 1
-            log.info("Node %s gets base v%d in-band with lease %d",
-                     self.coordinator.pseudonym(lease.holder), lease.base_version, lease.token)
-        elif via == HF:
-            log.info("Node %s is to fetch base v%d from %s (lease %d)",
-                     self.coordinator.pseudonym(lease.holder), lease.base_version, hf, lease.token)
+        via, base_folder = self._base_delivery(node, assignment.base_ref, hf, f"lease {lease.token}",
+                                               lease.base_version)
         message = messages.train_message(
             node.node_id, instruction, adapter_to_arrays(payload.state), ttl=ttl, base_folder=base_folder,
             rows=self._node_rows(node),
         )
         node.busy = True
-        # The node caches what it is sent or fetches; were it lost, its typed reply says so and it is
-        # sent again (in-band).
-        node.digests.add(digest)
         return message, _Pending("train", node.node_id, assignment, instruction, via, hf is not None)
+
+    def _base_delivery(self, node: NodeState, base: ArtifactRef, hf: Optional[HfLocation], why: str,
+                       version: int) -> tuple[str, Optional[Path]]:
+        """How a node that lacks ``base`` gets it with a message: told to fetch it from the Hub (``HF``),
+        unless its fetch of it failed before, else its files in-band (``IN_BAND``, with the folder); ""
+        when the hub believes it holds it. The node caches what it is sent or fetches; were it lost,
+        its typed reply says so and it is sent again (in-band)."""
+        if base.digest in node.digests:
+            return "", None
+        via = HF if hf is not None and (node.node_id, base.digest) not in self._hf_failed else IN_BAND
+        who = self.coordinator.pseudonym(node.identity)
+        if via == IN_BAND:
+            self.bases[IN_BAND] += 1
+            log.info("Node %s gets base v%d in-band with %s", who, version, why)
+        else:
+            log.info("Node %s is to fetch base v%d from %s (%s)", who, version, hf, why)
+        node.digests.add(base.digest)
+        return via, self.coordinator.base_folder(base) if via == IN_BAND else None
+
+    def _peer_messages(self, free: dict[str, NodeState]) -> list[tuple[Message, _Pending]]:
+        """Evaluations for idle nodes while pushes wait for peers; a node asked is taken out of ``free``
+        (it is busy until its answer or an error comes). A failure to build one is that question's."""
+        if not self.coordinator.waiting_for_peers():
+            return []
+        idle = [(node.profile, frozenset(node.digests)) for node in free.values() if node.profile is not None]
+        batch = []
+        for request in self.coordinator.peer_requests(idle):
+            node = free.pop(request.identity)
+            try:
+                batch.append(self._peer_message(request, node))
+            except Exception as err:
+                if is_hub_fault(err):
+                    raise
+                log.exception("Could not build evaluation %d for %s", request.evaluation,
+                              self._who(node.node_id, node))
+                self.coordinator.peer_failed(request.evaluation, f"hub-error: {one_line(err)}")
+        return batch
+
+    def _peer_message(self, request: PeerRequest, node: NodeState) -> tuple[Message, _Pending]:
+        instruction = messages.PeerInstruction(
+            evaluation=request.evaluation, base_digest=request.base_ref.digest, base_version=request.base_version,
+            languages=request.terms.languages, max_blocks=request.max_blocks, task=request.terms.task,
+            domain=request.terms.domain, base_hf=request.base_hf,
+        )
+        via, base_folder = self._base_delivery(node, request.base_ref, request.base_hf,
+                                               f"evaluation {request.evaluation}", request.base_version)
+        message = messages.peer_message(
+            node.node_id, instruction, adapter_to_arrays(request.candidate), adapter_to_arrays(request.parent),
+            ttl=max(1.0, request.deadline - self.clock()), rows=self._node_rows(node), base_folder=base_folder,
+        )
+        node.busy = True
+        # A byte-level tokenizer gives a token per byte and one per row: no report may claim more
+        # than twice the bytes the node declared, nor more than the blocks it was asked to score.
+        limit = 2 * max(1, node.profile.data_size) if node.profile is not None else 1
+        if request.max_tokens:
+            limit = min(limit, request.max_tokens)
+        return message, _Pending("peer", node.node_id, base_via=via, hf_named=request.base_hf is not None,
+                                 peer=instruction, peer_max_tokens=limit)
 
     def _node_rows(self, node: NodeState) -> Optional[dict[str, list[str]]]:
         """A simulated node's training rows, from the hub (it cannot tell which rows are held out).
@@ -397,6 +465,8 @@ class RelayStrategy(Strategy):
             try:
                 if pending.kind == "profile":
                     self._on_profile(reply, node)
+                elif pending.kind == "peer":
+                    self._on_peer_reply(reply, pending, node)
                 else:
                     self._on_train_reply(reply, pending, node, result)
             except Exception as err:
@@ -440,6 +510,36 @@ class RelayStrategy(Strategy):
             self._who(node.node_id, node), ",".join(parsed.languages) or "-", chat,
             node.profile.device, node.profile.data_size / 1000,
         )
+
+    def _on_peer_reply(self, reply: Message, pending: _Pending, node: Optional[NodeState]) -> None:
+        """A peer's answer, checked like any reply: what fails is that question's, never the push's."""
+        sent = pending.peer
+        if reply.has_error():
+            code = reply.error.code
+            self.coordinator.peer_failed(sent.evaluation, f"error code {code}")
+            if code == ErrorCode.NODE_UNAVAILABLE:
+                self.nodes.drop(pending.node_id)
+            elif code in (ErrorCode.MESSAGE_UNAVAILABLE, ErrorCode.REPLY_MESSAGE_UNAVAILABLE):
+                if node is not None:
+                    node.profile = None  # it did not answer in time: ask it afresh
+            else:
+                self._back_off(node, f"peer evaluation failed (code {code})")
+            return
+        try:
+            parsed = messages.parse_peer_reply(reply, sent, pending.peer_max_tokens)
+        except messages.InvalidReply as err:
+            self.coordinator.peer_failed(sent.evaluation, f"invalid report: {err}")
+            self._back_off(node, f"invalid peer report: {err}")
+            return
+        if parsed.status == messages.MISSING_BASE and node is not None:
+            node.digests.discard(sent.base_digest)  # the next message carries it in-band
+            if pending.hf_named and pending.base_via != IN_BAND:
+                self.bases[HF_FAILED] += 1
+                self._hf_failed.add((pending.node_id, sent.base_digest))
+        if parsed.status != messages.OK:
+            self.coordinator.peer_failed(sent.evaluation, f"{parsed.status}: {parsed.detail}".rstrip(": "))
+            return
+        self.coordinator.peer_answered(sent.evaluation, parsed.tokens, parsed.candidate, parsed.parent)
 
     def _on_train_reply(self, reply: Message, pending: _Pending, node: Optional[NodeState], result: RelayResult) -> None:
         """Judge a reply as the hub's own lease of the message it answers: the parse has checked its

@@ -1,0 +1,159 @@
+"""Peers judge pushes on the in-process Grid: a real hub, the real ClientApp, six simulated nodes that all
+hold Hindi (one adapter, so five nodes are idle while one trains), `gate.peers=3`, and one peer that lies
+or misbehaves.
+
+Three relays share this module: one where the hub has the data and peers may veto (the liar always says
+"worse"), one where peers decide alone (the liar always says "better"), and one where every peer but two
+is hostile (NaN, huge token counts, a reply for another evaluation, a reply after the deadline).
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from fedem_flwr.client_app import app as client_app
+from fedem_flwr.config.loader import load_run_config
+from fedem_flwr.gate.acceptance import Decision
+from fedem_flwr.gate.peers import PeerResult, aggregate, combine
+from fedem_flwr.relay.bootstrap import open_hub
+from fedem_flwr.relay.coordinator import PEER_REVIEW
+from fedem_flwr.relay.strategy import RelayStrategy
+from tests.support.fake_grid import InProcessGrid
+
+NODES = 6
+OVERRIDES = (
+    "data.languages=[hi] train.max_steps=6 train.batch_size=4 train.progress=false "
+    "relay.lease_ttl_s=600 relay.poll_interval_s=0.001 relay.no_node_grace_s=0 relay.max_wall_s=240 "
+    "relay.policy=language relay.drain_s=60 merge.every_accepted=null merge.every_s=null "
+    "gate.peers=3 gate.peer_min=2 gate.peer_min_tokens=32 gate.peer_holdout=0.3 gate.max_eval_blocks=8"
+)
+LIAR = 102
+
+
+def relay(root, overrides: str, faults: dict[int, str], max_accepted: int, peer_wait_s: float = 60.0):
+    run_config = {"overrides": f"{OVERRIDES} {overrides} relay.max_accepted={max_accepted} "
+                               f"gate.peer_wait_s={peer_wait_s}", "hub": str(root / "hub")}
+    cfg = load_run_config(run_config)
+    hub = open_hub(cfg, root / "hub")
+    node_configs = {100 + i: {"partition-id": i, "num-partitions": NODES, "cache-dir": str(root / f"cache-{i}")}
+                    for i in range(NODES)}
+    for node_id, fault in faults.items():
+        node_configs[node_id]["peer-fault"] = fault
+    grid = InProcessGrid(client_app, node_configs, run_config)
+    strategy = RelayStrategy(hub.coordinator, cfg.relay, hub.workbench.spec, max_steps=cfg.train.max_steps,
+                             training_rows=hub.training_rows)
+    return hub, strategy, strategy.start(grid), grid
+
+
+def pseudonym_of(hub, strategy, node_id: int) -> str:
+    for nid in strategy.nodes.ids():
+        if nid == node_id:
+            return hub.registry.pseudonym(strategy.nodes.get(nid).identity)
+    raise AssertionError(f"node {node_id} is not live")
+
+
+@pytest.fixture(scope="module")
+def vetoing(tmp_path_factory):
+    """The hub has the data (`hub_min_tokens=0`): peers may veto; the liar always says "worse"."""
+    return relay(tmp_path_factory.mktemp("veto"), "gate.hub_min_tokens=0", {LIAR: "worse"}, max_accepted=5)
+
+
+@pytest.fixture(scope="module")
+def deciding(tmp_path_factory):
+    """The hub has too little (`hub_min_tokens` huge): peers decide; the liar always says "better"."""
+    return relay(tmp_path_factory.mktemp("decide"), "gate.hub_min_tokens=1000000000", {LIAR: "better"},
+                 max_accepted=5)
+
+
+def reviewed(hub) -> list:
+    return [c for c in hub.registry.contributions() if "peers" in c.evaluation]
+
+
+def recomputed_without(hub, contribution, liar: str) -> bool:
+    """The decision the honest peers' reports (as recorded) and the hub's own result give without ``liar``."""
+    gate = hub.cfg.gate
+    results = [PeerResult(r.peer, r.report["tokens"], r.report["candidate"], r.report["parent"], r.report["weight"])
+               for r in hub.registry.peer_reports(contribution.lease_token)
+               if r.report is not None and r.peer != liar]
+    verdict = aggregate(results, method=gate.peer_aggregate, trim=gate.peer_trim, min_peers=gate.peer_min,
+                        min_tokens=gate.peer_min_tokens)
+    own = contribution.evaluation["hub"]
+    hub_decision = Decision(own["accepted"], "", own["delta"] if own["delta"] is not None else float("nan"))
+    return combine(hub_decision, own["tokens"], verdict, hub_min_tokens=gate.hub_min_tokens, margin=gate.margin,
+                   tolerance=gate.peer_tolerance).accepted
+
+
+@pytest.mark.parametrize("run", ["vetoing", "deciding"])
+def test_every_push_waits_for_peers_that_are_never_its_pusher(run, request):
+    hub, strategy, result, grid = request.getfixturevalue(run)
+    assert result.accepted >= 1, result
+    judged = reviewed(hub)
+    assert judged, [c.reason for c in hub.registry.contributions()]
+    role = "veto" if run == "vetoing" else "decide"
+    for contribution in judged:
+        peers = contribution.evaluation["peers"]
+        rows = hub.registry.peer_reports(contribution.lease_token)
+        assert len(rows) == peers["asked"] <= 3
+        assert all(row.peer != contribution.pseudonym and row.pusher == contribution.pseudonym for row in rows)
+        if peers["counted"] >= 2:
+            assert peers["role"] == role
+        lease = hub.registry.lease(contribution.lease_token)
+        assert lease.outcome == PEER_REVIEW
+    assert any(c.evaluation["peers"]["counted"] >= 2 for c in judged)
+    peer_messages = [m for m in grid.delivered if m.metadata.message_type == "evaluate.peer"]
+    assert peer_messages
+    # blind: a question names neither the lease nor the pusher
+    config = dict(peer_messages[0].content["config"])
+    assert not {"lease-token", "holder", "adapter", "pseudonym"} & set(config)
+
+
+@pytest.mark.parametrize("run", ["vetoing", "deciding"])
+def test_the_liar_never_flips_a_decision(run, request):
+    hub, strategy, _, _ = request.getfixturevalue(run)
+    liar = pseudonym_of(hub, strategy, LIAR)
+    heard = [c for c in reviewed(hub) if any(r.peer == liar and r.outcome == "counted"
+                                             for r in hub.registry.peer_reports(c.lease_token))]
+    assert heard, "the liar was never asked; the test shows nothing"
+    for contribution in heard:
+        assert (contribution.decision == "accepted") == recomputed_without(hub, contribution, liar), \
+            contribution.reason
+
+
+def test_where_the_hub_has_data_the_liar_loses_standing(vetoing):
+    hub, strategy, _, _ = vetoing
+    liar = pseudonym_of(hub, strategy, LIAR)
+    standing = hub.registry.peer_standing()
+    accepted_with_liar = [c for c in reviewed(hub) if c.decision == "accepted" and any(
+        r.peer == liar and r.outcome == "counted" for r in hub.registry.peer_reports(c.lease_token))]
+    if not accepted_with_liar:
+        pytest.skip("no accepted push was judged by the liar in this run")
+    assert standing[liar].disagreed >= 1 and standing[liar].weight < 1.0
+    honest = [s for peer, s in standing.items() if peer != liar]
+    assert honest and max(s.weight for s in honest) > standing[liar].weight
+
+
+def test_where_peers_decide_standing_is_never_changed(deciding):
+    hub, _, _, _ = deciding
+    assert all(s.agreed == 0 and s.disagreed == 0 for s in hub.registry.peer_standing().values())
+
+
+def test_hostile_peers_are_recorded_and_dropped_and_the_relay_goes_on(tmp_path):
+    faults = {101: "nan", 102: "huge-tokens", 103: "other-evaluation", 104: "late"}
+    hub, strategy, result, _ = relay(tmp_path, "gate.hub_min_tokens=0 gate.peer_min=1", faults, max_accepted=3,
+                                     peer_wait_s=4.0)
+    assert result.accepted >= 1, result
+    outcomes = {}
+    for node_id, fault in faults.items():
+        peer = pseudonym_of(hub, strategy, node_id)
+        outcomes[fault] = {r.outcome for r in hub.registry.peer_reports() if r.peer == peer}
+    asked = {fault for fault, seen in outcomes.items() if seen}
+    assert len(asked) >= 2, outcomes  # most hostile peers were asked at least once
+    for fault, seen in outcomes.items():
+        assert "counted" not in seen, (fault, seen)  # no hostile report ever counted
+    # each failure names what was wrong; a question the late peer's sleep kept from delivery expired (code 3)
+    named = {"nan": "finite loss", "huge-tokens": "tokens", "other-evaluation": "claim-mismatch: evaluation",
+             "late": "error code 4"}
+    for fault, seen in outcomes.items():
+        for outcome in seen:
+            assert named[fault] in outcome or outcome in ("failed: error code 3", "unanswered"), (fault, outcome)
+    assert any(named["late"] in o or o == "unanswered" for o in outcomes["late"]), outcomes
