@@ -408,15 +408,16 @@ def test_a_language_held_out_entirely_has_nothing_to_train_on(cfg):
 # -- the handler -----------------------------------------------------------------------------------
 
 
-def _judge(base, node: dict, *, languages=("hi",), digest_of=None, overrides=OVERRIDES, ttl=600.0):
-    """One ``evaluate.peer`` message through the real ClientApp of a simulated node handed ``ROWS``."""
+def _judge(base, node: dict, *, languages=("hi",), digest_of=None, overrides=OVERRIDES, ttl=600.0, send_base=False):
+    """One ``evaluate.peer`` message through the real ClientApp of a simulated node handed ``ROWS`` (and the
+    base's files with it, ``send_base``)."""
     cfg = load_config(overrides.split())
     model, _ = load_base(str(base))
     parent = adapter_state(attach_lora(model, cfg.lora, seed=0))
     candidate = {k: v + 0.05 if "lora_B" in k else v for k, v in parent.items()}
     instruction = messages.PeerInstruction(5, digest_of or digest(base), 0, languages, 4)
     message = messages.peer_message(100, instruction, adapter_to_arrays(candidate), adapter_to_arrays(parent),
-                                    ttl=ttl, rows=ROWS)
+                                    ttl=ttl, rows=ROWS, base_folder=base if send_base else None)
     message.metadata.__dict__["_message_id"] = "p"
     reply = client_app(message, Context(7, 100, node, RecordDict(), {"overrides": overrides}))
     return reply, message, instruction
@@ -437,6 +438,15 @@ def test_the_client_app_judges_on_the_nodes_held_out_rows(identity, cfg, plain_b
     assert all(math.isfinite(v) and v > 0 for v in (parsed.candidate["hi"], parsed.parent["hi"]))
 
 
+def test_a_node_without_the_base_keeps_the_one_sent_with_the_question(identity, plain_base, tmp_path):
+    node = _node(tmp_path)  # an empty cache
+
+    reply, _, instruction = _judge(plain_base, node, send_base=True)
+
+    assert messages.parse_peer_reply(reply, instruction, max_tokens=10**6).status == messages.OK
+    assert BaseCache.for_node(node).has(digest(plain_base))  # kept for its next lease
+
+
 def test_the_client_app_answers_missing_base_and_no_data(identity, plain_base, tmp_path):
     node = _node(tmp_path, plain_base)
 
@@ -446,7 +456,8 @@ def test_the_client_app_answers_missing_base_and_no_data(identity, plain_base, t
 
     missing, unheld, nothing_out = (messages.parse_peer_reply(reply, sent, max_tokens=10**6) for reply, sent in
                                     ((missing, sent_missing), (unheld, sent_unheld), (nothing_out, sent_nothing)))
-    assert (missing.status, missing.detail) == (messages.MISSING_BASE, "this node does not hold base cccccccccccc")
+    assert missing.status == messages.MISSING_BASE  # not cached, not sent, nowhere to fetch it from
+    assert missing.detail.startswith("base cccccccccccc not cached in") and missing.detail.endswith("and not sent")
     assert (unheld.status, unheld.detail) == (messages.NO_DATA, "this node holds no held-out rows in ta for task "
                                                                 "'causal-lm'")
     assert (nothing_out.status, nothing_out.detail) == (messages.NO_DATA, "this node holds no rows out to judge "

@@ -2,9 +2,10 @@
 hold Hindi (one adapter, so five nodes are idle while one trains), `gate.peers=3`, and one peer that lies
 or misbehaves.
 
-Three relays share this module: one where the hub has the data and peers may veto (the liar always says
-"worse"), one where peers decide alone (the liar always says "better"), and one where every peer but two
-is hostile (NaN, huge token counts, a reply for another evaluation, a reply after the deadline).
+Six relays, one per liar (always "worse", always "better", random) and per role of the peers (where the
+hub has the data they may veto; where it has too little they decide alone), each shared by the tests
+that read it; and one where four peers of five are hostile (NaN, huge token counts, a reply for another
+evaluation, a reply after the deadline).
 """
 
 from __future__ import annotations
@@ -52,17 +53,17 @@ def pseudonym_of(hub, strategy, node_id: int) -> str:
     raise AssertionError(f"node {node_id} is not live")
 
 
-@pytest.fixture(scope="module")
-def vetoing(tmp_path_factory):
-    """The hub has the data (`hub_min_tokens=0`): peers may veto; the liar always says "worse"."""
-    return relay(tmp_path_factory.mktemp("veto"), "gate.hub_min_tokens=0", {LIAR: "worse"}, max_accepted=5)
+ROLES = {"veto": "gate.hub_min_tokens=0", "decide": "gate.hub_min_tokens=1000000000"}
+RUNS = [(role, liar) for role in ROLES for liar in ("worse", "better", "random")]
 
 
-@pytest.fixture(scope="module")
-def deciding(tmp_path_factory):
-    """The hub has too little (`hub_min_tokens` huge): peers decide; the liar always says "better"."""
-    return relay(tmp_path_factory.mktemp("decide"), "gate.hub_min_tokens=1000000000", {LIAR: "better"},
-                 max_accepted=5)
+@pytest.fixture(scope="module", params=RUNS, ids=[f"{role}-{liar}" for role, liar in RUNS])
+def liar_run(request, tmp_path_factory):
+    """A relay where peers ``role`` (the hub has the data, or too little) and one peer lies as ``liar``."""
+    role, liar = request.param
+    hub, strategy, result, grid = relay(tmp_path_factory.mktemp(f"{role}-{liar}"), ROLES[role], {LIAR: liar},
+                                        max_accepted=5)
+    return role, liar, hub, strategy, result, grid
 
 
 def reviewed(hub) -> list:
@@ -83,13 +84,11 @@ def recomputed_without(hub, contribution, liar: str) -> bool:
                    tolerance=gate.peer_tolerance).accepted
 
 
-@pytest.mark.parametrize("run", ["vetoing", "deciding"])
-def test_every_push_waits_for_peers_that_are_never_its_pusher(run, request):
-    hub, strategy, result, grid = request.getfixturevalue(run)
+def test_every_push_waits_for_peers_that_are_never_its_pusher(liar_run):
+    role, _, hub, strategy, result, grid = liar_run
     assert result.accepted >= 1, result
     judged = reviewed(hub)
     assert judged, [c.reason for c in hub.registry.contributions()]
-    role = "veto" if run == "vetoing" else "decide"
     for contribution in judged:
         peers = contribution.evaluation["peers"]
         rows = hub.registry.peer_reports(contribution.lease_token)
@@ -107,9 +106,8 @@ def test_every_push_waits_for_peers_that_are_never_its_pusher(run, request):
     assert not {"lease-token", "holder", "adapter", "pseudonym"} & set(config)
 
 
-@pytest.mark.parametrize("run", ["vetoing", "deciding"])
-def test_the_liar_never_flips_a_decision(run, request):
-    hub, strategy, _, _ = request.getfixturevalue(run)
+def test_the_liar_never_flips_a_decision(liar_run):
+    _, _, hub, strategy, _, _ = liar_run
     liar = pseudonym_of(hub, strategy, LIAR)
     heard = [c for c in reviewed(hub) if any(r.peer == liar and r.outcome == "counted"
                                              for r in hub.registry.peer_reports(c.lease_token))]
@@ -119,21 +117,23 @@ def test_the_liar_never_flips_a_decision(run, request):
             contribution.reason
 
 
-def test_where_the_hub_has_data_the_liar_loses_standing(vetoing):
-    hub, strategy, _, _ = vetoing
+@pytest.mark.parametrize("liar_run", [("veto", "worse")], indirect=True, ids=["veto-worse"])
+def test_where_the_hub_has_data_a_liar_saying_worse_loses_standing(liar_run):
+    _, _, hub, strategy, _, _ = liar_run
     liar = pseudonym_of(hub, strategy, LIAR)
     standing = hub.registry.peer_standing()
     accepted_with_liar = [c for c in reviewed(hub) if c.decision == "accepted" and any(
         r.peer == liar and r.outcome == "counted" for r in hub.registry.peer_reports(c.lease_token))]
-    if not accepted_with_liar:
-        pytest.skip("no accepted push was judged by the liar in this run")
+    assert accepted_with_liar, "no accepted push was judged by the liar: the test shows nothing"
     assert standing[liar].disagreed >= 1 and standing[liar].weight < 1.0
     honest = [s for peer, s in standing.items() if peer != liar]
     assert honest and max(s.weight for s in honest) > standing[liar].weight
 
 
-def test_where_peers_decide_standing_is_never_changed(deciding):
-    hub, _, _, _ = deciding
+@pytest.mark.parametrize("liar_run", [("decide", "worse"), ("decide", "random")], indirect=True,
+                         ids=["decide-worse", "decide-random"])
+def test_where_peers_decide_standing_is_never_changed(liar_run):
+    _, _, hub, _, _, _ = liar_run
     assert all(s.agreed == 0 and s.disagreed == 0 for s in hub.registry.peer_standing().values())
 
 

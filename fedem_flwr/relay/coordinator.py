@@ -752,11 +752,8 @@ class RelayCoordinator:
                                 margin=margin, tolerance=self.gate.peer_tolerance)
             agreed = judged_reports(awaiting.results(), verdict, hub.decision, judgement.role, margin)
             record = self._peer_record(awaiting, verdict, judgement, hub, hub_tokens)
-            outcome = self._finish(lease, received, hub, judgement.accepted, judgement.reason, reviewed=awaiting,
-                                   peers=record, agreed=agreed)
-            log.info("Push for %r (lease %d) %s with its peers (%s, %s): %s", lease.adapter, lease.token,
-                     outcome.decision, judgement.role, judgement.effect, judgement.reason)
-            return outcome
+            return self._finish(lease, received, hub, judgement.accepted, judgement.reason, reviewed=awaiting,
+                                peers=record, agreed=agreed)
         except Exception as err:
             if is_hub_fault(err):
                 raise
