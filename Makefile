@@ -24,6 +24,7 @@ run: setup
 	$(BIN)/fedem run . --federation-config "$(FEDERATION)" \
 		--run-config 'config-name="demo" hub="$(HUB)"'
 	$(BIN)/fedem --hub "$(HUB)" status
+	$(BIN)/fedem --hub "$(HUB)" contributions --limit 8
 	$(BIN)/fedem --hub "$(HUB)" report
 
 test: setup
