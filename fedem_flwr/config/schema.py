@@ -694,9 +694,9 @@ class SimConfig:
         default=8.0, metadata={"help": "A harmful contributor's pushes have every `lora_B` (so B @ A) scaled by it."}
     )
     peer_eval_cost: str = field(
-        default="max-blocks",
-        metadata={"help": "What a peer evaluation costs its contributor in simulated time: `max-blocks` (every "
-                          "block it may score: an upper bound) or `scored` (the tokens its report says it scored)."},
+        default="scored",
+        metadata={"help": "What a peer evaluation costs its contributor in simulated time: `scored` (the tokens "
+                          "its report says it scored) or `max-blocks` (every block it may score: an upper bound)."},
     )
     score_decisions: bool = field(
         default=False,

@@ -7,6 +7,19 @@ across contributors around ``sim.speed``; each lease's duration varies around th
 speed (``sim.jitter_sigma``), so a contributor that plans to finish just in time is sometimes late.
 A ``daily`` contributor is online for its share of every period, starting at its own hour (time
 zones); a vanished one is away until its next window opens (``daily``) or for ``sim.away_s``.
+
+A peer evaluation (``evaluate.peer``) costs a contributor time too: it scores a candidate and its
+parent, a forward pass each over at most ``max-blocks`` blocks of every language asked, and a forward
+pass costs about a third of a training step's work per token (no backward pass, no optimizer step).
+So it takes ``2 * max_blocks * block_size * languages / (3 * speed * tokens_per_step)`` simulated
+seconds (``evaluation_seconds``), with the same per-lease pace and the same chance of vanishing as a lease.
+That is an upper bound (``sim.peer_eval_cost=max-blocks``): a peer holding fewer held-out blocks scores
+fewer, and by default (``scored``) an evaluation is priced at the tokens it reports (``scoring_seconds``),
+capped by the bound.
+
+Harmful contributors (``sim.harmful_share``, ``harmful_partitions``): a share of the partitions, drawn
+by the seed, whose pushes the simulation scales (``sim.harm_scale``) -- a broken or malicious
+contributor, such as one training at a far too high rate or one poisoning adapters on purpose.
 """
 
 from __future__ import annotations
@@ -66,6 +79,16 @@ class VirtualContributor:
             return LeasePlan(steps, duration, vanish_at_s=duration * share, steps_done=int(steps * share))
         return LeasePlan(steps, duration, steps_done=steps)
 
+    def evaluation(self, token: object, seconds: float) -> LeasePlan:
+        """The plan of peer evaluation ``token`` that takes ``seconds`` at this contributor's speed
+        (``evaluation_seconds``): this request's pace and whether it vanishes, drawn as a lease's are."""
+        rng = _rng("evaluation", self.seed, self.partition_id, token)
+        pace = math.exp(rng.gauss(0.0, self.cfg.jitter_sigma)) if self.cfg.jitter_sigma else 1.0
+        duration = seconds * pace
+        if rng.random() < self.cfg.vanish_prob:
+            return LeasePlan(0, duration, vanish_at_s=duration * rng.random())
+        return LeasePlan(0, duration)
+
     def online(self, t: float) -> bool:
         """Whether it is online at simulated time ``t`` (seconds since the start)."""
         if self.cfg.availability == "always":
@@ -124,3 +147,26 @@ def virtual_contributor(cfg: SimConfig, seed: int, partition_id: int) -> Virtual
     # Online shares spread around the mean, within (5%, 100%].
     share = min(1.0, max(0.05, rng.gauss(cfg.online_fraction, 0.15))) if cfg.online_fraction < 1 else 1.0
     return VirtualContributor(partition_id, speed, share, rng.uniform(0.0, cfg.period_s), cfg, seed)
+
+
+def evaluation_seconds(speed: float, *, max_blocks: int, block_size: int, languages: int,
+                       tokens_per_step: int) -> float:
+    """Simulated seconds a peer evaluation takes at ``speed`` optimizer steps per second, at most: it
+    scores candidate and parent (2 forward passes) on at most ``max_blocks`` blocks of each language
+    asked, and a forward pass costs about a third of a training step's work per token."""
+    return scoring_seconds(speed, tokens=max_blocks * block_size * languages, tokens_per_step=tokens_per_step)
+
+
+def scoring_seconds(speed: float, *, tokens: float, tokens_per_step: int) -> float:
+    """Simulated seconds to score candidate and parent on ``tokens`` tokens each (``sim.peer_eval_cost=scored``:
+    the tokens a peer reports it scored, fewer than ``evaluation_seconds`` assumes when it holds fewer blocks)."""
+    return 2.0 * tokens / (3.0 * speed * tokens_per_step)
+
+
+def harmful_partitions(cfg: SimConfig, seed: int, num_partitions: int) -> frozenset[int]:
+    """The partitions whose contributors are harmful: ``round(sim.harmful_share * num_partitions)`` of
+    them, drawn by ``seed`` alone, so every run of a seed has the same ones whatever else it sets."""
+    count = int(round(cfg.harmful_share * num_partitions))
+    if count <= 0:
+        return frozenset()
+    return frozenset(_rng("harmful", seed, num_partitions).sample(range(num_partitions), count))

@@ -48,7 +48,9 @@ def mean_loss(losses: Mapping[str, float]) -> float:
 class Counters:
     """What a simulated federation spent so far. ``tokens`` counts every token trained, wasted
     ones included; ``tokens_wasted`` those whose work never reached the hub in time (vanished,
-    expired, late) -- rejected work was judged, so it is spent, not wasted."""
+    expired, late) -- rejected work was judged, so it is spent, not wasted. ``peer_evals`` counts the
+    peer evaluations asked (``gate.peers``) and ``peer_eval_s`` the contributor seconds they took, apart
+    from training; ``harmful_pushes`` the pushes of harmful contributors (``sim.harmful_share``)."""
 
     tokens: int = 0
     tokens_wasted: int = 0
@@ -57,6 +59,9 @@ class Counters:
     rejected: int = 0
     leases: int = 0
     expired: int = 0
+    peer_evals: int = 0
+    peer_eval_s: float = 0.0
+    harmful_pushes: int = 0
 
 
 @dataclass

@@ -14,6 +14,11 @@ Every method's result on the virtual clock carries its lease utilisation (``simu
 ``lease_utilisation``, ``lease_seconds``, ``online_seconds``); a relay's adds the ceiling its lanes
 allow (``utilisation_ceiling``, ``utilisation_of_ceiling``, ``ceiling_inputs``), which FedAvg, with no
 lane rule, leaves empty.
+
+Every method's result also says what contributors spent judging their peers (``gate.peers``):
+``contributor_time`` (``training_s``: useful lease seconds; ``peer_eval_s``; ``peer_eval_share``). A relay's
+adds ``peer_waiting`` (seconds pushes waited for their peers) and, with ``sim.score_decisions``,
+``decisions``: every concluded push judged afterwards on the test split (``simulation.decisions``).
 """
 
 from __future__ import annotations
@@ -21,7 +26,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import replace
 from pathlib import Path
 from typing import Any, TypeVar
@@ -34,6 +39,13 @@ from fedem_flwr.relay.bootstrap import Hub, open_hub
 from fedem_flwr.relay.keeper import BaseKeeper
 from fedem_flwr.relay.strategy import RelayStrategy
 from fedem_flwr.simulation.clock import VirtualClock
+from fedem_flwr.simulation.decisions import (
+    ScoredDecision,
+    contributor_time,
+    decision_summary,
+    peer_waiting,
+    scoring_decisions,
+)
 from fedem_flwr.simulation.evaluation import (
     TestCurve,
     base_alone,
@@ -57,8 +69,11 @@ def run_simulation(grid: Grid, cfg: FedemConfig, hub_path: Path) -> dict[str, An
     """Run ``cfg.sim.method`` on the virtual clock over Flower's simulation ``grid``; returns the
     result it wrote (``sim/result.json``)."""
     clock = VirtualClock()
-    vgrid = VirtualGrid(grid, clock, cfg.sim, cfg.seed, max_steps=cfg.train.max_steps)
     hub = open_hub(cfg, hub_path, clock=clock)
+    block = cfg.data.block_size
+    vgrid = VirtualGrid(grid, clock, cfg.sim, cfg.seed, max_steps=cfg.train.max_steps, block_size=block,
+                        tokens_per_step=cfg.train.batch_size * cfg.train.grad_accum * block,
+                        adapter_spec=hub.workbench.spec)
     trace = Trace(hub_path)
     started = time.monotonic()
     try:
@@ -66,7 +81,8 @@ def run_simulation(grid: Grid, cfg: FedemConfig, hub_path: Path) -> dict[str, An
             result = _relay(hub, vgrid, clock, trace, started)
         else:
             result = run_fedavg(vgrid, hub, cfg, clock, trace, counters=vgrid.counters,
-                                more=lambda: {"timing": vgrid.timing(), **vgrid.utilisation()})
+                                more=lambda: {"timing": vgrid.timing(), **vgrid.utilisation(),
+                                              "contributor_time": _contributor_time(vgrid)})
     finally:
         trace.close()
     log.info("Simulation of %s done: %.0f simulated s in %.0f s; %d tokens (%d wasted)",
@@ -104,7 +120,9 @@ def _relay(hub: Hub, vgrid: VirtualGrid, clock: VirtualClock, trace: Trace, star
         sleep=vgrid.advance, training_rows=hub.training_rows, between_turns=between_turns, stop_when=budget_spent,
     )
     relay_started = time.monotonic()
-    with _timing_calls(hub.coordinator, "receive_push", timing, "judging_s"):
+    decisions: list[ScoredDecision] = []
+    scoring = scoring_decisions(hub, decisions) if cfg.sim.score_decisions else nullcontext()
+    with _timing_calls(hub.coordinator, "receive_push", timing, "judging_s"), scoring:
         result = strategy.start(vgrid)
     timing["relay_s"] = time.monotonic() - relay_started
     keeper.finish()
@@ -120,12 +138,20 @@ def _relay(hub: Hub, vgrid: VirtualGrid, clock: VirtualClock, trace: Trace, star
     timing["final_evaluation_s"] = time.monotonic() - relay_started - timing["relay_s"]
     adapters = {adapter.name: adapter.languages for adapter in hub.registry.adapters()}
     study.update(vgrid.utilisation(adapters, lanes=cfg.relay.lanes))
+    study.update(contributor_time=_contributor_time(vgrid), peer_waiting=peer_waiting(hub.registry))
+    if cfg.sim.score_decisions:
+        study["decisions"] = decision_summary(decisions, hub.workbench.weights or {}, cfg.gate.hub_min_tokens)
+        study["decision_rows"] = [decision.as_json() for decision in decisions]
     write_result(hub.path, method="relay", losses=losses, counters=counters, sim_seconds=clock.elapsed,
                  wall_seconds=time.monotonic() - started,
                  extra={"stopped_by": result.stopped_by, "cpt_tokens": keeper.cpt_tokens, **study,
                         "budget_tokens": cfg.sim.max_tokens, "base_version": hub.registry.latest_checkpoint().version,
                         "timing": {**vgrid.timing(), **{key: round(value, 2) for key, value in timing.items()}}})
     return read_result(hub.path)
+
+
+def _contributor_time(vgrid: VirtualGrid) -> dict[str, float]:
+    return contributor_time(vgrid.usage()["lease_s"], vgrid.counters.peer_eval_s)
 
 
 def _timed(call: Callable[..., T], timing: dict[str, float], key: str) -> Callable[..., T]:

@@ -21,6 +21,24 @@ Lease utilisation (``simulation.utilisation``) is measured on the same time: eac
 useful time and each contributor's online time, from the plans and the contributors' windows. The
 count of listed nodes is not used for it: a vanished node stays listed until the hub hears it is gone.
 Flower's own message TTL is set to ``sim.message_ttl_s`` real seconds, a safety bound only.
+
+A peer evaluation (``evaluate.peer``, ``gate.peers`` > 0) takes simulated time as a lease does: its
+reply is due ``contributors.evaluation_seconds`` after its push -- candidate and parent scored, a
+forward pass each on at most ``max-blocks`` blocks of ``block_size`` tokens per language asked, a
+forward pass a third of a training step's ``tokens_per_step`` -- at the contributor's speed. It is
+drawn a pace and a chance of vanishing as a lease is, and a reply due after its deadline, or from a
+node that vanished or was away, becomes the same SuperLink error. That price is an upper bound (a node
+holding fewer held-out blocks scores fewer); by default (``sim.peer_eval_cost=scored``) an evaluation is
+priced at the tokens its reply reports (``tokens.<lang>``), at most that bound, as training is priced at
+the steps it takes: its due time is then known only once the real reply is in, so it is waited for at
+once (a forward pass is quick in real time). ``max-blocks`` prices every evaluation at the bound.
+Its seconds are counted apart from training (``counters.peer_eval_s``; training is
+``usage()['lease_s']``), and they are not lease time: lease utilisation stays a measure of training.
+
+Harmful contributors (``sim.harmful_share``): the partitions ``contributors.harmful_partitions`` draws
+stand for broken or malicious contributors. Every train reply of theirs that the hub hears has every
+``lora_B`` of its adapter multiplied by ``sim.harm_scale`` (so the delta ``B @ A`` is scaled by it)
+before the Strategy sees it; ``counters.harmful_pushes`` counts them. Other replies are untouched.
 """
 
 from __future__ import annotations
@@ -32,15 +50,24 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any, Optional
 
-from flwr.app import ConfigRecord, Error, Message, MetricRecord, RecordDict
+import numpy as np
+from flwr.app import Array, ArrayRecord, ConfigRecord, Error, Message, MetricRecord, RecordDict
 from flwr.common.constant import SUPERLINK_NODE_ID, ErrorCode
 from flwr.serverapp import Grid
 
 from fedem_flwr.config.schema import SimConfig
+from fedem_flwr.model.adapter_spec import AdapterSpec
 from fedem_flwr.protocol import messages
-from fedem_flwr.protocol.wire import content_bytes
+from fedem_flwr.protocol.wire import ADAPTER_KEY, content_bytes
 from fedem_flwr.simulation.clock import VirtualClock
-from fedem_flwr.simulation.contributors import LeasePlan, VirtualContributor, virtual_contributor
+from fedem_flwr.simulation.contributors import (
+    LeasePlan,
+    VirtualContributor,
+    evaluation_seconds,
+    harmful_partitions,
+    scoring_seconds,
+    virtual_contributor,
+)
 from fedem_flwr.simulation.record import Counters
 from fedem_flwr.simulation.utilisation import LeaseMeter, ceiling, holders, utilisation_fields
 
@@ -93,6 +120,9 @@ class _InFlight:
     seq: int = 0  # push order: replies due at one simulated instant are released in it
     plan: Optional[LeasePlan] = None
     reply: Optional[Message] = None
+    peer: bool = False  # a peer evaluation: its plan takes time, but trains nothing
+    peer_draw: str = ""  # its plan's draw (pace, vanishing), to price it again at the tokens it scored
+    priced: bool = True  # False while its due time waits on the tokens its reply reports (peer_eval_cost=scored)
 
 
 class VirtualGrid(Grid):
@@ -101,12 +131,19 @@ class VirtualGrid(Grid):
     simulation = True
 
     def __init__(self, grid: Grid, clock: VirtualClock, cfg: SimConfig, seed: int, *, max_steps: int,
-                 sleep: Callable[[float], None] = time.sleep) -> None:
+                 sleep: Callable[[float], None] = time.sleep, block_size: int = 128, tokens_per_step: int = 1024,
+                 adapter_spec: Optional[AdapterSpec] = None) -> None:
+        """``block_size`` and ``tokens_per_step`` (batch_size * grad_accum * block_size) price a peer
+        evaluation; ``adapter_spec`` unpacks the adapters harmful contributors push (needed only then)."""
         self.inner = grid
         self.clock = clock
         self.cfg = cfg
         self.seed = seed
         self.max_steps = max_steps
+        self.block_size = block_size
+        self.tokens_per_step = tokens_per_step
+        self.adapter_spec = adapter_spec
+        self.harmful: frozenset[int] = frozenset()  # harmful partitions, drawn once the partition count is known
         self.real_sleep = sleep
         self.counters = Counters()
         self.waiting_s = 0.0  # real seconds the hub waited for a reply that was due
@@ -155,6 +192,14 @@ class VirtualGrid(Grid):
                     entry.due = min(entry.deadline, now + self._heard_after(entry.plan))
                     self.counters.leases += 1
                     self._meter(entry)
+            elif message.metadata.message_type == messages.PEER:
+                entry.peer = True
+                entry.plan, entry.peer_draw = self._evaluation_plan(message)
+                if entry.plan is not None:
+                    entry.due = min(entry.deadline, now + self._heard_after(entry.plan))
+                    self.counters.peer_evals += 1
+                    if self.cfg.peer_eval_cost == "scored" and math.isfinite(entry.plan.duration_s):
+                        entry.priced, entry.due = False, now  # due once its reply says what it scored
             meta.ttl = self.cfg.message_ttl_s  # Flower's TTL: real seconds, a safety bound
             self.counters.bytes_moved += content_bytes(message.content)
             entries.append(entry)
@@ -194,6 +239,7 @@ class VirtualGrid(Grid):
 
     def advance(self, _poll_s: float = 0.0) -> None:
         """The Strategy's ``sleep``: move to the next event once every reply due by then has arrived."""
+        self._wait_for(lambda entry: not entry.priced)  # their due times wait on their replies
         now = self.clock()
         target = now + self.cfg.max_jump_s
         dues = [entry.due for entry in self.in_flight.values()]
@@ -317,6 +363,44 @@ class VirtualGrid(Grid):
     def _on_arrival(self, entry: _InFlight, reply: Message) -> None:
         if reply.metadata.message_type == messages.PROFILE and not reply.has_error():
             self._learn_partition(entry.node_id, reply)
+        if entry.peer and not entry.priced:
+            self._price_scored(entry, reply)
+
+    def _evaluation_plan(self, message: Message) -> tuple[Optional[LeasePlan], str]:
+        """A peer evaluation's plan, and its draw: ``evaluation_seconds`` at its contributor's speed (module
+        doc); a node that is away when asked never answers (the SuperLink reports it gone, as for a lease)."""
+        node_id = message.metadata.dst_node_id
+        if node_id not in self.partitions:
+            log.warning("Peer evaluation for node %d, whose partition is unknown: it takes no simulated time", node_id)
+            return None, ""
+        config = message.content.get("config")
+        max_blocks, languages, evaluation = 1, 1, None
+        if isinstance(config, ConfigRecord):
+            max_blocks = int(config.get("max-blocks", max_blocks))
+            languages = max(1, len([code for code in str(config.get("languages", "")).split(",") if code]))
+            evaluation = config.get("evaluation")
+        self._draws += 1
+        contributor = self._contributor(node_id)
+        seconds = evaluation_seconds(contributor.speed, max_blocks=max_blocks, block_size=self.block_size,
+                                     languages=languages, tokens_per_step=self.tokens_per_step)
+        draw = f"eval-{evaluation}-{self._draws}"
+        if self.away_until.get(node_id, -math.inf) > self.clock():  # vanished earlier, not back: silent
+            return LeasePlan(0, math.inf, vanish_at_s=0.0), draw
+        return contributor.evaluation(draw, seconds), draw
+
+    def _price_scored(self, entry: _InFlight, reply: Message) -> None:
+        """``peer_eval_cost=scored``: the evaluation's plan again, at the tokens its reply says it scored
+        (the same draw: the same pace and vanishing), at most the bound it was pushed with."""
+        entry.priced = True
+        metrics = reply.content.get("metrics") if not reply.has_error() else None
+        keys = metrics.keys() if isinstance(metrics, MetricRecord) else ()
+        scored = sum(_count_metric(metrics, key) for key in keys if str(key).startswith("tokens."))
+        contributor = self._contributor(entry.node_id)
+        bound = entry.plan.duration_s
+        plan = contributor.evaluation(entry.peer_draw, scoring_seconds(contributor.speed, tokens=scored,
+                                                                      tokens_per_step=self.tokens_per_step))
+        entry.plan = plan if plan.duration_s <= bound else entry.plan
+        entry.due = min(entry.deadline, entry.pushed_at + self._heard_after(entry.plan))
 
     def _count(self, entry: _InFlight, reply: Message, heard: bool) -> None:
         """What a train reply cost, counted when it is due in simulated time: its tokens, wasted
@@ -339,26 +423,79 @@ class VirtualGrid(Grid):
         if parsed.partition_id is not None:
             self.partitions[node_id] = parsed.partition_id
             self.languages[node_id] = parsed.languages
+            if self.cfg.harmful_share > 0 and parsed.num_partitions and not self.harmful:
+                self.harmful = harmful_partitions(self.cfg, self.seed, parsed.num_partitions)
+
+    def _count_evaluation(self, entry: _InFlight) -> None:
+        """A peer evaluation's contributor seconds: until it answered, vanished, or its deadline."""
+        plan = entry.plan
+        spent = min(entry.deadline - entry.pushed_at, plan.vanish_at_s if plan.vanishes else plan.duration_s)
+        self.counters.peer_eval_s += max(0.0, spent)
+
+    def _harm(self, entry: _InFlight, reply: Message) -> None:
+        """A harmful contributor's push, scaled (module doc)."""
+        if self.partitions.get(entry.node_id) not in self.harmful or reply.has_error():
+            return
+        record = reply.content.get("arrays")
+        if not isinstance(record, ArrayRecord) or ADAPTER_KEY not in record:
+            return
+        if self.adapter_spec is None:
+            log.warning("Harmful contributor's push left as it is: the grid has no adapter spec to unpack it")
+            return
+        record[ADAPTER_KEY] = Array(scale_lora_b(record[ADAPTER_KEY].numpy(), self.adapter_spec, self.cfg.harm_scale))
+        self.counters.harmful_pushes += 1
 
     def _release(self, message_id: str) -> Message:
         """The reply the hub sees: the node's, or the SuperLink's error when it came too late or the
         node vanished."""
         entry = self.in_flight.pop(message_id)
         reply = entry.reply
+        if entry.peer and entry.plan is not None:
+            self._count_evaluation(entry)
         if entry.plan is None or reply.has_error():
             return reply
         plan = entry.plan
         late = entry.pushed_at + plan.duration_s > entry.deadline
-        self._count(entry, reply, heard=not (plan.vanishes or late))
+        if not entry.peer:
+            self._count(entry, reply, heard=not (plan.vanishes or late))
+            if not (plan.vanishes or late):
+                self._harm(entry, reply)
         if plan.vanishes:
-            vanished_at = entry.pushed_at + plan.vanish_at_s - self.clock.start
-            self.away_until[entry.node_id] = self.clock.start + self._contributor(entry.node_id).back_after_vanishing(
-                vanished_at)
+            if entry.peer:
+                if plan.vanish_at_s > 0:  # it vanished while scoring (at 0 it was away already)
+                    self._vanished(entry, plan)
+            else:  # its absence was metered when the lease was pushed
+                vanished_at = entry.pushed_at + plan.vanish_at_s - self.clock.start
+                self.away_until[entry.node_id] = (self.clock.start
+                                                  + self._contributor(entry.node_id).back_after_vanishing(vanished_at))
             if entry.due < entry.deadline:  # the SuperLink reports the silent node gone
                 return error_reply(entry.message, ErrorCode.NODE_UNAVAILABLE, "node went silent (simulated)")
         if plan.vanishes or late:
             return error_reply(entry.message, ErrorCode.MESSAGE_UNAVAILABLE, "no reply before the TTL (simulated)")
         return reply
+
+    def _vanished(self, entry: _InFlight, plan: LeasePlan) -> None:
+        """A node that vanished during a peer evaluation is away until it is back, as after a lease."""
+        vanished_at = entry.pushed_at + plan.vanish_at_s - self.clock.start
+        back = self._contributor(entry.node_id).back_after_vanishing(vanished_at)
+        self.away_until[entry.node_id] = self.clock.start + back
+        self.meter.absent(entry.node_id, vanished_at, back)
+
+
+def scale_lora_b(packed: np.ndarray, spec: AdapterSpec, scale: float) -> np.ndarray:
+    """A packed adapter (``wire.adapter_to_arrays``: float32 tensors flattened in sorted key order) with
+    every ``lora_B`` tensor multiplied by ``scale`` and the rest unchanged; a size the spec does not
+    describe is returned as it is (the hub's own checks will say what is wrong with it)."""
+    out = np.array(packed, dtype=np.float32, copy=True).reshape(-1)
+    sizes = [math.prod(shape) for shape in spec.shapes.values()]
+    if sum(sizes) != out.size:
+        return out
+    offset = 0
+    for key, size in zip(spec.shapes, sizes):
+        if "lora_B" in key:
+            out[offset:offset + size] *= np.float32(scale)
+        offset += size
+    return out
 
 
 def _count_metric(metrics: Any, key: str) -> float:
