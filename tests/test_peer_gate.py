@@ -95,8 +95,18 @@ def test_where_the_hub_has_too_little_peers_decide():
     better = [peer("a", -0.3), peer("b", -0.2), peer("c", -0.4)]
     judged = decide(better, HUB_REJECTS, hub_tokens=480)
     assert (judged.accepted, judged.role, judged.effect) == (True, DECIDE, DECIDED)
-    assert "hub's own held-out (480 tokens, too few to decide)" in judged.reason
+    assert "hub's own held-out (480 tokens, too few to decide alone)" in judged.reason
     assert not decide([peer("a", 0.3), peer("b", 0.2)], HUB_ACCEPTS, hub_tokens=480).accepted
+
+
+def test_pooled_peers_decide_with_the_hubs_own_result_weighted_by_tokens():
+    peers = [peer("a", -0.10, 300), peer("b", -0.20, 300)]
+    verdict = aggregate(peers, min_peers=2)
+    hub = Decision(False, "loss 4.000 -> 4.300 on hi (+0.300)", 0.3)
+    alone = combine(hub, 600, verdict, hub_min_tokens=1024, margin=0.0, tolerance=0.05)
+    pooled = combine(hub, 600, verdict, hub_min_tokens=1024, margin=0.0, tolerance=0.05, pool=True)
+    assert alone.accepted and not pooled.accepted  # (600 * 0.3 + 600 * -0.15) / 1200 = +0.075
+    assert "pooled with the hub's own (+0.300, 600 tokens): +0.075" in pooled.reason
 
 
 def test_too_few_peers_leave_the_hub_to_decide():

@@ -440,6 +440,11 @@ class GateConfig:
         metadata={"help": "Held-out tokens the hub needs on a push's own sets to decide (peers may veto); "
                           "below, peers decide."},
     )
+    peer_decide: str = field(
+        default="peers",
+        metadata={"help": "Where the hub has too little text: `peers` decide alone, or `pooled` with the hub's own "
+                          "result, weighted by tokens."},
+    )
     peer_holdout: Optional[float] = field(
         default=None,
         metadata={"help": "Share of a node's rows kept out of training to judge peers on; null: 0.1 when "
@@ -462,6 +467,7 @@ class GateConfig:
             if isinstance(value, bool) or not isinstance(value, int) or value < 0:
                 raise ConfigError(f"`gate.{key}` is {value!r}; it must be a whole number >= 0.")
         _choice("gate", "peer_aggregate", self.peer_aggregate, ("median", "trimmed"))
+        _choice("gate", "peer_decide", self.peer_decide, ("peers", "pooled"))
         for key in ("peer_trim", "peer_min_weight"):
             value = getattr(self, key)
             if not (isinstance(value, (int, float)) and 0.0 <= value < (0.5 if key == "peer_trim" else 1.0)):

@@ -19,7 +19,11 @@ Peers count only once ``min_peers`` reports holding ``min_tokens`` tokens togeth
   rejected when the peers show it worse than its parent by more than ``tolerance``; peers never accept
   what the hub rejected;
 - the hub has too little: peers *decide*, with the gate's own rule: accepted when the peers' delta is at
-  most ``-margin``.
+  most ``-margin``; with ``pool``, the delta compared is the peers' pooled with the hub's own, weighted
+  by tokens (the peers' as they were aggregated, each at most the median peer's), so the hub's thin
+  evidence still counts as much as its tokens. Pooling trades a guarantee away: a liar cannot move the
+  peers' median past an honest peer's value, but when the hub and the peers disagree, which honest value
+  the median lands on can move the pooled delta across the threshold.
 
 Too few peers: the hub decides alone, as without peers.
 
@@ -138,7 +142,7 @@ def aggregate(results: Sequence[PeerResult], *, method: str = "median", trim: fl
 
 
 def combine(hub: Decision, hub_tokens: float, verdict: PeerVerdict, *, hub_min_tokens: int, margin: float,
-            tolerance: float) -> Judgement:
+            tolerance: float, pool: bool = False) -> Judgement:
     """The push's decision from the hub's own ``hub`` and the peers' ``verdict`` (module doc)."""
     role = VETO if hub_tokens >= hub_min_tokens else DECIDE
     if not verdict.counts:
@@ -150,10 +154,15 @@ def combine(hub: Decision, hub_tokens: float, verdict: PeerVerdict, *, hub_min_t
             return Judgement(False, f"{hub.reason}; vetoed by {peers}, worse beyond tolerance {tolerance:.3f}",
                              role, VETOED)
         return Judgement(hub.accepted, f"{hub.reason}; {peers}", role, AGREED)
-    accepted = verdict.delta <= -margin
+    delta, by = verdict.delta, peers
+    if pool and hub_tokens > 0 and math.isfinite(hub.delta):
+        weight = sum(verdict.weights.values())
+        delta = (hub_tokens * hub.delta + weight * verdict.delta) / (hub_tokens + weight)
+        by = f"{peers} pooled with the hub's own ({hub.delta:+.3f}, {hub_tokens:.0f} tokens): {delta:+.3f}"
+    accepted = delta <= -margin
     need = "" if accepted else (f"; needs <= {-margin:+.3f}" if margin else "; needs no increase")
-    thin = f"hub's own held-out ({hub_tokens:.0f} tokens, too few to decide): {hub.reason}"
-    return Judgement(accepted, f"decided by {peers}{need}; {thin}", role, DECIDED)
+    thin = f"hub's own held-out ({hub_tokens:.0f} tokens, too few to decide alone): {hub.reason}"
+    return Judgement(accepted, f"decided by {by}{need}; {thin}", role, DECIDED)
 
 
 def judged_reports(results: Sequence[PeerResult], verdict: PeerVerdict, hub: Decision, role: str,

@@ -749,7 +749,8 @@ class RelayCoordinator:
                                       update=hub.update, reviewed=awaiting, peers=record)
             margin = self.gate.margin if judged.terms.margin is None else judged.terms.margin
             judgement = combine(hub.decision, hub_tokens, verdict, hub_min_tokens=self.gate.hub_min_tokens,
-                                margin=margin, tolerance=self.gate.peer_tolerance)
+                                margin=margin, tolerance=self.gate.peer_tolerance,
+                                pool=self.gate.peer_decide == "pooled")
             agreed = judged_reports(awaiting.results(), verdict, hub.decision, judgement.role, margin)
             record = self._peer_record(awaiting, verdict, judgement, hub, hub_tokens)
             return self._finish(lease, received, hub, judgement.accepted, judgement.reason, reviewed=awaiting,
