@@ -63,6 +63,10 @@ OVERRIDES = (
     "relay.backoff_s=2 relay.backoff_max_s=8 relay.no_node_grace_s=600 relay.max_wall_s=1200 "
     "merge.every_accepted=null merge.every_s=null"
 )
+# The last run: each push is also judged by one peer, the other holder of its language (docs/peers.md).
+# A question reaches a SuperNode only once it has started a ClientApp for it (tens of seconds on a
+# loaded machine), so a push waits up to two minutes for its peer; the hub has the data, the peer may veto.
+PEERS = "gate.peers=1 gate.peer_min=1 gate.peer_min_tokens=1 gate.peer_wait_s=120 gate.hub_min_tokens=0"
 # Each node can train two of the three adapters, so every adapter has a second taker.
 CONTRIBUTORS = {"alice": ["hi", "mr"], "bob": ["ta", "hi"], "mallory": ["mr", "ta"]}
 # Mallory's three hostile replies, in order, and how the reason the hub records for each names it.
@@ -495,3 +499,29 @@ def test_the_hub_is_pruned_backed_up_and_restored_as_the_guide_says(deployment):
     assert untested_steps(guide.ran) == []
 
 
+@pytest.mark.timeout(1200)
+def test_each_authenticated_node_judges_a_push_of_another(deployment):
+    # Prepare: a run whose pushes are judged by peers too.
+    run_id = deployment.submit(PEERS)
+    identities = {who.identity: who.name for who in deployment.contributors.values()}
+
+    def judges() -> set[str]:
+        def probe(registry: Registry) -> set[str]:
+            by_pseudonym = registry.identities()
+            reports = [r for r in registry.peer_reports() if r.outcome == "counted"]
+            assert all(r.peer != r.pusher for r in reports)
+            return {identities.get(by_pseudonym.get(r.peer, ""), "?") for r in reports}
+        return deployment.read(probe) or set()
+
+    # Execute: peers are nodes by key: every judge is one registered contributor, never the pusher, and
+    # each of the three judges at least one push of another.
+    seen = wait_until(lambda: (found := judges()) >= set(identities.values()) and found, 600,
+                      lambda: f"all three contributors to judge a push; judges so far: {sorted(judges())}; logs:\n"
+                              f"{run_logs(deployment.superlink, run_id)[-3000:]}")
+    deployment.guide.run("stop", env={"RUN_ID": str(run_id)})
+    deployment.finished_status(run_id, timeout=120)
+
+    # Assert
+    assert seen == set(identities.values())
+    judged = deployment.read(lambda r: [c for c in r.contributions() if "peers" in c.evaluation])
+    assert judged and all(c.evaluation["peers"]["asked"] <= 1 for c in judged)
