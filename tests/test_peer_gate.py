@@ -192,3 +192,29 @@ def test_review_keeps_standing_from_settled_reports():
     assert review.standing("liar") == pytest.approx(1 / 3)
     assert review.settle({"liar": False, "a": True}) == {"liar": (0, 1), "a": (1, 0)}
     assert review.standing("liar") == pytest.approx(1 / 4)
+
+
+# -- settings --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("changes", "named"), [
+    ({"peers": -1}, "gate.peers"), ({"peers": 1.5}, "gate.peers"), ({"peer_min_tokens": True}, "gate.peer_min_tokens"),
+    ({"peer_aggregate": "mean"}, "gate.peer_aggregate"), ({"peer_decide": "hub"}, "gate.peer_decide"),
+    ({"peer_trim": 0.5}, "gate.peer_trim"), ({"peer_min_weight": 1.0}, "gate.peer_min_weight"),
+    ({"peer_holdout": -0.1}, "gate.peer_holdout"), ({"peer_wait_s": float("inf")}, "gate.peer_wait_s"),
+    ({"peers": 2, "peer_min": 3}, "gate.peer_min"), ({"peers": 2, "peer_holdout": 0.0}, "gate.peer_holdout"),
+])
+def test_bad_peer_settings_are_refused_naming_the_key(changes, named):
+    from fedem_flwr.config.schema import GateConfig
+    from fedem_flwr.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=named.replace(".", r"\.")):
+        GateConfig(**changes)
+
+
+def test_nodes_hold_rows_out_only_when_peers_judge():
+    from fedem_flwr.config.schema import GateConfig
+
+    assert GateConfig().holdout_share == 0.0
+    assert GateConfig(peers=3).holdout_share == 0.1
+    assert GateConfig(peer_holdout=0.3).holdout_share == 0.3

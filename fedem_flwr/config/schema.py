@@ -468,14 +468,11 @@ class GateConfig:
                 raise ConfigError(f"`gate.{key}` is {value!r}; it must be a whole number >= 0.")
         _choice("gate", "peer_aggregate", self.peer_aggregate, ("median", "trimmed"))
         _choice("gate", "peer_decide", self.peer_decide, ("peers", "pooled"))
-        for key in ("peer_trim", "peer_min_weight"):
-            value = getattr(self, key)
-            if not (isinstance(value, (int, float)) and 0.0 <= value < (0.5 if key == "peer_trim" else 1.0)):
-                bound = "[0, 0.5)" if key == "peer_trim" else "[0, 1)"
-                raise ConfigError(f"`gate.{key}` is {value!r}; it must be a number in {bound}.")
-        if self.peer_holdout is not None and not (isinstance(self.peer_holdout, (int, float))
-                                                  and 0.0 <= self.peer_holdout < 1.0):
-            raise ConfigError(f"`gate.peer_holdout` is {self.peer_holdout!r}; it must be null or a number in [0, 1).")
+        if not 0.0 <= self.peer_trim < 0.5:
+            raise ConfigError(f"`gate.peer_trim` is {self.peer_trim!r}; it must be in [0, 0.5).")
+        _fraction("gate", "peer_min_weight", self.peer_min_weight)
+        if self.peer_holdout is not None:
+            _fraction("gate", "peer_holdout", self.peer_holdout)
         if self.peers > 0 and self.peer_min > self.peers:
             raise ConfigError(f"`gate.peer_min` is {self.peer_min} but `gate.peers` asks only {self.peers}: "
                               "peers would never count. Lower `gate.peer_min` or ask more peers.")

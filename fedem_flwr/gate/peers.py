@@ -35,6 +35,7 @@ either counts for it. The registry keeps the counts; ``standing`` turns them int
 from __future__ import annotations
 
 import math
+import statistics
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Optional
@@ -133,7 +134,7 @@ def aggregate(results: Sequence[PeerResult], *, method: str = "median", trim: fl
     deltas = {r.peer: r.delta for r in usable}
     if len(usable) < max(1, min_peers) or tokens < min_tokens:
         return PeerVerdict(len(usable), tokens, None, deltas)
-    cap = _median([float(r.total_tokens) for r in usable])
+    cap = statistics.median(float(r.total_tokens) for r in usable)
     weights = {r.peer: min(float(r.total_tokens), cap) * r.standing for r in usable}
     values = [deltas[r.peer] for r in usable]
     per_peer = [weights[r.peer] for r in usable]
@@ -181,8 +182,3 @@ def judged_reports(results: Sequence[PeerResult], verdict: PeerVerdict, hub: Dec
         judged[result.peer] = says == consensus or says == hub.accepted
     return judged
 
-
-def _median(values: Sequence[float]) -> float:
-    ordered = sorted(values)
-    middle = len(ordered) // 2
-    return ordered[middle] if len(ordered) % 2 else (ordered[middle - 1] + ordered[middle]) / 2.0

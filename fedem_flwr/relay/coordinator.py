@@ -72,7 +72,7 @@ from fedem_flwr.data.tasks import TEXT, AdapterTerms, adapter_terms
 from fedem_flwr.errors import ConfigError, HubFault, InvalidAdapter, StoreError, is_hub_fault, one_line
 from fedem_flwr.gate.acceptance import Decision, decide
 from fedem_flwr.gate.novelty import no_work
-from fedem_flwr.gate.peers import PeerResult, PeerVerdict, aggregate, combine, judged_reports
+from fedem_flwr.gate.peers import Judgement, PeerResult, PeerVerdict, aggregate, combine, judged_reports
 from fedem_flwr.hub.optimizer_states import OptimizerStates
 from fedem_flwr.hub.records import Lease, PeerReport, revision_name
 from fedem_flwr.hub.store import ArtifactRef, ArtifactStore
@@ -193,6 +193,7 @@ class _HubVerdict:
 
     base: Any
     parent: Any
+    parent_state: Mapping[str, Any]  # the parent's weights, read once: peers are sent them with the candidate
     state: Mapping[str, Any]
     update: Optional[dict[str, Any]]
     losses: HeldoutLosses
@@ -251,6 +252,7 @@ class RelayCoordinator:
         self.lane_update = lane_update
         self.staleness_power = staleness_power
         self.block_size = block_size  # tokens per block: bounds what a peer's report may claim
+        self._pseudonyms: dict[str, str] = {}
         self._book = LeaseBook(registry.leases(active_only=True), next_token=registry.max_lease_token() + 1,
                                lookup=registry.lease, latest=registry.latest_lease_tokens(), lanes=lanes)
         self.schedule = SweepSchedule(sweep_interval_s)
@@ -287,8 +289,11 @@ class RelayCoordinator:
         self._workbench = workbench
 
     def pseudonym(self, identity: str) -> str:
-        """The pseudonym the registry gives a node identity: how logs and records name a node."""
-        return self._registry.pseudonym(identity)
+        """The pseudonym the registry gives a node identity: how logs and records name a node. It never
+        changes, so it is looked up once per identity (peer choice asks it for every idle node, every turn)."""
+        if identity not in self._pseudonyms:
+            self._pseudonyms[identity] = self._registry.pseudonym(identity)
+        return self._pseudonyms[identity]
 
     def lease(self, token: int) -> Optional[Lease]:
         """The lease of ``token`` as the book knows it (active or ended), or None if never issued."""
@@ -635,7 +640,7 @@ class RelayCoordinator:
             if not idle:
                 state, update, idle = self._as_update(lease, parent, state, start, parent_state)
         if idle:
-            return _HubVerdict(base, parent, state, update, {}, None, idle)
+            return _HubVerdict(base, parent, parent_state, state, update, {}, None, idle)
 
         scope = None if self.gate.check_others else languages
         reference = self._parent_losses(parent, base.version, parent_state, scope)
@@ -643,8 +648,8 @@ class RelayCoordinator:
         bad = [lang for lang in sorted(losses) if not math.isfinite(losses[lang])]
         if bad:  # huge weights: nothing to compare, and nothing to keep
             reason = "non-finite-loss: held-out loss " + ", ".join(f"{lang}={losses[lang]}" for lang in bad)
-            return _HubVerdict(base, parent, state, update, losses, None, reason)
-        return _HubVerdict(base, parent, state, update, losses, self._decide(losses, reference, terms))
+            return _HubVerdict(base, parent, parent_state, state, update, losses, None, reason)
+        return _HubVerdict(base, parent, parent_state, state, update, losses, self._decide(losses, reference, terms))
 
     def _finish(self, lease: Lease, received: "_Received", hub: _HubVerdict, accepted: bool, reason: str,
                 **conclude: Any) -> PushOutcome:
@@ -691,7 +696,7 @@ class RelayCoordinator:
             base = judged.hub.base
             blocks = self.gate.max_eval_blocks
             requests.append(PeerRequest(question.evaluation, question.identity, base.ref, base.version, judged.terms,
-                                        judged.hub.state, self._parent_weights(judged.hub.parent), awaiting.deadline,
+                                        judged.hub.state, judged.hub.parent_state, awaiting.deadline,
                                         blocks, None if self.block_size is None else blocks * self.block_size,
                                         hf_location(self._store, base.ref)))
             log.info("Push for %r (lease %d): peer %s asked to judge it (evaluation %d)", awaiting.adapter,
@@ -740,7 +745,8 @@ class RelayCoordinator:
                 log.info("Push for %r (lease %d): the adapter or the base moved while peers judged it; the hub "
                          "judges it again on v%d, base v%d", lease.adapter, lease.token, parent.version, base.version)
                 hub = self._hub_verdict(lease, judged.pushed, parent, base)
-            verdict = aggregate(awaiting.results(), method=self.gate.peer_aggregate, trim=self.gate.peer_trim,
+            results = awaiting.results()
+            verdict = aggregate(results, method=self.gate.peer_aggregate, trim=self.gate.peer_trim,
                                 min_peers=self.gate.peer_min, min_tokens=self.gate.peer_min_tokens)
             hub_tokens = self._hub_tokens(judged.terms)
             if hub.decision is None:
@@ -751,7 +757,7 @@ class RelayCoordinator:
             judgement = combine(hub.decision, hub_tokens, verdict, hub_min_tokens=self.gate.hub_min_tokens,
                                 margin=margin, tolerance=self.gate.peer_tolerance,
                                 pool=self.gate.peer_decide == "pooled")
-            agreed = judged_reports(awaiting.results(), verdict, hub.decision, judgement.role, margin)
+            agreed = judged_reports(results, verdict, hub.decision, judgement.role, margin)
             record = self._peer_record(awaiting, verdict, judgement, hub, hub_tokens)
             return self._finish(lease, received, hub, judgement.accepted, judgement.reason, reviewed=awaiting,
                                 peers=record, agreed=agreed)
@@ -776,8 +782,8 @@ class RelayCoordinator:
         weights = self._workbench.weights or {}
         return float(sum(weights.get(key, 0.0) for key in terms.heldout_keys))
 
-    def _peer_record(self, awaiting: Awaiting, verdict: PeerVerdict, judgement: Any, hub: _HubVerdict,
-                     hub_tokens: float) -> dict[str, Any]:
+    def _peer_record(self, awaiting: Awaiting, verdict: PeerVerdict, judgement: Optional[Judgement],
+                     hub: _HubVerdict, hub_tokens: float) -> dict[str, Any]:
         """The hub's numbers and the peers' (by pseudonym), as the contribution records them."""
         delta = None if hub.decision is None or not math.isfinite(hub.decision.delta) else hub.decision.delta
         reports = []

@@ -26,7 +26,7 @@ from typing import Any, Optional
 from fedem_flwr.gate.peers import PeerResult, standing
 from fedem_flwr.relay.peers import Candidate, choose_peers
 
-ASKED, COUNTED, LATE, UNANSWERED = "asked", "counted", "late", "unanswered"
+ASKED, COUNTED, UNANSWERED = "asked", "counted", "unanswered"
 
 
 @dataclass
@@ -38,7 +38,7 @@ class Question:
     identity: str  # the node's identity, to address it; never recorded
     at: float
     answered: Optional[float] = None
-    outcome: str = ASKED  # counted, failed: <why>, late, unanswered
+    outcome: str = ASKED  # counted, failed: <why>, unanswered
     result: Optional[PeerResult] = None
 
 

@@ -28,8 +28,8 @@ rejection of the adapter.
 
 Judged by peers (``gate.peers`` > 0): a push the hub judged waits for peers (``RelayCoordinator``). Each
 loop turn first offers the idle nodes to the pushes that wait (``evaluate.peer`` messages: the candidate,
-its parent and the base's digest; a node is asked only about a base it holds), then leases adapters to
-the nodes left (why in ``relay.peer_review``). A node asked is busy until its answer or an error comes.
+its parent and the base's digest; a node that lacks the base gets it as with a lease), then leases
+adapters to the nodes left (why in ``relay.peer_review``). A node asked is busy until its answer or an error comes.
 Its answer is checked by ``protocol.messages.parse_peer_reply`` (the evaluation it answers, finite
 losses, at most ``gate.max_eval_blocks`` blocks' tokens per language and twice the bytes its profile
 declared); what fails is that question's, never the push's, and the node backs off.
@@ -427,7 +427,7 @@ class RelayStrategy(Strategy):
         node.busy = True
         # A byte-level tokenizer gives a token per byte and one per row: no report may claim more
         # than twice the bytes the node declared, nor more than the blocks it was asked to score.
-        limit = 2 * max(1, node.profile.data_size) if node.profile is not None else 1
+        limit = 2 * max(1, node.profile.data_size)
         if request.max_tokens:
             limit = min(limit, request.max_tokens)
         return message, _Pending("peer", node.node_id, base_via=via, hf_named=request.base_hf is not None,
@@ -517,13 +517,7 @@ class RelayStrategy(Strategy):
         if reply.has_error():
             code = reply.error.code
             self.coordinator.peer_failed(sent.evaluation, f"error code {code}")
-            if code == ErrorCode.NODE_UNAVAILABLE:
-                self.nodes.drop(pending.node_id)
-            elif code in (ErrorCode.MESSAGE_UNAVAILABLE, ErrorCode.REPLY_MESSAGE_UNAVAILABLE):
-                if node is not None:
-                    node.profile = None  # it did not answer in time: ask it afresh
-            else:
-                self._back_off(node, f"peer evaluation failed (code {code})")
+            self._after_error(node, code, f"peer evaluation failed (code {code})")
             return
         try:
             parsed = messages.parse_peer_reply(reply, sent, pending.peer_max_tokens)
@@ -531,11 +525,8 @@ class RelayStrategy(Strategy):
             self.coordinator.peer_failed(sent.evaluation, f"invalid report: {err}")
             self._back_off(node, f"invalid peer report: {err}")
             return
-        if parsed.status == messages.MISSING_BASE and node is not None:
-            node.digests.discard(sent.base_digest)  # the next message carries it in-band
-            if pending.hf_named and pending.base_via != IN_BAND:
-                self.bases[HF_FAILED] += 1
-                self._hf_failed.add((pending.node_id, sent.base_digest))
+        if parsed.status == messages.MISSING_BASE:
+            self._lost_base(pending, node, sent.base_digest, sent.base_version, parsed.detail)
         if parsed.status != messages.OK:
             self.coordinator.peer_failed(sent.evaluation, f"{parsed.status}: {parsed.detail}".rstrip(": "))
             return
@@ -608,21 +599,23 @@ class RelayStrategy(Strategy):
             return None, str(err)
 
     def _on_missing_base(self, parsed: messages.TrainReply, pending: _Pending, node: Optional[NodeState]) -> None:
-        """The node lacks the lease's base: its next lease carries it in-band. A node that was just
-        sent the files fails to keep them and backs off; one whose Hub fetch failed does not."""
+        """The node lacks the lease's base: its next lease carries it in-band (``_lost_base``)."""
         assignment = pending.assignment
-        digest = assignment.base_ref.digest
+        self._lost_base(pending, node, assignment.base_ref.digest, assignment.lease.base_version, parsed.detail)
+        self.coordinator.fail(assignment.lease.token, messages.MISSING_BASE)
+
+    def _lost_base(self, pending: _Pending, node: Optional[NodeState], digest: str, version: int, detail: str) -> None:
+        """A node answered ``missing-base``: its next message carries the base in-band. A node that was just
+        sent the files fails to keep them and backs off; one whose Hub fetch failed does not."""
         if pending.hf_named and pending.base_via != IN_BAND:
             self.bases[HF_FAILED] += 1
             self._hf_failed.add((pending.node_id, digest))
             log.warning("Node %s could not fetch base v%d from the Hugging Face Hub (%s); it gets the base in-band",
-                        self.coordinator.pseudonym(assignment.lease.holder), assignment.lease.base_version,
-                        " ".join(parsed.detail.split()) or "no detail")
+                        self._who(pending.node_id, node), version, " ".join(detail.split()) or "no detail")
         if node is not None:
-            node.digests.discard(digest)  # the next lease carries the base
+            node.digests.discard(digest)
             if pending.base_via == IN_BAND:  # it was just sent: the node fails to keep it
                 self._back_off(node, "lost the base it was sent")
-        self.coordinator.fail(assignment.lease.token, messages.MISSING_BASE)
 
     def _on_train_error(self, reply: Message, token: int, node: Optional[NodeState], result: RelayResult) -> None:
         """An error reply from the SuperLink: the lease ends. A node that never answered must answer a
@@ -631,8 +624,7 @@ class RelayStrategy(Strategy):
         result.failures += 1
         if code == ErrorCode.NODE_UNAVAILABLE:
             self.coordinator.fail(token, "node-gone")
-            if node is not None:
-                self.nodes.drop(node.node_id)
+            self._after_error(node, code, "node-gone")
             return
         silent = {ErrorCode.MESSAGE_UNAVAILABLE: "message-expired", ErrorCode.REPLY_MESSAGE_UNAVAILABLE: "reply-after-ttl"}
         if code in silent:
@@ -642,11 +634,24 @@ class RelayStrategy(Strategy):
                          token, ended.outcome if ended is not None else "unknown",
                          "a reply after its deadline" if code == ErrorCode.REPLY_MESSAGE_UNAVAILABLE
                          else "no reply before its deadline")
-            if node is not None:
-                node.profile = None
+            self._after_error(node, code, silent[code])
             return
         lines = str(reply.error.reason).strip().splitlines() or [""]
         reason = f"client-error: {lines[-1][:200]}"
         self.coordinator.fail(token, reason)
-        self._back_off(node, reason)
+        self._after_error(node, code, reason)
+
+    def _after_error(self, node: Optional[NodeState], code: int, why: str) -> None:
+        """What an error reply from the SuperLink means for the node it was sent to (None: no longer
+        tracked): one that is gone is dropped; one that never answered in time must answer a fresh
+        profile query before its next message; one whose ClientApp failed backs off."""
+        if node is None:
+            return
+        if code == ErrorCode.NODE_UNAVAILABLE:
+            self.nodes.drop(node.node_id)
+        elif code in (ErrorCode.MESSAGE_UNAVAILABLE, ErrorCode.REPLY_MESSAGE_UNAVAILABLE):
+            if node is not None:
+                node.profile = None
+        else:
+            self._back_off(node, why)
 
