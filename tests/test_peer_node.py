@@ -460,8 +460,8 @@ def test_the_client_app_answers_missing_base_and_no_data(identity, plain_base, t
     assert missing.detail.startswith("base cccccccccccc not cached in") and missing.detail.endswith("and not sent")
     assert (unheld.status, unheld.detail) == (messages.NO_DATA, "this node holds no held-out rows in ta for task "
                                                                 "'causal-lm'")
-    assert (nothing_out.status, nothing_out.detail) == (messages.NO_DATA, "this node holds no rows out to judge "
-                                                                          "peers on (`gate.holdout_share` is 0)")
+    assert (nothing_out.status, nothing_out.detail) == (
+        messages.NO_DATA, "this node holds no rows out to judge peers on (`gate.peer_holdout` leaves a share of 0)")
     assert not (tmp_path / "cache" / "bases" / ("c" * 64)).exists()  # a judge never fetches
 
 

@@ -2,11 +2,12 @@
 
 With ``gate.peers`` on, the hub asks idle nodes to score a pushed adapter on rows it has never seen
 (``fedem_flwr.node.peer_eval``). Each node keeps its own: a row is held out when its keyed ticket,
-HMAC-SHA256(secret, language, text, chat) read as a number in [0, 1), falls below
-``gate.holdout_share``. The ticket depends on the row and the node's secret only, so the split is
-stable as rows are added, differs from node to node, and the hub cannot tell which rows a node
-holds out (so it cannot steer a contributor to train on them). With a share of 0 nothing is held
-out and nothing is hashed: a node trains on all its rows, exactly as before peers existed.
+HMAC-SHA256(secret, language, text, chat) read as a number in [0, 1), falls below the share
+``gate.peer_holdout`` sets (``GateConfig.holdout_share``). The ticket depends on the row and the
+node's secret only, so the split is stable as rows are added, differs from node to node, and the
+hub cannot tell which rows a node holds out (so it cannot steer a contributor to train on them).
+With a share of 0 nothing is held out and nothing is hashed: a node trains on all its rows,
+exactly as before peers existed.
 
 The secret (node config key ``peer-secret``, a string) never leaves the node. Unset, a simulated
 node derives it from ``seed`` and its ``partition-id`` (a simulation has no adversary, and a study
@@ -87,9 +88,9 @@ def training_side(cfg: FedemConfig, node_config: NodeConfig, data: NodeData) -> 
 
 
 def held_out_side(cfg: FedemConfig, node_config: NodeConfig, data: NodeData) -> datasets.Dataset:
-    """The rows the node judges peers on; ``DataError`` when it holds none out (``gate.holdout_share`` 0)."""
+    """The rows the node judges peers on; ``DataError`` when it holds none out (a share of 0)."""
     share = cfg.gate.holdout_share
     if share == 0.0:
-        raise DataError("this node holds no rows out to judge peers on (`gate.holdout_share` is 0)")
+        raise DataError("this node holds no rows out to judge peers on (`gate.peer_holdout` leaves a share of 0)")
     _, held = split_rows(data.rows, peer_secret(cfg, node_config), share)
     return held

@@ -131,19 +131,16 @@ def peer_misbehave(reply: Message, message: Message, node_config: Mapping[str, o
 def _misjudge(metrics: MetricRecord, fault: str, evaluation: int) -> MetricRecord:
     """``metrics`` (``tokens.<lang>``, ``candidate.<lang>``, ``parent.<lang>``) with the candidate's
     losses or the token counts changed as ``fault`` says."""
+    moves = {"worse": 1.0, "better": -1.0}
+    if fault == "random":
+        moves[fault] = 1.0 if random.Random(evaluation).random() < 0.5 else -1.0  # one coin per evaluation
     changed = dict(metrics)
-    step = 1.0 if random.Random(evaluation).random() < 0.5 else -1.0  # one coin per evaluation
     for key in metrics:
         name, _, language = str(key).partition(".")
-        parent = float(metrics.get(f"parent.{language}", 0.0))
         if name == "tokens" and fault == "huge-tokens":
             changed[key] = 10**9
-        elif name == "candidate" and fault == "worse":
-            changed[key] = parent + 1.0
-        elif name == "candidate" and fault == "better":
-            changed[key] = max(0.0, parent - 1.0)
-        elif name == "candidate" and fault == "random":
-            changed[key] = max(0.0, parent + step)
         elif name == "candidate" and fault == "nan":
             changed[key] = math.nan
+        elif name == "candidate" and fault in moves:  # a loss is >= 0: the floor only bites moving down
+            changed[key] = max(0.0, float(metrics.get(f"parent.{language}", 0.0)) + moves[fault])
     return MetricRecord(changed)

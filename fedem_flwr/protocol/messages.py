@@ -221,16 +221,10 @@ def train_message(
             "max-steps": int(instruction.max_steps),
         }
     )
-    if instruction.task != CAUSAL_LM:
-        config["task"] = instruction.task
-    if instruction.domain:
-        config["domain"] = instruction.domain
-    _put_base_hf(config, instruction.base_hf)
+    _put_lease_kind(config, instruction.task, instruction.domain, instruction.base_hf)
     content = RecordDict({"arrays": adapter, "config": config})
     _put_optimizer(content, config, instruction.optimizer)
-    if base_folder is not None:
-        content[BASE_FILES] = folder_to_arrays(base_folder)
-    _put_rows(content, rows)
+    _put_base_and_rows(content, base_folder, rows)
     return Message(content, dst_node_id=node_id, message_type=TRAIN, ttl=ttl)
 
 
@@ -257,28 +251,32 @@ def peer_message(
             "max-blocks": int(instruction.max_blocks),
         }
     )
-    if instruction.task != CAUSAL_LM:
-        config["task"] = instruction.task
-    if instruction.domain:
-        config["domain"] = instruction.domain
     if instruction.base_hf is not None:
         config["base-revision"] = instruction.base_hf.revision
-    _put_base_hf(config, instruction.base_hf)
+    _put_lease_kind(config, instruction.task, instruction.domain, instruction.base_hf)
     content = RecordDict({"candidate": candidate, "parent": parent, "config": config})
-    if base_folder is not None:
-        content[BASE_FILES] = folder_to_arrays(base_folder)
-    _put_rows(content, rows)
+    _put_base_and_rows(content, base_folder, rows)
     return Message(content, dst_node_id=node_id, message_type=PEER, ttl=ttl)
 
 
-def _put_base_hf(config: ConfigRecord, location: Optional[HfLocation]) -> None:
+def _put_lease_kind(config: ConfigRecord, task: str, domain: str, location: Optional[HfLocation]) -> None:
+    """What a train and a peer message both name beside their own keys: the task and domain (each
+    omitted at its default) and where the node may fetch the base (``_task``, ``_domain``, ``_base_hf``)."""
+    if task != CAUSAL_LM:
+        config["task"] = task
+    if domain:
+        config["domain"] = domain
     if location is not None:
         config["base-hf-repo"] = location.repo_id
         if location.endpoint:
             config["base-hf-endpoint"] = location.endpoint
 
 
-def _put_rows(content: RecordDict, rows: Optional[Mapping[str, Sequence[str]]]) -> None:
+def _put_base_and_rows(content: RecordDict, base_folder: Optional[Path],
+                       rows: Optional[Mapping[str, Sequence[str]]]) -> None:
+    """The base's files and, in simulation, the node's rows, when the hub sends them."""
+    if base_folder is not None:
+        content[BASE_FILES] = folder_to_arrays(base_folder)
     if rows is not None:
         names = ROW_COLUMNS + tuple(name for name in OPTIONAL_ROW_COLUMNS if name in rows)
         content[NODE_ROWS] = ConfigRecord({name: list(rows[name]) for name in names})
@@ -302,9 +300,9 @@ def node_rows(message: Message) -> Optional[dict[str, list[str]]]:
     record = message.content[NODE_ROWS]
     rows = {}
     for name in ROW_COLUMNS + OPTIONAL_ROW_COLUMNS:
-        if name not in record and name in OPTIONAL_ROW_COLUMNS:
+        values = record[name] if name in record else None
+        if values is None and name in OPTIONAL_ROW_COLUMNS:
             continue
-        values = record.get(name) if name in record else None
         if not isinstance(values, list) or not all(isinstance(value, str) for value in values):
             raise InvalidInstruction(f"train message `{NODE_ROWS}` `{name}` is {_column_kind(values)}; "
                                      "it must be a list of strings")
