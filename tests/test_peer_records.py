@@ -299,3 +299,18 @@ def test_judgement_formats_match_the_ledger_script():
     assert (render.signed(-0.0), render.signed(0.12), render.weight(None)) == ("+0.000", "+0.120", "-")
     script = (Path(render.__file__).parent / "assets" / "site.js").read_text()
     assert '(x >= 0 ? "+" : "") + x.toFixed(3)' in script and 'if (name === "judges") { return; }' in script
+
+
+def test_a_judgement_holding_no_numbers_is_shown_with_dashes_not_raised():
+    from fedem_flwr.site.data import judges_of
+
+    odd = {"hub": {"tokens": "many", "delta": [1], "accepted": True},
+           "peers": {**PEERS, "delta": "x", "tokens": {"hi": 1}, "reports": [{"peer": PEER_A, "delta": True}, 7]}}
+    judges = judges_of(odd)
+
+    assert judges["hub"] == {"tokens": None, "delta": None, "accepted": True}
+    assert judges["peers"]["reports"] == [{"peer": PEER_A, "tokens": None, "delta": None, "weight": None,
+                                           "outcome": None}]
+    assert render.judged(judges) == "hub - on - tokens (accept); peers 3/3 - on - tokens (veto: agreed)"
+    assert render.peer_report(judges["peers"]["reports"][0]) == f"{PEER_A} - on - tokens, weight -, -"
+    assert judges_of({"peers": {**PEERS, "reports": 5}})["peers"]["reports"] == []

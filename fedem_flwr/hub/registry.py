@@ -621,8 +621,10 @@ class Registry(Database):
         if lease_token is not None:
             sql, params = sql + " WHERE lease_token = ?", (int(lease_token),)
         if limit is None:
-            return [rec.peer_report_from(r) for r in self._all(sql + " ORDER BY id", params)]
-        return [rec.peer_report_from(r) for r in self._all(sql + " ORDER BY id DESC LIMIT ?", params + (int(limit),))]
+            sql += " ORDER BY id"
+        else:
+            sql, params = sql + " ORDER BY id DESC LIMIT ?", params + (int(limit),)
+        return [rec.peer_report_from(r) for r in self._all(sql, params)]
 
     def peer_pair_counts(self) -> dict[tuple[str, str], int]:
         """(peer, pusher) -> how many times that peer was asked to judge that pusher: what rotating the
@@ -646,10 +648,10 @@ class Registry(Database):
 
     def update_peer_standing(self, peer: str, agreed: int, disagreed: int, at: float) -> None:
         """Add ``agreed`` and ``disagreed`` checked reports to ``peer``'s standing (a new peer starts at 0, 0)."""
-        if not isinstance(peer, str) or not peer:
+        if not _is_pseudonym(peer):
             raise ValueError(f"`peer` is {peer!r}; it must be a pseudonym.")
         for key, value in (("agreed", agreed), ("disagreed", disagreed)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            if not _is_count(value):
                 raise ValueError(f"`{key}` of peer {peer!r} is {value!r}; it must be a count (an integer >= 0).")
         with self.atomic():
             self._conn.execute(
@@ -694,11 +696,11 @@ def _absorbed(item: Union[Absorbed, tuple]) -> Absorbed:
 def _peer_report_row(report: PeerReport) -> tuple:
     """A :class:`PeerReport` as its ``peer_reports`` row, or a ValueError naming the field that is wrong."""
     token = report.lease_token
-    if isinstance(token, bool) or not isinstance(token, int) or token < 0:
+    if not _is_count(token):
         raise ValueError(f"`lease_token` of a peer report is {token!r}; it must be a lease token (an integer >= 0).")
     for key in ("peer", "pusher"):
         value = getattr(report, key)
-        if not isinstance(value, str) or not value:
+        if not _is_pseudonym(value):
             raise ValueError(f"`{key}` of the peer report on lease {token} is {value!r}; it must be a pseudonym.")
     if report.report is not None and not isinstance(report.report, dict):
         raise ValueError(f"`report` of peer {report.peer!r} on lease {token} is {report.report!r}; it must be a "
@@ -707,6 +709,15 @@ def _peer_report_row(report: PeerReport) -> tuple:
     body = None if report.report is None else rec.dumps(f"report of peer {report.peer!r}", rec.nulled(report.report))
     return (token, report.peer, report.pusher, rec.finite("asked", report.asked), answered,
             rec.peer_outcome(report.outcome), body)
+
+
+def _is_count(value: Any) -> bool:
+    """An integer >= 0 (a bool is none): a lease token, a tally."""
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def _is_pseudonym(value: Any) -> bool:
+    return isinstance(value, str) and value != ""
 
 
 def _losses(heldout: Any) -> dict[str, float]:

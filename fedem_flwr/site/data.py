@@ -38,6 +38,7 @@ LEDGER_COLUMNS = ("id", "received", "contributor", "adapter", "lease", "decision
 HUB_KEYS = ("tokens", "delta", "accepted")
 PEERS_KEYS = ("role", "asked", "counted", "delta", "tokens", "effect")
 REPORT_KEYS = ("peer", "tokens", "delta", "weight", "outcome")
+NUMBER_KEYS = frozenset({"tokens", "delta", "weight"})  # shown as numbers: anything else in them shows as "-"
 
 
 class NoPaths:
@@ -49,7 +50,11 @@ class NoPaths:
 
 def tokens_of(evaluation: dict[str, Any]) -> Optional[float]:
     """Tokens trained, as the node reported them (``evaluation.train.tokens``); None when absent."""
-    value = (evaluation.get("train") or {}).get("tokens")
+    return _number((evaluation.get("train") or {}).get("tokens"))
+
+
+def _number(value: Any) -> Optional[float]:
+    """``value`` as a float when it is a number (never a bool), else None: what the page formats as one."""
     return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
 
 
@@ -59,11 +64,20 @@ def judges_of(evaluation: dict[str, Any]) -> Optional[dict[str, Any]]:
     peers = evaluation.get("peers")
     if not isinstance(peers, dict):
         return None
-    hub = evaluation.get("hub")
-    reports = [r for r in peers.get("reports") or [] if isinstance(r, dict)]
-    return {"hub": {k: hub.get(k) for k in HUB_KEYS} if isinstance(hub, dict) else None,
-            "peers": {**{k: peers.get(k) for k in PEERS_KEYS},
-                      "reports": [{k: r.get(k) for k in REPORT_KEYS} for r in reports]}}
+    hub, reports = evaluation.get("hub"), peers.get("reports")
+    reports = [r for r in reports if isinstance(r, dict)] if isinstance(reports, list) else []
+    return {"hub": _shown(hub, HUB_KEYS) if isinstance(hub, dict) else None,
+            "peers": {**_shown(peers, PEERS_KEYS), "reports": [_shown(r, REPORT_KEYS) for r in reports]}}
+
+
+def _shown(block: dict[str, Any], keys: Sequence[str]) -> dict[str, Any]:
+    """``block``'s ``keys``, a number key's value None when it holds no number (the page and site.js format
+    those as numbers; the hub writes them, but a row is shown whatever it holds)."""
+    shown = {k: block.get(k) for k in keys}
+    for k in NUMBER_KEYS.intersection(shown):
+        if _number(shown[k]) is None:
+            shown[k] = None
+    return shown
 
 
 def ledger_row(view: dict[str, Any]) -> list[Any]:
