@@ -215,9 +215,8 @@ class Sampler:
             "rejected": sum(n for decision, n in decisions.items() if decision != "accepted"),
             "merge": sum(c.source == "merge" for c in checkpoints),
             "cpt": sum(c.source == "cpt" for c in checkpoints),
-            "bases_kept": sum(getattr(c, "pruned", None) is None for c in checkpoints),
-            "pruned": sum(getattr(c, "pruned", None) is not None for c in checkpoints)
-            + sum(getattr(v, "pruned", None) is not None for v in versions),
+            "bases_kept": sum(c.pruned is None for c in checkpoints),
+            "pruned": sum(c.pruned is not None for c in checkpoints) + sum(v.pruned is not None for v in versions),
             "versions": len(versions),
         }
 

@@ -10,15 +10,14 @@ Reads each cell's ``hub/sim/result.json`` (``decisions``, ``peer_waiting``, ``co
 
 from __future__ import annotations
 
-import contextlib
 import json
-import sqlite3
 import statistics
 import sys
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from fedem_flwr.hub.registry import Registry
 from fedem_flwr.simulation.record import read_result
 from simulations.cells import CELL_FILE, CELLS_DIR, HUB_DIR
 
@@ -46,9 +45,9 @@ def scored_share(hub: Path, result: Mapping[str, Any]) -> float:
     priced = result["peer_evals"] * PRICED_BLOCKS * BLOCK_SIZE
     if not priced:
         return 0.0
-    with contextlib.closing(sqlite3.connect(f"file:{hub / 'registry.sqlite'}?mode=ro", uri=True)) as db:
-        scored = sum(report.get("tokens") or 0 for (text,) in db.execute("SELECT evaluation FROM contributions")
-                     for report in json.loads(text).get("peers", {}).get("reports", []))
+    with Registry.open(hub, readonly=True) as registry:
+        scored = sum(report.get("tokens") or 0 for contribution in registry.contributions()
+                     for report in contribution.evaluation.get("peers", {}).get("reports", []))
     time = result["contributor_time"]
     judging = time["peer_eval_s"] * scored / priced
     return judging / (time["training_s"] + judging) if time["training_s"] + judging > 0 else 0.0

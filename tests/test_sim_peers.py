@@ -8,7 +8,7 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
-from flwr.app import Array, ConfigRecord, Message, MetricRecord, RecordDict
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 from flwr.common.constant import ErrorCode
 
@@ -50,8 +50,29 @@ def _peer(message: Message, context) -> Message:
                    reply_to=message)
 
 
-def _grid(cfg: SimConfig, nodes: int = 1) -> VirtualGrid:
-    inner = InProcessGrid(app, {10 + p: {"partition-id": p} for p in range(nodes)}, {})
+# A peer that reports what no count is (a huge int, a list, nan, a negative number), and pushes an adapter
+# that does not decode.
+garbled = ClientApp()
+garbled.query("profile")(_profile)
+
+
+@garbled.evaluate("peer")
+def _garbled_peer(message: Message, context) -> Message:
+    return Message(RecordDict({"metrics": MetricRecord({"tokens.hi": 10**400, "tokens.ta": [1, 2],
+                                                        "tokens.de": float("nan"), "tokens.bn": -5,
+                                                        "candidate.hi": 1.0, "parent.hi": 2.0})}),
+                   reply_to=message)
+
+
+@garbled.train("relay")
+def _garbled_train(message: Message, context) -> Message:
+    undecodable = Array(dtype="float32", shape=(3,), stype="other", data=b"xx")
+    return Message(RecordDict({"arrays": ArrayRecord({ADAPTER_KEY: undecodable}),
+                               "metrics": MetricRecord(read_plan(message).metrics(tokens=100))}), reply_to=message)
+
+
+def _grid(cfg: SimConfig, nodes: int = 1, client: ClientApp = app) -> VirtualGrid:
+    inner = InProcessGrid(client, {10 + p: {"partition-id": p} for p in range(nodes)}, {})
     grid = VirtualGrid(inner, VirtualClock(start=0.0), cfg, seed=0, max_steps=10, sleep=lambda s: None,
                        block_size=128, tokens_per_step=1024, adapter_spec=SPEC)
     ids = grid.push_messages([messages.profile_message(n, ttl=60) for n in grid.get_node_ids()])
@@ -106,6 +127,16 @@ def test_priced_at_the_tokens_it_scored_an_evaluation_is_due_when_its_reply_says
     assert grid.counters.peer_eval_s == pytest.approx(20.0 / 30.72)
 
 
+def test_a_peer_reporting_malformed_token_counts_is_priced_at_none_and_the_grid_goes_on():
+    # Prepare
+    grid = _grid(SimConfig(speed=0.01, speed_sigma=0.0, jitter_sigma=0.0, peer_eval_cost="scored"), client=garbled)
+    # Execute
+    [(when, reply)] = _until_replied(grid, list(grid.push_messages([_peer_message(10, ttl=3600)])))
+    # Assert: no usable count, so no scoring time; the reply reaches the hub as it came
+    assert not reply.has_error()
+    assert when == 0.0 and grid.counters.peer_eval_s == 0.0
+
+
 def test_a_peer_evaluation_due_after_its_deadline_is_an_expired_message_there():
     # Prepare
     grid = _grid(SimConfig(speed=0.01, speed_sigma=0.0, jitter_sigma=0.0, peer_eval_cost="max-blocks"))
@@ -156,6 +187,19 @@ def test_a_harmful_contributors_push_reaches_the_hub_scaled_and_is_counted():
     assert grid.counters.harmful_pushes == 1
 
 
+def test_a_harmful_contributors_undecodable_push_reaches_the_hub_as_it_came():
+    # Prepare
+    grid = _grid(SimConfig(clock="virtual", speed=0.01, speed_sigma=0.0, jitter_sigma=0.0, harmful_share=1.0),
+                 client=garbled)
+    train = Message(RecordDict({"config": ConfigRecord({"lease-token": 1, "budget-s": 1e9, "max-steps": 10})}),
+                    dst_node_id=10, message_type=messages.TRAIN, ttl=1e6)
+    # Execute
+    [(_, reply)] = _until_replied(grid, list(grid.push_messages([train])))
+    # Assert: left for the hub's checks to refuse
+    assert not reply.has_error() and reply.content["arrays"][ADAPTER_KEY].data == b"xx"
+    assert grid.counters.harmful_pushes == 0
+
+
 def test_harmful_partitions_are_the_share_drawn_by_seed():
     cfg = SimConfig(clock="virtual", harmful_share=0.25)
     drawn = harmful_partitions(cfg, 0, 11)
@@ -194,10 +238,10 @@ def test_scoring_decisions_scores_what_finish_decided_on_the_test_split(monkeypa
 
     monkeypatch.setattr(decisions_module, "evaluator_on", lambda hub, folder, split: Evaluator())
     coordinator = SimpleNamespace(terms={"de": SimpleNamespace(heldout_keys=("de",))},
-                                  _parent_weights=lambda parent: {"m.lora_B.weight": torch.zeros(2)},
                                   _finish=lambda *args, **kwargs: "outcome")
     hub = SimpleNamespace(coordinator=coordinator, store=SimpleNamespace(get=lambda ref: "/base"))
-    verdict = SimpleNamespace(state={"m.lora_B.weight": torch.ones(2)}, parent=None, base=SimpleNamespace(ref=None))
+    verdict = SimpleNamespace(state={"m.lora_B.weight": torch.ones(2)},
+                              parent_state={"m.lora_B.weight": torch.zeros(2)}, base=SimpleNamespace(ref=None))
     found: list[ScoredDecision] = []
     # Execute
     with scoring_decisions(hub, found):
@@ -207,6 +251,24 @@ def test_scoring_decisions_scores_what_finish_decided_on_the_test_split(monkeypa
     assert outcome == "outcome" and coordinator._finish() == "outcome"  # its own _finish ran, and is back
     [decision] = found
     assert decision.accepted and not decision.better and not decision.right and decision.role == "decide"
+
+
+def test_a_decision_that_cannot_be_scored_is_left_out_and_the_push_still_concludes(monkeypatch):
+    # Prepare: the test split cannot be read (a base retention pruned, say).
+    def unreadable(hub, folder, split):
+        raise FileNotFoundError(folder)
+
+    monkeypatch.setattr(decisions_module, "evaluator_on", unreadable)
+    coordinator = SimpleNamespace(terms={"de": SimpleNamespace(heldout_keys=("de",))},
+                                  _finish=lambda *args, **kwargs: "outcome")
+    hub = SimpleNamespace(coordinator=coordinator, store=SimpleNamespace(get=lambda ref: "/gone"))
+    found: list[ScoredDecision] = []
+    # Execute
+    with scoring_decisions(hub, found):
+        outcome = coordinator._finish(SimpleNamespace(adapter="de"), None,
+                                      SimpleNamespace(base=SimpleNamespace(ref=None)), True, "better")
+    # Assert
+    assert outcome == "outcome" and found == []
 
 
 def test_contributor_time_share():

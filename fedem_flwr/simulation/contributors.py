@@ -71,23 +71,23 @@ class VirtualContributor:
         draw of this lease's pace and of vanishing, both seeded by the lease."""
         fit = budget_s * self.speed
         steps = max(1, int(max_steps) if not math.isfinite(fit) else min(int(max_steps), int(math.floor(fit))))
-        rng = _rng("lease", self.seed, self.partition_id, token)
-        pace = math.exp(rng.gauss(0.0, self.cfg.jitter_sigma)) if self.cfg.jitter_sigma else 1.0
-        duration = steps / self.speed * pace
-        if rng.random() < self.cfg.vanish_prob:
-            share = rng.random()
+        duration, share = self._draw("lease", token, steps / self.speed)
+        if share is not None:
             return LeasePlan(steps, duration, vanish_at_s=duration * share, steps_done=int(steps * share))
         return LeasePlan(steps, duration, steps_done=steps)
 
     def evaluation(self, token: object, seconds: float) -> LeasePlan:
         """The plan of peer evaluation ``token`` that takes ``seconds`` at this contributor's speed
         (``evaluation_seconds``): this request's pace and whether it vanishes, drawn as a lease's are."""
-        rng = _rng("evaluation", self.seed, self.partition_id, token)
+        duration, share = self._draw("evaluation", token, seconds)
+        return LeasePlan(0, duration) if share is None else LeasePlan(0, duration, vanish_at_s=duration * share)
+
+    def _draw(self, kind: str, token: object, seconds: float) -> tuple[float, Optional[float]]:
+        """``seconds`` at request ``token``'s pace, and the share of that time after which its contributor
+        vanishes (None: it does not), both seeded by the request."""
+        rng = _rng(kind, self.seed, self.partition_id, token)
         pace = math.exp(rng.gauss(0.0, self.cfg.jitter_sigma)) if self.cfg.jitter_sigma else 1.0
-        duration = seconds * pace
-        if rng.random() < self.cfg.vanish_prob:
-            return LeasePlan(0, duration, vanish_at_s=duration * rng.random())
-        return LeasePlan(0, duration)
+        return seconds * pace, (rng.random() if rng.random() < self.cfg.vanish_prob else None)
 
     def online(self, t: float) -> bool:
         """Whether it is online at simulated time ``t`` (seconds since the start)."""

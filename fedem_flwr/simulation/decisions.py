@@ -17,7 +17,7 @@ long pushes waited for their peers (the contributions' ``peers.waited_s``).
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,6 +26,7 @@ from typing import Any
 from fedem_flwr.relay.bootstrap import Hub
 from fedem_flwr.simulation.evaluation import evaluator_on
 from fedem_flwr.simulation.record import mean_loss
+from fedem_flwr.simulation.shadow import shadowing
 
 log = logging.getLogger(__name__)
 
@@ -80,16 +81,15 @@ def decision_summary(decisions: Sequence[ScoredDecision], hub_tokens: Mapping[st
 
 
 def score(hub: Hub, adapter: str, verdict: Any, accepted: bool, role: str = "") -> ScoredDecision | None:
-    """``verdict`` (the coordinator's ``_HubVerdict``: ``state``, ``parent``, ``base``) on the test split
-    for ``adapter``'s own languages, on the base it was judged on; None without test blocks for them."""
-    coordinator = hub.coordinator
-    terms = coordinator.terms[adapter]
+    """``verdict`` (the coordinator's ``_HubVerdict``: ``state``, ``parent_state``, ``base``) on the test
+    split for ``adapter``'s own languages, on the base it was judged on; None without test blocks for them."""
+    terms = hub.coordinator.terms[adapter]
     evaluator = evaluator_on(hub, Path(hub.store.get(verdict.base.ref)), "test")
     wanted = [key for key in terms.heldout_keys if key in evaluator.heldout]
     if not wanted:
         return None
     candidate = evaluator.evaluate(verdict.state, languages=wanted)
-    parent = evaluator.evaluate(coordinator._parent_weights(verdict.parent), languages=wanted)
+    parent = evaluator.evaluate(verdict.parent_state, languages=wanted)  # read once by the coordinator
     return ScoredDecision(adapter, tuple(wanted), bool(accepted), {k: float(candidate[k]) for k in wanted},
                           {k: float(parent[k]) for k in wanted}, role)
 
@@ -97,27 +97,27 @@ def score(hub: Hub, adapter: str, verdict: Any, accepted: bool, role: str = "") 
 @contextmanager
 def scoring_decisions(hub: Hub, decisions: list[ScoredDecision]) -> Iterator[None]:
     """While the block runs, every push the coordinator concludes with a decision is scored into
-    ``decisions`` (module doc); the coordinator's own ``_finish`` runs first and unchanged."""
-    coordinator = hub.coordinator
-    finish = coordinator._finish
+    ``decisions`` (module doc); the coordinator's own ``_finish`` runs first and unchanged, and a push
+    that cannot be scored is logged and left out: a measurement never changes the run."""
 
-    def scored_finish(lease: Any, received: Any, verdict: Any, accepted: bool, reason: str, **conclude: Any) -> Any:
-        outcome = finish(lease, received, verdict, accepted, reason, **conclude)
-        role = str(((conclude.get("peers") or {}).get("peers") or {}).get("role", ""))
-        found = score(hub, lease.adapter, verdict, accepted, role)
-        if found is not None:
-            decisions.append(found)
-        return outcome
+    def scored(finish: Callable[..., Any]) -> Callable[..., Any]:
+        def scored_finish(lease: Any, received: Any, verdict: Any, accepted: bool, reason: str,
+                          **conclude: Any) -> Any:
+            outcome = finish(lease, received, verdict, accepted, reason, **conclude)
+            role = str(((conclude.get("peers") or {}).get("peers") or {}).get("role", ""))
+            try:
+                found = score(hub, lease.adapter, verdict, accepted, role)
+            except Exception:
+                log.warning("A decision on %r could not be scored on the test split", lease.adapter, exc_info=True)
+                return outcome
+            if found is not None:
+                decisions.append(found)
+            return outcome
 
-    shadowed = "_finish" in vars(coordinator)  # already an instance attribute: put it back as it was
-    coordinator._finish = scored_finish
-    try:
+        return scored_finish
+
+    with shadowing(hub.coordinator, "_finish", scored):
         yield
-    finally:
-        if shadowed:
-            coordinator._finish = finish
-        else:
-            del coordinator._finish
 
 
 def peer_waiting(registry: Any) -> dict[str, Any]:

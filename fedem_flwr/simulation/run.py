@@ -59,6 +59,7 @@ from fedem_flwr.simulation.evaluation import (
 )
 from fedem_flwr.simulation.fedavg import run_fedavg
 from fedem_flwr.simulation.record import Trace, read_result, write_result
+from fedem_flwr.simulation.shadow import shadowing
 from fedem_flwr.simulation.virtual_grid import VirtualGrid
 
 log = logging.getLogger(__name__)
@@ -169,12 +170,9 @@ def _timed(call: Callable[..., T], timing: dict[str, float], key: str) -> Callab
 
 @contextmanager
 def _timing_calls(owner: Any, method: str, timing: dict[str, float], key: str) -> Iterator[None]:
-    """Time ``owner.method`` while the block runs (an instance attribute shadows it), then undo that."""
-    setattr(owner, method, _timed(getattr(owner, method), timing, key))
-    try:
+    """Time ``owner.method`` while the block runs (``shadowing``), then undo that."""
+    with shadowing(owner, method, lambda call: _timed(call, timing, key)):
         yield
-    finally:
-        delattr(owner, method)
 
 
 def current_losses(hub: Hub) -> dict[str, float]:

@@ -120,9 +120,13 @@ class _InFlight:
     seq: int = 0  # push order: replies due at one simulated instant are released in it
     plan: Optional[LeasePlan] = None
     reply: Optional[Message] = None
-    peer: bool = False  # a peer evaluation: its plan takes time, but trains nothing
     peer_draw: str = ""  # its plan's draw (pace, vanishing), to price it again at the tokens it scored
     priced: bool = True  # False while its due time waits on the tokens its reply reports (peer_eval_cost=scored)
+
+    @property
+    def peer(self) -> bool:
+        """A peer evaluation: its plan takes time, but trains nothing."""
+        return self.message.metadata.message_type == messages.PEER
 
 
 class VirtualGrid(Grid):
@@ -192,8 +196,7 @@ class VirtualGrid(Grid):
                     entry.due = min(entry.deadline, now + self._heard_after(entry.plan))
                     self.counters.leases += 1
                     self._meter(entry)
-            elif message.metadata.message_type == messages.PEER:
-                entry.peer = True
+            elif entry.peer:
                 entry.plan, entry.peer_draw = self._evaluation_plan(message)
                 if entry.plan is not None:
                     entry.due = min(entry.deadline, now + self._heard_after(entry.plan))
@@ -239,7 +242,8 @@ class VirtualGrid(Grid):
 
     def advance(self, _poll_s: float = 0.0) -> None:
         """The Strategy's ``sleep``: move to the next event once every reply due by then has arrived."""
-        self._wait_for(lambda entry: not entry.priced)  # their due times wait on their replies
+        if any(not entry.priced for entry in self.in_flight.values()):
+            self._wait_for(lambda entry: not entry.priced)  # their due times wait on their replies
         now = self.clock()
         target = now + self.cfg.max_jump_s
         dues = [entry.due for entry in self.in_flight.values()]
@@ -442,7 +446,11 @@ class VirtualGrid(Grid):
         if self.adapter_spec is None:
             log.warning("Harmful contributor's push left as it is: the grid has no adapter spec to unpack it")
             return
-        record[ADAPTER_KEY] = Array(scale_lora_b(record[ADAPTER_KEY].numpy(), self.adapter_spec, self.cfg.harm_scale))
+        try:
+            packed = record[ADAPTER_KEY].numpy()
+        except (TypeError, ValueError, EOFError, OSError):  # malformed: left for the hub's checks to refuse
+            return
+        record[ADAPTER_KEY] = Array(scale_lora_b(packed, self.adapter_spec, self.cfg.harm_scale))
         self.counters.harmful_pushes += 1
 
     def _release(self, message_id: str) -> Message:
@@ -461,35 +469,33 @@ class VirtualGrid(Grid):
             if not (plan.vanishes or late):
                 self._harm(entry, reply)
         if plan.vanishes:
-            if entry.peer:
-                if plan.vanish_at_s > 0:  # it vanished while scoring (at 0 it was away already)
-                    self._vanished(entry, plan)
-            else:  # its absence was metered when the lease was pushed
-                vanished_at = entry.pushed_at + plan.vanish_at_s - self.clock.start
-                self.away_until[entry.node_id] = (self.clock.start
-                                                  + self._contributor(entry.node_id).back_after_vanishing(vanished_at))
+            if not entry.peer or plan.vanish_at_s > 0:  # a peer vanishing at 0 was away already when asked
+                self._vanished(entry, plan, meter=entry.peer)  # a lease's absence was metered at its push
             if entry.due < entry.deadline:  # the SuperLink reports the silent node gone
                 return error_reply(entry.message, ErrorCode.NODE_UNAVAILABLE, "node went silent (simulated)")
         if plan.vanishes or late:
             return error_reply(entry.message, ErrorCode.MESSAGE_UNAVAILABLE, "no reply before the TTL (simulated)")
         return reply
 
-    def _vanished(self, entry: _InFlight, plan: LeasePlan) -> None:
-        """A node that vanished during a peer evaluation is away until it is back, as after a lease."""
+    def _vanished(self, entry: _InFlight, plan: LeasePlan, meter: bool) -> None:
+        """A node that vanished during a lease or a peer evaluation is away until it is back; ``meter``:
+        count that absence now (a lease's was counted when it was pushed, ``_meter``)."""
         vanished_at = entry.pushed_at + plan.vanish_at_s - self.clock.start
         back = self._contributor(entry.node_id).back_after_vanishing(vanished_at)
         self.away_until[entry.node_id] = self.clock.start + back
-        self.meter.absent(entry.node_id, vanished_at, back)
+        if meter:
+            self.meter.absent(entry.node_id, vanished_at, back)
 
 
 def scale_lora_b(packed: np.ndarray, spec: AdapterSpec, scale: float) -> np.ndarray:
     """A packed adapter (``wire.adapter_to_arrays``: float32 tensors flattened in sorted key order) with
-    every ``lora_B`` tensor multiplied by ``scale`` and the rest unchanged; a size the spec does not
-    describe is returned as it is (the hub's own checks will say what is wrong with it)."""
-    out = np.array(packed, dtype=np.float32, copy=True).reshape(-1)
+    every ``lora_B`` tensor multiplied by ``scale`` and the rest unchanged; an array the spec does not
+    describe (not float32, or another size) is returned as it is (the hub's own checks will say what is
+    wrong with it)."""
     sizes = [math.prod(shape) for shape in spec.shapes.values()]
-    if sum(sizes) != out.size:
-        return out
+    if packed.dtype != np.float32 or sum(sizes) != packed.size:
+        return packed
+    out = packed.astype(np.float32, copy=True).reshape(-1)
     offset = 0
     for key, size in zip(spec.shapes, sizes):
         if "lora_B" in key:
@@ -502,4 +508,10 @@ def _count_metric(metrics: Any, key: str) -> float:
     """A count a node reported (``tokens``, ``seconds``), or 0 when it sent none or no usable one:
     what a node says is read, never trusted to be well formed."""
     value = metrics.get(key, 0.0) if isinstance(metrics, MetricRecord) else 0.0
-    return float(value) if isinstance(value, (int, float)) and math.isfinite(value) and value >= 0 else 0.0
+    if not isinstance(value, (int, float)):
+        return 0.0
+    try:
+        number = float(value)
+    except OverflowError:  # an int no float holds
+        return 0.0
+    return number if math.isfinite(number) and number >= 0 else 0.0
